@@ -1,0 +1,491 @@
+//! Control messages: what a TV asks ([`Request`]), what the server answers ([`Reply`]),
+//! and what the server pushes unasked ([`Event`]).
+//!
+//! Compatibility rule: within one [`crate::PROTOCOL_VERSION`], variants and fields are
+//! never reordered or removed (bincode encodes enum variants by index). New variants go
+//! at the end of an enum; anything else bumps the version.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A user number (the documents' `User_id`: the TV's calling number).
+/// Valid ids are `1..=MAX_USER_ID` (they are stored as a signed 64-bit integer).
+pub type UserId = u64;
+/// Largest valid user id.
+pub const MAX_USER_ID: UserId = i64::MAX as u64;
+/// A call record's id, assigned by the server (the `user_call` row id).
+pub type CallId = u64;
+/// A client-chosen request id that the matching reply echoes.
+pub type RequestId = u32;
+/// Milliseconds since the Unix epoch, UTC.
+pub type UnixMillis = i64;
+
+/// Most users one state query may name.
+pub const MAX_QUERY_USERS: usize = 256;
+/// Most cached calls one fetch returns, and most ids one acknowledgement may carry.
+pub const MAX_PAGE: usize = 256;
+/// Longest agent version string accepted at registration.
+pub const MAX_AGENT_VERSION_LEN: usize = 64;
+
+/// Every frame a client sends: a request and the id its reply will echo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientMsg {
+    /// Echoed in the [`ServerMsg::Reply`] to this request.
+    pub id: RequestId,
+    /// What the client asks for.
+    pub request: Request,
+}
+
+/// Every frame the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// The answer to the request with this id.
+    Reply {
+        /// The request's id.
+        id: RequestId,
+        /// Success, or a typed error.
+        result: Result<Reply, WireError>,
+    },
+    /// Something that happened without the client asking (a call coming in, ending, …).
+    Event(Event),
+    /// The server is closing this connection for a reason it can name (bad frame,
+    /// session replaced, shutdown, …). No further frames follow.
+    Closing(WireError),
+}
+
+/// Requests a TV's agent sends on its control link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Flow 1: this TV is on; record it online at the observed IP with this media port.
+    /// Must be the first request on a connection.
+    Register(Register),
+    /// Keeps the session alive; the server answers with its clock.
+    Heartbeat,
+    /// Flow 3: the network state of one or more users (at most [`MAX_QUERY_USERS`]).
+    QueryState {
+        /// Users to look up.
+        users: Vec<UserId>,
+    },
+    /// Flows 4 and 5: call a user.
+    Dial {
+        /// Who to call.
+        callee: UserId,
+    },
+    /// Answer an incoming call that is ringing on this TV.
+    Answer {
+        /// The call, from [`Event::IncomingCall`].
+        call_id: CallId,
+    },
+    /// Reject an incoming call that is ringing on this TV.
+    Reject {
+        /// The call, from [`Event::IncomingCall`].
+        call_id: CallId,
+    },
+    /// End a call this TV is in (ringing out, or answered), or cancel one it placed.
+    HangUp {
+        /// The call.
+        call_id: CallId,
+    },
+    /// Flow 6: a page of the calls cached for this TV that it has not acknowledged yet,
+    /// oldest first, starting after the call id `after` (0 = from the start).
+    FetchCached {
+        /// Cursor: only calls with a larger id.
+        after: CallId,
+        /// Page size, 1..=[`MAX_PAGE`].
+        limit: u16,
+    },
+    /// Flow 6: these cached calls were shown; stop delivering them.
+    AckCached {
+        /// At most [`MAX_PAGE`] ids, each a call to this TV.
+        call_ids: Vec<CallId>,
+    },
+    /// Flow 2: the TV is powering off. The server records it offline and closes.
+    Bye,
+}
+
+/// Registration details (flow 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// This TV's user number.
+    pub user_id: UserId,
+    /// The UDP port the TV's media socket is bound to.
+    pub media_port: u16,
+    /// Free-form agent build identifier, at most [`MAX_AGENT_VERSION_LEN`] bytes.
+    pub agent_version: String,
+}
+
+/// Successful answers, one kind per request kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// To [`Request::Register`].
+    Registered(Registered),
+    /// To [`Request::Heartbeat`].
+    HeartbeatAck {
+        /// The server's clock.
+        server_time_ms: UnixMillis,
+    },
+    /// To [`Request::QueryState`], in the order asked.
+    States(Vec<UserState>),
+    /// To [`Request::Dial`].
+    Dial(DialOutcome),
+    /// To [`Request::Answer`], [`Request::Reject`], [`Request::HangUp`] and [`Request::Bye`].
+    Done,
+    /// To [`Request::FetchCached`].
+    Cached(CachedPage),
+    /// To [`Request::AckCached`]: how many of the ids were newly marked delivered.
+    Acked {
+        /// Calls marked delivered by this acknowledgement.
+        count: u32,
+    },
+}
+
+/// What a TV learns when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// This session's id; a later registration of the same user gets a larger one.
+    pub session_id: u64,
+    /// The IP the server sees this TV at (what it stored in `user_property`).
+    pub observed_ip: IpAddr,
+    /// How often the TV must send something; silence for a few intervals means offline.
+    pub heartbeat_interval_ms: u32,
+    /// The server's clock.
+    pub server_time_ms: UnixMillis,
+    /// How many cached calls wait to be fetched.
+    pub cached_waiting: u32,
+}
+
+/// A user's network state (`user_property.user_netstate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NetState {
+    /// Registered before, not connected now (`user_netstate = 0`).
+    Offline,
+    /// Connected now (`user_netstate = 1`).
+    Online,
+    /// No such user.
+    Unknown,
+}
+
+/// One user's state, as answered to a query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserState {
+    /// The user asked about.
+    pub user_id: UserId,
+    /// Their network state.
+    pub state: NetState,
+    /// When the server last heard from them, if ever.
+    pub last_seen_ms: Option<UnixMillis>,
+}
+
+/// The result of a dial, as told to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DialOutcome {
+    /// Flow 4: the callee is online and is being rung. Media goes to `callee_media`
+    /// once [`Event::CallAnswered`] arrives; [`Event::CallEnded`] says if it never does.
+    Ringing {
+        /// The call record's id.
+        call_id: CallId,
+        /// The callee TV's UDP media address.
+        callee_media: SocketAddr,
+    },
+    /// Flow 5: the callee is off. The call is durably cached and will be shown as a missed
+    /// call when their TV is switched on.
+    Cached {
+        /// The call record's id.
+        call_id: CallId,
+    },
+    /// The callee is online but in another call. The attempt is recorded and shown to
+    /// them as a missed call.
+    Busy {
+        /// The call record's id.
+        call_id: CallId,
+    },
+}
+
+/// A page of cached calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedPage {
+    /// Oldest first.
+    pub calls: Vec<CachedCall>,
+    /// More calls wait after the last one of this page.
+    pub more: bool,
+}
+
+/// A call that reached this TV while it could not take it. These have all ended: a TV
+/// shows them as missed and never rings for them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedCall {
+    /// The call record's id (acknowledge with it).
+    pub call_id: CallId,
+    /// Who called (`user_call.user_id`).
+    pub caller: UserId,
+    /// Who was called: this TV (`user_call.otheruser_id`).
+    pub callee: UserId,
+    /// When the call was placed (`user_call.call_date`).
+    pub call_date_ms: UnixMillis,
+    /// Why it was missed.
+    pub reason: MissedReason,
+    /// The caller's network state now, so the viewer knows whether a call back will ring.
+    pub caller_state: NetState,
+}
+
+/// Why a call was missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MissedReason {
+    /// This TV was off (flow 5).
+    Offline,
+    /// It rang here and nobody answered, or the caller gave up first.
+    NoAnswer,
+    /// This TV was in another call.
+    Busy,
+}
+
+/// Unsolicited server pushes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// Someone is calling this TV: ring. Answer or reject by `call_id`.
+    IncomingCall {
+        /// The call.
+        call_id: CallId,
+        /// Who calls.
+        caller: UserId,
+        /// The caller TV's UDP media address.
+        caller_media: SocketAddr,
+        /// When the call was placed.
+        call_date_ms: UnixMillis,
+    },
+    /// The callee answered: media may flow.
+    CallAnswered {
+        /// The call.
+        call_id: CallId,
+    },
+    /// The call is over (or never started). Stop ringing and stop media.
+    CallEnded {
+        /// The call.
+        call_id: CallId,
+        /// Why.
+        reason: EndReason,
+    },
+    /// New cached calls arrived for this TV after it registered; fetch them.
+    CachedCallsWaiting {
+        /// How many wait in all.
+        count: u32,
+    },
+}
+
+/// Why a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    /// A party hung up (or the caller cancelled before an answer).
+    HungUp {
+        /// Who hung up.
+        by: UserId,
+    },
+    /// It rang for the whole ring timeout.
+    NoAnswer,
+    /// The callee rejected it.
+    Rejected,
+    /// The other party's TV went offline (link lost or powered off).
+    PeerLost,
+    /// The server is shutting down.
+    ServerShutdown,
+}
+
+/// A typed error: a stable code for programs and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Stable, machine-readable.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl WireError {
+    /// An error with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.code.name(), self.code.0, self.message)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// A stable error code. A plain number on the wire so that a peer still decodes codes
+/// newer than itself; the constants below are never renumbered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// Not an error (the accepting preamble's status).
+    pub const OK: ErrorCode = ErrorCode(0);
+    /// A frame could not be decoded, or the preamble's magic was wrong.
+    pub const BAD_FRAME: ErrorCode = ErrorCode(1);
+    /// The peer's protocol version is not supported.
+    pub const UNSUPPORTED_VERSION: ErrorCode = ErrorCode(2);
+    /// A frame's length prefix exceeds the maximum frame size.
+    pub const FRAME_TOO_LARGE: ErrorCode = ErrorCode(3);
+    /// The handshake or registration did not arrive in time.
+    pub const HANDSHAKE_TIMEOUT: ErrorCode = ErrorCode(4);
+    /// The server has as many connections as it allows.
+    pub const SERVER_FULL: ErrorCode = ErrorCode(5);
+    /// Too many requests on this connection.
+    pub const RATE_LIMITED: ErrorCode = ErrorCode(6);
+    /// The request needs a registered session.
+    pub const NOT_REGISTERED: ErrorCode = ErrorCode(7);
+    /// This connection has registered already.
+    pub const ALREADY_REGISTERED: ErrorCode = ErrorCode(8);
+    /// A field was out of range (empty list, too many ids, calling oneself, …).
+    pub const INVALID_ARGUMENT: ErrorCode = ErrorCode(9);
+    /// The user id has never been seen (or is not provisioned).
+    pub const UNKNOWN_USER: ErrorCode = ErrorCode(10);
+    /// No such call, or not one this TV may act on in its current state.
+    pub const NO_SUCH_CALL: ErrorCode = ErrorCode(11);
+    /// This TV is already in a call.
+    pub const ALREADY_IN_CALL: ErrorCode = ErrorCode(12);
+    /// The server could not complete the request (storage failure); nothing was acknowledged.
+    pub const INTERNAL: ErrorCode = ErrorCode(13);
+    /// The server is shutting down.
+    pub const SHUTTING_DOWN: ErrorCode = ErrorCode(14);
+    /// A newer registration of the same user replaced this session.
+    pub const SESSION_REPLACED: ErrorCode = ErrorCode(15);
+    /// Nothing was heard from this TV within the heartbeat timeout.
+    pub const HEARTBEAT_TIMEOUT: ErrorCode = ErrorCode(16);
+
+    /// A short stable name, for logs and people.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            0 => "ok",
+            1 => "bad_frame",
+            2 => "unsupported_version",
+            3 => "frame_too_large",
+            4 => "handshake_timeout",
+            5 => "server_full",
+            6 => "rate_limited",
+            7 => "not_registered",
+            8 => "already_registered",
+            9 => "invalid_argument",
+            10 => "unknown_user",
+            11 => "no_such_call",
+            12 => "already_in_call",
+            13 => "internal",
+            14 => "shutting_down",
+            15 => "session_replaced",
+            16 => "heartbeat_timeout",
+            _ => "unrecognised",
+        }
+    }
+}
+
+/// Checks a user id is in the valid range.
+pub fn valid_user_id(id: UserId) -> bool {
+    (1..=MAX_USER_ID).contains(&id)
+}
+
+impl Request {
+    /// Checks the limits this contract sets on a request's fields, so that both sides
+    /// reject the same things. Returns a human-readable reason on failure.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Request::Register(r) => {
+                if !valid_user_id(r.user_id) {
+                    return Err(format!("user id {} is out of range", r.user_id));
+                }
+                if r.media_port == 0 {
+                    return Err("media port 0 is not a bound port".into());
+                }
+                if r.agent_version.len() > MAX_AGENT_VERSION_LEN {
+                    return Err(format!(
+                        "agent version is longer than {MAX_AGENT_VERSION_LEN} bytes"
+                    ));
+                }
+            }
+            Request::QueryState { users } => {
+                if users.is_empty() || users.len() > MAX_QUERY_USERS {
+                    return Err(format!(
+                        "a state query names 1..={MAX_QUERY_USERS} users, not {}",
+                        users.len()
+                    ));
+                }
+            }
+            Request::Dial { callee } => {
+                if !valid_user_id(*callee) {
+                    return Err(format!("user id {callee} is out of range"));
+                }
+            }
+            Request::FetchCached { limit, .. } => {
+                if *limit == 0 || usize::from(*limit) > MAX_PAGE {
+                    return Err(format!("page size must be 1..={MAX_PAGE}, not {limit}"));
+                }
+            }
+            Request::AckCached { call_ids } => {
+                if call_ids.len() > MAX_PAGE {
+                    return Err(format!(
+                        "an acknowledgement carries at most {MAX_PAGE} ids, not {}",
+                        call_ids.len()
+                    ));
+                }
+            }
+            Request::Heartbeat
+            | Request::Answer { .. }
+            | Request::Reject { .. }
+            | Request::HangUp { .. }
+            | Request::Bye => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_enforces_limits() {
+        let reg = |user_id, media_port, v: &str| {
+            Request::Register(Register {
+                user_id,
+                media_port,
+                agent_version: v.into(),
+            })
+        };
+        assert!(reg(1001, 5004, "0.1").validate().is_ok());
+        assert!(reg(0, 5004, "0.1").validate().is_err());
+        assert!(reg(MAX_USER_ID + 1, 5004, "0.1").validate().is_err());
+        assert!(reg(1001, 0, "0.1").validate().is_err());
+        assert!(reg(1001, 5004, &"x".repeat(65)).validate().is_err());
+        assert!(Request::QueryState { users: vec![] }.validate().is_err());
+        assert!(Request::QueryState {
+            users: vec![1; MAX_QUERY_USERS + 1]
+        }
+        .validate()
+        .is_err());
+        assert!(Request::FetchCached { after: 0, limit: 0 }.validate().is_err());
+        assert!(Request::FetchCached {
+            after: 0,
+            limit: 257
+        }
+        .validate()
+        .is_err());
+        assert!(Request::AckCached {
+            call_ids: vec![1; MAX_PAGE + 1]
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn error_codes_have_names() {
+        assert_eq!(ErrorCode::UNKNOWN_USER.name(), "unknown_user");
+        assert_eq!(ErrorCode(999).name(), "unrecognised");
+        let e = WireError::new(ErrorCode::BAD_FRAME, "garbage");
+        assert_eq!(e.to_string(), "bad_frame (1): garbage");
+    }
+}
