@@ -1,1 +1,31 @@
-//! x
+//! `call-proxy-server`: the user call-proxy server for network TVs.
+//!
+//! TVs connect over TCP and register at power-on; the server records who is online and
+//! at which IP in `user_property`, records every call in `user_call`, connects calls
+//! between online TVs by handing each the other's UDP media address, and caches calls to
+//! TVs that are off until they fetch and acknowledge them at their next power-on.
+//!
+//! Map of the crate:
+//! - [`server`]: listener, connection limit, per-connection tasks, two-phase shutdown.
+//! - [`connection`]: one TV's link: preamble, frames, rate limit, heartbeat timeout, pushes.
+//! - [`handler`]: one module per request kind (register, query, dial, call control,
+//!   fetch and acknowledge cached calls).
+//! - [`registry`]: in-memory sessions and the live-call state machine (no I/O).
+//! - [`storage`]: the [`storage::Store`] interface and its SQLite implementation (the only
+//!   code that knows SQL).
+//! - [`config`], [`metrics`], [`clock`]: settings, counters, timestamps.
+//! - [`client`]: a small async client of the protocol, used by the load generator and tests.
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod connection;
+pub mod handler;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod storage;
+
+pub use config::Config;
+pub use server::{bind, run, Shared};
+pub use storage::sqlite::{SqliteOptions, SqliteStore};

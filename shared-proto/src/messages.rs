@@ -312,7 +312,13 @@ impl WireError {
 
 impl std::fmt::Display for WireError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code.name(), self.code.0, self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.code.name(),
+            self.code.0,
+            self.message
+        )
     }
 }
 
@@ -467,7 +473,9 @@ mod tests {
         }
         .validate()
         .is_err());
-        assert!(Request::FetchCached { after: 0, limit: 0 }.validate().is_err());
+        assert!(Request::FetchCached { after: 0, limit: 0 }
+            .validate()
+            .is_err());
         assert!(Request::FetchCached {
             after: 0,
             limit: 257

@@ -56,7 +56,9 @@ impl Preamble {
     pub fn encode(self) -> [u8; PREAMBLE_LEN] {
         let v = self.version.to_be_bytes();
         let w = self.word.to_be_bytes();
-        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], v[0], v[1], w[0], w[1]]
+        [
+            MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], v[0], v[1], w[0], w[1],
+        ]
     }
 
     /// Decodes 8 wire bytes; fails only on a wrong magic (versions are the caller's call).

@@ -41,8 +41,10 @@ fn request() -> impl Strategy<Value = Request> {
         any::<u64>().prop_map(|call_id| Request::Answer { call_id }),
         any::<u64>().prop_map(|call_id| Request::Reject { call_id }),
         any::<u64>().prop_map(|call_id| Request::HangUp { call_id }),
-        (any::<u64>(), any::<u16>()).prop_map(|(after, limit)| Request::FetchCached { after, limit }),
-        prop::collection::vec(any::<u64>(), 0..300).prop_map(|call_ids| Request::AckCached { call_ids }),
+        (any::<u64>(), any::<u16>())
+            .prop_map(|(after, limit)| Request::FetchCached { after, limit }),
+        prop::collection::vec(any::<u64>(), 0..300)
+            .prop_map(|call_ids| Request::AckCached { call_ids }),
         Just(Request::Bye),
     ]
 }
@@ -135,7 +137,8 @@ fn event() -> impl Strategy<Value = Event> {
             }
         ),
         any::<u64>().prop_map(|call_id| Event::CallAnswered { call_id }),
-        (any::<u64>(), end_reason()).prop_map(|(call_id, reason)| Event::CallEnded { call_id, reason }),
+        (any::<u64>(), end_reason())
+            .prop_map(|(call_id, reason)| Event::CallEnded { call_id, reason }),
         any::<u32>().prop_map(|count| Event::CachedCallsWaiting { count }),
     ]
 }

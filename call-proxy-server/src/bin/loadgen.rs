@@ -1,1 +1,3 @@
-fn main(){}
+//! `call-proxy-loadgen`: drives simulated TVs against a call-proxy server (placeholder).
+
+fn main() {}

@@ -1,0 +1,161 @@
+//! Server settings: defaults that work with no configuration, a TOML file, and command
+//! line flags that win over the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything the server can be told. Field names are the TOML keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// TCP control listener.
+    pub listen: SocketAddr,
+    /// Data directory; the database defaults to `<data_dir>/call-proxy.sqlite`.
+    pub data_dir: PathBuf,
+    /// The SQLite database file (overrides `data_dir`).
+    pub db: Option<PathBuf>,
+    /// `true`: every commit is synced to disk (survives power loss). `false`: survives a
+    /// process crash only.
+    pub sync_full: bool,
+    /// How often a TV must send something (told to it at registration).
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeat intervals of silence after which a TV is offline.
+    pub heartbeat_misses: u32,
+    /// Time from accept to a complete registration.
+    pub handshake_timeout_ms: u64,
+    /// How long an unanswered call rings before it is missed.
+    pub ring_timeout_ms: u64,
+    /// Most simultaneous control connections.
+    pub max_connections: usize,
+    /// Largest control frame accepted.
+    pub max_frame_len: usize,
+    /// Sustained requests per second allowed per connection.
+    pub requests_per_sec: u32,
+    /// Burst of requests allowed per connection above the sustained rate.
+    pub request_burst: u32,
+    /// Time a write to a TV may take before its connection is dropped.
+    pub write_timeout_ms: u64,
+    /// Register users the server has never seen (off: only provisioned users).
+    pub create_unknown_users: bool,
+    /// How long shutdown waits for sessions to close before giving up on them.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7600)),
+            data_dir: PathBuf::from("data"),
+            db: None,
+            sync_full: true,
+            heartbeat_interval_ms: 30_000,
+            heartbeat_misses: 3,
+            handshake_timeout_ms: 10_000,
+            ring_timeout_ms: 30_000,
+            max_connections: 200_000,
+            max_frame_len: shared_proto::MAX_FRAME_LEN,
+            requests_per_sec: 20,
+            request_burst: 100,
+            write_timeout_ms: 10_000,
+            create_unknown_users: true,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Config> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// The database file in use.
+    pub fn db_path(&self) -> PathBuf {
+        self.db
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("call-proxy.sqlite"))
+    }
+
+    /// Silence after which a registered TV is offline: a few heartbeat intervals plus
+    /// a little slack for a slow network.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        let interval = Duration::from_millis(self.heartbeat_interval_ms);
+        interval * self.heartbeat_misses.max(1) + interval / 2
+    }
+
+    /// [`Config::handshake_timeout_ms`] as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// [`Config::ring_timeout_ms`] as a duration.
+    pub fn ring_timeout(&self) -> Duration {
+        Duration::from_millis(self.ring_timeout_ms)
+    }
+
+    /// [`Config::write_timeout_ms`] as a duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// Checks values that would make the server misbehave.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.heartbeat_interval_ms >= 100,
+            "heartbeat_interval_ms must be at least 100"
+        );
+        anyhow::ensure!(
+            self.heartbeat_interval_ms <= u64::from(u32::MAX),
+            "heartbeat_interval_ms is too large"
+        );
+        anyhow::ensure!(
+            self.ring_timeout_ms >= 100,
+            "ring_timeout_ms must be at least 100"
+        );
+        anyhow::ensure!(
+            self.max_connections >= 1,
+            "max_connections must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_frame_len >= 256,
+            "max_frame_len must be at least 256"
+        );
+        anyhow::ensure!(
+            self.requests_per_sec >= 1,
+            "requests_per_sec must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c: Config = toml::from_str("listen = \"127.0.0.1:9000\"\nring_timeout_ms = 5000\n")
+            .expect("parses");
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(c.ring_timeout_ms, 5000);
+        assert_eq!(c.heartbeat_interval_ms, 30_000);
+        assert!(toml::from_str::<Config>("lissen = \"x\"").is_err());
+        assert_eq!(c.db_path(), PathBuf::from("data/call-proxy.sqlite"));
+    }
+
+    #[test]
+    fn heartbeat_timeout_allows_misses_plus_slack() {
+        let c = Config {
+            heartbeat_interval_ms: 1000,
+            heartbeat_misses: 3,
+            ..Config::default()
+        };
+        assert_eq!(c.heartbeat_timeout(), Duration::from_millis(3500));
+    }
+}

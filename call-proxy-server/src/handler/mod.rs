@@ -1,0 +1,160 @@
+//! Request handlers, one module per request kind. [`handle`] dispatches a decoded,
+//! validated request of one connection and returns the reply to send.
+
+mod ack;
+mod call_control;
+mod dial;
+mod fetch;
+mod query;
+mod register;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use shared_proto::{ErrorCode, Event, Reply, Request, UserId, WireError};
+
+use crate::clock::now_ms;
+use crate::registry::{Ended, PushRx};
+use crate::server::Shared;
+use crate::storage::{CallEnd, Store, StoreError};
+
+/// Per-connection state the handlers read and change.
+pub struct ConnState {
+    /// The peer's address as seen on the control connection.
+    pub peer: SocketAddr,
+    /// Set once registered.
+    pub session: Option<SessionKey>,
+    /// The session's push queue, taken by the connection loop after registration.
+    pub push_rx: Option<PushRx>,
+    /// Set by `Bye`: close after replying.
+    pub closing: bool,
+}
+
+/// Which user and session a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionKey {
+    /// The registered user.
+    pub user: UserId,
+    /// The session id given at registration.
+    pub session_id: u64,
+}
+
+impl ConnState {
+    /// The state of a fresh connection from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        ConnState {
+            peer,
+            session: None,
+            push_rx: None,
+            closing: false,
+        }
+    }
+
+    fn registered(&self) -> Result<SessionKey, WireError> {
+        self.session.ok_or_else(|| {
+            WireError::new(
+                ErrorCode::NOT_REGISTERED,
+                "register before any other request",
+            )
+        })
+    }
+}
+
+/// Handles one request.
+pub async fn handle<S: Store>(
+    shared: &Arc<Shared<S>>,
+    st: &mut ConnState,
+    request: Request,
+) -> Result<Reply, WireError> {
+    request
+        .validate()
+        .map_err(|m| WireError::new(ErrorCode::INVALID_ARGUMENT, m))?;
+    match request {
+        Request::Register(reg) => register::handle(shared, st, reg).await,
+        Request::Heartbeat => {
+            st.registered()?;
+            Ok(Reply::HeartbeatAck {
+                server_time_ms: now_ms(),
+            })
+        }
+        Request::QueryState { users } => {
+            st.registered()?;
+            query::handle(shared, users).await
+        }
+        Request::Dial { callee } => dial::handle(shared, st.registered()?, st.peer, callee).await,
+        Request::Answer { call_id } => {
+            call_control::answer(shared, st.registered()?, call_id).await
+        }
+        Request::Reject { call_id } => {
+            call_control::reject(shared, st.registered()?, call_id).await
+        }
+        Request::HangUp { call_id } => {
+            call_control::hang_up(shared, st.registered()?, call_id).await
+        }
+        Request::FetchCached { after, limit } => {
+            fetch::handle(shared, st.registered()?, after, limit).await
+        }
+        Request::AckCached { call_ids } => ack::handle(shared, st.registered()?, call_ids).await,
+        Request::Bye => {
+            st.closing = true;
+            if st.session.is_some() {
+                end_session(shared, st).await;
+            }
+            Ok(Reply::Done)
+        }
+    }
+}
+
+/// A storage failure as the TV sees it: nothing was acknowledged, try again.
+pub fn storage_error(e: StoreError) -> WireError {
+    tracing::error!(error = %e, "storage failure");
+    WireError::new(
+        ErrorCode::INTERNAL,
+        "the server could not store this; nothing was recorded, retry",
+    )
+}
+
+/// Records how a live call changed, and tells the callee when it now has missed calls
+/// waiting.
+pub async fn record_end<S: Store>(shared: &Shared<S>, ended: Ended) -> Result<(), StoreError> {
+    let now = now_ms();
+    let end = CallEnd {
+        id: ended.call_id,
+        outcome: ended.outcome,
+        answered_at_ms: ended.answered_at_ms,
+        ended_at_ms: Some(now),
+        at_ms: now,
+    };
+    let waiting = shared.store.finish_call(end, ended.callee).await?;
+    shared.metrics.call_ended(ended.outcome);
+    if ended.outcome.is_missed_kind() {
+        shared
+            .registry
+            .notify(ended.callee, Event::CachedCallsWaiting { count: waiting });
+    }
+    Ok(())
+}
+
+/// Ends this connection's session: removes it from the registry if still current,
+/// ends its call, and records the TV offline (flow 2).
+pub async fn end_session<S: Store>(shared: &Shared<S>, st: &mut ConnState) {
+    let Some(key) = st.session.take() else { return };
+    st.push_rx = None;
+    let Some(ended) = shared.registry.remove(key.user, key.session_id) else {
+        // Replaced by a newer session of the same TV: that one owns the row now.
+        return;
+    };
+    if let Some(ended) = ended {
+        if let Err(e) = record_end(shared, ended).await {
+            tracing::error!(error = %e, "cannot record the end of a call");
+        }
+    }
+    if let Err(e) = shared
+        .store
+        .set_offline(key.user, key.session_id, now_ms())
+        .await
+    {
+        tracing::error!(user = key.user, error = %e, "cannot record user offline");
+    }
+    tracing::debug!(user = key.user, session = key.session_id, "offline");
+}

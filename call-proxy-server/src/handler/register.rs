@@ -1,0 +1,83 @@
+//! `Register` (flow 1): record the TV online at the IP the server observes, with its
+//! media port, then make it the user's live session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use shared_proto::{ErrorCode, Register, Registered, Reply, WireError};
+use tokio::sync::mpsc;
+
+use super::{record_end, storage_error, ConnState, SessionKey};
+use crate::clock::now_ms;
+use crate::registry::PUSH_QUEUE;
+use crate::server::Shared;
+use crate::storage::{RegisterResult, Registration, Store};
+
+pub async fn handle<S: Store>(
+    shared: &Arc<Shared<S>>,
+    st: &mut ConnState,
+    reg: Register,
+) -> Result<Reply, WireError> {
+    if st.session.is_some() {
+        return Err(WireError::new(
+            ErrorCode::ALREADY_REGISTERED,
+            "this connection is registered already",
+        ));
+    }
+    let ip = st.peer.ip().to_canonical();
+    let session_id = shared.registry.new_session_id();
+    let now = now_ms();
+    let result = shared
+        .store
+        .register(Registration {
+            user_id: reg.user_id,
+            ip,
+            media_port: reg.media_port,
+            session_id,
+            agent_version: reg.agent_version,
+            at_ms: now,
+            create_unknown: shared.config.create_unknown_users,
+        })
+        .await
+        .map_err(storage_error)?;
+    let cached_waiting = match result {
+        RegisterResult::Online { cached_waiting } => cached_waiting,
+        RegisterResult::UnknownUser => {
+            return Err(WireError::new(
+                ErrorCode::UNKNOWN_USER,
+                format!("user {} is not provisioned on this server", reg.user_id),
+            ))
+        }
+        RegisterResult::Superseded => {
+            return Err(WireError::new(
+                ErrorCode::SESSION_REPLACED,
+                "a newer registration of this user is already recorded",
+            ))
+        }
+    };
+    let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
+    let media = SocketAddr::new(ip, reg.media_port);
+    let installed = shared
+        .registry
+        .install(reg.user_id, session_id, media, push_tx)?;
+    st.session = Some(SessionKey {
+        user: reg.user_id,
+        session_id,
+    });
+    st.push_rx = Some(push_rx);
+    shared.metrics.registered(installed.replaced);
+    if let Some(ended) = installed.ended {
+        if let Err(e) = record_end(shared, ended).await {
+            tracing::error!(error = %e, "cannot record the end of the replaced session's call");
+        }
+    }
+    tracing::debug!(user = reg.user_id, session_id, %media, replaced = installed.replaced, "registered");
+    Ok(Reply::Registered(Registered {
+        session_id,
+        observed_ip: ip,
+        heartbeat_interval_ms: u32::try_from(shared.config.heartbeat_interval_ms)
+            .unwrap_or(u32::MAX),
+        server_time_ms: now,
+        cached_waiting,
+    }))
+}

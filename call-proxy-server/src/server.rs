@@ -1,0 +1,159 @@
+//! The TCP control listener: accepts TVs, enforces the connection limit, runs one task
+//! per connection, and shuts down in two phases (stop accepting and end calls; then let
+//! sessions close and the database flush, within a deadline).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared_proto::{preamble::encode_reason, ErrorCode, Preamble};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::handler::record_end;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::storage::Store;
+
+/// What every connection task shares.
+pub struct Shared<S> {
+    /// The user management database.
+    pub store: S,
+    /// Live sessions and calls.
+    pub registry: Registry,
+    /// Settings.
+    pub config: Config,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+impl<S: Store> Shared<S> {
+    /// Shared state over an opened store.
+    pub fn new(store: S, config: Config) -> Arc<Self> {
+        let w = store.watermarks();
+        Arc::new(Shared {
+            store,
+            registry: Registry::new(w.max_session_id, w.max_call_id),
+            config,
+            metrics: Metrics::default(),
+        })
+    }
+}
+
+/// Binds the control listener with a deep accept backlog (TVs reconnect in bursts
+/// after a power cut or a server restart).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves TVs on `listener` until `shutdown` completes, then shuts down cleanly: no new
+/// connections, live calls ended and recorded, every session told and recorded
+/// offline, the database flushed and closed.
+pub async fn run<S: Store>(
+    listener: TcpListener,
+    shared: Arc<Shared<S>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tracker = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    tokio::select! {
+        () = accept_loop(&listener, &shared, &tracker, &limit, &stop_rx) => {}
+        () = shutdown => {}
+    }
+    drop(listener);
+    tracing::info!(
+        online = shared.registry.online(),
+        calls = shared.registry.live_calls(),
+        "shutting down"
+    );
+    for ended in shared.registry.end_all() {
+        if let Err(e) = record_end(&shared, ended).await {
+            tracing::error!(error = %e, "cannot record a call ended by shutdown");
+        }
+    }
+    let _ = stop_tx.send(true);
+    tracker.close();
+    let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            left = tracker.len(),
+            "sessions still open after the grace period; they are recorded offline at next start"
+        );
+    }
+    shared.store.close().await;
+    tracing::info!("stopped");
+}
+
+async fn accept_loop<S: Store>(
+    listener: &TcpListener,
+    shared: &Arc<Shared<S>>,
+    tracker: &TaskTracker,
+    limit: &Arc<Semaphore>,
+    stop: &watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(1);
+                conn
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: wait and retry rather than spin or
+                // stop serving the TVs already connected.
+                tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        shared.metrics.accepted.fetch_add(1, Relaxed);
+        let _ = stream.set_nodelay(true);
+        match Arc::clone(limit).try_acquire_owned() {
+            Ok(permit) => {
+                let shared = Arc::clone(shared);
+                let stop = stop.clone();
+                tracker.spawn(async move {
+                    shared.metrics.connections.fetch_add(1, Relaxed);
+                    crate::connection::serve(&shared, stream, peer, stop).await;
+                    shared.metrics.connections.fetch_sub(1, Relaxed);
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                shared.metrics.rejected_full.fetch_add(1, Relaxed);
+                tracker.spawn(refuse(
+                    stream,
+                    ErrorCode::SERVER_FULL,
+                    "server is full, retry later",
+                ));
+            }
+        }
+    }
+}
+
+/// Tells a client why it cannot be served (a rejecting preamble) and closes.
+pub async fn refuse(mut stream: TcpStream, status: ErrorCode, reason: &str) {
+    let mut out = Preamble::server(status).encode().to_vec();
+    out.extend_from_slice(&encode_reason(reason));
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,608 @@
+//! The embedded user management database: SQLite in WAL mode, through rusqlite.
+//!
+//! One writer thread owns the only write connection. Writes queue to it; it takes
+//! everything queued, applies it in one transaction, commits (one WAL sync for the whole
+//! batch: group commit) and only then answers each caller. A few reader threads with
+//! read-only connections serve queries concurrently with the writer (WAL readers never
+//! block on it). No SQLite call ever runs on the async runtime's threads.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::clock::{from_db_text, to_db_text};
+
+/// Tuning of the SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// `synchronous=FULL` (every commit survives power loss) rather than `NORMAL`
+    /// (every commit survives a process crash; the last ones may be lost on power loss).
+    pub sync_full: bool,
+    /// Reader threads.
+    pub readers: usize,
+    /// Most writes in one group commit.
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            sync_full: true,
+            readers: 2,
+            max_batch: 4096,
+        }
+    }
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+/// Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: the documents' two tables, with the columns a real product needs.
+    "CREATE TABLE user_property (
+        user_id        INTEGER PRIMARY KEY,          -- User_id: the TV's calling number
+        user_ip        TEXT    NOT NULL DEFAULT '',  -- User_ip: as observed by the server
+        user_netstate  INTEGER NOT NULL DEFAULT 0 CHECK (user_netstate IN (0, 1)),
+        media_port     INTEGER NOT NULL DEFAULT 0,
+        session_id     INTEGER NOT NULL DEFAULT 0,
+        agent_version  TEXT    NOT NULL DEFAULT '',
+        created_at     TEXT    NOT NULL,
+        last_seen      TEXT
+     );
+     CREATE TABLE user_call (
+        id            INTEGER PRIMARY KEY,
+        user_id       INTEGER NOT NULL,              -- caller
+        otheruser_id  INTEGER NOT NULL,              -- callee
+        call_date     TEXT    NOT NULL,              -- RFC 3339, UTC, milliseconds
+        outcome       TEXT    NOT NULL CHECK (outcome IN
+                        ('ringing','answered','missed','rejected','busy','cached')),
+        caller_ip     TEXT    NOT NULL DEFAULT '',
+        answered_at   TEXT,
+        ended_at      TEXT,
+        delivered     INTEGER NOT NULL DEFAULT 0 CHECK (delivered IN (0, 1)),
+        delivered_at  TEXT
+     );
+     CREATE INDEX user_call_waiting ON user_call (otheruser_id, id)
+        WHERE delivered = 0 AND outcome IN ('missed', 'busy', 'cached');
+     CREATE INDEX user_call_caller ON user_call (user_id, call_date);
+     CREATE INDEX user_call_callee ON user_call (otheruser_id, call_date);",
+];
+
+/// The condition that makes a call "cached and undelivered"; written exactly as in the
+/// partial index so SQLite can use it.
+const WAITING: &str = "delivered = 0 AND outcome IN ('missed', 'busy', 'cached')";
+
+/// A reply channel for one operation.
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Operations for the writer thread.
+enum WriteJob {
+    Register(Registration, Reply<RegisterResult>),
+    Offline(UserId, u64, UnixMillis, Reply<()>),
+    Insert(NewCall, Reply<InsertResult>),
+    Finish(CallEnd, UserId, Reply<u32>),
+    Ack(UserId, Vec<CallId>, UnixMillis, Reply<u32>),
+    Close(oneshot::Sender<()>),
+}
+
+/// Operations for the reader threads.
+enum ReadJob {
+    Users(Vec<UserId>, Reply<Vec<UserRow>>),
+    Cached(UserId, CallId, usize, Reply<Vec<CachedRow>>),
+}
+
+/// The SQLite-backed [`Store`]. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Queue to the writer thread.
+    writes: Sender<WriteJob>,
+    /// Queue to the reader threads; dropped (set to `None`) on close to stop them.
+    reads: Mutex<Option<Sender<ReadJob>>>,
+    /// Set once `close` starts; later calls fail fast with `Closed`.
+    closed: AtomicBool,
+    /// Ids in use when the store opened.
+    watermarks: Watermarks,
+    /// The writer and reader threads, joined on close.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The database file (for messages).
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, applies migrations, and repairs
+    /// what a crash may have left: every user offline (no session survives a restart),
+    /// ringing calls become missed, answered calls without an end are ended.
+    pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if opts.sync_full { "FULL" } else { "NORMAL" },
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        let now = to_db_text(crate::clock::now_ms());
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        conn.execute(
+            "UPDATE user_property SET user_netstate = 0, last_seen = ?1 WHERE user_netstate = 1",
+            [&now],
+        )?;
+        conn.execute(
+            "UPDATE user_call SET outcome = 'missed', ended_at = ?1 WHERE outcome = 'ringing'",
+            [&now],
+        )?;
+        conn.execute(
+            "UPDATE user_call SET ended_at = ?1 WHERE outcome = 'answered' AND ended_at IS NULL",
+            [&now],
+        )?;
+        conn.execute_batch("COMMIT")?;
+        let watermarks = Watermarks {
+            max_session_id: conn.query_row(
+                "SELECT coalesce(max(session_id), 0) FROM user_property",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64,
+            max_call_id: conn.query_row("SELECT coalesce(max(id), 0) FROM user_call", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64,
+        };
+
+        let (wtx, wrx) = crossbeam_channel::unbounded();
+        let (rtx, rrx) = crossbeam_channel::unbounded();
+        let mut threads = Vec::new();
+        let max_batch = opts.max_batch.max(1);
+        threads.push(
+            std::thread::Builder::new()
+                .name("db-writer".into())
+                .spawn(move || writer_loop(conn, wrx, max_batch))
+                .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?,
+        );
+        for i in 0..opts.readers.max(1) {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            let rx = rrx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("db-reader-{i}"))
+                    .spawn(move || reader_loop(conn, rx))
+                    .map_err(|e| StoreError::Db(format!("cannot start reader thread: {e}")))?,
+            );
+        }
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                writes: wtx,
+                reads: Mutex::new(Some(rtx)),
+                closed: AtomicBool::new(false),
+                watermarks,
+                threads: Mutex::new(threads),
+                path: path.to_path_buf(),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> WriteJob) -> Result<T, StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writes
+            .send(make(tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T>(&self, make: impl FnOnce(Reply<T>) -> ReadJob) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let guard = self.inner.reads.lock().map_err(|_| StoreError::Closed)?;
+            let reads = guard.as_ref().ok_or(StoreError::Closed)?;
+            reads.send(make(tx)).map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Store for SqliteStore {
+    fn watermarks(&self) -> Watermarks {
+        self.inner.watermarks
+    }
+
+    async fn register(&self, reg: Registration) -> Result<RegisterResult, StoreError> {
+        self.write(|tx| WriteJob::Register(reg, tx)).await
+    }
+
+    async fn set_offline(
+        &self,
+        user_id: UserId,
+        session_id: u64,
+        at_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| WriteJob::Offline(user_id, session_id, at_ms, tx))
+            .await
+    }
+
+    async fn users(&self, ids: Vec<UserId>) -> Result<Vec<UserRow>, StoreError> {
+        self.read(|tx| ReadJob::Users(ids, tx)).await
+    }
+
+    async fn insert_call(&self, call: NewCall) -> Result<InsertResult, StoreError> {
+        self.write(|tx| WriteJob::Insert(call, tx)).await
+    }
+
+    async fn finish_call(&self, end: CallEnd, callee: UserId) -> Result<u32, StoreError> {
+        self.write(|tx| WriteJob::Finish(end, callee, tx)).await
+    }
+
+    async fn cached_calls(
+        &self,
+        callee: UserId,
+        after: CallId,
+        limit: usize,
+    ) -> Result<Vec<CachedRow>, StoreError> {
+        self.read(|tx| ReadJob::Cached(callee, after, limit, tx))
+            .await
+    }
+
+    async fn ack_cached(
+        &self,
+        callee: UserId,
+        ids: Vec<CallId>,
+        at_ms: UnixMillis,
+    ) -> Result<u32, StoreError> {
+        self.write(|tx| WriteJob::Ack(callee, ids, at_ms, tx)).await
+    }
+
+    async fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.inner.writes.send(WriteJob::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        if let Ok(mut reads) = self.inner.reads.lock() {
+            reads.take();
+        }
+        let threads = match self.inner.threads.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => Vec::new(),
+        };
+        // Joining blocks; the threads are finishing already, so this is short.
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(0);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Db(format!(
+            "database schema version {applied} is newer than this server ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied schema migration");
+    }
+    Ok(())
+}
+
+/// Delivers one operation's result once its batch has committed (or failed).
+type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Pending {
+    Box::new(move |commit_error| {
+        let _ = reply.send(match commit_error {
+            Some(e) => Err(e.clone()),
+            None => result,
+        });
+    })
+}
+
+fn writer_loop(mut conn: Connection, jobs: Receiver<WriteJob>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    let mut done: Vec<Pending> = Vec::with_capacity(max_batch);
+    while let Ok(first) = jobs.recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut close = None;
+        let result = (|| -> Result<(), StoreError> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for job in batch.drain(..) {
+                match job {
+                    WriteJob::Close(ack) => close = Some(ack),
+                    job => done.push(apply(&tx, job)),
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        let err = result.err();
+        if let Some(e) = &err {
+            tracing::error!(error = %e, writes = done.len(), "group commit failed; writes not acknowledged");
+        }
+        batch.clear();
+        for p in done.drain(..) {
+            p(err.as_ref());
+        }
+        if let Some(ack) = close {
+            let _ = ack.send(());
+            return;
+        }
+    }
+}
+
+fn apply(tx: &Transaction<'_>, job: WriteJob) -> Pending {
+    match job {
+        WriteJob::Register(reg, reply) => pending(reply, register(tx, &reg)),
+        WriteJob::Offline(user, session, at, reply) => {
+            let r = tx
+                .prepare_cached(
+                    "UPDATE user_property SET user_netstate = 0, last_seen = ?3
+                     WHERE user_id = ?1 AND session_id = ?2",
+                )
+                .and_then(|mut s| s.execute(params![user as i64, session as i64, to_db_text(at)]))
+                .map(|_| ())
+                .map_err(StoreError::from);
+            pending(reply, r)
+        }
+        WriteJob::Insert(call, reply) => pending(reply, insert_call(tx, &call)),
+        WriteJob::Finish(end, callee, reply) => pending(reply, finish_call(tx, &end, callee)),
+        WriteJob::Ack(callee, ids, at, reply) => pending(reply, ack(tx, callee, &ids, at)),
+        WriteJob::Close(_) => Box::new(|_| {}),
+    }
+}
+
+fn ip_text(ip: IpAddr) -> String {
+    ip.to_canonical().to_string()
+}
+
+fn register(tx: &Transaction<'_>, reg: &Registration) -> Result<RegisterResult, StoreError> {
+    let now = to_db_text(reg.at_ms);
+    let user = reg.user_id as i64;
+    let changed = if reg.create_unknown {
+        tx.prepare_cached(
+            "INSERT INTO user_property
+               (user_id, user_ip, user_netstate, media_port, session_id, agent_version,
+                created_at, last_seen)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (user_id) DO UPDATE SET
+               user_ip = excluded.user_ip, user_netstate = 1, media_port = excluded.media_port,
+               session_id = excluded.session_id, agent_version = excluded.agent_version,
+               last_seen = excluded.last_seen
+             WHERE excluded.session_id > user_property.session_id",
+        )?
+        .execute(params![
+            user,
+            ip_text(reg.ip),
+            reg.media_port,
+            reg.session_id as i64,
+            reg.agent_version,
+            now
+        ])?
+    } else {
+        tx.prepare_cached(
+            "UPDATE user_property SET user_ip = ?2, user_netstate = 1, media_port = ?3,
+               session_id = ?4, agent_version = ?5, last_seen = ?6
+             WHERE user_id = ?1 AND session_id < ?4",
+        )?
+        .execute(params![
+            user,
+            ip_text(reg.ip),
+            reg.media_port,
+            reg.session_id as i64,
+            reg.agent_version,
+            now
+        ])?
+    };
+    if changed == 0 {
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM user_property WHERE user_id = ?1")?
+            .query_row([user], |_| Ok(()))
+            .optional()?
+            .is_some();
+        return Ok(if exists {
+            RegisterResult::Superseded
+        } else {
+            RegisterResult::UnknownUser
+        });
+    }
+    Ok(RegisterResult::Online {
+        cached_waiting: waiting_count(tx, reg.user_id)?,
+    })
+}
+
+fn waiting_count(conn: &Connection, callee: UserId) -> Result<u32, StoreError> {
+    let n: i64 = conn
+        .prepare_cached(&format!(
+            "SELECT count(*) FROM user_call WHERE otheruser_id = ?1 AND {WAITING}"
+        ))?
+        .query_row([callee as i64], |r| r.get(0))?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+fn insert_call(tx: &Transaction<'_>, call: &NewCall) -> Result<InsertResult, StoreError> {
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO user_call (id, user_id, otheruser_id, call_date, outcome, caller_ip)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6
+             WHERE EXISTS (SELECT 1 FROM user_property WHERE user_id = ?3)",
+        )?
+        .execute(params![
+            call.id as i64,
+            call.caller as i64,
+            call.callee as i64,
+            to_db_text(call.at_ms),
+            call.outcome.as_str(),
+            ip_text(call.caller_ip),
+        ])?;
+    if n == 0 {
+        return Ok(InsertResult::UnknownCallee);
+    }
+    Ok(InsertResult::Recorded {
+        callee_waiting: waiting_count(tx, call.callee)?,
+    })
+}
+
+fn finish_call(tx: &Transaction<'_>, end: &CallEnd, callee: UserId) -> Result<u32, StoreError> {
+    // Answered and rejected calls were seen by the callee: they are delivered. Missed
+    // kinds stay undelivered until the callee's TV acknowledges them.
+    let delivered = !end.outcome.is_missed_kind();
+    tx.prepare_cached(
+        "UPDATE user_call SET outcome = ?2,
+           answered_at = coalesce(?3, answered_at),
+           ended_at = coalesce(?4, ended_at),
+           delivered = ?5,
+           delivered_at = CASE WHEN ?5 = 1 THEN coalesce(delivered_at, ?6) ELSE NULL END
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        end.id as i64,
+        end.outcome.as_str(),
+        end.answered_at_ms.map(to_db_text),
+        end.ended_at_ms.map(to_db_text),
+        delivered as i64,
+        to_db_text(end.at_ms),
+    ])?;
+    waiting_count(tx, callee)
+}
+
+fn ack(
+    tx: &Transaction<'_>,
+    callee: UserId,
+    ids: &[CallId],
+    at: UnixMillis,
+) -> Result<u32, StoreError> {
+    let at = to_db_text(at);
+    let mut stmt = tx.prepare_cached(&format!(
+        "UPDATE user_call SET delivered = 1, delivered_at = ?3
+         WHERE id = ?2 AND otheruser_id = ?1 AND {WAITING}"
+    ))?;
+    let mut count = 0u32;
+    for id in ids {
+        let Ok(id) = i64::try_from(*id) else { continue };
+        count = count.saturating_add(stmt.execute(params![callee as i64, id, at])? as u32);
+    }
+    Ok(count)
+}
+
+fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            ReadJob::Users(ids, reply) => {
+                let _ = reply.send(users(&conn, &ids));
+            }
+            ReadJob::Cached(callee, after, limit, reply) => {
+                let _ = reply.send(cached(&conn, callee, after, limit));
+            }
+        }
+    }
+}
+
+fn users(conn: &Connection, ids: &[UserId]) -> Result<Vec<UserRow>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT user_netstate, last_seen FROM user_property WHERE user_id = ?1")?;
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        let Ok(key) = i64::try_from(id) else { continue };
+        let row = stmt
+            .query_row([key], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+            })
+            .optional()?;
+        if let Some((state, seen)) = row {
+            out.push(UserRow {
+                user_id: id,
+                online: state == 1,
+                last_seen_ms: seen.as_deref().and_then(from_db_text),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn cached(
+    conn: &Connection,
+    callee: UserId,
+    after: CallId,
+    limit: usize,
+) -> Result<Vec<CachedRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT c.id, c.user_id, c.call_date, c.outcome, p.user_netstate
+         FROM user_call c LEFT JOIN user_property p ON p.user_id = c.user_id
+         WHERE c.otheruser_id = ?1 AND c.id > ?2
+           AND c.delivered = 0 AND c.outcome IN ('missed', 'busy', 'cached')
+         ORDER BY c.id LIMIT ?3",
+    )?;
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(
+        params![
+            callee as i64,
+            after,
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+            ))
+        },
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, caller, date, outcome, state) = row?;
+        let outcome = Outcome::parse(&outcome)
+            .ok_or_else(|| StoreError::Db(format!("call {id} has unknown outcome {outcome:?}")))?;
+        out.push(CachedRow {
+            id: id as u64,
+            caller: caller as u64,
+            callee,
+            at_ms: from_db_text(&date)
+                .ok_or_else(|| StoreError::Db(format!("call {id} has bad call_date {date:?}")))?,
+            outcome,
+            caller_online: state.map(|s| s == 1),
+        });
+    }
+    Ok(out)
+}
