@@ -562,9 +562,12 @@ impl Registry {
     /// The ring timeout of `call_id` expired.
     pub fn ring_timeout(&self, call_id: CallId) -> Option<Ended> {
         let mut inner = self.lock();
-        if inner.calls.get(&call_id)?.state != CallState::Ringing {
+        let call = inner.calls.get_mut(&call_id)?;
+        if call.state != CallState::Ringing {
             return None;
         }
+        // This runs on the timer task itself: do not abort it while it records the end.
+        call.timer = None;
         inner.end(
             call_id,
             Outcome::Missed,
