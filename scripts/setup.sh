@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing this workspace needs on a fresh Debian 12
+# machine (as root, or through sudo). Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    # A mirror hiccup on one index must not stop the install of the others.
+    $SUDO apt-get update -qq || echo "setup: apt-get update reported errors; continuing" >&2
+    apt_updated=1
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+command -v git >/dev/null 2>&1 || missing+=(git)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
+
+# Rust 1.85 or newer. Debian 12's own cargo is too old; its rustc-web/cargo-web are new
+# enough and come from the Debian archive.
+rust_ok() {
+  command -v cargo >/dev/null 2>&1 || return 1
+  local v
+  v=$(rustc --version 2>/dev/null | awk '{print $2}')
+  [ -n "$v" ] && [ "$(printf '%s\n1.85.0\n' "$v" | sort -V | head -n1)" = "1.85.0" ]
+}
+if ! rust_ok; then
+  echo "setup: installing Debian's rustc-web and cargo-web (Rust >= 1.85)"
+  apt_install rustc-web cargo-web
+fi
+rust_ok || { echo "setup: no Rust >= 1.85 available (found: $(rustc --version 2>&1))" >&2; exit 1; }
+echo "setup: $(cargo --version), $(rustc --version)"
