@@ -79,11 +79,12 @@ pub async fn serve<S: Store>(
         return;
     }
 
-    // Start with empty buffers: an idle TV then costs only what its few frames needed.
+    // Small buffers: an idle TV then costs only what its few frames needed. A
+    // registration fits in the first read.
     let mut conn = Framed::with_capacity(
         stream,
         ControlCodec::with_max_frame_len(shared.config.max_frame_len),
-        0,
+        64,
     );
     *conn.write_buffer_mut() = BytesMut::new();
     let mut st = ConnState::new(peer);

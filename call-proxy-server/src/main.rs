@@ -45,6 +45,12 @@ struct ServeArgs {
     /// Most simultaneous TV connections [default: 200000].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Sustained requests per second allowed per TV connection [default: 20].
+    #[arg(long)]
+    requests_per_sec: Option<u32>,
+    /// Burst of requests allowed per TV connection [default: 100].
+    #[arg(long)]
+    request_burst: Option<u32>,
     /// Only registered (provisioned) users may register; unknown ids are refused.
     #[arg(long)]
     provisioned_only: bool,
@@ -88,6 +94,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.max_connections {
         config.max_connections = v;
+    }
+    if let Some(v) = args.requests_per_sec {
+        config.requests_per_sec = v;
+    }
+    if let Some(v) = args.request_burst {
+        config.request_burst = v;
     }
     if args.provisioned_only {
         config.create_unknown_users = false;
