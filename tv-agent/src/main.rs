@@ -1,14 +1,401 @@
-//! `tv-agent`: the daemon that runs on each network TV.
-//!
-//! Skeleton only: the agent (power-on sequence, cached-call fetch, dialling and voice
-//! media) is built in its own issue on top of the server core. Until then the
-//! load generator in `call-proxy-server` plays the TVs.
+//! The `tv-agent` command: `run` is the TV daemon; `missed`, `call` and `answer` are
+//! scripted modes that power on, do one thing, print JSON and exit with a meaningful
+//! code (0: answered or durably cached; 1: another outcome; 3: server unreachable).
 
-fn main() {
-    eprintln!(
-        "tv-agent {}: not built yet (protocol version {}); use call-proxy-loadgen to simulate TVs",
-        env!("CARGO_PKG_VERSION"),
-        shared_proto::PROTOCOL_VERSION
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tokio::sync::broadcast;
+use tokio::time::{timeout_at, Instant};
+use tv_agent::agent::{Agent, AgentConfig, AgentEvent, DialResult};
+use tv_agent::media::AudioSpec;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "TV agent: registers at power-on, shows calls missed while off, places and answers calls"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Run the TV daemon with its local control API.
+    Run {
+        #[command(flatten)]
+        tv: TvArgs,
+        #[command(flatten)]
+        audio: AudioArgs,
+        /// Local control API (JSON lines), loopback only.
+        #[arg(long, default_value = "127.0.0.1:7601")]
+        control_listen: SocketAddr,
+    },
+    /// Power on, print the cached (missed) calls as JSON lines, acknowledge them, exit.
+    Missed {
+        #[command(flatten)]
+        tv: TvArgs,
+    },
+    /// Power on, call a user, talk for some seconds, hang up, print the outcome.
+    Call {
+        #[command(flatten)]
+        tv: TvArgs,
+        #[command(flatten)]
+        audio: AudioArgs,
+        /// Who to call.
+        #[arg(long)]
+        to: u64,
+        /// Seconds of conversation once answered.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// Power on, wait for a call, answer it, talk for some seconds, hang up.
+    Answer {
+        #[command(flatten)]
+        tv: TvArgs,
+        #[command(flatten)]
+        audio: AudioArgs,
+        /// Seconds of conversation (less if the caller hangs up first).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Seconds to wait for a call.
+        #[arg(long, default_value_t = 60.0)]
+        wait: f64,
+    },
+}
+
+#[derive(Args)]
+struct TvArgs {
+    /// This TV's user number.
+    #[arg(long)]
+    user: u64,
+    /// The call-proxy server, host:port.
+    #[arg(long)]
+    server: String,
+    /// UDP media port to bind (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    media_port: u16,
+    /// Address to bind the media socket on.
+    #[arg(long, default_value = "0.0.0.0")]
+    media_ip: IpAddr,
+    /// Media port to register instead of the bound one (port forwarded by a router).
+    #[arg(long)]
+    advertise_port: Option<u16>,
+    /// Scripted modes: seconds to keep trying to reach the server.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+}
+
+#[derive(Args)]
+struct AudioArgs {
+    /// Audio in: tone:HZ, wav:PATH, null, device[:NAME].
+    #[arg(long, default_value = "device")]
+    audio_in: AudioSpec,
+    /// Audio out: wav:PATH, null, device[:NAME].
+    #[arg(long, default_value = "device")]
+    audio_out: AudioSpec,
+}
+
+fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> AgentConfig {
+    AgentConfig {
+        user: tv.user,
+        server: tv.server.clone(),
+        media_bind: SocketAddr::new(tv.media_ip, tv.media_port),
+        advertise_port: tv.advertise_port,
+        audio_in: audio.map_or(AudioSpec::Null, |a| a.audio_in.clone()),
+        audio_out: audio.map_or(AudioSpec::Null, |a| a.audio_out.clone()),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tv-agent: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tv-agent: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
+    match mode {
+        Mode::Run {
+            tv,
+            audio,
+            control_listen,
+        } => run(config(&tv, Some(&audio)), control_listen).await,
+        Mode::Missed { tv } => missed(&tv).await,
+        Mode::Call {
+            tv,
+            audio,
+            to,
+            seconds,
+        } => call(&tv, &audio, to, seconds).await,
+        Mode::Answer {
+            tv,
+            audio,
+            seconds,
+            wait,
+        } => answer(&tv, &audio, seconds, wait).await,
+    }
+}
+
+async fn run(cfg: AgentConfig, control_listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        control_listen.ip().is_loopback(),
+        "the control API must listen on loopback, not {control_listen}"
     );
-    std::process::exit(2);
+    let listener = tokio::net::TcpListener::bind(control_listen)
+        .await
+        .with_context(|| format!("cannot listen on {control_listen}"))?;
+    let user = cfg.user;
+    let (agent, mut events) = Agent::power_on(cfg).await?;
+    tracing::warn!(
+        user,
+        media = %agent.media_addr(),
+        control = %listener.local_addr()?,
+        "tv-agent running"
+    );
+    tokio::spawn(tv_agent::api::serve(listener, agent.clone()));
+    tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "agent");
+        }
+    });
+    shutdown_signal().await;
+    agent.power_off().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Waits for the first event that `pick` accepts, until `deadline`.
+async fn wait_for<T>(
+    events: &mut broadcast::Receiver<AgentEvent>,
+    deadline: Instant,
+    mut pick: impl FnMut(&AgentEvent) -> Option<T>,
+) -> Option<T> {
+    loop {
+        match timeout_at(deadline, events.recv()).await {
+            Ok(Ok(ev)) => {
+                if let Some(t) = pick(&ev) {
+                    return Some(t);
+                }
+            }
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
+/// Powers on and waits until registered and the cached calls are presented.
+async fn boot(
+    tv: &TvArgs,
+    audio: Option<&AudioArgs>,
+) -> anyhow::Result<
+    Result<
+        (
+            Agent,
+            broadcast::Receiver<AgentEvent>,
+            Vec<tv_agent::agent::MissedCall>,
+        ),
+        String,
+    >,
+> {
+    let (agent, mut events) = Agent::power_on(config(tv, audio)).await?;
+    let deadline = Instant::now() + Duration::from_secs_f64(tv.connect_timeout.max(0.1));
+    let mut last_reason = String::from("no answer from the server");
+    let got = wait_for(&mut events, deadline, |ev| match ev {
+        AgentEvent::CachedCalls { calls } => Some(calls.clone()),
+        AgentEvent::LinkDown { reason, .. } => {
+            last_reason = reason.clone();
+            None
+        }
+        _ => None,
+    })
+    .await;
+    match got {
+        Some(calls) => Ok(Ok((agent, events, calls))),
+        None => {
+            agent.power_off().await;
+            Ok(Err(last_reason))
+        }
+    }
+}
+
+fn unreachable_exit(reason: &str) -> ExitCode {
+    println!("{}", json!({"outcome": "unreachable", "reason": reason}));
+    ExitCode::from(3)
+}
+
+async fn missed(tv: &TvArgs) -> anyhow::Result<ExitCode> {
+    let (agent, _events, calls) = match boot(tv, None).await? {
+        Ok(v) => v,
+        Err(reason) => return Ok(unreachable_exit(&reason)),
+    };
+    for c in &calls {
+        println!("{}", serde_json::to_string(c)?);
+    }
+    // Acknowledgement runs right after presentation; power-off waits for it.
+    agent.power_off().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Talks until `seconds` pass or the call ends; then hangs up; returns the `Ended` event.
+async fn converse(
+    agent: &Agent,
+    events: &mut broadcast::Receiver<AgentEvent>,
+    seconds: f64,
+) -> Option<AgentEvent> {
+    let talk_until = Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
+    if let Some(ended) = wait_for(events, talk_until, |ev| {
+        matches!(ev, AgentEvent::Ended { .. }).then(|| ev.clone())
+    })
+    .await
+    {
+        return Some(ended);
+    }
+    let _ = agent.hang_up().await;
+    wait_for(events, Instant::now() + Duration::from_secs(5), |ev| {
+        matches!(ev, AgentEvent::Ended { .. }).then(|| ev.clone())
+    })
+    .await
+}
+
+fn report(outcome: &str, call_id: Option<u64>, peer: u64, ended: Option<&AgentEvent>) -> ExitCode {
+    let (end, quality) = match ended {
+        Some(AgentEvent::Ended {
+            outcome, quality, ..
+        }) => (Some(outcome.clone()), quality.clone()),
+        _ => (None, None),
+    };
+    println!(
+        "{}",
+        json!({"outcome": outcome, "call_id": call_id, "peer": peer, "ended": end, "quality": quality})
+    );
+    if matches!(outcome, "answered" | "cached") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn call(tv: &TvArgs, audio: &AudioArgs, to: u64, seconds: f64) -> anyhow::Result<ExitCode> {
+    let (agent, mut events, _) = match boot(tv, Some(audio)).await? {
+        Ok(v) => v,
+        Err(reason) => return Ok(unreachable_exit(&reason)),
+    };
+    let code = match agent.dial(to).await {
+        DialResult::Ringing(call_id) => {
+            // The server's ring timeout bounds the wait; a minute is a backstop.
+            let answered = wait_for(
+                &mut events,
+                Instant::now() + Duration::from_secs(120),
+                |ev| match ev {
+                    AgentEvent::Answered { .. } => Some(None),
+                    AgentEvent::Ended { .. } => Some(Some(ev.clone())),
+                    _ => None,
+                },
+            )
+            .await;
+            match answered {
+                Some(None) => {
+                    let ended = converse(&agent, &mut events, seconds).await;
+                    report("answered", Some(call_id), to, ended.as_ref())
+                }
+                Some(Some(ended)) => {
+                    let outcome = match &ended {
+                        AgentEvent::Ended { outcome, .. } => outcome.clone(),
+                        _ => "ended".into(),
+                    };
+                    report(&outcome, Some(call_id), to, Some(&ended))
+                }
+                None => report("no_answer", Some(call_id), to, None),
+            }
+        }
+        DialResult::Cached(call_id) => report("cached", Some(call_id), to, None),
+        DialResult::Busy(call_id) => report("busy", Some(call_id), to, None),
+        DialResult::Unreachable(reason) => unreachable_exit(&reason),
+        other => report(other.outcome(), None, to, None),
+    };
+    agent.power_off().await;
+    Ok(code)
+}
+
+async fn answer(
+    tv: &TvArgs,
+    audio: &AudioArgs,
+    seconds: f64,
+    wait: f64,
+) -> anyhow::Result<ExitCode> {
+    let (agent, mut events, _) = match boot(tv, Some(audio)).await? {
+        Ok(v) => v,
+        Err(reason) => return Ok(unreachable_exit(&reason)),
+    };
+    let incoming = wait_for(
+        &mut events,
+        Instant::now() + Duration::from_secs_f64(wait),
+        |ev| match ev {
+            AgentEvent::Incoming { call_id, caller } => Some((*call_id, *caller)),
+            _ => None,
+        },
+    )
+    .await;
+    let code = match incoming {
+        None => {
+            println!("{}", json!({"outcome": "no_call"}));
+            ExitCode::from(1)
+        }
+        Some((call_id, caller)) => match agent.answer().await {
+            Ok(()) => {
+                let ended = converse(&agent, &mut events, seconds).await;
+                report("answered", Some(call_id), caller, ended.as_ref())
+            }
+            Err(e) => {
+                println!(
+                    "{}",
+                    json!({"outcome": "answer_failed", "call_id": call_id, "reason": e.to_string()})
+                );
+                ExitCode::from(1)
+            }
+        },
+    };
+    agent.power_off().await;
+    Ok(code)
 }

@@ -1,0 +1,122 @@
+//! The local control API: JSON lines over TCP, bound to loopback, for the TV's UI and
+//! for operators on the box. Each line a client sends is a command; the agent answers
+//! each with one `{"ok": …}` line, and streams every agent event as an `{"event": …}`
+//! line.
+//!
+//! Commands: `{"cmd":"dial","to":2002}`, `{"cmd":"answer"}`, `{"cmd":"reject"}`,
+//! `{"cmd":"hangup"}`, `{"cmd":"query","users":[2002]}`, `{"cmd":"missed"}`,
+//! `{"cmd":"status"}`, `{"cmd":"power_off"}`.
+
+use std::net::SocketAddr;
+
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shared_proto::UserId;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+
+use crate::agent::{netstate, Agent, DialResult};
+
+/// Longest command line accepted.
+const MAX_LINE: usize = 4096;
+
+/// A command from a client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+enum Command {
+    Dial { to: UserId },
+    Answer,
+    Reject,
+    Hangup,
+    Query { users: Vec<UserId> },
+    Missed,
+    Status,
+    PowerOff,
+}
+
+/// Serves the API on `listener` until the agent powers off.
+pub async fn serve(listener: TcpListener, agent: Agent) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client(stream, peer, agent).await {
+                tracing::debug!(%peer, error = %e, "control API client ended");
+            }
+        });
+    }
+}
+
+async fn client(stream: TcpStream, _peer: SocketAddr, agent: Agent) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
+    let mut events = agent.subscribe();
+    loop {
+        let out = tokio::select! {
+            line = lines.next() => match line {
+                None => return Ok(()),
+                Some(Ok(line)) => execute(&agent, line.trim()).await,
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    let out = json!({"ok": false, "error": format!("command longer than {MAX_LINE} bytes")});
+                    write.write_all(format!("{out}\n").as_bytes()).await?;
+                    return Ok(());
+                }
+                Some(Err(LinesCodecError::Io(e))) => return Err(e),
+            },
+            ev = events.recv() => match ev {
+                Ok(ev) => serde_json::to_value(&ev).unwrap_or_default(),
+                Err(broadcast::error::RecvError::Lagged(n)) => json!({"event": "lagged", "missed": n}),
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+        };
+        write.write_all(format!("{out}\n").as_bytes()).await?;
+    }
+}
+
+async fn execute(agent: &Agent, line: &str) -> Value {
+    let cmd: Command = match serde_json::from_str(line) {
+        Ok(c) => c,
+        Err(e) => return json!({"ok": false, "error": format!("bad command: {e}")}),
+    };
+    let done = |r: Result<(), crate::agent::AgentError>| match r {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    };
+    match cmd {
+        Command::Dial { to } => {
+            let r = agent.dial(to).await;
+            let call_id = match &r {
+                DialResult::Ringing(id) | DialResult::Cached(id) | DialResult::Busy(id) => {
+                    Some(*id)
+                }
+                _ => None,
+            };
+            json!({"ok": matches!(r, DialResult::Ringing(_) | DialResult::Cached(_)), "outcome": r.outcome(), "call_id": call_id})
+        }
+        Command::Answer => done(agent.answer().await),
+        Command::Reject => done(agent.reject().await),
+        Command::Hangup => done(agent.hang_up().await),
+        Command::Query { users } => match agent.query(users).await {
+            Ok(states) => json!({"ok": true, "states": states.iter().map(|s| json!({
+                "user_id": s.user_id,
+                "user_netstate": netstate(s.state),
+            })).collect::<Vec<_>>()}),
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        },
+        Command::Missed => json!({"ok": true, "calls": agent.missed().await}),
+        Command::Status => match agent.status().await {
+            Some(s) => json!({"ok": true, "status": s}),
+            None => json!({"ok": false, "error": "the agent is powered off"}),
+        },
+        Command::PowerOff => {
+            agent.power_off().await;
+            json!({"ok": true})
+        }
+    }
+}

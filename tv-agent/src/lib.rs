@@ -1,0 +1,18 @@
+//! `tv-agent`: the daemon on each network TV.
+//!
+//! At power-on it binds its UDP media socket, opens the TCP control link to the
+//! call-proxy server and registers; it then fetches and presents the calls that were
+//! cached while the TV was off, and lets the viewer dial, answer, reject and hang up.
+//! Voice flows directly between the two TVs as RTP/Opus over UDP.
+//!
+//! - [`link`]: the control link task (register, heartbeats, reconnect with backoff).
+//! - [`agent`]: the agent core: power-on sequence and call state.
+//! - [`media`]: the media engine (audio I/O, Opus, RTP/RTCP, jitter buffer).
+//! - [`api`]: the local control API (JSON lines on loopback) for the TV's UI.
+
+pub mod agent;
+pub mod api;
+pub mod link;
+pub mod media;
+
+pub use agent::{Agent, AgentConfig, AgentEvent, DialResult};

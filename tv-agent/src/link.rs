@@ -1,0 +1,354 @@
+//! The TCP control link to the call-proxy server, as a task: connect, preamble,
+//! register, heartbeats, requests matched to replies, server events forwarded — and when
+//! the link breaks or the server is unreachable, reconnect and re-register forever with
+//! capped exponential backoff and jitter.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use shared_proto::{
+    ClientMsg, ControlCodec, ErrorCode, Event, Preamble, Register, Registered, Reply, Request,
+    RequestId, ServerMsg, UserId, WireError, PREAMBLE_LEN,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{timeout, Instant};
+use tokio_util::codec::Framed;
+
+/// Settings of the link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// The server, `host:port`.
+    pub server: String,
+    /// This TV's user number.
+    pub user: UserId,
+    /// The media port to register (the bound one, or the one advertised).
+    pub media_port: u16,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+    /// How long a request may wait for its reply.
+    pub request_timeout: Duration,
+}
+
+impl LinkConfig {
+    /// Defaults for `user` at `server`.
+    pub fn new(server: impl Into<String>, user: UserId, media_port: u16) -> Self {
+        LinkConfig {
+            server: server.into(),
+            user,
+            media_port,
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the link tells the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkEvent {
+    /// Registered (again): cached calls can be fetched now.
+    Registered(Registered),
+    /// The link is down (or could not come up); it retries after `retry_in`.
+    Down {
+        /// Why.
+        reason: String,
+        /// When the next attempt is.
+        retry_in: Duration,
+    },
+    /// A server push.
+    Server(Event),
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// Not registered with the server right now.
+    #[error("not connected to the server")]
+    NotConnected,
+    /// The server answered with an error.
+    #[error("{0}")]
+    Server(WireError),
+    /// No reply in time.
+    #[error("the server did not answer in time")]
+    Timeout,
+    /// The link task is gone (powered off).
+    #[error("the link is closed")]
+    Closed,
+}
+
+impl LinkError {
+    /// The server's error code, if it gave one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            LinkError::Server(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+enum Command {
+    Request(Request, oneshot::Sender<Result<Reply, LinkError>>),
+    PowerOff(oneshot::Sender<()>),
+}
+
+/// Sends requests over the link. Cheap to clone.
+#[derive(Clone)]
+pub struct LinkHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl LinkHandle {
+    /// Sends a request and waits for its reply.
+    pub async fn request(&self, request: Request) -> Result<Reply, LinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Request(request, tx))
+            .await
+            .map_err(|_| LinkError::Closed)?;
+        rx.await.map_err(|_| LinkError::Closed)?
+    }
+
+    /// Powers off: says `Bye` (the server records the TV offline) and closes the link.
+    pub async fn power_off(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::PowerOff(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Starts the link task.
+pub fn spawn(cfg: LinkConfig) -> (LinkHandle, mpsc::Receiver<LinkEvent>) {
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (ev_tx, ev_rx) = mpsc::channel(256);
+    tokio::spawn(run(cfg, cmd_rx, ev_tx));
+    (LinkHandle { tx: cmd_tx }, ev_rx)
+}
+
+type Conn = Framed<TcpStream, ControlCodec<ServerMsg, ClientMsg>>;
+
+/// How a registered session ended.
+enum SessionEnd {
+    Lost(String),
+    PoweredOff,
+}
+
+async fn run(cfg: LinkConfig, mut cmds: mpsc::Receiver<Command>, events: mpsc::Sender<LinkEvent>) {
+    let mut backoff = cfg.backoff_min;
+    loop {
+        let reason = match connect(&cfg).await {
+            Ok((conn, registered)) => {
+                backoff = cfg.backoff_min;
+                let hb =
+                    Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
+                if events
+                    .send(LinkEvent::Registered(registered))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                match session(&cfg, conn, hb, &mut cmds, &events).await {
+                    SessionEnd::PoweredOff => return,
+                    SessionEnd::Lost(reason) => reason,
+                }
+            }
+            Err(reason) => reason,
+        };
+        // Full jitter on the upper half, so a thousand TVs rebooting after a power cut
+        // do not reconnect in lockstep.
+        let wait = {
+            let half = backoff / 2;
+            half + rand::rng().random_range(Duration::ZERO..=half)
+        };
+        backoff = (backoff * 2).min(cfg.backoff_max);
+        tracing::info!(%reason, retry_in = ?wait, "control link down");
+        if events
+            .send(LinkEvent::Down {
+                reason,
+                retry_in: wait,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let until = Instant::now() + wait;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                cmd = cmds.recv() => match cmd {
+                    None => return,
+                    Some(Command::Request(_, reply)) => { let _ = reply.send(Err(LinkError::NotConnected)); }
+                    Some(Command::PowerOff(done)) => { let _ = done.send(()); return; }
+                },
+            }
+        }
+    }
+}
+
+/// Connects, exchanges preambles and registers.
+async fn connect(cfg: &LinkConfig) -> Result<(Conn, Registered), String> {
+    let attempt = async {
+        let mut stream = TcpStream::connect(&cfg.server)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", cfg.server))?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .write_all(&Preamble::client().encode())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut pre = [0u8; PREAMBLE_LEN];
+        stream
+            .read_exact(&mut pre)
+            .await
+            .map_err(|e| format!("no preamble from the server: {e}"))?;
+        let p = Preamble::decode(pre).map_err(|e| e.to_string())?;
+        if p.status() != ErrorCode::OK {
+            let mut len = [0u8; 2];
+            let mut reason = String::new();
+            if stream.read_exact(&mut len).await.is_ok() {
+                let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len)).min(512)];
+                if stream.read_exact(&mut buf).await.is_ok() {
+                    reason = String::from_utf8_lossy(&buf).into_owned();
+                }
+            }
+            return Err(format!("server refused: {} ({reason})", p.status().name()));
+        }
+        let mut conn: Conn = Framed::new(stream, ControlCodec::new());
+        conn.send(&ClientMsg {
+            id: 0,
+            request: Request::Register(Register {
+                user_id: cfg.user,
+                media_port: cfg.media_port,
+                agent_version: concat!("tv-agent/", env!("CARGO_PKG_VERSION")).into(),
+            }),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        loop {
+            match conn.next().await {
+                Some(Ok(ServerMsg::Reply { id: 0, result })) => {
+                    return match result {
+                        Ok(Reply::Registered(r)) => Ok((conn, r)),
+                        Ok(other) => Err(format!("unexpected reply to register: {other:?}")),
+                        Err(e) => Err(format!("registration refused: {e}")),
+                    }
+                }
+                Some(Ok(ServerMsg::Closing(e))) => return Err(format!("server closed: {e}")),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("server closed the connection".into()),
+            }
+        }
+    };
+    timeout(cfg.request_timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from {} in time", cfg.server)))
+}
+
+/// A pending request: where its reply goes (none for heartbeats) and its deadline.
+struct Pending {
+    reply: Option<oneshot::Sender<Result<Reply, LinkError>>>,
+    deadline: Instant,
+}
+
+async fn session(
+    cfg: &LinkConfig,
+    mut conn: Conn,
+    heartbeat: Duration,
+    cmds: &mut mpsc::Receiver<Command>,
+    events: &mpsc::Sender<LinkEvent>,
+) -> SessionEnd {
+    let mut pending: HashMap<RequestId, Pending> = HashMap::new();
+    let mut next_id: RequestId = 1;
+    let mut last_heard = Instant::now();
+    let dead_after = heartbeat * 3 + heartbeat / 2;
+    let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    let end = loop {
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                None => break SessionEnd::PoweredOff,
+                Some(Command::Request(request, reply)) => {
+                    let id = next_id;
+                    next_id = next_id.wrapping_add(1).max(1);
+                    if let Err(e) = conn.send(&ClientMsg { id, request }).await {
+                        let _ = reply.send(Err(LinkError::NotConnected));
+                        break SessionEnd::Lost(format!("send failed: {e}"));
+                    }
+                    pending.insert(id, Pending { reply: Some(reply), deadline: Instant::now() + cfg.request_timeout });
+                }
+                Some(Command::PowerOff(done)) => {
+                    let id = next_id;
+                    if conn.send(&ClientMsg { id, request: Request::Bye }).await.is_ok() {
+                        // Wait (briefly) for the server to record us offline.
+                        let _ = timeout(Duration::from_secs(2), async {
+                            while let Some(Ok(msg)) = conn.next().await {
+                                if matches!(msg, ServerMsg::Reply { id: rid, .. } if rid == id) {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                    }
+                    let _ = done.send(());
+                    break SessionEnd::PoweredOff;
+                }
+            },
+            frame = conn.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(ServerMsg::Reply { id, result })) => {
+                        if let Some(p) = pending.remove(&id) {
+                            if let Some(reply) = p.reply {
+                                let _ = reply.send(result.map_err(LinkError::Server));
+                            }
+                        }
+                    }
+                    Some(Ok(ServerMsg::Event(e))) => {
+                        if events.send(LinkEvent::Server(e)).await.is_err() {
+                            break SessionEnd::PoweredOff;
+                        }
+                    }
+                    Some(Ok(ServerMsg::Closing(e))) => break SessionEnd::Lost(format!("server closed the link: {e}")),
+                    Some(Err(e)) => break SessionEnd::Lost(format!("link error: {e}")),
+                    None => break SessionEnd::Lost("server closed the connection".into()),
+                }
+            }
+            _ = beat.tick() => {
+                if last_heard.elapsed() > dead_after {
+                    break SessionEnd::Lost("server stopped answering heartbeats".into());
+                }
+                let now = Instant::now();
+                pending.retain(|_, p| {
+                    if p.deadline <= now {
+                        if let Some(reply) = p.reply.take() {
+                            let _ = reply.send(Err(LinkError::Timeout));
+                        }
+                        false
+                    } else {
+                        true
+                    }
+                });
+                let id = next_id;
+                next_id = next_id.wrapping_add(1).max(1);
+                if conn.send(&ClientMsg { id, request: Request::Heartbeat }).await.is_err() {
+                    break SessionEnd::Lost("heartbeat send failed".into());
+                }
+                pending.insert(id, Pending { reply: None, deadline: now + cfg.request_timeout });
+            }
+        }
+    };
+    for (_, p) in pending.drain() {
+        if let Some(reply) = p.reply {
+            let _ = reply.send(Err(LinkError::NotConnected));
+        }
+    }
+    end
+}

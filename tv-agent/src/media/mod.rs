@@ -1,0 +1,13 @@
+//! The media engine: capture → Opus → RTP → UDP → jitter buffer → Opus → playback, with
+//! RTCP reports for call quality. Media flows directly between the two TVs.
+//!
+//! - [`audio`]: sources and sinks (sound card, tone, WAV, null).
+//! - [`jitter`]: the adaptive jitter buffer (pure logic).
+//! - [`session`]: one call's media over the TV's UDP media socket.
+
+pub mod audio;
+pub mod jitter;
+pub mod session;
+
+pub use audio::{open_sink, open_source, AudioSink, AudioSource, AudioSpec};
+pub use session::{CallQuality, MediaParams, MediaSession};

@@ -1,0 +1,492 @@
+//! One call's media over the TV's UDP media socket: a send task (source → Opus with
+//! in-band FEC → RTP, RFC 3550/7587 → UDP, every 20 ms) and a receive task (UDP → RTP
+//! validation → jitter buffer → Opus decode with FEC and concealment → sink, every 20 ms).
+//! RTCP sender/receiver reports share the port (RFC 5761 multiplexing) and give loss,
+//! jitter and round-trip time. Packets from any address but the negotiated peer, or
+//! from a second stream, are dropped.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{interval, Instant, MissedTickBehavior};
+use webrtc_util::marshal::{Marshal, Unmarshal};
+
+use super::audio::{AudioSink, AudioSource, FRAME};
+use super::jitter::{JitterBuffer, Playout, FRAME_SAMPLES};
+
+/// Largest UDP datagram accepted.
+const MAX_DATAGRAM: usize = 1500;
+/// Largest Opus packet produced.
+const MAX_OPUS: usize = 400;
+/// Interval between RTCP reports.
+const RTCP_EVERY: Duration = Duration::from_secs(5);
+
+/// How to run a call's media.
+#[derive(Debug, Clone)]
+pub struct MediaParams {
+    /// The other TV's media address (from the server).
+    pub peer: SocketAddr,
+    /// RTP payload type for Opus (dynamic; 111 by convention).
+    pub payload_type: u8,
+    /// Opus bitrate in bits per second.
+    pub bitrate: i32,
+    /// Expected packet loss told to the encoder (in-band FEC needs it above 0).
+    pub expected_loss_pct: i32,
+    /// Opus encoder complexity, 0..=10.
+    pub complexity: i32,
+    /// Jitter buffer depth bounds, in 20 ms frames.
+    pub jitter_frames: (u64, u64),
+}
+
+impl MediaParams {
+    /// Defaults for a voice call to `peer`.
+    pub fn voice(peer: SocketAddr) -> Self {
+        MediaParams {
+            peer,
+            payload_type: 111,
+            bitrate: 24_000,
+            expected_loss_pct: 10,
+            complexity: 5,
+            jitter_frames: (1, 10),
+        }
+    }
+}
+
+/// Call quality, logged and reported at hang-up.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CallQuality {
+    /// Seconds of media.
+    pub seconds: f64,
+    /// RTP packets sent.
+    pub packets_sent: u64,
+    /// RTP packets received from the peer and accepted.
+    pub packets_received: u64,
+    /// Packets the peer sent that never arrived (from sequence numbers).
+    pub packets_lost: u64,
+    /// `packets_lost` as a percentage of those expected.
+    pub loss_pct: f64,
+    /// Interarrival jitter, milliseconds.
+    pub jitter_ms: f64,
+    /// Round-trip time from RTCP, milliseconds (after the first report exchange).
+    pub rtt_ms: Option<f64>,
+    /// Frames recovered from in-band FEC.
+    pub fec_recovered: u64,
+    /// Frames concealed.
+    pub concealed: u64,
+    /// Packets dropped as late or duplicate.
+    pub late_or_duplicate: u64,
+    /// Datagrams dropped because they came from elsewhere or were not valid RTP of the
+    /// negotiated stream.
+    pub rejected: u64,
+    /// Loss the peer reported about our stream (RTCP), percent.
+    pub peer_reported_loss_pct: Option<f64>,
+}
+
+/// State shared by the send and receive tasks.
+#[derive(Default)]
+struct Shared {
+    sent_packets: AtomicU64,
+    sent_octets: AtomicU64,
+    rx: Mutex<RxState>,
+}
+
+#[derive(Default)]
+struct RxState {
+    /// The peer's SSRC, locked to the first valid stream.
+    remote_ssrc: Option<u32>,
+    /// First and highest extended sequence numbers, and packets received.
+    first_seq: Option<u64>,
+    highest_seq: Option<u64>,
+    received: u64,
+    jitter_ms: f64,
+    /// Middle 32 bits of the peer's last SR NTP time, and when it arrived.
+    last_sr: Option<(u32, Instant)>,
+    /// Middle 32 bits of our last SR NTP time (to compute RTT from their reports).
+    our_last_sr: Option<u32>,
+    rtt_ms: Option<f64>,
+    peer_loss_pct: Option<f64>,
+    /// For the fraction-lost field: expected and received at the previous report.
+    prior_expected: u64,
+    prior_received: u64,
+}
+
+impl RxState {
+    fn expected(&self) -> u64 {
+        match (self.first_seq, self.highest_seq) {
+            (Some(f), Some(h)) if h >= f => h - f + 1,
+            _ => 0,
+        }
+    }
+}
+
+/// A running call's media. Stop it to get the call quality.
+pub struct MediaSession {
+    stop: watch::Sender<bool>,
+    send: JoinHandle<anyhow::Result<()>>,
+    recv: JoinHandle<anyhow::Result<ReceiveEnd>>,
+    shared: Arc<Shared>,
+    started: Instant,
+}
+
+struct ReceiveEnd {
+    jitter: JitterBuffer,
+    rejected: u64,
+}
+
+fn ntp_now() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs() + 2_208_988_800;
+    let frac = (u64::from(d.subsec_nanos()) << 32) / 1_000_000_000;
+    (secs << 32) | frac
+}
+
+fn ntp_mid32(ntp: u64) -> u32 {
+    (ntp >> 16) as u32
+}
+
+impl MediaSession {
+    /// Starts sending and receiving on `socket` (the TV's media socket).
+    pub fn start(
+        socket: Arc<UdpSocket>,
+        params: MediaParams,
+        source: Box<dyn AudioSource>,
+        sink: Box<dyn AudioSink>,
+    ) -> anyhow::Result<MediaSession> {
+        let mut encoder = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip)
+            .context("cannot create Opus encoder")?;
+        encoder.set_bitrate(opus::Bitrate::Bits(params.bitrate))?;
+        encoder.set_inband_fec(true)?;
+        encoder.set_packet_loss_perc(params.expected_loss_pct)?;
+        encoder.set_complexity(params.complexity)?;
+        let decoder = opus::Decoder::new(48_000, opus::Channels::Mono)
+            .context("cannot create Opus decoder")?;
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared::default());
+        let started = Instant::now();
+        let send = tokio::spawn(send_loop(
+            Arc::clone(&socket),
+            params.clone(),
+            source,
+            encoder,
+            Arc::clone(&shared),
+            stop_rx.clone(),
+        ));
+        let recv = tokio::spawn(receive_loop(
+            socket,
+            params,
+            sink,
+            decoder,
+            Arc::clone(&shared),
+            stop_rx,
+            started,
+        ));
+        Ok(MediaSession {
+            stop,
+            send,
+            recv,
+            shared,
+            started,
+        })
+    }
+
+    /// Stops both directions and returns the call quality.
+    pub async fn stop(self) -> anyhow::Result<CallQuality> {
+        let _ = self.stop.send(true);
+        self.send.await.context("send task")??;
+        let end = self.recv.await.context("receive task")??;
+        let js = end.jitter.stats();
+        let rx = self
+            .shared
+            .rx
+            .lock()
+            .map_err(|_| anyhow::anyhow!("media state poisoned"))?;
+        let expected = rx.expected();
+        let lost = expected.saturating_sub(rx.received);
+        Ok(CallQuality {
+            seconds: self.started.elapsed().as_secs_f64(),
+            packets_sent: self.shared.sent_packets.load(Relaxed),
+            packets_received: rx.received,
+            packets_lost: lost,
+            loss_pct: if expected > 0 {
+                100.0 * lost as f64 / expected as f64
+            } else {
+                0.0
+            },
+            jitter_ms: end.jitter.jitter_ms(),
+            rtt_ms: rx.rtt_ms,
+            fec_recovered: js.fec_recovered,
+            concealed: js.concealed,
+            late_or_duplicate: js.late + js.duplicates,
+            rejected: end.rejected,
+            peer_reported_loss_pct: rx.peer_loss_pct,
+        })
+    }
+}
+
+async fn send_loop(
+    socket: Arc<UdpSocket>,
+    params: MediaParams,
+    mut source: Box<dyn AudioSource>,
+    mut encoder: opus::Encoder,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let ssrc: u32 = rand::random();
+    let mut seq: u16 = rand::random();
+    let mut ts: u32 = rand::random();
+    let mut pcm = vec![0i16; FRAME];
+    let mut opus_buf = vec![0u8; MAX_OPUS];
+    let mut tick = interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut next_rtcp = Instant::now() + Duration::from_millis(500);
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        source.read_frame(&mut pcm)?;
+        let n = encoder.encode(&pcm, &mut opus_buf).context("Opus encode")?;
+        let packet = rtp::packet::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                marker: first,
+                payload_type: params.payload_type,
+                sequence_number: seq,
+                timestamp: ts,
+                ssrc,
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(&opus_buf[..n]),
+        };
+        first = false;
+        let wire = packet.marshal().context("RTP marshal")?;
+        // A send error (peer's port closed, network down) loses this packet only.
+        if socket.send_to(&wire, params.peer).await.is_ok() {
+            shared.sent_packets.fetch_add(1, Relaxed);
+            shared.sent_octets.fetch_add(n as u64, Relaxed);
+        }
+        seq = seq.wrapping_add(1);
+        ts = ts.wrapping_add(FRAME_SAMPLES);
+        if Instant::now() >= next_rtcp {
+            next_rtcp += RTCP_EVERY;
+            if let Ok(report) = sender_report(&shared, ssrc, ts) {
+                let _ = socket.send_to(&report, params.peer).await;
+            }
+        }
+    }
+    // A last report so the peer's quality figures are complete.
+    if let Ok(report) = sender_report(&shared, ssrc, ts) {
+        let _ = socket.send_to(&report, params.peer).await;
+    }
+    Ok(())
+}
+
+fn sender_report(shared: &Shared, ssrc: u32, rtp_time: u32) -> anyhow::Result<Bytes> {
+    let ntp = ntp_now();
+    let mut rx = shared
+        .rx
+        .lock()
+        .map_err(|_| anyhow::anyhow!("media state poisoned"))?;
+    rx.our_last_sr = Some(ntp_mid32(ntp));
+    let mut reports = Vec::new();
+    if let (Some(remote), Some(highest)) = (rx.remote_ssrc, rx.highest_seq) {
+        let expected = rx.expected();
+        let interval_expected = expected.saturating_sub(rx.prior_expected);
+        let interval_received = rx.received.saturating_sub(rx.prior_received);
+        let interval_lost = interval_expected.saturating_sub(interval_received);
+        let fraction_lost = (interval_lost << 8)
+            .checked_div(interval_expected)
+            .map_or(0, |f| f.min(255) as u8);
+        rx.prior_expected = expected;
+        rx.prior_received = rx.received;
+        let (lsr, dlsr) = match rx.last_sr {
+            Some((mid, at)) => (mid, (at.elapsed().as_secs_f64() * 65536.0) as u32),
+            None => (0, 0),
+        };
+        reports.push(rtcp::reception_report::ReceptionReport {
+            ssrc: remote,
+            fraction_lost,
+            total_lost: expected.saturating_sub(rx.received).min(0x7f_ffff) as u32,
+            last_sequence_number: highest as u32,
+            jitter: (rx.jitter_ms * 48.0) as u32,
+            last_sender_report: lsr,
+            delay: dlsr,
+        });
+    }
+    let sr = rtcp::sender_report::SenderReport {
+        ssrc,
+        ntp_time: ntp,
+        rtp_time,
+        packet_count: shared.sent_packets.load(Relaxed) as u32,
+        octet_count: shared.sent_octets.load(Relaxed) as u32,
+        reports,
+        profile_extensions: Bytes::new(),
+    };
+    Ok(sr.marshal()?)
+}
+
+fn is_rtcp(datagram: &[u8]) -> bool {
+    // RFC 5761: RTCP packet types 192..=223 in the second byte (RTP would carry a
+    // payload type there, with the marker bit).
+    datagram.len() >= 2 && (192..=223).contains(&datagram[1])
+}
+
+async fn receive_loop(
+    socket: Arc<UdpSocket>,
+    params: MediaParams,
+    mut sink: Box<dyn AudioSink>,
+    mut decoder: opus::Decoder,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    started: Instant,
+) -> anyhow::Result<ReceiveEnd> {
+    let mut jitter = JitterBuffer::new(params.jitter_frames.0, params.jitter_frames.1);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut pcm = vec![0i16; FRAME];
+    let mut tick = interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut rejected = 0u64;
+    let mut playing = false;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            r = socket.recv_from(&mut buf) => {
+                let (n, from) = match r {
+                    Ok(v) => v,
+                    // ICMP port unreachable surfaces here on Linux: not fatal.
+                    Err(_) => continue,
+                };
+                if from != params.peer {
+                    rejected += 1;
+                    continue;
+                }
+                let datagram = &buf[..n];
+                if is_rtcp(datagram) {
+                    handle_rtcp(&shared, datagram);
+                    continue;
+                }
+                let arrival_ms = started.elapsed().as_secs_f64() * 1000.0;
+                let was_ready = jitter.is_ready();
+                if !accept_rtp(&shared, &params, datagram, &mut jitter, arrival_ms) {
+                    rejected += 1;
+                } else if !was_ready && jitter.is_ready() {
+                    // Align the playout clock to the stream: play this frame a small
+                    // margin after its arrival, and every 20 ms after that.
+                    let margin = Duration::from_secs_f64(jitter.playout_margin_ms() / 1000.0);
+                    tick.reset_at(Instant::now() + margin);
+                }
+            }
+            _ = tick.tick() => {
+                let playout = jitter.pop();
+                let result = match &playout {
+                    Playout::Waiting => {
+                        pcm.fill(0);
+                        Ok(FRAME)
+                    }
+                    Playout::Packet(p) => decoder.decode(p, &mut pcm, false),
+                    Playout::Fec(next) => decoder.decode(next, &mut pcm, true),
+                    Playout::Conceal => decoder.decode(&[], &mut pcm, false),
+                };
+                if result.is_err() {
+                    // A corrupt payload: conceal instead.
+                    if decoder.decode(&[], &mut pcm, false).is_err() {
+                        pcm.fill(0);
+                    }
+                }
+                if !matches!(playout, Playout::Waiting) {
+                    playing = true;
+                }
+                // Before the first packet, nothing is written: the recording starts
+                // with the call's audio.
+                if playing {
+                    sink.write_frame(&pcm)?;
+                }
+            }
+        }
+    }
+    sink.finish()?;
+    Ok(ReceiveEnd { jitter, rejected })
+}
+
+fn accept_rtp(
+    shared: &Shared,
+    params: &MediaParams,
+    datagram: &[u8],
+    jitter: &mut JitterBuffer,
+    arrival_ms: f64,
+) -> bool {
+    let Ok(packet) = rtp::packet::Packet::unmarshal(&mut &datagram[..]) else {
+        return false;
+    };
+    let h = &packet.header;
+    if h.version != 2 || h.payload_type != params.payload_type || packet.payload.is_empty() {
+        return false;
+    }
+    let Ok(mut rx) = shared.rx.lock() else {
+        return false;
+    };
+    match rx.remote_ssrc {
+        None => rx.remote_ssrc = Some(h.ssrc),
+        Some(s) if s != h.ssrc => return false,
+        Some(_) => {}
+    }
+    jitter.insert(
+        h.sequence_number,
+        h.timestamp,
+        packet.payload.clone(),
+        arrival_ms,
+    );
+    if let Some(highest) = jitter.highest_seq() {
+        rx.highest_seq = Some(highest);
+        if rx.first_seq.is_none_or(|f| highest < f) {
+            rx.first_seq = Some(highest);
+        }
+    }
+    rx.received = jitter.stats().received;
+    rx.jitter_ms = jitter.jitter_ms();
+    true
+}
+
+fn handle_rtcp(shared: &Shared, datagram: &[u8]) {
+    let mut raw = Bytes::copy_from_slice(datagram);
+    let Ok(packets) = rtcp::packet::unmarshal(&mut raw) else {
+        return;
+    };
+    let Ok(mut rx) = shared.rx.lock() else { return };
+    let now_mid = ntp_mid32(ntp_now());
+    for p in packets {
+        let any = p.as_any();
+        let reports = if let Some(sr) = any.downcast_ref::<rtcp::sender_report::SenderReport>() {
+            if rx.remote_ssrc.is_none_or(|s| s == sr.ssrc) {
+                rx.last_sr = Some((ntp_mid32(sr.ntp_time), Instant::now()));
+            }
+            sr.reports.clone()
+        } else if let Some(rr) = any.downcast_ref::<rtcp::receiver_report::ReceiverReport>() {
+            rr.reports.clone()
+        } else {
+            continue;
+        };
+        for r in reports {
+            if r.last_sender_report != 0 && Some(r.last_sender_report) == rx.our_last_sr {
+                let rtt = now_mid
+                    .wrapping_sub(r.last_sender_report)
+                    .wrapping_sub(r.delay);
+                if rtt < 65536 * 10 {
+                    rx.rtt_ms = Some(f64::from(rtt) * 1000.0 / 65536.0);
+                }
+            }
+            rx.peer_loss_pct = Some(f64::from(r.fraction_lost) * 100.0 / 256.0);
+        }
+    }
+}
