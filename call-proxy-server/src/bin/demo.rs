@@ -36,7 +36,9 @@ fn main() -> anyhow::Result<()> {
     let data = std::env::args()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("call-proxy-demo-{}", std::process::id())));
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("call-proxy-demo-{}", std::process::id()))
+        });
     std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
     let db = data.join("call-proxy.sqlite");
     let _ = std::fs::remove_file(&db);
@@ -45,13 +47,18 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn start_server(db: &Path) -> anyhow::Result<(ServerProcess, SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let exe = std::env::current_exe()?.with_file_name("call-proxy-server");
     let child = Command::new(&exe)
         .args(["serve", "--listen", &addr.to_string(), "--db"])
         .arg(db)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))?;
@@ -70,7 +77,8 @@ fn step(title: &str) {
 }
 
 fn show(db: &Path, sql: &str) -> anyhow::Result<()> {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut stmt = conn.prepare(sql)?;
     let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
     println!("   {}", names.join(" | "));
@@ -94,7 +102,8 @@ fn show(db: &Path, sql: &str) -> anyhow::Result<()> {
 
 const PROPERTY: &str =
     "SELECT user_id, user_ip, user_netstate, media_port, last_seen FROM user_property ORDER BY user_id";
-const CALLS: &str = "SELECT id, user_id, otheruser_id, call_date, outcome, delivered FROM user_call ORDER BY id";
+const CALLS: &str =
+    "SELECT id, user_id, otheruser_id, call_date, outcome, delivered FROM user_call ORDER BY id";
 
 async fn power_on(addr: SocketAddr, user: UserId, port: u16) -> anyhow::Result<Client> {
     let mut tv = Client::connect(addr).await?;
@@ -107,9 +116,11 @@ async fn power_on(addr: SocketAddr, user: UserId, port: u16) -> anyhow::Result<C
 }
 
 async fn next_event(tv: &mut Client) -> anyhow::Result<Event> {
-    Ok(tokio::time::timeout(Duration::from_secs(5), tv.next_event())
-        .await
-        .context("no event in time")??)
+    Ok(
+        tokio::time::timeout(Duration::from_secs(5), tv.next_event())
+            .await
+            .context("no event in time")??,
+    )
 }
 
 async fn demo(db: &Path) -> anyhow::Result<()> {
@@ -134,7 +145,9 @@ async fn demo(db: &Path) -> anyhow::Result<()> {
     for _ in 0..2 {
         match a.request(Request::Dial { callee: B }).await? {
             Reply::Dial(DialOutcome::Cached { call_id }) => {
-                println!("   TV 1001 shows: call {call_id} cached; 2002 will see it when switched on")
+                println!(
+                    "   TV 1001 shows: call {call_id} cached; 2002 will see it when switched on"
+                )
             }
             other => bail!("expected a cached call, got {other:?}"),
         }
@@ -154,21 +167,31 @@ async fn demo(db: &Path) -> anyhow::Result<()> {
         );
     }
     let ids: Vec<u64> = calls.iter().map(|c| c.call_id).collect();
-    println!("   TV 2002 acknowledged {} call(s)", b.ack_cached(&ids).await?);
+    println!(
+        "   TV 2002 acknowledged {} call(s)",
+        b.ack_cached(&ids).await?
+    );
     show(db, CALLS)?;
 
     step("Flow 4: the viewer on 2002 calls 1001 back; 1001 is online");
     let caller_online = calls.first().map(|c| c.caller_state) == Some(NetState::Online);
     println!("   caller online: {caller_online}");
     let call_id = match b.request(Request::Dial { callee: A }).await? {
-        Reply::Dial(DialOutcome::Ringing { call_id, callee_media }) => {
+        Reply::Dial(DialOutcome::Ringing {
+            call_id,
+            callee_media,
+        }) => {
             println!("   TV 2002 got 1001's media address {callee_media}; ringing");
             call_id
         }
         other => bail!("expected ringing, got {other:?}"),
     };
     match next_event(&mut a).await? {
-        Event::IncomingCall { caller, caller_media, .. } => {
+        Event::IncomingCall {
+            caller,
+            caller_media,
+            ..
+        } => {
             println!("   TV 1001 rings: call from {caller}, media at {caller_media}")
         }
         other => bail!("expected an incoming call, got {other:?}"),
