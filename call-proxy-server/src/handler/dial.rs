@@ -1,6 +1,8 @@
 //! `Dial` (flows 4 and 5): record the call in `user_call`, then ring an online callee
 //! and give the caller its media address, or tell the caller the call is cached for an
-//! offline callee. The record is durable before the caller hears anything.
+//! offline callee. A cached (or busy) call's record is durable before the caller hears
+//! "cached"; a live call's record is queued before the ring and commits with the next
+//! group, so call set-up does not wait for the disk.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,34 +30,33 @@ pub async fn handle<S: Store>(
         DialPlan::Busy { call_id } => (call_id, Outcome::Busy),
         DialPlan::Offline { call_id } => (call_id, Outcome::Cached),
     };
-    let inserted = shared
-        .store
-        .insert_call(NewCall {
-            id: call_id,
-            caller: me.user,
-            callee,
-            at_ms: now,
-            outcome,
-            caller_ip: peer.ip(),
-        })
-        .await;
-    let waiting = match inserted {
+    let insert = shared.store.insert_call(NewCall {
+        id: call_id,
+        caller: me.user,
+        callee,
+        at_ms: now,
+        outcome,
+        caller_ip: peer.ip(),
+    });
+    if outcome == Outcome::Ringing {
+        // The record is queued (ahead of any later change to this call) and commits
+        // with the next group; the callee rings without waiting for the disk. "Ringing"
+        // acknowledges a live call, not a stored message: should the server die within
+        // that commit, both TVs' links die with it.
+        drop(insert);
+        return ring(shared, me, callee, call_id).await;
+    }
+    let waiting = match insert.await {
         Ok(InsertResult::Recorded { callee_waiting }) => callee_waiting,
         Ok(InsertResult::UnknownCallee) => {
-            // Only possible for an offline plan: a connected callee has a row.
-            shared.registry.abandon(call_id);
             return Err(WireError::new(
                 ErrorCode::UNKNOWN_USER,
                 format!("user {callee} does not exist"),
             ));
         }
-        Err(e) => {
-            shared.registry.abandon(call_id);
-            return Err(storage_error(e));
-        }
+        Err(e) => return Err(storage_error(e)),
     };
     match outcome {
-        Outcome::Ringing => ring(shared, me, callee, call_id).await,
         Outcome::Busy => {
             shared.metrics.call_ended(Outcome::Busy);
             shared

@@ -4,8 +4,10 @@
 //! module. [`sqlite::SqliteStore`] is the embedded implementation; a PostgreSQL one can
 //! be added beside it without touching protocol or call-handling code.
 //!
-//! Every write method returns only after its change is durably committed (group commit:
-//! concurrent writes share one transaction and one sync).
+//! Write methods queue their change when they are called, so changes apply in the order
+//! they were issued even if nobody awaits them; the returned future completes only after
+//! the change is durably committed (group commit: concurrent writes share one
+//! transaction and one sync).
 
 pub mod sqlite;
 
@@ -144,9 +146,10 @@ pub struct NewCall {
 /// Whether the callee of a new call exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertResult {
-    /// Recorded durably; the callee has this many undelivered missed calls now.
+    /// Recorded durably.
     Recorded {
-        /// Undelivered missed calls for the callee, this one included if it counts.
+        /// For a missed kind: undelivered missed calls for the callee, this one included
+        /// (else 0).
         callee_waiting: u32,
     },
     /// No such callee: nothing written.
@@ -225,7 +228,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         call: NewCall,
     ) -> impl Future<Output = Result<InsertResult, StoreError>> + Send;
 
-    /// Records how a live call ended; returns the callee's undelivered missed-call count.
+    /// Records how a live call changed; for a missed kind, returns the callee's
+    /// undelivered missed-call count (else 0).
     fn finish_call(
         &self,
         end: CallEnd,

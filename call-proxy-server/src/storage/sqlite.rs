@@ -6,6 +6,7 @@
 //! read-only connections serve queries concurrently with the writer (WAL readers never
 //! block on it). No SQLite call ever runs on the async runtime's threads.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,7 +77,11 @@ const MIGRATIONS: &[&str] = &[
 
 /// The condition that makes a call "cached and undelivered"; written exactly as in the
 /// partial index so SQLite can use it.
-const WAITING: &str = "delivered = 0 AND outcome IN ('missed', 'busy', 'cached')";
+macro_rules! waiting {
+    () => {
+        "delivered = 0 AND outcome IN ('missed', 'busy', 'cached')"
+    };
+}
 
 /// A reply channel for one operation.
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -203,16 +208,23 @@ impl SqliteStore {
         &self.inner.path
     }
 
-    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> WriteJob) -> Result<T, StoreError> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(StoreError::Closed);
-        }
-        let (tx, rx) = oneshot::channel();
-        self.inner
-            .writes
-            .send(make(tx))
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+    /// Queues a write now (so writes apply in the order they were issued) and returns
+    /// a future for its commit.
+    fn write<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> WriteJob,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        let queued = if self.inner.closed.load(Ordering::Acquire) {
+            Err(StoreError::Closed)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            self.inner
+                .writes
+                .send(make(tx))
+                .map(|()| rx)
+                .map_err(|_| StoreError::Closed)
+        };
+        async move { queued?.await.map_err(|_| StoreError::Closed)? }
     }
 
     async fn read<T>(&self, make: impl FnOnce(Reply<T>) -> ReadJob) -> Result<T, StoreError> {
@@ -231,30 +243,39 @@ impl Store for SqliteStore {
         self.inner.watermarks
     }
 
-    async fn register(&self, reg: Registration) -> Result<RegisterResult, StoreError> {
-        self.write(|tx| WriteJob::Register(reg, tx)).await
+    fn register(
+        &self,
+        reg: Registration,
+    ) -> impl Future<Output = Result<RegisterResult, StoreError>> + Send {
+        self.write(move |tx| WriteJob::Register(reg, tx))
     }
 
-    async fn set_offline(
+    fn set_offline(
         &self,
         user_id: UserId,
         session_id: u64,
         at_ms: UnixMillis,
-    ) -> Result<(), StoreError> {
-        self.write(|tx| WriteJob::Offline(user_id, session_id, at_ms, tx))
-            .await
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.write(move |tx| WriteJob::Offline(user_id, session_id, at_ms, tx))
     }
 
     async fn users(&self, ids: Vec<UserId>) -> Result<Vec<UserRow>, StoreError> {
         self.read(|tx| ReadJob::Users(ids, tx)).await
     }
 
-    async fn insert_call(&self, call: NewCall) -> Result<InsertResult, StoreError> {
-        self.write(|tx| WriteJob::Insert(call, tx)).await
+    fn insert_call(
+        &self,
+        call: NewCall,
+    ) -> impl Future<Output = Result<InsertResult, StoreError>> + Send {
+        self.write(move |tx| WriteJob::Insert(call, tx))
     }
 
-    async fn finish_call(&self, end: CallEnd, callee: UserId) -> Result<u32, StoreError> {
-        self.write(|tx| WriteJob::Finish(end, callee, tx)).await
+    fn finish_call(
+        &self,
+        end: CallEnd,
+        callee: UserId,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send {
+        self.write(move |tx| WriteJob::Finish(end, callee, tx))
     }
 
     async fn cached_calls(
@@ -267,13 +288,13 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn ack_cached(
+    fn ack_cached(
         &self,
         callee: UserId,
         ids: Vec<CallId>,
         at_ms: UnixMillis,
-    ) -> Result<u32, StoreError> {
-        self.write(|tx| WriteJob::Ack(callee, ids, at_ms, tx)).await
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send {
+        self.write(move |tx| WriteJob::Ack(callee, ids, at_ms, tx))
     }
 
     async fn close(&self) {
@@ -452,8 +473,9 @@ fn register(tx: &Transaction<'_>, reg: &Registration) -> Result<RegisterResult, 
 
 fn waiting_count(conn: &Connection, callee: UserId) -> Result<u32, StoreError> {
     let n: i64 = conn
-        .prepare_cached(&format!(
-            "SELECT count(*) FROM user_call WHERE otheruser_id = ?1 AND {WAITING}"
+        .prepare_cached(concat!(
+            "SELECT count(*) FROM user_call WHERE otheruser_id = ?1 AND ",
+            waiting!()
         ))?
         .query_row([callee as i64], |r| r.get(0))?;
     Ok(u32::try_from(n).unwrap_or(u32::MAX))
@@ -477,9 +499,12 @@ fn insert_call(tx: &Transaction<'_>, call: &NewCall) -> Result<InsertResult, Sto
     if n == 0 {
         return Ok(InsertResult::UnknownCallee);
     }
-    Ok(InsertResult::Recorded {
-        callee_waiting: waiting_count(tx, call.callee)?,
-    })
+    let callee_waiting = if call.outcome.is_missed_kind() {
+        waiting_count(tx, call.callee)?
+    } else {
+        0
+    };
+    Ok(InsertResult::Recorded { callee_waiting })
 }
 
 fn finish_call(tx: &Transaction<'_>, end: &CallEnd, callee: UserId) -> Result<u32, StoreError> {
@@ -502,7 +527,11 @@ fn finish_call(tx: &Transaction<'_>, end: &CallEnd, callee: UserId) -> Result<u3
         delivered as i64,
         to_db_text(end.at_ms),
     ])?;
-    waiting_count(tx, callee)
+    if end.outcome.is_missed_kind() {
+        waiting_count(tx, callee)
+    } else {
+        Ok(0)
+    }
 }
 
 fn ack(
@@ -512,9 +541,10 @@ fn ack(
     at: UnixMillis,
 ) -> Result<u32, StoreError> {
     let at = to_db_text(at);
-    let mut stmt = tx.prepare_cached(&format!(
+    let mut stmt = tx.prepare_cached(concat!(
         "UPDATE user_call SET delivered = 1, delivered_at = ?3
-         WHERE id = ?2 AND otheruser_id = ?1 AND {WAITING}"
+         WHERE id = ?2 AND otheruser_id = ?1 AND ",
+        waiting!()
     ))?;
     let mut count = 0u32;
     for id in ids {
@@ -569,7 +599,7 @@ fn cached(
         "SELECT c.id, c.user_id, c.call_date, c.outcome, p.user_netstate
          FROM user_call c LEFT JOIN user_property p ON p.user_id = c.user_id
          WHERE c.otheruser_id = ?1 AND c.id > ?2
-           AND c.delivered = 0 AND c.outcome IN ('missed', 'busy', 'cached')
+           AND c.delivered = 0 AND c.outcome IN ('missed', 'busy', 'cached') -- waiting!()
          ORDER BY c.id LIMIT ?3",
     )?;
     let after = i64::try_from(after).unwrap_or(i64::MAX);
