@@ -46,6 +46,8 @@ pub struct JitterStats {
     pub concealed: u64,
     /// Frames dropped to shrink the buffer back to its target.
     pub dropped_for_latency: u64,
+    /// Frames inserted (concealed) to grow the buffer after late packets.
+    pub stretched: u64,
 }
 
 /// The buffer.
@@ -69,6 +71,9 @@ pub struct JitterBuffer {
     since_loss: u32,
     /// Consecutive ticks with nothing to play.
     empty_ticks: u32,
+    /// A packet arrived after its playout time: play one concealed frame without
+    /// advancing, which delays playout by a frame (the buffer grows).
+    hold: bool,
     stats: JitterStats,
 }
 
@@ -86,6 +91,7 @@ impl JitterBuffer {
             max_frames: max_frames.max(min_frames),
             since_loss: u32::MAX,
             empty_ticks: 0,
+            hold: false,
             stats: JitterStats::default(),
         }
     }
@@ -155,6 +161,10 @@ impl JitterBuffer {
         if let Some(next) = self.next {
             if ext < next {
                 self.stats.late += 1;
+                // Playout runs too close to arrival for this jitter: add a frame of delay.
+                if self.depth() <= self.max_frames {
+                    self.hold = true;
+                }
                 return;
             }
         }
@@ -192,27 +202,36 @@ impl JitterBuffer {
             self.stats.dropped_for_latency += 1;
         }
         let next = self.next.unwrap_or(next);
+        if std::mem::take(&mut self.hold) && !self.packets.is_empty() {
+            self.stats.stretched += 1;
+            return Playout::Conceal;
+        }
         self.next = Some(next + 1);
         self.since_loss = self.since_loss.saturating_add(1);
         if let Some(p) = self.packets.remove(&next) {
             self.empty_ticks = 0;
             return Playout::Packet(p);
         }
-        self.since_loss = 0;
-        if let Some(p) = self.packets.get(&(next + 1)) {
-            self.empty_ticks = 0;
-            self.stats.fec_recovered += 1;
-            return Playout::Fec(p.clone());
-        }
         if self.packets.is_empty() {
+            // Nothing after it has arrived either: the packet is most likely late, not
+            // lost. Conceal this tick without giving up on it, which adds a frame of
+            // delay; a long silence (the far end stopped) starts over with a prefill.
+            self.next = Some(next);
             self.empty_ticks += 1;
             if self.empty_ticks > 10 {
-                // A long outage (or the far end went quiet): start over with a prefill
-                // instead of concealing forever.
                 self.next = None;
                 self.prev = None;
                 return Playout::Waiting;
             }
+            self.stats.stretched += 1;
+            return Playout::Conceal;
+        }
+        // Later packets are here, so this one is lost (or hopelessly late).
+        self.empty_ticks = 0;
+        self.since_loss = 0;
+        if let Some(p) = self.packets.get(&(next + 1)) {
+            self.stats.fec_recovered += 1;
+            return Playout::Fec(p.clone());
         }
         self.stats.concealed += 1;
         Playout::Conceal
@@ -304,6 +323,33 @@ mod tests {
         }
         assert!(jb.jitter_ms() > 30.0, "jitter {}", jb.jitter_ms());
         assert!(jb.target_frames() >= 4, "target {}", jb.target_frames());
+    }
+
+    #[test]
+    fn an_underrun_waits_for_the_late_packet_growing_the_delay() {
+        let mut jb = JitterBuffer::new(1, 8);
+        feed(&mut jb, &[1]);
+        assert_eq!(jb.pop(), Playout::Packet(pkt(1)));
+        assert_eq!(jb.pop(), Playout::Conceal, "2 not here in time");
+        feed(&mut jb, &[2, 3]);
+        assert_eq!(jb.stats().late, 0, "2 was waited for");
+        assert_eq!(jb.pop(), Playout::Packet(pkt(2)));
+        assert_eq!(jb.pop(), Playout::Packet(pkt(3)));
+        assert_eq!(jb.stats().stretched, 1);
+        assert_eq!(jb.stats().concealed, 0);
+    }
+
+    #[test]
+    fn a_packet_given_up_on_then_arriving_adds_a_frame_of_delay() {
+        let mut jb = JitterBuffer::new(1, 8);
+        feed(&mut jb, &[1, 3]);
+        assert_eq!(jb.pop(), Playout::Packet(pkt(1)));
+        assert_eq!(jb.pop(), Playout::Fec(pkt(3)), "2 presumed lost");
+        feed(&mut jb, &[2]);
+        assert_eq!(jb.stats().late, 1);
+        assert_eq!(jb.pop(), Playout::Conceal, "held one frame");
+        assert_eq!(jb.pop(), Playout::Packet(pkt(3)));
+        assert_eq!(jb.stats().stretched, 1);
     }
 
     #[test]

@@ -1,0 +1,219 @@
+//! Test harness: a real call-proxy server on loopback over a real SQLite file, real
+//! agents, a UDP relay that loses and reorders packets, and WAV analysis.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use call_proxy_server::{bind, run, Config, Shared, SqliteOptions, SqliteStore};
+use rand::{Rng, SeedableRng};
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+use tv_agent::media::AudioSpec;
+use tv_agent::{Agent, AgentConfig, AgentEvent};
+
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// A server on `addr` (port 0 for any) over the database at `db`.
+    pub async fn start(addr: SocketAddr, db: &Path) -> Server {
+        let config = Config {
+            listen: addr,
+            db: Some(db.to_path_buf()),
+            ring_timeout_ms: 3_000,
+            heartbeat_interval_ms: 1_000,
+            shutdown_grace_ms: 2_000,
+            ..Config::default()
+        };
+        let store = SqliteStore::open(db, SqliteOptions::default()).unwrap();
+        let listener = bind(config.listen).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Shared::new(store, config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(listener, Arc::clone(&shared), async move {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+    }
+}
+
+pub fn agent_config(
+    server: SocketAddr,
+    user: u64,
+    audio_in: AudioSpec,
+    audio_out: AudioSpec,
+) -> AgentConfig {
+    AgentConfig {
+        user,
+        server: server.to_string(),
+        media_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        advertise_port: None,
+        audio_in,
+        audio_out,
+    }
+}
+
+/// Waits for an event matching `pick`, failing the test after `secs`.
+pub async fn expect_event<T>(
+    events: &mut broadcast::Receiver<AgentEvent>,
+    secs: u64,
+    what: &str,
+    mut pick: impl FnMut(&AgentEvent) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(ev)) => {
+                if let Some(t) = pick(&ev) {
+                    return t;
+                }
+            }
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("event stream ended waiting for {what}: {e}"),
+            Err(_) => panic!("no {what} within {secs} s"),
+        }
+    }
+}
+
+/// Powers on an agent and waits until it is registered and has presented its cache.
+pub async fn boot(cfg: AgentConfig) -> (Agent, broadcast::Receiver<AgentEvent>) {
+    let (agent, mut events) = Agent::power_on(cfg).await.unwrap();
+    expect_event(&mut events, 10, "cached calls at boot", |e| {
+        matches!(e, AgentEvent::CachedCalls { .. }).then_some(())
+    })
+    .await;
+    (agent, events)
+}
+
+/// A UDP relay standing in for the network between two TVs: each TV is told the
+/// other's address is a relay port, and the relay forwards with loss and delay
+/// (random delays reorder packets).
+pub struct Relay {
+    /// The port advertised for TV A (B sends here; A's packets leave from here).
+    pub port_a: u16,
+    /// The port advertised for TV B.
+    pub port_b: u16,
+    sock_a: Arc<UdpSocket>,
+    sock_b: Arc<UdpSocket>,
+}
+
+impl Relay {
+    pub async fn new() -> Relay {
+        let sock_a = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let sock_b = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        Relay {
+            port_a: sock_a.local_addr().unwrap().port(),
+            port_b: sock_b.local_addr().unwrap().port(),
+            sock_a,
+            sock_b,
+        }
+    }
+
+    /// Starts forwarding between the real media addresses with `loss` (0..1) and a
+    /// uniform delay of up to `max_delay`.
+    pub fn start(
+        &self,
+        real_a: SocketAddr,
+        real_b: SocketAddr,
+        loss: f64,
+        max_delay: Duration,
+        seed: u64,
+    ) {
+        for (inbound, outbound, dest, seed) in [
+            (
+                Arc::clone(&self.sock_b),
+                Arc::clone(&self.sock_a),
+                real_b,
+                seed,
+            ),
+            (
+                Arc::clone(&self.sock_a),
+                Arc::clone(&self.sock_b),
+                real_a,
+                seed + 1,
+            ),
+        ] {
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, _)) = inbound.recv_from(&mut buf).await {
+                    if rng.random::<f64>() < loss {
+                        continue;
+                    }
+                    let delay = max_delay.mul_f64(rng.random::<f64>());
+                    let data = buf[..n].to_vec();
+                    let out = Arc::clone(&outbound);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = out.send_to(&data, dest).await;
+                    });
+                }
+            });
+        }
+    }
+}
+
+/// Reads a mono 16-bit WAV file.
+pub fn read_wav(path: &PathBuf) -> Vec<f64> {
+    let mut r = hound::WavReader::open(path).unwrap();
+    assert_eq!(r.spec().sample_rate, 48_000);
+    r.samples::<i16>().map(|s| f64::from(s.unwrap())).collect()
+}
+
+/// Power of `freq` in `samples` (Goertzel).
+pub fn tone_power(samples: &[f64], freq: f64) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / 48_000.0;
+    let coeff = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &x in samples {
+        let s0 = x + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    (s1 * s1 + s2 * s2 - coeff * s1 * s2) / samples.len().max(1) as f64
+}
+
+/// Checks the recording carries `expected` Hz (and not `other` Hz) and returns the
+/// share of 20 ms windows (ignoring the first and last 200 ms) that carry sound.
+pub fn analyse(path: &PathBuf, expected: f64, other: f64) -> f64 {
+    let s = read_wav(path);
+    assert!(
+        s.len() > 48_000,
+        "at least a second of audio in {}, got {} samples",
+        path.display(),
+        s.len()
+    );
+    let body = &s[9_600..s.len() - 9_600];
+    let p_exp = tone_power(body, expected);
+    let p_other = tone_power(body, other);
+    assert!(
+        p_exp > 20.0 * p_other,
+        "{}: {expected} Hz power {p_exp:.0} vs {other} Hz {p_other:.0}",
+        path.display()
+    );
+    let windows: Vec<f64> = body
+        .chunks(960)
+        .map(|w| (w.iter().map(|x| x * x).sum::<f64>() / w.len() as f64).sqrt())
+        .collect();
+    windows.iter().filter(|&&rms| rms > 1000.0).count() as f64 / windows.len() as f64
+}

@@ -1,0 +1,349 @@
+//! End to end: a real call-proxy server and real agents on loopback, real UDP media.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tv_agent::media::AudioSpec;
+use tv_agent::{AgentEvent, DialResult};
+
+const A: u64 = 1001;
+const B: u64 = 2002;
+
+fn agent_bin(args: &[&str]) -> (i32, Vec<Value>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
+        .args(args)
+        .output()
+        .expect("run tv-agent");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_call_story_through_the_scripted_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db.sqlite"),
+    )
+    .await;
+    let server = srv.addr.to_string();
+    let (a, b) = (A.to_string(), B.to_string());
+    // B's first power-on creates it; nothing is waiting.
+    let (code, lines) =
+        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    assert_eq!((code, lines.len()), (0, 0));
+    // A calls B while B is off: cached (exit 0).
+    let (code, lines) = tokio::task::block_in_place(|| {
+        agent_bin(&[
+            "call",
+            "--user",
+            &a,
+            "--server",
+            &server,
+            "--to",
+            &b,
+            "--audio-in",
+            "null",
+            "--audio-out",
+            "null",
+        ])
+    });
+    assert_eq!(code, 0);
+    assert_eq!(lines[0]["outcome"], "cached");
+    // B powers on: the missed call, with A's current state (A has powered off).
+    let (code, lines) =
+        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    assert_eq!(code, 0);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let call = &lines[0];
+    assert_eq!(call["user_id"], A);
+    assert_eq!(call["otheruser_id"], B);
+    assert_eq!(call["user_netstate"], 0);
+    assert_eq!(call["reason"], "offline");
+    let date = call["call_date"].as_str().unwrap();
+    assert!(
+        time::OffsetDateTime::parse(date, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{date}"
+    );
+    // Acknowledged: not shown again.
+    let (code, lines) =
+        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    assert_eq!((code, lines.len()), (0, 0));
+    // Unknown callee: a clear outcome and a non-zero exit.
+    let (code, lines) = tokio::task::block_in_place(|| {
+        agent_bin(&[
+            "call",
+            "--user",
+            &a,
+            "--server",
+            &server,
+            "--to",
+            "777",
+            "--audio-in",
+            "null",
+            "--audio-out",
+            "null",
+        ])
+    });
+    assert_eq!(
+        (code, lines[0]["outcome"].as_str()),
+        (1, Some("unknown_user"))
+    );
+    srv.stop().await;
+    // No server: unreachable, exit 3.
+    let (code, lines) = tokio::task::block_in_place(|| {
+        agent_bin(&[
+            "missed",
+            "--user",
+            &b,
+            "--server",
+            &server,
+            "--connect-timeout",
+            "1",
+        ])
+    });
+    assert_eq!(
+        (code, lines[0]["outcome"].as_str()),
+        (3, Some("unreachable"))
+    );
+}
+
+/// A calls B, B answers; both send tones; returns the two recordings after `secs`.
+async fn tone_call(
+    srv: SocketAddr,
+    dir: &std::path::Path,
+    relay: Option<&Relay>,
+    secs: u64,
+) -> (f64, f64) {
+    let wav_a = dir.join("a-hears.wav");
+    let wav_b = dir.join("b-hears.wav");
+    let mut cfg_a = agent_config(
+        srv,
+        A,
+        AudioSpec::Tone(440.0),
+        AudioSpec::Wav(wav_a.clone()),
+    );
+    let mut cfg_b = agent_config(
+        srv,
+        B,
+        AudioSpec::Tone(1000.0),
+        AudioSpec::Wav(wav_b.clone()),
+    );
+    if let Some(r) = relay {
+        cfg_a.advertise_port = Some(r.port_a);
+        cfg_b.advertise_port = Some(r.port_b);
+    }
+    let (a, mut ea) = boot(cfg_a).await;
+    let (b, mut eb) = boot(cfg_b).await;
+    if let Some(r) = relay {
+        r.start(
+            a.media_addr(),
+            b.media_addr(),
+            0.05,
+            Duration::from_millis(40),
+            7,
+        );
+    }
+    assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
+    expect_event(&mut eb, 5, "incoming call", |e| {
+        matches!(e, AgentEvent::Incoming { caller: A, .. }).then_some(())
+    })
+    .await;
+    b.answer().await.unwrap();
+    expect_event(&mut ea, 5, "answered", |e| {
+        matches!(e, AgentEvent::Answered { peer: B, .. }).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    a.hang_up().await.unwrap();
+    let qa = expect_event(&mut ea, 5, "A's end", |e| match e {
+        AgentEvent::Ended {
+            outcome, quality, ..
+        } if outcome == "hung_up" => Some(quality.clone()),
+        _ => None,
+    })
+    .await
+    .expect("A's quality");
+    let qb = expect_event(&mut eb, 5, "B's end", |e| match e {
+        AgentEvent::Ended {
+            outcome, quality, ..
+        } if outcome == "hung_up_by_peer" => Some(quality.clone()),
+        _ => None,
+    })
+    .await
+    .expect("B's quality");
+    a.power_off().await;
+    b.power_off().await;
+    let continuous_a = analyse(&wav_a, 1000.0, 440.0);
+    let continuous_b = analyse(&wav_b, 440.0, 1000.0);
+    eprintln!("A heard {continuous_a:.3} {qa:?}\nB heard {continuous_b:.3} {qb:?}");
+    if relay.is_some() {
+        assert!(
+            qa.packets_lost + qb.packets_lost > 0,
+            "the relay lost packets: {qa:?} {qb:?}"
+        );
+        assert!(
+            qa.fec_recovered + qb.fec_recovered > 0,
+            "FEC recovered some: {qa:?} {qb:?}"
+        );
+    } else {
+        assert_eq!(qa.packets_lost + qb.packets_lost, 0, "{qa:?} {qb:?}");
+    }
+    (continuous_a, continuous_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_call_carries_each_sides_tone_to_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db.sqlite"),
+    )
+    .await;
+    let (ca, cb) = tone_call(srv.addr, dir.path(), None, 2).await;
+    assert!(ca > 0.97 && cb > 0.97, "continuity {ca:.3} {cb:.3}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_through_a_lossy_reordering_network_stays_continuous() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db.sqlite"),
+    )
+    .await;
+    let relay = Relay::new().await;
+    let (ca, cb) = tone_call(srv.addr, dir.path(), Some(&relay), 4).await;
+    assert!(ca > 0.97 && cb > 0.97, "continuity {ca:.3} {cb:.3}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hang_up_from_either_side_reject_busy_and_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db.sqlite"),
+    )
+    .await;
+    let null = || (AudioSpec::Tone(300.0), AudioSpec::Null);
+    let (a, mut ea) = boot(agent_config(srv.addr, A, null().0, null().1)).await;
+    let (b, mut eb) = boot(agent_config(srv.addr, B, null().0, null().1)).await;
+    let (c, mut ec) = boot(agent_config(srv.addr, 3003, null().0, null().1)).await;
+    for hang_up_by_callee in [true, false] {
+        assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
+        expect_event(&mut eb, 5, "incoming", |e| {
+            matches!(e, AgentEvent::Incoming { .. }).then_some(())
+        })
+        .await;
+        b.answer().await.unwrap();
+        expect_event(&mut ea, 5, "answered", |e| {
+            matches!(e, AgentEvent::Answered { .. }).then_some(())
+        })
+        .await;
+        // A third TV calling either is told they are busy.
+        assert!(matches!(c.dial(B).await, DialResult::Busy(_)));
+        let (quitter, other_events) = if hang_up_by_callee {
+            (&b, &mut ea)
+        } else {
+            (&a, &mut eb)
+        };
+        quitter.hang_up().await.unwrap();
+        let q = expect_event(other_events, 5, "peer hang-up", |e| match e {
+            AgentEvent::Ended {
+                outcome, quality, ..
+            } if outcome == "hung_up_by_peer" => Some(quality.clone()),
+            _ => None,
+        })
+        .await;
+        assert!(
+            q.is_some_and(|q| q.packets_received > 0),
+            "media flowed and stopped"
+        );
+        assert_eq!(a.status().await.unwrap().call_state, "idle");
+        assert_eq!(b.status().await.unwrap().call_state, "idle");
+    }
+    // Rejected.
+    assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
+    expect_event(&mut eb, 5, "incoming", |e| {
+        matches!(e, AgentEvent::Incoming { .. }).then_some(())
+    })
+    .await;
+    b.reject().await.unwrap();
+    expect_event(&mut ea, 5, "rejected", |e| {
+        matches!(e, AgentEvent::Ended { outcome, .. } if outcome == "rejected").then_some(())
+    })
+    .await;
+    // No answer: the server's ring timeout (3 s here) ends it; B then has a missed call.
+    assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
+    expect_event(&mut ea, 6, "no answer", |e| {
+        matches!(e, AgentEvent::Ended { outcome, .. } if outcome == "no_answer").then_some(())
+    })
+    .await;
+    let missed = expect_event(&mut eb, 5, "missed call", |e| match e {
+        AgentEvent::CachedCalls { calls } if !calls.is_empty() => Some(calls.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!((missed[0].user_id, missed[0].reason), (A, "no_answer"));
+    let _ = &mut ec;
+    for x in [a, b, c] {
+        x.power_off().await;
+    }
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_started_before_the_server_and_server_restarted_mid_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let (a, mut ea) =
+        tv_agent::Agent::power_on(agent_config(addr, A, AudioSpec::Null, AudioSpec::Null))
+            .await
+            .unwrap();
+    expect_event(&mut ea, 5, "link down", |e| {
+        matches!(e, AgentEvent::LinkDown { .. }).then_some(())
+    })
+    .await;
+    let srv = Server::start(addr, &db).await;
+    expect_event(&mut ea, 10, "registered after the server came up", |e| {
+        matches!(e, AgentEvent::Registered { .. }).then_some(())
+    })
+    .await;
+    srv.stop().await;
+    expect_event(&mut ea, 5, "link down on server stop", |e| {
+        matches!(e, AgentEvent::LinkDown { .. }).then_some(())
+    })
+    .await;
+    let srv = Server::start(addr, &db).await;
+    expect_event(&mut ea, 15, "re-registered after restart", |e| {
+        matches!(e, AgentEvent::Registered { .. }).then_some(())
+    })
+    .await;
+    // Fully working again: a call from another TV reaches it.
+    let (b, _eb) = boot(agent_config(addr, B, AudioSpec::Null, AudioSpec::Null)).await;
+    assert!(matches!(b.dial(A).await, DialResult::Ringing(_)));
+    expect_event(&mut ea, 5, "incoming after restart", |e| {
+        matches!(e, AgentEvent::Incoming { .. }).then_some(())
+    })
+    .await;
+    a.power_off().await;
+    b.power_off().await;
+    srv.stop().await;
+}
