@@ -140,6 +140,10 @@ impl SqliteStore {
             if opts.sync_full { "FULL" } else { "NORMAL" },
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // A larger page cache and less frequent WAL checkpoints keep the writer's
+        // group commits short under bursts (a TV fleet re-registering at once).
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         migrate(&mut conn)?;
         let now = to_db_text(crate::clock::now_ms());
         conn.execute_batch("BEGIN IMMEDIATE")?;
