@@ -20,6 +20,15 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Print the newest calls of the call log (reads the database file directly).
+    Calls {
+        /// SQLite database file.
+        #[arg(long, default_value = "data/call-proxy.sqlite")]
+        db: PathBuf,
+        /// Most rows to print.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -59,7 +68,17 @@ struct ServeArgs {
     no_sync: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("call-proxy-server: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -69,6 +88,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Calls { db, limit } => print_calls(&db, limit),
     }
 }
 
@@ -136,6 +156,30 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         run(listener, shared, shutdown_signal()).await;
         anyhow::Ok(())
     })
+}
+
+fn print_calls(db: &std::path::Path, limit: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(db.exists(), "no database at {}", db.display());
+    let rows = call_proxy_server::storage::sqlite::read_call_log(db, limit)
+        .with_context(|| format!("cannot read the call log in {}", db.display()))?;
+    println!(
+        "{:>6}  {:>10}  {:>10}  {:<24}  {:<8}  {:<24}  {:<24}  delivered",
+        "id", "caller", "callee", "call_date", "outcome", "answered_at", "ended_at"
+    );
+    for r in rows {
+        println!(
+            "{:>6}  {:>10}  {:>10}  {:<24}  {:<8}  {:<24}  {:<24}  {}",
+            r.id,
+            r.caller,
+            r.callee,
+            r.call_date,
+            r.outcome,
+            r.answered_at.as_deref().unwrap_or("-"),
+            r.ended_at.as_deref().unwrap_or("-"),
+            if r.delivered { "yes" } else { "no" }
+        );
+    }
+    Ok(())
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -640,3 +640,47 @@ fn cached(
     }
     Ok(out)
 }
+
+/// One row of the call log, as operators read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallLogRow {
+    /// The call.
+    pub id: CallId,
+    /// Caller (`user_id`).
+    pub caller: UserId,
+    /// Callee (`otheruser_id`).
+    pub callee: UserId,
+    /// `call_date`, as stored.
+    pub call_date: String,
+    /// Outcome word.
+    pub outcome: String,
+    /// When answered, if it was.
+    pub answered_at: Option<String>,
+    /// When it ended, if it has.
+    pub ended_at: Option<String>,
+    /// Whether the callee's TV has it.
+    pub delivered: bool,
+}
+
+/// Reads the newest `limit` calls from a database file, read-only (works while the
+/// server runs, and when it is down).
+pub fn read_call_log(path: &Path, limit: usize) -> Result<Vec<CallLogRow>, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut stmt = conn.prepare(
+        "SELECT id, user_id, otheruser_id, call_date, outcome, answered_at, ended_at, delivered
+         FROM user_call ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+        Ok(CallLogRow {
+            id: r.get::<_, i64>(0)? as u64,
+            caller: r.get::<_, i64>(1)? as u64,
+            callee: r.get::<_, i64>(2)? as u64,
+            call_date: r.get(3)?,
+            outcome: r.get(4)?,
+            answered_at: r.get(5)?,
+            ended_at: r.get(6)?,
+            delivered: r.get::<_, i64>(7)? == 1,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
