@@ -27,6 +27,8 @@ command -v c++ >/dev/null 2>&1 || missing+=(g++)
 pkg-config --exists alsa 2>/dev/null || missing+=(libasound2-dev)
 command -v sox >/dev/null 2>&1 || missing+=(sox)
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+# The interoperability test checks that ffmpeg decodes a call's RTP.
+command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt_install "${missing[@]}"
