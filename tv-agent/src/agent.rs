@@ -169,6 +169,8 @@ pub enum AgentEvent {
         /// Media quality, if media flowed.
         quality: Option<CallQuality>,
     },
+    /// The agent powered off (signal, UI or API command); nothing follows.
+    PoweredOff,
 }
 
 /// The result of a dial, for the one who dialled.
@@ -444,6 +446,7 @@ impl Core {
         self.link.power_off().await;
         // The media socket closes when the core (its last owner) is dropped, after the
         // control link.
+        self.emit(AgentEvent::PoweredOff);
     }
 
     async fn command(&mut self, cmd: Cmd) {

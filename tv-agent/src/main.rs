@@ -113,13 +113,20 @@ fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> AgentConfig {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs what happens (events, call quality at hang-up); scripted modes
+    // keep stderr for warnings and print their results as JSON on stdout.
+    let default_level = match cli.command {
+        Mode::Run { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -173,20 +180,26 @@ async fn run(cfg: AgentConfig, control_listen: SocketAddr) -> anyhow::Result<Exi
         .with_context(|| format!("cannot listen on {control_listen}"))?;
     let user = cfg.user;
     let (agent, mut events) = Agent::power_on(cfg).await?;
-    tracing::warn!(
+    tracing::info!(
         user,
         media = %agent.media_addr(),
         control = %listener.local_addr()?,
         "tv-agent running"
     );
     tokio::spawn(tv_agent::api::serve(listener, agent.clone()));
-    tokio::spawn(async move {
+    let log_events = async move {
+        // Ends when the agent powers off (from the control API) or its channel closes.
         while let Ok(ev) = events.recv().await {
             tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "agent");
+            if ev == AgentEvent::PoweredOff {
+                break;
+            }
         }
-    });
-    shutdown_signal().await;
-    agent.power_off().await;
+    };
+    tokio::select! {
+        () = shutdown_signal() => agent.power_off().await,
+        () = log_events => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 
