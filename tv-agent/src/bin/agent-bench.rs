@@ -56,6 +56,19 @@ enum Bench {
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
     },
+    /// CPU of the media engine alone: both ends of one call in this process, each
+    /// sending a looped WAV file (speech), at the given Opus encoder complexities.
+    MediaCpu {
+        /// 48 kHz 16-bit WAV file sent by both ends.
+        #[arg(long)]
+        wav: std::path::PathBuf,
+        /// Seconds measured per complexity (after one second of warm-up).
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+        /// Opus encoder complexities to measure (the agent uses 5).
+        #[arg(long, value_delimiter = ',', default_value = "5,10")]
+        complexity: Vec<i32>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,6 +93,11 @@ fn main() -> anyhow::Result<()> {
                 step_timeout,
             } => boot(server, samples, cached, step_timeout).await,
             Bench::Latency { seconds, warmup } => latency(seconds, warmup).await,
+            Bench::MediaCpu {
+                wav,
+                seconds,
+                complexity,
+            } => media_cpu(&wav, seconds, &complexity).await,
         }
     })
 }
@@ -466,6 +484,76 @@ async fn latency(seconds: f64, warmup: f64) -> anyhow::Result<()> {
     );
     if lat_ms.is_empty() {
         bail!("no burst was detected at B");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// media-cpu
+// ---------------------------------------------------------------------------------
+
+/// This process's user + system CPU time so far (Linux: /proc/self/stat, USER_HZ = 100).
+fn process_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("cannot read /proc/self/stat")?;
+    let after_comm = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unexpected /proc/self/stat")?;
+    // Fields after the command name start at field 3 (state); utime and stime are
+    // fields 14 and 15.
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/self/stat")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+async fn media_cpu(
+    wav: &std::path::Path,
+    seconds: f64,
+    complexities: &[i32],
+) -> anyhow::Result<()> {
+    use tv_agent::media::audio::WavSource;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    for &complexity in complexities {
+        let sock_a = Arc::new(bind_media(loopback)?);
+        let sock_b = Arc::new(bind_media(loopback)?);
+        let (addr_a, addr_b) = (sock_a.local_addr()?, sock_b.local_addr()?);
+        let params = |peer| MediaParams {
+            complexity,
+            ..MediaParams::voice(peer)
+        };
+        let a = MediaSession::start(
+            sock_a,
+            params(addr_b),
+            Box::new(WavSource::open(wav.to_path_buf())?),
+            Box::new(Discard),
+        )?;
+        let b = MediaSession::start(
+            sock_b,
+            params(addr_a),
+            Box::new(WavSource::open(wav.to_path_buf())?),
+            Box::new(Discard),
+        )?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (c0, t0) = (process_cpu_seconds()?, std::time::Instant::now());
+        tokio::time::sleep(Duration::from_secs_f64(seconds.max(1.0))).await;
+        let (c1, t1) = (process_cpu_seconds()?, std::time::Instant::now());
+        let qa = a.stop().await?;
+        let qb = b.stop().await?;
+        let both = (c1 - c0) / (t1 - t0).as_secs_f64() * 100.0;
+        println!(
+            "media-cpu complexity={complexity}: both ends {both:.2}% of one core, {:.2}% per end over {:.1} s (packets A->B {}/{}, B->A {}/{})",
+            both / 2.0,
+            (t1 - t0).as_secs_f64(),
+            qa.packets_sent,
+            qb.packets_received,
+            qb.packets_sent,
+            qa.packets_received
+        );
     }
     Ok(())
 }

@@ -258,8 +258,10 @@ mod device {
 
     use super::{AudioSink, AudioSource, SAMPLE_RATE};
 
-    /// At most this many samples queue between the card and the call (200 ms).
-    const QUEUE: usize = SAMPLE_RATE as usize / 5;
+    /// At most this many samples queue between the card and the call (60 ms). The card
+    /// runs on its own clock and the engine on the system's: a short cap keeps their
+    /// drift from building up delay in a long call (excess is dropped, oldest first).
+    const QUEUE: usize = 3 * super::FRAME;
 
     type Queue = Arc<Mutex<VecDeque<i16>>>;
 
