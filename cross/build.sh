@@ -2,7 +2,9 @@
 # Builds tv-agent for ARM TVs from an x86_64 Debian 12 machine, with Debian's Rust 1.85
 # and its ARM standard library, and leaves the stripped binary at
 # target/<triple>/release/tv-agent. Installs what it needs (as root, or through sudo).
-# Usage: cross/build.sh armv7|aarch64
+# Usage: cross/build.sh armv7|aarch64 [CARGO-BUILD-ARGS...]
+#   e.g. cross/build.sh armv7 --no-default-features   (no sound card support: the binary
+#   then needs nothing but glibc; it still carries Opus media from tone/WAV/null)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -12,8 +14,9 @@ RUST_DEB=1.85.0+dfsg3-1~deb12u3
 case "${1:-}" in
   armv7) triple=armv7-unknown-linux-gnueabihf arch=armhf gnu=arm-linux-gnueabihf cflags="-mfpu=neon" ;;
   aarch64) triple=aarch64-unknown-linux-gnu arch=arm64 gnu=aarch64-linux-gnu cflags="" ;;
-  *) echo "usage: cross/build.sh armv7|aarch64" >&2; exit 2 ;;
+  *) echo "usage: cross/build.sh armv7|aarch64 [CARGO-BUILD-ARGS...]" >&2; exit 2 ;;
 esac
+shift
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -74,6 +77,6 @@ export CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_LTO=fat \
 
 echo "cross: $(/usr/bin/rustc --version) building tv-agent for $triple"
 cd "$root"
-/usr/bin/cargo build --release --locked -p tv-agent --bin tv-agent --target "$triple"
+/usr/bin/cargo build --release --locked -p tv-agent --bin tv-agent --target "$triple" "$@"
 bin="target/$triple/release/tv-agent"
 echo "cross: $bin: $(stat -c %s "$bin") bytes"
