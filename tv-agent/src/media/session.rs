@@ -490,3 +490,83 @@ fn handle_rtcp(shared: &Shared, datagram: &[u8]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn params() -> MediaParams {
+        MediaParams::voice(SocketAddr::from(([127, 0, 0, 1], 9)))
+    }
+
+    #[test]
+    fn arbitrary_datagrams_never_panic_the_receive_path() {
+        let shared = Shared::default();
+        let mut jitter = JitterBuffer::new(1, 10);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for i in 0..20_000 {
+            let len = rng.random_range(0..200);
+            let mut d: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            // Half of them look like RTP or RTCP headers, to get past the first checks.
+            if i % 2 == 0 && d.len() >= 2 {
+                d[0] = 0x80 | (d[0] & 0x3f);
+                d[1] = if i % 4 == 0 {
+                    111
+                } else {
+                    rng.random_range(192..=223)
+                };
+            }
+            if is_rtcp(&d) {
+                handle_rtcp(&shared, &d);
+            } else {
+                let _ = accept_rtp(&shared, &params(), &d, &mut jitter, f64::from(i) * 20.0);
+            }
+            let _ = jitter.pop();
+        }
+    }
+
+    #[test]
+    fn only_the_first_stream_is_accepted() {
+        let shared = Shared::default();
+        let mut jitter = JitterBuffer::new(1, 10);
+        let packet = |ssrc: u32, seq: u16, pt: u8| {
+            rtp::packet::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    payload_type: pt,
+                    sequence_number: seq,
+                    timestamp: u32::from(seq) * 960,
+                    ssrc,
+                    ..Default::default()
+                },
+                payload: Bytes::from_static(&[1, 2, 3]),
+            }
+            .marshal()
+            .expect("marshal")
+        };
+        assert!(accept_rtp(
+            &shared,
+            &params(),
+            &packet(7, 1, 111),
+            &mut jitter,
+            0.0
+        ));
+        assert!(
+            !accept_rtp(&shared, &params(), &packet(8, 2, 111), &mut jitter, 20.0),
+            "second SSRC"
+        );
+        assert!(
+            !accept_rtp(&shared, &params(), &packet(7, 2, 0), &mut jitter, 20.0),
+            "wrong payload type"
+        );
+        assert!(accept_rtp(
+            &shared,
+            &params(),
+            &packet(7, 2, 111),
+            &mut jitter,
+            20.0
+        ));
+        assert_eq!(jitter.stats().received, 2);
+    }
+}
