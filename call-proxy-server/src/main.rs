@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use call_proxy_server::storage::operator::{CallQuery, OperatorDb};
 use call_proxy_server::{bind, run, Config, Shared, SqliteOptions, SqliteStore};
 use clap::{Parser, Subcommand};
 
@@ -20,15 +21,84 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
-    /// Print the newest calls of the call log (reads the database file directly).
-    Calls {
-        /// SQLite database file.
-        #[arg(long, default_value = "data/call-proxy.sqlite")]
-        db: PathBuf,
-        /// Most rows to print.
-        #[arg(long, default_value_t = 50)]
+    /// The call log, newest first, filtered (reads the database file; works while the
+    /// server runs and when it is down).
+    Calls(CallsArgs),
+    /// Users with their state, IP, media port and last-seen time.
+    Users {
+        #[command(flatten)]
+        source: Source,
+        /// Only TVs online now.
+        #[arg(long)]
+        online: bool,
+        /// Most rows.
+        #[arg(long, default_value_t = 1000)]
         limit: usize,
+        /// Output: table (people), json or csv (scripts).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
+    /// Service statistics: TVs online, calls per hour/day, cached calls waiting, delivery delay.
+    Stats {
+        #[command(flatten)]
+        source: Source,
+        /// Output: table (people), json or csv (scripts).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(clap::Args)]
+struct Source {
+    /// The server's SQLite database file.
+    #[arg(long, default_value = "data/call-proxy.sqlite")]
+    db: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+fn rfc3339_ms(s: &str) -> Result<i64, String> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}); example: 2026-11-23T20:00:00Z"))?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| "time out of range".into())
+}
+
+#[derive(clap::Args)]
+struct CallsArgs {
+    #[command(flatten)]
+    source: Source,
+    /// Calls with this user on either side.
+    #[arg(long)]
+    user: Option<u64>,
+    /// Calls placed by this user.
+    #[arg(long)]
+    caller: Option<u64>,
+    /// Calls to this user.
+    #[arg(long)]
+    callee: Option<u64>,
+    /// Placed at or after this time (RFC 3339).
+    #[arg(long, value_parser = rfc3339_ms)]
+    since: Option<i64>,
+    /// Placed before this time (RFC 3339).
+    #[arg(long, value_parser = rfc3339_ms)]
+    until: Option<i64>,
+    /// answered, missed, rejected, busy, cached, undelivered (cached-undelivered) or delivered.
+    #[arg(long)]
+    outcome: Option<call_proxy_server::storage::operator::OutcomeFilter>,
+    /// Page size (1..=10000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=10000))]
+    limit: u16,
+    /// Next page: only calls older than this call id (the last id of the previous page).
+    #[arg(long)]
+    before: Option<u64>,
+    /// Output: table (people), json or csv (scripts).
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
 }
 
 #[derive(clap::Args)]
@@ -88,7 +158,20 @@ fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Calls { db, limit } => print_calls(&db, limit),
+        Command::Calls(args) => calls(args),
+        Command::Users {
+            source,
+            online,
+            limit,
+            format,
+        } => {
+            let db = OperatorDb::open(&source.db)?;
+            print_rows(&db.users(online, limit)?, format)
+        }
+        Command::Stats { source, format } => {
+            let db = OperatorDb::open(&source.db)?;
+            print_rows(&[db.stats(call_proxy_server::clock::now_ms())?], format)
+        }
     }
 }
 
@@ -158,26 +241,76 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-fn print_calls(db: &std::path::Path, limit: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(db.exists(), "no database at {}", db.display());
-    let rows = call_proxy_server::storage::sqlite::read_call_log(db, limit)
-        .with_context(|| format!("cannot read the call log in {}", db.display()))?;
-    println!(
-        "{:>6}  {:>10}  {:>10}  {:<24}  {:<8}  {:<24}  {:<24}  delivered",
-        "id", "caller", "callee", "call_date", "outcome", "answered_at", "ended_at"
-    );
-    for r in rows {
-        println!(
-            "{:>6}  {:>10}  {:>10}  {:<24}  {:<8}  {:<24}  {:<24}  {}",
-            r.id,
-            r.caller,
-            r.callee,
-            r.call_date,
-            r.outcome,
-            r.answered_at.as_deref().unwrap_or("-"),
-            r.ended_at.as_deref().unwrap_or("-"),
-            if r.delivered { "yes" } else { "no" }
-        );
+fn calls(a: CallsArgs) -> anyhow::Result<()> {
+    let db = OperatorDb::open(&a.source.db)?;
+    let rows = db.calls(&CallQuery {
+        caller: a.caller,
+        callee: a.callee,
+        party: a.user,
+        since_ms: a.since,
+        until_ms: a.until,
+        outcome: a.outcome,
+        before: a.before,
+        limit: usize::from(a.limit),
+    })?;
+    print_rows(&rows, a.format)
+}
+
+/// Prints records as an aligned table, a JSON array or CSV with a header.
+fn print_rows<T: serde::Serialize>(rows: &[T], format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(std::io::stdout());
+            for r in rows {
+                w.serialize(r)?;
+            }
+            w.flush()?;
+        }
+        Format::Table => {
+            let values: Vec<serde_json::Map<String, serde_json::Value>> = rows
+                .iter()
+                .filter_map(|r| match serde_json::to_value(r) {
+                    Ok(serde_json::Value::Object(m)) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            let Some(first) = values.first() else {
+                println!("(none)");
+                return Ok(());
+            };
+            let cols: Vec<&String> = first.keys().collect();
+            let cell = |v: Option<&serde_json::Value>| match v {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Null) | None => "-".into(),
+                Some(other) => other.to_string(),
+            };
+            let widths: Vec<usize> = cols
+                .iter()
+                .map(|c| {
+                    values
+                        .iter()
+                        .map(|v| cell(v.get(*c)).len())
+                        .chain([c.len()])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let line = |cells: Vec<String>| {
+                cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            println!("{}", line(cols.iter().map(|c| c.to_string()).collect()));
+            for v in &values {
+                println!("{}", line(cols.iter().map(|c| cell(v.get(*c))).collect()));
+            }
+        }
     }
     Ok(())
 }

@@ -253,6 +253,8 @@ async fn hang_up_from_either_side_reject_busy_and_no_answer() {
         .await;
         // A third TV calling either is told they are busy.
         assert!(matches!(c.dial(B).await, DialResult::Busy(_)));
+        // Let some media flow before the hang-up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let (quitter, other_events) = if hang_up_by_callee {
             (&b, &mut ea)
         } else {

@@ -9,6 +9,7 @@
 //! the change is durably committed (group commit: concurrent writes share one
 //! transaction and one sync).
 
+pub mod operator;
 pub mod sqlite;
 
 use std::future::Future;

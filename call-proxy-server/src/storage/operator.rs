@@ -1,0 +1,323 @@
+//! Operator queries on the user management database: the call log with filters and
+//! stable newest-first pages, the users table, and summary statistics. Read-only; used
+//! by the operator CLI directly on the database file (it works while the server runs,
+//! and when it is down).
+
+use std::path::Path;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OpenFlags};
+use serde::Serialize;
+use shared_proto::{CallId, UnixMillis, UserId};
+
+use super::{Outcome, StoreError};
+use crate::clock::{from_db_text, to_db_text};
+
+/// Which calls, by what happened to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeFilter {
+    /// Answered calls.
+    Answered,
+    /// Rang and was not answered.
+    Missed,
+    /// Rejected by the callee.
+    Rejected,
+    /// The callee was in another call.
+    Busy,
+    /// The callee was off when called.
+    Cached,
+    /// Missed, busy or cached and not yet shown on the callee's TV.
+    Undelivered,
+    /// Missed, busy or cached and shown on the callee's TV.
+    Delivered,
+}
+
+impl std::str::FromStr for OutcomeFilter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "answered" => OutcomeFilter::Answered,
+            "missed" => OutcomeFilter::Missed,
+            "rejected" => OutcomeFilter::Rejected,
+            "busy" => OutcomeFilter::Busy,
+            "cached" => OutcomeFilter::Cached,
+            "undelivered" | "cached-undelivered" => OutcomeFilter::Undelivered,
+            "delivered" => OutcomeFilter::Delivered,
+            other => {
+                return Err(format!(
+                    "unknown outcome {other:?}: use answered, missed, rejected, busy, cached, undelivered or delivered"
+                ))
+            }
+        })
+    }
+}
+
+/// A call-log query. Results are newest first; `before` continues after the last id of
+/// the previous page, so pages stay stable while new calls arrive.
+#[derive(Debug, Clone, Default)]
+pub struct CallQuery {
+    /// Calls placed by this user.
+    pub caller: Option<UserId>,
+    /// Calls to this user.
+    pub callee: Option<UserId>,
+    /// Calls with this user on either side.
+    pub party: Option<UserId>,
+    /// Placed at or after (ms since the epoch).
+    pub since_ms: Option<UnixMillis>,
+    /// Placed before (ms since the epoch).
+    pub until_ms: Option<UnixMillis>,
+    /// What happened to them.
+    pub outcome: Option<OutcomeFilter>,
+    /// Only calls with a smaller id (the previous page's last id).
+    pub before: Option<CallId>,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// One call of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallRecord {
+    /// The call (`user_call` row id).
+    pub id: CallId,
+    /// Caller (`user_id`).
+    pub user_id: UserId,
+    /// Callee (`otheruser_id`).
+    pub otheruser_id: UserId,
+    /// When it was placed, RFC 3339 UTC.
+    pub call_date: String,
+    /// `ringing`, `answered`, `missed`, `rejected`, `busy` or `cached`.
+    pub outcome: String,
+    /// Whether the callee's TV has been shown it (answered/rejected calls count as shown).
+    pub delivered: bool,
+    /// When it was answered.
+    pub answered_at: Option<String>,
+    /// When it ended.
+    pub ended_at: Option<String>,
+    /// When the callee's TV acknowledged it.
+    pub delivered_at: Option<String>,
+    /// The caller's IP.
+    pub caller_ip: String,
+}
+
+/// One user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserRecord {
+    /// `user_id`.
+    pub user_id: UserId,
+    /// `user_ip`.
+    pub user_ip: String,
+    /// `user_netstate`: 1 online, 0 offline.
+    pub user_netstate: u8,
+    /// UDP media port.
+    pub media_port: u16,
+    /// Last registration or disconnect.
+    pub last_seen: Option<String>,
+    /// The agent's build.
+    pub agent_version: String,
+}
+
+/// Service statistics.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Users known.
+    pub users: u64,
+    /// TVs online now.
+    pub online: u64,
+    /// Calls placed in the last hour.
+    pub calls_last_hour: u64,
+    /// Calls placed in the last 24 hours.
+    pub calls_last_day: u64,
+    /// Missed/busy/cached calls waiting to be shown on their callee's TV.
+    pub cached_waiting: u64,
+    /// Median delay from call to delivery, over calls delivered in the last 24 hours.
+    pub delivery_delay_p50_s: Option<f64>,
+    /// Largest such delay.
+    pub delivery_delay_max_s: Option<f64>,
+}
+
+/// A read-only connection to the database for operator queries.
+pub struct OperatorDb {
+    conn: Connection,
+}
+
+const MISSED_KINDS: &str = "outcome IN ('missed', 'busy', 'cached')";
+
+impl OperatorDb {
+    /// Opens the database file read-only.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Db(format!("no database at {}", path.display())));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(OperatorDb { conn })
+    }
+
+    /// A page of the call log.
+    pub fn calls(&self, q: &CallQuery) -> Result<Vec<CallRecord>, StoreError> {
+        let mut sql = String::from(
+            "SELECT id, user_id, otheruser_id, call_date, outcome, delivered, answered_at,
+                    ended_at, delivered_at, caller_ip
+             FROM user_call WHERE 1 = 1",
+        );
+        let mut args: Vec<Value> = Vec::new();
+        let mut arg = |sql: &mut String, clause: &str, v: Value| {
+            args.push(v);
+            sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(u) = q.caller {
+            arg(&mut sql, " AND user_id = ?", Value::Integer(u as i64));
+        }
+        if let Some(u) = q.callee {
+            arg(&mut sql, " AND otheruser_id = ?", Value::Integer(u as i64));
+        }
+        if let Some(u) = q.party {
+            // A union of the two indexed lookups (both `?` take this one parameter).
+            arg(
+                &mut sql,
+                " AND id IN (SELECT id FROM user_call WHERE user_id = ?
+                             UNION ALL SELECT id FROM user_call WHERE otheruser_id = ?)",
+                Value::Integer(u as i64),
+            );
+        }
+        if let Some(t) = q.since_ms {
+            arg(&mut sql, " AND call_date >= ?", Value::Text(to_db_text(t)));
+        }
+        if let Some(t) = q.until_ms {
+            arg(&mut sql, " AND call_date < ?", Value::Text(to_db_text(t)));
+        }
+        if let Some(before) = q.before {
+            arg(
+                &mut sql,
+                " AND id < ?",
+                Value::Integer(i64::try_from(before).unwrap_or(i64::MAX)),
+            );
+        }
+        match q.outcome {
+            None => {}
+            Some(OutcomeFilter::Undelivered) => {
+                sql.push_str(&format!(" AND delivered = 0 AND {MISSED_KINDS}"))
+            }
+            Some(OutcomeFilter::Delivered) => {
+                sql.push_str(&format!(" AND delivered = 1 AND {MISSED_KINDS}"))
+            }
+            Some(o) => {
+                let outcome = match o {
+                    OutcomeFilter::Answered => Outcome::Answered,
+                    OutcomeFilter::Missed => Outcome::Missed,
+                    OutcomeFilter::Rejected => Outcome::Rejected,
+                    OutcomeFilter::Busy => Outcome::Busy,
+                    _ => Outcome::Cached,
+                };
+                arg(
+                    &mut sql,
+                    " AND outcome = ?",
+                    Value::Text(outcome.as_str().into()),
+                );
+            }
+        }
+        arg(
+            &mut sql,
+            " ORDER BY id DESC LIMIT ?",
+            Value::Integer(i64::try_from(q.limit).unwrap_or(i64::MAX)),
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            Ok(CallRecord {
+                id: r.get::<_, i64>(0)? as u64,
+                user_id: r.get::<_, i64>(1)? as u64,
+                otheruser_id: r.get::<_, i64>(2)? as u64,
+                call_date: r.get(3)?,
+                outcome: r.get(4)?,
+                delivered: r.get::<_, i64>(5)? == 1,
+                answered_at: r.get(6)?,
+                ended_at: r.get(7)?,
+                delivered_at: r.get(8)?,
+                caller_ip: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Users, by id; only online ones if asked.
+    pub fn users(&self, online_only: bool, limit: usize) -> Result<Vec<UserRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT user_id, user_ip, user_netstate, media_port, last_seen, agent_version
+             FROM user_property WHERE (?1 = 0 OR user_netstate = 1) ORDER BY user_id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(
+            rusqlite::params![online_only as i64, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok(UserRecord {
+                    user_id: r.get::<_, i64>(0)? as u64,
+                    user_ip: r.get(1)?,
+                    user_netstate: r.get::<_, i64>(2)? as u8,
+                    media_port: r.get::<_, i64>(3)? as u16,
+                    last_seen: r.get(4)?,
+                    agent_version: r.get(5)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Statistics as of `now_ms`.
+    pub fn stats(&self, now_ms: UnixMillis) -> Result<Stats, StoreError> {
+        let count = |sql: &str, arg: Option<String>| -> Result<u64, StoreError> {
+            let n: i64 = match arg {
+                Some(a) => self.conn.query_row(sql, [a], |r| r.get(0))?,
+                None => self.conn.query_row(sql, [], |r| r.get(0))?,
+            };
+            Ok(n.max(0) as u64)
+        };
+        let hour_ago = to_db_text(now_ms - 3_600_000);
+        let day_ago = to_db_text(now_ms - 86_400_000);
+        let mut delays: Vec<f64> = {
+            let mut stmt = self.conn.prepare(&format!(
+                "SELECT call_date, delivered_at FROM user_call
+                 WHERE delivered = 1 AND {MISSED_KINDS} AND delivered_at >= ?1"
+            ))?;
+            let rows = stmt.query_map([&day_ago], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (placed, delivered) = row?;
+                if let (Some(p), Some(d)) = (from_db_text(&placed), from_db_text(&delivered)) {
+                    out.push((d - p) as f64 / 1000.0);
+                }
+            }
+            out
+        };
+        delays.sort_by(f64::total_cmp);
+        Ok(Stats {
+            users: count("SELECT count(*) FROM user_property", None)?,
+            online: count("SELECT count(*) FROM user_property WHERE user_netstate = 1", None)?,
+            calls_last_hour: count("SELECT count(*) FROM user_call WHERE call_date >= ?1", Some(hour_ago))?,
+            calls_last_day: count("SELECT count(*) FROM user_call WHERE call_date >= ?1", Some(day_ago))?,
+            cached_waiting: count(
+                "SELECT count(*) FROM user_call WHERE delivered = 0 AND outcome IN ('missed', 'busy', 'cached')",
+                None,
+            )?,
+            delivery_delay_p50_s: delays.get(delays.len() / 2).copied(),
+            delivery_delay_max_s: delays.last().copied(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_filters_parse_and_explain_bad_ones() {
+        assert_eq!("cached-undelivered".parse(), Ok(OutcomeFilter::Undelivered));
+        assert_eq!("answered".parse(), Ok(OutcomeFilter::Answered));
+        let err = "lost".parse::<OutcomeFilter>().unwrap_err();
+        assert!(err.contains("answered, missed"), "{err}");
+    }
+}
