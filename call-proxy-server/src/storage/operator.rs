@@ -321,3 +321,44 @@ mod tests {
         assert!(err.contains("answered, missed"), "{err}");
     }
 }
+
+/// Fills a database with `calls` synthetic call records between `users` users, one every
+/// 3 s from 2023-11-14 on (benchmarks of the operator queries; never used by the server).
+pub fn fill_synthetic(path: &Path, users: u64, calls: u64) -> Result<(), StoreError> {
+    // Opening through the store creates the schema and its indexes.
+    drop(super::sqlite::SqliteStore::open(
+        path,
+        super::sqlite::SqliteOptions {
+            sync_full: false,
+            readers: 1,
+            max_batch: 1,
+        },
+    )?);
+    let conn = Connection::open(path)?;
+    conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")?;
+    conn.execute(
+        "INSERT INTO user_property (user_id, user_ip, user_netstate, created_at)
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?1)
+         SELECT 1000000 + i, '10.0.0.1', 0, '2023-11-14T00:00:00.000Z' FROM n
+         WHERE true ON CONFLICT DO NOTHING",
+        [users as i64],
+    )?;
+    conn.execute(
+        "INSERT INTO user_call (id, user_id, otheruser_id, call_date, outcome, caller_ip,
+                                delivered, ended_at)
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+         SELECT i,
+                1000000 + (i * 7919) % ?1,
+                1000000 + (i * 104729 + 1) % ?1,
+                strftime('%Y-%m-%dT%H:%M:%fZ', 1700000000 + i * 3, 'unixepoch'),
+                CASE i % 5 WHEN 0 THEN 'cached' WHEN 1 THEN 'missed' WHEN 2 THEN 'rejected'
+                           ELSE 'answered' END,
+                '10.0.0.1',
+                CASE WHEN i % 5 IN (0, 1) AND i % 7 = 0 THEN 0 ELSE 1 END,
+                strftime('%Y-%m-%dT%H:%M:%fZ', 1700000000 + i * 3 + 60, 'unixepoch')
+         FROM n WHERE true ON CONFLICT DO NOTHING",
+        [users as i64, calls as i64],
+    )?;
+    conn.execute_batch("ANALYZE;")?;
+    Ok(())
+}
