@@ -309,19 +309,6 @@ impl OperatorDb {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outcome_filters_parse_and_explain_bad_ones() {
-        assert_eq!("cached-undelivered".parse(), Ok(OutcomeFilter::Undelivered));
-        assert_eq!("answered".parse(), Ok(OutcomeFilter::Answered));
-        let err = "lost".parse::<OutcomeFilter>().unwrap_err();
-        assert!(err.contains("answered, missed"), "{err}");
-    }
-}
-
 /// Fills a database with `calls` synthetic call records between `users` users, one every
 /// 3 s from 2023-11-14 on (benchmarks of the operator queries; never used by the server).
 pub fn fill_synthetic(path: &Path, users: u64, calls: u64) -> Result<(), StoreError> {
@@ -361,4 +348,17 @@ pub fn fill_synthetic(path: &Path, users: u64, calls: u64) -> Result<(), StoreEr
     )?;
     conn.execute_batch("ANALYZE;")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_filters_parse_and_explain_bad_ones() {
+        assert_eq!("cached-undelivered".parse(), Ok(OutcomeFilter::Undelivered));
+        assert_eq!("answered".parse(), Ok(OutcomeFilter::Answered));
+        let err = "lost".parse::<OutcomeFilter>().unwrap_err();
+        assert!(err.contains("answered, missed"), "{err}");
+    }
 }
