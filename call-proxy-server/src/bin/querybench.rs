@@ -9,6 +9,9 @@ use anyhow::Context;
 use call_proxy_server::storage::operator::{fill_synthetic, CallQuery, OperatorDb, OutcomeFilter};
 use clap::Parser;
 
+/// Builds the i-th query of one kind.
+type QueryMaker<'a> = Box<dyn Fn(u64) -> CallQuery + 'a>;
+
 #[derive(Parser)]
 #[command(about = "Times filtered call-log pages on a large synthetic call log")]
 struct Args {
@@ -43,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     let day_ms = 86_400_000i64;
     let first_ms = 1_700_000_000_000i64;
     let span_ms = (a.calls as i64) * 3_000;
-    let kinds: [(&str, Box<dyn Fn(u64) -> CallQuery>); 4] = [
+    let kinds: [(&str, QueryMaker); 4] = [
         (
             "one user (either side), 30 days, newest 50",
             Box::new(|i| {
