@@ -6,6 +6,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+. scripts/lib.sh
 case "${1:-}" in
   armv7) triple=armv7-unknown-linux-gnueabihf qemu=qemu-arm-static ;;
   aarch64) triple=aarch64-unknown-linux-gnu qemu=qemu-aarch64-static ;;
@@ -19,7 +20,7 @@ arm_bin="target/$triple/release/tv-agent"
 echo "stripped $triple binary: $(stat -c %s "$arm_bin") bytes"
 
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port 17660)
 server="127.0.0.1:$port"
 target/release/call-proxy-server serve --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
 server_pid=$!
@@ -31,7 +32,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+wait_for_port "$port"
 
 median_ms() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.1f", m/1e6}'; }
 time_missed() { # command...

@@ -6,6 +6,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+. scripts/lib.sh
 case "${1:-}" in
   armv7) triple=armv7-unknown-linux-gnueabihf qemu=qemu-arm-static ;;
   aarch64) triple=aarch64-unknown-linux-gnu qemu=qemu-aarch64-static ;;
@@ -16,7 +17,7 @@ bash scripts/setup.sh >/dev/null
 cargo build --release --locked -p call-proxy-server -p tv-agent
 
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 17650)
+port=$(free_port 17650)
 server="127.0.0.1:$port"
 target/release/call-proxy-server serve --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
 server_pid=$!
@@ -28,7 +29,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+wait_for_port "$port"
 
 # The ARM binary runs on the host's ARM multiarch glibc (Debian's libc6:armhf/arm64);
 # qemu's -L with the cross toolchain's glibc crashes on thread creation under qemu 7.2.

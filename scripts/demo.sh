@@ -8,6 +8,7 @@
 # Usage: bash scripts/demo.sh [DATA_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 bash scripts/setup.sh
 cargo build --release --locked -p call-proxy-server -p tv-agent
 
@@ -15,7 +16,7 @@ data="${1:-target/demo-data}"
 rm -rf "$data"
 mkdir -p "$data"
 bin=target/release
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 17600)
+port=$(free_port 17600)
 server="127.0.0.1:$port"
 
 "$bin/call-proxy-server" serve --listen "$server" --db "$data/call-proxy.sqlite" 2>"$data/server.log" &
@@ -27,10 +28,7 @@ cleanup() {
   wait "$server_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.05
-done
+wait_for_port "$port"
 
 step() { printf '\n== %s\n' "$*"; }
 
