@@ -42,11 +42,6 @@ impl Metrics {
         }
     }
 
-    /// Calls that ended with `outcome`.
-    pub fn calls_with(&self, outcome: Outcome) -> u64 {
-        Self::slot(outcome).map_or(0, |i| self.calls[i].load(Relaxed))
-    }
-
     fn slot(outcome: Outcome) -> Option<usize> {
         Some(match outcome {
             Outcome::Answered => 0,

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -119,8 +119,6 @@ struct Inner {
     watermarks: Watermarks,
     /// The writer and reader threads, joined on close.
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// The database file (for messages).
-    path: PathBuf,
 }
 
 impl SqliteStore {
@@ -202,14 +200,8 @@ impl SqliteStore {
                 closed: AtomicBool::new(false),
                 watermarks,
                 threads: Mutex::new(threads),
-                path: path.to_path_buf(),
             }),
         })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
     }
 
     /// Queues a write now (so writes apply in the order they were issued) and returns
