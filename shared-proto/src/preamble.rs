@@ -94,6 +94,12 @@ pub fn encode_reason(reason: &str) -> Vec<u8> {
     out
 }
 
+/// The length of the reason text announced by a rejecting server's 2-byte prefix,
+/// bounded by [`MAX_REASON_LEN`] so a peer never allocates what a server claims.
+pub fn reason_len(prefix: [u8; 2]) -> usize {
+    usize::from(u16::from_be_bytes(prefix)).min(MAX_REASON_LEN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +128,8 @@ mod tests {
     #[test]
     fn reason_is_length_prefixed_and_truncated_on_char_boundary() {
         assert_eq!(encode_reason("full"), b"\x00\x04full".to_vec());
+        assert_eq!(reason_len([0, 4]), 4);
+        assert_eq!(reason_len([0xff, 0xff]), MAX_REASON_LEN);
         let long = "é".repeat(MAX_REASON_LEN); // 2 bytes each
         let enc = encode_reason(&long);
         let len = u16::from_be_bytes([enc[0], enc[1]]) as usize;

@@ -214,7 +214,7 @@ async fn connect(cfg: &LinkConfig) -> Result<(Conn, Registered), String> {
             let mut len = [0u8; 2];
             let mut reason = String::new();
             if stream.read_exact(&mut len).await.is_ok() {
-                let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len)).min(512)];
+                let mut buf = vec![0u8; shared_proto::preamble::reason_len(len)];
                 if stream.read_exact(&mut buf).await.is_ok() {
                     reason = String::from_utf8_lossy(&buf).into_owned();
                 }
