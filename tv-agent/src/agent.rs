@@ -157,6 +157,13 @@ pub enum AgentEvent {
         /// The other TV's media address.
         peer_media: String,
     },
+    /// This TV's microphone was muted or unmuted.
+    Muted {
+        /// The call.
+        call_id: CallId,
+        /// Muted now.
+        muted: bool,
+    },
     /// The call is over.
     Ended {
         /// The call.
@@ -231,6 +238,7 @@ enum Cmd {
     Answer(Reply1<()>),
     Reject(Reply1<()>),
     HangUp(Reply1<()>),
+    Mute(bool, Reply1<()>),
     Query(Vec<UserId>, Reply1<Vec<UserState>>),
     Missed(oneshot::Sender<Vec<MissedCall>>),
     Status(oneshot::Sender<Status>),
@@ -250,6 +258,10 @@ pub struct Status {
     pub call_id: Option<CallId>,
     /// The other TV, if any.
     pub peer: Option<UserId>,
+    /// When the current call state began, Unix milliseconds.
+    pub since_ms: i64,
+    /// This TV's microphone is muted in the current call.
+    pub muted: bool,
 }
 
 /// A running agent. Commands go to its core task.
@@ -305,6 +317,7 @@ impl Agent {
             call: Call::Idle,
             missed: Vec::new(),
             registered: false,
+            call_since_ms: now_ms(),
         };
         tokio::spawn(core.run(cmd_rx, link_events));
         Ok((
@@ -353,6 +366,13 @@ impl Agent {
     /// Hangs up the current call (or cancels our ringing one).
     pub async fn hang_up(&self) -> Result<(), AgentError> {
         self.ask(Cmd::HangUp).await.unwrap_or(Err(AgentError::Off))
+    }
+
+    /// Mutes or unmutes this TV's microphone in the current call.
+    pub async fn set_muted(&self, muted: bool) -> Result<(), AgentError> {
+        self.ask(|tx| Cmd::Mute(muted, tx))
+            .await
+            .unwrap_or(Err(AgentError::Off))
     }
 
     /// Other users' network state.
@@ -407,9 +427,22 @@ struct Core {
     call: Call,
     missed: Vec<MissedCall>,
     registered: bool,
+    /// When the current call state began (Unix ms), so a UI opened mid-call shows the
+    /// right duration.
+    call_since_ms: i64,
+}
+
+/// Now as Unix milliseconds.
+fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
 }
 
 impl Core {
+    fn set_call(&mut self, call: Call) {
+        self.call = call;
+        self.call_since_ms = now_ms();
+    }
+
     fn emit(&self, e: AgentEvent) {
         tracing::debug!(event = ?e, "agent event");
         let _ = self.events.send(e);
@@ -489,13 +522,28 @@ impl Core {
                     } => ("ringing_in", Some(*call_id), Some(*caller)),
                     Call::Active { call_id, peer, .. } => ("in_call", Some(*call_id), Some(*peer)),
                 };
+                let muted = matches!(&self.call, Call::Active { media, .. } if media.muted());
                 let _ = tx.send(Status {
                     user: self.cfg.user,
                     registered: self.registered,
                     call_state,
                     call_id,
                     peer,
+                    since_ms: self.call_since_ms,
+                    muted,
                 });
+            }
+            Cmd::Mute(muted, tx) => {
+                let r = match &self.call {
+                    Call::Active { call_id, media, .. } => {
+                        media.set_muted(muted);
+                        let call_id = *call_id;
+                        self.emit(AgentEvent::Muted { call_id, muted });
+                        Ok(())
+                    }
+                    _ => Err(AgentError::NoCall),
+                };
+                let _ = tx.send(r);
             }
             Cmd::PowerOff(_) => {}
         }
@@ -510,11 +558,11 @@ impl Core {
                 call_id,
                 callee_media,
             })) => {
-                self.call = Call::RingingOut {
+                self.set_call(Call::RingingOut {
                     call_id,
                     callee,
                     callee_media,
-                };
+                });
                 self.emit(AgentEvent::Ringing { call_id, callee });
                 return DialResult::Ringing(call_id);
             }
@@ -576,7 +624,7 @@ impl Core {
         let media = self.start_media(caller_media)?;
         if let Err(e) = self.link.request(Request::Answer { call_id }).await {
             let _ = media.stop().await;
-            self.call = Call::Idle;
+            self.set_call(Call::Idle);
             self.emit(AgentEvent::Ended {
                 call_id,
                 peer: caller,
@@ -585,11 +633,11 @@ impl Core {
             });
             return Err(e.into());
         }
-        self.call = Call::Active {
+        self.set_call(Call::Active {
             call_id,
             peer: caller,
             media,
-        };
+        });
         self.emit(AgentEvent::Answered {
             call_id,
             peer: caller,
@@ -605,7 +653,7 @@ impl Core {
         else {
             return Err(AgentError::NoCall);
         };
-        self.call = Call::Idle;
+        self.set_call(Call::Idle);
         let r = self.link.request(Request::Reject { call_id }).await;
         self.emit(AgentEvent::Ended {
             call_id,
@@ -643,6 +691,7 @@ impl Core {
 
     /// Stops local media (if any), logs call quality, and goes idle.
     async fn end_local(&mut self) -> Option<CallQuality> {
+        self.call_since_ms = now_ms();
         match std::mem::replace(&mut self.call, Call::Idle) {
             Call::Active { call_id, media, .. } => match media.stop().await {
                 Ok(q) => {
@@ -717,11 +766,11 @@ impl Core {
                 ..
             }) => {
                 if matches!(self.call, Call::Idle) {
-                    self.call = Call::RingingIn {
+                    self.set_call(Call::RingingIn {
                         call_id,
                         caller,
                         caller_media,
-                    };
+                    });
                     self.emit(AgentEvent::Incoming { call_id, caller });
                 } else {
                     // One call at a time.
@@ -738,11 +787,11 @@ impl Core {
                     if id == call_id {
                         match self.start_media(callee_media) {
                             Ok(media) => {
-                                self.call = Call::Active {
+                                self.set_call(Call::Active {
                                     call_id,
                                     peer: callee,
                                     media,
-                                };
+                                });
                                 self.emit(AgentEvent::Answered {
                                     call_id,
                                     peer: callee,

@@ -4,8 +4,11 @@
 //! line.
 //!
 //! Commands: `{"cmd":"dial","to":2002}`, `{"cmd":"answer"}`, `{"cmd":"reject"}`,
-//! `{"cmd":"hangup"}`, `{"cmd":"query","users":[2002]}`, `{"cmd":"missed"}`,
-//! `{"cmd":"status"}`, `{"cmd":"power_off"}`.
+//! `{"cmd":"hangup"}`, `{"cmd":"mute","muted":true}`, `{"cmd":"query","users":[2002]}`,
+//! `{"cmd":"missed"}`, `{"cmd":"status"}`, `{"cmd":"power_off"}`.
+//!
+//! The on-screen UI ([`crate::ui`]) sends the same commands over HTTP through
+//! [`execute`].
 
 use std::net::SocketAddr;
 
@@ -31,6 +34,7 @@ enum Command {
     Answer,
     Reject,
     Hangup,
+    Mute { muted: bool },
     Query { users: Vec<UserId> },
     Missed,
     Status,
@@ -79,7 +83,8 @@ async fn client(stream: TcpStream, _peer: SocketAddr, agent: Agent) -> std::io::
     }
 }
 
-async fn execute(agent: &Agent, line: &str) -> Value {
+/// Runs one command line and returns its `{"ok": …}` reply.
+pub async fn execute(agent: &Agent, line: &str) -> Value {
     let cmd: Command = match serde_json::from_str(line) {
         Ok(c) => c,
         Err(e) => return json!({"ok": false, "error": format!("bad command: {e}")}),
@@ -102,6 +107,7 @@ async fn execute(agent: &Agent, line: &str) -> Value {
         Command::Answer => done(agent.answer().await),
         Command::Reject => done(agent.reject().await),
         Command::Hangup => done(agent.hang_up().await),
+        Command::Mute { muted } => done(agent.set_muted(muted).await),
         Command::Query { users } => match agent.query(users).await {
             Ok(states) => json!({"ok": true, "states": states.iter().map(|s| json!({
                 "user_id": s.user_id,

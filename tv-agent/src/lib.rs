@@ -9,10 +9,14 @@
 //! - [`agent`]: the agent core: power-on sequence and call state.
 //! - [`media`]: the media engine (audio I/O, Opus, RTP/RTCP, jitter buffer).
 //! - [`api`]: the local control API (JSON lines on loopback) for the TV's UI.
+//! - [`ui`]: the on-screen remote-control UI (HTTP and server-sent events on loopback).
+//! - [`contacts`]: the TV's address book, kept in its data directory.
 
 pub mod agent;
 pub mod api;
+pub mod contacts;
 pub mod link;
 pub mod media;
+pub mod ui;
 
 pub use agent::{Agent, AgentConfig, AgentEvent, DialResult};

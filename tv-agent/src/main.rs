@@ -35,6 +35,13 @@ enum Mode {
         /// Local control API (JSON lines), loopback only.
         #[arg(long, default_value = "127.0.0.1:7601")]
         control_listen: SocketAddr,
+        /// Serve the on-screen remote-control UI here (loopback only), for the TV's
+        /// browser: http://ADDR/.
+        #[arg(long)]
+        ui_listen: Option<SocketAddr>,
+        /// Where the TV keeps its own files (the UI's address book).
+        #[arg(long, default_value = "/var/lib/tv-agent")]
+        data_dir: std::path::PathBuf,
     },
     /// Power on, print the cached (missed) calls as JSON lines, acknowledge them, exit.
     Missed {
@@ -153,7 +160,17 @@ async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
             tv,
             audio,
             control_listen,
-        } => run(config(&tv, Some(&audio)), control_listen).await,
+            ui_listen,
+            data_dir,
+        } => {
+            run(
+                config(&tv, Some(&audio)),
+                control_listen,
+                ui_listen,
+                &data_dir,
+            )
+            .await
+        }
         Mode::Missed { tv } => missed(&tv).await,
         Mode::Call {
             tv,
@@ -170,23 +187,52 @@ async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn run(cfg: AgentConfig, control_listen: SocketAddr) -> anyhow::Result<ExitCode> {
+/// Binds a loopback-only listener for a local interface.
+async fn bind_local(what: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     anyhow::ensure!(
-        control_listen.ip().is_loopback(),
-        "the control API must listen on loopback, not {control_listen}"
+        addr.ip().is_loopback(),
+        "the {what} must listen on loopback, not {addr}"
     );
-    let listener = tokio::net::TcpListener::bind(control_listen)
+    tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {control_listen}"))?;
+        .with_context(|| format!("cannot listen on {addr} for the {what}"))
+}
+
+async fn run(
+    cfg: AgentConfig,
+    control_listen: SocketAddr,
+    ui_listen: Option<SocketAddr>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let listener = bind_local("control API", control_listen).await?;
+    // Everything that can fail at start-up is checked before powering on.
+    let ui = match ui_listen {
+        Some(addr) => {
+            let path = data_dir.join("contacts.json");
+            let book = tv_agent::contacts::ContactBook::open(&path)
+                .with_context(|| format!("cannot open the address book {}", path.display()))?;
+            Some((bind_local("UI", addr).await?, book))
+        }
+        None => None,
+    };
     let user = cfg.user;
     let (agent, mut events) = Agent::power_on(cfg).await?;
     tracing::info!(
         user,
         media = %agent.media_addr(),
         control = %listener.local_addr()?,
+        ui = ?ui.as_ref().and_then(|(l, _)| l.local_addr().ok()),
         "tv-agent running"
     );
     tokio::spawn(tv_agent::api::serve(listener, agent.clone()));
+    if let Some((listener, book)) = ui {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tv_agent::ui::serve(listener, agent, book).await {
+                tracing::error!(error = %e, "the UI server stopped");
+            }
+        });
+    }
     let log_events = async move {
         // Ends when the agent powers off (from the control API) or its channel closes.
         while let Ok(ev) = events.recv().await {

@@ -6,7 +6,7 @@
 //! from a second stream, are dropped.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -93,6 +93,9 @@ pub struct CallQuality {
 /// State shared by the send and receive tasks.
 #[derive(Default)]
 struct Shared {
+    /// The viewer muted the microphone: frames are still read (so the source does not
+    /// back up) but silence is encoded, which keeps the stream and NAT bindings alive.
+    muted: AtomicBool,
     sent_packets: AtomicU64,
     sent_octets: AtomicU64,
     rx: Mutex<RxState>,
@@ -199,6 +202,16 @@ impl MediaSession {
         })
     }
 
+    /// Mutes or unmutes what this TV sends.
+    pub fn set_muted(&self, muted: bool) {
+        self.shared.muted.store(muted, Relaxed);
+    }
+
+    /// Whether what this TV sends is muted.
+    pub fn muted(&self) -> bool {
+        self.shared.muted.load(Relaxed)
+    }
+
     /// Stops both directions and returns the call quality.
     pub async fn stop(self) -> anyhow::Result<CallQuality> {
         let _ = self.stop.send(true);
@@ -256,6 +269,9 @@ async fn send_loop(
             _ = tick.tick() => {}
         }
         source.read_frame(&mut pcm)?;
+        if shared.muted.load(Relaxed) {
+            pcm.fill(0);
+        }
         let n = encoder.encode(&pcm, &mut opus_buf).context("Opus encode")?;
         let packet = rtp::packet::Packet {
             header: rtp::header::Header {

@@ -24,10 +24,15 @@ pub struct Server {
 impl Server {
     /// A server on `addr` (port 0 for any) over the database at `db`.
     pub async fn start(addr: SocketAddr, db: &Path) -> Server {
+        Server::start_ringing(addr, db, 3_000).await
+    }
+
+    /// The same, with calls ringing for `ring_timeout_ms`.
+    pub async fn start_ringing(addr: SocketAddr, db: &Path, ring_timeout_ms: u64) -> Server {
         let config = Config {
             listen: addr,
             db: Some(db.to_path_buf()),
-            ring_timeout_ms: 3_000,
+            ring_timeout_ms,
             heartbeat_interval_ms: 1_000,
             shutdown_grace_ms: 2_000,
             ..Config::default()

@@ -1,0 +1,614 @@
+// The TV phone UI: state from the agent's event stream (/api/events), actions through
+// its control API (/api/command) and address book (/api/contacts). Remote keys only:
+// arrows move a focus ring between on-screen items, OK selects, Back goes back, digits
+// dial, green calls or answers, red hangs up or rejects.
+"use strict";
+
+// Remote key codes: HbbTV/CE-HTML VK_RED 403 / VK_GREEN 404, webOS Back 461, Tizen
+// Back 10009. On a keyboard F1 is red and F2 green.
+const RED = new Set(["ColorF0Red", "F1"]);
+const GREEN = new Set(["ColorF1Green", "F2"]);
+const BACK = new Set(["Escape", "Backspace", "BrowserBack", "GoBack"]);
+
+const S = {
+  me: null,
+  registered: false,
+  link: { down: false, retryAt: 0 },
+  call: { state: "idle", id: null, peer: null, since: 0, muted: false },
+  missed: [],
+  contacts: [],
+  presence: new Map(),
+  screen: "home",
+  history: [],
+  dial: "",
+  edit: null,
+  confirm: null,
+  agentLost: false,
+};
+
+const $ = (id) => document.getElementById(id);
+
+function esc(s) {
+  return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+
+function nameOf(id) {
+  const c = S.contacts.find((c) => c.user_id === id);
+  return c ? c.name : null;
+}
+function label(id) {
+  return nameOf(id) || `TV ${id}`;
+}
+function tvOf(id) {
+  const n = nameOf(id);
+  return n ? `${n}'s TV` : `TV ${id}`;
+}
+function stateOf(id) {
+  return S.presence.has(id) ? S.presence.get(id) : undefined;
+}
+function stateText(st) {
+  return st === 1 ? "TV on" : st === 0 ? "TV off" : "…";
+}
+function when(rfc3339) {
+  const d = new Date(rfc3339);
+  if (isNaN(d)) return rfc3339;
+  const now = new Date();
+  const hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const day = (x) => new Date(x.getFullYear(), x.getMonth(), x.getDate()).getTime();
+  const diff = Math.round((day(now) - day(d)) / 86400000);
+  if (diff === 0) return `Today ${hm}`;
+  if (diff === 1) return `Yesterday ${hm}`;
+  return `${d.toLocaleDateString([], { weekday: "short", day: "numeric", month: "short" })} ${hm}`;
+}
+function mmss(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const pad = (n) => String(n).padStart(2, "0");
+  return h ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
+}
+const REASONS = { offline: "while your TV was off", no_answer: "not answered", busy: "while you were in a call" };
+
+// ---- seen missed calls (the badge counts the ones not yet looked at) ----
+function seenKey() {
+  return `tvphone.seen.${S.me}`;
+}
+function seenUpTo() {
+  return Number(localStorage.getItem(seenKey()) || 0);
+}
+function unseen() {
+  const seen = seenUpTo();
+  return S.missed.filter((m) => m.call_id > seen).length;
+}
+function markSeen() {
+  const max = S.missed.reduce((a, m) => Math.max(a, m.call_id), 0);
+  if (max > seenUpTo()) localStorage.setItem(seenKey(), String(max));
+}
+
+// ---- talking to the agent ----
+async function send(cmd) {
+  try {
+    const r = await fetch("/api/command", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(cmd),
+    });
+    return await r.json();
+  } catch (e) {
+    return { ok: false, error: "the TV agent is not answering" };
+  }
+}
+
+async function contactsRequest(method, id, body) {
+  try {
+    const r = await fetch(`/api/contacts/${encodeURIComponent(id)}`, {
+      method,
+      headers: { "Content-Type": "application/json" },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    return await r.json();
+  } catch (e) {
+    return { ok: false, error: "the TV agent is not answering" };
+  }
+}
+
+async function dial(to) {
+  if (!to) return;
+  if (S.call.state !== "idle") {
+    toast("Finish the current call first.", "bad");
+    return;
+  }
+  const r = await send({ cmd: "dial", to });
+  // ringing, cached, busy and the other outcomes arrive as events too; only a reply
+  // that no event covers is shown here.
+  if (!r.ok && !r.outcome) toast(r.error || "Cannot dial now.", "bad");
+}
+
+// ---- messages ----
+let toastTimer = 0;
+function toast(text, kind) {
+  const t = $("toast");
+  t.textContent = text;
+  t.dataset.kind = kind || "info";
+  t.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => (t.hidden = true), 6000);
+}
+
+function endedText(outcome, peer) {
+  const who = label(peer);
+  switch (outcome) {
+    case "hung_up": return "Call ended.";
+    case "hung_up_by_peer": return `${who} hung up.`;
+    case "no_answer": return `${who} did not answer.`;
+    case "rejected": return S.call.state === "ringing_in" ? "Call rejected." : `${who} declined the call.`;
+    case "peer_lost": return `The call with ${who} was cut off.`;
+    case "link_lost": return "The call dropped: network down.";
+    case "server_shutdown": return "The call service restarted; the call ended.";
+    default: return "Call ended.";
+  }
+}
+
+function dialFailedText(ev) {
+  const who = label(ev.callee);
+  switch (ev.outcome) {
+    case "busy": return `${who} is in another call. Try again later.`;
+    case "unknown_user": return `There is no TV with number ${ev.callee}.`;
+    case "unreachable": return "Cannot reach the call service. Reconnecting…";
+    case "already_in_call": return "Finish the current call first.";
+    default: return `Cannot call ${who}: ${ev.message}`;
+  }
+}
+
+// ---- events from the agent ----
+function apply(ev) {
+  switch (ev.event) {
+    case "snapshot": {
+      const st = ev.status;
+      if (st) {
+        S.me = st.user;
+        S.registered = st.registered;
+        S.link.down = false;
+        S.call = { state: st.call_state, id: st.call_id, peer: st.peer, since: st.since_ms, muted: st.muted };
+      }
+      S.missed = ev.missed || [];
+      S.contacts = ev.contacts || [];
+      S.presence = new Map((ev.presence || []).map((p) => [p.user_id, p.user_netstate]));
+      if (S.call.state === "ringing_out" || S.call.state === "in_call") show("call", false);
+      else if (S.screen === "call") home();
+      break;
+    }
+    case "registered":
+      if (S.link.down && S.me !== null) toast("Connected to the call service again.");
+      S.me = ev.user;
+      S.registered = true;
+      S.link.down = false;
+      break;
+    case "link_down":
+      S.registered = false;
+      S.link = { down: true, retryAt: Date.now() + ev.retry_in_ms };
+      break;
+    case "cached_calls":
+      for (const m of ev.calls) {
+        if (!S.missed.some((x) => x.call_id === m.call_id)) S.missed.push(m);
+        if (m.user_netstate !== null && m.user_netstate !== undefined) S.presence.set(m.user_id, m.user_netstate);
+      }
+      if (ev.calls.length && S.screen === "missed") markSeen();
+      break;
+    case "incoming":
+      S.call = { state: "ringing_in", id: ev.call_id, peer: ev.caller, since: Date.now(), muted: false };
+      break;
+    case "ringing":
+      S.call = { state: "ringing_out", id: ev.call_id, peer: ev.callee, since: Date.now(), muted: false };
+      show("call");
+      break;
+    case "cached":
+      toast(`${tvOf(ev.callee)} is off. Your call is saved: they will see it when they switch it on.`);
+      S.presence.set(ev.callee, 0);
+      break;
+    case "dial_failed":
+      toast(dialFailedText(ev), "bad");
+      break;
+    case "answered":
+      S.call = { state: "in_call", id: ev.call_id, peer: ev.peer, since: Date.now(), muted: false };
+      show("call", S.screen !== "call");
+      break;
+    case "muted":
+      S.call.muted = ev.muted;
+      break;
+    case "ended": {
+      if (S.call.id !== ev.call_id) break;
+      const text = endedText(ev.outcome, ev.peer);
+      const talked = S.call.state === "in_call" ? ` (${mmss(Date.now() - S.call.since)})` : "";
+      toast(text + (ev.outcome === "hung_up" || ev.outcome === "hung_up_by_peer" ? talked : ""),
+        ev.outcome === "hung_up" ? "info" : "bad");
+      S.call = { state: "idle", id: null, peer: null, since: Date.now(), muted: false };
+      if (S.screen === "call") back();
+      break;
+    }
+    case "presence":
+      S.presence = new Map(ev.states.map((p) => [p.user_id, p.user_netstate]));
+      break;
+    case "contacts":
+      S.contacts = ev.contacts;
+      break;
+    case "powered_off":
+      S.registered = false;
+      S.agentLost = true;
+      break;
+  }
+  render();
+}
+
+function connect() {
+  const es = new EventSource("/api/events");
+  es.onmessage = (m) => {
+    S.agentLost = false;
+    try {
+      apply(JSON.parse(m.data));
+    } catch (e) {
+      console.error("bad event", e);
+    }
+  };
+  es.onerror = () => {
+    // EventSource retries by itself; say so meanwhile.
+    S.agentLost = true;
+    render();
+  };
+}
+
+// ---- screens and navigation ----
+function show(screen, remember = true) {
+  if (screen === S.screen) return;
+  if (remember) S.history.push(S.screen);
+  S.screen = screen;
+  if (screen === "missed") markSeen();
+  if (screen === "dial") S.dial = S.dial || "";
+  render(true);
+}
+function home() {
+  S.history = [];
+  S.screen = "home";
+  render(true);
+}
+function back() {
+  if (!$("confirm").hidden) {
+    S.confirm = null;
+    render();
+    return;
+  }
+  const prev = S.history.pop() || "home";
+  S.screen = prev === "call" ? "home" : prev;
+  render(true);
+}
+
+function layer() {
+  if (!$("incoming").hidden) return $("incoming");
+  if (!$("confirm").hidden) return $("confirm");
+  return $(`screen-${S.screen}`);
+}
+
+function focusables() {
+  return [...layer().querySelectorAll(".focusable")].filter((el) => el.offsetParent !== null && !el.disabled);
+}
+
+function focusFirst() {
+  const f = focusables();
+  if (f.length) f[0].focus();
+}
+
+// Moves focus to the nearest item in the arrow's direction (spatial navigation).
+function move(dir) {
+  const items = focusables();
+  const cur = document.activeElement;
+  if (!items.includes(cur)) {
+    focusFirst();
+    return;
+  }
+  const a = cur.getBoundingClientRect();
+  const ax = a.left + a.width / 2;
+  const ay = a.top + a.height / 2;
+  let best = null;
+  let bestScore = Infinity;
+  for (const el of items) {
+    if (el === cur) continue;
+    const b = el.getBoundingClientRect();
+    const bx = b.left + b.width / 2;
+    const by = b.top + b.height / 2;
+    let along;
+    let across;
+    if (dir === "ArrowRight") { along = b.left - a.right; across = Math.abs(by - ay); if (bx <= ax) continue; }
+    if (dir === "ArrowLeft") { along = a.left - b.right; across = Math.abs(by - ay); if (bx >= ax) continue; }
+    if (dir === "ArrowDown") { along = b.top - a.bottom; across = Math.abs(bx - ax); if (by <= ay) continue; }
+    if (dir === "ArrowUp") { along = a.top - b.bottom; across = Math.abs(bx - ax); if (by >= ay) continue; }
+    const score = Math.max(along, 0) + across * 2;
+    if (score < bestScore) { bestScore = score; best = el; }
+  }
+  if (best) best.focus();
+}
+
+function activate(el) {
+  if (!el) return;
+  const d = el.dataset;
+  if (d.go) return show(d.go);
+  if (d.call) return dial(Number(d.call));
+  if (d.digit !== undefined) return typeDigit(d.digit);
+  switch (d.action) {
+    case "back": return back();
+    case "answer": return send({ cmd: "answer" }).then(failed);
+    case "reject": return send({ cmd: "reject" }).then(failed);
+    case "hangup": return send({ cmd: "hangup" }).then(failed);
+    case "mute": return send({ cmd: "mute", muted: !S.call.muted }).then(failed);
+    case "dial": return dial(Number(S.dial));
+    case "delete-digit": S.dial = S.dial.slice(0, -1); return render();
+    case "add-contact": return editContact(null);
+    case "edit-contact": return editContact(Number(d.user));
+    case "delete-contact":
+      S.confirm = Number(d.user);
+      return render();
+    case "confirm-yes": return deleteContact(S.confirm);
+  }
+  if (el.type === "submit") el.form.requestSubmit();
+}
+
+function failed(r) {
+  if (r && r.ok === false) toast(r.error || "That did not work.", "bad");
+}
+
+function typeDigit(d) {
+  if (S.dial.length >= 19) return;
+  S.dial += d;
+  render();
+}
+
+function editContact(id) {
+  S.edit = id === null ? { id: null, name: "", number: "" } : { id, name: nameOf(id) || "", number: String(id) };
+  show("edit");
+  $("edit-name").value = S.edit.name;
+  $("edit-number").value = S.edit.number;
+  $("edit-error").textContent = "";
+  $("edit-name").focus();
+}
+
+async function saveContact(ev) {
+  ev.preventDefault();
+  const name = $("edit-name").value.trim();
+  const digits = $("edit-number").value.trim();
+  const number = Number(digits);
+  if (!name) return showEditError("Type a name.", "edit-name");
+  if (!/^[0-9]{1,19}$/.test(digits) || !Number.isSafeInteger(number) || number <= 0)
+    return showEditError("The TV number is digits only, like 2002.", "edit-number");
+  const r = await contactsRequest("PUT", number, { name });
+  if (!r.ok) return showEditError(r.error || "Could not save.", "edit-name");
+  if (S.edit && S.edit.id !== null && S.edit.id !== number) await contactsRequest("DELETE", S.edit.id);
+  S.contacts = r.contacts || S.contacts;
+  toast(`Saved ${name}.`);
+  back();
+}
+
+function showEditError(text, field) {
+  $("edit-error").textContent = text;
+  $(field).focus();
+}
+
+async function deleteContact(id) {
+  const who = label(id);
+  S.confirm = null;
+  const r = await contactsRequest("DELETE", id);
+  if (r.ok) {
+    S.contacts = r.contacts || S.contacts.filter((c) => c.user_id !== id);
+    toast(`Deleted ${who}.`);
+  } else toast(r.error || "Could not delete.", "bad");
+  render();
+}
+
+function onKey(e) {
+  const k = e.key;
+  const code = e.keyCode;
+  const inInput = e.target && e.target.tagName === "INPUT";
+  const incoming = !$("incoming").hidden;
+  if (RED.has(k) || code === 403) {
+    e.preventDefault();
+    if (S.call.state === "ringing_in") send({ cmd: "reject" }).then(failed);
+    else if (S.call.state !== "idle") send({ cmd: "hangup" }).then(failed);
+    return;
+  }
+  if (GREEN.has(k) || code === 404) {
+    e.preventDefault();
+    if (S.call.state === "ringing_in") return void send({ cmd: "answer" }).then(failed);
+    if (S.call.state !== "idle") return;
+    const el = document.activeElement;
+    if (S.screen === "dial") return void dial(Number(S.dial));
+    if (el && el.dataset && el.dataset.call) return void dial(Number(el.dataset.call));
+    return void show("dial");
+  }
+  if (BACK.has(k) || code === 461 || code === 10009) {
+    if (inInput && k === "Backspace" && e.target.value) return; // deleting typed text
+    e.preventDefault();
+    if (incoming) return void send({ cmd: "reject" }).then(failed);
+    if (S.screen === "dial" && S.dial && $("confirm").hidden) {
+      S.dial = S.dial.slice(0, -1);
+      return render();
+    }
+    if (S.screen === "call") return; // hang up with the red key or the on-screen button
+    return back();
+  }
+  if (k.startsWith("Arrow")) {
+    if (inInput && (k === "ArrowLeft" || k === "ArrowRight")) return; // caret
+    e.preventDefault();
+    return move(k);
+  }
+  if (k === "Enter") {
+    if (inInput) return; // submits the form
+    e.preventDefault();
+    return activate(document.activeElement);
+  }
+  if (/^[0-9]$/.test(k) && !inInput && !incoming && S.call.state === "idle" && $("confirm").hidden) {
+    e.preventDefault();
+    if (S.screen !== "dial") {
+      S.dial = "";
+      show("dial");
+    }
+    typeDigit(k);
+  }
+}
+
+// ---- rendering ----
+function dot(id) {
+  const st = stateOf(id);
+  return `<span class="dot" data-state="${st === undefined || st === null ? "" : st}"></span>`;
+}
+
+function missedRow(m, big) {
+  const st = stateOf(m.user_id);
+  const act = st === 0 ? "OK: leave a call request" : "OK: call back";
+  return `<li><button class="row focusable missed" data-key="missed-${m.call_id}" data-call="${m.user_id}">
+    ${dot(m.user_id)}<span class="who"><b>${esc(label(m.user_id))}</b>${nameOf(m.user_id) ? `<span class="num">${m.user_id}</span>` : ""}
+    ${big ? `<span class="why"> · ${esc(REASONS[m.reason] || m.reason)}</span>` : ""}</span>
+    <span class="state" data-state="${st ?? ""}">${stateText(st)}</span>
+    <span class="when">${esc(when(m.call_date))}</span>
+    ${big ? `<span class="act">${act}</span>` : ""}</button></li>`;
+}
+
+function contactRow(c, withEdit) {
+  const st = stateOf(c.user_id);
+  const main = `<button class="row focusable contact" data-key="contact-${c.user_id}" data-call="${c.user_id}">
+    ${dot(c.user_id)}<span class="who"><b>${esc(c.name)}</b><span class="num">${c.user_id}</span></span>
+    <span class="state" data-state="${st ?? ""}">${stateText(st)}</span></button>`;
+  if (!withEdit) return `<li>${main}</li>`;
+  return `<li class="row-line">${main}
+    <button class="row small focusable" data-key="edit-${c.user_id}" data-action="edit-contact" data-user="${c.user_id}">Edit</button>
+    <button class="row small focusable" data-key="delete-${c.user_id}" data-action="delete-contact" data-user="${c.user_id}">Delete</button></li>`;
+}
+
+const MAX_HOME_ROWS = 5;
+const MAX_LIST_ROWS = 8;
+
+function renderHome() {
+  const n = unseen();
+  $("badge").textContent = String(n);
+  $("badge").dataset.count = String(n);
+  $("badge-note").textContent = S.missed.length ? `${S.missed.length} since the TV was switched on` : "None";
+  $("contacts-count").textContent = String(S.contacts.length);
+  const recent = [...S.missed].reverse().slice(0, MAX_HOME_ROWS);
+  $("home-missed").innerHTML = recent.length ? recent.map((m) => missedRow(m, false)).join("") : `<li class="empty">No missed calls.</li>`;
+  const cs = S.contacts.slice(0, MAX_HOME_ROWS);
+  $("home-contacts").innerHTML = cs.length ? cs.map((c) => contactRow(c, false)).join("") : `<li class="empty">No contacts yet: open Contacts to add one.</li>`;
+}
+
+// Long lists scroll with the focus: only a window of rows around the focused one.
+function windowed(items, keyOf, max) {
+  const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.key : "";
+  let at = items.findIndex((x) => focused && focused.endsWith(`-${keyOf(x)}`));
+  if (at < 0) at = 0;
+  const start = Math.max(0, Math.min(at - Math.floor(max / 2), items.length - max));
+  return items.slice(start, start + max);
+}
+
+function renderMissed() {
+  const all = [...S.missed].reverse();
+  const rows = windowed(all, (m) => m.call_id, MAX_LIST_ROWS);
+  $("missed-list").innerHTML = all.length ? rows.map((m) => missedRow(m, true)).join("") : `<li class="empty">No missed calls since the TV was switched on.</li>`;
+}
+
+function renderContacts() {
+  const add = `<li><button class="row focusable" data-key="add-contact" data-action="add-contact"><b>+ Add a contact</b></button></li>`;
+  const rows = windowed(S.contacts, (c) => c.user_id, MAX_LIST_ROWS - 1);
+  $("contacts-list").innerHTML = add + rows.map((c) => contactRow(c, true)).join("");
+}
+
+function renderDial() {
+  $("dial-number").textContent = S.dial;
+  const n = Number(S.dial);
+  const name = S.dial ? nameOf(n) : null;
+  $("dial-name").textContent = name ? `${name} · ${stateText(stateOf(n))}` : "";
+  if (!$("keypad").childElementCount) {
+    const keys = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "del", "0", "call"];
+    $("keypad").innerHTML = keys
+      .map((k) =>
+        k === "del" ? `<button class="key-btn del focusable" data-key="key-del" data-action="delete-digit">Delete</button>`
+        : k === "call" ? `<button class="key-btn call focusable" data-key="key-call" data-action="dial">Call</button>`
+        : `<button class="key-btn focusable" data-key="key-${k}" data-digit="${k}">${k}</button>`)
+      .join("");
+  }
+}
+
+function renderCall() {
+  const c = S.call;
+  const peer = c.peer;
+  $("call-peer").textContent = peer === null ? "" : label(peer);
+  $("call-number").textContent = peer !== null && nameOf(peer) ? `TV ${peer}` : "";
+  $("call-avatar").textContent = peer === null ? "" : label(peer).slice(0, 1).toUpperCase();
+  $("call-state").textContent = c.state === "ringing_out" ? "Calling…" : c.state === "in_call" ? (c.muted ? "In call · microphone muted" : "In call") : "";
+  $("call-time").textContent = c.state === "in_call" ? mmss(Date.now() - c.since) : "";
+  $("btn-mute").textContent = c.muted ? "Unmute" : "Mute";
+  $("btn-mute").setAttribute("aria-pressed", String(!!c.muted));
+  $("btn-mute").hidden = c.state !== "in_call";
+  $("btn-hangup").textContent = c.state === "ringing_out" ? "Cancel" : "Hang up";
+}
+
+function renderChrome() {
+  $("me").textContent = S.me === null ? "" : `My number ${S.me}`;
+  const pill = $("link");
+  const banner = $("banner");
+  if (S.agentLost) {
+    pill.dataset.state = "agent-lost";
+    pill.textContent = "TV phone not running";
+    banner.textContent = "The TV phone service is not answering. Trying again…";
+    banner.hidden = false;
+  } else if (S.link.down) {
+    pill.dataset.state = "down";
+    pill.textContent = "Reconnecting…";
+    const secs = Math.max(0, Math.ceil((S.link.retryAt - Date.now()) / 1000));
+    banner.textContent = `Network down: cannot reach the call service. Reconnecting${secs ? ` in ${secs} s` : ""}…`;
+    banner.hidden = false;
+  } else {
+    pill.dataset.state = S.registered ? "online" : "connecting";
+    pill.textContent = S.registered ? "Online" : "Connecting…";
+    banner.hidden = true;
+  }
+  const now = new Date();
+  $("clock").textContent = now.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function render(screenChanged = false) {
+  const focusedKey = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.key : null;
+  document.body.dataset.screen = S.screen;
+  document.body.dataset.call = S.call.state;
+  for (const s of document.querySelectorAll(".screen")) s.hidden = s.id !== `screen-${S.screen}`;
+  renderChrome();
+  if (S.screen === "home") renderHome();
+  if (S.screen === "missed") renderMissed();
+  if (S.screen === "contacts") renderContacts();
+  if (S.screen === "dial") renderDial();
+  renderCall();
+  const ringing = S.call.state === "ringing_in";
+  $("incoming").hidden = !ringing;
+  if (ringing) {
+    $("incoming-peer").textContent = label(S.call.peer);
+    $("incoming-number").textContent = nameOf(S.call.peer) ? `TV ${S.call.peer}` : "";
+  }
+  $("confirm").hidden = ringing || S.confirm === null;
+  if (S.confirm !== null) $("confirm-text").textContent = `Delete ${label(S.confirm)} from contacts?`;
+  // Keep the focus on the same item across re-renders; otherwise the first item.
+  const items = focusables();
+  if (!items.length) return;
+  const same = focusedKey && items.find((el) => el.dataset.key === focusedKey);
+  if (same && !screenChanged) {
+    if (document.activeElement !== same) same.focus();
+  } else if (!items.includes(document.activeElement) || screenChanged) {
+    items[0].focus();
+  }
+}
+
+document.addEventListener("keydown", onKey);
+document.addEventListener("DOMContentLoaded", () => {
+  $("edit-form").addEventListener("submit", saveContact);
+  render(true);
+  connect();
+  // Call timer, reconnect countdown and clock.
+  setInterval(() => {
+    renderChrome();
+    if (S.call.state === "in_call") $("call-time").textContent = mmss(Date.now() - S.call.since);
+  }, 500);
+});

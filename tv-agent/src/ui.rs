@@ -1,0 +1,307 @@
+//! The on-screen 10-foot UI, served over HTTP on loopback to the TV's own browser.
+//!
+//! - `GET /` with `/app.js` and `/app.css`: the page, embedded in the binary.
+//! - `GET /api/events`: server-sent events. The first is a `snapshot` (status, missed
+//!   calls, contacts, their online state); then every [`AgentEvent`] as the control API
+//!   streams it, plus `presence` and `contacts` changes. A client that falls behind is
+//!   cut off; the browser reconnects and starts again from a new snapshot.
+//! - `POST /api/command`: one control-API command (`{"cmd":"dial","to":2002}`, …), run
+//!   through [`api::execute`], so the UI acts through the same API as other clients.
+//! - `GET /api/contacts`, `PUT /api/contacts/{user}` (`{"name":"Gran"}`),
+//!   `DELETE /api/contacts/{user}`: the address book.
+//!
+//! The server has no presence push, so the UI polls the state of its contacts and
+//! missed callers every few seconds (one `QueryState` for all of them) and at once when
+//! the book or the missed calls change; only changes reach the browser.
+//!
+//! Requests must name a loopback host (defeats DNS rebinding) and, if they carry an
+//! `Origin`, come from this UI; commands must be JSON, which a cross-site form cannot
+//! send without a preflight this server never grants.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shared_proto::UserId;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, Mutex, Notify};
+
+use crate::agent::{netstate, Agent, AgentEvent};
+use crate::api;
+use crate::contacts::{ContactBook, ContactError};
+
+/// How often contacts' online state is refreshed.
+const PRESENCE_EVERY: Duration = Duration::from_secs(5);
+/// Largest request body (commands and contact edits are tiny).
+const MAX_BODY: usize = 16 * 1024;
+/// Most users asked about in one presence query (the server's own limit).
+const MAX_PRESENCE: usize = shared_proto::MAX_QUERY_USERS;
+
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const APP_JS: &str = include_str!("../assets/app.js");
+const APP_CSS: &str = include_str!("../assets/app.css");
+
+/// What the UI's handlers share.
+struct Ui {
+    /// The agent the UI drives.
+    agent: Agent,
+    /// The address book (file-backed).
+    contacts: Mutex<ContactBook>,
+    /// Last known state of each contact and missed caller: 1 online, 0 off, None unknown.
+    presence: Mutex<BTreeMap<UserId, Option<u8>>>,
+    /// UI-only events (`presence`, `contacts`) for every open event stream.
+    events: broadcast::Sender<Value>,
+    /// Wakes the presence poller early (book or missed calls changed, registered).
+    refresh: Notify,
+}
+
+/// Serves the UI on `listener` (which must be loopback) for as long as the agent runs.
+pub async fn serve(
+    listener: TcpListener,
+    agent: Agent,
+    contacts: ContactBook,
+) -> std::io::Result<()> {
+    let (events, _) = broadcast::channel(64);
+    let ui = Arc::new(Ui {
+        agent,
+        contacts: Mutex::new(contacts),
+        presence: Mutex::new(BTreeMap::new()),
+        events,
+        refresh: Notify::new(),
+    });
+    tokio::spawn(poll_presence(Arc::clone(&ui)));
+    let app = Router::new()
+        .route("/", get(|| asset("text/html; charset=utf-8", INDEX_HTML)))
+        .route(
+            "/app.js",
+            get(|| asset("text/javascript; charset=utf-8", APP_JS)),
+        )
+        .route(
+            "/app.css",
+            get(|| asset("text/css; charset=utf-8", APP_CSS)),
+        )
+        .route("/api/events", get(event_stream))
+        .route("/api/command", post(command))
+        .route("/api/contacts", get(list_contacts))
+        .route(
+            "/api/contacts/{user}",
+            put(set_contact).delete(remove_contact),
+        )
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(same_origin_only))
+        .with_state(ui);
+    axum::serve(listener, app).await
+}
+
+async fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'",
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Refuses requests that do not name a loopback host or that come from another origin.
+async fn same_origin_only(headers: HeaderMap, request: Request, next: Next) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let hostname = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    if !matches!(hostname, "127.0.0.1" | "localhost" | "[::1]") {
+        return (StatusCode::FORBIDDEN, "the TV UI answers on loopback only").into_response();
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if origin.as_bytes() != format!("http://{host}").as_bytes() {
+            return (StatusCode::FORBIDDEN, "cross-origin requests are refused").into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn event_stream(
+    State(ui): State<Arc<Ui>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    // Subscribe before taking the snapshot, so nothing falls between the two; events
+    // the snapshot already reflects are harmless to apply again.
+    let agent_events = ui.agent.subscribe();
+    let ui_events = ui.events.subscribe();
+    let snapshot = ui.snapshot().await;
+    let agent_stream = futures::stream::unfold(agent_events, |mut rx| async move {
+        match rx.recv().await {
+            Ok(ev) => Some((serde_json::to_value(&ev).unwrap_or_default(), rx)),
+            // Fell behind or the agent is gone: end; the browser reconnects and resyncs.
+            Err(_) => None,
+        }
+    });
+    let ui_stream = futures::stream::unfold(ui_events, |mut rx| async move {
+        rx.recv().await.ok().map(|v| (v, rx))
+    });
+    // Either side ending ends the stream, so a lagging client always resyncs.
+    let live = futures::stream::select(
+        agent_stream
+            .map(Some)
+            .chain(futures::stream::once(async { None })),
+        ui_stream
+            .map(Some)
+            .chain(futures::stream::once(async { None })),
+    )
+    .take_while(|v| std::future::ready(v.is_some()))
+    .filter_map(std::future::ready);
+    let stream = futures::stream::once(async move { snapshot })
+        .chain(live)
+        .map(|v| Ok(Event::default().data(v.to_string())));
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+}
+
+async fn command(State(ui): State<Arc<Ui>>, Json(cmd): Json<Value>) -> Json<Value> {
+    Json(api::execute(&ui.agent, &cmd.to_string()).await)
+}
+
+async fn list_contacts(State(ui): State<Arc<Ui>>) -> Json<Value> {
+    Json(json!({"ok": true, "contacts": ui.contacts.lock().await.list()}))
+}
+
+/// Body of `PUT /api/contacts/{user}`.
+#[derive(Deserialize)]
+struct SetContact {
+    /// The contact's name.
+    name: String,
+}
+
+async fn set_contact(
+    State(ui): State<Arc<Ui>>,
+    Path(user): Path<UserId>,
+    Json(body): Json<SetContact>,
+) -> Response {
+    let r = ui.contacts.lock().await.set(user, &body.name);
+    ui.contacts_changed(r).await
+}
+
+async fn remove_contact(State(ui): State<Arc<Ui>>, Path(user): Path<UserId>) -> Response {
+    let r = ui.contacts.lock().await.remove(user);
+    ui.contacts_changed(r).await
+}
+
+impl Ui {
+    /// Everything a freshly opened page needs.
+    async fn snapshot(&self) -> Value {
+        let status = self.agent.status().await;
+        let missed = self.agent.missed().await;
+        json!({
+            "event": "snapshot",
+            "status": status,
+            "missed": missed,
+            "contacts": self.contacts.lock().await.list(),
+            "presence": presence_json(&*self.presence.lock().await),
+        })
+    }
+
+    /// Answers a contact change and tells every open page.
+    async fn contacts_changed(&self, r: Result<(), ContactError>) -> Response {
+        match r {
+            Ok(()) => {
+                let contacts =
+                    json!({"event": "contacts", "contacts": self.contacts.lock().await.list()});
+                let _ = self.events.send(contacts.clone());
+                self.refresh.notify_one();
+                (
+                    StatusCode::OK,
+                    Json(json!({"ok": true, "contacts": contacts["contacts"]})),
+                )
+                    .into_response()
+            }
+            Err(e) => {
+                let status = match e {
+                    ContactError::NotFound(_) => StatusCode::NOT_FOUND,
+                    ContactError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                (status, Json(json!({"ok": false, "error": e.to_string()}))).into_response()
+            }
+        }
+    }
+
+    /// The users whose state the UI shows: contacts first, then missed callers.
+    async fn watched(&self) -> Vec<UserId> {
+        let mut ids: Vec<UserId> = self
+            .contacts
+            .lock()
+            .await
+            .list()
+            .iter()
+            .map(|c| c.user_id)
+            .collect();
+        for m in self.agent.missed().await.iter().rev() {
+            ids.push(m.user_id);
+        }
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| seen.insert(*id));
+        ids.truncate(MAX_PRESENCE);
+        ids
+    }
+}
+
+fn presence_json(p: &BTreeMap<UserId, Option<u8>>) -> Value {
+    Value::Array(
+        p.iter()
+            .map(|(id, s)| json!({"user_id": id, "user_netstate": s}))
+            .collect(),
+    )
+}
+
+/// Keeps `Ui::presence` fresh and tells open pages about changes.
+async fn poll_presence(ui: Arc<Ui>) {
+    let mut agent_events = ui.agent.subscribe();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PRESENCE_EVERY) => {}
+            () = ui.refresh.notified() => {}
+            ev = agent_events.recv() => match ev {
+                Ok(AgentEvent::Registered { .. } | AgentEvent::CachedCalls { .. }) => {}
+                Ok(AgentEvent::PoweredOff) | Err(broadcast::error::RecvError::Closed) => return,
+                _ => continue,
+            },
+        }
+        let ids = ui.watched().await;
+        if ids.is_empty() {
+            continue;
+        }
+        let Ok(states) = ui.agent.query(ids).await else {
+            // Link down: keep the last known states; the page shows the link state.
+            continue;
+        };
+        let fresh: BTreeMap<UserId, Option<u8>> = states
+            .iter()
+            .map(|s| (s.user_id, netstate(s.state)))
+            .collect();
+        let mut presence = ui.presence.lock().await;
+        if *presence != fresh {
+            *presence = fresh;
+            let _ = ui
+                .events
+                .send(json!({"event": "presence", "states": presence_json(&presence)}));
+        }
+    }
+}

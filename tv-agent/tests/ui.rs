@@ -1,0 +1,607 @@
+//! The on-screen TV UI in headless Chromium (Debian's chromium, driven through
+//! chromedriver), keyboard only, against a real server and real `tv-agent run` daemons.
+//! The tests also write screenshots of the main screens at 1920×1080 to
+//! `target/ui-screenshots/` (or `$UI_SCREENSHOT_DIR`) for people to look at.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+use fantoccini::key::Key;
+use fantoccini::{Client, ClientBuilder};
+use serde_json::{json, Value};
+use tv_agent::media::AudioSpec;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts TCP connections on `port`.
+async fn wait_listening(port: u16, what: &str) {
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what} did not start listening on port {port}");
+}
+
+/// A `tv-agent run` daemon with its UI; killed when dropped.
+struct Tv {
+    ui_port: u16,
+    child: Child,
+}
+
+impl Tv {
+    async fn start(server: SocketAddr, user: u64, data_dir: &Path, audio_in: &str) -> Tv {
+        let ui_port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
+            .args(["run", "--user", &user.to_string()])
+            .args(["--server", &server.to_string()])
+            .args(["--audio-in", audio_in, "--audio-out", "null"])
+            .args(["--control-listen", "127.0.0.1:0"])
+            .args(["--ui-listen", &format!("127.0.0.1:{ui_port}")])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tv-agent");
+        wait_listening(ui_port, "the TV UI").await;
+        Tv { ui_port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.ui_port)
+    }
+}
+
+impl Drop for Tv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// chromedriver and the browsers it drives.
+struct Driver {
+    port: u16,
+    child: Child,
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver not found: install chromium and chromium-driver (bash scripts/setup.sh)");
+        wait_listening(port, "chromedriver").await;
+        Driver { port, child }
+    }
+
+    /// A new headless Chromium at `width`×`height` CSS pixels.
+    async fn browser(&self, width: u32, height: u32) -> Client {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-background-networking", "--disable-extensions", "--no-first-run",
+                    "--hide-scrollbars", "--force-device-scale-factor=1", "--lang=en-US",
+                    format!("--window-size={width},{height}"),
+                ],
+            }),
+        );
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .expect("a headless Chromium session");
+        // The window size includes the browser's own frame: grow the window until the
+        // page itself (the TV screen) is exactly width × height.
+        let inner = |c: Client| async move {
+            let v = c
+                .execute("return [innerWidth, innerHeight];", vec![])
+                .await
+                .unwrap();
+            (v[0].as_i64().unwrap(), v[1].as_i64().unwrap())
+        };
+        let (w, h) = (i64::from(width), i64::from(height));
+        let (iw, ih) = inner(client.clone()).await;
+        client
+            .set_window_size((2 * w - iw) as u32, (2 * h - ih) as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            inner(client.clone()).await,
+            (w, h),
+            "the page is {width}×{height}"
+        );
+        client
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One screen of one TV: its browser and what it is called in messages and files.
+struct Screen {
+    name: &'static str,
+    client: Client,
+}
+
+impl Screen {
+    async fn open(driver: &Driver, name: &'static str, tv: &Tv) -> Screen {
+        let client = driver.browser(1920, 1080).await;
+        client.goto(&tv.url()).await.unwrap();
+        let s = Screen { name, client };
+        s.wait(
+            "the first snapshot",
+            "document.getElementById('me').textContent !== ''",
+        )
+        .await;
+        let inner: Value = s.js("[innerWidth, innerHeight]").await;
+        assert_eq!(inner, json!([1920, 1080]), "viewport");
+        s
+    }
+
+    async fn js(&self, expr: &str) -> Value {
+        self.client
+            .execute(&format!("return ({expr});"), vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{}: script `{expr}` failed: {e}", self.name))
+    }
+
+    /// Waits (up to 30 s) until `expr` is truthy in the page.
+    async fn wait(&self, what: &str, expr: &str) {
+        for _ in 0..300 {
+            let v = self.js(expr).await;
+            if !(v.is_null() || v == json!(false) || v == json!("") || v == json!(0)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let page = self.js("document.body.innerText").await;
+        self.shot(&format!("FAILED-{}", self.name)).await;
+        panic!(
+            "{}: timed out waiting for {what} ({expr}); page text:\n{page}",
+            self.name
+        );
+    }
+
+    /// Presses remote keys (each a key down and up), as the keyboard stand-ins for
+    /// the remote's buttons.
+    async fn press(&self, keys: &[char]) {
+        let mut actions = KeyActions::new("remote".into());
+        for &k in keys {
+            actions = actions
+                .then(KeyAction::Down { value: k })
+                .then(KeyAction::Up { value: k });
+        }
+        self.client.perform_actions(actions).await.unwrap();
+    }
+
+    async fn text(&self, id: &str) -> String {
+        self.js(&format!("document.getElementById('{id}').innerText"))
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    async fn focused(&self) -> String {
+        self.js("document.activeElement && document.activeElement.dataset.key || ''")
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Saves a screenshot and checks its size.
+    async fn shot(&self, file: &str) {
+        let png = self.client.screenshot().await.unwrap();
+        let dir = screenshot_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{file}.png")), &png).unwrap();
+        let (w, h) = png_size(&png);
+        assert!(!file.starts_with("FAILED") || w > 0);
+        if !file.starts_with("FAILED") {
+            self.assert_inside_safe_area().await;
+            let inner = self.js("[innerWidth, innerHeight]").await;
+            assert_eq!(
+                json!([w, h]),
+                inner,
+                "{file}: screenshot is the whole viewport"
+            );
+        }
+    }
+
+    /// Every visible interactive item and text block lies inside the 5 % title-safe
+    /// area and nothing scrolls.
+    async fn assert_inside_safe_area(&self) {
+        let bad = self
+            .js(
+                "(() => { const W = innerWidth, H = innerHeight, out = [];
+                   for (const el of document.querySelectorAll('#safe *')) {
+                     if (!el.offsetParent || el.closest('[hidden]')) continue;
+                     const r = el.getBoundingClientRect();
+                     if (r.width === 0 || r.height === 0) continue;
+                     if (r.left < W * 0.05 - 1 || r.top < H * 0.05 - 1 || r.right > W * 0.95 + 1 || r.bottom > H * 0.95 + 1)
+                       out.push((el.id || el.className) + ' ' + JSON.stringify([r.left, r.top, r.right, r.bottom]));
+                   }
+                   if (document.documentElement.scrollHeight > H || document.documentElement.scrollWidth > W) out.push('page scrolls');
+                   return out; })()",
+            )
+            .await;
+        assert_eq!(bad, json!([]), "{}: items outside the safe area", self.name);
+    }
+}
+
+fn screenshot_dir() -> PathBuf {
+    std::env::var_os("UI_SCREENSHOT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+                .join("ui-screenshots")
+        })
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert_eq!(&png[1..4], b"PNG", "a PNG screenshot");
+    let be = |i: usize| u32::from_be_bytes([png[i], png[i + 1], png[i + 2], png[i + 3]]);
+    (be(16), be(20))
+}
+
+const OK: char = '\u{E007}'; // Enter
+const BACK: char = '\u{E00C}'; // Escape
+const DOWN: char = '\u{E015}';
+const RIGHT: char = '\u{E014}';
+
+fn red() -> char {
+    Key::F1.into()
+}
+fn green() -> char {
+    Key::F2.into()
+}
+
+/// Makes `user` known to the server (a TV that has been on once), then off again.
+async fn switch_on_once(server: SocketAddr, user: u64) {
+    let (agent, _events) = boot(agent_config(server, user, AudioSpec::Null, AudioSpec::Null)).await;
+    agent.power_off().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start_ringing(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db.sqlite"),
+        60_000,
+    )
+    .await;
+    switch_on_once(srv.addr, 2002).await;
+    let driver = Driver::start().await;
+
+    // TV A is on; B is off. A dials B on the dial pad: digits, then the green key.
+    let tv_a = Tv::start(srv.addr, 1001, &dir.path().join("tv-a"), "tone:440").await;
+    let a = Screen::open(&driver, "A", &tv_a).await;
+    a.wait(
+        "online",
+        "document.getElementById('link').dataset.state === 'online'",
+    )
+    .await;
+    a.assert_inside_safe_area().await;
+    a.press(&['2', '0', '0', '2']).await;
+    a.wait("the dial pad with 2002", "document.body.dataset.screen === 'dial' && document.getElementById('dial-number').textContent === '2002'").await;
+    a.press(&['9', BACK]).await; // a wrong digit, deleted with Back
+    assert_eq!(a.text("dial-number").await, "2002");
+    a.shot("dial-pad").await;
+    a.press(&[green()]).await;
+    a.wait(
+        "the cached message",
+        "!document.getElementById('toast').hidden && document.getElementById('toast').textContent.includes('will see it when they switch it on')",
+    )
+    .await;
+    assert!(a.text("toast").await.starts_with("TV 2002 is off."));
+    a.shot("dial-offline-cached").await;
+    a.press(&[BACK]).await; // Back with the number still there deletes a digit …
+    a.press(&[BACK, BACK, BACK, BACK]).await; // … and on an empty pad goes home.
+    a.wait("home", "document.body.dataset.screen === 'home'")
+        .await;
+
+    // B switches on: the badge and the list show A's call with A's state (on).
+    let tv_b = Tv::start(srv.addr, 2002, &dir.path().join("tv-b"), "tone:1000").await;
+    let b = Screen::open(&driver, "B", &tv_b).await;
+    b.wait(
+        "the badge",
+        "document.getElementById('badge').textContent === '1'",
+    )
+    .await;
+    b.wait(
+        "A's call in the home list, A's TV on",
+        "document.getElementById('home-missed').innerText.includes('TV 1001') && document.querySelector('#home-missed .state').dataset.state === '1'",
+    )
+    .await;
+    assert_eq!(
+        b.focused().await,
+        "tile-missed",
+        "focus starts on Missed calls"
+    );
+    b.assert_inside_safe_area().await;
+    b.shot("home-missed-call").await;
+    b.press(&[OK]).await;
+    b.wait(
+        "the missed-calls screen",
+        "document.body.dataset.screen === 'missed'",
+    )
+    .await;
+    let row = b.text("missed-list").await;
+    assert!(
+        row.contains("TV 1001") && row.contains("TV on") && row.contains("OK: call back"),
+        "{row}"
+    );
+    assert!(b.focused().await.starts_with("missed-"));
+    b.shot("missed-calls").await;
+
+    // OK on it calls A back; A's UI shows the incoming overlay.
+    b.press(&[OK]).await;
+    b.wait(
+        "calling",
+        "document.body.dataset.call === 'ringing_out' && document.body.dataset.screen === 'call'",
+    )
+    .await;
+    a.wait(
+        "the incoming overlay",
+        "!document.getElementById('incoming').hidden",
+    )
+    .await;
+    assert_eq!(a.text("incoming-peer").await, "TV 2002");
+    assert_eq!(a.focused().await, "incoming-answer", "OK answers");
+    a.shot("incoming-call").await;
+    b.shot("calling").await;
+
+    // A answers with OK: both in call.
+    a.press(&[OK]).await;
+    for s in [&a, &b] {
+        s.wait("in call", "document.body.dataset.call === 'in_call' && document.getElementById('call-state').textContent.startsWith('In call')").await;
+    }
+    a.wait(
+        "the call timer",
+        "/^0:0[1-9]$/.test(document.getElementById('call-time').textContent)",
+    )
+    .await;
+    // Mute from A's remote: focus is on Mute, OK toggles it.
+    assert_eq!(a.focused().await, "call-mute");
+    a.press(&[OK]).await;
+    a.wait(
+        "muted",
+        "document.getElementById('call-state').textContent.includes('muted')",
+    )
+    .await;
+    a.shot("in-call").await;
+    b.shot("in-call-other-side").await;
+
+    // B's red key hangs up on both.
+    b.press(&[red()]).await;
+    for s in [&a, &b] {
+        s.wait(
+            "idle again",
+            "document.body.dataset.call === 'idle' && document.body.dataset.screen !== 'call'",
+        )
+        .await;
+    }
+    a.wait(
+        "the peer hung up",
+        "document.getElementById('toast').textContent.includes('TV 2002 hung up')",
+    )
+    .await;
+
+    // The badge was cleared by looking at the list.
+    b.press(&[BACK]).await;
+    b.wait("home on B", "document.body.dataset.screen === 'home'")
+        .await;
+    assert_eq!(b.text("badge").await, "0");
+
+    a.client.close().await.unwrap();
+    b.client.close().await.unwrap();
+    drop(tv_a);
+    drop(tv_b);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db.sqlite"),
+    )
+    .await;
+    switch_on_once(srv.addr, 3003).await;
+    let driver = Driver::start().await;
+    let data = dir.path().join("tv-a");
+    let tv = Tv::start(srv.addr, 1001, &data, "null").await;
+    let a = Screen::open(&driver, "A", &tv).await;
+
+    // Home → Contacts (Right twice, OK) → Add → name, Down, number, OK.
+    a.press(&[RIGHT, RIGHT, OK]).await;
+    a.wait("contacts", "document.body.dataset.screen === 'contacts'")
+        .await;
+    assert_eq!(a.focused().await, "add-contact");
+    a.press(&[OK]).await;
+    a.wait("the form", "document.activeElement.id === 'edit-name'")
+        .await;
+    a.press(&['G', 'r', 'a', 'n']).await;
+    a.press(&[DOWN, '3', '0', '0', '3', OK]).await;
+    a.wait(
+        "the new contact listed",
+        "document.getElementById('contacts-list').innerText.includes('Gran')",
+    )
+    .await;
+    a.wait(
+        "Gran's TV shown off",
+        "document.querySelector('#contacts-list .contact .state').dataset.state === '0'",
+    )
+    .await;
+    // A bad number is refused with a message, nothing saved.
+    a.press(&[OK]).await; // focus is on "+ Add a contact" again
+    a.wait("the form", "document.activeElement.id === 'edit-name'")
+        .await;
+    a.press(&['X', DOWN, '0', OK]).await;
+    a.wait(
+        "the error",
+        "document.getElementById('edit-error').textContent.includes('digits only')",
+    )
+    .await;
+    a.press(&[BACK]).await; // Back leaves the form without saving
+    a.wait("contacts", "document.body.dataset.screen === 'contacts'")
+        .await;
+    assert!(!a.text("contacts-list").await.contains('X'));
+    a.shot("contacts").await;
+
+    // A switched-on contact shows as on within a few seconds (presence polling).
+    let (gran, _events) = boot(agent_config(
+        srv.addr,
+        3003,
+        AudioSpec::Null,
+        AudioSpec::Null,
+    ))
+    .await;
+    a.wait(
+        "Gran's TV shown on",
+        "document.querySelector('#contacts-list .contact .state').dataset.state === '1'",
+    )
+    .await;
+
+    // The TV restarts: the book is still there, on the home screen too.
+    a.client.close().await.unwrap();
+    drop(tv);
+    let tv = Tv::start(srv.addr, 1001, &data, "null").await;
+    let a = Screen::open(&driver, "A again", &tv).await;
+    a.wait(
+        "the kept contact",
+        "document.getElementById('home-contacts').innerText.includes('Gran')",
+    )
+    .await;
+    // The contact is one key press from a call: Down to it, green calls.
+    a.press(&[DOWN]).await;
+    a.wait(
+        "focus on a list row",
+        "document.activeElement.dataset.key === 'contact-3003'",
+    )
+    .await;
+    a.press(&[green()]).await;
+    a.wait("calling Gran", "document.body.dataset.call === 'ringing_out' && document.getElementById('call-peer').textContent === 'Gran'").await;
+    a.press(&[red()]).await;
+    a.wait("idle", "document.body.dataset.call === 'idle'")
+        .await;
+
+    // Delete it: Contacts → Right to Delete on its row → OK → confirm.
+    a.press(&[RIGHT, RIGHT, OK]).await;
+    a.wait("contacts", "document.body.dataset.screen === 'contacts'")
+        .await;
+    a.press(&[DOWN, RIGHT, RIGHT]).await;
+    assert_eq!(a.focused().await, "delete-3003");
+    a.press(&[OK]).await;
+    a.wait(
+        "the confirmation",
+        "!document.getElementById('confirm').hidden",
+    )
+    .await;
+    a.press(&[OK]).await;
+    a.wait(
+        "deleted",
+        "!document.getElementById('contacts-list').innerText.includes('Gran')",
+    )
+    .await;
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(data.join("contacts.json")).unwrap()).unwrap();
+    assert_eq!(file, json!([]));
+
+    gran.power_off().await;
+    a.client.close().await.unwrap();
+    drop(tv);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_server_shows_reconnecting_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let srv = Server::start(SocketAddr::from(([127, 0, 0, 1], 0)), &db).await;
+    let addr = srv.addr;
+    let driver = Driver::start().await;
+    let tv = Tv::start(addr, 1001, &dir.path().join("tv"), "null").await;
+    let a = Screen::open(&driver, "A", &tv).await;
+    a.wait(
+        "online",
+        "document.getElementById('link').dataset.state === 'online'",
+    )
+    .await;
+    assert!(a.js("document.getElementById('banner').hidden").await == json!(true));
+
+    srv.stop().await;
+    a.wait("the reconnecting banner", "!document.getElementById('banner').hidden && document.getElementById('banner').textContent.includes('Reconnecting')").await;
+    assert_eq!(a.text("link").await, "Reconnecting…");
+    a.shot("network-down-reconnecting").await;
+    // Dialling meanwhile says why it cannot.
+    a.press(&['7', green()]).await;
+    a.wait(
+        "the unreachable message",
+        "document.getElementById('toast').textContent.includes('Cannot reach the call service')",
+    )
+    .await;
+
+    let srv = Server::start(addr, &db).await;
+    a.wait("online again", "document.getElementById('link').dataset.state === 'online' && document.getElementById('banner').hidden").await;
+    a.wait("the recovered message", "document.getElementById('toast').textContent.includes('Connected to the call service again')").await;
+
+    // The same layout at 1280×720 still fits the safe area.
+    let small = driver.browser(1280, 720).await;
+    small.goto(&tv.url()).await.unwrap();
+    let s = Screen {
+        name: "A at 720p",
+        client: small,
+    };
+    s.wait(
+        "the first snapshot",
+        "document.getElementById('me').textContent !== ''",
+    )
+    .await;
+    s.assert_inside_safe_area().await;
+    let png = s.client.screenshot().await.unwrap();
+    assert_eq!(png_size(&png), (1280, 720));
+    std::fs::create_dir_all(screenshot_dir()).unwrap();
+    std::fs::write(screenshot_dir().join("home-1280x720.png"), &png).unwrap();
+
+    s.client.close().await.unwrap();
+    a.client.close().await.unwrap();
+    drop(tv);
+    srv.stop().await;
+}
