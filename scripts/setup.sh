@@ -29,6 +29,11 @@ command -v sox >/dev/null 2>&1 || missing+=(sox)
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 # The interoperability test checks that ffmpeg decodes a call's RTP.
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+# The TV UI's browser tests drive Debian's headless Chromium through chromedriver; fonts
+# so the screenshots show real text.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+fc-list 2>/dev/null | grep -qi dejavu || missing+=(fonts-dejavu-core)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt_install "${missing[@]}"

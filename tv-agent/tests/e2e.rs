@@ -349,3 +349,80 @@ async fn agent_started_before_the_server_and_server_restarted_mid_session() {
     b.power_off().await;
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_sends_silence_until_unmuted() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db.sqlite"),
+    )
+    .await;
+    let wav_b = dir.path().join("b-hears.wav");
+    let (a, mut ea) = boot(agent_config(
+        srv.addr,
+        A,
+        AudioSpec::Tone(440.0),
+        AudioSpec::Null,
+    ))
+    .await;
+    let (b, mut eb) = boot(agent_config(
+        srv.addr,
+        B,
+        AudioSpec::Null,
+        AudioSpec::Wav(wav_b.clone()),
+    ))
+    .await;
+    // Nothing to mute before a call.
+    assert!(a.set_muted(true).await.is_err());
+    assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
+    expect_event(&mut eb, 5, "incoming call", |e| {
+        matches!(e, AgentEvent::Incoming { caller: A, .. }).then_some(())
+    })
+    .await;
+    b.answer().await.unwrap();
+    expect_event(&mut ea, 5, "answered", |e| {
+        matches!(e, AgentEvent::Answered { peer: B, .. }).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.set_muted(true).await.unwrap();
+    expect_event(&mut ea, 5, "muted", |e| {
+        matches!(e, AgentEvent::Muted { muted: true, .. }).then_some(())
+    })
+    .await;
+    assert!(a.status().await.unwrap().muted);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.set_muted(false).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.hang_up().await.unwrap();
+    expect_event(&mut eb, 5, "B's end", |e| {
+        matches!(e, AgentEvent::Ended { .. }).then_some(())
+    })
+    .await;
+    a.power_off().await;
+    b.power_off().await;
+    // B heard the tone, then a silence of about the muted time, then the tone again.
+    let s = read_wav(&wav_b);
+    let sounding: Vec<bool> = s
+        .chunks(960)
+        .map(|w| (w.iter().map(|x| x * x).sum::<f64>() / w.len() as f64).sqrt() > 1000.0)
+        .collect();
+    let longest_silence = sounding.split(|&x| x).map(<[bool]>::len).max().unwrap_or(0);
+    let first_sound = sounding
+        .iter()
+        .position(|&x| x)
+        .expect("the tone before muting");
+    let last_sound = sounding.iter().rposition(|&x| x).unwrap();
+    let silence_at = sounding[first_sound..]
+        .iter()
+        .position(|&x| !x)
+        .map(|i| i + first_sound)
+        .unwrap();
+    assert!(
+        (60..=90).contains(&longest_silence),
+        "one silence of about 1.5 s (75 windows), got {longest_silence}"
+    );
+    assert!(silence_at < last_sound, "the tone came back after unmuting");
+    srv.stop().await;
+}
