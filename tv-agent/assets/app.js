@@ -137,11 +137,13 @@ function toast(text, kind) {
 
 function endedText(outcome, peer) {
   const who = label(peer);
+  if (S.call.state === "ringing_in" && outcome !== "rejected") return `Missed call from ${who}.`;
   switch (outcome) {
     case "hung_up": return "Call ended.";
     case "hung_up_by_peer": return `${who} hung up.`;
     case "no_answer": return `${who} did not answer.`;
     case "rejected": return S.call.state === "ringing_in" ? "Call rejected." : `${who} declined the call.`;
+    case "answer_failed": return "The call could not be answered.";
     case "peer_lost": return `The call with ${who} was cut off.`;
     case "link_lost": return "The call dropped: network down.";
     case "server_shutdown": return "The call service restarted; the call ended.";
@@ -226,6 +228,9 @@ function apply(ev) {
       if (S.screen === "call") back();
       break;
     }
+    case "missed_cleared":
+      S.missed = [];
+      break;
     case "presence":
       S.presence = new Map(ev.states.map((p) => [p.user_id, p.user_netstate]));
       break;
@@ -255,6 +260,40 @@ function connect() {
     S.agentLost = true;
     render();
   };
+}
+
+// ---- ringing ----
+// A ring tone made in the page (no sound files): 440+480 Hz, 2 s on, 4 s off, while a call
+// rings here. Browsers may refuse sound before the first key press; then it stays quiet.
+let ring = null;
+function ringTone(on) {
+  if (on && !ring) {
+    try {
+      const ctx = new AudioContext();
+      const gain = ctx.createGain();
+      gain.gain.value = 0;
+      gain.connect(ctx.destination);
+      for (const f of [440, 480]) {
+        const o = ctx.createOscillator();
+        o.frequency.value = f;
+        o.connect(gain);
+        o.start();
+      }
+      const cycle = () => {
+        const t = ctx.currentTime;
+        gain.gain.setValueAtTime(0.15, t);
+        gain.gain.setValueAtTime(0, t + 2);
+      };
+      cycle();
+      ring = { ctx, timer: setInterval(cycle, 6000) };
+    } catch (e) {
+      ring = null;
+    }
+  } else if (!on && ring) {
+    clearInterval(ring.timer);
+    ring.ctx.close();
+    ring = null;
+  }
 }
 
 // ---- screens and navigation ----
@@ -343,12 +382,33 @@ function activate(el) {
     case "delete-digit": S.dial = S.dial.slice(0, -1); return render();
     case "add-contact": return editContact(null);
     case "edit-contact": return editContact(Number(d.user));
-    case "delete-contact":
-      S.confirm = Number(d.user);
-      return render();
-    case "confirm-yes": return deleteContact(S.confirm);
+    case "delete-contact": {
+      const id = Number(d.user);
+      return ask(`Delete ${label(id)} from contacts?`, "Delete", () => deleteContact(id));
+    }
+    case "clear-missed":
+      return ask("Clear the list of missed calls?", "Clear", clearMissed);
+    case "confirm-yes": {
+      const run = S.confirm && S.confirm.run;
+      S.confirm = null;
+      render();
+      return run && run();
+    }
   }
   if (el.type === "submit") el.form.requestSubmit();
+}
+
+// A yes/no question over the current screen; OK on the first button says yes.
+function ask(text, yes, run) {
+  S.confirm = { text, yes, run };
+  render();
+}
+
+async function clearMissed() {
+  const r = await send({ cmd: "clear_missed" });
+  if (r.ok) S.missed = [];
+  else failed(r);
+  render();
 }
 
 function failed(r) {
@@ -393,7 +453,6 @@ function showEditError(text, field) {
 
 async function deleteContact(id) {
   const who = label(id);
-  S.confirm = null;
   const r = await contactsRequest("DELETE", id);
   if (r.ok) {
     S.contacts = r.contacts || S.contacts.filter((c) => c.user_id !== id);
@@ -508,7 +567,8 @@ function windowed(items, keyOf, max) {
 function renderMissed() {
   const all = [...S.missed].reverse();
   const rows = windowed(all, (m) => m.call_id, MAX_LIST_ROWS);
-  $("missed-list").innerHTML = all.length ? rows.map((m) => missedRow(m, true)).join("") : `<li class="empty">No missed calls since the TV was switched on.</li>`;
+  $("missed-list").innerHTML = all.length ? rows.map((m) => missedRow(m, true)).join("") : `<li class="empty">No missed calls.</li>`;
+  $("clear-missed").hidden = !all.length;
 }
 
 function renderContacts() {
@@ -584,12 +644,16 @@ function render(screenChanged = false) {
   renderCall();
   const ringing = S.call.state === "ringing_in";
   $("incoming").hidden = !ringing;
+  ringTone(ringing);
   if (ringing) {
     $("incoming-peer").textContent = label(S.call.peer);
     $("incoming-number").textContent = nameOf(S.call.peer) ? `TV ${S.call.peer}` : "";
   }
   $("confirm").hidden = ringing || S.confirm === null;
-  if (S.confirm !== null) $("confirm-text").textContent = `Delete ${label(S.confirm)} from contacts?`;
+  if (S.confirm !== null) {
+    $("confirm-text").textContent = S.confirm.text;
+    $("confirm-yes").textContent = S.confirm.yes;
+  }
   // Keep the focus on the same item across re-renders; otherwise the first item.
   const items = focusables();
   if (!items.length) return;

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shared_proto::{
     CachedCall, CallId, DialOutcome, EndReason, ErrorCode, Event, MissedReason, NetState, Reply,
     Request, UserId, UserState,
@@ -36,11 +36,20 @@ pub struct AgentConfig {
     pub audio_in: AudioSpec,
     /// Call audio sink.
     pub audio_out: AudioSpec,
+    /// A file that keeps the missed-call list across restarts (the on-screen UI's list).
+    /// Cached calls are written there before they are acknowledged to the server. `None`:
+    /// the list lives until power-off (scripted modes).
+    pub missed_log: Option<std::path::PathBuf>,
 }
+
+/// Most missed calls kept in the missed-call list (the oldest go first).
+pub const MAX_MISSED_KEPT: usize = 200;
+/// Largest missed-call file read at power-on.
+const MAX_MISSED_FILE: u64 = 512 * 1024;
 
 /// A missed call as presented to the viewer (and printed by `tv-agent missed`). Field
 /// names follow the documents' tables.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MissedCall {
     /// The call.
     pub call_id: CallId,
@@ -53,7 +62,7 @@ pub struct MissedCall {
     /// The caller's network state now: 1 online, 0 offline, null unknown.
     pub user_netstate: Option<u8>,
     /// Why it was missed: `offline`, `no_answer` or `busy`.
-    pub reason: &'static str,
+    pub reason: String,
 }
 
 impl MissedCall {
@@ -68,7 +77,8 @@ impl MissedCall {
                 MissedReason::Offline => "offline",
                 MissedReason::NoAnswer => "no_answer",
                 MissedReason::Busy => "busy",
-            },
+            }
+            .into(),
         }
     }
 }
@@ -176,6 +186,8 @@ pub enum AgentEvent {
         /// Media quality, if media flowed.
         quality: Option<CallQuality>,
     },
+    /// The viewer cleared the missed-call list.
+    MissedCleared,
     /// The agent powered off (signal, UI or API command); nothing follows.
     PoweredOff,
 }
@@ -229,6 +241,9 @@ pub enum AgentError {
     /// Media could not start.
     #[error("media: {0}")]
     Media(String),
+    /// The missed-call list could not be saved.
+    #[error("cannot save the missed-call list: {0}")]
+    Save(String),
 }
 
 type Reply1<T> = oneshot::Sender<Result<T, AgentError>>;
@@ -241,6 +256,7 @@ enum Cmd {
     Mute(bool, Reply1<()>),
     Query(Vec<UserId>, Reply1<Vec<UserState>>),
     Missed(oneshot::Sender<Vec<MissedCall>>),
+    ClearMissed(Reply1<()>),
     Status(oneshot::Sender<Status>),
     PowerOff(oneshot::Sender<()>),
 }
@@ -301,6 +317,18 @@ impl Agent {
     pub async fn power_on(
         cfg: AgentConfig,
     ) -> anyhow::Result<(Agent, broadcast::Receiver<AgentEvent>)> {
+        let missed = match &cfg.missed_log {
+            Some(path) => {
+                let mut kept: Vec<MissedCall> = crate::files::read_json(path, MAX_MISSED_FILE)
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot read the missed calls {}: {e}", path.display())
+                    })?;
+                let excess = kept.len().saturating_sub(MAX_MISSED_KEPT);
+                kept.drain(..excess);
+                kept
+            }
+            None => Vec::new(),
+        };
         let socket = bind_media(cfg.media_bind)?;
         let media_addr = socket.local_addr()?;
         let media_port = cfg.advertise_port.unwrap_or(media_addr.port());
@@ -315,7 +343,7 @@ impl Agent {
             socket: Arc::new(socket),
             events: events.clone(),
             call: Call::Idle,
-            missed: Vec::new(),
+            missed,
             registered: false,
             call_since_ms: now_ms(),
         };
@@ -385,6 +413,13 @@ impl Agent {
     /// The missed calls presented since power-on.
     pub async fn missed(&self) -> Vec<MissedCall> {
         self.ask(Cmd::Missed).await.unwrap_or_default()
+    }
+
+    /// Empties the missed-call list (and its file).
+    pub async fn clear_missed(&self) -> Result<(), AgentError> {
+        self.ask(Cmd::ClearMissed)
+            .await
+            .unwrap_or(Err(AgentError::Off))
     }
 
     /// Current state.
@@ -510,6 +545,14 @@ impl Core {
             }
             Cmd::Missed(tx) => {
                 let _ = tx.send(self.missed.clone());
+            }
+            Cmd::ClearMissed(tx) => {
+                let r = self.save_missed(Vec::new()).await;
+                if r.is_ok() {
+                    self.missed.clear();
+                    self.emit(AgentEvent::MissedCleared);
+                }
+                let _ = tx.send(r);
             }
             Cmd::Status(tx) => {
                 let (call_state, call_id, peer) = match &self.call {
@@ -831,6 +874,17 @@ impl Core {
         }
     }
 
+    /// Writes the missed-call list to its file, if it has one.
+    async fn save_missed(&self, missed: Vec<MissedCall>) -> Result<(), AgentError> {
+        let Some(path) = self.cfg.missed_log.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || crate::files::write_json(&path, &missed))
+            .await
+            .map_err(|e| AgentError::Save(e.to_string()))?
+            .map_err(|e| AgentError::Save(e.to_string()))
+    }
+
     /// Fetches every cached call, presents them, then acknowledges them. A failure
     /// leaves them on the server, to be fetched again.
     async fn fetch_cached(&mut self) {
@@ -863,11 +917,23 @@ impl Core {
             }
         }
         let presented: Vec<MissedCall> = calls.iter().map(MissedCall::from_wire).collect();
+        let mut missed = self.missed.clone();
         for m in &presented {
-            if !self.missed.iter().any(|x| x.call_id == m.call_id) {
-                self.missed.push(m.clone());
+            if !missed.iter().any(|x| x.call_id == m.call_id) {
+                missed.push(m.clone());
             }
         }
+        let excess = missed.len().saturating_sub(MAX_MISSED_KEPT);
+        missed.drain(..excess);
+        // Kept on the TV before the server forgets them; if that fails they stay on the
+        // server and come again.
+        if let Err(e) = self.save_missed(missed.clone()).await {
+            tracing::warn!(error = %e, "cached calls not acknowledged");
+            self.missed = missed;
+            self.emit(AgentEvent::CachedCalls { calls: presented });
+            return;
+        }
+        self.missed = missed;
         self.emit(AgentEvent::CachedCalls { calls: presented });
         let ids: Vec<CallId> = calls.iter().map(|c| c.call_id).collect();
         for chunk in ids.chunks(shared_proto::MAX_PAGE) {

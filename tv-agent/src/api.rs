@@ -5,7 +5,7 @@
 //!
 //! Commands: `{"cmd":"dial","to":2002}`, `{"cmd":"answer"}`, `{"cmd":"reject"}`,
 //! `{"cmd":"hangup"}`, `{"cmd":"mute","muted":true}`, `{"cmd":"query","users":[2002]}`,
-//! `{"cmd":"missed"}`, `{"cmd":"status"}`, `{"cmd":"power_off"}`.
+//! `{"cmd":"missed"}`, `{"cmd":"clear_missed"}`, `{"cmd":"status"}`, `{"cmd":"power_off"}`.
 //!
 //! The on-screen UI ([`crate::ui`]) sends the same commands over HTTP through
 //! [`execute`].
@@ -37,6 +37,7 @@ enum Command {
     Mute { muted: bool },
     Query { users: Vec<UserId> },
     Missed,
+    ClearMissed,
     Status,
     PowerOff,
 }
@@ -116,6 +117,7 @@ pub async fn execute(agent: &Agent, line: &str) -> Value {
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
         Command::Missed => json!({"ok": true, "calls": agent.missed().await}),
+        Command::ClearMissed => done(agent.clear_missed().await),
         Command::Status => match agent.status().await {
             Some(s) => json!({"ok": true, "status": s}),
             None => json!({"ok": false, "error": "the agent is powered off"}),

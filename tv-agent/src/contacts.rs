@@ -1,9 +1,7 @@
 //! The TV's address book: names for user numbers, kept in a JSON file in the agent's
-//! data directory so it survives restarts. Every change is written to a temporary file,
-//! synced and renamed over the old one, so a power cut leaves either the old or the new
-//! book, never half of one. A file that cannot be read is set aside, not overwritten.
+//! data directory so it survives restarts (written and read through [`crate::files`]:
+//! atomic replacement, size limit, an unreadable file set aside).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -56,26 +54,12 @@ pub struct ContactBook {
 
 impl ContactBook {
     /// Opens the book at `path`, creating its directory. A missing file is an empty
-    /// book; an unreadable one is renamed to `<name>.bad` (kept for a person to look at)
-    /// and the book starts empty, with a warning.
+    /// book; an unreadable one is renamed to `contacts.json.bad` and the book starts
+    /// empty, with a warning.
     pub fn open(path: &Path) -> std::io::Result<ContactBook> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let contacts = match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
-            Ok(meta) => match read(path, meta.len()) {
-                Ok(c) => c,
-                Err(why) => {
-                    let aside = path.with_extension("json.bad");
-                    tracing::warn!(file = %path.display(), %why, aside = %aside.display(),
-                        "address book unreadable; kept aside, starting empty");
-                    std::fs::rename(path, &aside)?;
-                    Vec::new()
-                }
-            },
-        };
+        let mut contacts: Vec<Contact> = crate::files::read_json(path, MAX_FILE_BYTES)?;
+        contacts.retain(|c| c.user_id != 0 && !c.name.trim().is_empty());
+        contacts.truncate(MAX_CONTACTS);
         let mut book = ContactBook {
             path: path.to_owned(),
             contacts,
@@ -136,20 +120,7 @@ impl ContactBook {
     /// Writes `next` durably, then makes it the book.
     fn commit(&mut self, mut next: Vec<Contact>) -> Result<(), ContactError> {
         sort(&mut next);
-        let tmp = self.path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(&next).map_err(std::io::Error::other)?;
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            // The rename itself is durable once the directory is synced.
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        crate::files::write_json(&self.path, &next)?;
         self.contacts = next;
         Ok(())
     }
@@ -166,18 +137,6 @@ fn sort(contacts: &mut [Contact]) {
             .cmp(&b.name.to_lowercase())
             .then(a.user_id.cmp(&b.user_id))
     });
-}
-
-/// Reads and checks a contacts file.
-fn read(path: &Path, len: u64) -> Result<Vec<Contact>, String> {
-    if len > MAX_FILE_BYTES {
-        return Err(format!("{len} bytes, more than {MAX_FILE_BYTES}"));
-    }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let mut contacts: Vec<Contact> = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-    contacts.retain(|c| c.user_id != 0 && !c.name.trim().is_empty());
-    contacts.truncate(MAX_CONTACTS);
-    Ok(contacts)
 }
 
 #[cfg(test)]

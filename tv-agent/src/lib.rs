@@ -11,10 +11,12 @@
 //! - [`api`]: the local control API (JSON lines on loopback) for the TV's UI.
 //! - [`ui`]: the on-screen remote-control UI (HTTP and server-sent events on loopback).
 //! - [`contacts`]: the TV's address book, kept in its data directory.
+//! - [`files`]: atomic, size-limited JSON files for what the TV keeps.
 
 pub mod agent;
 pub mod api;
 pub mod contacts;
+pub mod files;
 pub mod link;
 pub mod media;
 pub mod ui;

@@ -39,7 +39,8 @@ enum Mode {
         /// browser: http://ADDR/.
         #[arg(long)]
         ui_listen: Option<SocketAddr>,
-        /// Where the TV keeps its own files (the UI's address book).
+        /// Where the TV keeps its own files (with --ui-listen: the address book and the
+        /// missed-call list).
         #[arg(long, default_value = "/var/lib/tv-agent")]
         data_dir: std::path::PathBuf,
     },
@@ -116,6 +117,7 @@ fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> AgentConfig {
         advertise_port: tv.advertise_port,
         audio_in: audio.map_or(AudioSpec::Null, |a| a.audio_in.clone()),
         audio_out: audio.map_or(AudioSpec::Null, |a| a.audio_out.clone()),
+        missed_log: None,
     }
 }
 

@@ -297,7 +297,10 @@ async fn hang_up_from_either_side_reject_busy_and_no_answer() {
         _ => None,
     })
     .await;
-    assert_eq!((missed[0].user_id, missed[0].reason), (A, "no_answer"));
+    assert_eq!(
+        (missed[0].user_id, missed[0].reason.as_str()),
+        (A, "no_answer")
+    );
     let _ = &mut ec;
     for x in [a, b, c] {
         x.power_off().await;

@@ -48,7 +48,17 @@ struct Tv {
 
 impl Tv {
     async fn start(server: SocketAddr, user: u64, data_dir: &Path, audio_in: &str) -> Tv {
-        let ui_port = free_port();
+        Tv::start_on(free_port(), server, user, data_dir, audio_in).await
+    }
+
+    /// The same with the UI on `ui_port` (a TV's browser always opens the same address).
+    async fn start_on(
+        ui_port: u16,
+        server: SocketAddr,
+        user: u64,
+        data_dir: &Path,
+        audio_in: &str,
+    ) -> Tv {
         let child = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
             .args(["run", "--user", &user.to_string()])
             .args(["--server", &server.to_string()])

@@ -136,6 +136,7 @@ fn agent_config(server: &str, user: u64) -> AgentConfig {
         advertise_port: None,
         audio_in: AudioSpec::Null,
         audio_out: AudioSpec::Null,
+        missed_log: None,
     }
 }
 
