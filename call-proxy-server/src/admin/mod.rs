@@ -15,7 +15,7 @@ mod routes;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -302,36 +302,41 @@ async fn metrics<S: Store>(State(state): State<Arc<AdminState<S>>>) -> Response 
         "TV control connections open now.",
         m.connections.load(Relaxed),
     );
-    e.counter(
-        "call_proxy_connections_accepted_total",
-        "TV control connections accepted.",
-        m.accepted.load(Relaxed),
-    );
-    e.counter(
-        "call_proxy_connections_refused_full_total",
-        "Connections refused because the server was full.",
-        m.rejected_full.load(Relaxed),
-    );
-    e.counter(
-        "call_proxy_bad_input_total",
-        "Connections closed for a bad preamble, bad or oversized frame, or a timeout.",
-        m.bad_input.load(Relaxed),
-    );
-    e.counter(
-        "call_proxy_rate_limited_total",
-        "Requests refused by the per-connection rate limit.",
-        m.rate_limited.load(Relaxed),
-    );
-    e.counter(
-        "call_proxy_registrations_total",
-        "Successful registrations.",
-        m.registrations.load(Relaxed),
-    );
-    e.counter(
-        "call_proxy_reregistrations_total",
-        "Registrations that replaced a live session of the same user.",
-        m.reregistrations.load(Relaxed),
-    );
+    let counters: [(&str, &str, &AtomicU64); 6] = [
+        (
+            "call_proxy_connections_accepted_total",
+            "TV control connections accepted.",
+            &m.accepted,
+        ),
+        (
+            "call_proxy_connections_refused_full_total",
+            "Connections refused because the server was full.",
+            &m.rejected_full,
+        ),
+        (
+            "call_proxy_bad_input_total",
+            "Connections closed for a bad preamble, bad or oversized frame, or a timeout.",
+            &m.bad_input,
+        ),
+        (
+            "call_proxy_rate_limited_total",
+            "Requests refused by the per-connection rate limit.",
+            &m.rate_limited,
+        ),
+        (
+            "call_proxy_registrations_total",
+            "Successful registrations.",
+            &m.registrations,
+        ),
+        (
+            "call_proxy_reregistrations_total",
+            "Registrations that replaced a live session of the same user.",
+            &m.reregistrations,
+        ),
+    ];
+    for (name, help, value) in counters {
+        e.counter(name, help, value.load(Relaxed));
+    }
     let outcomes = [
         Outcome::Answered,
         Outcome::Missed,
