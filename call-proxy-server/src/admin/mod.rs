@@ -109,8 +109,10 @@ struct QueryPool {
     path: PathBuf,
     /// Connections not in use, reused by the next query.
     idle: Mutex<Vec<OperatorDb>>,
-    /// Bounds the queries running at once (and so the connections open).
-    permits: Semaphore,
+    /// Bounds the queries running at once (and so the connections open). A permit
+    /// moves into the blocking task, so a caller that stops waiting (a timed-out probe)
+    /// does not free its place before the query is really over.
+    permits: Arc<Semaphore>,
 }
 
 impl QueryPool {
@@ -119,13 +121,13 @@ impl QueryPool {
         self: &Arc<Self>,
         query: impl FnOnce(&OperatorDb) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let _permit = self
-            .permits
-            .acquire()
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .map_err(|_| StoreError::Closed)?;
         let pool = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let idle = pool.idle.lock().ok().and_then(|mut v| v.pop());
             let db = match idle {
                 Some(db) => db,
@@ -163,7 +165,7 @@ pub fn router<S: Store>(shared: Arc<Shared<S>>, opts: AdminOptions) -> Router {
         db: Arc::new(QueryPool {
             path: opts.db_path,
             idle: Mutex::new(Vec::new()),
-            permits: Semaphore::new(MAX_QUERIES),
+            permits: Arc::new(Semaphore::new(MAX_QUERIES)),
         }),
     });
     let protected = Router::new()
