@@ -25,8 +25,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
-    /// The call log, newest first, filtered (reads the database file; works while the
-    /// server runs and when it is down).
+    /// The call log, newest first, filtered (from the database file, which works while
+    /// the server runs and when it is down, or from a running server with --admin).
     Calls(CallsArgs),
     /// Users with their state, IP, media port and last-seen time.
     Users {
