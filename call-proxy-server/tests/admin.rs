@@ -18,8 +18,11 @@ use shared_proto::*;
 
 /// An HTTP answer.
 struct Resp {
+    /// HTTP status.
     status: u16,
+    /// Response headers.
     headers: ureq::http::HeaderMap,
+    /// The body as text.
     body: String,
 }
 
