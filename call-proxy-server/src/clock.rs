@@ -31,6 +31,14 @@ pub fn to_db_text(ms: i64) -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_string())
 }
 
+/// Parses an RFC 3339 time with any offset (an operator's `--since`, `?until=`) to
+/// milliseconds since the epoch; the error says what is expected.
+pub fn parse_rfc3339_ms(s: &str) -> Result<i64, String> {
+    let t = OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}); example: 2026-11-23T20:00:00Z"))?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| "time out of range".into())
+}
+
 /// Parses stored text back to milliseconds since the epoch.
 pub fn from_db_text(text: &str) -> Option<i64> {
     let dt = PrimitiveDateTime::parse(text, DB_FORMAT).ok()?.assume_utc();
@@ -49,5 +57,15 @@ mod tests {
         assert_eq!(from_db_text(&text), Some(a));
         assert!(to_db_text(a) < to_db_text(a + 1));
         assert_eq!(from_db_text("yesterday"), None);
+    }
+
+    #[test]
+    fn rfc3339_with_offsets_and_clear_errors() {
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-23T12:33:24.123+02:00"),
+            Ok(1_795_430_004_123)
+        );
+        let err = parse_rfc3339_ms("last tuesday").unwrap_err();
+        assert!(err.contains("RFC 3339"), "{err}");
     }
 }

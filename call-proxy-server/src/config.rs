@@ -42,6 +42,11 @@ pub struct Config {
     pub create_unknown_users: bool,
     /// How long shutdown waits for sessions to close before giving up on them.
     pub shutdown_grace_ms: u64,
+    /// Admin HTTP listener (health, readiness, metrics, operator API); off when unset.
+    /// Keep it on loopback or a management network: it is plain HTTP.
+    pub admin_listen: Option<SocketAddr>,
+    /// File holding the admin API's bearer token (else `CALL_PROXY_ADMIN_TOKEN`).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -62,6 +67,8 @@ impl Default for Config {
             write_timeout_ms: 10_000,
             create_unknown_users: true,
             shutdown_grace_ms: 5_000,
+            admin_listen: None,
+            admin_token_file: None,
         }
     }
 }
@@ -140,8 +147,15 @@ mod tests {
 
     #[test]
     fn toml_overrides_defaults_and_rejects_unknown_keys() {
-        let c: Config = toml::from_str("listen = \"127.0.0.1:9000\"\nring_timeout_ms = 5000\n")
-            .expect("parses");
+        let c: Config = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\nring_timeout_ms = 5000\nadmin_listen = \"127.0.0.1:7680\"\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            c.admin_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7680)))
+        );
+        assert_eq!(c.admin_token_file, None);
         assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
         assert_eq!(c.ring_timeout_ms, 5000);
         assert_eq!(c.heartbeat_interval_ms, 30_000);

@@ -13,9 +13,12 @@
 //! - [`registry`]: in-memory sessions and the live-call state machine (no I/O).
 //! - [`storage`]: the [`storage::Store`] interface and its SQLite implementation (the only
 //!   code that knows SQL).
+//! - [`admin`]: the admin HTTP listener (health, readiness, Prometheus metrics, the
+//!   operator API) and its JSON types.
 //! - [`config`], [`metrics`], [`clock`]: settings, counters, timestamps.
 //! - [`client`]: a small async client of the protocol, used by the load generator and tests.
 
+pub mod admin;
 pub mod client;
 pub mod clock;
 pub mod config;

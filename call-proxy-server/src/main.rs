@@ -1,8 +1,12 @@
-//! The `call-proxy-server` command: `serve` runs the daemon.
+//! The `call-proxy-server` command: `serve` runs the daemon (with the admin listener if
+//! asked); `calls`, `users` and `stats` are the operator CLI, on the database file
+//! (`--db`) or through a running server's admin API (`--admin URL`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use call_proxy_server::admin::client::{AdminClient, AdminClientError};
+use call_proxy_server::admin::{self, api, AdminOptions};
 use call_proxy_server::storage::operator::{CallQuery, OperatorDb};
 use call_proxy_server::{bind, run, Config, Shared, SqliteOptions, SqliteStore};
 use clap::{Parser, Subcommand};
@@ -21,8 +25,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
-    /// The call log, newest first, filtered (reads the database file; works while the
-    /// server runs and when it is down).
+    /// The call log, newest first, filtered (from the database file, which works while
+    /// the server runs and when it is down, or from a running server with --admin).
     Calls(CallsArgs),
     /// Users with their state, IP, media port and last-seen time.
     Users {
@@ -48,11 +52,77 @@ enum Command {
     },
 }
 
+/// Where operator queries are answered: the database file or a running server.
 #[derive(clap::Args)]
 struct Source {
-    /// The server's SQLite database file.
-    #[arg(long, default_value = "data/call-proxy.sqlite")]
-    db: PathBuf,
+    /// The server's SQLite database file [default: data/call-proxy.sqlite].
+    #[arg(long, conflicts_with = "admin")]
+    db: Option<PathBuf>,
+    /// A running server's admin API instead of the file, e.g. http://127.0.0.1:7680.
+    #[arg(long, value_name = "URL")]
+    admin: Option<String>,
+    /// The admin API's bearer token [default: $CALL_PROXY_ADMIN_TOKEN].
+    #[arg(long, requires = "admin")]
+    token: Option<String>,
+}
+
+/// An operator query source, opened.
+enum Backend {
+    /// The database file, read-only.
+    Db(OperatorDb),
+    /// A running server's admin API.
+    Admin(AdminClient),
+}
+
+/// A mistake in the command line or its filters: exit code 2, like clap's own errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+impl Source {
+    fn open(self) -> anyhow::Result<Backend> {
+        let Some(url) = self.admin else {
+            let db = self
+                .db
+                .as_deref()
+                .unwrap_or(Path::new("data/call-proxy.sqlite"));
+            return Ok(Backend::Db(OperatorDb::open(db)?));
+        };
+        let token = match self.token {
+            Some(t) => t,
+            None => std::env::var(admin::TOKEN_ENV).map_err(|_| {
+                UsageError(format!("--admin needs --token or {}", admin::TOKEN_ENV))
+            })?,
+        };
+        Ok(Backend::Admin(AdminClient::new(&url, token)))
+    }
+}
+
+impl Backend {
+    fn calls(&self, q: &CallQuery) -> anyhow::Result<Vec<api::Call>> {
+        Ok(match self {
+            Backend::Db(db) => db.calls(q)?.into_iter().map(api::Call::from).collect(),
+            Backend::Admin(c) => c.calls(q)?.calls,
+        })
+    }
+
+    fn users(&self, online: bool, limit: usize) -> anyhow::Result<Vec<api::User>> {
+        Ok(match self {
+            Backend::Db(db) => db
+                .users(online, limit)?
+                .into_iter()
+                .map(api::User::from)
+                .collect(),
+            Backend::Admin(c) => c.users(online, limit)?.users,
+        })
+    }
+
+    fn stats(&self) -> anyhow::Result<api::Stats> {
+        Ok(match self {
+            Backend::Db(db) => db.stats(call_proxy_server::clock::now_ms())?.into(),
+            Backend::Admin(c) => c.stats()?,
+        })
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,12 +130,6 @@ enum Format {
     Table,
     Json,
     Csv,
-}
-
-fn rfc3339_ms(s: &str) -> Result<i64, String> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("not an RFC 3339 time ({e}); example: 2026-11-23T20:00:00Z"))?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| "time out of range".into())
 }
 
 #[derive(clap::Args)]
@@ -82,10 +146,10 @@ struct CallsArgs {
     #[arg(long)]
     callee: Option<u64>,
     /// Placed at or after this time (RFC 3339).
-    #[arg(long, value_parser = rfc3339_ms)]
+    #[arg(long, value_parser = call_proxy_server::clock::parse_rfc3339_ms)]
     since: Option<i64>,
     /// Placed before this time (RFC 3339).
-    #[arg(long, value_parser = rfc3339_ms)]
+    #[arg(long, value_parser = call_proxy_server::clock::parse_rfc3339_ms)]
     until: Option<i64>,
     /// answered, missed, rejected, busy, cached, undelivered (cached-undelivered) or delivered.
     #[arg(long)]
@@ -136,6 +200,13 @@ struct ServeArgs {
     /// Commit without syncing to disk: survives a crash of the server, not of the machine.
     #[arg(long)]
     no_sync: bool,
+    /// Admin HTTP listener (health, readiness, metrics, operator API), e.g.
+    /// 127.0.0.1:7680 [default: off]. Needs a token.
+    #[arg(long)]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// File holding the admin bearer token [default: $CALL_PROXY_ADMIN_TOKEN].
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -143,7 +214,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("call-proxy-server: {e:#}");
-            std::process::ExitCode::FAILURE
+            let usage = e.downcast_ref::<UsageError>().is_some()
+                || e.downcast_ref::<AdminClientError>()
+                    .is_some_and(AdminClientError::is_bad_request);
+            std::process::ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
@@ -164,14 +238,8 @@ fn run_cli() -> anyhow::Result<()> {
             online,
             limit,
             format,
-        } => {
-            let db = OperatorDb::open(&source.db)?;
-            print_rows(&db.users(online, limit)?, format)
-        }
-        Command::Stats { source, format } => {
-            let db = OperatorDb::open(&source.db)?;
-            print_rows(&[db.stats(call_proxy_server::clock::now_ms())?], format)
-        }
+        } => print_rows(&source.open()?.users(online, limit)?, format),
+        Command::Stats { source, format } => print_rows(&[source.open()?.stats()?], format),
     }
 }
 
@@ -210,7 +278,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.no_sync {
         config.sync_full = false;
     }
+    if let Some(v) = args.admin_listen {
+        config.admin_listen = Some(v);
+    }
+    if let Some(v) = args.admin_token_file {
+        config.admin_token_file = Some(v);
+    }
     config.validate()?;
+    // Refuse to start an admin listener that nobody could authenticate to.
+    let admin_token = match config.admin_listen {
+        Some(_) => Some(admin::load_token(config.admin_token_file.as_deref())?),
+        None => None,
+    };
     raise_fd_limit();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -229,6 +308,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open database {}", db.display()))?;
         let listener =
             bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+        let admin_listener = match (config.admin_listen, admin_token) {
+            (Some(addr), Some(token)) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+                tracing::info!(admin_listen = %l.local_addr()?, "admin listener ready");
+                Some((l, token))
+            }
+            _ => None,
+        };
         tracing::info!(
             listen = %listener.local_addr()?,
             db = %db.display(),
@@ -236,14 +325,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "call-proxy-server ready"
         );
         let shared = Shared::new(store, config);
+        let admin = admin_listener.map(|(l, token)| {
+            let opts = AdminOptions {
+                token,
+                db_path: db.clone(),
+            };
+            admin::spawn(l, std::sync::Arc::clone(&shared), opts)
+        });
         run(listener, shared, shutdown_signal()).await;
+        // The admin listener outlives the control server's drain, then stops too.
+        if let Some(admin) = admin {
+            admin.stop().await;
+        }
         anyhow::Ok(())
     })
 }
 
 fn calls(a: CallsArgs) -> anyhow::Result<()> {
-    let db = OperatorDb::open(&a.source.db)?;
-    let rows = db.calls(&CallQuery {
+    let rows = a.source.open()?.calls(&CallQuery {
         caller: a.caller,
         callee: a.callee,
         party: a.user,

@@ -5,9 +5,8 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
 
-use common::{event, TestServer};
+use common::{dial, power_on_and_ack, six_calls, TestServer};
 use serde_json::Value;
 use shared_proto::*;
 
@@ -42,61 +41,12 @@ fn ids(rows: &[Value]) -> Vec<u64> {
     rows.iter().map(|r| r["id"].as_u64().unwrap()).collect()
 }
 
-async fn dial(c: &mut call_proxy_server::client::Client, callee: UserId) -> DialOutcome {
-    match c.request(Request::Dial { callee }).await.unwrap() {
-        Reply::Dial(o) => o,
-        other => panic!("{other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_log_filters_pages_formats_and_errors() {
     let srv = TestServer::start_with(|c| c.ring_timeout_ms = 300).await;
     let db = srv.db_path.to_str().unwrap().to_string();
-    srv.known_offline(30).await;
-    let mut a = srv.tv(10, 5000).await;
-    let mut b = srv.tv(20, 6000).await;
-    // 10 -> 30 (off): two cached calls.
-    for _ in 0..2 {
-        assert!(matches!(dial(&mut a, 30).await, DialOutcome::Cached { .. }));
-    }
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let t_mid = call_proxy_server::clock::now_ms();
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    // 10 -> 20 answered, then rejected, then missed (ring timeout).
-    let DialOutcome::Ringing { call_id, .. } = dial(&mut a, 20).await else {
-        panic!()
-    };
-    let _ = event(&mut b).await;
-    b.request(Request::Answer { call_id }).await.unwrap();
-    a.request(Request::HangUp { call_id }).await.unwrap();
-    let DialOutcome::Ringing { call_id, .. } = dial(&mut a, 20).await else {
-        panic!()
-    };
-    while !matches!(event(&mut b).await, Event::IncomingCall { .. }) {}
-    b.request(Request::Reject { call_id }).await.unwrap();
-    let DialOutcome::Ringing {
-        call_id: missed, ..
-    } = dial(&mut a, 20).await
-    else {
-        panic!()
-    };
-    loop {
-        if let Event::CallEnded { call_id, .. } = event(&mut a).await {
-            if call_id == missed {
-                break;
-            }
-        }
-    }
-    // 20 -> 10 answered.
-    let DialOutcome::Ringing { call_id, .. } = dial(&mut b, 10).await else {
-        panic!()
-    };
-    while !matches!(event(&mut a).await, Event::IncomingCall { .. }) {}
-    a.request(Request::Answer { call_id }).await.unwrap();
-    b.request(Request::HangUp { call_id }).await.unwrap();
-    // The record of that last call's end commits with the next group.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = six_calls(&srv).await; // keeps TVs 10 and 20 online
+    let t_mid = log.t_mid;
 
     let all = calls_json(&db, &[]);
     assert_eq!(all.len(), 6);
@@ -138,15 +88,8 @@ async fn call_log_filters_pages_formats_and_errors() {
         .unwrap();
     assert_eq!(calls_json(&db, &["--since", &mid_plus2]).len(), 4);
     // 30 powers on and fetches: its calls become delivered.
-    let mut c = srv.tv(30, 7000).await;
-    let waiting: Vec<u64> = c
-        .fetch_all_cached()
-        .await
-        .unwrap()
-        .iter()
-        .map(|x| x.call_id)
-        .collect();
-    c.ack_cached(&waiting).await.unwrap();
+    let (mut c, acked) = power_on_and_ack(&srv, 30, 7000).await;
+    assert_eq!(acked, 2);
     assert_eq!(calls_json(&db, &["--outcome", "delivered"]).len(), 2);
 
     // Pages stay stable while new calls arrive.

@@ -254,6 +254,9 @@ pub trait Store: Clone + Send + Sync + 'static {
         at_ms: UnixMillis,
     ) -> impl Future<Output = Result<u32, StoreError>> + Send;
 
+    /// How long each group commit took (for `/metrics`).
+    fn commit_latency(&self) -> &crate::metrics::Histogram;
+
     /// Flushes every pending write and stops the store. Later calls fail with `Closed`.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }

@@ -1,13 +1,12 @@
 //! Operator queries on the user management database: the call log with filters and
 //! stable newest-first pages, the users table, and summary statistics. Read-only; used
 //! by the operator CLI directly on the database file (it works while the server runs,
-//! and when it is down).
+//! and when it is down) and by the admin HTTP API of a running server.
 
 use std::path::Path;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags};
-use serde::Serialize;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use shared_proto::{CallId, UnixMillis, UserId};
 
 use super::{Outcome, StoreError};
@@ -31,6 +30,25 @@ pub enum OutcomeFilter {
     /// Missed, busy or cached and shown on the callee's TV.
     Delivered,
 }
+
+impl OutcomeFilter {
+    /// The name operators type (`--outcome`, `?outcome=`); parses back to the same filter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeFilter::Answered => "answered",
+            OutcomeFilter::Missed => "missed",
+            OutcomeFilter::Rejected => "rejected",
+            OutcomeFilter::Busy => "busy",
+            OutcomeFilter::Cached => "cached",
+            OutcomeFilter::Undelivered => "cached-undelivered",
+            OutcomeFilter::Delivered => "delivered",
+        }
+    }
+}
+
+/// The largest page an operator query returns (call log and users), from the CLI or
+/// the admin API.
+pub const MAX_PAGE: usize = 10_000;
 
 impl std::str::FromStr for OutcomeFilter {
     type Err = String;
@@ -76,7 +94,7 @@ pub struct CallQuery {
 }
 
 /// One call of the log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallRecord {
     /// The call (`user_call` row id).
     pub id: CallId,
@@ -101,7 +119,7 @@ pub struct CallRecord {
 }
 
 /// One user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
     /// `user_id`.
     pub user_id: UserId,
@@ -118,7 +136,7 @@ pub struct UserRecord {
 }
 
 /// Service statistics.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
     /// Users known.
     pub users: u64,
@@ -142,6 +160,20 @@ pub struct OperatorDb {
 }
 
 const MISSED_KINDS: &str = "outcome IN ('missed', 'busy', 'cached')";
+
+/// The columns [`user_record`] reads, in its order.
+const USER_COLUMNS: &str = "user_id, user_ip, user_netstate, media_port, last_seen, agent_version";
+
+fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
+    Ok(UserRecord {
+        user_id: r.get::<_, i64>(0)? as u64,
+        user_ip: r.get(1)?,
+        user_netstate: r.get::<_, i64>(2)? as u8,
+        media_port: r.get::<_, i64>(3)? as u16,
+        last_seen: r.get(4)?,
+        agent_version: r.get(5)?,
+    })
+}
 
 impl OperatorDb {
     /// Opens the database file read-only.
@@ -245,24 +277,50 @@ impl OperatorDb {
 
     /// Users, by id; only online ones if asked.
     pub fn users(&self, online_only: bool, limit: usize) -> Result<Vec<UserRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT user_id, user_ip, user_netstate, media_port, last_seen, agent_version
-             FROM user_property WHERE (?1 = 0 OR user_netstate = 1) ORDER BY user_id LIMIT ?2",
-        )?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {USER_COLUMNS} FROM user_property
+             WHERE (?1 = 0 OR user_netstate = 1) ORDER BY user_id LIMIT ?2"
+        ))?;
         let rows = stmt.query_map(
             rusqlite::params![online_only as i64, i64::try_from(limit).unwrap_or(i64::MAX)],
-            |r| {
-                Ok(UserRecord {
-                    user_id: r.get::<_, i64>(0)? as u64,
-                    user_ip: r.get(1)?,
-                    user_netstate: r.get::<_, i64>(2)? as u8,
-                    media_port: r.get::<_, i64>(3)? as u16,
-                    last_seen: r.get(4)?,
-                    agent_version: r.get(5)?,
-                })
-            },
+            user_record,
         )?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// One user, if it exists.
+    pub fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        let Ok(key) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {USER_COLUMNS} FROM user_property WHERE user_id = ?1"),
+                [key],
+                user_record,
+            )
+            .optional()?)
+    }
+
+    /// A trivial query that reads the database file: is the database reachable?
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+        Ok(())
+    }
+
+    /// Missed/busy/cached calls waiting to be shown on their callee's TV (the offline
+    /// cache's depth; counted on its partial index).
+    pub fn cached_waiting(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            &format!("SELECT count(*) FROM user_call WHERE delivered = 0 AND {MISSED_KINDS}"),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
     }
 
     /// Statistics as of `now_ms`.
@@ -296,13 +354,19 @@ impl OperatorDb {
         delays.sort_by(f64::total_cmp);
         Ok(Stats {
             users: count("SELECT count(*) FROM user_property", None)?,
-            online: count("SELECT count(*) FROM user_property WHERE user_netstate = 1", None)?,
-            calls_last_hour: count("SELECT count(*) FROM user_call WHERE call_date >= ?1", Some(hour_ago))?,
-            calls_last_day: count("SELECT count(*) FROM user_call WHERE call_date >= ?1", Some(day_ago))?,
-            cached_waiting: count(
-                "SELECT count(*) FROM user_call WHERE delivered = 0 AND outcome IN ('missed', 'busy', 'cached')",
+            online: count(
+                "SELECT count(*) FROM user_property WHERE user_netstate = 1",
                 None,
             )?,
+            calls_last_hour: count(
+                "SELECT count(*) FROM user_call WHERE call_date >= ?1",
+                Some(hour_ago),
+            )?,
+            calls_last_day: count(
+                "SELECT count(*) FROM user_call WHERE call_date >= ?1",
+                Some(day_ago),
+            )?,
+            cached_waiting: self.cached_waiting()?,
             delivery_delay_p50_s: delays.get(delays.len() / 2).copied(),
             delivery_delay_max_s: delays.last().copied(),
         })
@@ -360,5 +424,16 @@ mod tests {
         assert_eq!("answered".parse(), Ok(OutcomeFilter::Answered));
         let err = "lost".parse::<OutcomeFilter>().unwrap_err();
         assert!(err.contains("answered, missed"), "{err}");
+        for f in [
+            OutcomeFilter::Answered,
+            OutcomeFilter::Missed,
+            OutcomeFilter::Rejected,
+            OutcomeFilter::Busy,
+            OutcomeFilter::Cached,
+            OutcomeFilter::Undelivered,
+            OutcomeFilter::Delivered,
+        ] {
+            assert_eq!(f.as_str().parse(), Ok(f));
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
@@ -19,6 +20,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::clock::{from_db_text, to_db_text};
+use crate::metrics::Histogram;
 
 /// Tuning of the SQLite store.
 #[derive(Debug, Clone)]
@@ -119,6 +121,8 @@ struct Inner {
     watermarks: Watermarks,
     /// The writer and reader threads, joined on close.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Duration of each group commit, recorded by the writer thread.
+    commit_latency: Arc<Histogram>,
 }
 
 impl SqliteStore {
@@ -173,10 +177,12 @@ impl SqliteStore {
         let (rtx, rrx) = crossbeam_channel::unbounded();
         let mut threads = Vec::new();
         let max_batch = opts.max_batch.max(1);
+        let commit_latency = Arc::new(Histogram::default());
+        let latency = Arc::clone(&commit_latency);
         threads.push(
             std::thread::Builder::new()
                 .name("db-writer".into())
-                .spawn(move || writer_loop(conn, wrx, max_batch))
+                .spawn(move || writer_loop(conn, wrx, max_batch, &latency))
                 .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?,
         );
         for i in 0..opts.readers.max(1) {
@@ -200,6 +206,7 @@ impl SqliteStore {
                 closed: AtomicBool::new(false),
                 watermarks,
                 threads: Mutex::new(threads),
+                commit_latency,
             }),
         })
     }
@@ -293,6 +300,10 @@ impl Store for SqliteStore {
         self.write(move |tx| WriteJob::Ack(callee, ids, at_ms, tx))
     }
 
+    fn commit_latency(&self) -> &Histogram {
+        &self.inner.commit_latency
+    }
+
     async fn close(&self) {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
@@ -349,7 +360,12 @@ fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) ->
     })
 }
 
-fn writer_loop(mut conn: Connection, jobs: Receiver<WriteJob>, max_batch: usize) {
+fn writer_loop(
+    mut conn: Connection,
+    jobs: Receiver<WriteJob>,
+    max_batch: usize,
+    latency: &Histogram,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     let mut done: Vec<Pending> = Vec::with_capacity(max_batch);
     while let Ok(first) = jobs.recv() {
@@ -361,6 +377,7 @@ fn writer_loop(mut conn: Connection, jobs: Receiver<WriteJob>, max_batch: usize)
             }
         }
         let mut close = None;
+        let started = Instant::now();
         let result = (|| -> Result<(), StoreError> {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for job in batch.drain(..) {
@@ -372,6 +389,7 @@ fn writer_loop(mut conn: Connection, jobs: Receiver<WriteJob>, max_batch: usize)
             tx.commit()?;
             Ok(())
         })();
+        latency.observe(started.elapsed());
         let err = result.err();
         if let Some(e) = &err {
             tracing::error!(error = %e, writes = done.len(), "group commit failed; writes not acknowledged");

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use call_proxy_server::admin::{self, AdminHandle, AdminOptions};
 use call_proxy_server::client::Client;
 use call_proxy_server::{bind, run, Config, Shared, SqliteOptions, SqliteStore};
-use shared_proto::{Event, UserId};
+use shared_proto::{DialOutcome, Event, Reply, Request, UserId};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -19,8 +20,13 @@ pub struct TestServer {
     pub shared: Arc<Shared<SqliteStore>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// Admin listeners started by [`TestServer::start_admin`], stopped after the server.
+    admins: Vec<AdminHandle>,
     _dir: tempfile::TempDir,
 }
+
+/// The admin token of test servers.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 impl TestServer {
     pub async fn start() -> TestServer {
@@ -53,6 +59,7 @@ impl TestServer {
             shared,
             stop: Some(stop),
             task: Some(task),
+            admins: Vec::new(),
             _dir: dir,
         }
     }
@@ -101,6 +108,23 @@ impl TestServer {
             .ok()
     }
 
+    /// Starts an admin listener on 127.0.0.1:0 over this server (token
+    /// [`ADMIN_TOKEN`]) and returns its base URL. `db_path` overrides the database it
+    /// queries (to see readiness fail).
+    pub async fn start_admin(&mut self, db_path: Option<PathBuf>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind admin");
+        let addr = listener.local_addr().expect("admin addr");
+        let opts = AdminOptions {
+            token: ADMIN_TOKEN.to_string(),
+            db_path: db_path.unwrap_or_else(|| self.db_path.clone()),
+        };
+        self.admins
+            .push(admin::spawn(listener, Arc::clone(&self.shared), opts));
+        format!("http://{addr}")
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -108,6 +132,26 @@ impl TestServer {
         if let Some(t) = self.task.take() {
             t.await.expect("server task");
         }
+        for a in self.admins.drain(..) {
+            a.stop().await;
+        }
+    }
+
+    /// Waits until every answered call's end is recorded (the end of a call commits
+    /// with the next group, after the hang-up was answered).
+    pub async fn calls_settled(&self) {
+        let settled = eventually(Duration::from_secs(5), || {
+            self.db()
+                .query_row(
+                    "SELECT count(*) FROM user_call
+                     WHERE outcome = 'ringing' OR (outcome = 'answered' AND ended_at IS NULL)",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .is_ok_and(|n| n == 0)
+        })
+        .await;
+        assert!(settled, "calls still open in the database");
     }
 }
 
@@ -131,4 +175,85 @@ pub async fn event(c: &mut Client) -> Event {
         .await
         .expect("an event in time")
         .expect("link alive")
+}
+
+/// Powers `user` on, fetches its cached calls and acknowledges them; returns the
+/// registered client and how many calls were acknowledged.
+pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Client, u32) {
+    let mut c = srv.tv(user, port).await;
+    let waiting: Vec<u64> = c
+        .fetch_all_cached()
+        .await
+        .expect("fetch")
+        .iter()
+        .map(|x| x.call_id)
+        .collect();
+    let acked = c.ack_cached(&waiting).await.expect("ack");
+    (c, acked)
+}
+
+/// Dials and returns the outcome.
+pub async fn dial(c: &mut Client, callee: UserId) -> DialOutcome {
+    match c.request(Request::Dial { callee }).await.expect("dial") {
+        Reply::Dial(o) => o,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The call log the operator tests query, made by real traffic.
+pub struct CallLog {
+    /// TV 10, online.
+    pub a: Client,
+    /// TV 20, online.
+    pub b: Client,
+    /// A moment between the first two calls and the last four.
+    pub t_mid: i64,
+}
+
+/// Six calls: 10 -> 30 (off) twice, cached; then 10 -> 20 answered, rejected and missed
+/// (ring timeout: start the server with a short one); then 20 -> 10 answered. Returns
+/// once every call's end is recorded.
+pub async fn six_calls(srv: &TestServer) -> CallLog {
+    srv.known_offline(30).await;
+    let mut a = srv.tv(10, 5000).await;
+    let mut b = srv.tv(20, 6000).await;
+    for _ in 0..2 {
+        assert!(matches!(dial(&mut a, 30).await, DialOutcome::Cached { .. }));
+    }
+    // Call dates have millisecond resolution: keep the midpoint strictly between.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let t_mid = call_proxy_server::clock::now_ms();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let DialOutcome::Ringing { call_id, .. } = dial(&mut a, 20).await else {
+        panic!()
+    };
+    let _ = event(&mut b).await;
+    b.request(Request::Answer { call_id }).await.unwrap();
+    a.request(Request::HangUp { call_id }).await.unwrap();
+    let DialOutcome::Ringing { call_id, .. } = dial(&mut a, 20).await else {
+        panic!()
+    };
+    while !matches!(event(&mut b).await, Event::IncomingCall { .. }) {}
+    b.request(Request::Reject { call_id }).await.unwrap();
+    let DialOutcome::Ringing {
+        call_id: missed, ..
+    } = dial(&mut a, 20).await
+    else {
+        panic!()
+    };
+    loop {
+        if let Event::CallEnded { call_id, .. } = event(&mut a).await {
+            if call_id == missed {
+                break;
+            }
+        }
+    }
+    let DialOutcome::Ringing { call_id, .. } = dial(&mut b, 10).await else {
+        panic!()
+    };
+    while !matches!(event(&mut a).await, Event::IncomingCall { .. }) {}
+    a.request(Request::Answer { call_id }).await.unwrap();
+    b.request(Request::HangUp { call_id }).await.unwrap();
+    srv.calls_settled().await;
+    CallLog { a, b, t_mid }
 }

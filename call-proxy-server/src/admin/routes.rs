@@ -1,0 +1,275 @@
+//! The operator API's handlers: the call log with filters and cursor pages (JSON or
+//! CSV), the users table, one user with its recent calls, and statistics. A bad
+//! parameter is refused with 400 and a JSON body naming the parameter and its value.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::{api, AdminState};
+use crate::clock;
+use crate::storage::operator::{CallQuery, OutcomeFilter, MAX_PAGE};
+use crate::storage::{Store, StoreError};
+
+/// Calls listed with one user (`GET /api/users/{id}`).
+pub const RECENT_CALLS: usize = 20;
+
+/// Page size of `GET /api/calls` without `limit`.
+const DEFAULT_CALLS_LIMIT: usize = 50;
+
+/// Page size of `GET /api/users` without `limit`.
+const DEFAULT_USERS_LIMIT: usize = 1000;
+
+/// The response header that carries the next page's cursor (also in the JSON body).
+pub const NEXT_BEFORE_HEADER: &str = "x-next-before";
+
+/// Why a request was not answered.
+pub(super) enum ApiError {
+    /// A query parameter's value is not acceptable.
+    BadParam {
+        /// Its name.
+        parameter: &'static str,
+        /// Its value as sent.
+        value: String,
+        /// What is expected.
+        message: String,
+    },
+    /// The query string does not parse (unknown or repeated parameter).
+    BadQuery(String),
+    /// No such user.
+    NotFound(String),
+    /// The database failed the query.
+    Store(StoreError),
+    /// The answer could not be encoded.
+    Encode(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Store(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::BadParam {
+                parameter,
+                value,
+                message,
+            } => (
+                StatusCode::BAD_REQUEST,
+                api::ErrorBody {
+                    error: format!("bad {parameter} {value:?}: {message}"),
+                    parameter: Some(parameter.to_string()),
+                    value: Some(value),
+                },
+            ),
+            ApiError::BadQuery(message) => (StatusCode::BAD_REQUEST, plain(message)),
+            ApiError::NotFound(message) => (StatusCode::NOT_FOUND, plain(message)),
+            ApiError::Store(e @ StoreError::Closed) => {
+                (StatusCode::SERVICE_UNAVAILABLE, plain(e.to_string()))
+            }
+            ApiError::Store(e) => (StatusCode::INTERNAL_SERVER_ERROR, plain(e.to_string())),
+            ApiError::Encode(message) => (StatusCode::INTERNAL_SERVER_ERROR, plain(message)),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+fn plain(error: String) -> api::ErrorBody {
+    api::ErrorBody {
+        error,
+        parameter: None,
+        value: None,
+    }
+}
+
+/// Parses an optional parameter; a value that does not parse is a [`ApiError::BadParam`].
+fn param<T>(
+    parameter: &'static str,
+    raw: Option<String>,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, ApiError> {
+    raw.map(|value| {
+        parse(&value).map_err(|message| ApiError::BadParam {
+            parameter,
+            value,
+            message,
+        })
+    })
+    .transpose()
+}
+
+fn user_id(s: &str) -> Result<u64, String> {
+    s.parse().map_err(|_| "not a user number".to_string())
+}
+
+fn page_size(raw: Option<String>, default: usize) -> Result<usize, ApiError> {
+    let limit = param("limit", raw, |s| match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {MAX_PAGE}")),
+    })?;
+    Ok(limit.unwrap_or(default))
+}
+
+/// `GET /api/calls` parameters, as sent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CallsParams {
+    /// Calls placed by this user.
+    caller: Option<String>,
+    /// Calls to this user.
+    callee: Option<String>,
+    /// Calls with this user on either side.
+    user: Option<String>,
+    /// Placed at or after (RFC 3339).
+    since: Option<String>,
+    /// Placed before (RFC 3339).
+    until: Option<String>,
+    /// What happened to them ([`OutcomeFilter`]).
+    outcome: Option<String>,
+    /// Page size.
+    limit: Option<String>,
+    /// Cursor: only calls with a smaller id.
+    before: Option<String>,
+    /// `json` or `csv` (else the `Accept` header decides).
+    format: Option<String>,
+}
+
+/// Whether the answer is CSV: `format=csv`, or no `format` and `Accept: text/csv`.
+fn wants_csv(format: Option<String>, headers: &HeaderMap) -> Result<bool, ApiError> {
+    let csv = param("format", format, |f| match f {
+        "json" => Ok(false),
+        "csv" => Ok(true),
+        _ => Err("use json or csv".into()),
+    })?;
+    Ok(csv.unwrap_or_else(|| {
+        headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/csv"))
+    }))
+}
+
+/// `GET /api/calls`: a page of the call log, newest first.
+pub(super) async fn calls<S: Store>(
+    State(state): State<Arc<AdminState<S>>>,
+    headers: HeaderMap,
+    params: Result<Query<CallsParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let csv = wants_csv(p.format, &headers)?;
+    let query = CallQuery {
+        caller: param("caller", p.caller, user_id)?,
+        callee: param("callee", p.callee, user_id)?,
+        party: param("user", p.user, user_id)?,
+        since_ms: param("since", p.since, clock::parse_rfc3339_ms)?,
+        until_ms: param("until", p.until, clock::parse_rfc3339_ms)?,
+        outcome: param("outcome", p.outcome, str::parse::<OutcomeFilter>)?,
+        before: param("before", p.before, |s| {
+            s.parse()
+                .map_err(|_| "not a call id (use next_before of the previous page)".to_string())
+        })?,
+        limit: page_size(p.limit, DEFAULT_CALLS_LIMIT)?,
+    };
+    let limit = query.limit;
+    let rows = state.db.run(move |db| db.calls(&query)).await?;
+    let calls: Vec<api::Call> = rows.into_iter().map(api::Call::from).collect();
+    let next_before = if calls.len() == limit {
+        calls.last().map(|c| c.id)
+    } else {
+        None
+    };
+    let mut resp = if csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for c in &calls {
+            w.serialize(c)
+                .map_err(|e| ApiError::Encode(e.to_string()))?;
+        }
+        let body = w
+            .into_inner()
+            .map_err(|e| ApiError::Encode(e.to_string()))?;
+        ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response()
+    } else {
+        Json(api::CallsPage { calls, next_before }).into_response()
+    };
+    if let Some(next) = next_before {
+        resp.headers_mut()
+            .insert(NEXT_BEFORE_HEADER, HeaderValue::from(next));
+    }
+    Ok(resp)
+}
+
+/// `GET /api/users` parameters, as sent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UsersParams {
+    /// `true`: only TVs online now.
+    online: Option<String>,
+    /// Most rows.
+    limit: Option<String>,
+}
+
+/// `GET /api/users`: users by id.
+pub(super) async fn users<S: Store>(
+    State(state): State<Arc<AdminState<S>>>,
+    params: Result<Query<UsersParams>, QueryRejection>,
+) -> Result<Json<api::Users>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let online = param("online", p.online, |s| match s {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err("use true or false".into()),
+    })?
+    .unwrap_or(false);
+    let limit = page_size(p.limit, DEFAULT_USERS_LIMIT)?;
+    let rows = state.db.run(move |db| db.users(online, limit)).await?;
+    Ok(Json(api::Users {
+        users: rows.into_iter().map(api::User::from).collect(),
+    }))
+}
+
+/// `GET /api/users/{id}`: one user's state and its recent calls; 404 if unknown.
+pub(super) async fn user<S: Store>(
+    State(state): State<Arc<AdminState<S>>>,
+    Path(id): Path<String>,
+) -> Result<Json<api::UserDetail>, ApiError> {
+    let id = user_id(&id).map_err(|message| ApiError::BadParam {
+        parameter: "id",
+        value: id,
+        message,
+    })?;
+    let found = state
+        .db
+        .run(move |db| {
+            let Some(user) = db.user(id)? else {
+                return Ok(None);
+            };
+            let calls = db.calls(&CallQuery {
+                party: Some(id),
+                limit: RECENT_CALLS,
+                ..CallQuery::default()
+            })?;
+            Ok(Some((user, calls)))
+        })
+        .await?;
+    let (user, calls) = found.ok_or_else(|| ApiError::NotFound(format!("no user {id}")))?;
+    Ok(Json(api::UserDetail {
+        user: user.into(),
+        recent_calls: calls.into_iter().map(api::Call::from).collect(),
+    }))
+}
+
+/// `GET /api/stats`: service statistics.
+pub(super) async fn stats<S: Store>(
+    State(state): State<Arc<AdminState<S>>>,
+) -> Result<Json<api::Stats>, ApiError> {
+    let stats = state.db.run(|db| db.stats(clock::now_ms())).await?;
+    Ok(Json(stats.into()))
+}
