@@ -4,7 +4,9 @@
 # UDP) between them:
 #   TV 1001 calls TV 2002 while 2002 is off (the call is cached); 2002 powers on and
 #   shows the missed call with 1001's current state; 2002 calls 1001 back; a few seconds
-#   of two-way audio (a 440 Hz tone one way, 1000 Hz the other); hang-up; call log.
+#   of two-way audio (a 440 Hz tone one way, 1000 Hz the other); hang-up; another call
+#   to 2002 while it is off, which its on-screen UI shows at power-on (a headless Chromium
+#   screenshot); the call log and statistics through the operator's admin API.
 # Usage: bash scripts/demo.sh [DATA_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +20,20 @@ mkdir -p "$data"
 bin=target/release
 port=$(free_port 17600)
 server="127.0.0.1:$port"
+admin_port=$(free_port 17680)
+admin="http://127.0.0.1:$admin_port"
+# The operator's bearer token, made for this run and passed in the environment.
+CALL_PROXY_ADMIN_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+export CALL_PROXY_ADMIN_TOKEN
 
-"$bin/call-proxy-server" serve --listen "$server" --db "$data/call-proxy.sqlite" 2>"$data/server.log" &
+"$bin/call-proxy-server" serve --listen "$server" --db "$data/call-proxy.sqlite" \
+  --admin-listen "127.0.0.1:$admin_port" 2>"$data/server.log" &
 server_pid=$!
 answer_pid=""
+tv_pid=""
 cleanup() {
   [ -n "$answer_pid" ] && kill "$answer_pid" 2>/dev/null || true
+  [ -n "$tv_pid" ] && kill -TERM "$tv_pid" 2>/dev/null || true
   kill -TERM "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
 }
@@ -64,7 +74,41 @@ for tv in 1001 2002; do
   echo "TV $tv heard ${len}s of audio at about ${freq} Hz ($data/$tv-heard.wav)"
 done
 
-step "Call log (user_call)"
-"$bin/call-proxy-server" calls --db "$data/call-proxy.sqlite"
+step "TV 1001 calls 2002 again; 2002 is off, so the call is cached"
+"$bin/tv-agent" call --user 1001 --server "$server" --to 2002 --audio-in tone:440 --audio-out null || true
+
+ui_port=$(free_port 17602)
+step "TV 2002 powers on as the TV daemon with its on-screen UI on http://127.0.0.1:$ui_port/"
+"$bin/tv-agent" run --user 2002 --server "$server" --audio-in null --audio-out null \
+  --control-listen "127.0.0.1:$(free_port 17601)" --ui-listen "127.0.0.1:$ui_port" \
+  --data-dir "$data/tv-2002" 2>"$data/tv-2002.log" &
+tv_pid=$!
+wait_for_port "$ui_port"
+sleep 1
+shot="$data/tv-2002-screen.png"
+timeout 60 chromium --headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --hide-scrollbars \
+  --no-first-run --disable-background-networking --window-size=1920,1080 \
+  --timeout=3000 --screenshot="$shot" "http://127.0.0.1:$ui_port/" >/dev/null 2>&1 || true
+if [ -s "$shot" ]; then
+  echo "The TV's screen (missed-call badge, the call from 1001, 1001's state): $shot"
+else
+  echo "(no screenshot: chromium did not run)"
+fi
+echo "Kept on the TV across restarts: $(cat "$data/tv-2002/missed.json" | tr -d '\n ' | cut -c1-160)…"
+kill -TERM "$tv_pid" && wait "$tv_pid" || true
+tv_pid=""
+
+step "The operator's view through the admin API ($admin, bearer token from CALL_PROXY_ADMIN_TOKEN)"
+echo "Call log (user_call), newest first:"
+"$bin/call-proxy-server" calls --admin "$admin"
+echo
+echo "Calls still waiting for delivery:"
+"$bin/call-proxy-server" calls --admin "$admin" --outcome cached-undelivered
+echo
+echo "TVs:"
+"$bin/call-proxy-server" users --admin "$admin"
+echo
+echo "Statistics:"
+"$bin/call-proxy-server" stats --admin "$admin"
 echo
 echo "demo complete"

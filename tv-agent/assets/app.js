@@ -245,9 +245,16 @@ function apply(ev) {
   render();
 }
 
+// The event stream from the agent. The browser reconnects by itself; only if that keeps
+// failing for a few seconds does the page say the TV phone is not answering, so a blip
+// (the agent restarting) does not flash a red banner.
+const AGENT_LOST_AFTER_MS = 4000;
+let lostTimer = 0;
 function connect() {
   const es = new EventSource("/api/events");
   es.onmessage = (m) => {
+    clearTimeout(lostTimer);
+    lostTimer = 0;
     S.agentLost = false;
     try {
       apply(JSON.parse(m.data));
@@ -256,9 +263,13 @@ function connect() {
     }
   };
   es.onerror = () => {
-    // EventSource retries by itself; say so meanwhile.
-    S.agentLost = true;
-    render();
+    if (!lostTimer && !S.agentLost) {
+      lostTimer = setTimeout(() => {
+        lostTimer = 0;
+        S.agentLost = true;
+        render();
+      }, AGENT_LOST_AFTER_MS);
+    }
   };
 }
 

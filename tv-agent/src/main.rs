@@ -165,13 +165,12 @@ async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
             ui_listen,
             data_dir,
         } => {
-            run(
-                config(&tv, Some(&audio)),
-                control_listen,
-                ui_listen,
-                &data_dir,
-            )
-            .await
+            let mut cfg = config(&tv, Some(&audio));
+            if ui_listen.is_some() {
+                // The on-screen missed-call list outlives a restart.
+                cfg.missed_log = Some(data_dir.join("missed.json"));
+            }
+            run(cfg, control_listen, ui_listen, &data_dir).await
         }
         Mode::Missed { tv } => missed(&tv).await,
         Mode::Call {

@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder};
 use serde_json::{json, Value};
 use tv_agent::media::AudioSpec;
+use tv_agent::{AgentEvent, DialResult};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -96,8 +98,10 @@ struct Driver {
 impl Driver {
     async fn start() -> Driver {
         let port = free_port();
+        // Its own process group, so the browsers it starts go with it (see Drop).
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -152,7 +156,11 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // chromedriver and every Chromium process it started, even when a failed test
+        // never closed its session.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -438,6 +446,42 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
         .await;
     assert_eq!(b.text("badge").await, "0");
 
+    // B restarts: the server has delivered the call already, the TV still lists it
+    // (seen, so no badge) until the viewer clears the list.
+    let port_b = tv_b.ui_port;
+    drop(tv_b);
+    let tv_b = Tv::start_on(port_b, srv.addr, 2002, &dir.path().join("tv-b"), "null").await;
+    b.client.goto(&tv_b.url()).await.unwrap();
+    b.wait(
+        "the kept missed call",
+        "document.getElementById('home-missed').innerText.includes('TV 1001')",
+    )
+    .await;
+    assert_eq!(b.text("badge").await, "0");
+    b.press(&[OK]).await;
+    b.wait(
+        "the missed-calls screen",
+        "document.body.dataset.screen === 'missed'",
+    )
+    .await;
+    b.press(&[DOWN]).await;
+    assert_eq!(b.focused().await, "clear-missed");
+    b.press(&[OK]).await;
+    b.wait("the question", "!document.getElementById('confirm').hidden")
+        .await;
+    assert!(b.text("confirm-text").await.contains("Clear the list"));
+    b.press(&[OK]).await;
+    b.wait(
+        "an empty list",
+        "document.getElementById('missed-list').innerText.includes('No missed calls')",
+    )
+    .await;
+    let kept: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("tv-b").join("missed.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(kept, json!([]));
+
     a.client.close().await.unwrap();
     b.client.close().await.unwrap();
     drop(tv_a);
@@ -496,7 +540,7 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     a.shot("contacts").await;
 
     // A switched-on contact shows as on within a few seconds (presence polling).
-    let (gran, _events) = boot(agent_config(
+    let (gran, mut ge) = boot(agent_config(
         srv.addr,
         3003,
         AudioSpec::Null,
@@ -508,6 +552,74 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
         "document.querySelector('#contacts-list .contact .state').dataset.state === '1'",
     )
     .await;
+
+    // Gran calls: the overlay names her; Back rejects and she is told.
+    assert!(matches!(gran.dial(1001).await, DialResult::Ringing(_)));
+    a.wait(
+        "the incoming overlay",
+        "!document.getElementById('incoming').hidden",
+    )
+    .await;
+    assert_eq!(a.text("incoming-peer").await, "Gran");
+    assert_eq!(a.text("incoming-number").await, "TV 3003");
+    a.press(&[BACK]).await;
+    a.wait("rejected", "document.getElementById('incoming').hidden && document.getElementById('toast').textContent === 'Call rejected.'").await;
+    expect_event(&mut ge, 5, "Gran told of the rejection", |e| {
+        matches!(e, AgentEvent::Ended { outcome, .. } if outcome == "rejected").then_some(())
+    })
+    .await;
+    // Again: the green key answers, the red key hangs up.
+    assert!(matches!(gran.dial(1001).await, DialResult::Ringing(_)));
+    a.wait(
+        "the incoming overlay",
+        "!document.getElementById('incoming').hidden",
+    )
+    .await;
+    a.press(&[green()]).await;
+    a.wait("in call with Gran", "document.body.dataset.call === 'in_call' && document.getElementById('call-peer').textContent === 'Gran'").await;
+    expect_event(&mut ge, 5, "answered", |e| {
+        matches!(e, AgentEvent::Answered { peer: 1001, .. }).then_some(())
+    })
+    .await;
+    a.press(&[red()]).await;
+    expect_event(&mut ge, 5, "A hung up", |e| {
+        matches!(e, AgentEvent::Ended { outcome, .. } if outcome == "hung_up_by_peer").then_some(())
+    })
+    .await;
+    a.wait(
+        "back on contacts",
+        "document.body.dataset.call === 'idle' && document.body.dataset.screen === 'contacts'",
+    )
+    .await;
+
+    // Gran is in a call with another TV: calling her says she is busy.
+    let (other, _oe) = boot(agent_config(
+        srv.addr,
+        4004,
+        AudioSpec::Null,
+        AudioSpec::Null,
+    ))
+    .await;
+    assert!(matches!(other.dial(3003).await, DialResult::Ringing(_)));
+    expect_event(&mut ge, 5, "the other call", |e| {
+        matches!(e, AgentEvent::Incoming { caller: 4004, .. }).then_some(())
+    })
+    .await;
+    gran.answer().await.unwrap();
+    a.press(&[DOWN]).await;
+    assert_eq!(a.focused().await, "contact-3003");
+    a.press(&[green()]).await;
+    a.wait("the busy message", "document.getElementById('toast').textContent === 'Gran is in another call. Try again later.'").await;
+    other.hang_up().await.unwrap();
+    // A TV that rings out unanswered (the test server rings for 3 s): "did not answer".
+    a.press(&['4', '0', '0', '4', green()]).await;
+    a.wait(
+        "calling 4004",
+        "document.body.dataset.call === 'ringing_out'",
+    )
+    .await;
+    a.wait("no answer", "document.getElementById('toast').textContent === 'TV 4004 did not answer.' && document.body.dataset.call === 'idle'").await;
+    other.power_off().await;
 
     // The TV restarts: the book is still there, on the home screen too.
     a.client.close().await.unwrap();
