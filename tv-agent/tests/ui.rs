@@ -644,10 +644,33 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     a.wait("idle", "document.body.dataset.call === 'idle'")
         .await;
 
-    // Delete it: Contacts → Right to Delete on its row → OK → confirm.
+    // Rename it: Contacts → Down to its row → Right to Edit → OK; the form is filled in.
     a.press(&[RIGHT, RIGHT, OK]).await;
     a.wait("contacts", "document.body.dataset.screen === 'contacts'")
         .await;
+    a.press(&[DOWN, RIGHT]).await;
+    assert_eq!(a.focused().await, "edit-3003");
+    a.press(&[OK]).await;
+    a.wait(
+        "the filled-in form",
+        "document.activeElement.id === 'edit-name' && document.activeElement.value === 'Gran'",
+    )
+    .await;
+    assert_eq!(
+        a.js("document.getElementById('edit-number').value").await,
+        json!("3003")
+    );
+    a.press(&[Key::End.into(), 'n', 'y', OK]).await;
+    a.wait(
+        "the new name",
+        "document.body.dataset.screen === 'contacts' && document.getElementById('contacts-list').innerText.includes('Granny')",
+    )
+    .await;
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(data.join("contacts.json")).unwrap()).unwrap();
+    assert_eq!(file, json!([{"user_id": 3003, "name": "Granny"}]));
+
+    // Delete it: Right to Delete on its row → OK → confirm.
     a.press(&[DOWN, RIGHT, RIGHT]).await;
     assert_eq!(a.focused().await, "delete-3003");
     a.press(&[OK]).await;
