@@ -80,6 +80,29 @@ async fn call_log_filters_pages_formats_and_errors() {
         "before the midpoint: the cached calls"
     );
     assert_eq!(calls_json(&db, &["--since", &mid]).len(), 4);
+    // Either party within a time range (the range narrows both index lookups).
+    assert_eq!(calls_json(&db, &["--user", "30", "--until", &mid]).len(), 2);
+    assert_eq!(calls_json(&db, &["--user", "30", "--since", &mid]).len(), 0);
+    assert_eq!(calls_json(&db, &["--user", "20", "--since", &mid]).len(), 4);
+    assert_eq!(calls_json(&db, &["--user", "20", "--until", &mid]).len(), 0);
+    let long_ago = "2000-01-01T00:00:00Z";
+    assert_eq!(
+        calls_json(
+            &db,
+            &[
+                "--since",
+                long_ago,
+                "--until",
+                &mid,
+                "--user",
+                "30",
+                "--outcome",
+                "cached"
+            ]
+        )
+        .len(),
+        2
+    );
     // Offsets are understood: the same instant written in +02:00.
     let mid_plus2 = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t_mid) * 1_000_000)
         .unwrap()

@@ -197,34 +197,64 @@ impl OperatorDb {
              FROM user_call WHERE 1 = 1",
         );
         let mut args: Vec<Value> = Vec::new();
-        let mut arg = |sql: &mut String, clause: &str, v: Value| {
+        // Appends `clause` with its `?` numbered as the new parameter `v`; returns that number.
+        let arg = |sql: &mut String, args: &mut Vec<Value>, clause: &str, v: Value| {
             args.push(v);
-            sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+            let n = args.len();
+            sql.push_str(&clause.replace('?', &format!("?{n}")));
+            n
         };
         if let Some(u) = q.caller {
-            arg(&mut sql, " AND user_id = ?", Value::Integer(u as i64));
-        }
-        if let Some(u) = q.callee {
-            arg(&mut sql, " AND otheruser_id = ?", Value::Integer(u as i64));
-        }
-        if let Some(u) = q.party {
-            // A union of the two indexed lookups (both `?` take this one parameter).
             arg(
                 &mut sql,
-                " AND id IN (SELECT id FROM user_call WHERE user_id = ?
-                             UNION ALL SELECT id FROM user_call WHERE otheruser_id = ?)",
+                &mut args,
+                " AND user_id = ?",
                 Value::Integer(u as i64),
             );
         }
+        if let Some(u) = q.callee {
+            arg(
+                &mut sql,
+                &mut args,
+                " AND otheruser_id = ?",
+                Value::Integer(u as i64),
+            );
+        }
+        // The time range, also applied inside the either-party lookups below.
+        let mut range = String::new();
         if let Some(t) = q.since_ms {
-            arg(&mut sql, " AND call_date >= ?", Value::Text(to_db_text(t)));
+            let n = arg(
+                &mut sql,
+                &mut args,
+                " AND call_date >= ?",
+                Value::Text(to_db_text(t)),
+            );
+            range.push_str(&format!(" AND call_date >= ?{n}"));
         }
         if let Some(t) = q.until_ms {
-            arg(&mut sql, " AND call_date < ?", Value::Text(to_db_text(t)));
+            let n = arg(
+                &mut sql,
+                &mut args,
+                " AND call_date < ?",
+                Value::Text(to_db_text(t)),
+            );
+            range.push_str(&format!(" AND call_date < ?{n}"));
+        }
+        if let Some(u) = q.party {
+            // A union of the two lookups on (user_id, call_date) and (otheruser_id,
+            // call_date), each narrowed to the time range inside its index, so only the
+            // calls in range are read from the table (both `?` take this one parameter).
+            args.push(Value::Integer(u as i64));
+            let n = args.len();
+            sql.push_str(&format!(
+                " AND id IN (SELECT id FROM user_call WHERE user_id = ?{n}{range}
+                             UNION ALL SELECT id FROM user_call WHERE otheruser_id = ?{n}{range})"
+            ));
         }
         if let Some(before) = q.before {
             arg(
                 &mut sql,
+                &mut args,
                 " AND id < ?",
                 Value::Integer(i64::try_from(before).unwrap_or(i64::MAX)),
             );
@@ -247,6 +277,7 @@ impl OperatorDb {
                 };
                 arg(
                     &mut sql,
+                    &mut args,
                     " AND outcome = ?",
                     Value::Text(outcome.as_str().into()),
                 );
@@ -254,6 +285,7 @@ impl OperatorDb {
         }
         arg(
             &mut sql,
+            &mut args,
             " ORDER BY id DESC LIMIT ?",
             Value::Integer(i64::try_from(q.limit).unwrap_or(i64::MAX)),
         );
