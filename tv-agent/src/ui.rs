@@ -10,9 +10,10 @@
 //! - `GET /api/contacts`, `PUT /api/contacts/{user}` (`{"name":"Gran"}`),
 //!   `DELETE /api/contacts/{user}`: the address book.
 //!
-//! The server has no presence push, so the UI polls the state of its contacts and
-//! missed callers every few seconds (one `QueryState` for all of them) and at once when
-//! the book or the missed calls change; only changes reach the browser.
+//! The server has no presence push, so while a page is open the UI polls the state of
+//! its contacts and missed callers every few seconds (one `QueryState` for all of them)
+//! and at once when a page opens or the book or the missed calls change; only changes
+//! reach the browser.
 //!
 //! Requests must name a loopback host (defeats DNS rebinding) and, if they carry an
 //! `Origin`, come from this UI; commands must be JSON, which a cross-site form cannot
@@ -148,6 +149,8 @@ async fn event_stream(
     let agent_events = ui.agent.subscribe();
     let ui_events = ui.events.subscribe();
     let snapshot = ui.snapshot().await;
+    // A page just opened: bring its contacts' states up to date now.
+    ui.refresh.notify_one();
     let agent_stream = futures::stream::unfold(agent_events, |mut rx| async move {
         match rx.recv().await {
             Ok(ev) => Some((serde_json::to_value(&ev).unwrap_or_default(), rx)),
@@ -271,18 +274,26 @@ fn presence_json(p: &BTreeMap<UserId, Option<u8>>) -> Value {
     )
 }
 
-/// Keeps `Ui::presence` fresh and tells open pages about changes.
+/// Keeps `Ui::presence` fresh and tells open pages about changes. It asks the server only
+/// while a page is open (a TV whose screen shows something else costs the server
+/// nothing), every [`PRESENCE_EVERY`] and at once when something changed.
 async fn poll_presence(ui: Arc<Ui>) {
     let mut agent_events = ui.agent.subscribe();
+    let mut tick = tokio::time::interval(PRESENCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = tokio::time::sleep(PRESENCE_EVERY) => {}
+            _ = tick.tick() => {}
             () = ui.refresh.notified() => {}
             ev = agent_events.recv() => match ev {
                 Ok(AgentEvent::Registered { .. } | AgentEvent::CachedCalls { .. }) => {}
                 Ok(AgentEvent::PoweredOff) | Err(broadcast::error::RecvError::Closed) => return,
                 _ => continue,
             },
+        }
+        // Every open page holds a receiver of the UI's own events.
+        if ui.events.receiver_count() == 0 {
+            continue;
         }
         let ids = ui.watched().await;
         if ids.is_empty() {
