@@ -153,16 +153,7 @@ async fn tone_call(
             7,
         );
     }
-    assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
-    expect_event(&mut eb, 5, "incoming call", |e| {
-        matches!(e, AgentEvent::Incoming { caller: A, .. }).then_some(())
-    })
-    .await;
-    b.answer().await.unwrap();
-    expect_event(&mut ea, 5, "answered", |e| {
-        matches!(e, AgentEvent::Answered { peer: B, .. }).then_some(())
-    })
-    .await;
+    dial_and_answer(&a, &mut ea, A, &b, &mut eb, B).await;
     tokio::time::sleep(Duration::from_secs(secs)).await;
     a.hang_up().await.unwrap();
     let qa = expect_event(&mut ea, 5, "A's end", |e| match e {
@@ -378,16 +369,7 @@ async fn mute_sends_silence_until_unmuted() {
     .await;
     // Nothing to mute before a call.
     assert!(a.set_muted(true).await.is_err());
-    assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
-    expect_event(&mut eb, 5, "incoming call", |e| {
-        matches!(e, AgentEvent::Incoming { caller: A, .. }).then_some(())
-    })
-    .await;
-    b.answer().await.unwrap();
-    expect_event(&mut ea, 5, "answered", |e| {
-        matches!(e, AgentEvent::Answered { peer: B, .. }).then_some(())
-    })
-    .await;
+    dial_and_answer(&a, &mut ea, A, &b, &mut eb, B).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     a.set_muted(true).await.unwrap();
     expect_event(&mut ea, 5, "muted", |e| {

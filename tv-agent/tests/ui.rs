@@ -476,11 +476,10 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
         "document.getElementById('missed-list').innerText.includes('No missed calls')",
     )
     .await;
-    let kept: Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("tv-b").join("missed.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(kept, json!([]));
+    assert_eq!(
+        json_file(&dir.path().join("tv-b").join("missed.json")),
+        json!([])
+    );
 
     a.client.close().await.unwrap();
     b.client.close().await.unwrap();
@@ -666,9 +665,10 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
         "document.body.dataset.screen === 'contacts' && document.getElementById('contacts-list').innerText.includes('Granny')",
     )
     .await;
-    let file: Value =
-        serde_json::from_slice(&std::fs::read(data.join("contacts.json")).unwrap()).unwrap();
-    assert_eq!(file, json!([{"user_id": 3003, "name": "Granny"}]));
+    assert_eq!(
+        json_file(&data.join("contacts.json")),
+        json!([{"user_id": 3003, "name": "Granny"}])
+    );
 
     // Delete it: Right to Delete on its row → OK → confirm.
     a.press(&[DOWN, RIGHT, RIGHT]).await;
@@ -685,9 +685,7 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
         "!document.getElementById('contacts-list').innerText.includes('Gran')",
     )
     .await;
-    let file: Value =
-        serde_json::from_slice(&std::fs::read(data.join("contacts.json")).unwrap()).unwrap();
-    assert_eq!(file, json!([]));
+    assert_eq!(json_file(&data.join("contacts.json")), json!([]));
 
     gran.power_off().await;
     a.client.close().await.unwrap();

@@ -166,8 +166,10 @@ async fn the_ui_serves_its_page_and_refuses_what_it_must() {
         put.json()["contacts"],
         json!([{"user_id": 2002, "name": "Gran"}])
     );
-    let on_disk: Value = serde_json::from_slice(&std::fs::read(&book_path).unwrap()).unwrap();
-    assert_eq!(on_disk, json!([{"user_id": 2002, "name": "Gran"}]));
+    assert_eq!(
+        json_file(&book_path),
+        json!([{"user_id": 2002, "name": "Gran"}])
+    );
     let long = format!(r#"{{"name":"{}"}}"#, "x".repeat(41));
     for (path, body, want) in [
         ("/api/contacts/0", r#"{"name":"Zero"}"#, 422),

@@ -223,3 +223,32 @@ pub fn analyse(path: &PathBuf, expected: f64, other: f64) -> f64 {
         .collect();
     windows.iter().filter(|&&rms| rms > 1000.0).count() as f64 / windows.len() as f64
 }
+
+/// A JSON file the agent keeps (address book, missed-call list), parsed.
+pub fn json_file(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// `a` (user `a_id`) dials `b_id`; `b` answers; returns once each side has seen it.
+pub async fn dial_and_answer(
+    a: &Agent,
+    ea: &mut broadcast::Receiver<AgentEvent>,
+    a_id: u64,
+    b: &Agent,
+    eb: &mut broadcast::Receiver<AgentEvent>,
+    b_id: u64,
+) {
+    assert!(matches!(
+        a.dial(b_id).await,
+        tv_agent::DialResult::Ringing(_)
+    ));
+    expect_event(eb, 5, "incoming call", |e| {
+        matches!(e, AgentEvent::Incoming { caller, .. } if *caller == a_id).then_some(())
+    })
+    .await;
+    b.answer().await.unwrap();
+    expect_event(ea, 5, "answered", |e| {
+        matches!(e, AgentEvent::Answered { peer, .. } if *peer == b_id).then_some(())
+    })
+    .await;
+}
