@@ -742,6 +742,23 @@ async fn losing_the_server_shows_reconnecting_and_recovers() {
     assert_eq!(png_size(&png), (1280, 720));
     std::fs::create_dir_all(screenshot_dir()).unwrap();
     std::fs::write(screenshot_dir().join("home-1280x720.png"), &png).unwrap();
+    // The other screens fit too: the dial pad, missed calls, contacts and the form.
+    s.press(&['5']).await;
+    s.wait("the dial pad", "document.body.dataset.screen === 'dial'")
+        .await;
+    s.assert_inside_safe_area().await;
+    s.press(&[BACK, BACK, OK]).await;
+    s.wait("missed calls", "document.body.dataset.screen === 'missed'")
+        .await;
+    s.assert_inside_safe_area().await;
+    s.press(&[BACK, RIGHT, RIGHT, OK]).await;
+    s.wait("contacts", "document.body.dataset.screen === 'contacts'")
+        .await;
+    s.assert_inside_safe_area().await;
+    s.press(&[OK]).await;
+    s.wait("the form", "document.body.dataset.screen === 'edit'")
+        .await;
+    s.assert_inside_safe_area().await;
 
     s.client.close().await.unwrap();
     a.client.close().await.unwrap();
