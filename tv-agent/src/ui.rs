@@ -172,9 +172,15 @@ async fn event_stream(
     )
     .take_while(|v| std::future::ready(v.is_some()))
     .filter_map(std::future::ready);
-    let stream = futures::stream::once(async move { snapshot })
-        .chain(live)
-        .map(|v| Ok(Event::default().data(v.to_string())));
+    // The first event also asks the browser to reconnect after 1 s (not its default 3 s)
+    // when the stream ends: a page cut off for lagging, or an agent restarted, resyncs
+    // quickly.
+    let first = Event::default()
+        .retry(Duration::from_secs(1))
+        .data(snapshot.to_string());
+    let stream = futures::stream::once(async move { first })
+        .chain(live.map(|v| Event::default().data(v.to_string())))
+        .map(Ok);
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
 }
 
