@@ -208,6 +208,8 @@ async fn the_ui_serves_its_page_and_refuses_what_it_must() {
     assert!(got
         .to_lowercase()
         .contains("content-type: text/event-stream"));
+    // A cut-off page reconnects after 1 s, not the browser's default 3 s.
+    assert!(got.contains("retry: 1000"), "{got}");
     let data = got
         .lines()
         .find_map(|l| l.strip_prefix("data: "))
