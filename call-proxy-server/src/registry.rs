@@ -233,6 +233,23 @@ impl Inner {
 
     /// The live call `call_id`, checking that `user` (in session `session_id`) is a
     /// party of it in the current session.
+    /// The call `call_id` if it is ringing at `user` (the callee), for answer and reject.
+    fn ringing_at(
+        &self,
+        user: UserId,
+        session_id: u64,
+        call_id: CallId,
+    ) -> Result<&LiveCall, WireError> {
+        let call = self.call_of(user, session_id, call_id)?;
+        if call.callee != user || call.state != CallState::Ringing {
+            return Err(err(
+                ErrorCode::NO_SUCH_CALL,
+                format!("call {call_id} is not ringing on this TV"),
+            ));
+        }
+        Ok(call)
+    }
+
     fn call_of(
         &self,
         user: UserId,
@@ -490,13 +507,7 @@ impl Registry {
         now_ms: UnixMillis,
     ) -> Result<Ended, WireError> {
         let mut inner = self.lock();
-        let call = inner.call_of(user, session_id, call_id)?;
-        if call.callee != user || call.state != CallState::Ringing {
-            return Err(err(
-                ErrorCode::NO_SUCH_CALL,
-                format!("call {call_id} is not ringing on this TV"),
-            ));
-        }
+        let call = inner.ringing_at(user, session_id, call_id)?;
         let caller = call.caller;
         let Some(call) = inner.calls.get_mut(&call_id) else {
             return Err(err(ErrorCode::NO_SUCH_CALL, "call vanished"));
@@ -524,13 +535,7 @@ impl Registry {
         call_id: CallId,
     ) -> Result<Ended, WireError> {
         let mut inner = self.lock();
-        let call = inner.call_of(user, session_id, call_id)?;
-        if call.callee != user || call.state != CallState::Ringing {
-            return Err(err(
-                ErrorCode::NO_SUCH_CALL,
-                format!("call {call_id} is not ringing on this TV"),
-            ));
-        }
+        inner.ringing_at(user, session_id, call_id)?;
         inner
             .end(call_id, Outcome::Rejected, Some(EndReason::Rejected), None)
             .ok_or_else(|| err(ErrorCode::NO_SUCH_CALL, "call vanished"))
