@@ -323,8 +323,7 @@ impl Agent {
                     .map_err(|e| {
                         anyhow::anyhow!("cannot read the missed calls {}: {e}", path.display())
                     })?;
-                let excess = kept.len().saturating_sub(MAX_MISSED_KEPT);
-                kept.drain(..excess);
+                keep_newest(&mut kept);
                 kept
             }
             None => Vec::new(),
@@ -465,6 +464,12 @@ struct Core {
     /// When the current call state began (Unix ms), so a UI opened mid-call shows the
     /// right duration.
     call_since_ms: i64,
+}
+
+/// Drops the oldest missed calls beyond [`MAX_MISSED_KEPT`].
+fn keep_newest(missed: &mut Vec<MissedCall>) {
+    let excess = missed.len().saturating_sub(MAX_MISSED_KEPT);
+    missed.drain(..excess);
 }
 
 /// Now as Unix milliseconds.
@@ -917,24 +922,20 @@ impl Core {
             }
         }
         let presented: Vec<MissedCall> = calls.iter().map(MissedCall::from_wire).collect();
-        let mut missed = self.missed.clone();
         for m in &presented {
-            if !missed.iter().any(|x| x.call_id == m.call_id) {
-                missed.push(m.clone());
+            if !self.missed.iter().any(|x| x.call_id == m.call_id) {
+                self.missed.push(m.clone());
             }
         }
-        let excess = missed.len().saturating_sub(MAX_MISSED_KEPT);
-        missed.drain(..excess);
+        keep_newest(&mut self.missed);
         // Kept on the TV before the server forgets them; if that fails they stay on the
         // server and come again.
-        if let Err(e) = self.save_missed(missed.clone()).await {
+        let saved = self.save_missed(self.missed.clone()).await;
+        self.emit(AgentEvent::CachedCalls { calls: presented });
+        if let Err(e) = saved {
             tracing::warn!(error = %e, "cached calls not acknowledged");
-            self.missed = missed;
-            self.emit(AgentEvent::CachedCalls { calls: presented });
             return;
         }
-        self.missed = missed;
-        self.emit(AgentEvent::CachedCalls { calls: presented });
         let ids: Vec<CallId> = calls.iter().map(|c| c.call_id).collect();
         for chunk in ids.chunks(shared_proto::MAX_PAGE) {
             if let Err(e) = self
