@@ -86,22 +86,10 @@ function markSeen() {
 }
 
 // ---- talking to the agent ----
-async function send(cmd) {
+// One JSON request to the agent; its `{"ok": …}` answer, or a failure the page can show.
+async function request(method, url, body) {
   try {
-    const r = await fetch("/api/command", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(cmd),
-    });
-    return await r.json();
-  } catch (e) {
-    return { ok: false, error: "the TV agent is not answering" };
-  }
-}
-
-async function contactsRequest(method, id, body) {
-  try {
-    const r = await fetch(`/api/contacts/${encodeURIComponent(id)}`, {
+    const r = await fetch(url, {
       method,
       headers: { "Content-Type": "application/json" },
       body: body ? JSON.stringify(body) : undefined,
@@ -110,6 +98,14 @@ async function contactsRequest(method, id, body) {
   } catch (e) {
     return { ok: false, error: "the TV agent is not answering" };
   }
+}
+
+function send(cmd) {
+  return request("POST", "/api/command", cmd);
+}
+
+function contactsRequest(method, id, body) {
+  return request(method, `/api/contacts/${encodeURIComponent(id)}`, body);
 }
 
 async function dial(to) {
