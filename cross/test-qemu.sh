@@ -7,11 +7,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 . scripts/lib.sh
-case "${1:-}" in
-  armv7) triple=armv7-unknown-linux-gnueabihf qemu=qemu-arm-static ;;
-  aarch64) triple=aarch64-unknown-linux-gnu qemu=qemu-aarch64-static ;;
-  *) echo "usage: cross/test-qemu.sh armv7|aarch64" >&2; exit 2 ;;
-esac
+arm_target "${1:-}" || { echo "usage: cross/test-qemu.sh armv7|aarch64" >&2; exit 2; }
 bash cross/build.sh "$1"
 bash scripts/setup.sh >/dev/null
 cargo build --release --locked -p call-proxy-server -p tv-agent

@@ -16,3 +16,13 @@ wait_for_port() {
   echo "nothing listens on 127.0.0.1:$1" >&2
   return 1
 }
+
+# Sets $triple (Rust target) and $qemu (the qemu-user binary) for an ARM TV target,
+# armv7 or aarch64; returns 1 for anything else.
+arm_target() {
+  case "$1" in
+    armv7) triple=armv7-unknown-linux-gnueabihf qemu=qemu-arm-static ;;
+    aarch64) triple=aarch64-unknown-linux-gnu qemu=qemu-aarch64-static ;;
+    *) return 1 ;;
+  esac
+}
