@@ -163,7 +163,8 @@ printf '%s\n' "${ms[@]}" | sort -n | awk '{v[NR] = $1} END {printf "tv-agent mis
 echo "== b) idle: registered tv-agent run, 3 s after start"
 idle_user=$((base + 1))
 RUST_LOG=tv_agent=info "$AGENT_BIN" run --user "$idle_user" --server "$server" \
-    --audio-in null --audio-out null --control-listen 127.0.0.1:0 2>"$work/idle.log" &
+    --audio-in null --audio-out null --control-listen 127.0.0.1:0 --data-dir "$work/idle-tv" \
+    2>"$work/idle.log" &
 idle_pid=$!
 bg_pids+=("$idle_pid")
 t_start="$(now)"

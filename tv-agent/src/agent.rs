@@ -36,10 +36,25 @@ pub struct AgentConfig {
     pub audio_in: AudioSpec,
     /// Call audio sink.
     pub audio_out: AudioSpec,
-    /// A file that keeps the missed-call list across restarts (the on-screen UI's list).
-    /// Cached calls are written there before they are acknowledged to the server. `None`:
-    /// the list lives until power-off (scripted modes).
-    pub missed_log: Option<std::path::PathBuf>,
+    /// Where presented cached calls are kept before the server is told they were
+    /// delivered.
+    pub missed: MissedKeeping,
+}
+
+/// Where the agent keeps the cached calls it presents, and so when it acknowledges them:
+/// never before they are somewhere the viewer will see them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MissedKeeping {
+    /// The daemon's missed-call list, kept across restarts in this file (shown by the
+    /// on-screen UI and the control API): written and synced, then acknowledged.
+    File(std::path::PathBuf),
+    /// Whoever shows them acknowledges them with [`Agent::shown`] once shown (a
+    /// scripted mode prints and flushes first); until then they stay on the server, so
+    /// a TV killed mid-fetch never loses a call it did not show.
+    WhenShown,
+    /// In memory only, acknowledged once the `CachedCalls` event is sent: for code that
+    /// embeds the agent and presents in the same process (tests, benchmarks).
+    Memory,
 }
 
 /// Most missed calls kept in the missed-call list (the oldest go first).
@@ -256,6 +271,7 @@ enum Cmd {
     Mute(bool, Reply1<()>),
     Query(Vec<UserId>, Reply1<Vec<UserState>>),
     Missed(oneshot::Sender<Vec<MissedCall>>),
+    Shown(Vec<CallId>, Reply1<()>),
     ClearMissed(Reply1<()>),
     Status(oneshot::Sender<Status>),
     PowerOff(oneshot::Sender<()>),
@@ -317,8 +333,8 @@ impl Agent {
     pub async fn power_on(
         cfg: AgentConfig,
     ) -> anyhow::Result<(Agent, broadcast::Receiver<AgentEvent>)> {
-        let missed = match &cfg.missed_log {
-            Some(path) => {
+        let missed = match &cfg.missed {
+            MissedKeeping::File(path) => {
                 let mut kept: Vec<MissedCall> = crate::files::read_json(path, MAX_MISSED_FILE)
                     .map_err(|e| {
                         anyhow::anyhow!("cannot read the missed calls {}: {e}", path.display())
@@ -326,7 +342,7 @@ impl Agent {
                 keep_newest(&mut kept);
                 kept
             }
-            None => Vec::new(),
+            MissedKeeping::WhenShown | MissedKeeping::Memory => Vec::new(),
         };
         let socket = bind_media(cfg.media_bind)?;
         let media_addr = socket.local_addr()?;
@@ -412,6 +428,15 @@ impl Agent {
     /// The missed calls presented since power-on.
     pub async fn missed(&self) -> Vec<MissedCall> {
         self.ask(Cmd::Missed).await.unwrap_or_default()
+    }
+
+    /// Tells the server that these cached calls have been shown (printed and flushed,
+    /// or kept where the viewer will see them), so it stops delivering them: the
+    /// presenter's call with [`MissedKeeping::WhenShown`].
+    pub async fn shown(&self, call_ids: Vec<CallId>) -> Result<(), AgentError> {
+        self.ask(|tx| Cmd::Shown(call_ids, tx))
+            .await
+            .unwrap_or(Err(AgentError::Off))
     }
 
     /// Empties the missed-call list (and its file).
@@ -550,6 +575,9 @@ impl Core {
             }
             Cmd::Missed(tx) => {
                 let _ = tx.send(self.missed.clone());
+            }
+            Cmd::Shown(ids, tx) => {
+                let _ = tx.send(self.acknowledge(&ids).await);
             }
             Cmd::ClearMissed(tx) => {
                 let r = self.save_missed(Vec::new()).await;
@@ -881,9 +909,10 @@ impl Core {
 
     /// Writes the missed-call list to its file, if it has one.
     async fn save_missed(&self, missed: Vec<MissedCall>) -> Result<(), AgentError> {
-        let Some(path) = self.cfg.missed_log.clone() else {
+        let MissedKeeping::File(path) = &self.cfg.missed else {
             return Ok(());
         };
+        let path = path.clone();
         tokio::task::spawn_blocking(move || crate::files::write_json(&path, &missed))
             .await
             .map_err(|e| AgentError::Save(e.to_string()))?
@@ -928,6 +957,11 @@ impl Core {
             }
         }
         keep_newest(&mut self.missed);
+        if self.cfg.missed == MissedKeeping::WhenShown {
+            // Whoever shows them acknowledges them (`Agent::shown`), after showing.
+            self.emit(AgentEvent::CachedCalls { calls: presented });
+            return;
+        }
         // Kept on the TV before the server forgets them; if that fails they stay on the
         // server and come again.
         let saved = self.save_missed(self.missed.clone()).await;
@@ -937,17 +971,20 @@ impl Core {
             return;
         }
         let ids: Vec<CallId> = calls.iter().map(|c| c.call_id).collect();
+        if let Err(e) = self.acknowledge(&ids).await {
+            tracing::warn!(error = %e, "cannot acknowledge cached calls; they will come again");
+        }
+    }
+
+    /// Marks cached calls delivered on the server, a page at a time.
+    async fn acknowledge(&self, ids: &[CallId]) -> Result<(), AgentError> {
         for chunk in ids.chunks(shared_proto::MAX_PAGE) {
-            if let Err(e) = self
-                .link
+            self.link
                 .request(Request::AckCached {
                     call_ids: chunk.to_vec(),
                 })
-                .await
-            {
-                tracing::warn!(error = %e, "cannot acknowledge cached calls; they will come again");
-                return;
-            }
+                .await?;
         }
+        Ok(())
     }
 }

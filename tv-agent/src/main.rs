@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tokio::sync::broadcast;
 use tokio::time::{timeout_at, Instant};
-use tv_agent::agent::{Agent, AgentConfig, AgentEvent, DialResult};
+use tv_agent::agent::{Agent, AgentConfig, AgentEvent, DialResult, MissedKeeping};
 use tv_agent::media::AudioSpec;
 
 #[derive(Parser)]
@@ -39,8 +39,9 @@ enum Mode {
         /// browser: http://ADDR/.
         #[arg(long)]
         ui_listen: Option<SocketAddr>,
-        /// Where the TV keeps its own files (with --ui-listen: the address book and the
-        /// missed-call list).
+        /// Where the TV keeps its own files: the missed-call list (written before the
+        /// server is told the calls were delivered) and, with --ui-listen, the address
+        /// book.
         #[arg(long, default_value = "/var/lib/tv-agent")]
         data_dir: std::path::PathBuf,
     },
@@ -117,7 +118,7 @@ fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> AgentConfig {
         advertise_port: tv.advertise_port,
         audio_in: audio.map_or(AudioSpec::Null, |a| a.audio_in.clone()),
         audio_out: audio.map_or(AudioSpec::Null, |a| a.audio_out.clone()),
-        missed_log: None,
+        missed: MissedKeeping::WhenShown,
     }
 }
 
@@ -166,10 +167,9 @@ async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
             data_dir,
         } => {
             let mut cfg = config(&tv, Some(&audio));
-            if ui_listen.is_some() {
-                // The on-screen missed-call list outlives a restart.
-                cfg.missed_log = Some(data_dir.join("missed.json"));
-            }
+            // The missed-call list outlives a restart: calls are kept on the TV before
+            // the server forgets them, whether a UI or a control-API client shows them.
+            cfg.missed = MissedKeeping::File(data_dir.join("missed.json"));
             run(cfg, control_listen, ui_listen, &data_dir).await
         }
         Mode::Missed { tv } => missed(&tv).await,
@@ -329,12 +329,36 @@ async fn missed(tv: &TvArgs) -> anyhow::Result<ExitCode> {
         Ok(v) => v,
         Err(reason) => return Ok(unreachable_exit(&reason)),
     };
-    for c in &calls {
-        println!("{}", serde_json::to_string(c)?);
-    }
-    // Acknowledgement runs right after presentation; power-off waits for it.
+    // Shown first: every line printed and flushed before the server hears that the calls
+    // were delivered. Killed before the acknowledgement, they come again next time.
+    let printed = print_lines(&calls);
+    let code = match printed {
+        Ok(()) => {
+            let ids = calls.iter().map(|c| c.call_id).collect();
+            if let Err(e) = agent.shown(ids).await {
+                eprintln!("tv-agent: calls shown but not acknowledged (they will come again): {e}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tv-agent: cannot print the missed calls, not acknowledged: {e}");
+            ExitCode::from(2)
+        }
+    };
     agent.power_off().await;
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
+}
+
+/// Writes one JSON line per call to stdout and flushes it.
+fn print_lines(calls: &[tv_agent::agent::MissedCall]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for c in calls {
+        serde_json::to_writer(&mut out, c)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Talks until `seconds` pass or the call ends; then hangs up; returns the `Ended` event.

@@ -54,6 +54,8 @@ async fn daemon_serves_the_control_api_and_powers_off_on_command() {
         .args(["run", "--user", "5005", "--server", &srv.addr.to_string()])
         .args(["--audio-in", "null", "--audio-out", "null"])
         .args(["--control-listen", &format!("127.0.0.1:{api_port}")])
+        .arg("--data-dir")
+        .arg(dir.path().join("tv"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -19,7 +19,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tokio::sync::broadcast;
 use tokio::time::{timeout_at, Instant};
-use tv_agent::agent::{bind_media, Agent, AgentConfig, AgentEvent, DialResult, MissedCall};
+use tv_agent::agent::{
+    bind_media, Agent, AgentConfig, AgentEvent, DialResult, MissedCall, MissedKeeping,
+};
 use tv_agent::media::audio::{AudioSink, AudioSource, FRAME, SAMPLE_RATE};
 use tv_agent::media::{AudioSpec, MediaParams, MediaSession};
 
@@ -136,7 +138,7 @@ fn agent_config(server: &str, user: u64) -> AgentConfig {
         advertise_port: None,
         audio_in: AudioSpec::Null,
         audio_out: AudioSpec::Null,
-        missed_log: None,
+        missed: MissedKeeping::Memory,
     }
 }
 

@@ -75,7 +75,7 @@ pub fn agent_config(
         advertise_port: None,
         audio_in,
         audio_out,
-        missed_log: None,
+        missed: tv_agent::agent::MissedKeeping::Memory,
     }
 }
 
