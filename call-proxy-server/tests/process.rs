@@ -10,14 +10,7 @@ use std::time::Duration;
 
 use call_proxy_server::client::Client;
 use shared_proto::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use test_support::net::{free_port, wait_listening};
 
 struct Server {
     child: Child,
@@ -55,11 +48,8 @@ impl Server {
             .spawn()
             .expect("spawn server");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        for _ in 0..500 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return Server { child, addr };
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if wait_listening(addr, Duration::from_secs(5)).await {
+            return Server { child, addr };
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -67,15 +57,11 @@ impl Server {
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill(); // std sends SIGKILL
-        let _ = self.child.wait();
+        test_support::process::kill(&mut self.child); // SIGKILL
     }
 
     fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child process.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(rc, 0);
+        test_support::process::signal(self.child.id(), sig).unwrap();
     }
 }
 
@@ -83,7 +69,7 @@ impl Server {
 async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boot() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("durable.sqlite");
-    let port = free_port();
+    let port = free_port().unwrap();
     let mut server = Server::start(&db, port).await;
     let addr = server.addr;
     const CALLEE: UserId = 9000;
@@ -161,7 +147,7 @@ async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boo
 async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("term.sqlite");
-    let mut server = Server::start(&db, free_port()).await;
+    let mut server = Server::start(&db, free_port().unwrap()).await;
     let mut a = Client::connect(server.addr).await.unwrap();
     a.register(1, 5000).await.unwrap();
     let mut b = Client::connect(server.addr).await.unwrap();

@@ -98,18 +98,10 @@ async fn daemon_serves_the_control_api_and_powers_off_on_command() {
         command(&mut lines, &mut write, r#"{"cmd":"power_off"}"#).await["ok"],
         json!(true)
     );
-    let status = tokio::task::spawn_blocking(move || {
-        for _ in 0..100 {
-            if let Some(s) = daemon.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = daemon.kill();
-        None
-    })
-    .await
-    .unwrap();
+    let status = test_support::process::wait_exit_async(&mut daemon, Duration::from_secs(5))
+        .await
+        .unwrap();
+    test_support::process::kill(&mut daemon);
     assert!(
         status.is_some_and(|s| s.success()),
         "daemon exited cleanly: {status:?}"

@@ -73,19 +73,10 @@ async fn ffmpeg_decodes_the_agents_rtp_given_an_sdp() {
         matches!(e, AgentEvent::Answered { .. }).then_some(())
     })
     .await;
-    let status = tokio::task::spawn_blocking(move || {
-        for _ in 0..100 {
-            if let Some(s) = ffmpeg.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = ffmpeg.kill();
-        let _ = ffmpeg.wait();
-        None
-    })
-    .await
-    .unwrap();
+    let status = test_support::process::wait_exit_async(&mut ffmpeg, Duration::from_secs(10))
+        .await
+        .unwrap();
+    test_support::process::kill(&mut ffmpeg);
     assert!(
         status.is_some_and(|s| s.success()),
         "ffmpeg finished decoding: {status:?}"

@@ -21,25 +21,15 @@ use tv_agent::media::AudioSpec;
 use tv_agent::{AgentEvent, DialResult};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    test_support::net::free_port().unwrap()
 }
 
 /// Waits until something accepts TCP connections on `port`.
 async fn wait_listening(port: u16, what: &str) {
-    for _ in 0..400 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{what} did not start listening on port {port}");
+    assert!(
+        test_support::net::wait_listening_port(port, Duration::from_secs(10)).await,
+        "{what} did not start listening on port {port}"
+    );
 }
 
 /// A `tv-agent run` daemon with its UI; killed when dropped.

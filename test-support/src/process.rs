@@ -1,0 +1,85 @@
+//! Child processes in tests and benchmarks: signals, bounded waits for an exit, and a
+//! guard that kills a child left running.
+
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// Sends `signal` (e.g. `libc::SIGTERM`) to process `pid`.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, signal: i32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| std::io::Error::other(format!("process id {pid} out of range")))?;
+    // SAFETY: kill only sends a signal to the given process id.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Asks a process to stop the way an operator does.
+pub fn sigterm(pid: u32) -> std::io::Result<()> {
+    signal(pid, libc::SIGTERM)
+}
+
+/// Polls `child` until it exits or `limit` passes; `None` if it is still running.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// [`wait_exit`] without blocking the async runtime's thread.
+pub async fn wait_exit_async(
+    child: &mut Child,
+    limit: Duration,
+) -> std::io::Result<Option<ExitStatus>> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Kills (SIGKILL) and reaps a child; harmless if it already exited.
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A child process that is killed and reaped when the guard is dropped (a failing test
+/// leaves nothing running).
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(&mut self.0);
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
