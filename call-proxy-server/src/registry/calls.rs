@@ -1,6 +1,6 @@
-//! The live-call state machine: `Recording → Ringing → Active`, ended by an answer's
-//! hang-up, a reject, the caller cancelling, the ring timeout, a party's session being
-//! lost, or server shutdown.
+//! The live-call state machine: `Recording → Ringing → Active`, ended by a hang-up, a
+//! reject, the caller cancelling, the ring timeout, a party's session being lost, or
+//! server shutdown.
 //!
 //! Pure logic, like `tv-agent/src/media/jitter.rs`: [`LiveCall::step`] maps (the call, an
 //! [`Input`]) to a [`Step`] (the next state or the end, and the events to push to each

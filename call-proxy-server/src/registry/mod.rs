@@ -16,7 +16,7 @@
 //! - `timers.rs`: the ring timers' handles and the rules that keep them in step.
 //! - this file: the [`Registry`] façade, which owns the lock, turns requests into
 //!   machine inputs and carries out each step (pushes, call slots, timers) in one place,
-//!   [`Inner::carry_out`].
+//!   `Inner::carry_out`.
 //!
 //! # Where presence lands
 //!

@@ -132,10 +132,10 @@ mod tests {
     use super::super::testing::{addr, next_event, session};
     use super::super::{DialPlan, Registry};
     use super::*;
-    use crate::registry::PUSH_QUEUE;
+    use crate::registry::{PushRx, PUSH_QUEUE};
     use crate::storage::Outcome;
 
-    fn fresh(id: u64) -> (Session, super::super::PushRx) {
+    fn fresh(id: u64) -> (Session, PushRx) {
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         (Session::new(id, addr(id as u16), tx), rx)
     }
