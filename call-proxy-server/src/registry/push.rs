@@ -1,0 +1,70 @@
+//! Pushes to a session: the bounded queue between the registry and a TV's connection
+//! task, and the one non-blocking send every push goes through.
+//!
+//! The registry holds its lock while it pushes, so a push must never wait: a full queue
+//! (the TV is not reading) or a closed one (its connection task is leaving) drops the
+//! message, and the session's own connection task cleans up (its write timeout or its
+//! exit ends the session).
+
+use shared_proto::ServerMsg;
+use tokio::sync::mpsc;
+
+/// The sending side of a session's push queue. Messages are boxed so each queue slot
+/// is one pointer: an idle session's queue costs a few hundred bytes.
+pub type PushTx = mpsc::Sender<Box<ServerMsg>>;
+/// The receiving side, owned by the session's connection task.
+pub type PushRx = mpsc::Receiver<Box<ServerMsg>>;
+/// Queued pushes per session before it counts as stuck.
+pub const PUSH_QUEUE: usize = 16;
+
+/// What became of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// In the session's queue.
+    Queued,
+    /// Dropped: the queue was full or closed.
+    Dropped,
+}
+
+/// Sends `msg` to session `session_id`'s queue without waiting.
+pub fn send(tx: &PushTx, session_id: u64, msg: ServerMsg) -> Pushed {
+    match tx.try_send(Box::new(msg)) {
+        Ok(()) => Pushed::Queued,
+        Err(_) => {
+            tracing::debug!(session_id, "push queue full or closed; dropping");
+            Pushed::Dropped
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared_proto::Event;
+
+    use super::*;
+
+    fn waiting(count: u32) -> ServerMsg {
+        ServerMsg::Event(Event::CachedCallsWaiting { count })
+    }
+
+    #[test]
+    fn a_full_queue_drops_without_waiting_and_keeps_order() {
+        let (tx, mut rx) = mpsc::channel(PUSH_QUEUE);
+        for i in 0..PUSH_QUEUE as u32 {
+            assert_eq!(send(&tx, 1, waiting(i)), Pushed::Queued);
+        }
+        assert_eq!(send(&tx, 1, waiting(99)), Pushed::Dropped);
+        for i in 0..PUSH_QUEUE as u32 {
+            assert_eq!(rx.try_recv().map(|b| *b).ok(), Some(waiting(i)));
+        }
+        assert!(rx.try_recv().is_err(), "the dropped push never arrives");
+        assert_eq!(send(&tx, 1, waiting(5)), Pushed::Queued, "room again");
+    }
+
+    #[test]
+    fn a_closed_queue_drops() {
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        drop(rx);
+        assert_eq!(send(&tx, 1, waiting(0)), Pushed::Dropped);
+    }
+}
