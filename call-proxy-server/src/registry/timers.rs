@@ -127,7 +127,7 @@ mod tests {
         assert!(cancelled(timer).await, "answering cancels the ring timeout");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_timer_task_like_the_dials_ends_the_call_with_no_answer() {
         let reg = Arc::new(Registry::new(0, 0));
         let (call_id, mut ra, mut rb) = ringing_call(&reg, 1, 2);
