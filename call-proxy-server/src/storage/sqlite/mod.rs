@@ -629,12 +629,24 @@ fn register(tx: &Transaction<'_>, reg: &Registration) -> Result<RegisterResult, 
     })
 }
 
+/// Undelivered missed calls of one callee (`?1`).
+const WAITING_COUNT_SQL: &str = concat!(
+    "SELECT count(*) FROM user_call WHERE otheruser_id = ?1 AND ",
+    waiting!()
+);
+
+/// A page of one callee's (`?1`) undelivered missed calls after id `?2`, at most `?3`.
+const CACHED_PAGE_SQL: &str = concat!(
+    "SELECT c.id, c.user_id, c.call_date, c.outcome, p.user_netstate
+     FROM user_call c LEFT JOIN user_property p ON p.user_id = c.user_id
+     WHERE c.otheruser_id = ?1 AND c.id > ?2 AND ",
+    waiting!(),
+    " ORDER BY c.id LIMIT ?3"
+);
+
 fn waiting_count(conn: &Connection, callee: UserId) -> Result<u32, StoreError> {
     let n: i64 = conn
-        .prepare_cached(concat!(
-            "SELECT count(*) FROM user_call WHERE otheruser_id = ?1 AND ",
-            waiting!()
-        ))?
+        .prepare_cached(WAITING_COUNT_SQL)?
         .query_row([callee as i64], |r| r.get(0))?;
     Ok(u32::try_from(n).unwrap_or(u32::MAX))
 }
@@ -753,13 +765,7 @@ fn cached(
     after: CallId,
     limit: usize,
 ) -> Result<Vec<CachedRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(concat!(
-        "SELECT c.id, c.user_id, c.call_date, c.outcome, p.user_netstate
-         FROM user_call c LEFT JOIN user_property p ON p.user_id = c.user_id
-         WHERE c.otheruser_id = ?1 AND c.id > ?2 AND ",
-        waiting!(),
-        " ORDER BY c.id LIMIT ?3"
-    ))?;
+    let mut stmt = conn.prepare_cached(CACHED_PAGE_SQL)?;
     let after = i64::try_from(after).unwrap_or(i64::MAX);
     let rows = stmt.query_map(
         params![
@@ -802,6 +808,153 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::storage::Store;
+
+    fn call(id: CallId, callee: UserId, outcome: Outcome) -> NewCall {
+        NewCall {
+            id,
+            caller: callee + 1,
+            callee,
+            at_ms: 1_700_000_000_000 + id as i64,
+            outcome,
+            caller_ip: [127, 0, 0, 1].into(),
+        }
+    }
+
+    fn registration(user_id: UserId, session_id: u64) -> Registration {
+        Registration {
+            user_id,
+            ip: [127, 0, 0, 1].into(),
+            media_port: 5004,
+            session_id,
+            agent_version: "test".into(),
+            at_ms: 1_700_000_000_000,
+            create_unknown: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_half_way_is_rolled_back_alone_and_its_batch_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        store.register(registration(1, 1)).await.unwrap();
+        let commits_before = store.metrics().commit_seconds().count();
+        // Hold the write lock so the writer waits in its next batch; the writes queued
+        // meanwhile all go into the batch after it.
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let first = store.set_offline(1, 1, 1_700_000_000_001);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let a = store.insert_call(call(10, 1, Outcome::Cached));
+        let b = store.write(|done| WriteJob::FailAfterInsert(call(11, 1, Outcome::Cached), done));
+        let c = store.insert_call(call(12, 1, Outcome::Cached));
+        let duplicate = store.insert_call(call(10, 1, Outcome::Missed));
+        let d = store.ack_cached(1, vec![12], 1_700_000_000_002);
+        raw.execute_batch("COMMIT").unwrap();
+        first.await.unwrap();
+        assert_eq!(a.await, Ok(InsertResult::Recorded { callee_waiting: 1 }));
+        assert_eq!(b.await, Err(StoreError::Other("injected failure".into())));
+        // Call 11's row, written before its job failed, is not counted: rolled back.
+        assert_eq!(c.await, Ok(InsertResult::Recorded { callee_waiting: 2 }));
+        assert!(
+            matches!(duplicate.await, Err(StoreError::Constraint(_))),
+            "a duplicate call id is a constraint error"
+        );
+        assert_eq!(d.await, Ok(1));
+        // At most two commits: the held batch, then the rest together.
+        let commits = store.metrics().commit_seconds().count() - commits_before;
+        assert!((1..=2).contains(&commits), "{commits} commits");
+        store.close().await;
+        let rows: Vec<(i64, String, i64)> = raw
+            .prepare("SELECT id, outcome, delivered FROM user_call ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![(10, "cached".into(), 0), (12, "cached".into(), 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn sqlite_failures_map_to_typed_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a database file.
+        let junk = dir.path().join("junk.sqlite");
+        std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+        assert!(matches!(
+            SqliteStore::open(&junk, SqliteOptions::default()).map(|_| ()),
+            Err(StoreError::Corrupt(_))
+        ));
+        // A full disk: SQLite's own page limit stands in for it.
+        let path = dir.path().join("db.sqlite");
+        SqliteStore::open(&path, SqliteOptions::default())
+            .unwrap()
+            .close()
+            .await;
+        let raw = Connection::open(&path).unwrap();
+        let pages: i64 = raw
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        raw.pragma_update(None, "max_page_count", pages).unwrap();
+        let full = raw
+            .execute(
+                "INSERT INTO user_property (user_id, agent_version, created_at) VALUES (1, ?1, 'x')",
+                [vec![b'x'; 1 << 20]],
+            )
+            .map_err(db_error);
+        assert!(matches!(full, Err(StoreError::Full(_))), "{full:?}");
+        // A locked database is unavailable, not corrupt.
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(std::time::Duration::ZERO).unwrap();
+        raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let busy = other.execute_batch("BEGIN IMMEDIATE").map_err(db_error);
+        assert!(matches!(busy, Err(StoreError::Unavailable(_))), "{busy:?}");
+        // No such directory for the file.
+        let missing = operator::OperatorDb::open(&dir.path().join("none/db.sqlite")).map(|_| ());
+        assert!(matches!(missing, Err(StoreError::Unavailable(m)) if m.contains("no database")));
+    }
+
+    #[tokio::test]
+    async fn the_waiting_index_and_its_queries_use_the_missed_kinds_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        SqliteStore::open(&path, SqliteOptions::default())
+            .unwrap()
+            .close()
+            .await;
+        let raw = Connection::open(&path).unwrap();
+        // The index (migration 1, whose text never changes) says what the rule says.
+        let index: String = raw
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'user_call_waiting'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(index.contains(waiting!()), "{index}");
+        assert!(waiting!().contains(MISSED_KINDS_SQL));
+        // And the queries that count and page missed calls are answered from it.
+        let page_args = [1, 0, 10];
+        for (sql, args) in [
+            (WAITING_COUNT_SQL, &page_args[..1]),
+            (CACHED_PAGE_SQL, &page_args[..]),
+        ] {
+            let plan: Vec<String> = raw
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(rusqlite::params_from_iter(args), |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().any(|p| p.contains("user_call_waiting")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn opening_after_a_crash_ends_live_calls_and_sets_everyone_offline_without_a_scan() {
