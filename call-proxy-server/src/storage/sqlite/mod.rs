@@ -52,7 +52,9 @@ impl Default for SqliteOptions {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-/// Append only.
+/// Append only: their text never changes, so the partial index `user_call_waiting`
+/// spells the missed-kinds rule out; a unit test checks it says what
+/// [`MISSED_KINDS_SQL`] says (a change of the rule is a new migration rebuilding it).
 const MIGRATIONS: &[&str] = &[
     // 1: the documents' two tables, with the columns a real product needs.
     "CREATE TABLE user_property (
