@@ -7,12 +7,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::storage::StorageBackend;
+
 /// Everything the server can be told. Field names are the TOML keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// TCP control listener.
     pub listen: SocketAddr,
+    /// Which database keeps the records: `"sqlite"` (the default, an embedded file).
+    /// Any other name is refused with a message naming it.
+    pub backend: StorageBackend,
     /// Data directory; the database defaults to `<data_dir>/call-proxy.sqlite`.
     pub data_dir: PathBuf,
     /// The SQLite database file (overrides `data_dir`).
@@ -53,6 +58,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 7600)),
+            backend: StorageBackend::Sqlite,
             data_dir: PathBuf::from("data"),
             db: None,
             sync_full: true,
@@ -161,6 +167,22 @@ mod tests {
         assert_eq!(c.heartbeat_interval_ms, 30_000);
         assert!(toml::from_str::<Config>("lissen = \"x\"").is_err());
         assert_eq!(c.db_path(), PathBuf::from("data/call-proxy.sqlite"));
+    }
+
+    #[test]
+    fn the_backend_is_sqlite_by_default_and_an_unknown_one_is_refused_by_name() {
+        assert_eq!(Config::default().backend, StorageBackend::Sqlite);
+        let c: Config = toml::from_str("backend = \"sqlite\"\ndb = \"x.db\"\n").expect("parses");
+        assert_eq!(c.backend, StorageBackend::Sqlite);
+        assert_eq!(c.db_path(), PathBuf::from("x.db"));
+        let err = toml::from_str::<Config>("backend = \"postgres\"\n")
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("unknown storage backend \"postgres\""),
+            "{err}"
+        );
+        assert!(err.contains("\"sqlite\""), "{err}");
     }
 
     #[test]

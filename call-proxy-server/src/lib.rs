@@ -11,8 +11,10 @@
 //! - [`handler`]: one module per request kind (register, query, dial, call control,
 //!   fetch and acknowledge cached calls).
 //! - [`registry`]: in-memory sessions and the live-call state machine (no I/O).
-//! - [`storage`]: the [`storage::Store`] interface and its SQLite implementation (the only
-//!   code that knows SQL).
+//! - [`storage`]: the backend-neutral [`storage::Store`] and
+//!   [`storage::operator::OperatorStore`] interfaces, chosen by `backend` in the config
+//!   through [`storage::open`], and the SQLite implementation (the only code that knows
+//!   SQL).
 //! - [`admin`]: the admin HTTP listener (health, readiness, Prometheus metrics, the
 //!   operator API) and its JSON types.
 //! - [`config`], [`metrics`], [`clock`]: settings, counters, timestamps.

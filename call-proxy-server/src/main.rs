@@ -2,13 +2,14 @@
 //! asked); `calls`, `users` and `stats` are the operator CLI, on the database file
 //! (`--db`) or through a running server's admin API (`--admin URL`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use call_proxy_server::admin::client::{AdminClient, AdminClientError};
 use call_proxy_server::admin::{self, api, AdminOptions};
-use call_proxy_server::storage::operator::{CallQuery, OperatorDb};
-use call_proxy_server::{bind, run, Config, Shared, SqliteOptions, SqliteStore};
+use call_proxy_server::storage::operator::{CallQuery, OperatorStore};
+use call_proxy_server::storage::{self, AnyOperator};
+use call_proxy_server::{bind, run, Config, Shared};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -68,8 +69,9 @@ struct Source {
 
 /// An operator query source, opened.
 enum Backend {
-    /// The database file, read-only.
-    Db(OperatorDb),
+    /// The database, read-only, through the storage backend's operator reads (run to
+    /// completion on a runtime of their own).
+    Db(AnyOperator, tokio::runtime::Runtime),
     /// A running server's admin API.
     Admin(AdminClient),
 }
@@ -82,11 +84,15 @@ struct UsageError(String);
 impl Source {
     fn open(self) -> anyhow::Result<Backend> {
         let Some(url) = self.admin else {
-            let db = self
-                .db
-                .as_deref()
-                .unwrap_or(Path::new("data/call-proxy.sqlite"));
-            return Ok(Backend::Db(OperatorDb::open(db)?));
+            let config = Config {
+                db: self.db,
+                ..Config::default()
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            return Ok(Backend::Db(storage::open_operator(&config, 1), runtime));
         };
         let token = match self.token {
             Some(t) => t,
@@ -101,15 +107,19 @@ impl Source {
 impl Backend {
     fn calls(&self, q: &CallQuery) -> anyhow::Result<Vec<api::Call>> {
         Ok(match self {
-            Backend::Db(db) => db.calls(q)?.into_iter().map(api::Call::from).collect(),
+            Backend::Db(db, rt) => rt
+                .block_on(db.calls(q.clone()))?
+                .into_iter()
+                .map(api::Call::from)
+                .collect(),
             Backend::Admin(c) => c.calls(q)?.calls,
         })
     }
 
     fn users(&self, online: bool, limit: usize) -> anyhow::Result<Vec<api::User>> {
         Ok(match self {
-            Backend::Db(db) => db
-                .users(online, limit)?
+            Backend::Db(db, rt) => rt
+                .block_on(db.users(online, limit))?
                 .into_iter()
                 .map(api::User::from)
                 .collect(),
@@ -119,7 +129,9 @@ impl Backend {
 
     fn stats(&self) -> anyhow::Result<api::Stats> {
         Ok(match self {
-            Backend::Db(db) => db.stats(call_proxy_server::clock::now_ms())?.into(),
+            Backend::Db(db, rt) => rt
+                .block_on(db.stats(call_proxy_server::clock::now_ms()))?
+                .into(),
             Backend::Admin(c) => c.stats()?,
         })
     }
@@ -298,14 +310,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let db = config.db_path();
-        let store = SqliteStore::open(
-            &db,
-            SqliteOptions {
-                sync_full: config.sync_full,
-                ..SqliteOptions::default()
-            },
-        )
-        .with_context(|| format!("cannot open database {}", db.display()))?;
+        let store = storage::open(&config).with_context(|| {
+            format!("cannot open database {} ({})", db.display(), config.backend)
+        })?;
         let listener =
             bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let admin_listener = match (config.admin_listen, admin_token) {
@@ -320,6 +327,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         tracing::info!(
             listen = %listener.local_addr()?,
+            backend = %config.backend,
             db = %db.display(),
             sync_full = config.sync_full,
             "call-proxy-server ready"

@@ -3,9 +3,9 @@
 //! operator API (`/api/calls`, `/api/users`, `/api/users/{id}`, `/api/stats`).
 //!
 //! Everything except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`.
-//! Database queries run on blocking threads through read-only connections of their
-//! own (at most [`MAX_QUERIES`] at once), never on the async runtime and never through
-//! the writer. [`serve`] stops when its shutdown future completes; the daemon completes
+//! Database queries go through the backend's [`OperatorStore`] (at most [`MAX_QUERIES`]
+//! at once), never through the server's writer; the admin listener does not know which
+//! backend answers them. [`serve`] stops when its shutdown future completes; the daemon completes
 //! it after the control server has shut down, so metrics stay readable while it drains.
 
 pub mod api;
@@ -16,7 +16,7 @@ mod routes;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -27,11 +27,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::server::Shared;
-use crate::storage::operator::OperatorDb;
-use crate::storage::{Outcome, Store, StoreError};
+use crate::storage::operator::OperatorStore;
+use crate::storage::{self, Outcome, Store, StoreError};
 
 /// The environment variable that holds the admin token when no token file is given.
 pub const TOKEN_ENV: &str = "CALL_PROXY_ADMIN_TOKEN";
@@ -47,7 +46,8 @@ const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct AdminOptions {
     /// The bearer token every protected request must carry.
     pub token: String,
-    /// The database file, opened read-only for queries.
+    /// The database file the operator queries read (the server's `db`; for the SQLite
+    /// backend, opened read-only). The backend is the server's configured one.
     pub db_path: PathBuf,
 }
 
@@ -94,93 +94,57 @@ pub fn load_token(file: Option<&Path>) -> Result<String, TokenError> {
 }
 
 /// What the handlers share.
-struct AdminState<S> {
-    /// The server's state: counters, registry, store (for its commit latency).
+struct AdminState<S, O> {
+    /// The server's state: counters, registry, store (for its commit metrics).
     shared: Arc<Shared<S>>,
     /// The expected bearer token.
     token: String,
-    /// Read-only database access for queries.
-    db: Arc<QueryPool>,
+    /// The operator's reads.
+    ops: O,
 }
 
-/// Read-only database connections for admin queries, used on blocking threads.
-struct QueryPool {
-    /// The database file.
-    path: PathBuf,
-    /// Connections not in use, reused by the next query.
-    idle: Mutex<Vec<OperatorDb>>,
-    /// Bounds the queries running at once (and so the connections open). A permit
-    /// moves into the blocking task, so a caller that stops waiting (a timed-out probe)
-    /// does not free its place before the query is really over.
-    permits: Arc<Semaphore>,
-}
-
-impl QueryPool {
-    /// Runs `query` on a blocking thread with a pooled connection.
-    async fn run<T: Send + 'static>(
-        self: &Arc<Self>,
-        query: impl FnOnce(&OperatorDb) -> Result<T, StoreError> + Send + 'static,
+impl<S, O: OperatorStore> AdminState<S, O> {
+    /// `query` bounded by [`DB_PROBE_TIMEOUT`] (readiness and metrics answer without
+    /// the database rather than hang).
+    async fn probe<T>(
+        &self,
+        query: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
+        tokio::time::timeout(DB_PROBE_TIMEOUT, query)
             .await
-            .map_err(|_| StoreError::Closed)?;
-        let pool = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let idle = pool.idle.lock().ok().and_then(|mut v| v.pop());
-            let db = match idle {
-                Some(db) => db,
-                None => OperatorDb::open(&pool.path)?,
-            };
-            let result = query(&db);
-            // A connection that failed may be broken: open a fresh one next time.
-            if result.is_ok() {
-                if let Ok(mut v) = pool.idle.lock() {
-                    v.push(db);
-                }
-            }
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Db(format!("admin query task failed: {e}")))?
-    }
-
-    /// [`QueryPool::run`] bounded by [`DB_PROBE_TIMEOUT`].
-    async fn probe<T: Send + 'static>(
-        self: &Arc<Self>,
-        query: impl FnOnce(&OperatorDb) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(DB_PROBE_TIMEOUT, self.run(query))
-            .await
-            .map_err(|_| StoreError::Db("database did not answer in time".into()))?
+            .map_err(|_| StoreError::Unavailable("database did not answer in time".into()))?
     }
 }
 
-/// The admin API's routes over the server's shared state.
+/// The admin API's routes over the server's shared state, reading the database of the
+/// server's configured backend at `opts.db_path` (built by [`storage::open_operator`]).
 pub fn router<S: Store>(shared: Arc<Shared<S>>, opts: AdminOptions) -> Router {
-    let state = Arc::new(AdminState {
-        shared,
-        token: opts.token,
-        db: Arc::new(QueryPool {
-            path: opts.db_path,
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(MAX_QUERIES)),
-        }),
-    });
+    let mut config = shared.config.clone();
+    config.db = Some(opts.db_path);
+    let ops = storage::open_operator(&config, MAX_QUERIES);
+    router_with(shared, opts.token, ops)
+}
+
+/// The admin API's routes over the server's shared state and these operator reads.
+pub fn router_with<S: Store, O: OperatorStore>(
+    shared: Arc<Shared<S>>,
+    token: String,
+    ops: O,
+) -> Router {
+    let state = Arc::new(AdminState { shared, token, ops });
     let protected = Router::new()
-        .route("/metrics", get(metrics::<S>))
-        .route("/api/calls", get(routes::calls::<S>))
-        .route("/api/users", get(routes::users::<S>))
-        .route("/api/users/{id}", get(routes::user::<S>))
-        .route("/api/stats", get(routes::stats::<S>))
+        .route("/metrics", get(metrics::<S, O>))
+        .route("/api/calls", get(routes::calls::<S, O>))
+        .route("/api/users", get(routes::users::<S, O>))
+        .route("/api/users/{id}", get(routes::user::<S, O>))
+        .route("/api/stats", get(routes::stats::<S, O>))
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
-            require_token::<S>,
+            require_token::<S, O>,
         ));
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz::<S>))
+        .route("/readyz", get(readyz::<S, O>))
         .merge(protected)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
@@ -249,8 +213,8 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Lets a request through only with the right bearer token (compared in constant time).
-async fn require_token<S: Store>(
-    State(state): State<Arc<AdminState<S>>>,
+async fn require_token<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -284,9 +248,11 @@ async fn healthz() -> Response {
     Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
-/// Readiness: a trivial query reaches the database through a read-only connection.
-async fn readyz<S: Store>(State(state): State<Arc<AdminState<S>>>) -> Response {
-    match state.db.probe(|db| db.ping()).await {
+/// Readiness: a trivial query reaches the database through the operator's reads.
+async fn readyz<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+) -> Response {
+    match state.probe(state.ops.ping()).await {
         Ok(()) => Json(serde_json::json!({ "status": "ready" })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {e}")),
     }
@@ -294,8 +260,10 @@ async fn readyz<S: Store>(State(state): State<Arc<AdminState<S>>>) -> Response {
 
 /// Prometheus metrics: the server's counters, the registry's gauges, the offline
 /// cache's depth (from the database) and the group-commit latency histogram.
-async fn metrics<S: Store>(State(state): State<Arc<AdminState<S>>>) -> Response {
-    let cache_depth = state.db.probe(|db| db.cached_waiting()).await;
+async fn metrics<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+) -> Response {
+    let cache_depth = state.probe(state.ops.cached_waiting()).await;
     let shared = &state.shared;
     let m = &shared.metrics;
     let mut e = prometheus::Exposition::default();
@@ -379,7 +347,7 @@ async fn metrics<S: Store>(State(state): State<Arc<AdminState<S>>>) -> Response 
     e.histogram(
         "call_proxy_db_commit_seconds",
         "Duration of each database group commit (one transaction, one sync).",
-        &shared.store.commit_latency().snapshot(),
+        &shared.store.metrics().commit_seconds(),
     );
     (
         [(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],

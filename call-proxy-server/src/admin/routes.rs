@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::{api, AdminState};
 use crate::clock;
-use crate::storage::operator::{CallQuery, OutcomeFilter, MAX_PAGE};
+use crate::storage::operator::{CallQuery, OperatorStore, OutcomeFilter, MAX_PAGE};
 use crate::storage::{Store, StoreError};
 
 /// Calls listed with one user (`GET /api/users/{id}`).
@@ -158,8 +158,8 @@ fn wants_csv(format: Option<String>, headers: &HeaderMap) -> Result<bool, ApiErr
 }
 
 /// `GET /api/calls`: a page of the call log, newest first.
-pub(super) async fn calls<S: Store>(
-    State(state): State<Arc<AdminState<S>>>,
+pub(super) async fn calls<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
     headers: HeaderMap,
     params: Result<Query<CallsParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -179,7 +179,7 @@ pub(super) async fn calls<S: Store>(
         limit: page_size(p.limit, DEFAULT_CALLS_LIMIT)?,
     };
     let limit = query.limit;
-    let rows = state.db.run(move |db| db.calls(&query)).await?;
+    let rows = state.ops.calls(query).await?;
     let calls: Vec<api::Call> = rows.into_iter().map(api::Call::from).collect();
     let next_before = if calls.len() == limit {
         calls.last().map(|c| c.id)
@@ -217,8 +217,8 @@ pub(super) struct UsersParams {
 }
 
 /// `GET /api/users`: users by id.
-pub(super) async fn users<S: Store>(
-    State(state): State<Arc<AdminState<S>>>,
+pub(super) async fn users<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
     params: Result<Query<UsersParams>, QueryRejection>,
 ) -> Result<Json<api::Users>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
@@ -229,15 +229,15 @@ pub(super) async fn users<S: Store>(
     })?
     .unwrap_or(false);
     let limit = page_size(p.limit, DEFAULT_USERS_LIMIT)?;
-    let rows = state.db.run(move |db| db.users(online, limit)).await?;
+    let rows = state.ops.users(online, limit).await?;
     Ok(Json(api::Users {
         users: rows.into_iter().map(api::User::from).collect(),
     }))
 }
 
 /// `GET /api/users/{id}`: one user's state and its recent calls; 404 if unknown.
-pub(super) async fn user<S: Store>(
-    State(state): State<Arc<AdminState<S>>>,
+pub(super) async fn user<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
     Path(id): Path<String>,
 ) -> Result<Json<api::UserDetail>, ApiError> {
     let id = user_id(&id).map_err(|message| ApiError::BadParam {
@@ -245,21 +245,19 @@ pub(super) async fn user<S: Store>(
         value: id,
         message,
     })?;
-    let found = state
-        .db
-        .run(move |db| {
-            let Some(user) = db.user(id)? else {
-                return Ok(None);
-            };
-            let calls = db.calls(&CallQuery {
-                party: Some(id),
-                limit: RECENT_CALLS,
-                ..CallQuery::default()
-            })?;
-            Ok(Some((user, calls)))
+    let user = state
+        .ops
+        .user(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no user {id}")))?;
+    let calls = state
+        .ops
+        .calls(CallQuery {
+            party: Some(id),
+            limit: RECENT_CALLS,
+            ..CallQuery::default()
         })
         .await?;
-    let (user, calls) = found.ok_or_else(|| ApiError::NotFound(format!("no user {id}")))?;
     Ok(Json(api::UserDetail {
         user: user.into(),
         recent_calls: calls.into_iter().map(api::Call::from).collect(),
@@ -267,9 +265,9 @@ pub(super) async fn user<S: Store>(
 }
 
 /// `GET /api/stats`: service statistics.
-pub(super) async fn stats<S: Store>(
-    State(state): State<Arc<AdminState<S>>>,
+pub(super) async fn stats<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
 ) -> Result<Json<api::Stats>, ApiError> {
-    let stats = state.db.run(|db| db.stats(clock::now_ms())).await?;
+    let stats = state.ops.stats(clock::now_ms()).await?;
     Ok(Json(stats.into()))
 }

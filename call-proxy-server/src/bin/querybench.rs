@@ -1,12 +1,14 @@
-//! `call-proxy-querybench`: times the operator's call-log queries on a large call log
-//! (default 10 million rows, generated once into the given file).
+//! `call-proxy-querybench`: times the operator's call-log queries on a large SQLite call
+//! log (default 10 million rows, generated once into the given file), synchronously on
+//! one read-only connection of the SQLite backend (so the figures are the queries').
 //! Usage: call-proxy-querybench [--db PATH] [--calls N] [--users N] [--samples N]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use call_proxy_server::storage::operator::{fill_synthetic, CallQuery, OperatorDb, OutcomeFilter};
+use call_proxy_server::storage::operator::{CallQuery, OutcomeFilter};
+use call_proxy_server::storage::sqlite::operator::{fill_synthetic, OperatorDb};
 use clap::Parser;
 
 /// Builds the i-th query of one kind.

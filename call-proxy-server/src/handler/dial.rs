@@ -1,8 +1,9 @@
 //! `Dial` (flows 4 and 5): record the call in `user_call`, then ring an online callee
 //! and give the caller its media address, or tell the caller the call is cached for an
 //! offline callee. A cached (or busy) call's record is durable before the caller hears
-//! "cached"; a live call's record is queued before the ring and commits with the next
-//! group, so call set-up does not wait for the disk.
+//! "cached"; a live call's record is queued before the ring (a [`Store`] write is
+//! queued when its method returns) and commits with the next group, so call set-up does
+//! not wait for the disk.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub async fn handle<S: Store>(
         DialPlan::Busy { call_id } => (call_id, Outcome::Busy),
         DialPlan::Offline { call_id } => (call_id, Outcome::Cached),
     };
+    // `insert_call` queues the record before it returns (the `Store` write contract):
+    // every later change of this call is queued after it.
     let insert = shared.store.insert_call(NewCall {
         id: call_id,
         caller: me.user,
@@ -40,7 +43,8 @@ pub async fn handle<S: Store>(
     });
     if outcome == Outcome::Ringing {
         // The record is queued (ahead of any later change to this call) and commits
-        // with the next group; the callee rings without waiting for the disk. "Ringing"
+        // with the next group; dropping its `Pending` does not cancel it, so the callee
+        // rings without waiting for the disk. "Ringing"
         // acknowledges a live call, not a stored message: should the server die within
         // that commit, both TVs' links die with it.
         drop(insert);

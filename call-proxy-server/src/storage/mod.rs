@@ -1,38 +1,75 @@
-//! The user management database, behind the [`Store`] interface the server depends on.
+//! The user management database, behind the [`Store`] interface the server depends on
+//! and the [`operator::OperatorStore`] interface the admin API and the operator CLI read
+//! through. Backend-neutral: nothing here names a database library.
 //!
 //! The server never sees SQL: it calls [`Store`] methods with plain row types from this
-//! module. [`sqlite::SqliteStore`] is the embedded implementation; a PostgreSQL one can
-//! be added beside it without touching protocol or call-handling code.
+//! module. [`sqlite`] is the embedded implementation. A second backend (PostgreSQL) is
+//! one new module beside it implementing [`Store`] and [`operator::OperatorStore`], one
+//! variant of [`StorageBackend`], [`AnyStore`] and [`AnyOperator`], and one line in the
+//! storage contract tests (`tests/store_contract.rs`), which every backend must pass.
 //!
-//! Write methods queue their change when they are called, so changes apply in the order
-//! they were issued even if nobody awaits them; the returned future completes only after
-//! the change is durably committed (group commit: concurrent writes share one
-//! transaction and one sync).
+//! The rules every backend shares are written once, here: which outcomes are missed
+//! calls ([`Outcome::is_missed_kind`], [`MISSED_KINDS`] and its SQL form
+//! [`MISSED_KINDS_SQL`]), the ordering and durability of writes ([`Store`], [`Pending`]),
+//! and the kinds of failure ([`StoreError`]).
 
 pub mod operator;
 pub mod sqlite;
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use shared_proto::{CallId, UnixMillis, UserId};
+use tokio::sync::oneshot;
 
-/// What a storage call can fail with. Nothing reported as failed was acknowledged.
-#[derive(Debug, Clone, thiserror::Error)]
+use crate::config::Config;
+use crate::metrics::{Histogram, HistogramSnapshot};
+use operator::{CallQuery, CallRecord, OperatorStore, Stats, UserRecord};
+
+/// What a storage call can fail with. Nothing reported as failed was acknowledged: a
+/// failed write left no trace (its partial changes are rolled back), and the writes
+/// queued with it are not affected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// The database refused or failed the operation.
-    #[error("database error: {0}")]
-    Db(String),
+    /// The database cannot be reached or used now (missing, locked, busy, read-only,
+    /// connection lost, timed out); retrying later may work.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database's disk (or quota) is full (`SQLITE_FULL`, `ENOSPC`).
+    #[error("database disk full: {0}")]
+    Full(String),
+    /// The change breaks a constraint of the schema (a duplicate id, a bad value).
+    #[error("database constraint violated: {0}")]
+    Constraint(String),
+    /// The database holds data this server cannot read (a damaged file, a bad row).
+    #[error("database corrupt: {0}")]
+    Corrupt(String),
     /// The store has been closed (server shutting down).
     #[error("store is closed")]
     Closed,
+    /// Any other failure of the database.
+    #[error("database error: {0}")]
+    Other(String),
 }
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Db(e.to_string())
-    }
+/// The outcomes that are missed calls: delivered to the callee's TV until acknowledged.
+pub const MISSED_KINDS: [Outcome; 3] = [Outcome::Missed, Outcome::Busy, Outcome::Cached];
+
+/// [`MISSED_KINDS`] as a condition on `user_call.outcome`, in standard SQL, for
+/// `concat!` in statements of SQL backends (a unit test checks it lists exactly
+/// [`MISSED_KINDS`]).
+macro_rules! missed_kinds_sql {
+    () => {
+        "outcome IN ('missed', 'busy', 'cached')"
+    };
 }
+pub(crate) use missed_kinds_sql;
+
+/// [`MISSED_KINDS`] as a condition on `user_call.outcome`, in standard SQL.
+pub const MISSED_KINDS_SQL: &str = missed_kinds_sql!();
 
 /// A call record's outcome (`user_call.outcome`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +89,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Ringing,
+        Outcome::Answered,
+        Outcome::Missed,
+        Outcome::Rejected,
+        Outcome::Busy,
+        Outcome::Cached,
+    ];
+
     /// The stored text.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -66,20 +113,13 @@ impl Outcome {
 
     /// Parses the stored text.
     pub fn parse(text: &str) -> Option<Outcome> {
-        Some(match text {
-            "ringing" => Outcome::Ringing,
-            "answered" => Outcome::Answered,
-            "missed" => Outcome::Missed,
-            "rejected" => Outcome::Rejected,
-            "busy" => Outcome::Busy,
-            "cached" => Outcome::Cached,
-            _ => return None,
-        })
+        Outcome::ALL.into_iter().find(|o| o.as_str() == text)
     }
 
-    /// Whether a call with this outcome is delivered to the callee as a missed call.
+    /// Whether a call with this outcome is delivered to the callee as a missed call
+    /// (one of [`MISSED_KINDS`]).
     pub fn is_missed_kind(self) -> bool {
-        matches!(self, Outcome::Missed | Outcome::Busy | Outcome::Cached)
+        MISSED_KINDS.contains(&self)
     }
 }
 
@@ -198,24 +238,124 @@ pub struct Watermarks {
     pub max_call_id: CallId,
 }
 
+/// A queued write's result, available once the write is durably committed (or has
+/// failed). The write itself was queued when the [`Store`] method returned this:
+/// awaiting it only waits for durability, and dropping it does not cancel the write.
+#[must_use = "the write is queued either way: await it to know it is durable, or drop it explicitly"]
+#[derive(Debug)]
+pub struct Pending<T> {
+    state: PendingState<T>,
+}
+
+#[derive(Debug)]
+enum PendingState<T> {
+    /// Queued: the backend answers through the channel.
+    Queued(oneshot::Receiver<Result<T, StoreError>>),
+    /// Known already (a store that refused the write); taken by the first poll.
+    Ready(Option<Result<T, StoreError>>),
+}
+
+/// The backend's side of a [`Pending`]: completes it once the write's fate is known.
+/// Dropping it unanswered completes the [`Pending`] with [`StoreError::Closed`].
+#[derive(Debug)]
+pub struct Completion<T>(oneshot::Sender<Result<T, StoreError>>);
+
+impl<T> Completion<T> {
+    /// Answers the write's caller (who may have stopped waiting: that is fine).
+    pub fn complete(self, result: Result<T, StoreError>) {
+        let _ = self.0.send(result);
+    }
+}
+
+impl<T> Pending<T> {
+    /// A queued write's two ends: the backend keeps the [`Completion`] with the queued
+    /// job, the caller gets the [`Pending`].
+    pub fn queued() -> (Completion<T>, Pending<T>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Completion(tx),
+            Pending {
+                state: PendingState::Queued(rx),
+            },
+        )
+    }
+
+    /// A write that was not queued, with its result (e.g. [`StoreError::Closed`]).
+    pub fn ready(result: Result<T, StoreError>) -> Pending<T> {
+        Pending {
+            state: PendingState::Ready(Some(result)),
+        }
+    }
+}
+
+// The result is never pinned in place (it is moved out when ready), so `Pending` is
+// `Unpin` whatever `T` is.
+impl<T> Unpin for Pending<T> {}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().state {
+            PendingState::Queued(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(StoreError::Closed))),
+            PendingState::Ready(result) => {
+                Poll::Ready(result.take().unwrap_or(Err(StoreError::Closed)))
+            }
+        }
+    }
+}
+
+/// What every backend measures about itself for `/metrics`, in backend-neutral terms.
+/// The backend records into it; the admin listener reads it through [`Store::metrics`].
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    /// Duration of each durable commit of acknowledged writes (one transaction and one
+    /// sync, however many writes it carried).
+    commits: Histogram,
+}
+
+impl StoreMetrics {
+    /// Records one durable commit (or one failed attempt at it) that took `took`.
+    pub fn committed(&self, took: Duration) {
+        self.commits.observe(took);
+    }
+
+    /// The commit durations so far.
+    pub fn commit_seconds(&self) -> HistogramSnapshot {
+        self.commits.snapshot()
+    }
+}
+
 /// The user management database as the server uses it.
+///
+/// # The write contract (every backend must keep it; `tests/store_contract.rs` checks)
+/// - **Queued in call order.** A write method (`register`, `set_offline`, `insert_call`,
+///   `finish_call`, `ack_cached`) is a plain `fn`: the change is queued before it
+///   returns, and changes apply in the order the methods were called, whether or not
+///   anyone awaits the returned [`Pending`]. The dial handler relies on it: a live
+///   call's record is queued before the callee rings, so any later change of that call
+///   applies after it, while the ring does not wait for the disk.
+/// - **Acknowledged only when durable.** A [`Pending`] completes with `Ok` only after its
+///   change is committed durably (with `sync_full`, it survives power loss). Backends may
+///   share one commit among many writes (group commit).
+/// - **Failures are isolated.** A write that fails leaves no partial change and fails
+///   alone: the other writes committed with it are kept and answered `Ok`.
+/// - **Reads see what was acknowledged.** A read issued after a [`Pending`] completed
+///   `Ok` sees that change.
+/// - **Closing flushes.** [`Store::close`] waits for every queued write; later writes
+///   fail with [`StoreError::Closed`].
 pub trait Store: Clone + Send + Sync + 'static {
     /// Largest ids in use, so new ones are never reused.
     fn watermarks(&self) -> Watermarks;
 
-    /// Flow 1: record the user online at this address (unless superseded).
-    fn register(
-        &self,
-        reg: Registration,
-    ) -> impl Future<Output = Result<RegisterResult, StoreError>> + Send;
+    /// Flow 1: record the user online at this address (unless superseded). Queued now.
+    fn register(&self, reg: Registration) -> Pending<RegisterResult>;
 
     /// Flow 2: record the user offline, if `session_id` is still the recorded session.
-    fn set_offline(
-        &self,
-        user_id: UserId,
-        session_id: u64,
-        at_ms: UnixMillis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Queued now.
+    fn set_offline(&self, user_id: UserId, session_id: u64, at_ms: UnixMillis) -> Pending<()>;
 
     /// Flow 3: the rows of these users (missing users are absent from the answer).
     fn users(
@@ -223,19 +363,12 @@ pub trait Store: Clone + Send + Sync + 'static {
         ids: Vec<UserId>,
     ) -> impl Future<Output = Result<Vec<UserRow>, StoreError>> + Send;
 
-    /// Flows 4 and 5: record a call, if its callee exists.
-    fn insert_call(
-        &self,
-        call: NewCall,
-    ) -> impl Future<Output = Result<InsertResult, StoreError>> + Send;
+    /// Flows 4 and 5: record a call, if its callee exists. Queued now.
+    fn insert_call(&self, call: NewCall) -> Pending<InsertResult>;
 
     /// Records how a live call changed; for a missed kind, returns the callee's
-    /// undelivered missed-call count (else 0).
-    fn finish_call(
-        &self,
-        end: CallEnd,
-        callee: UserId,
-    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+    /// undelivered missed-call count (else 0). Queued now.
+    fn finish_call(&self, end: CallEnd, callee: UserId) -> Pending<u32>;
 
     /// Flow 6: up to `limit` undelivered missed calls of `callee` with id > `after`,
     /// oldest first.
@@ -246,17 +379,246 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<CachedRow>, StoreError>> + Send;
 
-    /// Flow 6: mark these calls to `callee` delivered; returns how many changed.
-    fn ack_cached(
-        &self,
-        callee: UserId,
-        ids: Vec<CallId>,
-        at_ms: UnixMillis,
-    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+    /// Flow 6: mark these calls to `callee` delivered; returns how many changed. Queued
+    /// now.
+    fn ack_cached(&self, callee: UserId, ids: Vec<CallId>, at_ms: UnixMillis) -> Pending<u32>;
 
-    /// How long each group commit took (for `/metrics`).
-    fn commit_latency(&self) -> &crate::metrics::Histogram;
+    /// What the backend measured about its commits (for `/metrics`).
+    fn metrics(&self) -> &StoreMetrics;
 
     /// Flushes every pending write and stops the store. Later calls fail with `Closed`.
     fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Which database the server keeps its records in (`backend` in the config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum StorageBackend {
+    /// The embedded SQLite file ([`Config::db_path`]).
+    #[default]
+    Sqlite,
+}
+
+impl StorageBackend {
+    /// The name in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageBackend::Sqlite => "sqlite",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StorageBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sqlite" => Ok(StorageBackend::Sqlite),
+            other => Err(format!(
+                "unknown storage backend {other:?}: this server supports \"sqlite\""
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for StorageBackend {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// The store of the configured backend (see [`open`]). Adding a backend adds a variant.
+#[derive(Clone)]
+pub enum AnyStore {
+    /// [`sqlite::SqliteStore`].
+    Sqlite(sqlite::SqliteStore),
+}
+
+/// Opens the store `config` names: its backend, location and durability. The one place
+/// the server's store is constructed.
+pub fn open(config: &Config) -> Result<AnyStore, StoreError> {
+    match config.backend {
+        StorageBackend::Sqlite => Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(
+            &config.db_path(),
+            sqlite::SqliteOptions {
+                sync_full: config.sync_full,
+                ..sqlite::SqliteOptions::default()
+            },
+        )?)),
+    }
+}
+
+impl Store for AnyStore {
+    fn watermarks(&self) -> Watermarks {
+        match self {
+            AnyStore::Sqlite(s) => s.watermarks(),
+        }
+    }
+
+    fn register(&self, reg: Registration) -> Pending<RegisterResult> {
+        match self {
+            AnyStore::Sqlite(s) => s.register(reg),
+        }
+    }
+
+    fn set_offline(&self, user_id: UserId, session_id: u64, at_ms: UnixMillis) -> Pending<()> {
+        match self {
+            AnyStore::Sqlite(s) => s.set_offline(user_id, session_id, at_ms),
+        }
+    }
+
+    async fn users(&self, ids: Vec<UserId>) -> Result<Vec<UserRow>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.users(ids).await,
+        }
+    }
+
+    fn insert_call(&self, call: NewCall) -> Pending<InsertResult> {
+        match self {
+            AnyStore::Sqlite(s) => s.insert_call(call),
+        }
+    }
+
+    fn finish_call(&self, end: CallEnd, callee: UserId) -> Pending<u32> {
+        match self {
+            AnyStore::Sqlite(s) => s.finish_call(end, callee),
+        }
+    }
+
+    async fn cached_calls(
+        &self,
+        callee: UserId,
+        after: CallId,
+        limit: usize,
+    ) -> Result<Vec<CachedRow>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.cached_calls(callee, after, limit).await,
+        }
+    }
+
+    fn ack_cached(&self, callee: UserId, ids: Vec<CallId>, at_ms: UnixMillis) -> Pending<u32> {
+        match self {
+            AnyStore::Sqlite(s) => s.ack_cached(callee, ids, at_ms),
+        }
+    }
+
+    fn metrics(&self) -> &StoreMetrics {
+        match self {
+            AnyStore::Sqlite(s) => s.metrics(),
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            AnyStore::Sqlite(s) => s.close().await,
+        }
+    }
+}
+
+/// The operator reads of the configured backend (see [`open_operator`]).
+#[derive(Clone)]
+pub enum AnyOperator {
+    /// [`sqlite::operator::SqliteOperator`].
+    Sqlite(sqlite::operator::SqliteOperator),
+}
+
+/// Operator reads on the database `config` names, at most `max_queries` at once. The one
+/// place they are constructed (admin API and operator CLI). Nothing is opened yet: a
+/// database that is missing or down fails each query (and `/readyz`), so the admin
+/// listener still comes up to report it.
+pub fn open_operator(config: &Config, max_queries: usize) -> AnyOperator {
+    match config.backend {
+        StorageBackend::Sqlite => AnyOperator::Sqlite(sqlite::operator::SqliteOperator::new(
+            config.db_path(),
+            max_queries,
+        )),
+    }
+}
+
+impl OperatorStore for AnyOperator {
+    async fn calls(&self, q: CallQuery) -> Result<Vec<CallRecord>, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.calls(q).await,
+        }
+    }
+
+    async fn users(&self, online_only: bool, limit: usize) -> Result<Vec<UserRecord>, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.users(online_only, limit).await,
+        }
+    }
+
+    async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.user(id).await,
+        }
+    }
+
+    async fn stats(&self, now_ms: UnixMillis) -> Result<Stats, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.stats(now_ms).await,
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.ping().await,
+        }
+    }
+
+    async fn cached_waiting(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.cached_waiting().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sql_form_of_the_missed_kinds_lists_exactly_the_missed_kinds() {
+        let listed: Vec<Outcome> = Outcome::ALL
+            .into_iter()
+            .filter(|o| MISSED_KINDS_SQL.contains(&format!("'{}'", o.as_str())))
+            .collect();
+        assert_eq!(listed, MISSED_KINDS.to_vec());
+        for o in Outcome::ALL {
+            assert_eq!(o.is_missed_kind(), listed.contains(&o), "{o:?}");
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+    }
+
+    #[test]
+    fn an_unknown_backend_is_named_in_the_error() {
+        assert_eq!("sqlite".parse(), Ok(StorageBackend::Sqlite));
+        let err = "postgres".parse::<StorageBackend>().unwrap_err();
+        assert!(
+            err.contains("unknown storage backend \"postgres\""),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pending_completes_with_its_result_or_closed() {
+        let (done, pending) = Pending::<u32>::queued();
+        done.complete(Ok(7));
+        assert_eq!(pending.await, Ok(7));
+        let (done, pending) = Pending::<u32>::queued();
+        drop(done);
+        assert_eq!(pending.await, Err(StoreError::Closed));
+        assert_eq!(
+            Pending::<u32>::ready(Err(StoreError::Full("x".into()))).await,
+            Err(StoreError::Full("x".into()))
+        );
+    }
 }

@@ -1,16 +1,20 @@
-//! Operator queries on the user management database: the call log with filters and
-//! stable newest-first pages, the users table, and summary statistics. Read-only; used
-//! by the operator CLI directly on the database file (it works while the server runs,
-//! and when it is down) and by the admin HTTP API of a running server.
+//! Operator queries on the user management database, backend-neutral: the call log
+//! with filters and stable newest-first pages, the users table, and summary statistics,
+//! behind the [`OperatorStore`] interface. Read-only. The admin HTTP API of a running
+//! server and the operator CLI (on the database itself, which works while the server
+//! runs and when it is down) both read through it; each backend implements it beside
+//! its [`super::Store`] (SQLite: [`super::sqlite::operator`]).
 
-use std::path::Path;
+use std::future::Future;
 
-use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use shared_proto::{CallId, UnixMillis, UserId};
 
 use super::{Outcome, StoreError};
-use crate::clock::{from_db_text, to_db_text};
+
+/// The SQLite implementation's read-only connection, kept here under its old name for
+/// callers of this module; new code reads through [`OperatorStore`] and
+/// [`super::open_operator`].
+pub use super::sqlite::operator::{fill_synthetic, OperatorDb};
 
 /// Which calls, by what happened to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +46,33 @@ impl OutcomeFilter {
             OutcomeFilter::Cached => "cached",
             OutcomeFilter::Undelivered => "cached-undelivered",
             OutcomeFilter::Delivered => "delivered",
+        }
+    }
+}
+
+/// The calls an [`OutcomeFilter`] selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Calls with this outcome.
+    Outcome(Outcome),
+    /// Calls of the missed kinds ([`super::MISSED_KINDS`]), delivered (`true`) or not.
+    MissedKinds {
+        /// Shown on the callee's TV already.
+        delivered: bool,
+    },
+}
+
+impl OutcomeFilter {
+    /// The calls this filter selects.
+    pub fn selection(self) -> Selection {
+        match self {
+            OutcomeFilter::Answered => Selection::Outcome(Outcome::Answered),
+            OutcomeFilter::Missed => Selection::Outcome(Outcome::Missed),
+            OutcomeFilter::Rejected => Selection::Outcome(Outcome::Rejected),
+            OutcomeFilter::Busy => Selection::Outcome(Outcome::Busy),
+            OutcomeFilter::Cached => Selection::Outcome(Outcome::Cached),
+            OutcomeFilter::Undelivered => Selection::MissedKinds { delivered: false },
+            OutcomeFilter::Delivered => Selection::MissedKinds { delivered: true },
         }
     }
 }
@@ -154,296 +185,36 @@ pub struct Stats {
     pub delivery_delay_max_s: Option<f64>,
 }
 
-/// A read-only connection to the database for operator queries.
-pub struct OperatorDb {
-    conn: Connection,
-}
-
-const MISSED_KINDS: &str = "outcome IN ('missed', 'busy', 'cached')";
-
-/// The columns [`user_record`] reads, in its order.
-const USER_COLUMNS: &str = "user_id, user_ip, user_netstate, media_port, last_seen, agent_version";
-
-fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
-    Ok(UserRecord {
-        user_id: r.get::<_, i64>(0)? as u64,
-        user_ip: r.get(1)?,
-        user_netstate: r.get::<_, i64>(2)? as u8,
-        media_port: r.get::<_, i64>(3)? as u16,
-        last_seen: r.get(4)?,
-        agent_version: r.get(5)?,
-    })
-}
-
-impl OperatorDb {
-    /// Opens the database file read-only.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if !path.exists() {
-            return Err(StoreError::Db(format!("no database at {}", path.display())));
-        }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(OperatorDb { conn })
-    }
-
-    /// A page of the call log.
-    pub fn calls(&self, q: &CallQuery) -> Result<Vec<CallRecord>, StoreError> {
-        let mut sql = String::from(
-            "SELECT id, user_id, otheruser_id, call_date, outcome, delivered, answered_at,
-                    ended_at, delivered_at, caller_ip
-             FROM user_call WHERE 1 = 1",
-        );
-        let mut args: Vec<Value> = Vec::new();
-        // Appends `clause` with its `?` numbered as the new parameter `v`; returns that number.
-        let arg = |sql: &mut String, args: &mut Vec<Value>, clause: &str, v: Value| {
-            args.push(v);
-            let n = args.len();
-            sql.push_str(&clause.replace('?', &format!("?{n}")));
-            n
-        };
-        if let Some(u) = q.caller {
-            arg(
-                &mut sql,
-                &mut args,
-                " AND user_id = ?",
-                Value::Integer(u as i64),
-            );
-        }
-        if let Some(u) = q.callee {
-            arg(
-                &mut sql,
-                &mut args,
-                " AND otheruser_id = ?",
-                Value::Integer(u as i64),
-            );
-        }
-        // The time range, also applied inside the either-party lookups below.
-        let mut range = String::new();
-        if let Some(t) = q.since_ms {
-            let n = arg(
-                &mut sql,
-                &mut args,
-                " AND call_date >= ?",
-                Value::Text(to_db_text(t)),
-            );
-            range.push_str(&format!(" AND call_date >= ?{n}"));
-        }
-        if let Some(t) = q.until_ms {
-            let n = arg(
-                &mut sql,
-                &mut args,
-                " AND call_date < ?",
-                Value::Text(to_db_text(t)),
-            );
-            range.push_str(&format!(" AND call_date < ?{n}"));
-        }
-        if let Some(u) = q.party {
-            // A union of the two lookups on (user_id, call_date) and (otheruser_id,
-            // call_date), each narrowed to the time range inside its index, so only the
-            // calls in range are read from the table (both `?` take this one parameter).
-            args.push(Value::Integer(u as i64));
-            let n = args.len();
-            sql.push_str(&format!(
-                " AND id IN (SELECT id FROM user_call WHERE user_id = ?{n}{range}
-                             UNION ALL SELECT id FROM user_call WHERE otheruser_id = ?{n}{range})"
-            ));
-        }
-        if let Some(before) = q.before {
-            arg(
-                &mut sql,
-                &mut args,
-                " AND id < ?",
-                Value::Integer(i64::try_from(before).unwrap_or(i64::MAX)),
-            );
-        }
-        match q.outcome {
-            None => {}
-            Some(OutcomeFilter::Undelivered) => {
-                sql.push_str(&format!(" AND delivered = 0 AND {MISSED_KINDS}"))
-            }
-            Some(OutcomeFilter::Delivered) => {
-                sql.push_str(&format!(" AND delivered = 1 AND {MISSED_KINDS}"))
-            }
-            Some(o) => {
-                let outcome = match o {
-                    OutcomeFilter::Answered => Outcome::Answered,
-                    OutcomeFilter::Missed => Outcome::Missed,
-                    OutcomeFilter::Rejected => Outcome::Rejected,
-                    OutcomeFilter::Busy => Outcome::Busy,
-                    _ => Outcome::Cached,
-                };
-                arg(
-                    &mut sql,
-                    &mut args,
-                    " AND outcome = ?",
-                    Value::Text(outcome.as_str().into()),
-                );
-            }
-        }
-        arg(
-            &mut sql,
-            &mut args,
-            " ORDER BY id DESC LIMIT ?",
-            Value::Integer(i64::try_from(q.limit).unwrap_or(i64::MAX)),
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
-            Ok(CallRecord {
-                id: r.get::<_, i64>(0)? as u64,
-                user_id: r.get::<_, i64>(1)? as u64,
-                otheruser_id: r.get::<_, i64>(2)? as u64,
-                call_date: r.get(3)?,
-                outcome: r.get(4)?,
-                delivered: r.get::<_, i64>(5)? == 1,
-                answered_at: r.get(6)?,
-                ended_at: r.get(7)?,
-                delivered_at: r.get(8)?,
-                caller_ip: r.get(9)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
+/// The operator's reads, as the admin API and the operator CLI use them. Every method
+/// reads committed data only and never waits for the server's writes.
+pub trait OperatorStore: Clone + Send + Sync + 'static {
+    /// A page of the call log (see [`CallQuery`]).
+    fn calls(
+        &self,
+        q: CallQuery,
+    ) -> impl Future<Output = Result<Vec<CallRecord>, StoreError>> + Send;
 
     /// Users, by id; only online ones if asked.
-    pub fn users(&self, online_only: bool, limit: usize) -> Result<Vec<UserRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {USER_COLUMNS} FROM user_property
-             WHERE (?1 = 0 OR user_netstate = 1) ORDER BY user_id LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(
-            rusqlite::params![online_only as i64, i64::try_from(limit).unwrap_or(i64::MAX)],
-            user_record,
-        )?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
+    fn users(
+        &self,
+        online_only: bool,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<UserRecord>, StoreError>> + Send;
 
     /// One user, if it exists.
-    pub fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        let Ok(key) = i64::try_from(id) else {
-            return Ok(None);
-        };
-        Ok(self
-            .conn
-            .query_row(
-                &format!("SELECT {USER_COLUMNS} FROM user_property WHERE user_id = ?1"),
-                [key],
-                user_record,
-            )
-            .optional()?)
-    }
-
-    /// A trivial query that reads the database file: is the database reachable?
-    pub fn ping(&self) -> Result<(), StoreError> {
-        self.conn
-            .query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-                r.get::<_, i64>(0)
-            })?;
-        Ok(())
-    }
-
-    /// Missed/busy/cached calls waiting to be shown on their callee's TV (the offline
-    /// cache's depth; counted on its partial index).
-    pub fn cached_waiting(&self) -> Result<u64, StoreError> {
-        let n: i64 = self.conn.query_row(
-            &format!("SELECT count(*) FROM user_call WHERE delivered = 0 AND {MISSED_KINDS}"),
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(n.max(0) as u64)
-    }
+    fn user(
+        &self,
+        id: UserId,
+    ) -> impl Future<Output = Result<Option<UserRecord>, StoreError>> + Send;
 
     /// Statistics as of `now_ms`.
-    pub fn stats(&self, now_ms: UnixMillis) -> Result<Stats, StoreError> {
-        let count = |sql: &str, arg: Option<String>| -> Result<u64, StoreError> {
-            let n: i64 = match arg {
-                Some(a) => self.conn.query_row(sql, [a], |r| r.get(0))?,
-                None => self.conn.query_row(sql, [], |r| r.get(0))?,
-            };
-            Ok(n.max(0) as u64)
-        };
-        let hour_ago = to_db_text(now_ms - 3_600_000);
-        let day_ago = to_db_text(now_ms - 86_400_000);
-        let mut delays: Vec<f64> = {
-            let mut stmt = self.conn.prepare(&format!(
-                "SELECT call_date, delivered_at FROM user_call
-                 WHERE delivered = 1 AND {MISSED_KINDS} AND delivered_at >= ?1"
-            ))?;
-            let rows = stmt.query_map([&day_ago], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (placed, delivered) = row?;
-                if let (Some(p), Some(d)) = (from_db_text(&placed), from_db_text(&delivered)) {
-                    out.push((d - p) as f64 / 1000.0);
-                }
-            }
-            out
-        };
-        delays.sort_by(f64::total_cmp);
-        Ok(Stats {
-            users: count("SELECT count(*) FROM user_property", None)?,
-            online: count(
-                "SELECT count(*) FROM user_property WHERE user_netstate = 1",
-                None,
-            )?,
-            calls_last_hour: count(
-                "SELECT count(*) FROM user_call WHERE call_date >= ?1",
-                Some(hour_ago),
-            )?,
-            calls_last_day: count(
-                "SELECT count(*) FROM user_call WHERE call_date >= ?1",
-                Some(day_ago),
-            )?,
-            cached_waiting: self.cached_waiting()?,
-            delivery_delay_p50_s: delays.get(delays.len() / 2).copied(),
-            delivery_delay_max_s: delays.last().copied(),
-        })
-    }
-}
+    fn stats(&self, now_ms: UnixMillis) -> impl Future<Output = Result<Stats, StoreError>> + Send;
 
-/// Fills a database with `calls` synthetic call records between `users` users, one every
-/// 3 s from 2023-11-14 on (benchmarks of the operator queries; never used by the server).
-pub fn fill_synthetic(path: &Path, users: u64, calls: u64) -> Result<(), StoreError> {
-    // Opening through the store creates the schema and its indexes.
-    drop(super::sqlite::SqliteStore::open(
-        path,
-        super::sqlite::SqliteOptions {
-            sync_full: false,
-            readers: 1,
-            max_batch: 1,
-        },
-    )?);
-    let conn = Connection::open(path)?;
-    conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")?;
-    conn.execute(
-        "INSERT INTO user_property (user_id, user_ip, user_netstate, created_at)
-         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?1)
-         SELECT 1000000 + i, '10.0.0.1', 0, '2023-11-14T00:00:00.000Z' FROM n
-         WHERE true ON CONFLICT DO NOTHING",
-        [users as i64],
-    )?;
-    conn.execute(
-        "INSERT INTO user_call (id, user_id, otheruser_id, call_date, outcome, caller_ip,
-                                delivered, ended_at)
-         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
-         SELECT i,
-                1000000 + (i * 7919) % ?1,
-                1000000 + (i * 104729 + 1) % ?1,
-                strftime('%Y-%m-%dT%H:%M:%fZ', 1700000000 + i * 3, 'unixepoch'),
-                CASE i % 5 WHEN 0 THEN 'cached' WHEN 1 THEN 'missed' WHEN 2 THEN 'rejected'
-                           ELSE 'answered' END,
-                '10.0.0.1',
-                CASE WHEN i % 5 IN (0, 1) AND i % 7 = 0 THEN 0 ELSE 1 END,
-                strftime('%Y-%m-%dT%H:%M:%fZ', 1700000000 + i * 3 + 60, 'unixepoch')
-         FROM n WHERE true ON CONFLICT DO NOTHING",
-        [users as i64, calls as i64],
-    )?;
-    conn.execute_batch("ANALYZE;")?;
-    Ok(())
+    /// A trivial read of the database: is it reachable?
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Missed calls waiting to be shown on their callee's TV (the offline cache's depth).
+    fn cached_waiting(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 #[cfg(test)]

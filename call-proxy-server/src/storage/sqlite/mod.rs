@@ -5,8 +5,14 @@
 //! batch: group commit) and only then answers each caller. A few reader threads with
 //! read-only connections serve queries concurrently with the writer (WAL readers never
 //! block on it). No SQLite call ever runs on the async runtime's threads.
+//!
+//! Each write of a batch runs inside its own savepoint: a write that fails is rolled
+//! back alone and answered with its error, and the rest of the batch still commits.
+//! SQLite's errors become [`StoreError`]s here ([`db_error`]); nothing outside this
+//! module sees a rusqlite type. [`operator`] holds the operator's read-only queries.
 
-use std::future::Future;
+pub mod operator;
+
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,12 +21,13 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction};
 use tokio::sync::oneshot;
+
+pub use operator::{OperatorDb, SqliteOperator};
 
 use super::*;
 use crate::clock::{from_db_text, to_db_text};
-use crate::metrics::Histogram;
 
 /// Tuning of the SQLite store.
 #[derive(Debug, Clone)]
@@ -45,7 +52,9 @@ impl Default for SqliteOptions {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-/// Append only.
+/// Append only: their text never changes, so the partial index `user_call_waiting`
+/// spells the missed-kinds rule out; a unit test checks it says what
+/// [`MISSED_KINDS_SQL`] says (a change of the rule is a new migration rebuilding it).
 const MIGRATIONS: &[&str] = &[
     // 1: the documents' two tables, with the columns a real product needs.
     "CREATE TABLE user_property (
@@ -89,25 +98,86 @@ macro_rules! live {
     };
 }
 
-/// The condition that makes a call "cached and undelivered"; written exactly as in the
-/// partial index so SQLite can use it.
+/// The condition that makes a call "cached and undelivered": the missed-kinds rule
+/// ([`MISSED_KINDS_SQL`]), written exactly as in the partial index `user_call_waiting` so
+/// SQLite can use it (a test checks the index and the plans).
 macro_rules! waiting {
     () => {
-        "delivered = 0 AND outcome IN ('missed', 'busy', 'cached')"
+        concat!("delivered = 0 AND ", crate::storage::missed_kinds_sql!())
     };
 }
 
-/// A reply channel for one operation.
+/// A reply channel for one read.
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Completes one queued write.
+type Done<T> = Completion<T>;
+
+/// A rusqlite failure as a [`StoreError`] (the SQLite mapping of the typed errors).
+pub fn db_error(e: rusqlite::Error) -> StoreError {
+    let text = e.to_string();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => StoreError::Full(text),
+        Some(ErrorCode::ConstraintViolation) => StoreError::Constraint(text),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreError::Corrupt(text),
+        Some(
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::CannotOpen
+            | ErrorCode::ReadOnly
+            | ErrorCode::FileLockingProtocolFailed
+            | ErrorCode::PermissionDenied,
+        ) => StoreError::Unavailable(text),
+        // SQLite reports ENOSPC on a write as SQLITE_FULL; an I/O error may still carry it.
+        Some(ErrorCode::SystemIoFailure) if text.contains("No space left") => {
+            StoreError::Full(text)
+        }
+        _ => StoreError::Other(text),
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        db_error(e)
+    }
+}
+
+/// A file-system failure as a [`StoreError`].
+fn io_error(what: String, e: &std::io::Error) -> StoreError {
+    let text = format!("{what}: {e}");
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::Full(text),
+        _ => StoreError::Unavailable(text),
+    }
+}
 
 /// Operations for the writer thread.
 enum WriteJob {
-    Register(Registration, Reply<RegisterResult>),
-    Offline(UserId, u64, UnixMillis, Reply<()>),
-    Insert(NewCall, Reply<InsertResult>),
-    Finish(CallEnd, UserId, Reply<u32>),
-    Ack(UserId, Vec<CallId>, UnixMillis, Reply<u32>),
+    Register(Registration, Done<RegisterResult>),
+    Offline(UserId, u64, UnixMillis, Done<()>),
+    Insert(NewCall, Done<InsertResult>),
+    Finish(CallEnd, UserId, Done<u32>),
+    Ack(UserId, Vec<CallId>, UnixMillis, Done<u32>),
     Close(oneshot::Sender<()>),
+    /// Test only: writes a call row, then fails (a job that fails half-way).
+    #[cfg(test)]
+    FailAfterInsert(NewCall, Done<()>),
+}
+
+impl WriteJob {
+    /// Answers the job with `e` without running it (its batch could not run).
+    fn fail(self, e: &StoreError) {
+        let e = e.clone();
+        match self {
+            WriteJob::Register(_, done) => done.complete(Err(e)),
+            WriteJob::Offline(.., done) => done.complete(Err(e)),
+            WriteJob::Insert(_, done) => done.complete(Err(e)),
+            WriteJob::Finish(.., done) | WriteJob::Ack(.., done) => done.complete(Err(e)),
+            WriteJob::Close(_) => {}
+            #[cfg(test)]
+            WriteJob::FailAfterInsert(_, done) => done.complete(Err(e)),
+        }
+    }
 }
 
 /// Operations for the reader threads.
@@ -134,7 +204,7 @@ struct Inner {
     /// The writer and reader threads, joined on close.
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Duration of each group commit, recorded by the writer thread.
-    commit_latency: Arc<Histogram>,
+    metrics: Arc<StoreMetrics>,
 }
 
 impl SqliteStore {
@@ -144,7 +214,7 @@ impl SqliteStore {
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
+                .map_err(|e| io_error(format!("cannot create {}", dir.display()), &e))?;
         }
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -197,13 +267,13 @@ impl SqliteStore {
         let (rtx, rrx) = crossbeam_channel::unbounded();
         let mut threads = Vec::new();
         let max_batch = opts.max_batch.max(1);
-        let commit_latency = Arc::new(Histogram::default());
-        let latency = Arc::clone(&commit_latency);
+        let metrics = Arc::new(StoreMetrics::default());
+        let writer_metrics = Arc::clone(&metrics);
         threads.push(
             std::thread::Builder::new()
                 .name("db-writer".into())
-                .spawn(move || writer_loop(conn, wrx, max_batch, &latency))
-                .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?,
+                .spawn(move || writer_loop(conn, wrx, max_batch, &writer_metrics))
+                .map_err(|e| StoreError::Other(format!("cannot start writer thread: {e}")))?,
         );
         for i in 0..opts.readers.max(1) {
             let conn = Connection::open_with_flags(
@@ -216,7 +286,7 @@ impl SqliteStore {
                 std::thread::Builder::new()
                     .name(format!("db-reader-{i}"))
                     .spawn(move || reader_loop(conn, rx))
-                    .map_err(|e| StoreError::Db(format!("cannot start reader thread: {e}")))?,
+                    .map_err(|e| StoreError::Other(format!("cannot start reader thread: {e}")))?,
             );
         }
         Ok(SqliteStore {
@@ -226,28 +296,22 @@ impl SqliteStore {
                 closed: AtomicBool::new(false),
                 watermarks,
                 threads: Mutex::new(threads),
-                commit_latency,
+                metrics,
             }),
         })
     }
 
     /// Queues a write now (so writes apply in the order they were issued) and returns
-    /// a future for its commit.
-    fn write<T: Send + 'static>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> WriteJob,
-    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
-        let queued = if self.inner.closed.load(Ordering::Acquire) {
-            Err(StoreError::Closed)
-        } else {
-            let (tx, rx) = oneshot::channel();
-            self.inner
-                .writes
-                .send(make(tx))
-                .map(|()| rx)
-                .map_err(|_| StoreError::Closed)
-        };
-        async move { queued?.await.map_err(|_| StoreError::Closed)? }
+    /// its [`Pending`] commit.
+    fn write<T>(&self, make: impl FnOnce(Done<T>) -> WriteJob) -> Pending<T> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Pending::ready(Err(StoreError::Closed));
+        }
+        let (done, pending) = Pending::queued();
+        // A send fails only once the writer has stopped; the job (and with it `done`)
+        // is dropped then, which completes `pending` with `Closed`.
+        let _ = self.inner.writes.send(make(done));
+        pending
     }
 
     async fn read<T>(&self, make: impl FnOnce(Reply<T>) -> ReadJob) -> Result<T, StoreError> {
@@ -266,19 +330,11 @@ impl Store for SqliteStore {
         self.inner.watermarks
     }
 
-    fn register(
-        &self,
-        reg: Registration,
-    ) -> impl Future<Output = Result<RegisterResult, StoreError>> + Send {
+    fn register(&self, reg: Registration) -> Pending<RegisterResult> {
         self.write(move |tx| WriteJob::Register(reg, tx))
     }
 
-    fn set_offline(
-        &self,
-        user_id: UserId,
-        session_id: u64,
-        at_ms: UnixMillis,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    fn set_offline(&self, user_id: UserId, session_id: u64, at_ms: UnixMillis) -> Pending<()> {
         self.write(move |tx| WriteJob::Offline(user_id, session_id, at_ms, tx))
     }
 
@@ -286,18 +342,11 @@ impl Store for SqliteStore {
         self.read(|tx| ReadJob::Users(ids, tx)).await
     }
 
-    fn insert_call(
-        &self,
-        call: NewCall,
-    ) -> impl Future<Output = Result<InsertResult, StoreError>> + Send {
+    fn insert_call(&self, call: NewCall) -> Pending<InsertResult> {
         self.write(move |tx| WriteJob::Insert(call, tx))
     }
 
-    fn finish_call(
-        &self,
-        end: CallEnd,
-        callee: UserId,
-    ) -> impl Future<Output = Result<u32, StoreError>> + Send {
+    fn finish_call(&self, end: CallEnd, callee: UserId) -> Pending<u32> {
         self.write(move |tx| WriteJob::Finish(end, callee, tx))
     }
 
@@ -311,17 +360,12 @@ impl Store for SqliteStore {
             .await
     }
 
-    fn ack_cached(
-        &self,
-        callee: UserId,
-        ids: Vec<CallId>,
-        at_ms: UnixMillis,
-    ) -> impl Future<Output = Result<u32, StoreError>> + Send {
+    fn ack_cached(&self, callee: UserId, ids: Vec<CallId>, at_ms: UnixMillis) -> Pending<u32> {
         self.write(move |tx| WriteJob::Ack(callee, ids, at_ms, tx))
     }
 
-    fn commit_latency(&self) -> &Histogram {
-        &self.inner.commit_latency
+    fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
     }
 
     async fn close(&self) {
@@ -353,7 +397,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let applied = usize::try_from(applied).unwrap_or(0);
     if applied > MIGRATIONS.len() {
-        return Err(StoreError::Db(format!(
+        return Err(StoreError::Other(format!(
             "database schema version {applied} is newer than this server ({})",
             MIGRATIONS.len()
         )));
@@ -368,26 +412,39 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Delivers one operation's result once its batch has committed (or failed).
-type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// Delivers one write's result once its batch has committed (or failed): the batch's
+/// failure if it did not commit, else the write's own result.
+type Answer = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
-fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Pending {
-    Box::new(move |commit_error| {
-        let _ = reply.send(match commit_error {
-            Some(e) => Err(e.clone()),
-            None => result,
-        });
-    })
+/// A write applied inside the batch's transaction: whether it succeeded (else its
+/// savepoint is rolled back) and how to answer it.
+struct Applied {
+    /// The write's own result was `Ok`.
+    ok: bool,
+    /// Answers it once the batch's fate is known.
+    answer: Answer,
+}
+
+fn applied<T: Send + 'static>(done: Done<T>, result: Result<T, StoreError>) -> Applied {
+    Applied {
+        ok: result.is_ok(),
+        answer: Box::new(move |batch_error| {
+            done.complete(match batch_error {
+                Some(e) => Err(e.clone()),
+                None => result,
+            })
+        }),
+    }
 }
 
 fn writer_loop(
     mut conn: Connection,
     jobs: Receiver<WriteJob>,
     max_batch: usize,
-    latency: &Histogram,
+    metrics: &StoreMetrics,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
-    let mut done: Vec<Pending> = Vec::with_capacity(max_batch);
+    let mut answers: Vec<Answer> = Vec::with_capacity(max_batch);
     while let Ok(first) = jobs.recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -398,25 +455,15 @@ fn writer_loop(
         }
         let mut close = None;
         let started = Instant::now();
-        let result = (|| -> Result<(), StoreError> {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            for job in batch.drain(..) {
-                match job {
-                    WriteJob::Close(ack) => close = Some(ack),
-                    job => done.push(apply(&tx, job)),
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })();
-        latency.observe(started.elapsed());
+        let result = run_batch(&mut conn, &mut batch, &mut answers, &mut close);
+        metrics.committed(started.elapsed());
         let err = result.err();
         if let Some(e) = &err {
-            tracing::error!(error = %e, writes = done.len(), "group commit failed; writes not acknowledged");
+            tracing::error!(error = %e, writes = answers.len(), "group commit failed; writes not acknowledged");
         }
         batch.clear();
-        for p in done.drain(..) {
-            p(err.as_ref());
+        for answer in answers.drain(..) {
+            answer(err.as_ref());
         }
         if let Some(ack) = close {
             let _ = ack.send(());
@@ -425,10 +472,80 @@ fn writer_loop(
     }
 }
 
-fn apply(tx: &Transaction<'_>, job: WriteJob) -> Pending {
+/// Applies `batch` in one transaction, each write in its own savepoint, and commits.
+/// A write that fails is rolled back to its savepoint: only it fails. An error returned
+/// here (the transaction itself failed) fails every write of the batch.
+fn run_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<WriteJob>,
+    answers: &mut Vec<Answer>,
+    close: &mut Option<oneshot::Sender<()>>,
+) -> Result<(), StoreError> {
+    let mut jobs = batch.drain(..);
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = db_error(e);
+            for job in jobs {
+                take_close(job, close, &e);
+            }
+            return Err(e);
+        }
+    };
+    let mut broken = None;
+    for job in jobs.by_ref() {
+        if let WriteJob::Close(ack) = job {
+            *close = Some(ack);
+            continue;
+        }
+        if let Err(e) = tx
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut s| s.execute([]))
+        {
+            let e = db_error(e);
+            job.fail(&e);
+            broken = Some(e);
+            break;
+        }
+        let job = apply(&tx, job);
+        let end = if job.ok {
+            tx.prepare_cached("RELEASE job")
+                .and_then(|mut s| s.execute([]))
+        } else {
+            tx.prepare_cached("ROLLBACK TO job")
+                .and_then(|mut s| s.execute([]))
+                .and_then(|_| tx.prepare_cached("RELEASE job"))
+                .and_then(|mut s| s.execute([]))
+        };
+        answers.push(job.answer);
+        if let Err(e) = end {
+            broken = Some(db_error(e));
+            break;
+        }
+    }
+    if let Some(e) = broken {
+        // The transaction's state is unknown: drop it (rolled back) and fail the rest.
+        for job in jobs {
+            take_close(job, close, &e);
+        }
+        return Err(e);
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Fails a job that will not run, keeping a close request for the writer loop.
+fn take_close(job: WriteJob, close: &mut Option<oneshot::Sender<()>>, e: &StoreError) {
     match job {
-        WriteJob::Register(reg, reply) => pending(reply, register(tx, &reg)),
-        WriteJob::Offline(user, session, at, reply) => {
+        WriteJob::Close(ack) => *close = Some(ack),
+        job => job.fail(e),
+    }
+}
+
+fn apply(tx: &Transaction<'_>, job: WriteJob) -> Applied {
+    match job {
+        WriteJob::Register(reg, done) => applied(done, register(tx, &reg)),
+        WriteJob::Offline(user, session, at, done) => {
             let r = tx
                 .prepare_cached(
                     "UPDATE user_property SET user_netstate = 0, last_seen = ?3
@@ -436,13 +553,22 @@ fn apply(tx: &Transaction<'_>, job: WriteJob) -> Pending {
                 )
                 .and_then(|mut s| s.execute(params![user as i64, session as i64, to_db_text(at)]))
                 .map(|_| ())
-                .map_err(StoreError::from);
-            pending(reply, r)
+                .map_err(db_error);
+            applied(done, r)
         }
-        WriteJob::Insert(call, reply) => pending(reply, insert_call(tx, &call)),
-        WriteJob::Finish(end, callee, reply) => pending(reply, finish_call(tx, &end, callee)),
-        WriteJob::Ack(callee, ids, at, reply) => pending(reply, ack(tx, callee, &ids, at)),
-        WriteJob::Close(_) => Box::new(|_| {}),
+        WriteJob::Insert(call, done) => applied(done, insert_call(tx, &call)),
+        WriteJob::Finish(end, callee, done) => applied(done, finish_call(tx, &end, callee)),
+        WriteJob::Ack(callee, ids, at, done) => applied(done, ack(tx, callee, &ids, at)),
+        WriteJob::Close(_) => Applied {
+            ok: true,
+            answer: Box::new(|_| {}),
+        },
+        #[cfg(test)]
+        WriteJob::FailAfterInsert(call, done) => {
+            let r = insert_call(tx, &call)
+                .and_then(|_| Err(StoreError::Other("injected failure".into())));
+            applied(done, r)
+        }
     }
 }
 
@@ -505,12 +631,24 @@ fn register(tx: &Transaction<'_>, reg: &Registration) -> Result<RegisterResult, 
     })
 }
 
+/// Undelivered missed calls of one callee (`?1`).
+const WAITING_COUNT_SQL: &str = concat!(
+    "SELECT count(*) FROM user_call WHERE otheruser_id = ?1 AND ",
+    waiting!()
+);
+
+/// A page of one callee's (`?1`) undelivered missed calls after id `?2`, at most `?3`.
+const CACHED_PAGE_SQL: &str = concat!(
+    "SELECT c.id, c.user_id, c.call_date, c.outcome, p.user_netstate
+     FROM user_call c LEFT JOIN user_property p ON p.user_id = c.user_id
+     WHERE c.otheruser_id = ?1 AND c.id > ?2 AND ",
+    waiting!(),
+    " ORDER BY c.id LIMIT ?3"
+);
+
 fn waiting_count(conn: &Connection, callee: UserId) -> Result<u32, StoreError> {
     let n: i64 = conn
-        .prepare_cached(concat!(
-            "SELECT count(*) FROM user_call WHERE otheruser_id = ?1 AND ",
-            waiting!()
-        ))?
+        .prepare_cached(WAITING_COUNT_SQL)?
         .query_row([callee as i64], |r| r.get(0))?;
     Ok(u32::try_from(n).unwrap_or(u32::MAX))
 }
@@ -629,13 +767,7 @@ fn cached(
     after: CallId,
     limit: usize,
 ) -> Result<Vec<CachedRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT c.id, c.user_id, c.call_date, c.outcome, p.user_netstate
-         FROM user_call c LEFT JOIN user_property p ON p.user_id = c.user_id
-         WHERE c.otheruser_id = ?1 AND c.id > ?2
-           AND c.delivered = 0 AND c.outcome IN ('missed', 'busy', 'cached') -- waiting!()
-         ORDER BY c.id LIMIT ?3",
-    )?;
+    let mut stmt = conn.prepare_cached(CACHED_PAGE_SQL)?;
     let after = i64::try_from(after).unwrap_or(i64::MAX);
     let rows = stmt.query_map(
         params![
@@ -656,14 +788,16 @@ fn cached(
     let mut out = Vec::new();
     for row in rows {
         let (id, caller, date, outcome, state) = row?;
-        let outcome = Outcome::parse(&outcome)
-            .ok_or_else(|| StoreError::Db(format!("call {id} has unknown outcome {outcome:?}")))?;
+        let outcome = Outcome::parse(&outcome).ok_or_else(|| {
+            StoreError::Corrupt(format!("call {id} has unknown outcome {outcome:?}"))
+        })?;
         out.push(CachedRow {
             id: id as u64,
             caller: caller as u64,
             callee,
-            at_ms: from_db_text(&date)
-                .ok_or_else(|| StoreError::Db(format!("call {id} has bad call_date {date:?}")))?,
+            at_ms: from_db_text(&date).ok_or_else(|| {
+                StoreError::Corrupt(format!("call {id} has bad call_date {date:?}"))
+            })?,
             outcome,
             caller_online: state.map(|s| s == 1),
         });
@@ -676,6 +810,153 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::storage::Store;
+
+    fn call(id: CallId, callee: UserId, outcome: Outcome) -> NewCall {
+        NewCall {
+            id,
+            caller: callee + 1,
+            callee,
+            at_ms: 1_700_000_000_000 + id as i64,
+            outcome,
+            caller_ip: [127, 0, 0, 1].into(),
+        }
+    }
+
+    fn registration(user_id: UserId, session_id: u64) -> Registration {
+        Registration {
+            user_id,
+            ip: [127, 0, 0, 1].into(),
+            media_port: 5004,
+            session_id,
+            agent_version: "test".into(),
+            at_ms: 1_700_000_000_000,
+            create_unknown: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_half_way_is_rolled_back_alone_and_its_batch_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        store.register(registration(1, 1)).await.unwrap();
+        let commits_before = store.metrics().commit_seconds().count();
+        // Hold the write lock so the writer waits in its next batch; the writes queued
+        // meanwhile all go into the batch after it.
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let first = store.set_offline(1, 1, 1_700_000_000_001);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let a = store.insert_call(call(10, 1, Outcome::Cached));
+        let b = store.write(|done| WriteJob::FailAfterInsert(call(11, 1, Outcome::Cached), done));
+        let c = store.insert_call(call(12, 1, Outcome::Cached));
+        let duplicate = store.insert_call(call(10, 1, Outcome::Missed));
+        let d = store.ack_cached(1, vec![12], 1_700_000_000_002);
+        raw.execute_batch("COMMIT").unwrap();
+        first.await.unwrap();
+        assert_eq!(a.await, Ok(InsertResult::Recorded { callee_waiting: 1 }));
+        assert_eq!(b.await, Err(StoreError::Other("injected failure".into())));
+        // Call 11's row, written before its job failed, is not counted: rolled back.
+        assert_eq!(c.await, Ok(InsertResult::Recorded { callee_waiting: 2 }));
+        assert!(
+            matches!(duplicate.await, Err(StoreError::Constraint(_))),
+            "a duplicate call id is a constraint error"
+        );
+        assert_eq!(d.await, Ok(1));
+        // At most two commits: the held batch, then the rest together.
+        let commits = store.metrics().commit_seconds().count() - commits_before;
+        assert!((1..=2).contains(&commits), "{commits} commits");
+        store.close().await;
+        let rows: Vec<(i64, String, i64)> = raw
+            .prepare("SELECT id, outcome, delivered FROM user_call ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![(10, "cached".into(), 0), (12, "cached".into(), 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn sqlite_failures_map_to_typed_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a database file.
+        let junk = dir.path().join("junk.sqlite");
+        std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+        assert!(matches!(
+            SqliteStore::open(&junk, SqliteOptions::default()).map(|_| ()),
+            Err(StoreError::Corrupt(_))
+        ));
+        // A full disk: SQLite's own page limit stands in for it.
+        let path = dir.path().join("db.sqlite");
+        SqliteStore::open(&path, SqliteOptions::default())
+            .unwrap()
+            .close()
+            .await;
+        let raw = Connection::open(&path).unwrap();
+        let pages: i64 = raw
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        raw.pragma_update(None, "max_page_count", pages).unwrap();
+        let full = raw
+            .execute(
+                "INSERT INTO user_property (user_id, agent_version, created_at) VALUES (1, ?1, 'x')",
+                [vec![b'x'; 1 << 20]],
+            )
+            .map_err(db_error);
+        assert!(matches!(full, Err(StoreError::Full(_))), "{full:?}");
+        // A locked database is unavailable, not corrupt.
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(std::time::Duration::ZERO).unwrap();
+        raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let busy = other.execute_batch("BEGIN IMMEDIATE").map_err(db_error);
+        assert!(matches!(busy, Err(StoreError::Unavailable(_))), "{busy:?}");
+        // No such directory for the file.
+        let missing = operator::OperatorDb::open(&dir.path().join("none/db.sqlite")).map(|_| ());
+        assert!(matches!(missing, Err(StoreError::Unavailable(m)) if m.contains("no database")));
+    }
+
+    #[tokio::test]
+    async fn the_waiting_index_and_its_queries_use_the_missed_kinds_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        SqliteStore::open(&path, SqliteOptions::default())
+            .unwrap()
+            .close()
+            .await;
+        let raw = Connection::open(&path).unwrap();
+        // The index (migration 1, whose text never changes) says what the rule says.
+        let index: String = raw
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'user_call_waiting'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(index.contains(waiting!()), "{index}");
+        assert!(waiting!().contains(MISSED_KINDS_SQL));
+        // And the queries that count and page missed calls are answered from it.
+        let page_args = [1, 0, 10];
+        for (sql, args) in [
+            (WAITING_COUNT_SQL, &page_args[..1]),
+            (CACHED_PAGE_SQL, &page_args[..]),
+        ] {
+            let plan: Vec<String> = raw
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(rusqlite::params_from_iter(args), |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().any(|p| p.contains("user_call_waiting")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn opening_after_a_crash_ends_live_calls_and_sets_everyone_offline_without_a_scan() {

@@ -1,0 +1,706 @@
+//! The storage contract, written once and run against every backend: each check is a
+//! generic `async fn` over `S: Store` and `O: OperatorStore`, and [`contract!`] runs every
+//! check on a fresh database of each backend listed at the bottom, built through the same
+//! factories the server uses (`storage::open`, `storage::open_operator`) from a `Config`.
+//! A new backend passes when one more line in that list passes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+
+use call_proxy_server::clock::now_ms;
+use call_proxy_server::storage::operator::{CallQuery, OperatorStore, OutcomeFilter};
+use call_proxy_server::storage::{
+    self, CallEnd, InsertResult, NewCall, Outcome, RegisterResult, Registration, Store, StoreError,
+    UserRow,
+};
+use call_proxy_server::Config;
+use shared_proto::{CallId, UserId};
+
+/// A fresh, empty database of one backend: the config that names it, and whatever must
+/// live as long as it (a temporary directory).
+struct Fresh {
+    /// Backend and location, as the server would be configured.
+    config: Config,
+    /// Dropped after the check.
+    _keep: Box<dyn std::any::Any>,
+}
+
+/// A fresh SQLite file in a temporary directory.
+fn sqlite() -> Fresh {
+    let dir = tempfile::tempdir().unwrap();
+    Fresh {
+        config: Config {
+            backend: storage::StorageBackend::Sqlite,
+            db: Some(dir.path().join("contract.sqlite")),
+            ..Config::default()
+        },
+        _keep: Box::new(dir),
+    }
+}
+
+/// Opens the store and the operator reads of `fresh`, runs `check`, closes the store.
+macro_rules! run_check {
+    ($fresh:expr, $check:path) => {{
+        let fresh = $fresh;
+        let store = storage::open(&fresh.config).expect("open store");
+        let ops = storage::open_operator(&fresh.config, 2);
+        $check(&store, &ops, &fresh.config).await;
+        store.close().await;
+    }};
+}
+
+/// One test per check for each `backend => fresh database` line.
+macro_rules! contract {
+    ($($backend:ident => $fresh:expr;)+) => {$(
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn registration_and_offline_follow_session_ids() {
+                run_check!($fresh, checks::registration_and_offline);
+            }
+
+            #[tokio::test]
+            async fn calls_are_recorded_and_finished_and_missed_kinds_wait() {
+                run_check!($fresh, checks::insert_finish_and_missed_kinds);
+            }
+
+            #[tokio::test]
+            async fn cached_calls_page_by_id_and_acknowledged_ones_stop() {
+                run_check!($fresh, checks::cached_paging_and_ack);
+            }
+
+            #[tokio::test]
+            async fn writes_apply_in_the_order_they_were_called() {
+                run_check!($fresh, checks::queued_in_call_order);
+            }
+
+            #[tokio::test]
+            async fn a_failing_write_fails_alone() {
+                run_check!($fresh, checks::failure_is_isolated);
+            }
+
+            #[tokio::test]
+            async fn operator_reads_filter_page_and_count() {
+                run_check!($fresh, checks::operator_reads);
+            }
+
+            #[tokio::test]
+            async fn closing_flushes_queued_writes_and_refuses_later_ones() {
+                run_check!($fresh, checks::close_flushes);
+            }
+
+            #[tokio::test]
+            async fn reopening_keeps_ids_and_ends_what_was_live() {
+                run_check!($fresh, checks::reopen_repairs);
+            }
+        }
+    )+};
+}
+
+contract! {
+    sqlite => sqlite();
+}
+
+/// The checks, each generic over the backend.
+mod checks {
+    use super::*;
+
+    /// When the test calls were placed: call `id` at `BASE_MS + 10 * id`, a little
+    /// before now.
+    static BASE_MS: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| now_ms() - 60_000);
+
+    pub fn reg(user_id: UserId, session_id: u64) -> Registration {
+        Registration {
+            user_id,
+            ip: [192, 0, 2, 7].into(),
+            media_port: 5004,
+            session_id,
+            agent_version: "contract".into(),
+            at_ms: now_ms(),
+            create_unknown: true,
+        }
+    }
+
+    pub fn call(id: CallId, caller: UserId, callee: UserId, outcome: Outcome) -> NewCall {
+        NewCall {
+            id,
+            caller,
+            callee,
+            at_ms: *BASE_MS + 10 * id as i64,
+            outcome,
+            caller_ip: [192, 0, 2, 8].into(),
+        }
+    }
+
+    pub fn end(id: CallId, outcome: Outcome, answered: bool, ended: bool) -> CallEnd {
+        let now = now_ms();
+        CallEnd {
+            id,
+            outcome,
+            answered_at_ms: answered.then_some(now),
+            ended_at_ms: ended.then_some(now),
+            at_ms: now,
+        }
+    }
+
+    async fn online<S: Store>(store: &S, user: UserId) -> Option<bool> {
+        store
+            .users(vec![user])
+            .await
+            .unwrap()
+            .first()
+            .map(|r| r.online)
+    }
+
+    async fn cached_ids<S: Store>(store: &S, callee: UserId) -> Vec<CallId> {
+        store
+            .cached_calls(callee, 0, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect()
+    }
+
+    pub async fn registration_and_offline<S: Store, O: OperatorStore>(
+        store: &S,
+        _ops: &O,
+        _config: &Config,
+    ) {
+        let first = reg(1, 5);
+        let at = first.at_ms;
+        assert_eq!(
+            store.register(first).await,
+            Ok(RegisterResult::Online { cached_waiting: 0 })
+        );
+        assert_eq!(
+            store.users(vec![1, 99]).await.unwrap(),
+            vec![UserRow {
+                user_id: 1,
+                online: true,
+                last_seen_ms: Some(at)
+            }]
+        );
+        // An older or the same session never wins over the recorded one.
+        for session in [4, 5] {
+            assert_eq!(
+                store.register(reg(1, session)).await,
+                Ok(RegisterResult::Superseded)
+            );
+        }
+        // Going offline is recorded only for the recorded session.
+        store.set_offline(1, 4, now_ms()).await.unwrap();
+        assert_eq!(online(store, 1).await, Some(true));
+        let off_at = at + 10;
+        store.set_offline(1, 5, off_at).await.unwrap();
+        assert_eq!(
+            store.users(vec![1]).await.unwrap(),
+            vec![UserRow {
+                user_id: 1,
+                online: false,
+                last_seen_ms: Some(off_at)
+            }]
+        );
+        // Provisioned-only: unknown users are refused and nothing is written; known
+        // ones register.
+        let unknown = Registration {
+            create_unknown: false,
+            ..reg(2, 6)
+        };
+        assert_eq!(
+            store.register(unknown).await,
+            Ok(RegisterResult::UnknownUser)
+        );
+        assert_eq!(store.users(vec![2]).await.unwrap(), vec![]);
+        let known = Registration {
+            create_unknown: false,
+            ..reg(1, 6)
+        };
+        assert!(matches!(
+            store.register(known).await,
+            Ok(RegisterResult::Online { .. })
+        ));
+        assert_eq!(online(store, 1).await, Some(true));
+    }
+
+    pub async fn insert_finish_and_missed_kinds<S: Store, O: OperatorStore>(
+        store: &S,
+        ops: &O,
+        _config: &Config,
+    ) {
+        store.register(reg(1, 1)).await.unwrap();
+        store.register(reg(2, 2)).await.unwrap();
+        assert_eq!(
+            store.insert_call(call(1, 1, 77, Outcome::Cached)).await,
+            Ok(InsertResult::UnknownCallee)
+        );
+        // Missed kinds recorded at once count as waiting, this one included.
+        assert_eq!(
+            store.insert_call(call(2, 1, 2, Outcome::Cached)).await,
+            Ok(InsertResult::Recorded { callee_waiting: 1 })
+        );
+        assert_eq!(
+            store.insert_call(call(3, 1, 2, Outcome::Busy)).await,
+            Ok(InsertResult::Recorded { callee_waiting: 2 })
+        );
+        // A live call does not, until it ends missed.
+        assert_eq!(
+            store.insert_call(call(4, 1, 2, Outcome::Ringing)).await,
+            Ok(InsertResult::Recorded { callee_waiting: 0 })
+        );
+        assert_eq!(
+            store
+                .finish_call(end(4, Outcome::Missed, false, true), 2)
+                .await,
+            Ok(3)
+        );
+        // Answered (then ended) and rejected calls were seen: never waiting.
+        store
+            .insert_call(call(5, 1, 2, Outcome::Ringing))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .finish_call(end(5, Outcome::Answered, true, false), 2)
+                .await,
+            Ok(0)
+        );
+        assert_eq!(
+            store
+                .finish_call(
+                    CallEnd {
+                        answered_at_ms: None,
+                        ..end(5, Outcome::Answered, false, true)
+                    },
+                    2
+                )
+                .await,
+            Ok(0)
+        );
+        store
+            .insert_call(call(6, 1, 2, Outcome::Ringing))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .finish_call(end(6, Outcome::Rejected, false, true), 2)
+                .await,
+            Ok(0)
+        );
+        // A caller without a row is reported as unknown.
+        store
+            .insert_call(call(7, 88, 2, Outcome::Cached))
+            .await
+            .unwrap();
+
+        let rows = store.cached_calls(2, 0, 100).await.unwrap();
+        let got: Vec<(CallId, Outcome, Option<bool>)> = rows
+            .iter()
+            .map(|r| (r.id, r.outcome, r.caller_online))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, Outcome::Cached, Some(true)),
+                (3, Outcome::Busy, Some(true)),
+                (4, Outcome::Missed, Some(true)),
+                (7, Outcome::Cached, None),
+            ]
+        );
+        assert!(rows.iter().all(|r| r.callee == 2));
+        assert_eq!(rows[0].caller, 1);
+        // The one rule: waiting exactly when the final outcome is a missed kind.
+        let waiting: BTreeSet<CallId> = rows.iter().map(|r| r.id).collect();
+        for (id, outcome) in [
+            (2, Outcome::Cached),
+            (3, Outcome::Busy),
+            (4, Outcome::Missed),
+            (5, Outcome::Answered),
+            (6, Outcome::Rejected),
+        ] {
+            assert_eq!(
+                waiting.contains(&id),
+                outcome.is_missed_kind(),
+                "{outcome:?}"
+            );
+        }
+        // The operator reads apply the same rule.
+        assert_eq!(ops.cached_waiting().await, Ok(4));
+        let undelivered: BTreeSet<CallId> = ops
+            .calls(CallQuery {
+                outcome: Some(OutcomeFilter::Undelivered),
+                limit: 100,
+                ..CallQuery::default()
+            })
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(undelivered, waiting);
+        // A registration reports what waits.
+        assert_eq!(
+            store.register(reg(2, 3)).await,
+            Ok(RegisterResult::Online { cached_waiting: 4 })
+        );
+    }
+
+    pub async fn cached_paging_and_ack<S: Store, O: OperatorStore>(
+        store: &S,
+        ops: &O,
+        _config: &Config,
+    ) {
+        store.register(reg(1, 1)).await.unwrap();
+        store.register(reg(2, 2)).await.unwrap();
+        store.register(reg(3, 3)).await.unwrap();
+        for id in 1..=5 {
+            store
+                .insert_call(call(id, 1, 2, Outcome::Cached))
+                .await
+                .unwrap();
+        }
+        store
+            .insert_call(call(6, 1, 3, Outcome::Cached))
+            .await
+            .unwrap();
+        // Pages, oldest first, continue after the last id.
+        let mut pages = Vec::new();
+        let mut after = 0;
+        for _ in 0..10 {
+            let page: Vec<CallId> = store
+                .cached_calls(2, after, 2)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect();
+            let Some(&last) = page.last() else { break };
+            after = last;
+            pages.push(page);
+        }
+        assert_eq!(pages, vec![vec![1, 2], vec![3, 4], vec![5]]);
+        // Acknowledging counts only this callee's waiting calls; unknown ids and other
+        // callees' calls are left alone; a second acknowledgement changes nothing.
+        assert_eq!(
+            store.ack_cached(2, vec![1, 2, 999, 6], now_ms()).await,
+            Ok(2)
+        );
+        assert_eq!(store.ack_cached(2, vec![1, 2], now_ms()).await, Ok(0));
+        assert_eq!(store.ack_cached(3, vec![3], now_ms()).await, Ok(0));
+        assert_eq!(cached_ids(store, 2).await, vec![3, 4, 5]);
+        assert_eq!(cached_ids(store, 3).await, vec![6]);
+        // Answered calls are delivered already: nothing to acknowledge.
+        store
+            .insert_call(call(7, 1, 2, Outcome::Ringing))
+            .await
+            .unwrap();
+        store
+            .finish_call(end(7, Outcome::Answered, true, true), 2)
+            .await
+            .unwrap();
+        assert_eq!(store.ack_cached(2, vec![7], now_ms()).await, Ok(0));
+        let delivered: Vec<CallId> = ops
+            .calls(CallQuery {
+                outcome: Some(OutcomeFilter::Delivered),
+                limit: 100,
+                ..CallQuery::default()
+            })
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(delivered, vec![2, 1]);
+        assert_eq!(
+            store.register(reg(2, 4)).await,
+            Ok(RegisterResult::Online { cached_waiting: 3 })
+        );
+    }
+
+    pub async fn queued_in_call_order<S: Store, O: OperatorStore>(
+        store: &S,
+        _ops: &O,
+        _config: &Config,
+    ) {
+        store.register(reg(2, 1)).await.unwrap();
+        // The change of a live call, queued right after its record and before anyone
+        // awaits, finds the record.
+        let insert = store.insert_call(call(1, 1, 2, Outcome::Ringing));
+        let finish = store.finish_call(end(1, Outcome::Missed, false, true), 2);
+        assert_eq!(finish.await, Ok(1));
+        assert_eq!(
+            insert.await,
+            Ok(InsertResult::Recorded { callee_waiting: 0 })
+        );
+        // A dropped `Pending` does not cancel its write, and it stays ahead of later
+        // writes.
+        drop(store.insert_call(call(2, 1, 2, Outcome::Cached)));
+        assert_eq!(store.ack_cached(2, vec![2], now_ms()).await, Ok(1));
+        // Online then offline, queued together: offline wins.
+        let on = store.register(reg(3, 7));
+        let off = store.set_offline(3, 7, now_ms());
+        off.await.unwrap();
+        on.await.unwrap();
+        assert_eq!(online(store, 3).await, Some(false));
+        // Many writes queued before one that depends on all of them.
+        let writes: Vec<_> = (100..300)
+            .map(|id| store.insert_call(call(id, 1, 2, Outcome::Cached)))
+            .collect();
+        let ack = store.ack_cached(2, (100..300).collect(), now_ms());
+        assert_eq!(ack.await, Ok(200));
+        for w in futures::future::join_all(writes).await {
+            assert!(matches!(w, Ok(InsertResult::Recorded { .. })), "{w:?}");
+        }
+        assert_eq!(cached_ids(store, 2).await, vec![1]);
+    }
+
+    pub async fn failure_is_isolated<S: Store, O: OperatorStore>(
+        store: &S,
+        _ops: &O,
+        _config: &Config,
+    ) {
+        store.register(reg(2, 1)).await.unwrap();
+        // Queued together (so a group-committing backend batches them): the duplicate
+        // id fails, with a constraint error, and nothing else does.
+        let mut writes = Vec::new();
+        for id in 1..=20 {
+            writes.push(store.insert_call(call(id, 1, 2, Outcome::Cached)));
+            if id == 10 {
+                writes.push(store.insert_call(call(5, 1, 2, Outcome::Busy)));
+            }
+        }
+        let results = futures::future::join_all(writes).await;
+        for (i, r) in results.iter().enumerate() {
+            if i == 10 {
+                assert!(matches!(r, Err(StoreError::Constraint(_))), "{r:?}");
+            } else {
+                assert!(matches!(r, Ok(InsertResult::Recorded { .. })), "{i}: {r:?}");
+            }
+        }
+        let rows = store.cached_calls(2, 0, 100).await.unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>()
+        );
+        // The first record of call 5 stands, untouched by the refused one.
+        assert_eq!(rows[4].outcome, Outcome::Cached);
+    }
+
+    pub async fn operator_reads<S: Store, O: OperatorStore>(store: &S, ops: &O, _config: &Config) {
+        ops.ping().await.unwrap();
+        for (user, session) in [(1, 1), (2, 2), (3, 3)] {
+            store.register(reg(user, session)).await.unwrap();
+        }
+        store.set_offline(3, 3, now_ms()).await.unwrap();
+        // 1 -> 2 answered, 1 -> 3 cached, 2 -> 1 rejected, 2 -> 3 busy, 3 -> 1 missed.
+        let plan = [
+            (1, 1, 2, Outcome::Answered),
+            (2, 1, 3, Outcome::Cached),
+            (3, 2, 1, Outcome::Rejected),
+            (4, 2, 3, Outcome::Busy),
+            (5, 3, 1, Outcome::Missed),
+        ];
+        for (id, caller, callee, outcome) in plan {
+            if outcome.is_missed_kind() && outcome != Outcome::Missed {
+                store
+                    .insert_call(call(id, caller, callee, outcome))
+                    .await
+                    .unwrap();
+            } else {
+                store
+                    .insert_call(call(id, caller, callee, Outcome::Ringing))
+                    .await
+                    .unwrap();
+                let answered = outcome == Outcome::Answered;
+                store
+                    .finish_call(end(id, outcome, answered, true), callee)
+                    .await
+                    .unwrap();
+            }
+        }
+        let ids = |q: CallQuery| async move {
+            ops.calls(q)
+                .await
+                .unwrap()
+                .iter()
+                .map(|c| c.id)
+                .collect::<Vec<_>>()
+        };
+        let all = |limit| CallQuery {
+            limit,
+            ..CallQuery::default()
+        };
+        // Newest first, in stable pages.
+        assert_eq!(ids(all(10)).await, vec![5, 4, 3, 2, 1]);
+        assert_eq!(ids(all(2)).await, vec![5, 4]);
+        assert_eq!(
+            ids(CallQuery {
+                before: Some(4),
+                ..all(2)
+            })
+            .await,
+            vec![3, 2]
+        );
+        assert_eq!(
+            ids(CallQuery {
+                caller: Some(1),
+                ..all(10)
+            })
+            .await,
+            vec![2, 1]
+        );
+        assert_eq!(
+            ids(CallQuery {
+                callee: Some(3),
+                ..all(10)
+            })
+            .await,
+            vec![4, 2]
+        );
+        assert_eq!(
+            ids(CallQuery {
+                party: Some(1),
+                ..all(10)
+            })
+            .await,
+            vec![5, 3, 2, 1]
+        );
+        for (filter, expected) in [
+            (OutcomeFilter::Answered, vec![1]),
+            (OutcomeFilter::Cached, vec![2]),
+            (OutcomeFilter::Rejected, vec![3]),
+            (OutcomeFilter::Busy, vec![4]),
+            (OutcomeFilter::Missed, vec![5]),
+            (OutcomeFilter::Undelivered, vec![5, 4, 2]),
+            (OutcomeFilter::Delivered, vec![]),
+        ] {
+            let q = CallQuery {
+                outcome: Some(filter),
+                ..all(10)
+            };
+            assert_eq!(ids(q).await, expected, "{filter:?}");
+        }
+        let third = ops
+            .calls(CallQuery {
+                party: Some(1),
+                ..all(10)
+            })
+            .await
+            .unwrap();
+        let c = third.iter().find(|c| c.id == 1).unwrap();
+        assert_eq!((c.user_id, c.otheruser_id), (1, 2));
+        assert_eq!(c.outcome, "answered");
+        assert!(c.delivered && c.answered_at.is_some() && c.ended_at.is_some());
+        assert_eq!(c.caller_ip, "192.0.2.8");
+        // A time range: only calls placed in it.
+        let since = *BASE_MS + 30;
+        assert_eq!(
+            ids(CallQuery {
+                since_ms: Some(since),
+                until_ms: Some(since + 20),
+                ..all(10)
+            })
+            .await,
+            vec![4, 3]
+        );
+        // Users, by id; online only; one user.
+        let users = ops.users(false, 10).await.unwrap();
+        assert_eq!(
+            users.iter().map(|u| u.user_id).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(users[0].user_ip, "192.0.2.7");
+        assert_eq!(users[0].media_port, 5004);
+        assert_eq!(users[0].agent_version, "contract");
+        let online: Vec<_> = ops
+            .users(true, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|u| u.user_id)
+            .collect();
+        assert_eq!(online, vec![1, 2]);
+        assert_eq!(ops.users(false, 1).await.unwrap().len(), 1);
+        let three = ops.user(3).await.unwrap().unwrap();
+        assert_eq!((three.user_netstate, three.last_seen.is_some()), (0, true));
+        assert_eq!(ops.user(42).await, Ok(None));
+        // Statistics; then a delivery shows a delay.
+        let stats = ops.stats(now_ms()).await.unwrap();
+        assert_eq!((stats.users, stats.online), (3, 2));
+        assert_eq!((stats.calls_last_hour, stats.calls_last_day), (5, 5));
+        assert_eq!(stats.cached_waiting, 3);
+        assert_eq!(stats.delivery_delay_p50_s, None);
+        assert_eq!(store.ack_cached(3, vec![2, 4], now_ms()).await, Ok(2));
+        let stats = ops.stats(now_ms()).await.unwrap();
+        assert_eq!(stats.cached_waiting, 1);
+        assert!(stats.delivery_delay_max_s.is_some_and(|d| d >= 0.0));
+        assert_eq!(ops.cached_waiting().await, Ok(1));
+    }
+
+    pub async fn close_flushes<S: Store, O: OperatorStore>(store: &S, ops: &O, _config: &Config) {
+        store.register(reg(2, 1)).await.unwrap();
+        let queued: Vec<_> = (1..=50)
+            .map(|id| store.insert_call(call(id, 1, 2, Outcome::Cached)))
+            .collect();
+        store.close().await;
+        for w in futures::future::join_all(queued).await {
+            assert!(matches!(w, Ok(InsertResult::Recorded { .. })), "{w:?}");
+        }
+        assert_eq!(store.register(reg(3, 2)).await, Err(StoreError::Closed));
+        assert_eq!(
+            store.insert_call(call(51, 1, 2, Outcome::Cached)).await,
+            Err(StoreError::Closed)
+        );
+        // What was acknowledged is there for readers after the store closed.
+        assert_eq!(ops.cached_waiting().await, Ok(50));
+    }
+
+    pub async fn reopen_repairs<S: Store, O: OperatorStore>(store: &S, ops: &O, config: &Config) {
+        store.register(reg(1, 41)).await.unwrap();
+        store.register(reg(2, 42)).await.unwrap();
+        store
+            .insert_call(call(7, 1, 2, Outcome::Ringing))
+            .await
+            .unwrap();
+        store
+            .insert_call(call(8, 2, 1, Outcome::Ringing))
+            .await
+            .unwrap();
+        store
+            .finish_call(end(8, Outcome::Answered, true, false), 1)
+            .await
+            .unwrap();
+        store
+            .insert_call(call(9, 1, 2, Outcome::Cached))
+            .await
+            .unwrap();
+        // Stopped with both online and two calls live, as a crash leaves them.
+        store.close().await;
+        let again = storage::open(config).expect("reopen");
+        let w = again.watermarks();
+        assert_eq!((w.max_session_id, w.max_call_id), (42, 9));
+        // No session survives a restart; the ringing call became missed, the answered
+        // one ended and stays delivered.
+        assert_eq!(online(&again, 1).await, Some(false));
+        assert_eq!(online(&again, 2).await, Some(false));
+        let rows = again.cached_calls(2, 0, 10).await.unwrap();
+        assert_eq!(
+            rows.iter().map(|r| (r.id, r.outcome)).collect::<Vec<_>>(),
+            vec![(7, Outcome::Missed), (9, Outcome::Cached)]
+        );
+        assert_eq!(cached_ids(&again, 1).await, Vec::<CallId>::new());
+        let answered = ops
+            .calls(CallQuery {
+                caller: Some(2),
+                limit: 10,
+                ..CallQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(answered.len(), 1);
+        assert_eq!(answered[0].outcome, "answered");
+        assert!(answered[0].delivered && answered[0].ended_at.is_some());
+        again.close().await;
+    }
+}
