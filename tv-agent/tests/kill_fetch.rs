@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use call_proxy_server::storage::operator::{CallQuery, OperatorDb, OutcomeFilter};
+use call_proxy_server::storage::operator::{CallQuery, OutcomeFilter};
+use call_proxy_server::storage::sqlite::operator::OperatorDb;
 use call_proxy_server::storage::{NewCall, Outcome, Registration, Store};
 use call_proxy_server::{SqliteOptions, SqliteStore};
 use common::Server;

@@ -11,11 +11,6 @@ use shared_proto::{CallId, UnixMillis, UserId};
 
 use super::{Outcome, StoreError};
 
-/// The SQLite implementation's read-only connection, kept here under its old name for
-/// callers of this module; new code reads through [`OperatorStore`] and
-/// [`super::open_operator`].
-pub use super::sqlite::operator::{fill_synthetic, OperatorDb};
-
 /// Which calls, by what happened to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeFilter {
