@@ -368,7 +368,7 @@ impl Core {
                     rtt_ms = ?q.rtt_ms,
                     fec_recovered = q.fec_recovered,
                     concealed = q.concealed,
-                    //OTHER
+                    other_streams = q.other_streams,
                     "call quality"
                 );
                 Some(q)
