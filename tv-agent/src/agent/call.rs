@@ -758,7 +758,7 @@ mod tests {
         ] {
             let mut m = CallMachine::new(ME, 0);
             ringing_in(&mut m);
-            assert!(m.handle(Input::Ended(4, reason.clone()), 1).is_empty());
+            assert!(m.handle(Input::Ended(4, reason), 1).is_empty());
             eq!(
                 m.handle(Input::Ended(5, reason), 2),
                 vec![Action::EndCall {

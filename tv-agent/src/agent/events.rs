@@ -220,7 +220,7 @@ pub enum AgentEvent {
 /// `OUTCOMES` with one `{KEY: "word"}` object per list, so the page names words through
 /// it (`OUTCOMES.end.HUNG_UP`) and never spells them itself.
 pub fn outcomes_js() -> String {
-    fn list<T: Copy + Serialize>(all: &[T], word: impl Fn(T) -> &'static str) -> String {
+    fn list<T: Copy>(all: &[T], word: impl Fn(T) -> &'static str) -> String {
         let fields: Vec<String> = all
             .iter()
             .map(|&w| format!("{}: \"{}\"", word(w).to_ascii_uppercase(), word(w)))
@@ -290,6 +290,22 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&failed).unwrap(),
             r#"{"event":"dial_failed","callee":9,"outcome":"unknown_user","message":"9 is not a known TV"}"#
+        );
+    }
+
+    /// `assets/outcomes.js` is the generated script, checked in for the page's node tests
+    /// (`node --test tv-agent/assets/tests/`); the UI serves the generated one.
+    #[test]
+    fn the_checked_in_outcomes_js_is_the_generated_one() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/outcomes.js");
+        if std::env::var_os("UPDATE_OUTCOMES_JS").is_some() {
+            std::fs::write(path, outcomes_js()).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(path).unwrap_or_default(),
+            outcomes_js(),
+            "tv-agent/assets/outcomes.js is stale: \
+             UPDATE_OUTCOMES_JS=1 cargo test -p tv-agent --lib outcomes_js"
         );
     }
 
