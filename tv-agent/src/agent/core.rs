@@ -13,10 +13,12 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use shared_proto::{CachedCall, CallId, DialOutcome, ErrorCode, Event, Reply, Request};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinSet;
 
 use super::call::{Action, CallMachine, DialReply, Input, Tell};
 use super::events::AgentEvent;
@@ -25,6 +27,10 @@ use super::missed::{AckWhen, MissedList};
 use super::types::{now_ms, AgentConfig, AgentError, DialResult, MissedCall, Status};
 use crate::link::{LinkError, LinkEvent, LinkHandle};
 use crate::media::{open_sink, open_source, CallQuality, MediaParams, MediaSession};
+
+/// How long power-off waits for acknowledgements in flight before closing the link (an
+/// acknowledgement cut off only means the calls come again).
+const ACK_GRACE: Duration = Duration::from_secs(2);
 
 /// What a spawned task reports back to the core.
 enum Done {
@@ -80,6 +86,8 @@ pub(super) struct Core {
     fetching: bool,
     /// Another fetch was asked for while one ran: start it when that one ends.
     fetch_again: bool,
+    /// Acknowledgements in flight, finished before the link closes at power-off.
+    acks: JoinSet<()>,
     /// For spawned tasks to report back.
     done_tx: mpsc::Sender<Done>,
     /// Their reports.
@@ -109,6 +117,7 @@ impl Core {
             registered: false,
             fetching: false,
             fetch_again: false,
+            acks: JoinSet::new(),
             done_tx,
             done_rx,
         }
@@ -151,6 +160,11 @@ impl Core {
         if self.machine.view().1.is_some() {
             self.step(Input::HangUp, Pending::None).await;
         }
+        let acks = &mut self.acks;
+        let _ = tokio::time::timeout(ACK_GRACE, async {
+            while acks.join_next().await.is_some() {}
+        })
+        .await;
         self.link.power_off().await;
         // The media socket closes when the core (its last owner) is dropped, after the
         // control link.
@@ -430,12 +444,14 @@ impl Core {
         }
     }
 
-    fn spawn_ack(&self, ids: Vec<CallId>) {
+    fn spawn_ack(&mut self, ids: Vec<CallId>) {
+        // Forget the acknowledgements that are done.
+        while self.acks.try_join_next().is_some() {}
         if ids.is_empty() {
             return;
         }
         let link = self.link.clone();
-        tokio::spawn(async move {
+        self.acks.spawn(async move {
             if let Err(e) = acknowledge(&link, &ids).await {
                 tracing::warn!(error = %e, "cannot acknowledge cached calls; they will come again");
             }

@@ -2,7 +2,7 @@
 //! scripted modes, and the one typed list of the words its events carry (call-end
 //! outcomes, dial failures, missed-call reasons, call states).
 //!
-//! Each word list is an enum declared once by [`words!`]: the same declaration gives the
+//! Each word list is an enum declared once by `words!`: the same declaration gives the
 //! serde name (so the JSON output is the snake_case word), [`as_str`](EndOutcome::as_str),
 //! the `ALL` list, and comparisons with `&str`. The on-screen page reads the same lists from
 //! [`outcomes_js`] (served as `/outcomes.js`), so no word is written twice.
