@@ -721,4 +721,70 @@ mod tests {
             Received::Audio
         );
     }
+
+    /// Over real loopback sockets: a peer that interleaves a video stream (and a stray
+    /// second video source) with its audio is heard in full, its video counted apart.
+    #[tokio::test]
+    async fn a_peer_sending_video_too_is_heard_and_its_video_counted() {
+        use super::super::audio::{open_sink, open_source, AudioSpec};
+        let tv = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let session = MediaSession::start(
+            Arc::clone(&tv),
+            MediaParams::voice(peer.local_addr().unwrap()),
+            open_source(&AudioSpec::Null).unwrap(),
+            open_sink(&AudioSpec::Null).unwrap(),
+        )
+        .unwrap();
+        let to = tv.local_addr().unwrap();
+        let mut encoder =
+            opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
+        let mut opus_buf = vec![0u8; MAX_OPUS];
+        let silence = vec![0i16; FRAME];
+        const FRAMES: u16 = 25;
+        for seq in 0..FRAMES {
+            let n = encoder.encode(&silence, &mut opus_buf).unwrap();
+            let audio = rtp::packet::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    payload_type: 111,
+                    sequence_number: seq,
+                    timestamp: u32::from(seq) * FRAME_SAMPLES,
+                    ssrc: 7,
+                    ..Default::default()
+                },
+                payload: Bytes::copy_from_slice(&opus_buf[..n]),
+            }
+            .marshal()
+            .unwrap();
+            peer.send_to(&audio, to).await.unwrap();
+            for k in 0..2 {
+                peer.send_to(&packet(99, seq * 2 + k, 96), to)
+                    .await
+                    .unwrap();
+            }
+            peer.send_to(&packet(100, seq, 96), to).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let the last datagrams be read before stopping.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let q = session.stop().await.unwrap();
+        assert_eq!(q.packets_received, u64::from(FRAMES), "{q:?}");
+        assert_eq!(q.packets_lost, 0, "{q:?}");
+        assert_eq!(q.other_streams, u64::from(FRAMES) * 2, "{q:?}");
+        assert_eq!(
+            q.rejected,
+            u64::from(FRAMES),
+            "the second video source: {q:?}"
+        );
+        let json = serde_json::to_value(&q).unwrap();
+        assert_eq!(json["other_streams"], 50);
+    }
+
+    #[test]
+    fn call_quality_json_is_unchanged_without_other_streams() {
+        let json = serde_json::to_value(CallQuality::default()).unwrap();
+        assert!(json.get("other_streams").is_none(), "{json}");
+        assert_eq!(json["rejected"], 0);
+    }
 }
