@@ -2,7 +2,12 @@
 // its control API (/api/command) and address book (/api/contacts). Remote keys only:
 // arrows move a focus ring between on-screen items, OK selects, Back goes back, digits
 // dial, green calls or answers, red hangs up or rejects.
+// The pure part (call state, missed-list merge, outcome texts) is TvLogic (logic.js); the
+// agent's words come from OUTCOMES (/outcomes.js). Both load before this file.
 "use strict";
+
+const L = TvLogic;
+const CALL = OUTCOMES.call_state;
 
 // Remote key codes: HbbTV/CE-HTML VK_RED 403 / VK_GREEN 404, webOS Back 461, Tizen
 // Back 10009. On a keyboard F1 is red and F2 green.
@@ -14,7 +19,7 @@ const S = {
   me: null,
   registered: false,
   link: { down: false, retryAt: 0 },
-  call: { state: "idle", id: null, peer: null, since: 0, muted: false },
+  call: L.idleCall(0),
   missed: [],
   contacts: [],
   presence: new Map(),
@@ -46,9 +51,7 @@ function tvOf(id) {
 function stateOf(id) {
   return S.presence.has(id) ? S.presence.get(id) : undefined;
 }
-function stateText(st) {
-  return st === 1 ? "TV on" : st === 0 ? "TV off" : "…";
-}
+const stateText = L.stateText;
 function when(rfc3339) {
   const d = new Date(rfc3339);
   if (isNaN(d)) return rfc3339;
@@ -60,14 +63,7 @@ function when(rfc3339) {
   if (diff === 1) return `Yesterday ${hm}`;
   return `${d.toLocaleDateString([], { weekday: "short", day: "numeric", month: "short" })} ${hm}`;
 }
-function mmss(ms) {
-  const s = Math.max(0, Math.floor(ms / 1000));
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  const pad = (n) => String(n).padStart(2, "0");
-  return h ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
-}
-const REASONS = { offline: "while your TV was off", no_answer: "not answered", busy: "while you were in a call" };
+const mmss = L.mmss;
 
 // ---- seen missed calls (the badge counts the ones not yet looked at) ----
 function seenKey() {
@@ -77,11 +73,10 @@ function seenUpTo() {
   return Number(localStorage.getItem(seenKey()) || 0);
 }
 function unseen() {
-  const seen = seenUpTo();
-  return S.missed.filter((m) => m.call_id > seen).length;
+  return L.unseenCount(S.missed, seenUpTo());
 }
 function markSeen() {
-  const max = S.missed.reduce((a, m) => Math.max(a, m.call_id), 0);
+  const max = L.newestCallId(S.missed);
   if (max > seenUpTo()) localStorage.setItem(seenKey(), String(max));
 }
 
@@ -110,7 +105,7 @@ function contactsRequest(method, id, body) {
 
 async function dial(to) {
   if (!to) return;
-  if (S.call.state !== "idle") {
+  if (!L.isIdle(S.call)) {
     toast("Finish the current call first.", "bad");
     return;
   }
@@ -131,33 +126,6 @@ function toast(text, kind) {
   toastTimer = setTimeout(() => (t.hidden = true), 6000);
 }
 
-function endedText(outcome, peer) {
-  const who = label(peer);
-  if (S.call.state === "ringing_in" && outcome !== "rejected") return `Missed call from ${who}.`;
-  switch (outcome) {
-    case "hung_up": return "Call ended.";
-    case "hung_up_by_peer": return `${who} hung up.`;
-    case "no_answer": return `${who} did not answer.`;
-    case "rejected": return S.call.state === "ringing_in" ? "Call rejected." : `${who} declined the call.`;
-    case "answer_failed": return "The call could not be answered.";
-    case "peer_lost": return `The call with ${who} was cut off.`;
-    case "link_lost": return "The call dropped: network down.";
-    case "server_shutdown": return "The call service restarted; the call ended.";
-    default: return "Call ended.";
-  }
-}
-
-function dialFailedText(ev) {
-  const who = label(ev.callee);
-  switch (ev.outcome) {
-    case "busy": return `${who} is in another call. Try again later.`;
-    case "unknown_user": return `There is no TV with number ${ev.callee}.`;
-    case "unreachable": return "Cannot reach the call service. Reconnecting…";
-    case "already_in_call": return "Finish the current call first.";
-    default: return `Cannot call ${who}: ${ev.message}`;
-  }
-}
-
 // ---- events from the agent ----
 function apply(ev) {
   switch (ev.event) {
@@ -167,12 +135,12 @@ function apply(ev) {
         S.me = st.user;
         S.registered = st.registered;
         S.link.down = false;
-        S.call = { state: st.call_state, id: st.call_id, peer: st.peer, since: st.since_ms, muted: st.muted };
+        S.call = L.callFromStatus(st);
       }
       S.missed = ev.missed || [];
       S.contacts = ev.contacts || [];
       S.presence = new Map((ev.presence || []).map((p) => [p.user_id, p.user_netstate]));
-      if (S.call.state === "ringing_out" || S.call.state === "in_call") show("call", false);
+      if (L.onCallScreen(S.call)) show("call", false);
       else if (S.screen === "call") home();
       break;
     }
@@ -187,17 +155,15 @@ function apply(ev) {
       S.link = { down: true, retryAt: Date.now() + ev.retry_in_ms };
       break;
     case "cached_calls":
-      for (const m of ev.calls) {
-        if (!S.missed.some((x) => x.call_id === m.call_id)) S.missed.push(m);
-        if (m.user_netstate !== null && m.user_netstate !== undefined) S.presence.set(m.user_id, m.user_netstate);
-      }
+      S.missed = L.mergeMissed(S.missed, ev.calls);
+      for (const [id, st] of L.presenceOf(ev.calls)) S.presence.set(id, st);
       if (ev.calls.length && S.screen === "missed") markSeen();
       break;
     case "incoming":
-      S.call = { state: "ringing_in", id: ev.call_id, peer: ev.caller, since: Date.now(), muted: false };
+      S.call = L.nextCall(S.call, ev, Date.now());
       break;
     case "ringing":
-      S.call = { state: "ringing_out", id: ev.call_id, peer: ev.callee, since: Date.now(), muted: false };
+      S.call = L.nextCall(S.call, ev, Date.now());
       show("call");
       break;
     case "cached":
@@ -205,22 +171,21 @@ function apply(ev) {
       S.presence.set(ev.callee, 0);
       break;
     case "dial_failed":
-      toast(dialFailedText(ev), "bad");
+      toast(L.dialFailedText(ev, label(ev.callee)), "bad");
       break;
     case "answered":
-      S.call = { state: "in_call", id: ev.call_id, peer: ev.peer, since: Date.now(), muted: false };
+      S.call = L.nextCall(S.call, ev, Date.now());
       show("call", S.screen !== "call");
       break;
     case "muted":
-      S.call.muted = ev.muted;
+      S.call = L.nextCall(S.call, ev, Date.now());
       break;
     case "ended": {
       if (S.call.id !== ev.call_id) break;
-      const text = endedText(ev.outcome, ev.peer);
-      const talked = S.call.state === "in_call" ? ` (${mmss(Date.now() - S.call.since)})` : "";
-      toast(text + (ev.outcome === "hung_up" || ev.outcome === "hung_up_by_peer" ? talked : ""),
-        ev.outcome === "hung_up" ? "info" : "bad");
-      S.call = { state: "idle", id: null, peer: null, since: Date.now(), muted: false };
+      const now = Date.now();
+      const t = L.endedToast(S.call, ev, label(ev.peer), now);
+      toast(t.text, t.kind);
+      S.call = L.nextCall(S.call, ev, now);
       if (S.screen === "call") back();
       break;
     }
@@ -475,14 +440,14 @@ function onKey(e) {
   const incoming = !$("incoming").hidden;
   if (RED.has(k) || code === 403) {
     e.preventDefault();
-    if (S.call.state === "ringing_in") send({ cmd: "reject" }).then(failed);
-    else if (S.call.state !== "idle") send({ cmd: "hangup" }).then(failed);
+    if (S.call.state === CALL.RINGING_IN) send({ cmd: "reject" }).then(failed);
+    else if (!L.isIdle(S.call)) send({ cmd: "hangup" }).then(failed);
     return;
   }
   if (GREEN.has(k) || code === 404) {
     e.preventDefault();
-    if (S.call.state === "ringing_in") return void send({ cmd: "answer" }).then(failed);
-    if (S.call.state !== "idle") return;
+    if (S.call.state === CALL.RINGING_IN) return void send({ cmd: "answer" }).then(failed);
+    if (!L.isIdle(S.call)) return;
     const el = document.activeElement;
     if (S.screen === "dial") return void dial(Number(S.dial));
     if (el && el.dataset && el.dataset.call) return void dial(Number(el.dataset.call));
@@ -509,7 +474,7 @@ function onKey(e) {
     e.preventDefault();
     return activate(document.activeElement);
   }
-  if (/^[0-9]$/.test(k) && !inInput && !incoming && S.call.state === "idle" && $("confirm").hidden) {
+  if (/^[0-9]$/.test(k) && !inInput && !incoming && L.isIdle(S.call) && $("confirm").hidden) {
     e.preventDefault();
     if (S.screen !== "dial") {
       S.dial = "";
@@ -530,7 +495,7 @@ function missedRow(m, big) {
   const act = st === 0 ? "OK: leave a call request" : "OK: call back";
   return `<li><button class="row focusable missed" data-key="missed-${m.call_id}" data-call="${m.user_id}">
     ${dot(m.user_id)}<span class="who"><b>${esc(label(m.user_id))}</b>${nameOf(m.user_id) ? `<span class="num">${m.user_id}</span>` : ""}
-    ${big ? `<span class="why"> · ${esc(REASONS[m.reason] || m.reason)}</span>` : ""}</span>
+    ${big ? `<span class="why"> · ${esc(L.reasonText(m.reason))}</span>` : ""}</span>
     <span class="state" data-state="${st ?? ""}">${stateText(st)}</span>
     <span class="when">${esc(when(m.call_date))}</span>
     ${big ? `<span class="act">${act}</span>` : ""}</button></li>`;
@@ -606,12 +571,12 @@ function renderCall() {
   $("call-peer").textContent = peer === null ? "" : label(peer);
   $("call-number").textContent = peer !== null && nameOf(peer) ? `TV ${peer}` : "";
   $("call-avatar").textContent = peer === null ? "" : label(peer).slice(0, 1).toUpperCase();
-  $("call-state").textContent = c.state === "ringing_out" ? "Calling…" : c.state === "in_call" ? (c.muted ? "In call · microphone muted" : "In call") : "";
-  $("call-time").textContent = c.state === "in_call" ? mmss(Date.now() - c.since) : "";
+  $("call-state").textContent = c.state === CALL.RINGING_OUT ? "Calling…" : c.state === CALL.IN_CALL ? (c.muted ? "In call · microphone muted" : "In call") : "";
+  $("call-time").textContent = c.state === CALL.IN_CALL ? mmss(Date.now() - c.since) : "";
   $("btn-mute").textContent = c.muted ? "Unmute" : "Mute";
   $("btn-mute").setAttribute("aria-pressed", String(!!c.muted));
-  $("btn-mute").hidden = c.state !== "in_call";
-  $("btn-hangup").textContent = c.state === "ringing_out" ? "Cancel" : "Hang up";
+  $("btn-mute").hidden = c.state !== CALL.IN_CALL;
+  $("btn-hangup").textContent = c.state === CALL.RINGING_OUT ? "Cancel" : "Hang up";
 }
 
 function renderChrome() {
@@ -649,7 +614,7 @@ function render(screenChanged = false) {
   if (S.screen === "contacts") renderContacts();
   if (S.screen === "dial") renderDial();
   renderCall();
-  const ringing = S.call.state === "ringing_in";
+  const ringing = S.call.state === CALL.RINGING_IN;
   $("incoming").hidden = !ringing;
   ringTone(ringing);
   if (ringing) {
@@ -680,6 +645,6 @@ document.addEventListener("DOMContentLoaded", () => {
   // Call timer, reconnect countdown and clock.
   setInterval(() => {
     renderChrome();
-    if (S.call.state === "in_call") $("call-time").textContent = mmss(Date.now() - S.call.since);
+    if (S.call.state === CALL.IN_CALL) $("call-time").textContent = mmss(Date.now() - S.call.since);
   }, 500);
 });

@@ -6,8 +6,10 @@
 //! Voice flows directly between the two TVs as RTP/Opus over UDP.
 //!
 //! - [`link`]: the control link task (register, heartbeats, reconnect with backoff).
-//! - [`agent`]: the agent core: power-on sequence and call state.
-//! - [`media`]: the media engine (audio I/O, Opus, RTP/RTCP, jitter buffer).
+//! - [`agent`]: the agent: power-on sequence, the call state machine (pure), the
+//!   missed-call list, and the core task that runs them.
+//! - [`media`]: the media engine (audio I/O, Opus, RTP/RTCP, stream routing, jitter
+//!   buffer).
 //! - [`api`]: the local control API (JSON lines on loopback) for the TV's UI.
 //! - [`ui`]: the on-screen remote-control UI (HTTP and server-sent events on loopback).
 //! - [`contacts`]: the TV's address book, kept in its data directory.

@@ -386,7 +386,7 @@ fn report(outcome: &str, call_id: Option<u64>, peer: u64, ended: Option<&AgentEv
     let (end, quality) = match ended {
         Some(AgentEvent::Ended {
             outcome, quality, ..
-        }) => (Some(outcome.clone()), quality.clone()),
+        }) => (Some(*outcome), quality.clone()),
         _ => (None, None),
     };
     println!(
@@ -425,10 +425,10 @@ async fn call(tv: &TvArgs, audio: &AudioArgs, to: u64, seconds: f64) -> anyhow::
                 }
                 Some(Some(ended)) => {
                     let outcome = match &ended {
-                        AgentEvent::Ended { outcome, .. } => outcome.clone(),
-                        _ => "ended".into(),
+                        AgentEvent::Ended { outcome, .. } => outcome.as_str(),
+                        _ => "ended",
                     };
-                    report(&outcome, Some(call_id), to, Some(&ended))
+                    report(outcome, Some(call_id), to, Some(&ended))
                 }
                 None => report("no_answer", Some(call_id), to, None),
             }

@@ -1,6 +1,9 @@
 //! The on-screen 10-foot UI, served over HTTP on loopback to the TV's own browser.
 //!
-//! - `GET /` with `/app.js` and `/app.css`: the page, embedded in the binary.
+//! - `GET /` with `/app.js`, `/logic.js` and `/app.css`: the page, embedded in the
+//!   binary; `/outcomes.js`: the agent's word lists (call outcomes, dial failures, missed
+//!   reasons, call states) generated from their enums ([`crate::agent::outcomes_js`]), so
+//!   the page's script never spells them itself.
 //! - `GET /api/events`: server-sent events. The first is a `snapshot` (status, missed
 //!   calls, contacts, their online state); then every [`AgentEvent`] as the control API
 //!   streams it, plus `presence` and `contacts` changes. A client that falls behind is
@@ -21,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -51,7 +54,11 @@ const MAX_PRESENCE: usize = shared_proto::MAX_QUERY_USERS;
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
+const LOGIC_JS: &str = include_str!("../assets/logic.js");
 const APP_CSS: &str = include_str!("../assets/app.css");
+
+/// `/outcomes.js`, generated once from the agent's word enums.
+static OUTCOMES_JS: LazyLock<String> = LazyLock::new(crate::agent::outcomes_js);
 
 /// What the UI's handlers share.
 struct Ui {
@@ -89,6 +96,14 @@ pub async fn serve(
             get(|| asset("text/javascript; charset=utf-8", APP_JS)),
         )
         .route(
+            "/logic.js",
+            get(|| asset("text/javascript; charset=utf-8", LOGIC_JS)),
+        )
+        .route(
+            "/outcomes.js",
+            get(|| asset("text/javascript; charset=utf-8", OUTCOMES_JS.as_str())),
+        )
+        .route(
             "/app.css",
             get(|| asset("text/css; charset=utf-8", APP_CSS)),
         )
@@ -112,7 +127,7 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
             (header::CACHE_CONTROL, "no-cache"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'",
+                "default-src 'self'; script-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'",
             ),
         ],
         body,

@@ -3,11 +3,15 @@
 //!
 //! - [`audio`]: sources and sinks (sound card, tone, WAV, null).
 //! - [`jitter`]: the adaptive jitter buffer (pure logic).
+//! - [`router`]: routes a session's incoming RTP to its streams (audio, video) by payload
+//!   type and SSRC (pure logic).
 //! - [`session`]: one call's media over the TV's UDP media socket.
 
 pub mod audio;
 pub mod jitter;
+pub mod router;
 pub mod session;
 
 pub use audio::{open_sink, open_source, AudioSink, AudioSource, AudioSpec};
+pub use router::StreamKind;
 pub use session::{CallQuality, MediaParams, MediaSession};

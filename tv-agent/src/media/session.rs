@@ -2,8 +2,10 @@
 //! in-band FEC → RTP, RFC 3550/7587 → UDP, every 20 ms) and a receive task (UDP → RTP
 //! validation → jitter buffer → Opus decode with FEC and concealment → sink, every 20 ms).
 //! RTCP sender/receiver reports share the port (RFC 5761 multiplexing) and give loss,
-//! jitter and round-trip time. Packets from any address but the negotiated peer, or
-//! from a second stream, are dropped.
+//! jitter and round-trip time. Packets from any address but the negotiated peer are
+//! dropped; the peer's RTP is routed to its streams by payload type and SSRC
+//! ([`super::router`]): the audio stream is played, a video stream is counted and dropped
+//! (`other_streams`) until video lands, anything else is rejected.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -21,6 +23,7 @@ use webrtc_util::marshal::{Marshal, Unmarshal};
 
 use super::audio::{AudioSink, AudioSource, FRAME};
 use super::jitter::{JitterBuffer, Playout, FRAME_SAMPLES};
+use super::router::{Route, StreamKind, StreamRouter};
 
 /// Largest UDP datagram accepted.
 const MAX_DATAGRAM: usize = 1500;
@@ -36,6 +39,9 @@ pub struct MediaParams {
     pub peer: SocketAddr,
     /// RTP payload type for Opus (dynamic; 111 by convention).
     pub payload_type: u8,
+    /// RTP payload type of the peer's video stream, if it may send one (dynamic; 96 by
+    /// convention): routed to the video handler, which counts and drops it for now.
+    pub video_payload_type: Option<u8>,
     /// Opus bitrate in bits per second.
     pub bitrate: i32,
     /// Expected packet loss told to the encoder (in-band FEC needs it above 0).
@@ -47,11 +53,19 @@ pub struct MediaParams {
 }
 
 impl MediaParams {
+    /// The payload types this session routes, and their kinds.
+    fn streams(&self) -> Vec<(u8, StreamKind)> {
+        let mut s = vec![(self.payload_type, StreamKind::Audio)];
+        s.extend(self.video_payload_type.map(|pt| (pt, StreamKind::Video)));
+        s
+    }
+
     /// Defaults for a voice call to `peer`.
     pub fn voice(peer: SocketAddr) -> Self {
         MediaParams {
             peer,
             payload_type: 111,
+            video_payload_type: Some(96),
             bitrate: 24_000,
             expected_loss_pct: 10,
             complexity: 5,
@@ -83,11 +97,19 @@ pub struct CallQuality {
     pub concealed: u64,
     /// Packets dropped as late or duplicate.
     pub late_or_duplicate: u64,
-    /// Datagrams dropped because they came from elsewhere or were not valid RTP of the
-    /// negotiated stream.
+    /// Datagrams dropped because they came from elsewhere or were not valid RTP of one
+    /// of the session's streams.
     pub rejected: u64,
+    /// RTP packets of the peer's other streams (video), routed to their handler and not
+    /// played yet. Left out of the JSON while zero.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub other_streams: u64,
     /// Loss the peer reported about our stream (RTCP), percent.
     pub peer_reported_loss_pct: Option<f64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// State shared by the send and receive tasks.
@@ -103,8 +125,10 @@ struct Shared {
 
 #[derive(Default)]
 struct RxState {
-    /// The peer's SSRC, locked to the first valid stream.
-    remote_ssrc: Option<u32>,
+    /// Routes the peer's RTP to its streams; its audio SSRC is the one reports are about.
+    router: StreamRouter,
+    /// Packets of the peer's video stream, counted and dropped (no video playback yet).
+    video_packets: u64,
     /// First and highest extended sequence numbers, and packets received.
     first_seq: Option<u64>,
     highest_seq: Option<u64>,
@@ -121,7 +145,23 @@ struct RxState {
     prior_received: u64,
 }
 
+impl Shared {
+    /// Shared state for a session routing `params`' streams.
+    fn new(params: &MediaParams) -> Self {
+        let shared = Shared::default();
+        if let Ok(mut rx) = shared.rx.lock() {
+            rx.router = StreamRouter::new(&params.streams());
+        }
+        shared
+    }
+}
+
 impl RxState {
+    /// The peer's audio SSRC, once latched.
+    fn remote_ssrc(&self) -> Option<u32> {
+        self.router.ssrc(StreamKind::Audio)
+    }
+
     fn expected(&self) -> u64 {
         match (self.first_seq, self.highest_seq) {
             (Some(f), Some(h)) if h >= f => h - f + 1,
@@ -174,7 +214,7 @@ impl MediaSession {
         let decoder = opus::Decoder::new(48_000, opus::Channels::Mono)
             .context("cannot create Opus decoder")?;
         let (stop, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new(&params));
         let started = Instant::now();
         let send = tokio::spawn(send_loop(
             Arc::clone(&socket),
@@ -241,6 +281,7 @@ impl MediaSession {
             concealed: js.concealed,
             late_or_duplicate: js.late + js.duplicates,
             rejected: end.rejected,
+            other_streams: rx.video_packets,
             peer_reported_loss_pct: rx.peer_loss_pct,
         })
     }
@@ -316,7 +357,7 @@ fn sender_report(shared: &Shared, ssrc: u32, rtp_time: u32) -> anyhow::Result<By
         .map_err(|_| anyhow::anyhow!("media state poisoned"))?;
     rx.our_last_sr = Some(ntp_mid32(ntp));
     let mut reports = Vec::new();
-    if let (Some(remote), Some(highest)) = (rx.remote_ssrc, rx.highest_seq) {
+    if let (Some(remote), Some(highest)) = (rx.remote_ssrc(), rx.highest_seq) {
         let expected = rx.expected();
         let interval_expected = expected.saturating_sub(rx.prior_expected);
         let interval_received = rx.received.saturating_sub(rx.prior_received);
@@ -394,9 +435,10 @@ async fn receive_loop(
                 }
                 let arrival_ms = started.elapsed().as_secs_f64() * 1000.0;
                 let was_ready = jitter.is_ready();
-                if !accept_rtp(&shared, &params, datagram, &mut jitter, arrival_ms) {
+                let routed = receive_rtp(&shared, datagram, &mut jitter, arrival_ms);
+                if routed == Received::Rejected {
                     rejected += 1;
-                } else if !was_ready && jitter.is_ready() {
+                } else if routed == Received::Audio && !was_ready && jitter.is_ready() {
                     // Align the playout clock to the stream: play this frame a small
                     // margin after its arrival, and every 20 ms after that.
                     let margin = Duration::from_secs_f64(jitter.playout_margin_ms() / 1000.0);
@@ -435,28 +477,57 @@ async fn receive_loop(
     Ok(ReceiveEnd { jitter, rejected })
 }
 
-fn accept_rtp(
+/// What became of an RTP datagram from the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Received {
+    /// Into the audio jitter buffer.
+    Audio,
+    /// To the video stream's handler.
+    Video,
+    /// Not valid RTP of one of the session's streams.
+    Rejected,
+}
+
+/// Parses an RTP datagram and routes it to its stream's handler.
+fn receive_rtp(
     shared: &Shared,
-    params: &MediaParams,
     datagram: &[u8],
     jitter: &mut JitterBuffer,
     arrival_ms: f64,
-) -> bool {
+) -> Received {
     let Ok(packet) = rtp::packet::Packet::unmarshal(&mut &datagram[..]) else {
-        return false;
+        return Received::Rejected;
     };
     let h = &packet.header;
-    if h.version != 2 || h.payload_type != params.payload_type || packet.payload.is_empty() {
-        return false;
+    if h.version != 2 || packet.payload.is_empty() {
+        return Received::Rejected;
     }
     let Ok(mut rx) = shared.rx.lock() else {
-        return false;
+        return Received::Rejected;
     };
-    match rx.remote_ssrc {
-        None => rx.remote_ssrc = Some(h.ssrc),
-        Some(s) if s != h.ssrc => return false,
-        Some(_) => {}
+    match rx.router.route(h.payload_type, h.ssrc) {
+        Route::Stream(StreamKind::Audio) => {
+            audio_packet(&mut rx, &packet, jitter, arrival_ms);
+            Received::Audio
+        }
+        Route::Stream(StreamKind::Video) => {
+            // The video stream's handler: counted and dropped until video playback lands
+            // here (its own jitter buffer and decoder, fed like audio's).
+            rx.video_packets += 1;
+            Received::Video
+        }
+        Route::UnknownPayload | Route::OtherSource => Received::Rejected,
     }
+}
+
+/// The audio stream's handler: into the jitter buffer, and the receive statistics.
+fn audio_packet(
+    rx: &mut RxState,
+    packet: &rtp::packet::Packet,
+    jitter: &mut JitterBuffer,
+    arrival_ms: f64,
+) {
+    let h = &packet.header;
     jitter.insert(
         h.sequence_number,
         h.timestamp,
@@ -471,7 +542,6 @@ fn accept_rtp(
     }
     rx.received = jitter.stats().received;
     rx.jitter_ms = jitter.jitter_ms();
-    true
 }
 
 fn handle_rtcp(shared: &Shared, datagram: &[u8]) {
@@ -484,7 +554,7 @@ fn handle_rtcp(shared: &Shared, datagram: &[u8]) {
     for p in packets {
         let any = p.as_any();
         let reports = if let Some(sr) = any.downcast_ref::<rtcp::sender_report::SenderReport>() {
-            if rx.remote_ssrc.is_none_or(|s| s == sr.ssrc) {
+            if rx.remote_ssrc().is_none_or(|s| s == sr.ssrc) {
                 rx.last_sr = Some((ntp_mid32(sr.ntp_time), Instant::now()));
             }
             sr.reports.clone()
@@ -518,7 +588,7 @@ mod tests {
 
     #[test]
     fn arbitrary_datagrams_never_panic_the_receive_path() {
-        let shared = Shared::default();
+        let shared = Shared::new(&params());
         let mut jitter = JitterBuffer::new(1, 10);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for i in 0..20_000 {
@@ -536,53 +606,185 @@ mod tests {
             if is_rtcp(&d) {
                 handle_rtcp(&shared, &d);
             } else {
-                let _ = accept_rtp(&shared, &params(), &d, &mut jitter, f64::from(i) * 20.0);
+                let _ = receive_rtp(&shared, &d, &mut jitter, f64::from(i) * 20.0);
             }
             let _ = jitter.pop();
         }
     }
 
+    fn packet(ssrc: u32, seq: u16, pt: u8) -> Bytes {
+        rtp::packet::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                payload_type: pt,
+                sequence_number: seq,
+                timestamp: u32::from(seq) * 960,
+                ssrc,
+                ..Default::default()
+            },
+            payload: Bytes::from_static(&[1, 2, 3]),
+        }
+        .marshal()
+        .expect("marshal")
+    }
+
     #[test]
     fn only_the_first_stream_is_accepted() {
-        let shared = Shared::default();
+        let shared = Shared::new(&params());
         let mut jitter = JitterBuffer::new(1, 10);
-        let packet = |ssrc: u32, seq: u16, pt: u8| {
-            rtp::packet::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    payload_type: pt,
-                    sequence_number: seq,
-                    timestamp: u32::from(seq) * 960,
-                    ssrc,
-                    ..Default::default()
-                },
-                payload: Bytes::from_static(&[1, 2, 3]),
-            }
-            .marshal()
-            .expect("marshal")
-        };
-        assert!(accept_rtp(
-            &shared,
-            &params(),
-            &packet(7, 1, 111),
-            &mut jitter,
-            0.0
-        ));
-        assert!(
-            !accept_rtp(&shared, &params(), &packet(8, 2, 111), &mut jitter, 20.0),
+        let mut rx = |d: Bytes, at: f64| receive_rtp(&shared, &d, &mut jitter, at);
+        assert_eq!(rx(packet(7, 1, 111), 0.0), Received::Audio);
+        assert_eq!(
+            rx(packet(8, 2, 111), 20.0),
+            Received::Rejected,
             "second SSRC"
         );
-        assert!(
-            !accept_rtp(&shared, &params(), &packet(7, 2, 0), &mut jitter, 20.0),
+        assert_eq!(
+            rx(packet(7, 2, 0), 20.0),
+            Received::Rejected,
             "wrong payload type"
         );
-        assert!(accept_rtp(
-            &shared,
-            &params(),
-            &packet(7, 2, 111),
-            &mut jitter,
-            20.0
-        ));
+        assert_eq!(rx(packet(7, 2, 111), 20.0), Received::Audio);
         assert_eq!(jitter.stats().received, 2);
+    }
+
+    #[test]
+    fn an_interleaved_video_stream_goes_to_its_handler_and_leaves_audio_alone() {
+        let with_video = Shared::new(&params());
+        let alone = Shared::new(&params());
+        let mut jitter = JitterBuffer::new(1, 10);
+        let mut reference = JitterBuffer::new(1, 10);
+        let mut played = Vec::new();
+        let mut played_alone = Vec::new();
+        for seq in 1..=50u16 {
+            let at = f64::from(seq) * 20.0;
+            assert_eq!(
+                receive_rtp(&with_video, &packet(7, seq, 111), &mut jitter, at),
+                Received::Audio
+            );
+            // A video stream from the same peer: another SSRC and payload type, several
+            // packets per audio frame, its sequence numbers unrelated to audio's.
+            for k in 0..3u16 {
+                assert_eq!(
+                    receive_rtp(
+                        &with_video,
+                        &packet(
+                            99,
+                            seq.wrapping_mul(3).wrapping_add(k).wrapping_add(40_000),
+                            96
+                        ),
+                        &mut jitter,
+                        at + 1.0
+                    ),
+                    Received::Video
+                );
+            }
+            // A second video source is another stream: rejected.
+            assert_eq!(
+                receive_rtp(&with_video, &packet(100, seq, 96), &mut jitter, at + 2.0),
+                Received::Rejected
+            );
+            receive_rtp(&alone, &packet(7, seq, 111), &mut reference, at);
+            played.push(jitter.pop());
+            played_alone.push(reference.pop());
+        }
+        assert_eq!(
+            played, played_alone,
+            "audio plays as if video were not there"
+        );
+        assert_eq!(jitter.stats(), reference.stats());
+        let rx = with_video.rx.lock().unwrap();
+        assert_eq!(rx.video_packets, 150);
+        assert_eq!(rx.remote_ssrc(), Some(7));
+        assert_eq!(rx.router.ssrc(StreamKind::Video), Some(99));
+        assert_eq!(rx.received, 50);
+        assert_eq!(
+            rx.expected(),
+            50,
+            "video's sequence numbers count no audio loss"
+        );
+    }
+
+    #[test]
+    fn without_a_video_payload_type_video_is_rejected() {
+        let shared = Shared::new(&MediaParams {
+            video_payload_type: None,
+            ..params()
+        });
+        let mut jitter = JitterBuffer::new(1, 10);
+        assert_eq!(
+            receive_rtp(&shared, &packet(9, 1, 96), &mut jitter, 0.0),
+            Received::Rejected
+        );
+        assert_eq!(
+            receive_rtp(&shared, &packet(7, 1, 111), &mut jitter, 0.0),
+            Received::Audio
+        );
+    }
+
+    /// Over real loopback sockets: a peer that interleaves a video stream (and a stray
+    /// second video source) with its audio is heard in full, its video counted apart.
+    #[tokio::test]
+    async fn a_peer_sending_video_too_is_heard_and_its_video_counted() {
+        use super::super::audio::{open_sink, open_source, AudioSpec};
+        let tv = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let session = MediaSession::start(
+            Arc::clone(&tv),
+            MediaParams::voice(peer.local_addr().unwrap()),
+            open_source(&AudioSpec::Null).unwrap(),
+            open_sink(&AudioSpec::Null).unwrap(),
+        )
+        .unwrap();
+        let to = tv.local_addr().unwrap();
+        let mut encoder =
+            opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
+        let mut opus_buf = vec![0u8; MAX_OPUS];
+        let silence = vec![0i16; FRAME];
+        const FRAMES: u16 = 25;
+        for seq in 0..FRAMES {
+            let n = encoder.encode(&silence, &mut opus_buf).unwrap();
+            let audio = rtp::packet::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    payload_type: 111,
+                    sequence_number: seq,
+                    timestamp: u32::from(seq) * FRAME_SAMPLES,
+                    ssrc: 7,
+                    ..Default::default()
+                },
+                payload: Bytes::copy_from_slice(&opus_buf[..n]),
+            }
+            .marshal()
+            .unwrap();
+            peer.send_to(&audio, to).await.unwrap();
+            for k in 0..2 {
+                peer.send_to(&packet(99, seq * 2 + k, 96), to)
+                    .await
+                    .unwrap();
+            }
+            peer.send_to(&packet(100, seq, 96), to).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let the last datagrams be read before stopping.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let q = session.stop().await.unwrap();
+        assert_eq!(q.packets_received, u64::from(FRAMES), "{q:?}");
+        assert_eq!(q.packets_lost, 0, "{q:?}");
+        assert_eq!(q.other_streams, u64::from(FRAMES) * 2, "{q:?}");
+        assert_eq!(
+            q.rejected,
+            u64::from(FRAMES),
+            "the second video source: {q:?}"
+        );
+        let json = serde_json::to_value(&q).unwrap();
+        assert_eq!(json["other_streams"], 50);
+    }
+
+    #[test]
+    fn call_quality_json_is_unchanged_without_other_streams() {
+        let json = serde_json::to_value(CallQuality::default()).unwrap();
+        assert!(json.get("other_streams").is_none(), "{json}");
+        assert_eq!(json["rejected"], 0);
     }
 }

@@ -1,0 +1,524 @@
+//! The I/O shell around the call state machine: one task owns the agent's state (the
+//! [`CallMachine`], the running media, the missed-call list), takes commands from
+//! [`Agent`](super::Agent) handles, events from the control link and reports from its own
+//! spawned tasks, and runs the machine's actions.
+//!
+//! Call requests (dial, answer, reject, hang up) are awaited here, one at a time, so a
+//! call's steps keep their order. Round trips that can take long (fetching and
+//! acknowledging cached calls, state queries) run as spawned tasks: a fetch reports back
+//! through a channel, so answer and hang-up are never held up by it. Order kept: a fetch's
+//! calls are merged, saved where the policy says, sent as `CachedCalls`, and only then
+//! acknowledged.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared_proto::{CachedCall, CallId, DialOutcome, ErrorCode, Event, Reply, Request};
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::call::{Action, CallMachine, DialReply, Input, Tell};
+use super::events::AgentEvent;
+use super::handle::{Cmd, Reply1};
+use super::missed::{AckWhen, MissedList};
+use super::types::{now_ms, AgentConfig, AgentError, DialResult, MissedCall, Status};
+use crate::link::{LinkError, LinkEvent, LinkHandle};
+use crate::media::{open_sink, open_source, CallQuality, MediaParams, MediaSession};
+
+/// How long power-off waits for acknowledgements in flight before closing the link (an
+/// acknowledgement cut off only means the calls come again).
+const ACK_GRACE: Duration = Duration::from_secs(2);
+
+/// What a spawned task reports back to the core.
+enum Done {
+    /// A fetch of the cached calls ended: all of them, or `None` if it failed.
+    Fetched(Option<Vec<CachedCall>>),
+}
+
+/// The command waiting for the machine's answer.
+enum Pending {
+    /// None (a server push or a power-off).
+    None,
+    /// A dial.
+    Dial(oneshot::Sender<DialResult>),
+    /// Answer, reject, hang up, mute.
+    Unit(Reply1<()>),
+}
+
+impl Pending {
+    fn reply(&mut self, r: Result<(), AgentError>) {
+        if let Pending::Unit(tx) = std::mem::replace(self, Pending::None) {
+            let _ = tx.send(r);
+        }
+    }
+
+    fn reply_dial(&mut self, r: DialResult) {
+        if let Pending::Dial(tx) = std::mem::replace(self, Pending::None) {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// The core task's state.
+pub(super) struct Core {
+    /// How the agent was set up (user, audio devices).
+    cfg: AgentConfig,
+    /// The media port registered (bound or advertised).
+    media_port: u16,
+    /// Requests to the server.
+    link: LinkHandle,
+    /// The media socket, shared with each call's media session.
+    socket: Arc<UdpSocket>,
+    /// Where events go.
+    events: broadcast::Sender<AgentEvent>,
+    /// The call state (pure logic).
+    machine: CallMachine,
+    /// The running call's media, if any.
+    media: Option<MediaSession>,
+    /// The missed-call list and its keeping policy.
+    missed: MissedList,
+    /// Registered with the server now.
+    registered: bool,
+    /// A fetch of cached calls is running.
+    fetching: bool,
+    /// Another fetch was asked for while one ran: start it when that one ends.
+    fetch_again: bool,
+    /// Acknowledgements in flight, finished before the link closes at power-off.
+    acks: JoinSet<()>,
+    /// For spawned tasks to report back.
+    done_tx: mpsc::Sender<Done>,
+    /// Their reports.
+    done_rx: mpsc::Receiver<Done>,
+}
+
+impl Core {
+    /// A core for a just-bound socket and just-started link.
+    pub(super) fn new(
+        cfg: AgentConfig,
+        media_port: u16,
+        link: LinkHandle,
+        socket: Arc<UdpSocket>,
+        events: broadcast::Sender<AgentEvent>,
+        missed: MissedList,
+    ) -> Self {
+        let (done_tx, done_rx) = mpsc::channel(8);
+        Core {
+            machine: CallMachine::new(cfg.user, now_ms()),
+            cfg,
+            media_port,
+            link,
+            socket,
+            events,
+            media: None,
+            missed,
+            registered: false,
+            fetching: false,
+            fetch_again: false,
+            acks: JoinSet::new(),
+            done_tx,
+            done_rx,
+        }
+    }
+
+    fn emit(&self, e: AgentEvent) {
+        tracing::debug!(event = ?e, "agent event");
+        let _ = self.events.send(e);
+    }
+
+    /// Runs until powered off (or every handle and the link are gone).
+    pub(super) async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut link_events: mpsc::Receiver<LinkEvent>,
+    ) {
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    None => { self.shutdown().await; return; }
+                    Some(Cmd::PowerOff(done)) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(cmd) => self.command(cmd).await,
+                },
+                ev = link_events.recv() => match ev {
+                    None => return,
+                    Some(ev) => self.link_event(ev).await,
+                },
+                Some(done) = self.done_rx.recv() => match done {
+                    Done::Fetched(calls) => self.fetched(calls).await,
+                },
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        if self.machine.view().1.is_some() {
+            self.step(Input::HangUp, Pending::None).await;
+        }
+        let acks = &mut self.acks;
+        let _ = tokio::time::timeout(ACK_GRACE, async {
+            while acks.join_next().await.is_some() {}
+        })
+        .await;
+        self.link.power_off().await;
+        // The media socket closes when the core (its last owner) is dropped, after the
+        // control link.
+        self.emit(AgentEvent::PoweredOff);
+    }
+
+    async fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Dial(callee, tx) => self.step(Input::Dial(callee), Pending::Dial(tx)).await,
+            Cmd::Answer(tx) => self.step(Input::Answer, Pending::Unit(tx)).await,
+            Cmd::Reject(tx) => self.step(Input::Reject, Pending::Unit(tx)).await,
+            Cmd::HangUp(tx) => self.step(Input::HangUp, Pending::Unit(tx)).await,
+            Cmd::Mute(muted, tx) => self.step(Input::Mute(muted), Pending::Unit(tx)).await,
+            Cmd::Query(users, tx) => {
+                let link = self.link.clone();
+                tokio::spawn(async move {
+                    let r = match link.request(Request::QueryState { users }).await {
+                        Ok(Reply::States(s)) => Ok(s),
+                        Ok(_) => Err(AgentError::NoCall),
+                        Err(e) => Err(e.into()),
+                    };
+                    let _ = tx.send(r);
+                });
+            }
+            Cmd::Missed(tx) => {
+                let _ = tx.send(self.missed.calls().to_vec());
+            }
+            Cmd::Shown(ids, tx) => {
+                let link = self.link.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(acknowledge(&link, &ids).await);
+                });
+            }
+            Cmd::ClearMissed(tx) => {
+                let r = self.missed.save(Vec::new()).await;
+                if r.is_ok() {
+                    self.missed.clear();
+                    self.emit(AgentEvent::MissedCleared);
+                }
+                let _ = tx.send(r);
+            }
+            Cmd::Status(tx) => {
+                let (call_state, call_id, peer) = self.machine.view();
+                let _ = tx.send(Status {
+                    user: self.cfg.user,
+                    registered: self.registered,
+                    call_state,
+                    call_id,
+                    peer,
+                    since_ms: self.machine.since_ms(),
+                    muted: self.machine.muted(),
+                });
+            }
+            Cmd::PowerOff(_) => {}
+        }
+    }
+
+    async fn link_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Registered(r) => {
+                self.registered = true;
+                self.emit(AgentEvent::Registered {
+                    user: self.cfg.user,
+                    observed_ip: r.observed_ip.to_string(),
+                    media_port: self.media_port,
+                });
+                self.start_fetch();
+            }
+            LinkEvent::Down { reason, retry_in } => {
+                self.registered = false;
+                // The server ends our call when our link goes; end it here as well.
+                self.step(Input::LinkDown, Pending::None).await;
+                self.emit(AgentEvent::LinkDown {
+                    reason,
+                    retry_in_ms: retry_in.as_millis() as u64,
+                });
+            }
+            LinkEvent::Server(Event::IncomingCall {
+                call_id,
+                caller,
+                caller_media,
+                ..
+            }) => {
+                let input = Input::Incoming {
+                    call_id,
+                    caller,
+                    caller_media,
+                };
+                self.step(input, Pending::None).await;
+            }
+            LinkEvent::Server(Event::CallAnswered { call_id }) => {
+                self.step(Input::PeerAnswered(call_id), Pending::None).await;
+            }
+            LinkEvent::Server(Event::CallEnded { call_id, reason }) => {
+                self.step(Input::Ended(call_id, reason), Pending::None)
+                    .await;
+            }
+            LinkEvent::Server(Event::CachedCallsWaiting { .. }) => self.start_fetch(),
+        }
+    }
+
+    /// Feeds `input` to the call machine and runs its actions (and those of the inputs
+    /// they feed back), answering `pending`.
+    async fn step(&mut self, input: Input, mut pending: Pending) {
+        let mut queue: VecDeque<Action> = self.machine.handle(input, now_ms()).into();
+        while let Some(action) = queue.pop_front() {
+            let Some(next) = self.act(action, &mut pending).await else {
+                continue;
+            };
+            for a in self.machine.handle(next, now_ms()).into_iter().rev() {
+                queue.push_front(a);
+            }
+        }
+    }
+
+    /// Runs one action; returns the input it feeds back, if any.
+    async fn act(&mut self, action: Action, pending: &mut Pending) -> Option<Input> {
+        match action {
+            Action::Emit(e) => self.emit(e),
+            Action::SendDial(callee) => {
+                let r = self.link.request(Request::Dial { callee }).await;
+                return Some(Input::Dialled(dial_reply(r)));
+            }
+            Action::StartMedia(peer) => {
+                return Some(match self.start_media(peer).await {
+                    Ok(()) => Input::MediaStarted,
+                    Err(e) => Input::MediaFailed(e),
+                });
+            }
+            Action::SendAnswer(call_id) => {
+                let r = self.link.request(Request::Answer { call_id }).await;
+                return Some(Input::AnswerSent(r.map(|_| ()).map_err(Into::into)));
+            }
+            Action::SetMuted(muted) => {
+                if let Some(m) = &self.media {
+                    m.set_muted(muted);
+                }
+            }
+            Action::EndCall {
+                call_id,
+                peer,
+                outcome,
+                tell,
+            } => {
+                let quality = self.stop_media(call_id).await;
+                if let Some(tell) = tell {
+                    let r = match tell {
+                        Tell::Reject => self.link.request(Request::Reject { call_id }).await,
+                        Tell::HangUp => self.link.request(Request::HangUp { call_id }).await,
+                    };
+                    pending.reply(match r {
+                        Ok(_) => Ok(()),
+                        // The server may have ended the call already (peer hung up at the
+                        // same moment).
+                        Err(e)
+                            if tell == Tell::HangUp
+                                && e.code() == Some(ErrorCode::NO_SUCH_CALL) =>
+                        {
+                            Ok(())
+                        }
+                        Err(e) => Err(e.into()),
+                    });
+                }
+                self.emit(AgentEvent::Ended {
+                    call_id,
+                    peer,
+                    outcome,
+                    quality,
+                });
+            }
+            Action::RejectOther(call_id) => {
+                let link = self.link.clone();
+                tokio::spawn(async move {
+                    let _ = link.request(Request::Reject { call_id }).await;
+                });
+            }
+            Action::ReplyDial(r) => pending.reply_dial(r),
+            Action::Reply(r) => pending.reply(r),
+        }
+        None
+    }
+
+    async fn start_media(&mut self, peer_media: SocketAddr) -> Result<(), String> {
+        if let Some(old) = self.media.take() {
+            let _ = old.stop().await;
+        }
+        // Drop whatever reached the socket between calls, so the new call's stream is
+        // the first one the session sees.
+        let mut scratch = [0u8; 1500];
+        while self.socket.try_recv_from(&mut scratch).is_ok() {}
+        let source = open_source(&self.cfg.audio_in).map_err(|e| format!("{e:#}"))?;
+        let sink = open_sink(&self.cfg.audio_out).map_err(|e| format!("{e:#}"))?;
+        let media = MediaSession::start(
+            Arc::clone(&self.socket),
+            MediaParams::voice(peer_media),
+            source,
+            sink,
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        self.media = Some(media);
+        Ok(())
+    }
+
+    /// Stops the call's media (if any) and logs its quality.
+    async fn stop_media(&mut self, call_id: CallId) -> Option<CallQuality> {
+        match self.media.take()?.stop().await {
+            Ok(q) => {
+                tracing::info!(
+                    call_id,
+                    seconds = format!("{:.1}", q.seconds),
+                    sent = q.packets_sent,
+                    received = q.packets_received,
+                    loss_pct = format!("{:.1}", q.loss_pct),
+                    jitter_ms = format!("{:.1}", q.jitter_ms),
+                    rtt_ms = ?q.rtt_ms,
+                    fec_recovered = q.fec_recovered,
+                    concealed = q.concealed,
+                    other_streams = q.other_streams,
+                    "call quality"
+                );
+                Some(q)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "media ended with an error");
+                None
+            }
+        }
+    }
+
+    /// Starts fetching the cached calls in a task of its own (one at a time).
+    fn start_fetch(&mut self) {
+        if self.fetching {
+            self.fetch_again = true;
+            return;
+        }
+        self.fetching = true;
+        let link = self.link.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let calls = fetch_all(&link).await;
+            let _ = done.send(Done::Fetched(calls)).await;
+        });
+    }
+
+    /// A fetch ended: presents its calls, then acknowledges them as the policy allows.
+    async fn fetched(&mut self, calls: Option<Vec<CachedCall>>) {
+        self.fetching = false;
+        if let Some(calls) = calls {
+            self.present(&calls).await;
+        }
+        if std::mem::take(&mut self.fetch_again) {
+            self.start_fetch();
+        }
+    }
+
+    async fn present(&mut self, calls: &[CachedCall]) {
+        let presented: Vec<MissedCall> = calls.iter().map(MissedCall::from_wire).collect();
+        let ids: Vec<CallId> = calls.iter().map(|c| c.call_id).collect();
+        self.missed.merge(&presented);
+        match self.missed.after_fetch() {
+            // Whoever shows them acknowledges them (`Agent::shown`), after showing.
+            AckWhen::ByPresenter => self.emit(AgentEvent::CachedCalls { calls: presented }),
+            AckWhen::AfterEmitting => {
+                self.emit(AgentEvent::CachedCalls { calls: presented });
+                self.spawn_ack(ids);
+            }
+            AckWhen::AfterSaving(_) => {
+                // Kept on the TV before the server forgets them; if that fails they stay
+                // on the server and come again.
+                let saved = self.missed.save(self.missed.calls().to_vec()).await;
+                self.emit(AgentEvent::CachedCalls { calls: presented });
+                match saved {
+                    Ok(()) => self.spawn_ack(ids),
+                    Err(e) => tracing::warn!(error = %e, "cached calls not acknowledged"),
+                }
+            }
+        }
+    }
+
+    fn spawn_ack(&mut self, ids: Vec<CallId>) {
+        // Forget the acknowledgements that are done.
+        while self.acks.try_join_next().is_some() {}
+        if ids.is_empty() {
+            return;
+        }
+        let link = self.link.clone();
+        self.acks.spawn(async move {
+            if let Err(e) = acknowledge(&link, &ids).await {
+                tracing::warn!(error = %e, "cannot acknowledge cached calls; they will come again");
+            }
+        });
+    }
+}
+
+/// The server's answer to a dial, for the machine.
+fn dial_reply(r: Result<Reply, LinkError>) -> DialReply {
+    match r {
+        Ok(Reply::Dial(DialOutcome::Ringing {
+            call_id,
+            callee_media,
+        })) => DialReply::Ringing(call_id, callee_media),
+        Ok(Reply::Dial(DialOutcome::Cached { call_id })) => {
+            DialReply::Other(DialResult::Cached(call_id))
+        }
+        Ok(Reply::Dial(DialOutcome::Busy { call_id })) => {
+            DialReply::Other(DialResult::Busy(call_id))
+        }
+        Ok(other) => DialReply::Other(DialResult::Failed(format!("unexpected reply {other:?}"))),
+        Err(e) => DialReply::Other(match e.code() {
+            Some(ErrorCode::UNKNOWN_USER) => DialResult::UnknownUser,
+            Some(ErrorCode::ALREADY_IN_CALL) => DialResult::AlreadyInCall,
+            Some(_) => DialResult::Failed(e.to_string()),
+            None => DialResult::Unreachable(e.to_string()),
+        }),
+    }
+}
+
+/// Fetches every cached call, a page at a time; `None` if a page failed (they stay on
+/// the server, to be fetched at the next registration).
+async fn fetch_all(link: &LinkHandle) -> Option<Vec<CachedCall>> {
+    let mut calls = Vec::new();
+    let mut after = 0;
+    loop {
+        match link
+            .request(Request::FetchCached {
+                after,
+                limit: shared_proto::MAX_PAGE as u16,
+            })
+            .await
+        {
+            Ok(Reply::Cached(page)) => {
+                if let Some(last) = page.calls.last() {
+                    after = last.call_id;
+                }
+                calls.extend(page.calls);
+                if !page.more {
+                    return Some(calls);
+                }
+            }
+            Ok(_) | Err(_) => {
+                tracing::warn!("cannot fetch cached calls now; will retry at next registration");
+                return None;
+            }
+        }
+    }
+}
+
+/// Marks cached calls delivered on the server, a page at a time.
+async fn acknowledge(link: &LinkHandle, ids: &[CallId]) -> Result<(), AgentError> {
+    for chunk in ids.chunks(shared_proto::MAX_PAGE) {
+        link.request(Request::AckCached {
+            call_ids: chunk.to_vec(),
+        })
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! The agent: the TV's power-on sequence and its call state, driven by the viewer's
+//! commands (UI, control API or a scripted mode) and by the control link's events.
+//!
+//! Power-on, as the documents give it: bind the UDP media socket first, then open the TCP
+//! control link and register with the media port. After every registration the cached
+//! calls are fetched, presented (each with its caller's current state) and then
+//! acknowledged. Power-off closes the control link first (the server records the TV
+//! offline), then the media socket.
+//!
+//! - [`handle`]: [`Agent`], the handle whose methods are the commands.
+//! - [`core`]: the task that owns the state and runs the call machine's actions (I/O).
+//! - [`call`]: the call state machine, pure: (state, input, time) → actions.
+//! - [`missed`]: the missed-call list and when its calls may be acknowledged.
+//! - [`events`]: [`AgentEvent`] and the typed word lists its events carry.
+//! - [`types`]: configuration, missed call, status, dial result, errors.
+//! - [`media_socket`]: binding the UDP media socket.
+
+pub mod call;
+mod core;
+pub mod events;
+mod handle;
+pub mod media_socket;
+pub mod missed;
+pub mod types;
+
+pub use events::{outcomes_js, AgentEvent, CallState, DialFailure, EndOutcome, MissReason};
+pub use handle::Agent;
+pub use media_socket::bind_media;
+pub use missed::MAX_MISSED_KEPT;
+pub use types::{
+    netstate, rfc3339, AgentConfig, AgentError, DialResult, MissedCall, MissedKeeping, Status,
+};
