@@ -495,23 +495,9 @@ async fn latency(seconds: f64, warmup: f64) -> anyhow::Result<()> {
 // media-cpu
 // ---------------------------------------------------------------------------------
 
-/// This process's user + system CPU time so far (Linux: /proc/self/stat, USER_HZ = 100).
+/// This process's user + system CPU time so far, in seconds.
 fn process_cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").context("cannot read /proc/self/stat")?;
-    let after_comm = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("unexpected /proc/self/stat")?;
-    // Fields after the command name start at field 3 (state); utime and stime are
-    // fields 14 and 15.
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("short /proc/self/stat")?
-            .parse::<f64>()?)
-    };
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+    test_support::procfs::cpu_secs("self").context("cannot read /proc/self/stat")
 }
 
 async fn media_cpu(
