@@ -5,7 +5,6 @@
 //! reason (a rejecting preamble, or a `Closing` frame) and nothing else.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -41,7 +40,7 @@ pub async fn serve<S: Store>(
         Ok(Ok(_)) => {}
         Ok(Err(_)) => return, // closed before saying anything
         Err(_) => {
-            shared.metrics.bad_input.fetch_add(1, Relaxed);
+            shared.metrics.bad_input.inc();
             refuse(
                 stream,
                 ErrorCode::HANDSHAKE_TIMEOUT,
@@ -53,13 +52,13 @@ pub async fn serve<S: Store>(
     }
     match Preamble::decode(pre) {
         Err(e) => {
-            shared.metrics.bad_input.fetch_add(1, Relaxed);
+            shared.metrics.bad_input.inc();
             tracing::debug!(%peer, error = %e, "refused non-protocol client");
             refuse(stream, ErrorCode::BAD_FRAME, &e.to_string()).await;
             return;
         }
         Ok(p) if p.version != PROTOCOL_VERSION => {
-            shared.metrics.bad_input.fetch_add(1, Relaxed);
+            shared.metrics.bad_input.inc();
             let reason = format!(
                 "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
                 p.version
@@ -186,7 +185,7 @@ async fn request_loop<S: Store>(
                     // handler's state.
                     Box::pin(handler::handle(shared, st, request)).await
                 } else {
-                    shared.metrics.rate_limited.fetch_add(1, Relaxed);
+                    shared.metrics.rate_limited.inc();
                     if limit.refused_in_a_row > cfg.request_burst.saturating_mul(2) {
                         return Some(WireError::new(ErrorCode::RATE_LIMITED, "too many requests; disconnected"));
                     }
@@ -214,7 +213,7 @@ async fn request_loop<S: Store>(
                 }
             }
             () = sleep_until(deadline) => {
-                shared.metrics.bad_input.fetch_add(1, Relaxed);
+                shared.metrics.bad_input.inc();
                 return Some(if st.session.is_some() {
                     WireError::new(ErrorCode::HEARTBEAT_TIMEOUT, "nothing heard from this TV in time")
                 } else {
@@ -226,7 +225,7 @@ async fn request_loop<S: Store>(
 }
 
 fn bad_frame<S: Store>(shared: &Shared<S>, e: CodecError) -> Option<WireError> {
-    shared.metrics.bad_input.fetch_add(1, Relaxed);
+    shared.metrics.bad_input.inc();
     match e {
         CodecError::Io(_) => None,
         CodecError::FrameTooLarge { max } => Some(WireError::new(

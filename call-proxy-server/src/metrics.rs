@@ -1,150 +1,243 @@
-//! Counters the server keeps about itself (connections, registrations, calls by
-//! outcome, rejected input) and a latency histogram. Lock-free; read by logs, tests and
-//! the admin listener's `/metrics`.
+//! What the server counts about itself, each metric declared once, here, with its
+//! Prometheus name and help: connections, registrations, calls by outcome, rejected input,
+//! the gauges read at scrape time, and the database's group-commit latency histogram.
+//!
+//! Built on the `prometheus` crate (tikv's rust-prometheus): lock-free counters and
+//! gauges, and its text encoder writes the exposition format (0.0.4) that `/metrics`
+//! serves. Logs, tests and the admin listener read the same handles.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::storage::Outcome;
 
-/// Process-wide counters.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Control connections open now.
-    pub connections: AtomicU64,
-    /// Control connections accepted since start.
-    pub accepted: AtomicU64,
-    /// Connections refused because the server was full.
-    pub rejected_full: AtomicU64,
-    /// Connections closed for a bad preamble, bad frame, oversized frame or timeout.
-    pub bad_input: AtomicU64,
-    /// Requests refused by the per-connection rate limit.
-    pub rate_limited: AtomicU64,
-    /// Successful registrations.
-    pub registrations: AtomicU64,
-    /// Registrations that replaced a live session of the same user.
-    pub reregistrations: AtomicU64,
-    /// Calls by final outcome: answered, missed, rejected, busy, cached.
-    pub calls: [AtomicU64; 5],
-}
-
-impl Metrics {
-    /// Counts a registration.
-    pub fn registered(&self, replaced: bool) {
-        self.registrations.fetch_add(1, Relaxed);
-        if replaced {
-            self.reregistrations.fetch_add(1, Relaxed);
-        }
-    }
-
-    /// Counts a call that reached its final outcome.
-    pub fn call_ended(&self, outcome: Outcome) {
-        if let Some(i) = Self::slot(outcome) {
-            self.calls[i].fetch_add(1, Relaxed);
-        }
-    }
-
-    /// Calls that ended with this outcome since start.
-    pub fn calls_by(&self, outcome: Outcome) -> u64 {
-        Self::slot(outcome).map_or(0, |i| self.calls[i].load(Relaxed))
-    }
-
-    fn slot(outcome: Outcome) -> Option<usize> {
-        Some(match outcome {
-            Outcome::Answered => 0,
-            Outcome::Missed => 1,
-            Outcome::Rejected => 2,
-            Outcome::Busy => 3,
-            Outcome::Cached => 4,
-            Outcome::Ringing => return None,
-        })
-    }
-}
-
-/// Upper bounds of the [`Histogram`] buckets, in microseconds (0.5 ms to 2.5 s; a
-/// last, unbounded bucket takes the rest).
+/// Upper bounds of the commit-latency histogram's buckets, in microseconds (0.5 ms to
+/// 2.5 s; a last, unbounded bucket takes the rest).
 pub const LATENCY_BOUNDS_US: [u64; 12] = [
     500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
     2_500_000,
 ];
 
-/// A latency histogram with fixed buckets ([`LATENCY_BOUNDS_US`]), safe to update from
-/// any thread without a lock (the database writer thread times each group commit).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations per bucket (not cumulative); the last one is unbounded.
-    counts: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
-    /// Sum of all observations, in microseconds.
-    sum_us: AtomicU64,
+/// The outcomes calls are counted by (a live call's `ringing` is not a final one).
+const FINAL_OUTCOMES: [Outcome; 5] = [
+    Outcome::Answered,
+    Outcome::Missed,
+    Outcome::Rejected,
+    Outcome::Busy,
+    Outcome::Cached,
+];
+
+/// The `Content-Type` of a scrape's answer.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Process-wide metrics, registered in one registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Where every metric below is registered; `/metrics` encodes it.
+    registry: Registry,
+    /// Control connections open now.
+    pub connections: IntGauge,
+    /// Control connections accepted since start.
+    pub accepted: IntCounter,
+    /// Connections refused because the server was full.
+    pub rejected_full: IntCounter,
+    /// Connections closed for a bad preamble, bad frame, oversized frame or timeout.
+    pub bad_input: IntCounter,
+    /// Requests refused by the per-connection rate limit.
+    pub rate_limited: IntCounter,
+    /// Successful registrations.
+    pub registrations: IntCounter,
+    /// Registrations that replaced a live session of the same user.
+    pub reregistrations: IntCounter,
+    /// Calls by final outcome.
+    calls: IntCounterVec,
+    /// TVs registered on this server now (set at scrape time from the registry).
+    pub tvs_online: IntGauge,
+    /// Calls ringing or in progress now (set at scrape time from the registry).
+    pub live_calls: IntGauge,
+    /// 1 if the database answered the scrape's query, else 0.
+    pub db_up: IntGauge,
+    /// Missed calls waiting for their callee (set at scrape time from the database).
+    pub cached_waiting: IntGauge,
 }
 
-/// A histogram as read at one moment, cumulative as Prometheus wants it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HistogramSnapshot {
-    /// `(upper bound in seconds, observations at or below it)`, ascending; the last
-    /// bound is `f64::INFINITY` and its count is the total.
-    pub buckets: Vec<(f64, u64)>,
-    /// Sum of all observations, in seconds.
-    pub sum_seconds: f64,
-}
-
-impl HistogramSnapshot {
-    /// Number of observations.
-    pub fn count(&self) -> u64 {
-        self.buckets.last().map_or(0, |b| b.1)
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
     }
 }
 
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let slot = LATENCY_BOUNDS_US.partition_point(|&bound| bound < us);
-        self.counts[slot].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+/// A latency histogram in seconds with the [`LATENCY_BOUNDS_US`] buckets, not yet
+/// registered anywhere (the store keeps its own and [`Metrics::encode`] adds it).
+pub fn latency_histogram(name: &str, help: &str) -> Histogram {
+    let buckets = LATENCY_BOUNDS_US
+        .iter()
+        .map(|&us| us as f64 / 1e6)
+        .collect();
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    // The name, help and buckets are constants of this module: they are valid.
+    Histogram::with_opts(opts).unwrap_or_else(|e| unreachable!("latency histogram: {e}"))
+}
+
+impl Metrics {
+    /// Every metric, registered and at zero.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c =
+                IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("counter {name}: {e}"));
+            registry
+                .register(Box::new(c.clone()))
+                .unwrap_or_else(|e| unreachable!("counter {name}: {e}"));
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("gauge {name}: {e}"));
+            registry
+                .register(Box::new(g.clone()))
+                .unwrap_or_else(|e| unreachable!("gauge {name}: {e}"));
+            g
+        };
+        let calls = IntCounterVec::new(
+            Opts::new("call_proxy_calls_total", "Calls by final outcome."),
+            &["outcome"],
+        )
+        .unwrap_or_else(|e| unreachable!("calls: {e}"));
+        registry
+            .register(Box::new(calls.clone()))
+            .unwrap_or_else(|e| unreachable!("calls: {e}"));
+        // Every outcome is exported from the start, at zero.
+        for o in FINAL_OUTCOMES {
+            calls.with_label_values(&[o.as_str()]);
+        }
+        Metrics {
+            connections: gauge("call_proxy_connections", "TV control connections open now."),
+            accepted: counter(
+                "call_proxy_connections_accepted_total",
+                "TV control connections accepted.",
+            ),
+            rejected_full: counter(
+                "call_proxy_connections_refused_full_total",
+                "Connections refused because the server was full.",
+            ),
+            bad_input: counter(
+                "call_proxy_bad_input_total",
+                "Connections closed for a bad preamble, bad or oversized frame, or a timeout.",
+            ),
+            rate_limited: counter(
+                "call_proxy_rate_limited_total",
+                "Requests refused by the per-connection rate limit.",
+            ),
+            registrations: counter(
+                "call_proxy_registrations_total",
+                "Successful registrations.",
+            ),
+            reregistrations: counter(
+                "call_proxy_reregistrations_total",
+                "Registrations that replaced a live session of the same user.",
+            ),
+            calls,
+            tvs_online: gauge(
+                "call_proxy_tvs_online",
+                "TVs registered on this server now.",
+            ),
+            live_calls: gauge("call_proxy_live_calls", "Calls ringing or in progress now."),
+            db_up: gauge(
+                "call_proxy_db_up",
+                "1 if the database answered this scrape's query, else 0.",
+            ),
+            cached_waiting: gauge(
+                "call_proxy_cached_calls_waiting",
+                "Missed, busy and cached calls waiting to be delivered to their callee's TV.",
+            ),
+            registry,
+        }
     }
 
-    /// The cumulative buckets and the sum, now.
-    pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut total = 0u64;
-        let bounds = LATENCY_BOUNDS_US
-            .iter()
-            .map(|&us| us as f64 / 1e6)
-            .chain([f64::INFINITY]);
-        let buckets = bounds
-            .zip(&self.counts)
-            .map(|(le, n)| {
-                total = total.saturating_add(n.load(Relaxed));
-                (le, total)
-            })
-            .collect();
-        HistogramSnapshot {
-            buckets,
-            sum_seconds: self.sum_us.load(Relaxed) as f64 / 1e6,
+    /// Counts a registration.
+    pub fn registered(&self, replaced: bool) {
+        self.registrations.inc();
+        if replaced {
+            self.reregistrations.inc();
+        }
+    }
+
+    /// Counts a call that reached its final outcome.
+    pub fn call_ended(&self, outcome: Outcome) {
+        if FINAL_OUTCOMES.contains(&outcome) {
+            self.calls.with_label_values(&[outcome.as_str()]).inc();
+        }
+    }
+
+    /// Calls that ended with this outcome since start.
+    pub fn calls_by(&self, outcome: Outcome) -> u64 {
+        if FINAL_OUTCOMES.contains(&outcome) {
+            self.calls.with_label_values(&[outcome.as_str()]).get()
+        } else {
+            0
+        }
+    }
+
+    /// The text exposition of every metric, plus `extra` collected now (the store's
+    /// commit histogram). `cached_waiting` is left out when the database did not answer
+    /// (`db_up` is 0), rather than exported stale.
+    pub fn encode(&self, extra: &[&Histogram]) -> String {
+        let mut families = self.registry.gather();
+        if self.db_up.get() == 0 {
+            families.retain(|f| f.name() != "call_proxy_cached_calls_waiting");
+        }
+        for h in extra {
+            families.extend(prometheus::core::Collector::collect(*h));
+        }
+        let mut out = Vec::new();
+        match TextEncoder::new().encode(&families, &mut out) {
+            Ok(()) => String::from_utf8(out).unwrap_or_default(),
+            Err(e) => format!("# cannot encode the metrics: {e}\n"),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_with_inclusive_bounds() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(500)); // le 0.0005 (bounds are inclusive)
-        h.observe(Duration::from_micros(501)); // le 0.001
-        h.observe(Duration::from_secs(10)); // only +Inf
-        let s = h.snapshot();
-        assert_eq!(s.buckets[0], (0.0005, 1));
-        assert_eq!(s.buckets[1], (0.001, 2));
-        assert_eq!(s.buckets[11], (2.5, 2));
-        assert_eq!(s.buckets[12], (f64::INFINITY, 3));
-        assert_eq!(s.count(), 3);
+    fn every_metric_is_exported_once_in_the_text_format() {
+        let m = Metrics::new();
+        m.registered(true);
+        m.call_ended(Outcome::Cached);
+        m.call_ended(Outcome::Ringing);
+        m.db_up.set(1);
+        let h = latency_histogram("lat_seconds", "Latency.");
+        h.observe(0.0005); // le 0.0005 (bounds are inclusive)
+        h.observe(0.000501); // le 0.001
+        h.observe(10.0); // only +Inf
+        let text = m.encode(&[&h]);
         assert!(
-            (s.sum_seconds - 10.001001).abs() < 1e-9,
-            "{}",
-            s.sum_seconds
+            text.contains(
+                "# TYPE call_proxy_registrations_total counter\ncall_proxy_registrations_total 1\n"
+            ),
+            "{text}"
         );
+        assert!(text.contains("call_proxy_reregistrations_total 1\n"));
+        assert!(text.contains("call_proxy_calls_total{outcome=\"cached\"} 1\n"));
+        assert!(text.contains("call_proxy_calls_total{outcome=\"busy\"} 0\n"));
+        assert!(!text.contains("outcome=\"ringing\""));
+        assert!(
+            text.contains("lat_seconds_bucket{le=\"0.0005\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("lat_seconds_bucket{le=\"0.001\"} 2\n"));
+        assert!(text.contains("lat_seconds_bucket{le=\"2.5\"} 2\n"));
+        assert!(text.contains("lat_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("lat_seconds_count 3\n"));
+        assert!(text.contains("# TYPE call_proxy_cached_calls_waiting gauge"));
+        m.db_up.set(0);
+        assert!(!m.encode(&[]).contains("call_proxy_cached_calls_waiting"));
+        assert_eq!(m.calls_by(Outcome::Cached), 1);
+        assert_eq!(m.calls_by(Outcome::Ringing), 0);
     }
 }

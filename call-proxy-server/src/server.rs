@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,21 +121,21 @@ async fn accept_loop<S: Store>(
                 continue;
             }
         };
-        shared.metrics.accepted.fetch_add(1, Relaxed);
+        shared.metrics.accepted.inc();
         let _ = stream.set_nodelay(true);
         match Arc::clone(limit).try_acquire_owned() {
             Ok(permit) => {
                 let shared = Arc::clone(shared);
                 let stop = stop.clone();
                 tracker.spawn(async move {
-                    shared.metrics.connections.fetch_add(1, Relaxed);
+                    shared.metrics.connections.inc();
                     crate::connection::serve(&shared, stream, peer, stop).await;
-                    shared.metrics.connections.fetch_sub(1, Relaxed);
+                    shared.metrics.connections.dec();
                     drop(permit);
                 });
             }
             Err(_) => {
-                shared.metrics.rejected_full.fetch_add(1, Relaxed);
+                shared.metrics.rejected_full.inc();
                 tracker.spawn(refuse(
                     stream,
                     ErrorCode::SERVER_FULL,

@@ -10,12 +10,10 @@
 
 pub mod api;
 pub mod client;
-pub mod prometheus;
 mod routes;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +28,7 @@ use tokio::net::TcpListener;
 
 use crate::server::Shared;
 use crate::storage::operator::OperatorStore;
-use crate::storage::{self, Outcome, Store, StoreError};
+use crate::storage::{self, Store, StoreError};
 
 /// The environment variable that holds the admin token when no token file is given.
 pub const TOKEN_ENV: &str = "CALL_PROXY_ADMIN_TOKEN";
@@ -266,92 +264,18 @@ async fn metrics<S: Store, O: OperatorStore>(
     let cache_depth = state.probe(state.ops.cached_waiting()).await;
     let shared = &state.shared;
     let m = &shared.metrics;
-    let mut e = prometheus::Exposition::default();
-    e.gauge(
-        "call_proxy_connections",
-        "TV control connections open now.",
-        m.connections.load(Relaxed),
-    );
-    let counters: [(&str, &str, &AtomicU64); 6] = [
-        (
-            "call_proxy_connections_accepted_total",
-            "TV control connections accepted.",
-            &m.accepted,
-        ),
-        (
-            "call_proxy_connections_refused_full_total",
-            "Connections refused because the server was full.",
-            &m.rejected_full,
-        ),
-        (
-            "call_proxy_bad_input_total",
-            "Connections closed for a bad preamble, bad or oversized frame, or a timeout.",
-            &m.bad_input,
-        ),
-        (
-            "call_proxy_rate_limited_total",
-            "Requests refused by the per-connection rate limit.",
-            &m.rate_limited,
-        ),
-        (
-            "call_proxy_registrations_total",
-            "Successful registrations.",
-            &m.registrations,
-        ),
-        (
-            "call_proxy_reregistrations_total",
-            "Registrations that replaced a live session of the same user.",
-            &m.reregistrations,
-        ),
-    ];
-    for (name, help, value) in counters {
-        e.counter(name, help, value.load(Relaxed));
-    }
-    let outcomes = [
-        Outcome::Answered,
-        Outcome::Missed,
-        Outcome::Rejected,
-        Outcome::Busy,
-        Outcome::Cached,
-    ]
-    .map(|o| (o.as_str(), m.calls_by(o)));
-    e.counter_by(
-        "call_proxy_calls_total",
-        "Calls by final outcome.",
-        "outcome",
-        &outcomes,
-    );
-    e.gauge(
-        "call_proxy_tvs_online",
-        "TVs registered on this server now.",
-        shared.registry.online() as u64,
-    );
-    e.gauge(
-        "call_proxy_live_calls",
-        "Calls ringing or in progress now.",
-        shared.registry.live_calls() as u64,
-    );
-    e.gauge(
-        "call_proxy_db_up",
-        "1 if the database answered this scrape's query, else 0.",
-        u64::from(cache_depth.is_ok()),
-    );
+    m.tvs_online.set(gauge_value(shared.registry.online()));
+    m.live_calls.set(gauge_value(shared.registry.live_calls()));
+    m.db_up.set(i64::from(cache_depth.is_ok()));
     match cache_depth {
-        Ok(n) => e.gauge(
-            "call_proxy_cached_calls_waiting",
-            "Missed, busy and cached calls waiting to be delivered to their callee's TV.",
-            n,
-        ),
+        Ok(n) => m.cached_waiting.set(i64::try_from(n).unwrap_or(i64::MAX)),
         Err(err) => tracing::warn!(error = %err, "metrics: cannot count cached calls"),
     }
-    e.histogram(
-        "call_proxy_db_commit_seconds",
-        "Duration of each database group commit (one transaction, one sync).",
-        &shared.store.metrics().commit_seconds(),
-    );
-    (
-        [(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],
-        e.finish(),
-    )
-        .into_response()
+    let text = m.encode(&[shared.store.metrics().commit_histogram()]);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// A count as a gauge's value.
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

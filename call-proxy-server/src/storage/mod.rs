@@ -26,7 +26,6 @@ use shared_proto::{CallId, UnixMillis, UserId};
 use tokio::sync::oneshot;
 
 use crate::config::Config;
-use crate::metrics::{Histogram, HistogramSnapshot};
 use operator::{CallQuery, CallRecord, OperatorStore, Stats, UserRecord};
 
 /// What a storage call can fail with. Nothing reported as failed was acknowledged: a
@@ -309,22 +308,38 @@ impl<T> Future for Pending<T> {
 
 /// What every backend measures about itself for `/metrics`, in backend-neutral terms.
 /// The backend records into it; the admin listener reads it through [`Store::metrics`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StoreMetrics {
     /// Duration of each durable commit of acknowledged writes (one transaction and one
-    /// sync, however many writes it carried).
-    commits: Histogram,
+    /// sync, however many writes it carried), in seconds.
+    commits: prometheus::Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            commits: crate::metrics::latency_histogram(
+                "call_proxy_db_commit_seconds",
+                "Duration of each database group commit (one transaction, one sync).",
+            ),
+        }
+    }
 }
 
 impl StoreMetrics {
     /// Records one durable commit (or one failed attempt at it) that took `took`.
     pub fn committed(&self, took: Duration) {
-        self.commits.observe(took);
+        self.commits.observe(took.as_secs_f64());
     }
 
-    /// The commit durations so far.
-    pub fn commit_seconds(&self) -> HistogramSnapshot {
-        self.commits.snapshot()
+    /// Commits timed so far.
+    pub fn commit_count(&self) -> u64 {
+        self.commits.get_sample_count()
+    }
+
+    /// The commit-duration histogram, for `/metrics`.
+    pub fn commit_histogram(&self) -> &prometheus::Histogram {
+        &self.commits
     }
 }
 

@@ -840,7 +840,7 @@ mod tests {
         let path = dir.path().join("db.sqlite");
         let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
         store.register(registration(1, 1)).await.unwrap();
-        let commits_before = store.metrics().commit_seconds().count();
+        let commits_before = store.metrics().commit_count();
         // Hold the write lock so the writer waits in its next batch; the writes queued
         // meanwhile all go into the batch after it.
         let raw = Connection::open(&path).unwrap();
@@ -864,7 +864,7 @@ mod tests {
         );
         assert_eq!(d.await, Ok(1));
         // At most two commits: the held batch, then the rest together.
-        let commits = store.metrics().commit_seconds().count() - commits_before;
+        let commits = store.metrics().commit_count() - commits_before;
         assert!((1..=2).contains(&commits), "{commits} commits");
         store.close().await;
         let rows: Vec<(i64, String, i64)> = raw
