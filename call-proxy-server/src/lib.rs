@@ -18,6 +18,7 @@
 //! - [`admin`]: the admin HTTP listener (health, readiness, Prometheus metrics, the
 //!   operator API) and its JSON types.
 //! - [`config`], [`metrics`], [`clock`]: settings, counters, timestamps.
+//! - [`embedded`]: a server running inside the calling process (tests, embedders).
 //! - [`client`]: a small async client of the protocol, used by the load generator and tests.
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod connection;
+pub mod embedded;
 pub mod handler;
 pub mod metrics;
 pub mod registry;

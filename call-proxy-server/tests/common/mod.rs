@@ -9,17 +9,15 @@ use std::time::Duration;
 
 use call_proxy_server::admin::{self, AdminHandle, AdminOptions};
 use call_proxy_server::client::Client;
-use call_proxy_server::{bind, run, Config, Shared, SqliteOptions, SqliteStore};
+use call_proxy_server::embedded::RunningServer;
+use call_proxy_server::{Config, Shared, SqliteOptions, SqliteStore};
 use shared_proto::{DialOutcome, Event, Reply, Request, UserId};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 pub struct TestServer {
     pub addr: SocketAddr,
     pub db_path: PathBuf,
     pub shared: Arc<Shared<SqliteStore>>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    server: Option<RunningServer<SqliteStore>>,
     /// Admin listeners started by [`TestServer::start_admin`], stopped after the server.
     admins: Vec<AdminHandle>,
     _dir: tempfile::TempDir,
@@ -46,19 +44,12 @@ impl TestServer {
         tune(&mut config);
         config.validate().expect("valid config");
         let store = SqliteStore::open(&db_path, SqliteOptions::default()).expect("open db");
-        let listener = bind(config.listen).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let shared = Shared::new(store, config);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(listener, Arc::clone(&shared), async move {
-            let _ = stopped.await;
-        }));
+        let server = RunningServer::start(config, store).expect("start");
         TestServer {
-            addr,
+            addr: server.addr,
             db_path,
-            shared,
-            stop: Some(stop),
-            task: Some(task),
+            shared: Arc::clone(&server.shared),
+            server: Some(server),
             admins: Vec::new(),
             _dir: dir,
         }
@@ -126,11 +117,8 @@ impl TestServer {
     }
 
     pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.expect("server task");
+        if let Some(s) = self.server.take() {
+            s.stop().await.expect("server task");
         }
         for a in self.admins.drain(..) {
             a.stop().await;

@@ -7,18 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use call_proxy_server::{bind, run, Config, Shared, SqliteOptions, SqliteStore};
+use call_proxy_server::embedded::RunningServer;
+use call_proxy_server::{Config, SqliteOptions, SqliteStore};
 use rand::{Rng, SeedableRng};
 use tokio::net::UdpSocket;
-use tokio::sync::{broadcast, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::broadcast;
 use tv_agent::media::AudioSpec;
 use tv_agent::{Agent, AgentConfig, AgentEvent};
 
 pub struct Server {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    server: RunningServer<SqliteStore>,
 }
 
 impl Server {
@@ -38,27 +37,15 @@ impl Server {
             ..Config::default()
         };
         let store = SqliteStore::open(db, SqliteOptions::default()).unwrap();
-        let listener = bind(config.listen).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shared = Shared::new(store, config);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(listener, Arc::clone(&shared), async move {
-            let _ = stopped.await;
-        }));
+        let server = RunningServer::start(config, store).unwrap();
         Server {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
+            addr: server.addr,
+            server,
         }
     }
 
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.unwrap();
-        }
+    pub async fn stop(self) {
+        self.server.stop().await.unwrap();
     }
 }
 
