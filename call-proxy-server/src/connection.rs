@@ -239,7 +239,7 @@ where
                 if st.session.is_some() {
                     deadline = now + cfg.heartbeat_timeout();
                 }
-                let result = if limit.allow(now) {
+                let (id, result) = if limit.allow(now) {
                     match msg {
                         // Boxed so the idle connection future does not carry the largest
                         // handler's state.
@@ -255,7 +255,6 @@ where
                     }
                     (msg.id(), Err(WireError::new(ErrorCode::RATE_LIMITED, "too many requests; slow down")))
                 };
-                let (id, result) = result;
                 if st.session.is_some() && deadline == register_by {
                     deadline = now + cfg.heartbeat_timeout();
                 }
