@@ -1,6 +1,10 @@
 //! The TCP control listener: accepts TVs, enforces the connection limit, runs one task
 //! per connection, and shuts down in two phases (stop accepting and end calls; then let
 //! sessions close and the database flush, within a deadline).
+//!
+//! The accept loop is where a TLS acceptor goes: it wraps the accepted `TcpStream` and
+//! hands the wrapped stream to [`crate::connection::serve`], which takes any
+//! `AsyncRead + AsyncWrite` stream and the peer's address.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared_proto::{preamble::encode_reason, ErrorCode, Preamble};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
@@ -129,6 +133,8 @@ async fn accept_loop<S: Store>(
                 let stop = stop.clone();
                 tracker.spawn(async move {
                     shared.metrics.connections.inc();
+                    // A TLS acceptor would wrap `stream` here (within the handshake
+                    // timeout); `serve` takes any byte stream.
                     crate::connection::serve(&shared, stream, peer, stop).await;
                     shared.metrics.connections.dec();
                     drop(permit);
@@ -147,7 +153,7 @@ async fn accept_loop<S: Store>(
 }
 
 /// Tells a client why it cannot be served (a rejecting preamble) and closes.
-pub async fn refuse(mut stream: TcpStream, status: ErrorCode, reason: &str) {
+pub async fn refuse<T: AsyncWrite + Unpin>(mut stream: T, status: ErrorCode, reason: &str) {
     let mut out = Preamble::server(status).encode().to_vec();
     out.extend_from_slice(&encode_reason(reason));
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

@@ -1,9 +1,20 @@
 //! Control messages: what a TV asks ([`Request`]), what the server answers ([`Reply`]),
 //! and what the server pushes unasked ([`Event`]).
 //!
-//! Compatibility rule: within one [`crate::PROTOCOL_VERSION`], variants and fields are
-//! never reordered or removed (bincode encodes enum variants by index). New variants go
-//! at the end of an enum; anything else bumps the version.
+//! These are the Rust types both sides program against; how they travel is decided
+//! elsewhere: [`crate::envelope`] (version 2: a stable kind number per variant, then
+//! the variant's body) and [`crate::v1`] (version 1, frozen: the whole message in
+//! bincode, variants by index).
+//!
+//! Compatibility rules:
+//! - [`Request`], [`Reply`] and [`Event`] may gain variants; each new variant gets a new
+//!   kind number in [`crate::envelope::kind`] (never reused), and a new event kind gets
+//!   a feature bit ([`crate::Features`]) so the server only pushes it to sessions that
+//!   asked for it.
+//! - Fields may only be appended to a variant's body; an older peer ignores them.
+//! - The enums nested inside bodies ([`DialOutcome`], [`EndReason`], [`MissedReason`],
+//!   [`NetState`]) and the structs ([`Register`], [`Registered`], …) never change shape
+//!   or order: a new case is a new message kind.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -364,6 +375,8 @@ impl ErrorCode {
     pub const SESSION_REPLACED: ErrorCode = ErrorCode(15);
     /// Nothing was heard from this TV within the heartbeat timeout.
     pub const HEARTBEAT_TIMEOUT: ErrorCode = ErrorCode(16);
+    /// The request kind is not one this server knows (a newer client); the link stays up.
+    pub const UNSUPPORTED: ErrorCode = ErrorCode(17);
 
     /// A short stable name, for logs and people.
     pub fn name(self) -> &'static str {
@@ -385,6 +398,7 @@ impl ErrorCode {
             14 => "shutting_down",
             15 => "session_replaced",
             16 => "heartbeat_timeout",
+            17 => "unsupported",
             _ => "unrecognised",
         }
     }

@@ -1,18 +1,26 @@
 //! The connection preamble: the first 8 bytes each side sends before any frame.
 //!
-//! Client → server: `b"TVCP"`, protocol version (u16, big-endian), flags (u16, zero).
-//! Server → client: `b"TVCP"`, the server's protocol version, a status (u16, an
-//! [`ErrorCode`] value; 0 = accepted). A non-zero status is followed by a u16 length and
-//! that many bytes of UTF-8 reason, after which the server closes the connection. The
-//! preamble never changes shape between versions, so any two versions can always tell
-//! each other why they cannot talk.
+//! Client → server: `b"TVCP"`, protocol version (u16, big-endian), flags (u16): in
+//! version 1 zero, from version 2 the [`Features`] the client wants pushed to it.
+//! Server → client: `b"TVCP"`, the protocol version it will speak on this connection
+//! (the client's, when it accepts), a status (u16, an [`ErrorCode`] value; 0 =
+//! accepted). A non-zero status is followed by a u16 length and that many bytes of UTF-8
+//! reason, after which the server closes the connection. The preamble never changes
+//! shape between versions, so any two versions can always tell each other why they
+//! cannot talk.
+//!
+//! Versions: 1 is the frozen original encoding ([`crate::v1`]); 2 is the kind-tagged
+//! envelope ([`crate::envelope`]). A server of this build accepts both.
 
-use crate::messages::ErrorCode;
+use crate::messages::{ErrorCode, Event};
 
 /// Magic bytes that open every control connection ("TV Call Proxy").
 pub const MAGIC: [u8; 4] = *b"TVCP";
-/// The protocol version this build speaks. Bump on any incompatible message change.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build's clients speak: the kind-tagged envelope.
+/// Bump only if the envelope itself changes; new message kinds do not need it.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version a server of this build still accepts (the frozen [`crate::v1`]).
+pub const MIN_PROTOCOL_VERSION: u16 = crate::v1::PROTOCOL_VERSION;
 /// Size of a preamble on the wire.
 pub const PREAMBLE_LEN: usize = 8;
 /// Longest reason text a rejecting server sends after its preamble.
@@ -23,8 +31,57 @@ pub const MAX_REASON_LEN: usize = 512;
 pub struct Preamble {
     /// Protocol version of the sender.
     pub version: u16,
-    /// Client: flags (must be 0 in version 1). Server: status, an [`ErrorCode`] value.
+    /// Client: flags (0 in version 1; [`Features`] from version 2). Server: status, an
+    /// [`ErrorCode`] value.
     pub word: u16,
+}
+
+/// Feature bits a version-2 client sets in its preamble's flags: the kinds of server
+/// pushes it wants. The server pushes an event only to sessions that asked for its
+/// feature, so a new event kind (with a new bit) never reaches a client that cannot
+/// decode it. Bits the server does not know are ignored. Never renumbered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Features(pub u16);
+
+impl Features {
+    /// No pushes at all.
+    pub const NONE: Features = Features(0);
+    /// Call events: [`Event::IncomingCall`], [`Event::CallAnswered`], [`Event::CallEnded`].
+    pub const CALLS: Features = Features(1 << 0);
+    /// [`Event::CachedCallsWaiting`]: new missed calls arrived while registered.
+    pub const CACHED_NOTICES: Features = Features(1 << 1);
+    /// Every feature this build knows.
+    pub const KNOWN: Features = Features(Self::CALLS.0 | Self::CACHED_NOTICES.0);
+    /// What a version-1 session gets: the pushes that existed when version 1 was frozen.
+    pub const V1: Features = Features(Self::CALLS.0 | Self::CACHED_NOTICES.0);
+
+    /// Whether every bit of `other` is set here.
+    pub fn contains(self, other: Features) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The bits set in both.
+    pub fn intersection(self, other: Features) -> Features {
+        Features(self.0 & other.0)
+    }
+
+    /// The feature a session must have asked for to be pushed `event`.
+    pub fn of(event: &Event) -> Features {
+        match event {
+            Event::IncomingCall { .. } | Event::CallAnswered { .. } | Event::CallEnded { .. } => {
+                Features::CALLS
+            }
+            Event::CachedCallsWaiting { .. } => Features::CACHED_NOTICES,
+        }
+    }
+}
+
+impl std::ops::BitOr for Features {
+    type Output = Features;
+
+    fn bitor(self, rhs: Features) -> Features {
+        Features(self.0 | rhs.0)
+    }
 }
 
 /// Why a received preamble was not acceptable.
@@ -36,19 +93,38 @@ pub enum PreambleError {
 }
 
 impl Preamble {
-    /// The preamble a client of this build sends.
+    /// The preamble a client of this build sends, asking for every known feature.
     pub fn client() -> Self {
+        Self::client_with(Features::KNOWN)
+    }
+
+    /// The preamble of a client of this build that wants only `features` pushed.
+    pub fn client_with(features: Features) -> Self {
         Preamble {
             version: PROTOCOL_VERSION,
-            word: 0,
+            word: features.0,
         }
     }
 
-    /// The preamble a server of this build answers with.
+    /// The preamble a server of this build answers with (speaking its newest version).
     pub fn server(status: ErrorCode) -> Self {
+        Self::server_speaking(PROTOCOL_VERSION, status)
+    }
+
+    /// A server preamble announcing the version it speaks on this connection.
+    pub fn server_speaking(version: u16, status: ErrorCode) -> Self {
         Preamble {
-            version: PROTOCOL_VERSION,
+            version,
             word: status.0,
+        }
+    }
+
+    /// The flags of a client preamble, as features (version 1 clients get [`Features::V1`]).
+    pub fn features(self) -> Features {
+        if self.version == crate::v1::PROTOCOL_VERSION {
+            Features::V1
+        } else {
+            Features(self.word)
         }
     }
 
@@ -106,7 +182,31 @@ mod tests {
 
     #[test]
     fn client_preamble_golden_bytes() {
-        assert_eq!(Preamble::client().encode(), *b"TVCP\x00\x01\x00\x00");
+        // Version 1 (what agents built before version 2 send).
+        assert_eq!(
+            crate::v1::client_preamble().encode(),
+            *b"TVCP\x00\x01\x00\x00"
+        );
+        // Version 2 asking for call events and cached-call notices.
+        assert_eq!(Preamble::client().encode(), *b"TVCP\x00\x02\x00\x03");
+        assert_eq!(
+            Preamble::client_with(Features::CALLS).encode(),
+            *b"TVCP\x00\x02\x00\x01"
+        );
+    }
+
+    #[test]
+    fn features_of_a_preamble() {
+        assert_eq!(crate::v1::client_preamble().features(), Features::V1);
+        let p = Preamble::client_with(Features::CACHED_NOTICES);
+        assert!(p.features().contains(Features::CACHED_NOTICES));
+        assert!(!p.features().contains(Features::CALLS));
+        assert_eq!(
+            Features(0xffff).intersection(Features::KNOWN),
+            Features::KNOWN
+        );
+        let call = Event::CallAnswered { call_id: 1 };
+        assert_eq!(Features::of(&call), Features::CALLS);
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! Property tests of the codec: every message round-trips through a frame, and no byte
-//! sequence makes the decoder panic.
+//! Property tests of the codecs: every message round-trips through a frame in both
+//! protocol versions, unknown kinds are skipped rather than failed, and no byte sequence
+//! makes a decoder panic.
 
 use bytes::BytesMut;
 use proptest::prelude::*;
+use shared_proto::envelope::{self, KindClass};
 use shared_proto::*;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio_util::codec::{Decoder, Encoder};
@@ -156,43 +158,115 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
     ]
 }
 
+/// Kinds of each class that this build does not know.
+fn unknown_kind(class: KindClass) -> impl Strategy<Value = u16> {
+    let base: u16 = match class {
+        KindClass::Request => 0x0000,
+        KindClass::Reply => 0x4000,
+        KindClass::Event => 0x8000,
+        KindClass::Control => 0xc000,
+    };
+    // Known kinds sit at the bottom of each range (and ERROR at 0x7fff).
+    (0x0100u16..0x3ffe).prop_map(move |k| base | k)
+}
+
 proptest! {
     #[test]
     fn client_messages_round_trip(id in any::<u32>(), request in request()) {
         let msg = ClientMsg { id, request };
         let mut buf = BytesMut::new();
-        ControlCodec::<ServerMsg, ClientMsg>::new().encode(&msg, &mut buf).expect("encodes");
-        let back = ControlCodec::<ClientMsg, ServerMsg>::new().decode(&mut buf).expect("decodes");
-        prop_assert_eq!(back, Some(msg));
+        ClientCodec::new().encode(&msg, &mut buf).expect("encodes");
+        let back = ServerCodec::new(PROTOCOL_VERSION).decode(&mut buf).expect("decodes");
+        prop_assert_eq!(back, Some(ClientFrame::Msg(msg)));
         prop_assert!(buf.is_empty());
     }
 
     #[test]
     fn server_messages_round_trip(msg in server_msg()) {
         let mut buf = BytesMut::new();
-        ControlCodec::<ClientMsg, ServerMsg>::new().encode(&msg, &mut buf).expect("encodes");
-        let back = ControlCodec::<ServerMsg, ClientMsg>::new().decode(&mut buf).expect("decodes");
-        prop_assert_eq!(back, Some(msg));
+        ServerCodec::new(PROTOCOL_VERSION).encode(&msg, &mut buf).expect("encodes");
+        let back = ClientCodec::new().decode(&mut buf).expect("decodes");
+        prop_assert_eq!(back, Some(ServerFrame::Msg(msg)));
+        prop_assert!(buf.is_empty());
     }
 
     #[test]
-    fn arbitrary_bytes_never_panic_either_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let mut a = BytesMut::from(&bytes[..]);
-        let mut codec = ControlCodec::<ClientMsg, ServerMsg>::new();
+    fn version_1_client_messages_round_trip(id in any::<u32>(), request in request()) {
+        let msg = ClientMsg { id, request };
+        let old = v1::ClientMsg::try_from(msg.clone()).expect("every request existed in v1");
+        let mut buf = BytesMut::new();
+        v1::Codec::<v1::ServerMsg, v1::ClientMsg>::new().encode(&old, &mut buf).expect("encodes");
+        let back = ServerCodec::new(v1::PROTOCOL_VERSION).decode(&mut buf).expect("decodes");
+        prop_assert_eq!(back, Some(ClientFrame::Msg(msg)));
+    }
+
+    #[test]
+    fn version_1_server_messages_round_trip(msg in server_msg()) {
+        let mut buf = BytesMut::new();
+        ServerCodec::new(v1::PROTOCOL_VERSION).encode(&msg, &mut buf).expect("encodes");
+        let back = v1::Codec::<v1::ServerMsg, v1::ClientMsg>::new()
+            .decode(&mut buf)
+            .expect("decodes")
+            .expect("a frame");
+        prop_assert_eq!(ServerMsg::from(back), msg);
+    }
+
+    #[test]
+    fn unknown_request_kinds_are_answerable(kind in unknown_kind(KindClass::Request),
+                                           id in any::<u32>(),
+                                           body in prop::collection::vec(any::<u8>(), 0..64)) {
+        let mut buf = BytesMut::from(&envelope::frame(kind, id, &body)[..]);
+        let got = ServerCodec::new(PROTOCOL_VERSION).decode(&mut buf).expect("decodes");
+        prop_assert_eq!(got, Some(ClientFrame::Unknown { id, kind }));
+    }
+
+    #[test]
+    fn unknown_server_kinds_are_skipped(kind in prop_oneof![
+                                            unknown_kind(KindClass::Reply),
+                                            unknown_kind(KindClass::Event),
+                                            unknown_kind(KindClass::Control),
+                                        ],
+                                        id in any::<u32>(),
+                                        body in prop::collection::vec(any::<u8>(), 0..64)) {
+        let mut buf = BytesMut::from(&envelope::frame(kind, id, &body)[..]);
+        match ClientCodec::new().decode(&mut buf).expect("decodes") {
+            Some(ServerFrame::Skipped { kind: k, id: i, class, .. }) => {
+                prop_assert_eq!(k, kind);
+                prop_assert_eq!(i, id);
+                prop_assert_eq!(class, KindClass::of(kind));
+            }
+            other => prop_assert!(false, "expected a skipped frame, got {:?}", other),
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_any_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         // Decode until the decoder wants more bytes or reports an error.
+        let mut a = BytesMut::from(&bytes[..]);
+        let mut codec = ServerCodec::new(PROTOCOL_VERSION);
         while let Ok(Some(_)) = codec.decode(&mut a) {}
         let mut b = BytesMut::from(&bytes[..]);
-        let mut codec = ControlCodec::<ServerMsg, ClientMsg>::new();
+        let mut codec = ServerCodec::new(v1::PROTOCOL_VERSION);
         while let Ok(Some(_)) = codec.decode(&mut b) {}
+        let mut c = BytesMut::from(&bytes[..]);
+        let mut codec = ClientCodec::new();
+        while let Ok(Some(_)) = codec.decode(&mut c) {}
+        let mut d = BytesMut::from(&bytes[..]);
+        let mut codec = v1::Codec::<v1::ServerMsg, v1::ClientMsg>::new();
+        while let Ok(Some(_)) = codec.decode(&mut d) {}
     }
 
     #[test]
     fn framed_arbitrary_payload_never_panics(payload in prop::collection::vec(any::<u8>(), 0..512)) {
-        // A correct length prefix around random bytes exercises the message decoder itself.
+        // A correct length prefix around random bytes exercises the message decoders.
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         buf.extend_from_slice(&payload);
-        let _ = ControlCodec::<ClientMsg, ServerMsg>::new().decode(&mut buf);
-        let _ = decode_message::<ServerMsg>(&payload);
+        let _ = ServerCodec::new(PROTOCOL_VERSION).decode(&mut buf.clone());
+        let _ = ServerCodec::new(v1::PROTOCOL_VERSION).decode(&mut buf.clone());
+        let _ = ClientCodec::new().decode(&mut buf);
+        let _ = envelope::decode_server(&payload);
+        let _ = envelope::decode_client(&payload);
+        let _ = decode_message::<v1::ServerMsg>(&payload);
     }
 }

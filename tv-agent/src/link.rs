@@ -1,22 +1,18 @@
-//! The TCP control link to the call-proxy server, as a task: connect, preamble,
-//! register, heartbeats, requests matched to replies, server events forwarded — and when
-//! the link breaks or the server is unreachable, reconnect and re-register forever with
-//! capped exponential backoff and jitter.
+//! The TCP control link to the call-proxy server, as a task: the agent's policy of
+//! reconnecting and heartbeating around the protocol client of `control-client`
+//! (handshake, requests matched to replies, events). It connects, registers, sends
+//! heartbeats, forwards server events — and when the link breaks or the server is
+//! unreachable, reconnects and re-registers forever with capped exponential backoff and
+//! jitter.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use control_client::{handshake, ClientError, Connection, Features, Incoming, Pending};
 use rand::Rng;
-use shared_proto::{
-    ClientMsg, ControlCodec, ErrorCode, Event, Preamble, Register, Registered, Reply, Request,
-    RequestId, ServerMsg, UserId, WireError, PREAMBLE_LEN,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use shared_proto::{ErrorCode, Event, Register, Registered, Reply, Request, UserId, WireError};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
-use tokio_util::codec::Framed;
 
 /// Settings of the link.
 #[derive(Debug, Clone)]
@@ -131,7 +127,7 @@ pub fn spawn(cfg: LinkConfig) -> (LinkHandle, mpsc::Receiver<LinkEvent>) {
     (LinkHandle { tx: cmd_tx }, ev_rx)
 }
 
-type Conn = Framed<TcpStream, ControlCodec<ServerMsg, ClientMsg>>;
+type Conn = Connection<TcpStream>;
 
 /// How a registered session ended.
 enum SessionEnd {
@@ -196,56 +192,32 @@ async fn run(cfg: LinkConfig, mut cmds: mpsc::Receiver<Command>, events: mpsc::S
 /// Connects, exchanges preambles and registers.
 async fn connect(cfg: &LinkConfig) -> Result<(Conn, Registered), String> {
     let attempt = async {
-        let mut stream = TcpStream::connect(&cfg.server)
+        let stream = TcpStream::connect(&cfg.server)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", cfg.server))?;
         let _ = stream.set_nodelay(true);
-        stream
-            .write_all(&Preamble::client().encode())
+        let mut conn = handshake(stream, Features::KNOWN)
             .await
-            .map_err(|e| e.to_string())?;
-        let mut pre = [0u8; PREAMBLE_LEN];
-        stream
-            .read_exact(&mut pre)
-            .await
-            .map_err(|e| format!("no preamble from the server: {e}"))?;
-        let p = Preamble::decode(pre).map_err(|e| e.to_string())?;
-        if p.status() != ErrorCode::OK {
-            let mut len = [0u8; 2];
-            let mut reason = String::new();
-            if stream.read_exact(&mut len).await.is_ok() {
-                let mut buf = vec![0u8; shared_proto::preamble::reason_len(len)];
-                if stream.read_exact(&mut buf).await.is_ok() {
-                    reason = String::from_utf8_lossy(&buf).into_owned();
+            .map_err(|e| match e {
+                ClientError::Refused(w) => {
+                    format!("server refused: {} ({})", w.code.name(), w.message)
                 }
-            }
-            return Err(format!("server refused: {} ({reason})", p.status().name()));
-        }
-        let mut conn: Conn = Framed::new(stream, ControlCodec::new());
-        conn.send(&ClientMsg {
-            id: 0,
-            request: Request::Register(Register {
-                user_id: cfg.user,
-                media_port: cfg.media_port,
-                agent_version: concat!("tv-agent/", env!("CARGO_PKG_VERSION")).into(),
-            }),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        loop {
-            match conn.next().await {
-                Some(Ok(ServerMsg::Reply { id: 0, result })) => {
-                    return match result {
-                        Ok(Reply::Registered(r)) => Ok((conn, r)),
-                        Ok(other) => Err(format!("unexpected reply to register: {other:?}")),
-                        Err(e) => Err(format!("registration refused: {e}")),
-                    }
-                }
-                Some(Ok(ServerMsg::Closing(e))) => return Err(format!("server closed: {e}")),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("server closed the connection".into()),
-            }
+                ClientError::Io(e) => format!("no preamble from the server: {e}"),
+                e => e.to_string(),
+            })?;
+        let register = Request::Register(Register {
+            user_id: cfg.user,
+            media_port: cfg.media_port,
+            agent_version: concat!("tv-agent/", env!("CARGO_PKG_VERSION")).into(),
+        });
+        // Nothing is pushed before registration; an event would be dropped here.
+        match conn.call(register, |_| {}).await {
+            Ok(Reply::Registered(r)) => Ok((conn, r)),
+            Ok(other) => Err(format!("unexpected reply to register: {other:?}")),
+            Err(ClientError::Server(e)) => Err(format!("registration refused: {e}")),
+            Err(ClientError::Closed(Some(e))) => Err(format!("server closed: {e}")),
+            Err(ClientError::Closed(None)) => Err("server closed the connection".into()),
+            Err(e) => Err(e.to_string()),
         }
     };
     timeout(cfg.request_timeout, attempt)
@@ -253,11 +225,8 @@ async fn connect(cfg: &LinkConfig) -> Result<(Conn, Registered), String> {
         .unwrap_or_else(|_| Err(format!("no answer from {} in time", cfg.server)))
 }
 
-/// A pending request: where its reply goes (none for heartbeats) and its deadline.
-struct Pending {
-    reply: Option<oneshot::Sender<Result<Reply, LinkError>>>,
-    deadline: Instant,
-}
+/// Where a reply goes: the requester's channel, or nowhere (a heartbeat).
+type Waiter = Option<oneshot::Sender<Result<Reply, LinkError>>>;
 
 async fn session(
     cfg: &LinkConfig,
@@ -266,8 +235,7 @@ async fn session(
     cmds: &mut mpsc::Receiver<Command>,
     events: &mpsc::Sender<LinkEvent>,
 ) -> SessionEnd {
-    let mut pending: HashMap<RequestId, Pending> = HashMap::new();
-    let mut next_id: RequestId = 1;
+    let mut pending: Pending<Waiter> = Pending::new();
     let mut last_heard = Instant::now();
     let dead_after = heartbeat * 3 + heartbeat / 2;
     let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
@@ -275,50 +243,44 @@ async fn session(
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 None => break SessionEnd::PoweredOff,
-                Some(Command::Request(request, reply)) => {
-                    let id = next_id;
-                    next_id = next_id.wrapping_add(1).max(1);
-                    if let Err(e) = conn.send(&ClientMsg { id, request }).await {
+                Some(Command::Request(request, reply)) => match conn.send(request).await {
+                    Ok(id) => pending.insert(id, Some(reply), Instant::now() + cfg.request_timeout),
+                    Err(e) => {
                         let _ = reply.send(Err(LinkError::NotConnected));
                         break SessionEnd::Lost(format!("send failed: {e}"));
                     }
-                    pending.insert(id, Pending { reply: Some(reply), deadline: Instant::now() + cfg.request_timeout });
-                }
+                },
                 Some(Command::PowerOff(done)) => {
-                    let id = next_id;
-                    if conn.send(&ClientMsg { id, request: Request::Bye }).await.is_ok() {
-                        // Wait (briefly) for the server to record us offline.
-                        let _ = timeout(Duration::from_secs(2), async {
-                            while let Some(Ok(msg)) = conn.next().await {
-                                if matches!(msg, ServerMsg::Reply { id: rid, .. } if rid == id) {
-                                    break;
-                                }
-                            }
-                        })
-                        .await;
-                    }
+                    // Wait (briefly) for the server to record us offline.
+                    let _ = timeout(Duration::from_secs(2), conn.call(Request::Bye, |_| {})).await;
                     let _ = done.send(());
                     break SessionEnd::PoweredOff;
                 }
             },
-            frame = conn.next() => {
+            incoming = conn.recv() => {
                 last_heard = Instant::now();
-                match frame {
-                    Some(Ok(ServerMsg::Reply { id, result })) => {
-                        if let Some(p) = pending.remove(&id) {
-                            if let Some(reply) = p.reply {
-                                let _ = reply.send(result.map_err(LinkError::Server));
-                            }
+                match incoming {
+                    Ok(Incoming::Reply { id, result }) => {
+                        if let Some(Some(reply)) = pending.take(id) {
+                            let _ = reply.send(result.map_err(LinkError::Server));
                         }
                     }
-                    Some(Ok(ServerMsg::Event(e))) => {
+                    Ok(Incoming::Unreadable { id, reason }) => {
+                        if let Some(Some(reply)) = pending.take(id) {
+                            let _ = reply.send(Err(LinkError::Server(WireError::new(
+                                ErrorCode::BAD_FRAME,
+                                format!("reply not understood: {reason}"),
+                            ))));
+                        }
+                    }
+                    Ok(Incoming::Event(e)) => {
                         if events.send(LinkEvent::Server(e)).await.is_err() {
                             break SessionEnd::PoweredOff;
                         }
                     }
-                    Some(Ok(ServerMsg::Closing(e))) => break SessionEnd::Lost(format!("server closed the link: {e}")),
-                    Some(Err(e)) => break SessionEnd::Lost(format!("link error: {e}")),
-                    None => break SessionEnd::Lost("server closed the connection".into()),
+                    Err(ClientError::Closed(Some(e))) => break SessionEnd::Lost(format!("server closed the link: {e}")),
+                    Err(ClientError::Closed(None)) => break SessionEnd::Lost("server closed the connection".into()),
+                    Err(e) => break SessionEnd::Lost(format!("link error: {e}")),
                 }
             }
             _ = beat.tick() => {
@@ -326,29 +288,18 @@ async fn session(
                     break SessionEnd::Lost("server stopped answering heartbeats".into());
                 }
                 let now = Instant::now();
-                pending.retain(|_, p| {
-                    if p.deadline <= now {
-                        if let Some(reply) = p.reply.take() {
-                            let _ = reply.send(Err(LinkError::Timeout));
-                        }
-                        false
-                    } else {
-                        true
-                    }
-                });
-                let id = next_id;
-                next_id = next_id.wrapping_add(1).max(1);
-                if conn.send(&ClientMsg { id, request: Request::Heartbeat }).await.is_err() {
-                    break SessionEnd::Lost("heartbeat send failed".into());
+                for reply in pending.expire(now).into_iter().flatten() {
+                    let _ = reply.send(Err(LinkError::Timeout));
                 }
-                pending.insert(id, Pending { reply: None, deadline: now + cfg.request_timeout });
+                match conn.send(Request::Heartbeat).await {
+                    Ok(id) => pending.insert(id, None, now + cfg.request_timeout),
+                    Err(_) => break SessionEnd::Lost("heartbeat send failed".into()),
+                }
             }
         }
     };
-    for (_, p) in pending.drain() {
-        if let Some(reply) = p.reply {
-            let _ = reply.send(Err(LinkError::NotConnected));
-        }
+    for reply in pending.drain().into_iter().flatten() {
+        let _ = reply.send(Err(LinkError::NotConnected));
     }
     end
 }

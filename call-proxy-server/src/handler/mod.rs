@@ -105,6 +105,16 @@ pub async fn handle<S: Store>(
     }
 }
 
+/// The answer to a request kind this server does not know (a newer client): an
+/// `UNSUPPORTED` error; the connection stays up.
+pub fn unsupported(kind: u16) -> WireError {
+    tracing::debug!(kind, "unsupported request kind");
+    WireError::new(
+        ErrorCode::UNSUPPORTED,
+        format!("request kind {kind:#06x} is not supported by this server"),
+    )
+}
+
 /// A storage failure as the TV sees it: nothing was acknowledged, try again.
 pub fn storage_error(e: StoreError) -> WireError {
     tracing::error!(error = %e, "storage failure");
