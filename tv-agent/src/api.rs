@@ -11,6 +11,9 @@
 //! [`execute`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde::Deserialize;
@@ -18,7 +21,7 @@ use serde_json::{json, Value};
 use shared_proto::UserId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::agent::{netstate, Agent, DialResult};
@@ -42,31 +45,88 @@ enum Command {
     PowerOff,
 }
 
-/// Serves the API on `listener` until the agent powers off.
-pub async fn serve(listener: TcpListener, agent: Agent) {
+/// The commands being answered now, so the daemon can let a client's `power_off` be
+/// answered before the process ends.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<Answers>);
+
+/// The count behind [`InFlight`].
+#[derive(Debug, Default)]
+struct Answers {
+    /// Commands whose reply is not written yet.
+    open: AtomicUsize,
+    /// Woken when `open` drops to zero.
+    none_open: Notify,
+}
+
+/// One command being answered; counted until dropped.
+struct Answering(Arc<Answers>);
+
+impl InFlight {
+    fn begin(&self) -> Answering {
+        self.0.open.fetch_add(1, Ordering::SeqCst);
+        Answering(Arc::clone(&self.0))
+    }
+
+    /// Waits until no command is being answered, for at most `limit`.
+    pub async fn drained(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let woken = self.0.none_open.notified();
+                if self.0.open.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                woken.await;
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none_open.notify_waiters();
+        }
+    }
+}
+
+/// Serves the API on `listener` until the agent powers off; every command counts in
+/// `in_flight` until its reply is written.
+pub async fn serve(listener: TcpListener, agent: Agent, in_flight: InFlight) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let agent = agent.clone();
+        let in_flight = in_flight.clone();
         tokio::spawn(async move {
-            if let Err(e) = client(stream, peer, agent).await {
+            if let Err(e) = client(stream, peer, agent, in_flight).await {
                 tracing::debug!(%peer, error = %e, "control API client ended");
             }
         });
     }
 }
 
-async fn client(stream: TcpStream, _peer: SocketAddr, agent: Agent) -> std::io::Result<()> {
+async fn client(
+    stream: TcpStream,
+    _peer: SocketAddr,
+    agent: Agent,
+    in_flight: InFlight,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
     let mut events = agent.subscribe();
     loop {
+        let mut answering = None;
         let out = tokio::select! {
             line = lines.next() => match line {
                 None => return Ok(()),
-                Some(Ok(line)) => execute(&agent, line.trim()).await,
+                Some(Ok(line)) => {
+                    answering = Some(in_flight.begin());
+                    execute(&agent, line.trim()).await
+                }
                 Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                     let out = json!({"ok": false, "error": format!("command longer than {MAX_LINE} bytes")});
                     write.write_all(format!("{out}\n").as_bytes()).await?;
@@ -81,6 +141,7 @@ async fn client(stream: TcpStream, _peer: SocketAddr, agent: Agent) -> std::io::
             },
         };
         write.write_all(format!("{out}\n").as_bytes()).await?;
+        drop(answering);
     }
 }
 

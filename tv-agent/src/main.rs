@@ -225,7 +225,12 @@ async fn run(
         ui = ?ui.as_ref().and_then(|(l, _)| l.local_addr().ok()),
         "tv-agent running"
     );
-    tokio::spawn(tv_agent::api::serve(listener, agent.clone()));
+    let in_flight = tv_agent::api::InFlight::default();
+    tokio::spawn(tv_agent::api::serve(
+        listener,
+        agent.clone(),
+        in_flight.clone(),
+    ));
     if let Some((listener, book)) = ui {
         let agent = agent.clone();
         tokio::spawn(async move {
@@ -247,6 +252,8 @@ async fn run(
         () = shutdown_signal() => agent.power_off().await,
         () = log_events => {}
     }
+    // A power-off asked for through the control API gets its answer before the exit.
+    in_flight.drained(Duration::from_secs(1)).await;
     Ok(ExitCode::SUCCESS)
 }
 
