@@ -482,43 +482,23 @@ fn dial_reply(r: Result<Reply, LinkError>) -> DialReply {
     }
 }
 
-/// Fetches every cached call, a page at a time; `None` if a page failed (they stay on
-/// the server, to be fetched at the next registration).
+/// Fetches every cached call, a page at a time (the paging rule of `control-client`);
+/// `None` if a page failed (they stay on the server, to be fetched at the next
+/// registration).
 async fn fetch_all(link: &LinkHandle) -> Option<Vec<CachedCall>> {
-    let mut calls = Vec::new();
-    let mut after = 0;
-    loop {
-        match link
-            .request(Request::FetchCached {
-                after,
-                limit: shared_proto::MAX_PAGE as u16,
-            })
-            .await
-        {
-            Ok(Reply::Cached(page)) => {
-                if let Some(last) = page.calls.last() {
-                    after = last.call_id;
-                }
-                calls.extend(page.calls);
-                if !page.more {
-                    return Some(calls);
-                }
-            }
-            Ok(_) | Err(_) => {
-                tracing::warn!("cannot fetch cached calls now; will retry at next registration");
-                return None;
-            }
+    match control_client::fetch_all_cached(|req| link.request(req)).await {
+        Ok(calls) => Some(calls),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot fetch cached calls now; will retry at next registration");
+            None
         }
     }
 }
 
 /// Marks cached calls delivered on the server, a page at a time.
 async fn acknowledge(link: &LinkHandle, ids: &[CallId]) -> Result<(), AgentError> {
-    for chunk in ids.chunks(shared_proto::MAX_PAGE) {
-        link.request(Request::AckCached {
-            call_ids: chunk.to_vec(),
-        })
-        .await?;
+    for req in control_client::ack_requests(ids) {
+        link.request(req).await?;
     }
     Ok(())
 }
