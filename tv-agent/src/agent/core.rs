@@ -285,7 +285,7 @@ impl Core {
         match action {
             Action::Emit(e) => self.emit(e),
             Action::SendDial(callee) => {
-                let r = self.link.request(Request::Dial { callee }).await;
+                let r = self.link.request(Request::Dial { callee, key: None }).await;
                 return Some(Input::Dialled(dial_reply(r)));
             }
             Action::StartMedia(peer) => {
