@@ -50,8 +50,10 @@ pub async fn handle<S: Store>(
         DialPlan::Busy { call_id } => (call_id, Outcome::Busy),
         DialPlan::Offline { call_id } => (call_id, Outcome::Cached),
     };
-    // `insert_call` queues the record before it returns (the `Store` write contract):
-    // every later change of this call is queued after it.
+    // `insert_keyed_call` queues the record before it returns (the `Store` write
+    // contract): every later change of this call is queued after it. With a key, the
+    // store also finds a first call with that key that this handler's read missed (a
+    // retry racing its first dial), and records nothing.
     let insert = shared.store.insert_keyed_call(
         NewCall {
             id: call_id,
@@ -64,7 +66,7 @@ pub async fn handle<S: Store>(
         key,
     );
     if outcome == Outcome::Ringing && key.is_none() {
-        // The record is queued (ahead of any later change to this call) and commits
+        // Unkeyed: the record is queued (ahead of any later change to this call) and commits
         // with the next group; dropping its `Pending` does not cancel it, so the callee
         // rings without waiting for the disk. "Ringing"
         // acknowledges a live call, not a stored message: should the server die within
