@@ -23,7 +23,7 @@ async fn dial(
     c: &mut Client,
     callee: UserId,
 ) -> Result<DialOutcome, call_proxy_server::client::ClientError> {
-    match c.request(Request::Dial { callee }).await? {
+    match c.request(Request::Dial { callee, key: None }).await? {
         Reply::Dial(o) => Ok(o),
         other => panic!("unexpected reply {other:?}"),
     }
@@ -475,7 +475,13 @@ async fn provisioned_only_server_refuses_unknown_registrations() {
     assert_eq!(err.code(), Some(ErrorCode::UNKNOWN_USER));
     assert_eq!(srv.property(A), None);
     // Requests before registering are refused too.
-    let err = x.request(Request::Dial { callee: B }).await.unwrap_err();
+    let err = x
+        .request(Request::Dial {
+            callee: B,
+            key: None,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NOT_REGISTERED));
     srv.stop().await;
 }

@@ -88,7 +88,13 @@ async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boo
             let mut c = Client::connect(addr).await.unwrap();
             c.register(100 + i, 5000).await.unwrap();
             loop {
-                match c.request(Request::Dial { callee: CALLEE }).await {
+                match c
+                    .request(Request::Dial {
+                        callee: CALLEE,
+                        key: None,
+                    })
+                    .await
+                {
                     Ok(Reply::Dial(DialOutcome::Cached { call_id })) => {
                         acked.lock().unwrap().push(call_id)
                     }
@@ -152,8 +158,13 @@ async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
     a.register(1, 5000).await.unwrap();
     let mut b = Client::connect(server.addr).await.unwrap();
     b.register(2, 6000).await.unwrap();
-    let Reply::Dial(DialOutcome::Ringing { call_id, .. }) =
-        a.request(Request::Dial { callee: 2 }).await.unwrap()
+    let Reply::Dial(DialOutcome::Ringing { call_id, .. }) = a
+        .request(Request::Dial {
+            callee: 2,
+            key: None,
+        })
+        .await
+        .unwrap()
     else {
         panic!()
     };

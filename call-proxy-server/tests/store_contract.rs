@@ -10,11 +10,11 @@ use std::collections::BTreeSet;
 use call_proxy_server::clock::now_ms;
 use call_proxy_server::storage::operator::{CallQuery, OperatorStore, OutcomeFilter};
 use call_proxy_server::storage::{
-    self, CallEnd, InsertResult, NewCall, Outcome, RegisterResult, Registration, Store, StoreError,
-    UserRow,
+    self, CallEnd, InsertResult, KeyedCall, NewCall, Outcome, RegisterResult, Registration, Store,
+    StoreError, UserRow,
 };
 use call_proxy_server::Config;
-use shared_proto::{CallId, UserId};
+use shared_proto::{CallId, UserId, KEY_LIFETIME_MS};
 
 /// A fresh, empty database of one backend: the config that names it, and whatever must
 /// live as long as it (a temporary directory).
@@ -93,6 +93,11 @@ macro_rules! contract {
             #[tokio::test]
             async fn reopening_keeps_ids_and_ends_what_was_live() {
                 run_check!($fresh, checks::reopen_repairs);
+            }
+
+            #[tokio::test]
+            async fn a_keyed_call_is_stored_at_most_once() {
+                run_check!($fresh, checks::keyed_calls_once);
             }
         }
     )+};
@@ -702,5 +707,132 @@ mod checks {
         assert_eq!(answered[0].outcome, "answered");
         assert!(answered[0].delivered && answered[0].ended_at.is_some());
         again.close().await;
+    }
+
+    /// Rows in the call log (through the operator reads: every backend has them).
+    async fn call_count<O: OperatorStore>(ops: &O) -> usize {
+        ops.calls(CallQuery {
+            limit: 1000,
+            ..CallQuery::default()
+        })
+        .await
+        .unwrap()
+        .len()
+    }
+
+    pub async fn keyed_calls_once<S: Store, O: OperatorStore>(store: &S, ops: &O, config: &Config) {
+        store.register(reg(1, 1)).await.unwrap();
+        store.register(reg(2, 2)).await.unwrap();
+        store.register(reg(3, 3)).await.unwrap();
+        let first = call(1, 1, 2, Outcome::Cached);
+        let first_at = first.at_ms;
+        assert_eq!(
+            store.insert_keyed_call(first, Some(0xfeed)).await,
+            Ok(InsertResult::Recorded { callee_waiting: 1 })
+        );
+        let recorded = KeyedCall {
+            id: 1,
+            callee: 2,
+            outcome: Outcome::Cached,
+            at_ms: first_at,
+        };
+        // The same key again, queued twice before either is awaited: nothing is written,
+        // both report the first call.
+        let again = store.insert_keyed_call(call(2, 1, 2, Outcome::Cached), Some(0xfeed));
+        let and_again = store.insert_keyed_call(call(3, 1, 2, Outcome::Busy), Some(0xfeed));
+        assert_eq!(again.await, Ok(InsertResult::AlreadyRecorded(recorded)));
+        assert_eq!(and_again.await, Ok(InsertResult::AlreadyRecorded(recorded)));
+        assert_eq!(call_count(ops).await, 1);
+        assert_eq!(cached_ids(store, 2).await, vec![1]);
+        // The read finds it; another caller's same key, another key, and no key are
+        // all new calls.
+        let now = first_at + 1;
+        assert_eq!(store.keyed_call(1, 0xfeed, now).await, Ok(Some(recorded)));
+        assert_eq!(store.keyed_call(3, 0xfeed, now).await, Ok(None));
+        assert_eq!(store.keyed_call(1, 0xbeef, now).await, Ok(None));
+        assert!(matches!(
+            store
+                .insert_keyed_call(call(4, 3, 2, Outcome::Cached), Some(0xfeed))
+                .await,
+            Ok(InsertResult::Recorded { .. })
+        ));
+        assert!(matches!(
+            store
+                .insert_keyed_call(call(5, 1, 2, Outcome::Cached), Some(0xbeef))
+                .await,
+            Ok(InsertResult::Recorded { .. })
+        ));
+        assert!(matches!(
+            store.insert_call(call(6, 1, 2, Outcome::Cached)).await,
+            Ok(InsertResult::Recorded { .. })
+        ));
+        // All 64 bits are kept (the largest key is not confused with another).
+        assert!(matches!(
+            store
+                .insert_keyed_call(call(7, 1, 2, Outcome::Cached), Some(u64::MAX))
+                .await,
+            Ok(InsertResult::Recorded { .. })
+        ));
+        assert_eq!(
+            store
+                .keyed_call(1, u64::MAX, now)
+                .await
+                .unwrap()
+                .map(|c| c.id),
+            Some(7)
+        );
+        assert_eq!(call_count(ops).await, 5);
+        // The record's outcome is answered as it stands now.
+        store
+            .insert_keyed_call(call(8, 1, 2, Outcome::Ringing), Some(8))
+            .await
+            .unwrap();
+        store
+            .finish_call(end(8, Outcome::Missed, false, true), 2)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .keyed_call(1, 8, now)
+                .await
+                .unwrap()
+                .map(|c| c.outcome),
+            Some(Outcome::Missed)
+        );
+        // Past the key's lifetime it no longer counts: a new call takes it over.
+        let late = first_at + KEY_LIFETIME_MS;
+        assert_eq!(store.keyed_call(1, 0xfeed, late).await, Ok(None));
+        let mut reused = call(9, 1, 2, Outcome::Cached);
+        reused.at_ms = late;
+        assert!(matches!(
+            store.insert_keyed_call(reused, Some(0xfeed)).await,
+            Ok(InsertResult::Recorded { .. })
+        ));
+        assert_eq!(
+            store
+                .keyed_call(1, 0xfeed, late)
+                .await
+                .unwrap()
+                .map(|c| c.id),
+            Some(9)
+        );
+        // The key is stored with the call: it holds after a restart.
+        store.close().await;
+        let reopened = storage::open(config).expect("reopen");
+        let mut retry = call(10, 1, 2, Outcome::Cached);
+        retry.at_ms = late;
+        assert_eq!(
+            reopened
+                .insert_keyed_call(retry, Some(0xfeed))
+                .await
+                .map(|r| match r {
+                    InsertResult::AlreadyRecorded(c) => Some(c.id),
+                    _ => None,
+                }),
+            Ok(Some(9))
+        );
+        let ops = storage::open_operator(config, 1);
+        assert_eq!(call_count(&ops).await, 7);
+        reopened.close().await;
     }
 }

@@ -103,6 +103,13 @@ pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError>
         .map_err(|e| CodecError::Malformed(e.to_string()))
 }
 
+/// Like [`decode_prefix`], and also says how many bytes the value took (to read a
+/// field appended after it only if the body goes on).
+pub fn decode_prefix_counted<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
+    bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
 /// The length-prefix framing every codec shares, with its size limit.
 #[derive(Debug)]
 pub(crate) struct Frames {
@@ -380,7 +387,10 @@ mod tests {
     fn partial_frame_is_not_an_error() {
         let full = frame_of(&ClientMsg {
             id: 1,
-            request: Request::Dial { callee: 2002 },
+            request: Request::Dial {
+                callee: 2002,
+                key: Some(u64::MAX),
+            },
         });
         // The codec keeps state between calls, as it does on a socket: feed it byte by byte.
         let mut codec = ServerCodec::new(PROTOCOL_VERSION);
@@ -396,7 +406,10 @@ mod tests {
             msg,
             ClientFrame::Msg(ClientMsg {
                 id: 1,
-                request: Request::Dial { callee: 2002 }
+                request: Request::Dial {
+                    callee: 2002,
+                    key: Some(u64::MAX)
+                }
             })
         );
         assert!(whole.is_empty());
@@ -448,16 +461,84 @@ mod tests {
 
     #[test]
     fn appended_body_fields_are_ignored() {
-        // A newer client appended a field to Dial's body.
+        // A newer client appended a field to Dial's body (after the key, the last field
+        // this build knows).
         let mut codec = ServerCodec::new(PROTOCOL_VERSION);
-        let mut buf = BytesMut::from(&envelope::frame(kind::DIAL, 4, &[7, 0xaa, 0xbb])[..]);
+        let mut buf = BytesMut::from(&envelope::frame(kind::DIAL, 4, &[7, 0, 0xaa, 0xbb])[..]);
         assert_eq!(
             codec.decode(&mut buf).expect("decodes"),
             Some(ClientFrame::Msg(ClientMsg {
                 id: 4,
-                request: Request::Dial { callee: 7 }
+                request: Request::Dial {
+                    callee: 7,
+                    key: None
+                }
             }))
         );
+    }
+
+    #[test]
+    fn golden_dial_frames() {
+        // kind 0x0004, id 2, body: callee 2002 = 0xfb 0xd2 0x07, then the key:
+        // Option tag 1 (Some), key 5 (varint).
+        let keyed = frame_of(&ClientMsg {
+            id: 2,
+            request: Request::Dial {
+                callee: 2002,
+                key: Some(5),
+            },
+        });
+        assert_eq!(
+            &keyed[..],
+            &[0, 0, 0, 11, 0, 4, 0, 0, 0, 2, 0xfb, 0xd2, 0x07, 1, 5]
+        );
+        // No key: tag 0.
+        let unkeyed = frame_of(&ClientMsg {
+            id: 2,
+            request: Request::Dial {
+                callee: 2002,
+                key: None,
+            },
+        });
+        assert_eq!(
+            &unkeyed[..],
+            &[0, 0, 0, 10, 0, 4, 0, 0, 0, 2, 0xfb, 0xd2, 0x07, 0]
+        );
+        // A large key: varint marker 0xfd then 8 bytes little-endian.
+        let big = frame_of(&ClientMsg {
+            id: 2,
+            request: Request::Dial {
+                callee: 7,
+                key: Some(0x0102_0304_0506_0708),
+            },
+        });
+        assert_eq!(
+            &big[..],
+            &[0, 0, 0, 17, 0, 4, 0, 0, 0, 2, 7, 1, 0xfd, 8, 7, 6, 5, 4, 3, 2, 1]
+        );
+    }
+
+    #[test]
+    fn a_dial_body_from_before_the_key_decodes_without_one() {
+        // An agent one release behind sends only the callee.
+        let mut codec = ServerCodec::new(PROTOCOL_VERSION);
+        let mut buf = BytesMut::from(&envelope::frame(kind::DIAL, 3, &[0xfb, 0xd2, 0x07])[..]);
+        assert_eq!(
+            codec.decode(&mut buf).expect("decodes"),
+            Some(ClientFrame::Msg(ClientMsg {
+                id: 3,
+                request: Request::Dial {
+                    callee: 2002,
+                    key: None
+                }
+            }))
+        );
+        // A key whose bytes are cut short is a broken peer, not an older one.
+        let mut cut = BytesMut::from(&envelope::frame(kind::DIAL, 3, &[7, 1, 0xfd, 1])[..]);
+        assert!(matches!(
+            codec.decode(&mut cut),
+            Err(CodecError::Malformed(_))
+        ));
     }
 
     #[test]

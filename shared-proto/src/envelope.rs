@@ -18,10 +18,10 @@
 use std::io;
 use std::net::SocketAddr;
 
-use crate::codec::{decode_prefix, encode_into, CodecError};
+use crate::codec::{decode_prefix, decode_prefix_counted, encode_into, CodecError};
 use crate::messages::{
-    CallId, ClientMsg, EndReason, Event, Reply, Request, RequestId, ServerMsg, UnixMillis, UserId,
-    WireError,
+    CallId, ClientMsg, EndReason, Event, IdempotencyKey, Reply, Request, RequestId, ServerMsg,
+    UnixMillis, UserId, WireError,
 };
 
 /// Bytes of the header (kind + id).
@@ -188,7 +188,7 @@ pub fn encode_client<W: io::Write>(msg: &ClientMsg, out: &mut W) -> Result<(), C
         Request::Register(r) => encode_into(r, out),
         Request::Heartbeat | Request::Bye => Ok(()),
         Request::QueryState { users } => encode_into(users, out),
-        Request::Dial { callee } => encode_into(callee, out),
+        Request::Dial { callee, key } => encode_into(&(callee, key), out),
         Request::Answer { call_id } | Request::Reject { call_id } | Request::HangUp { call_id } => {
             encode_into(call_id, out)
         }
@@ -277,9 +277,17 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientFrame, CodecError> {
         kind::QUERY_STATE => Request::QueryState {
             users: decode_prefix::<Vec<UserId>>(body)?,
         },
-        kind::DIAL => Request::Dial {
-            callee: decode_prefix(body)?,
-        },
+        kind::DIAL => {
+            // `key` was appended later: a body that ends after `callee` has none.
+            let (callee, used) = decode_prefix_counted::<UserId>(body)?;
+            let rest = body.get(used..).unwrap_or_default();
+            let key = if rest.is_empty() {
+                None
+            } else {
+                decode_prefix::<Option<IdempotencyKey>>(rest)?
+            };
+            Request::Dial { callee, key }
+        }
         kind::ANSWER => Request::Answer {
             call_id: decode_prefix(body)?,
         },

@@ -31,6 +31,14 @@ pub type CallId = u64;
 pub type RequestId = u32;
 /// Milliseconds since the Unix epoch, UTC.
 pub type UnixMillis = i64;
+/// A client-chosen idempotency key: a request carrying the key its caller already used
+/// (within [`KEY_LIFETIME_MS`]) is answered with the first outcome and stored no second
+/// time. Scoped per caller; clients pick them at random (64 random bits: a collision
+/// between two different dials of one caller within a day is negligible).
+pub type IdempotencyKey = u64;
+/// How long a server remembers an idempotency key: a retry within this time gets the
+/// first outcome; after it, the key may be reused (24 hours).
+pub const KEY_LIFETIME_MS: UnixMillis = 24 * 60 * 60 * 1000;
 
 /// Most users one state query may name.
 pub const MAX_QUERY_USERS: usize = 256;
@@ -82,6 +90,11 @@ pub enum Request {
     Dial {
         /// Who to call.
         callee: UserId,
+        /// Makes a retry safe: a dial with a key this caller already used is answered
+        /// with the first dial's outcome (same call id) and recorded no second time.
+        /// `None` (an older client, or protocol version 1): every dial is a new call.
+        /// Appended to the version-2 body (absent bytes decode as `None`).
+        key: Option<IdempotencyKey>,
     },
     /// Answer an incoming call that is ringing on this TV.
     Answer {
@@ -435,7 +448,7 @@ impl Request {
                     ));
                 }
             }
-            Request::Dial { callee } => {
+            Request::Dial { callee, .. } => {
                 if !valid_user_id(*callee) {
                     return Err(format!("user id {callee} is out of range"));
                 }

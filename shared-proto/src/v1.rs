@@ -125,7 +125,7 @@ impl From<Request> for current::Request {
             Request::Register(r) => current::Request::Register(r),
             Request::Heartbeat => current::Request::Heartbeat,
             Request::QueryState { users } => current::Request::QueryState { users },
-            Request::Dial { callee } => current::Request::Dial { callee },
+            Request::Dial { callee } => current::Request::Dial { callee, key: None },
             Request::Answer { call_id } => current::Request::Answer { call_id },
             Request::Reject { call_id } => current::Request::Reject { call_id },
             Request::HangUp { call_id } => current::Request::HangUp { call_id },
@@ -144,7 +144,7 @@ impl TryFrom<current::Request> for Request {
             current::Request::Register(r) => Request::Register(r),
             current::Request::Heartbeat => Request::Heartbeat,
             current::Request::QueryState { users } => Request::QueryState { users },
-            current::Request::Dial { callee } => Request::Dial { callee },
+            current::Request::Dial { callee, .. } => Request::Dial { callee },
             current::Request::Answer { call_id } => Request::Answer { call_id },
             current::Request::Reject { call_id } => Request::Reject { call_id },
             current::Request::HangUp { call_id } => Request::HangUp { call_id },
@@ -400,7 +400,10 @@ mod tests {
             got,
             Some(ClientFrame::Msg(current::ClientMsg {
                 id: 3,
-                request: current::Request::Dial { callee: 2002 }
+                request: current::Request::Dial {
+                    callee: 2002,
+                    key: None
+                }
             }))
         );
     }

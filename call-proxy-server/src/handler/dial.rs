@@ -4,25 +4,44 @@
 //! "cached"; a live call's record is queued before the ring (a [`Store`] write is
 //! queued when its method returns) and commits with the next group, so call set-up does
 //! not wait for the disk.
+//!
+//! A dial with an idempotency key is answered at most once per record: a key the caller
+//! already used (within [`shared_proto::KEY_LIFETIME_MS`]) is answered from the first
+//! call's record ([`replay`]) and nothing new is planned or stored; the store's keyed
+//! insert is the arbiter when two dials with one key race. A keyed live call rings only
+//! once its record is durable (so no TV rings for a call whose key did not stick).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use shared_proto::{CallId, DialOutcome, ErrorCode, Event, Reply, UserId, WireError};
+use shared_proto::{
+    CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, UserId, WireError,
+};
 
 use super::{record_end, storage_error, SessionKey};
 use crate::clock::now_ms;
 use crate::registry::{DialPlan, Ended, RingStart};
 use crate::server::Shared;
-use crate::storage::{InsertResult, NewCall, Outcome, Store};
+use crate::storage::{InsertResult, KeyedCall, NewCall, Outcome, Store};
 
 pub async fn handle<S: Store>(
     shared: &Arc<Shared<S>>,
     me: SessionKey,
     peer: SocketAddr,
     callee: UserId,
+    key: Option<IdempotencyKey>,
 ) -> Result<Reply, WireError> {
     let now = now_ms();
+    if let Some(key) = key {
+        let first = shared
+            .store
+            .keyed_call(me.user, key, now)
+            .await
+            .map_err(storage_error)?;
+        if let Some(first) = first {
+            return replay(shared, callee, first);
+        }
+    }
     let plan = shared
         .registry
         .plan_dial(me.user, me.session_id, callee, now)?;
@@ -31,18 +50,23 @@ pub async fn handle<S: Store>(
         DialPlan::Busy { call_id } => (call_id, Outcome::Busy),
         DialPlan::Offline { call_id } => (call_id, Outcome::Cached),
     };
-    // `insert_call` queues the record before it returns (the `Store` write contract):
-    // every later change of this call is queued after it.
-    let insert = shared.store.insert_call(NewCall {
-        id: call_id,
-        caller: me.user,
-        callee,
-        at_ms: now,
-        outcome,
-        caller_ip: peer.ip(),
-    });
-    if outcome == Outcome::Ringing {
-        // The record is queued (ahead of any later change to this call) and commits
+    // `insert_keyed_call` queues the record before it returns (the `Store` write
+    // contract): every later change of this call is queued after it. With a key, the
+    // store also finds a first call with that key that this handler's read missed (a
+    // retry racing its first dial), and records nothing.
+    let insert = shared.store.insert_keyed_call(
+        NewCall {
+            id: call_id,
+            caller: me.user,
+            callee,
+            at_ms: now,
+            outcome,
+            caller_ip: peer.ip(),
+        },
+        key,
+    );
+    if outcome == Outcome::Ringing && key.is_none() {
+        // Unkeyed: the record is queued (ahead of any later change to this call) and commits
         // with the next group; dropping its `Pending` does not cancel it, so the callee
         // rings without waiting for the disk. "Ringing"
         // acknowledges a live call, not a stored message: should the server die within
@@ -50,7 +74,12 @@ pub async fn handle<S: Store>(
         drop(insert);
         return ring(shared, me, callee, call_id).await;
     }
-    let waiting = match insert.await {
+    let recorded = insert.await;
+    if outcome == Outcome::Ringing && !matches!(recorded, Ok(InsertResult::Recorded { .. })) {
+        // A keyed live call whose record was not written: it never rings.
+        shared.registry.abandon(call_id);
+    }
+    let waiting = match recorded {
         Ok(InsertResult::Recorded { callee_waiting }) => callee_waiting,
         Ok(InsertResult::UnknownCallee) => {
             return Err(WireError::new(
@@ -58,9 +87,11 @@ pub async fn handle<S: Store>(
                 format!("user {callee} does not exist"),
             ));
         }
+        Ok(InsertResult::AlreadyRecorded(first)) => return replay(shared, callee, first),
         Err(e) => return Err(storage_error(e)),
     };
     match outcome {
+        Outcome::Ringing => ring(shared, me, callee, call_id).await,
         Outcome::Busy => {
             shared.metrics.call_ended(Outcome::Busy);
             shared
@@ -75,6 +106,68 @@ pub async fn handle<S: Store>(
                 .registry
                 .notify(callee, Event::CachedCallsWaiting { count: waiting });
             Ok(Reply::Dial(DialOutcome::Cached { call_id }))
+        }
+    }
+}
+
+/// The answer to a dial whose key the caller used already: the first dial's reply, as
+/// its record and the live call stand now. Nothing is planned or stored.
+///
+/// - cached or busy: `Cached` / `Busy` with the first call id, as the first time;
+/// - still live (ringing, or answered and not over): `Ringing` with the first call id
+///   and the callee's media address, as the first time;
+/// - rang and ended unanswered (`missed`; also a `ringing` row whose live call is gone,
+///   which the start-up repair or the pending end record turns into `missed`): `Cached`
+///   with the first call id: like a cached call, it waits for the callee as a missed
+///   call, and nothing will ring;
+/// - rang and ended otherwise (answered then hung up, or rejected): the error
+///   `NO_SUCH_CALL` naming the call and its outcome: there is no call to join and no
+///   dial outcome that says so;
+/// - the key was used for a dial to someone else: `INVALID_ARGUMENT`.
+fn replay<S: Store>(
+    shared: &Arc<Shared<S>>,
+    callee: UserId,
+    first: KeyedCall,
+) -> Result<Reply, WireError> {
+    let call_id = first.id;
+    if first.callee != callee {
+        return Err(WireError::new(
+            ErrorCode::INVALID_ARGUMENT,
+            format!(
+                "this idempotency key was used for call {call_id} to user {}, not {callee}",
+                first.callee
+            ),
+        ));
+    }
+    tracing::debug!(
+        call_id,
+        outcome = first.outcome.as_str(),
+        "dial retried with its key"
+    );
+    let ended = |outcome: Outcome| {
+        Err(WireError::new(
+            ErrorCode::NO_SUCH_CALL,
+            format!(
+                "call {call_id}, placed with this idempotency key, has ended ({})",
+                outcome.as_str()
+            ),
+        ))
+    };
+    match first.outcome {
+        Outcome::Cached | Outcome::Missed => Ok(Reply::Dial(DialOutcome::Cached { call_id })),
+        Outcome::Busy => Ok(Reply::Dial(DialOutcome::Busy { call_id })),
+        Outcome::Rejected => ended(Outcome::Rejected),
+        // `start_ringing` of a call that rang already changes nothing and answers with
+        // the callee's media address; of a call that is over, it finds nothing.
+        live @ (Outcome::Ringing | Outcome::Answered) => {
+            match shared.registry.start_ringing(call_id) {
+                RingStart::Ringing { callee_media } => Ok(Reply::Dial(DialOutcome::Ringing {
+                    call_id,
+                    callee_media,
+                })),
+                _ if live == Outcome::Ringing => Ok(Reply::Dial(DialOutcome::Cached { call_id })),
+                _ => ended(Outcome::Answered),
+            }
         }
     }
 }

@@ -81,7 +81,9 @@ pub async fn handle<S: Store>(
             st.registered()?;
             query::handle(shared, users).await
         }
-        Request::Dial { callee } => dial::handle(shared, st.registered()?, st.peer, callee).await,
+        Request::Dial { callee, key } => {
+            dial::handle(shared, st.registered()?, st.peer, callee, key).await
+        }
         Request::Answer { call_id } => {
             call_control::answer(shared, st.registered()?, call_id).await
         }

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use shared_proto::{CallId, UnixMillis, UserId};
+use shared_proto::{CallId, IdempotencyKey, UnixMillis, UserId};
 use tokio::sync::oneshot;
 
 use crate::config::Config;
@@ -183,7 +183,21 @@ pub struct NewCall {
     pub caller_ip: IpAddr,
 }
 
-/// Whether the callee of a new call exists.
+/// A call recorded under a caller's idempotency key: what a retry of that dial is
+/// answered from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyedCall {
+    /// The call's id.
+    pub id: CallId,
+    /// Who it called.
+    pub callee: UserId,
+    /// Its outcome as recorded now (a ringing call's row changes as the call goes on).
+    pub outcome: Outcome,
+    /// When it was placed.
+    pub at_ms: UnixMillis,
+}
+
+/// Whether the callee of a new call exists, or the call is recorded already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertResult {
     /// Recorded durably.
@@ -194,6 +208,9 @@ pub enum InsertResult {
     },
     /// No such callee: nothing written.
     UnknownCallee,
+    /// The caller used this idempotency key for this call within
+    /// [`shared_proto::KEY_LIFETIME_MS`]: nothing written.
+    AlreadyRecorded(KeyedCall),
 }
 
 /// A change of a live call's record: answered, or ended.
@@ -361,6 +378,12 @@ impl StoreMetrics {
 ///   `Ok` sees that change.
 /// - **Closing flushes.** [`Store::close`] waits for every queued write; later writes
 ///   fail with [`StoreError::Closed`].
+/// - **A keyed call is stored at most once.** Among the calls of one caller placed
+///   within [`shared_proto::KEY_LIFETIME_MS`] of each other, at most one record carries
+///   a given idempotency key: [`Store::insert_keyed_call`] with a key already recorded
+///   writes nothing and answers [`InsertResult::AlreadyRecorded`] with the first call,
+///   also after a restart (the key is stored with the call's record). A key older than
+///   the lifetime no longer counts: the new call takes it over.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Largest ids in use, so new ones are never reused.
     fn watermarks(&self) -> Watermarks;
@@ -379,7 +402,29 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<UserRow>, StoreError>> + Send;
 
     /// Flows 4 and 5: record a call, if its callee exists. Queued now.
-    fn insert_call(&self, call: NewCall) -> Pending<InsertResult>;
+    fn insert_call(&self, call: NewCall) -> Pending<InsertResult> {
+        self.insert_keyed_call(call, None)
+    }
+
+    /// Flows 4 and 5: record a call, if its callee exists and (with a key) the caller
+    /// has not recorded a call under `key` within [`shared_proto::KEY_LIFETIME_MS`]
+    /// before `call.at_ms`; else answers [`InsertResult::AlreadyRecorded`] with that
+    /// call and writes nothing. Queued now (ordered with every other write).
+    fn insert_keyed_call(
+        &self,
+        call: NewCall,
+        key: Option<IdempotencyKey>,
+    ) -> Pending<InsertResult>;
+
+    /// The call `caller` recorded under `key` within [`shared_proto::KEY_LIFETIME_MS`]
+    /// before `now_ms`, if any (a read: it sees acknowledged writes; a keyed insert
+    /// still queued is caught by [`Store::insert_keyed_call`] itself).
+    fn keyed_call(
+        &self,
+        caller: UserId,
+        key: IdempotencyKey,
+        now_ms: UnixMillis,
+    ) -> impl Future<Output = Result<Option<KeyedCall>, StoreError>> + Send;
 
     /// Records how a live call changed; for a missed kind, returns the callee's
     /// undelivered missed-call count (else 0). Queued now.
@@ -496,9 +541,24 @@ impl Store for AnyStore {
         }
     }
 
-    fn insert_call(&self, call: NewCall) -> Pending<InsertResult> {
+    fn insert_keyed_call(
+        &self,
+        call: NewCall,
+        key: Option<IdempotencyKey>,
+    ) -> Pending<InsertResult> {
         match self {
-            AnyStore::Sqlite(s) => s.insert_call(call),
+            AnyStore::Sqlite(s) => s.insert_keyed_call(call, key),
+        }
+    }
+
+    async fn keyed_call(
+        &self,
+        caller: UserId,
+        key: IdempotencyKey,
+        now_ms: UnixMillis,
+    ) -> Result<Option<KeyedCall>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.keyed_call(caller, key, now_ms).await,
         }
     }
 

@@ -182,7 +182,11 @@ pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Cli
 
 /// Dials and returns the outcome.
 pub async fn dial(c: &mut Client, callee: UserId) -> DialOutcome {
-    match c.request(Request::Dial { callee }).await.expect("dial") {
+    match c
+        .request(Request::Dial { callee, key: None })
+        .await
+        .expect("dial")
+    {
         Reply::Dial(o) => o,
         other => panic!("{other:?}"),
     }

@@ -11,13 +11,26 @@
 //! ```
 //!
 //! The states in brackets last one action of the core; UIs see them as the state before.
+//!
+//! A dial carries an idempotency key the core picked at random ([`Input::Dial`]). When its
+//! reply is lost (the link went down or the reply timed out: the server may have placed
+//! the call), the machine waits (`Redialling`) and sends the same dial with the same key
+//! again: when the link is registered again, or every [`DIAL_RETRY_INTERVAL_MS`], for at
+//! most [`DIAL_RETRY_MS`] after the first send. The server answers a retry with the
+//! first dial's outcome, so a lost reply never makes a second call record.
 
 use std::net::SocketAddr;
 
-use shared_proto::{CallId, EndReason, UserId};
+use shared_proto::{CallId, EndReason, IdempotencyKey, UserId};
 
 use super::events::{AgentEvent, CallState, DialFailure, EndOutcome};
 use super::types::{AgentError, DialResult};
+
+/// How long after the first send a dial whose reply was lost is still retried (with its
+/// key); after that it fails as unreachable.
+pub const DIAL_RETRY_MS: i64 = 30_000;
+/// How often a dial whose reply was lost is retried while the link is not back.
+pub const DIAL_RETRY_INTERVAL_MS: u64 = 1_000;
 
 /// The call, as far as the state machine knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +41,19 @@ pub enum Call {
     Dialling {
         /// Who.
         callee: UserId,
+        /// The dial's idempotency key (the same for each send of this dial).
+        key: IdempotencyKey,
+        /// When it was first sent.
+        first_ms: i64,
+    },
+    /// The reply to our dial was lost; the same dial goes again (see the module doc).
+    Redialling {
+        /// Who.
+        callee: UserId,
+        /// The dial's idempotency key.
+        key: IdempotencyKey,
+        /// When it was first sent.
+        first_ms: i64,
     },
     /// Our call rings at the callee.
     RingingOut {
@@ -90,8 +116,11 @@ pub enum DialReply {
 /// What happens to the call.
 #[derive(Debug, Clone)]
 pub enum Input {
-    /// The viewer dials.
-    Dial(UserId),
+    /// The viewer dials this user; the core picked the dial's (random) key.
+    Dial(UserId, IdempotencyKey),
+    /// Time to send a dial whose reply was lost again: the link is registered again, or
+    /// the retry timer ([`Action::RetryDialIn`]) fired.
+    RetryDial,
     /// The server answered our dial.
     Dialled(DialReply),
     /// The viewer answers the ringing call.
@@ -141,7 +170,15 @@ pub enum Action {
     /// Send this event.
     Emit(AgentEvent),
     /// Ask the server to dial; feed back [`Input::Dialled`].
-    SendDial(UserId),
+    SendDial {
+        /// Who.
+        callee: UserId,
+        /// The dial's idempotency key.
+        key: IdempotencyKey,
+    },
+    /// Feed back [`Input::RetryDial`] after this many milliseconds (without holding up
+    /// anything else).
+    RetryDialIn(u64),
     /// Start media with this peer; feed back [`Input::MediaStarted`] or
     /// [`Input::MediaFailed`].
     StartMedia(SocketAddr),
@@ -203,7 +240,9 @@ impl CallMachine {
     /// The state UIs see, the call and the other TV.
     pub fn view(&self) -> (CallState, Option<CallId>, Option<UserId>) {
         match self.call {
-            Call::Idle | Call::Dialling { .. } => (CallState::Idle, None, None),
+            Call::Idle | Call::Dialling { .. } | Call::Redialling { .. } => {
+                (CallState::Idle, None, None)
+            }
             Call::RingingOut {
                 call_id, callee, ..
             }
@@ -249,12 +288,65 @@ impl CallMachine {
     pub fn handle(&mut self, input: Input, now_ms: i64) -> Vec<Action> {
         use Action::{Emit, Reply, ReplyDial};
         match (self.call, input) {
-            (Call::Idle, Input::Dial(callee)) => {
-                self.call = Call::Dialling { callee };
-                vec![Action::SendDial(callee)]
+            (Call::Idle, Input::Dial(callee, key)) => {
+                self.call = Call::Dialling {
+                    callee,
+                    key,
+                    first_ms: now_ms,
+                };
+                vec![Action::SendDial { callee, key }]
             }
-            (_, Input::Dial(_)) => vec![ReplyDial(DialResult::AlreadyInCall)],
-            (Call::Dialling { callee }, Input::Dialled(reply)) => {
+            (_, Input::Dial(..)) => vec![ReplyDial(DialResult::AlreadyInCall)],
+            // No reply (link down, or none in time): the server may have placed the call.
+            (
+                Call::Dialling {
+                    callee,
+                    key,
+                    first_ms,
+                },
+                Input::Dialled(DialReply::Other(DialResult::Unreachable(_))),
+            ) if now_ms.saturating_sub(first_ms) < DIAL_RETRY_MS => {
+                self.call = Call::Redialling {
+                    callee,
+                    key,
+                    first_ms,
+                };
+                vec![Action::RetryDialIn(DIAL_RETRY_INTERVAL_MS)]
+            }
+            (
+                Call::Redialling {
+                    callee,
+                    key,
+                    first_ms,
+                },
+                Input::RetryDial,
+            ) => {
+                self.call = Call::Dialling {
+                    callee,
+                    key,
+                    first_ms,
+                };
+                vec![Action::SendDial { callee, key }]
+            }
+            // The viewer gives up on a dial being retried.
+            (Call::Redialling { callee, .. }, Input::HangUp) => {
+                self.call = Call::Idle;
+                let r = DialResult::Unreachable(
+                    "cancelled while waiting to retry a dial whose reply was lost".into(),
+                );
+                vec![
+                    Emit(AgentEvent::DialFailed {
+                        callee,
+                        outcome: DialFailure::Unreachable,
+                        message: "dial cancelled".into(),
+                    }),
+                    ReplyDial(r),
+                    Reply(Ok(())),
+                ]
+            }
+            // The link coming and going does not end a dial waiting to be retried.
+            (Call::Dialling { .. } | Call::Redialling { .. }, Input::LinkDown) => Vec::new(),
+            (Call::Dialling { callee, .. }, Input::Dialled(reply)) => {
                 self.call = Call::Idle;
                 match reply {
                     DialReply::Ringing(call_id, callee_media) => {
@@ -471,6 +563,7 @@ impl CallMachine {
                 Input::Ended(..)
                 | Input::PeerAnswered(_)
                 | Input::Dialled(_)
+                | Input::RetryDial
                 | Input::MediaStarted
                 | Input::MediaFailed(_)
                 | Input::AnswerSent(_),
@@ -521,7 +614,13 @@ mod tests {
     #[test]
     fn dial_rings_then_the_peer_answers_then_media_flows() {
         let mut m = CallMachine::new(ME, 0);
-        eq!(m.handle(Input::Dial(PEER), 1), vec![Action::SendDial(PEER)]);
+        eq!(
+            m.handle(Input::Dial(PEER, 1), 1),
+            vec![Action::SendDial {
+                callee: PEER,
+                key: 1
+            }]
+        );
         eq!(
             m.view().0,
             CallState::Idle,
@@ -575,7 +674,7 @@ mod tests {
         let mut m = CallMachine::new(ME, 0);
         ringing_in(&mut m);
         eq!(
-            m.handle(Input::Dial(3003), 1),
+            m.handle(Input::Dial(3003, 2), 1),
             vec![Action::ReplyDial(DialResult::AlreadyInCall)]
         );
     }
@@ -601,8 +700,12 @@ mod tests {
             (DialResult::Failed("odd".into()), DialFailure::Failed, "odd"),
         ] {
             let mut m = CallMachine::new(ME, 0);
-            m.handle(Input::Dial(PEER), 0);
-            let a = m.handle(Input::Dialled(DialReply::Other(result.clone())), 1);
+            m.handle(Input::Dial(PEER, 1), 0);
+            // (An unreachable dial fails once its retry window is over.)
+            let a = m.handle(
+                Input::Dialled(DialReply::Other(result.clone())),
+                DIAL_RETRY_MS,
+            );
             eq!(
                 a,
                 vec![
@@ -617,7 +720,7 @@ mod tests {
             eq!(m.call(), Call::Idle);
         }
         let mut m = CallMachine::new(ME, 0);
-        m.handle(Input::Dial(PEER), 0);
+        m.handle(Input::Dial(PEER, 1), 0);
         let a = m.handle(Input::Dialled(DialReply::Other(DialResult::Cached(3))), 1);
         eq!(
             a,
@@ -774,7 +877,7 @@ mod tests {
     #[test]
     fn media_failing_after_the_peer_answered_hangs_up() {
         let mut m = CallMachine::new(ME, 0);
-        m.handle(Input::Dial(PEER), 0);
+        m.handle(Input::Dial(PEER, 1), 0);
         m.handle(Input::Dialled(DialReply::Ringing(9, media())), 1);
         m.handle(Input::PeerAnswered(9), 2);
         eq!(
@@ -786,5 +889,103 @@ mod tests {
                 tell: Some(Tell::HangUp)
             }]
         );
+    }
+
+    #[test]
+    fn a_dial_whose_reply_is_lost_goes_again_with_its_key_until_the_window_ends() {
+        let mut m = CallMachine::new(ME, 0);
+        let lost = || Input::Dialled(DialReply::Other(DialResult::Unreachable("gone".into())));
+        eq!(
+            m.handle(Input::Dial(PEER, 77), 100),
+            vec![Action::SendDial {
+                callee: PEER,
+                key: 77
+            }]
+        );
+        // Lost: wait, nothing told to the viewer yet; the link coming and going (and a
+        // stale push) leave the dial waiting.
+        eq!(
+            m.handle(lost(), 200),
+            vec![Action::RetryDialIn(DIAL_RETRY_INTERVAL_MS)]
+        );
+        assert!(m.handle(Input::LinkDown, 300).is_empty());
+        assert!(m.handle(Input::PeerAnswered(4), 300).is_empty());
+        eq!(m.view(), (CallState::Idle, None::<CallId>, None::<UserId>));
+        eq!(
+            m.handle(Input::Dial(3003, 78), 350),
+            vec![Action::ReplyDial(DialResult::AlreadyInCall)]
+        );
+        // The same dial, same key, goes again.
+        eq!(
+            m.handle(Input::RetryDial, 400),
+            vec![Action::SendDial {
+                callee: PEER,
+                key: 77
+            }]
+        );
+        // A retry timer firing while the dial is out changes nothing.
+        assert!(m.handle(Input::RetryDial, 450).is_empty());
+        eq!(
+            m.handle(lost(), 500),
+            vec![Action::RetryDialIn(DIAL_RETRY_INTERVAL_MS)]
+        );
+        m.handle(Input::RetryDial, 600);
+        // The first outcome comes back: an ordinary ringing call.
+        let a = m.handle(Input::Dialled(DialReply::Ringing(9, media())), 700);
+        eq!(
+            a,
+            vec![
+                Action::Emit(AgentEvent::Ringing {
+                    call_id: 9,
+                    callee: PEER
+                }),
+                Action::ReplyDial(DialResult::Ringing(9)),
+            ]
+        );
+        // Past the window a lost reply fails the dial as unreachable.
+        let mut m = CallMachine::new(ME, 0);
+        m.handle(Input::Dial(PEER, 5), 1_000);
+        m.handle(lost(), 2_000);
+        m.handle(Input::RetryDial, 3_000);
+        let a = m.handle(lost(), 1_000 + DIAL_RETRY_MS);
+        eq!(
+            a,
+            vec![
+                Action::Emit(AgentEvent::DialFailed {
+                    callee: PEER,
+                    outcome: DialFailure::Unreachable,
+                    message: "gone".into()
+                }),
+                Action::ReplyDial(DialResult::Unreachable("gone".into())),
+            ]
+        );
+        eq!(m.call(), Call::Idle);
+    }
+
+    #[test]
+    fn hanging_up_a_dial_waiting_to_be_retried_cancels_it() {
+        let mut m = CallMachine::new(ME, 0);
+        m.handle(Input::Dial(PEER, 1), 0);
+        m.handle(
+            Input::Dialled(DialReply::Other(DialResult::Unreachable("slow".into()))),
+            1,
+        );
+        eq!(
+            m.handle(Input::HangUp, 2),
+            vec![
+                Action::Emit(AgentEvent::DialFailed {
+                    callee: PEER,
+                    outcome: DialFailure::Unreachable,
+                    message: "dial cancelled".into()
+                }),
+                Action::ReplyDial(DialResult::Unreachable(
+                    "cancelled while waiting to retry a dial whose reply was lost".into()
+                )),
+                Action::Reply(Ok(())),
+            ]
+        );
+        eq!(m.call(), Call::Idle);
+        // Its timer firing later sends nothing.
+        assert!(m.handle(Input::RetryDial, 1_000).is_empty());
     }
 }

@@ -9,18 +9,25 @@
 //! through a channel, so answer and hang-up are never held up by it. Order kept: a fetch's
 //! calls are merged, saved where the policy says, sent as `CachedCalls`, and only then
 //! acknowledged.
+//!
+//! Each dial gets a fresh random idempotency key here. A dial whose reply was lost waits
+//! in the machine (`Redialling`) without holding up the core: its caller's reply channel
+//! is kept in [`Core::dial_waiting`], the retry timer is a spawned task reporting
+//! [`Done::RetryDial`], and a registration of the link retries at once.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared_proto::{CachedCall, CallId, DialOutcome, ErrorCode, Event, Reply, Request};
+use shared_proto::{
+    CachedCall, CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, Request,
+};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::call::{Action, CallMachine, DialReply, Input, Tell};
+use super::call::{Action, Call, CallMachine, DialReply, Input, Tell};
 use super::events::AgentEvent;
 use super::handle::{Cmd, Reply1};
 use super::missed::{AckWhen, MissedList};
@@ -36,6 +43,8 @@ const ACK_GRACE: Duration = Duration::from_secs(2);
 enum Done {
     /// A fetch of the cached calls ended: all of them, or `None` if it failed.
     Fetched(Option<Vec<CachedCall>>),
+    /// A dial whose reply was lost may go again.
+    RetryDial,
 }
 
 /// The command waiting for the machine's answer.
@@ -92,6 +101,9 @@ pub(super) struct Core {
     done_tx: mpsc::Sender<Done>,
     /// Their reports.
     done_rx: mpsc::Receiver<Done>,
+    /// The caller of a dial being retried (the machine is `Redialling`): answered when
+    /// the machine answers the dial.
+    dial_waiting: Option<oneshot::Sender<DialResult>>,
 }
 
 impl Core {
@@ -120,6 +132,7 @@ impl Core {
             acks: JoinSet::new(),
             done_tx,
             done_rx,
+            dial_waiting: None,
         }
     }
 
@@ -151,6 +164,7 @@ impl Core {
                 },
                 Some(done) = self.done_rx.recv() => match done {
                     Done::Fetched(calls) => self.fetched(calls).await,
+                    Done::RetryDial => self.step(Input::RetryDial, Pending::None).await,
                 },
             }
         }
@@ -173,7 +187,10 @@ impl Core {
 
     async fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Dial(callee, tx) => self.step(Input::Dial(callee), Pending::Dial(tx)).await,
+            Cmd::Dial(callee, tx) => {
+                let key = rand::random::<IdempotencyKey>();
+                self.step(Input::Dial(callee, key), Pending::Dial(tx)).await
+            }
             Cmd::Answer(tx) => self.step(Input::Answer, Pending::Unit(tx)).await,
             Cmd::Reject(tx) => self.step(Input::Reject, Pending::Unit(tx)).await,
             Cmd::HangUp(tx) => self.step(Input::HangUp, Pending::Unit(tx)).await,
@@ -232,6 +249,8 @@ impl Core {
                     media_port: self.media_port,
                 });
                 self.start_fetch();
+                // A dial whose reply was lost goes again now.
+                self.step(Input::RetryDial, Pending::None).await;
             }
             LinkEvent::Down { reason, retry_in } => {
                 self.registered = false;
@@ -278,15 +297,38 @@ impl Core {
                 queue.push_front(a);
             }
         }
+        // A dial left unanswered waits for its retry; keep its caller.
+        if let Pending::Dial(tx) = std::mem::replace(&mut pending, Pending::None) {
+            if matches!(self.machine.call(), Call::Redialling { .. }) {
+                self.dial_waiting = Some(tx);
+            }
+        }
     }
 
     /// Runs one action; returns the input it feeds back, if any.
     async fn act(&mut self, action: Action, pending: &mut Pending) -> Option<Input> {
         match action {
             Action::Emit(e) => self.emit(e),
-            Action::SendDial(callee) => {
-                let r = self.link.request(Request::Dial { callee }).await;
-                return Some(Input::Dialled(dial_reply(r)));
+            Action::SendDial { callee, key } => {
+                let r = self
+                    .link
+                    .request(Request::Dial {
+                        callee,
+                        key: Some(key),
+                    })
+                    .await;
+                let reply = dial_reply(r);
+                if let DialReply::Other(DialResult::Unreachable(reason)) = &reply {
+                    tracing::info!(callee, %reason, "no reply to a dial; it may be retried with its key");
+                }
+                return Some(Input::Dialled(reply));
+            }
+            Action::RetryDialIn(ms) => {
+                let done = self.done_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let _ = done.send(Done::RetryDial).await;
+                });
             }
             Action::StartMedia(peer) => {
                 return Some(match self.start_media(peer).await {
@@ -341,7 +383,17 @@ impl Core {
                     let _ = link.request(Request::Reject { call_id }).await;
                 });
             }
-            Action::ReplyDial(r) => pending.reply_dial(r),
+            Action::ReplyDial(r) => match (pending, self.dial_waiting.take()) {
+                (p @ Pending::Dial(_), waiting) => {
+                    // A second dial while one is retried: answer the one asking now.
+                    self.dial_waiting = waiting;
+                    p.reply_dial(r);
+                }
+                (_, Some(tx)) => {
+                    let _ = tx.send(r);
+                }
+                (p, None) => p.reply_dial(r),
+            },
             Action::Reply(r) => pending.reply(r),
         }
         None

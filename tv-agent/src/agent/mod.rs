@@ -21,6 +21,8 @@ pub mod events;
 mod handle;
 pub mod media_socket;
 pub mod missed;
+#[cfg(test)]
+mod redial_test;
 pub mod types;
 
 pub use events::{outcomes_js, AgentEvent, CallState, DialFailure, EndOutcome, MissReason};

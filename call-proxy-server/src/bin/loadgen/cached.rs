@@ -111,7 +111,15 @@ pub(crate) async fn cached_task(
         let tv = &mut tvs[(start * count + j) % l];
         let target = targets[(offset + j) % targets.len()];
         let t = Instant::now();
-        let r = request(&mut tv.client, Request::Dial { callee: target }, req_t).await;
+        let r = request(
+            &mut tv.client,
+            Request::Dial {
+                callee: target,
+                key: None,
+            },
+            req_t,
+        )
+        .await;
         let took = t.elapsed();
         let _ = tv.client.queued_events();
         match r {

@@ -140,7 +140,13 @@ pub(crate) async fn one_dial(
     let (from, to) = (caller.user, callee.user);
     let start = Instant::now();
     let dial = async {
-        let r = caller.client.request(Request::Dial { callee: to }).await;
+        let r = caller
+            .client
+            .request(Request::Dial {
+                callee: to,
+                key: None,
+            })
+            .await;
         (r, start.elapsed())
     };
     let ring = async {

@@ -28,6 +28,7 @@ pub use operator::{OperatorDb, SqliteOperator};
 
 use super::*;
 use crate::clock::{from_db_text, to_db_text};
+use shared_proto::KEY_LIFETIME_MS;
 
 /// Tuning of the SQLite store.
 #[derive(Debug, Clone)]
@@ -88,6 +89,12 @@ const MIGRATIONS: &[&str] = &[
     // repair must find, without scanning the whole call log.
     "CREATE INDEX user_call_live ON user_call (id)
         WHERE ended_at IS NULL AND outcome IN ('ringing', 'answered');",
+    // 3: the caller's idempotency key of a dial (NULL: none). One record per (caller,
+    // key): a retried dial finds the first call instead of storing a second. A key past
+    // its lifetime is cleared from the old row when a new call takes it over.
+    "ALTER TABLE user_call ADD COLUMN idem_key INTEGER;
+     CREATE UNIQUE INDEX user_call_idem ON user_call (user_id, idem_key)
+        WHERE idem_key IS NOT NULL;",
 ];
 
 /// The condition of a live call; written exactly as in the partial index `user_call_live`
@@ -155,7 +162,7 @@ fn io_error(what: String, e: &std::io::Error) -> StoreError {
 enum WriteJob {
     Register(Registration, Done<RegisterResult>),
     Offline(UserId, u64, UnixMillis, Done<()>),
-    Insert(NewCall, Done<InsertResult>),
+    Insert(NewCall, Option<IdempotencyKey>, Done<InsertResult>),
     Finish(CallEnd, UserId, Done<u32>),
     Ack(UserId, Vec<CallId>, UnixMillis, Done<u32>),
     Close(oneshot::Sender<()>),
@@ -171,7 +178,7 @@ impl WriteJob {
         match self {
             WriteJob::Register(_, done) => done.complete(Err(e)),
             WriteJob::Offline(.., done) => done.complete(Err(e)),
-            WriteJob::Insert(_, done) => done.complete(Err(e)),
+            WriteJob::Insert(_, _, done) => done.complete(Err(e)),
             WriteJob::Finish(.., done) | WriteJob::Ack(.., done) => done.complete(Err(e)),
             WriteJob::Close(_) => {}
             #[cfg(test)]
@@ -184,6 +191,7 @@ impl WriteJob {
 enum ReadJob {
     Users(Vec<UserId>, Reply<Vec<UserRow>>),
     Cached(UserId, CallId, usize, Reply<Vec<CachedRow>>),
+    Keyed(UserId, IdempotencyKey, UnixMillis, Reply<Option<KeyedCall>>),
 }
 
 /// The SQLite-backed [`Store`]. Cheap to clone.
@@ -342,8 +350,22 @@ impl Store for SqliteStore {
         self.read(|tx| ReadJob::Users(ids, tx)).await
     }
 
-    fn insert_call(&self, call: NewCall) -> Pending<InsertResult> {
-        self.write(move |tx| WriteJob::Insert(call, tx))
+    fn insert_keyed_call(
+        &self,
+        call: NewCall,
+        key: Option<IdempotencyKey>,
+    ) -> Pending<InsertResult> {
+        self.write(move |tx| WriteJob::Insert(call, key, tx))
+    }
+
+    async fn keyed_call(
+        &self,
+        caller: UserId,
+        key: IdempotencyKey,
+        now_ms: UnixMillis,
+    ) -> Result<Option<KeyedCall>, StoreError> {
+        self.read(|tx| ReadJob::Keyed(caller, key, now_ms, tx))
+            .await
     }
 
     fn finish_call(&self, end: CallEnd, callee: UserId) -> Pending<u32> {
@@ -556,7 +578,7 @@ fn apply(tx: &Transaction<'_>, job: WriteJob) -> Applied {
                 .map_err(db_error);
             applied(done, r)
         }
-        WriteJob::Insert(call, done) => applied(done, insert_call(tx, &call)),
+        WriteJob::Insert(call, key, done) => applied(done, insert_call(tx, &call, key)),
         WriteJob::Finish(end, callee, done) => applied(done, finish_call(tx, &end, callee)),
         WriteJob::Ack(callee, ids, at, done) => applied(done, ack(tx, callee, &ids, at)),
         WriteJob::Close(_) => Applied {
@@ -565,7 +587,7 @@ fn apply(tx: &Transaction<'_>, job: WriteJob) -> Applied {
         },
         #[cfg(test)]
         WriteJob::FailAfterInsert(call, done) => {
-            let r = insert_call(tx, &call)
+            let r = insert_call(tx, &call, None)
                 .and_then(|_| Err(StoreError::Other("injected failure".into())));
             applied(done, r)
         }
@@ -653,11 +675,83 @@ fn waiting_count(conn: &Connection, callee: UserId) -> Result<u32, StoreError> {
     Ok(u32::try_from(n).unwrap_or(u32::MAX))
 }
 
-fn insert_call(tx: &Transaction<'_>, call: &NewCall) -> Result<InsertResult, StoreError> {
+/// The key as stored: the same 64 bits, as SQLite's signed integer.
+fn key_value(key: IdempotencyKey) -> i64 {
+    i64::from_ne_bytes(key.to_ne_bytes())
+}
+
+/// The call `caller` recorded under `key`, with when it was placed, whatever its age.
+fn keyed_row(
+    conn: &Connection,
+    caller: UserId,
+    key: IdempotencyKey,
+) -> Result<Option<KeyedCall>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT id, otheruser_id, outcome, call_date FROM user_call
+             WHERE user_id = ?1 AND idem_key = ?2",
+        )?
+        .query_row(params![caller as i64, key_value(key)], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((id, callee, outcome, date)) = row else {
+        return Ok(None);
+    };
+    let outcome = Outcome::parse(&outcome)
+        .ok_or_else(|| StoreError::Corrupt(format!("call {id} has outcome {outcome:?}")))?;
+    let at_ms = from_db_text(&date)
+        .ok_or_else(|| StoreError::Corrupt(format!("call {id} has call_date {date:?}")))?;
+    Ok(Some(KeyedCall {
+        id: id as CallId,
+        callee: callee as UserId,
+        outcome,
+        at_ms,
+    }))
+}
+
+/// Whether a key recorded at `at_ms` still counts at `now_ms`.
+fn key_alive(at_ms: UnixMillis, now_ms: UnixMillis) -> bool {
+    now_ms.saturating_sub(at_ms) < KEY_LIFETIME_MS
+}
+
+fn keyed_call(
+    conn: &Connection,
+    caller: UserId,
+    key: IdempotencyKey,
+    now_ms: UnixMillis,
+) -> Result<Option<KeyedCall>, StoreError> {
+    Ok(keyed_row(conn, caller, key)?.filter(|c| key_alive(c.at_ms, now_ms)))
+}
+
+fn insert_call(
+    tx: &Transaction<'_>,
+    call: &NewCall,
+    key: Option<IdempotencyKey>,
+) -> Result<InsertResult, StoreError> {
+    if let Some(key) = key {
+        match keyed_row(tx, call.caller, key)? {
+            Some(first) if key_alive(first.at_ms, call.at_ms) => {
+                return Ok(InsertResult::AlreadyRecorded(first));
+            }
+            // Expired: the old call gives the key up (the unique index allows one).
+            Some(old) => {
+                tx.prepare_cached("UPDATE user_call SET idem_key = NULL WHERE id = ?1")?
+                    .execute([old.id as i64])?;
+            }
+            None => {}
+        }
+    }
     let n = tx
         .prepare_cached(
-            "INSERT INTO user_call (id, user_id, otheruser_id, call_date, outcome, caller_ip)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6
+            "INSERT INTO user_call
+               (id, user_id, otheruser_id, call_date, outcome, caller_ip, idem_key)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
              WHERE EXISTS (SELECT 1 FROM user_property WHERE user_id = ?3)",
         )?
         .execute(params![
@@ -667,6 +761,7 @@ fn insert_call(tx: &Transaction<'_>, call: &NewCall) -> Result<InsertResult, Sto
             to_db_text(call.at_ms),
             call.outcome.as_str(),
             ip_text(call.caller_ip),
+            key.map(key_value),
         ])?;
     if n == 0 {
         return Ok(InsertResult::UnknownCallee);
@@ -734,6 +829,9 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
             }
             ReadJob::Cached(callee, after, limit, reply) => {
                 let _ = reply.send(cached(&conn, callee, after, limit));
+            }
+            ReadJob::Keyed(caller, key, now, reply) => {
+                let _ = reply.send(keyed_call(&conn, caller, key, now));
             }
         }
     }
