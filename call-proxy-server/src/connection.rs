@@ -208,8 +208,9 @@ struct RateLimit {
     rate: f64,
     burst: f64,
     last: Instant,
-    /// Requests over the limit since the allowance was last whole (each allowed one
-    /// forgives one); a client that keeps flooding is disconnected beyond `close_after`.
+    /// Requests over the limit since the allowance was last whole; a client that keeps
+    /// flooding (never slowing down long enough to refill it) is disconnected beyond
+    /// `close_after`.
     over: u32,
     /// How many requests over the limit are tolerated: 3 × burst.
     close_after: u32,
@@ -246,7 +247,6 @@ impl RateLimit {
         }
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.over = self.over.saturating_sub(1);
             Verdict::Allow
         } else {
             self.over = self.over.saturating_add(1);
