@@ -261,9 +261,9 @@ impl RateLimit {
     /// Whether a heartbeat arriving now is honoured outside the allowance (at most one
     /// per half heartbeat interval).
     fn free_heartbeat(&mut self, now: Instant) -> bool {
-        let due = self.free_heartbeat_at.map_or(true, |t| {
-            now.saturating_duration_since(t) >= self.free_heartbeat_every
-        });
+        let due = self
+            .free_heartbeat_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.free_heartbeat_every);
         if due {
             self.free_heartbeat_at = Some(now);
         }
