@@ -41,6 +41,11 @@ struct Args {
     /// `silent`: connect and say nothing; `registered`: register, then say nothing.
     #[arg(long, default_value = "silent")]
     mode: String,
+    /// How long an attacking connection waits to reconnect after the server closed it
+    /// (milliseconds; 0: never, the attack then fades as connections are shed or time
+    /// out).
+    #[arg(long, default_value_t = 1_000)]
+    reopen_ms: u64,
     /// Genuine registrations measured, unloaded and under attack.
     #[arg(long, default_value_t = 10)]
     genuine: usize,
@@ -105,6 +110,7 @@ async fn attacker(args: Args, server: SocketAddr) -> Result<()> {
         let src = source(args.first_source + (i % usize::from(args.sources.max(1))) as u8);
         let user = args.first_user + i as u64;
         let registered = args.mode == "registered";
+        let reopen = Duration::from_millis(args.reopen_ms);
         let opened = Arc::clone(&opened);
         tasks.push(tokio::spawn(async move {
             // Bounded: the parent kills this process at the end of the phase; a
@@ -138,7 +144,10 @@ async fn attacker(args: Args, server: SocketAddr) -> Result<()> {
                     let mut buf = [0u8; 512];
                     while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if reopen.is_zero() {
+                    return;
+                }
+                tokio::time::sleep(reopen).await;
             }
         }));
         if i % 200 == 199 {
@@ -162,6 +171,8 @@ async fn attacker(args: Args, server: SocketAddr) -> Result<()> {
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// Its admin listener (for `/metrics`).
+    admin: SocketAddr,
     log: PathBuf,
     /// Its data directory, removed at the end.
     dir: PathBuf,
@@ -197,8 +208,11 @@ async fn start_server(args: &Args) -> Result<Server> {
     let port = test_support::net::free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let log = dir.join("server.log");
+    let admin = SocketAddr::from(([127, 0, 0, 1], test_support::net::free_port()?));
     let mut cmd = Command::new(&bin);
     cmd.args(["serve", "--listen", &addr.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .env(call_proxy_server::admin::TOKEN_ENV, ADMIN_TOKEN)
         .arg("--db")
         .arg(dir.join("bench.sqlite"))
         .env("RUST_LOG", "info")
@@ -212,6 +226,7 @@ async fn start_server(args: &Args) -> Result<Server> {
     let server = Server {
         child,
         addr,
+        admin,
         log,
         dir,
     };
@@ -220,6 +235,42 @@ async fn start_server(args: &Args) -> Result<Server> {
         "the server did not start listening"
     );
     Ok(server)
+}
+
+/// The bench server's admin token.
+const ADMIN_TOKEN: &str = "limitbench-admin-token-0123456789";
+
+/// The server's counters of limits and floods, from `/metrics` (one line).
+async fn limit_metrics(admin: SocketAddr) -> String {
+    const NAMES: [&str; 7] = [
+        "call_proxy_connections ",
+        "call_proxy_connections_unregistered ",
+        "call_proxy_connections_shed_total ",
+        "call_proxy_connections_refused_full_total ",
+        "call_proxy_flood_closed_total ",
+        "call_proxy_rate_limited_dropped_total ",
+        "call_proxy_accept_errors_total ",
+    ];
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        let req = format!(
+            "GET /metrics HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        std::io::Result::Ok(body)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), fetch).await {
+        Ok(Ok(body)) => body
+            .lines()
+            .filter(|l| NAMES.iter().any(|n| l.starts_with(n)))
+            .map(|l| l.trim_start_matches("call_proxy_").replace(' ', "="))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Ok(Err(e)) => format!("metrics unavailable: {e}"),
+        Err(_) => "metrics unavailable: no answer in 10 s".into(),
+    }
 }
 
 /// Registers `user` from 127.0.0.1 and says Bye; how long the registration took.
@@ -373,8 +424,8 @@ async fn bench(args: Args) -> Result<()> {
 
     if args.silent > 0 {
         println!(
-            "== {} {} connections from {} addresses",
-            args.silent, args.mode, args.sources
+            "== {} {} connections from {} addresses (reopened {} ms after being closed)",
+            args.silent, args.mode, args.sources, args.reopen_ms
         );
         let per_child = 9_000usize;
         let children = args.silent.div_ceil(per_child);
@@ -389,6 +440,7 @@ async fn bench(args: Args) -> Result<()> {
                 .args(["--silent", &n.to_string()])
                 .args(["--sources", &args.sources.to_string()])
                 .args(["--mode", &args.mode])
+                .args(["--reopen-ms", &args.reopen_ms.to_string()])
                 .args([
                     "--first-user",
                     &(1_000_000 + (c * per_child) as u64).to_string(),
@@ -418,12 +470,14 @@ async fn bench(args: Args) -> Result<()> {
             args.ramp_secs
         );
         tokio::time::sleep(Duration::from_secs(args.ramp_secs)).await;
+        println!("  server: {}", limit_metrics(server.admin).await);
         let (ok, mut loaded) = registrations(addr, args.genuine, 100).await;
         println!(
             "  genuine under attack: {ok} of {} succeeded: {}",
             args.genuine,
             summary(&mut loaded)
         );
+        println!("  server: {}", limit_metrics(server.admin).await);
         for mut a in attackers {
             test_support::process::kill(&mut a);
         }
@@ -472,11 +526,12 @@ async fn bench(args: Args) -> Result<()> {
             summary(&mut loaded)
         );
         println!(
-            "  flood: {} frames written, {} connections closed by the server (reconnected)",
+            "  flood: {} frames handed to the kernel, {} connections closed by the server (each reconnected and registered again)",
             frames.load(Ordering::Relaxed),
             closes.load(Ordering::Relaxed)
         );
         println!("  {}", meter.line(wall));
+        println!("  server: {}", limit_metrics(server.admin).await);
     }
     drop(server);
     Ok(())
