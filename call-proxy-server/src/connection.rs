@@ -46,6 +46,10 @@ type Conn<T> = Framed<T, ServerCodec>;
 /// its descriptor (the attacker need not read).
 const QUICK_GOODBYE: Duration = Duration::from_millis(250);
 
+/// Read-buffer room reserved once a client goes over its rate limit: its pipelined
+/// frames are then read many per system call and dropped from the buffer.
+const FLOOD_READ: usize = 16 * 1024;
+
 /// Serves one connection until it closes, outside the admission gate (embedders and
 /// tests that hand it a stream themselves). `stream` is the TV's byte stream (plain TCP
 /// today, or a TLS stream wrapping it); `peer` is its address.
@@ -409,7 +413,12 @@ where
                     }
                     Verdict::Over => {
                         shared.metrics.rate_limited.inc();
-                        if !conn.read_buffer().is_empty() {
+                        let waiting = conn.read_buffer().is_empty();
+                        // Read what else it sent in one go from now on (the small idle
+                        // buffer would read about a frame per call), so frames it sent
+                        // without waiting show up as already buffered.
+                        conn.read_buffer_mut().reserve(FLOOD_READ);
+                        if !waiting {
                             // More of its frames arrived already: it is not waiting for
                             // this answer. Dropping it costs the server nothing.
                             shared.metrics.rate_limited_dropped.inc();

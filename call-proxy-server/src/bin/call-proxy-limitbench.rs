@@ -242,7 +242,8 @@ const ADMIN_TOKEN: &str = "limitbench-admin-token-0123456789";
 
 /// The server's counters of limits and floods, from `/metrics` (one line).
 async fn limit_metrics(admin: SocketAddr) -> String {
-    const NAMES: [&str; 7] = [
+    const NAMES: [&str; 8] = [
+        "call_proxy_rate_limited_total ",
         "call_proxy_connections ",
         "call_proxy_connections_unregistered ",
         "call_proxy_connections_shed_total ",
