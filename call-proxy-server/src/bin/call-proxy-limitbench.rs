@@ -58,6 +58,10 @@ struct Args {
     /// Length of the flood phase (seconds).
     #[arg(long, default_value_t = 10)]
     flood_secs: u64,
+    /// How long a flooding connection waits to reconnect after the server closed it
+    /// (milliseconds; each reconnection registers again).
+    #[arg(long, default_value_t = 0)]
+    flood_reopen_ms: u64,
     /// Dials measured per latency phase.
     #[arg(long, default_value_t = 20)]
     dials: usize,
@@ -343,6 +347,7 @@ async fn flooder(
     server: SocketAddr,
     user: u64,
     until: Instant,
+    reopen: Duration,
     frames: Arc<AtomicU64>,
     closes: Arc<AtomicU64>,
 ) {
@@ -397,6 +402,7 @@ async fn flooder(
         }
         closes.fetch_add(1, Ordering::Relaxed);
         reader.abort();
+        tokio::time::sleep(reopen.min(until.saturating_duration_since(Instant::now()))).await;
     }
 }
 
@@ -487,8 +493,8 @@ async fn bench(args: Args) -> Result<()> {
 
     if args.flood_conns > 0 {
         println!(
-            "== flood: {} connections pipelining heartbeats for {} s",
-            args.flood_conns, args.flood_secs
+            "== flood: {} connections pipelining heartbeats for {} s (reconnecting {} ms after being closed)",
+            args.flood_conns, args.flood_secs, args.flood_reopen_ms
         );
         let mut pairs = Vec::new();
         for k in 0..4u64 {
@@ -511,6 +517,7 @@ async fn bench(args: Args) -> Result<()> {
                     addr,
                     500_000 + k as u64,
                     until,
+                    Duration::from_millis(args.flood_reopen_ms),
                     Arc::clone(&frames),
                     Arc::clone(&closes),
                 ))
