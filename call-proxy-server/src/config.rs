@@ -90,8 +90,8 @@ impl Default for Config {
             max_connections: 200_000,
             fd_reserve: 128,
             max_unregistered: 10_000,
-            max_unregistered_per_ip: 256,
-            max_per_ip: 4_096,
+            max_unregistered_per_ip: 1_024,
+            max_per_ip: 8_192,
             max_frame_len: shared_proto::MAX_FRAME_LEN,
             requests_per_sec: 20,
             request_burst: 100,
@@ -243,7 +243,14 @@ mod tests {
         );
         c.validate().expect("valid");
         let d = Config::default();
-        assert_eq!((d.max_per_ip, d.handshake_timeout_ms), (4_096, 5_000));
+        assert_eq!(
+            (
+                d.max_per_ip,
+                d.max_unregistered_per_ip,
+                d.handshake_timeout_ms
+            ),
+            (8_192, 1_024, 5_000)
+        );
         for bad in [
             Config {
                 fd_reserve: 3,

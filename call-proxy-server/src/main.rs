@@ -212,10 +212,10 @@ struct ServeArgs {
     /// Most connections not registered yet, in total [default: 10000].
     #[arg(long)]
     max_unregistered: Option<usize>,
-    /// Most connections not registered yet from one source address [default: 256].
+    /// Most connections not registered yet from one source address [default: 1024].
     #[arg(long)]
     max_unregistered_per_ip: Option<usize>,
-    /// Most registered connections from one source address, 0 = no limit [default: 4096].
+    /// Most registered connections from one source address, 0 = no limit [default: 8192].
     #[arg(long)]
     max_per_ip: Option<usize>,
     /// Time from accept to a complete registration, in milliseconds [default: 5000].
