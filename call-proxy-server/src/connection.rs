@@ -442,7 +442,11 @@ where
                 if st.closing {
                     return None;
                 }
-                shrink_buffers(conn);
+                if verdict == Verdict::Allow {
+                    // Over the limit, the larger read buffer stays: the client's next
+                    // frames are read in one go and dropped.
+                    shrink_buffers(conn);
+                }
             }
             push = next_push(&mut st.push_rx) => {
                 let msg = push?;
