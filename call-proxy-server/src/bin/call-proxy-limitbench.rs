@@ -49,8 +49,9 @@ struct Args {
     /// Genuine registrations measured, unloaded and under attack.
     #[arg(long, default_value_t = 10)]
     genuine: usize,
-    /// How long the attack is held before the genuine registrations start (seconds).
-    #[arg(long, default_value_t = 5)]
+    /// How long the attack is held before the genuine registrations start (seconds;
+    /// below the server's 5 s registration deadline, which closes silent connections).
+    #[arg(long, default_value_t = 2)]
     ramp_secs: u64,
     /// Flooding connections in the flood phase (0 skips it).
     #[arg(long, default_value_t = 50)]
