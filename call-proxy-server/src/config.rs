@@ -29,17 +29,38 @@ pub struct Config {
     pub heartbeat_interval_ms: u64,
     /// Heartbeat intervals of silence after which a TV is offline.
     pub heartbeat_misses: u32,
-    /// Time from accept to a complete registration.
+    /// Time from accept to a complete registration: a connection that has not
+    /// registered by then is closed (`HANDSHAKE_TIMEOUT`). Genuine TVs register within
+    /// milliseconds; silent connections hold a descriptor for at most this long.
     pub handshake_timeout_ms: u64,
     /// How long an unanswered call rings before it is missed.
     pub ring_timeout_ms: u64,
-    /// Most simultaneous control connections.
+    /// Most simultaneous control connections. The server never uses more than its
+    /// descriptor limit allows: the effective limit is the smaller of this and the
+    /// open-file limit less the descriptors open at start and [`Config::fd_reserve`].
     pub max_connections: usize,
+    /// Descriptors kept free beyond those open at start, so the server can always
+    /// accept and refuse with `SERVER_FULL`, write its database and serve the admin
+    /// listener while the TV connections are at their limit.
+    pub fd_reserve: usize,
+    /// Most connections that have not registered yet, in total (capped at the effective
+    /// connection limit). Beyond it the oldest unregistered connection is shed.
+    pub max_unregistered: usize,
+    /// Most connections not registered yet from one source address (IPv6: one /64).
+    /// Beyond it that address's oldest unregistered connection is shed.
+    pub max_unregistered_per_ip: usize,
+    /// Most registered connections from one source address (IPv6: one /64); 0 = no
+    /// limit. Generous by default: many genuine TVs may share one address behind
+    /// carrier-grade NAT.
+    pub max_per_ip: usize,
     /// Largest control frame accepted.
     pub max_frame_len: usize,
     /// Sustained requests per second allowed per connection.
     pub requests_per_sec: u32,
-    /// Burst of requests allowed per connection above the sustained rate.
+    /// Burst of requests allowed per connection above the sustained rate. A connection
+    /// that sends more than 3 × this many requests over the limit (without slowing down
+    /// until its allowance is whole again) is closed; over-limit requests the client is
+    /// not waiting for (more of its frames already arrived) are dropped unanswered.
     pub request_burst: u32,
     /// Time a write to a TV may take before its connection is dropped.
     pub write_timeout_ms: u64,
@@ -64,9 +85,13 @@ impl Default for Config {
             sync_full: true,
             heartbeat_interval_ms: 30_000,
             heartbeat_misses: 3,
-            handshake_timeout_ms: 10_000,
+            handshake_timeout_ms: 5_000,
             ring_timeout_ms: 30_000,
             max_connections: 200_000,
+            fd_reserve: 128,
+            max_unregistered: 10_000,
+            max_unregistered_per_ip: 1_024,
+            max_per_ip: 8_192,
             max_frame_len: shared_proto::MAX_FRAME_LEN,
             requests_per_sec: 20,
             request_burst: 100,
@@ -136,6 +161,22 @@ impl Config {
             "max_connections must be at least 1"
         );
         anyhow::ensure!(
+            self.handshake_timeout_ms >= 100,
+            "handshake_timeout_ms must be at least 100"
+        );
+        anyhow::ensure!(
+            self.fd_reserve >= 16,
+            "fd_reserve must be at least 16 (the database and refusals need descriptors)"
+        );
+        anyhow::ensure!(
+            self.max_unregistered >= 1,
+            "max_unregistered must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_unregistered_per_ip >= 1,
+            "max_unregistered_per_ip must be at least 1"
+        );
+        anyhow::ensure!(
             self.max_frame_len >= 256,
             "max_frame_len must be at least 256"
         );
@@ -183,6 +224,53 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("\"sqlite\""), "{err}");
+    }
+
+    #[test]
+    fn limit_settings_parse_and_are_validated() {
+        let c: Config = toml::from_str(
+            "fd_reserve = 200\nmax_unregistered = 50\nmax_unregistered_per_ip = 5\nmax_per_ip = 0\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            (
+                c.fd_reserve,
+                c.max_unregistered,
+                c.max_unregistered_per_ip,
+                c.max_per_ip
+            ),
+            (200, 50, 5, 0)
+        );
+        c.validate().expect("valid");
+        let d = Config::default();
+        assert_eq!(
+            (
+                d.max_per_ip,
+                d.max_unregistered_per_ip,
+                d.handshake_timeout_ms
+            ),
+            (8_192, 1_024, 5_000)
+        );
+        for bad in [
+            Config {
+                fd_reserve: 3,
+                ..Config::default()
+            },
+            Config {
+                max_unregistered: 0,
+                ..Config::default()
+            },
+            Config {
+                max_unregistered_per_ip: 0,
+                ..Config::default()
+            },
+            Config {
+                handshake_timeout_ms: 0,
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,13 @@
 //! One TV's control connection: preamble, registration deadline, request loop with a
 //! rate limit, heartbeat timeout, server pushes, and the offline record when it ends.
 //!
+//! Until its `Register` arrives, a connection may be shed by the admission gate
+//! ([`crate::server::limits`]) to make room for a newer one. The rate limit costs a
+//! flooding client, not the server: requests over the limit it is not waiting for
+//! (more of its frames already arrived) are dropped unanswered, and a client that keeps
+//! sending over the limit is closed. `Bye`, and one heartbeat per half interval, are
+//! always honoured.
+//!
 //! A connection's failure never reaches another: bad input ends this connection with a
 //! reason (a rejecting preamble, or a `Closing` frame) and nothing else.
 //!
@@ -14,12 +21,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use shared_proto::{
-    ClientFrame, ClientMsg, CodecError, ErrorCode, Features, Preamble, ServerCodec, ServerMsg,
-    WireError, MIN_PROTOCOL_VERSION, PREAMBLE_LEN, PROTOCOL_VERSION,
+    ClientFrame, ClientMsg, CodecError, ErrorCode, Features, Preamble, Request, ServerCodec,
+    ServerMsg, WireError, MIN_PROTOCOL_VERSION, PREAMBLE_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -28,25 +36,88 @@ use tokio_util::codec::Framed;
 
 use crate::handler::{self, end_session, ConnState};
 use crate::registry::PushRx;
+use crate::server::limits::{NotAdmitted, Ticket};
 use crate::server::{refuse, Shared};
 use crate::storage::Store;
 
 type Conn<T> = Framed<T, ServerCodec>;
 
-/// Serves one accepted connection until it closes. `stream` is the TV's byte stream
-/// (plain TCP today, or a TLS stream wrapping it); `peer` is its address.
+/// How long the goodbye to a shed or flooding connection may take: it must not hold
+/// its descriptor (the attacker need not read).
+const QUICK_GOODBYE: Duration = Duration::from_millis(250);
+
+/// Read-buffer room reserved once a client goes over its rate limit: its pipelined
+/// frames are then read many per system call and dropped from the buffer.
+const FLOOD_READ: usize = 16 * 1024;
+
+/// Serves one connection until it closes, outside the admission gate (embedders and
+/// tests that hand it a stream themselves). `stream` is the TV's byte stream (plain TCP
+/// today, or a TLS stream wrapping it); `peer` is its address.
 pub async fn serve<S: Store, T>(
+    shared: &Arc<Shared<S>>,
+    stream: T,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    serve_inner(shared, stream, peer, stop, None).await;
+}
+
+/// Serves one connection the gate admitted; `ticket` holds its slot and sheds it if a
+/// newer connection needs the room before this one registered.
+pub async fn serve_admitted<S: Store, T>(
+    shared: &Arc<Shared<S>>,
+    stream: T,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+    ticket: Ticket,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    serve_inner(shared, stream, peer, stop, Some(ticket)).await;
+}
+
+/// Completes when the connection is shed (never without a ticket).
+async fn shed(ticket: &mut Option<Ticket>) {
+    match ticket {
+        Some(t) => t.shed().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn shed_reason() -> WireError {
+    WireError::new(
+        ErrorCode::SERVER_FULL,
+        "server is full; connections that do not register promptly are closed first",
+    )
+}
+
+async fn serve_inner<S: Store, T>(
     shared: &Arc<Shared<S>>,
     mut stream: T,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
+    mut ticket: Option<Ticket>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let started = Instant::now();
     let handshake = shared.config.handshake_timeout();
     let mut pre = [0u8; PREAMBLE_LEN];
-    match timeout(handshake, stream.read_exact(&mut pre)).await {
+    let read = tokio::select! {
+        r = timeout(handshake, stream.read_exact(&mut pre)) => Some(r),
+        () = shed(&mut ticket) => None,
+    };
+    let Some(read) = read else {
+        let _ = timeout(
+            QUICK_GOODBYE,
+            refuse(stream, ErrorCode::SERVER_FULL, &shed_reason().message),
+        )
+        .await;
+        return;
+    };
+    match read {
         Ok(Ok(_)) => {}
         Ok(Err(_)) => return, // closed before saying anything
         Err(_) => {
@@ -107,52 +178,100 @@ pub async fn serve<S: Store, T>(
         features,
         stop,
         started + handshake,
+        &mut ticket,
     )
     .await;
-    if let Some(reason) = end {
-        let _ = timeout(
-            shared.config.write_timeout(),
-            conn.send(ServerMsg::Closing(reason)),
-        )
-        .await;
+    if let Some((reason, quick)) = end {
+        let limit = if quick {
+            QUICK_GOODBYE.min(shared.config.write_timeout())
+        } else {
+            shared.config.write_timeout()
+        };
+        let _ = timeout(limit, conn.send(ServerMsg::Closing(reason))).await;
     }
     end_session(shared, &mut st).await;
+    drop(ticket);
 }
 
-/// A token bucket: `rate` requests per second sustained, `burst` at once.
+/// What the rate limit says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Within the allowance: handle it.
+    Allow,
+    /// Over the allowance: not handled (answered `RATE_LIMITED` only if the client is
+    /// waiting for it).
+    Over,
+    /// Over the allowance too often: close the connection.
+    Close,
+}
+
+/// A token bucket: `rate` requests per second sustained, `burst` at once; plus the count
+/// of requests over it, after which the connection is closed.
 struct RateLimit {
     tokens: f64,
     rate: f64,
     burst: f64,
     last: Instant,
-    /// Requests refused in a row; a client that keeps flooding is disconnected.
-    refused_in_a_row: u32,
+    /// Requests over the limit since the allowance was last whole; a client that keeps
+    /// flooding (never slowing down long enough to refill it) is disconnected beyond
+    /// `close_after`.
+    over: u32,
+    /// How many requests over the limit are tolerated: 3 × burst.
+    close_after: u32,
+    /// When the last heartbeat exempt from the allowance arrived.
+    free_heartbeat_at: Option<Instant>,
+    /// How often a heartbeat is exempt: half the heartbeat interval, so a TV's own
+    /// heartbeats always are.
+    free_heartbeat_every: Duration,
 }
 
 impl RateLimit {
-    fn new(rate: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
+    fn new(rate: u32, burst: u32, heartbeat_interval: Duration) -> Self {
+        let burst_n = burst.max(1);
+        let burst = f64::from(burst_n);
         RateLimit {
             tokens: burst,
             rate: f64::from(rate.max(1)),
             burst,
             last: Instant::now(),
-            refused_in_a_row: 0,
+            over: 0,
+            close_after: burst_n.saturating_mul(3),
+            free_heartbeat_at: None,
+            free_heartbeat_every: heartbeat_interval / 2,
         }
     }
 
-    fn allow(&mut self, now: Instant) -> bool {
+    fn check(&mut self, now: Instant) -> Verdict {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= self.burst {
+            // Slowed down until the allowance is whole: past excess is forgiven.
+            self.over = 0;
+        }
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.refused_in_a_row = 0;
-            true
+            Verdict::Allow
         } else {
-            self.refused_in_a_row = self.refused_in_a_row.saturating_add(1);
-            false
+            self.over = self.over.saturating_add(1);
+            if self.over > self.close_after {
+                Verdict::Close
+            } else {
+                Verdict::Over
+            }
         }
+    }
+
+    /// Whether a heartbeat arriving now is honoured outside the allowance (at most one
+    /// per half heartbeat interval).
+    fn free_heartbeat(&mut self, now: Instant) -> bool {
+        let due = self
+            .free_heartbeat_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.free_heartbeat_every);
+        if due {
+            self.free_heartbeat_at = Some(now);
+        }
+        due
     }
 }
 
@@ -198,7 +317,8 @@ where
 }
 
 /// Runs requests until the connection ends. Returns the reason to send the TV, if the
-/// server is the one ending it.
+/// server is the one ending it, and whether that goodbye must be quick (a shed or
+/// flooding connection).
 async fn request_loop<S: Store, T>(
     shared: &Arc<Shared<S>>,
     conn: &mut Conn<T>,
@@ -206,13 +326,18 @@ async fn request_loop<S: Store, T>(
     features: Features,
     mut stop: watch::Receiver<bool>,
     register_by: Instant,
-) -> Option<WireError>
+    ticket: &mut Option<Ticket>,
+) -> Option<(WireError, bool)>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let cfg = &shared.config;
     let mut deadline = register_by;
-    let mut limit = RateLimit::new(cfg.requests_per_sec, cfg.request_burst);
+    let mut limit = RateLimit::new(
+        cfg.requests_per_sec,
+        cfg.request_burst,
+        Duration::from_millis(cfg.heartbeat_interval_ms),
+    );
     let write_timeout = cfg.write_timeout();
     loop {
         tokio::select! {
@@ -226,33 +351,86 @@ where
                         }
                     }
                 }
-                return Some(WireError::new(ErrorCode::SHUTTING_DOWN, "the server is shutting down"));
+                return Some((WireError::new(ErrorCode::SHUTTING_DOWN, "the server is shutting down"), false));
             }
+            () = shed(ticket) => return Some((shed_reason(), true)),
             frame = conn.next() => {
                 let msg = match frame {
                     None => return None,
                     Some(Ok(msg)) => msg,
-                    Some(Err(e)) => return bad_frame(shared, e),
+                    Some(Err(e)) => return bad_frame(shared, e).map(|r| (r, false)),
                 };
                 let now = Instant::now();
                 if st.session.is_some() {
                     deadline = now + cfg.heartbeat_timeout();
                 }
-                let (id, result) = if limit.allow(now) {
-                    match msg {
-                        // Boxed so the idle connection future does not carry the largest
-                        // handler's state.
-                        ClientFrame::Msg(ClientMsg { id, request }) => {
-                            (id, Box::pin(handler::handle(shared, st, request)).await)
+                let (always, registering) = match &msg {
+                    ClientFrame::Msg(ClientMsg { request: Request::Bye, .. }) => (true, false),
+                    ClientFrame::Msg(ClientMsg { request: Request::Heartbeat, .. }) => {
+                        (limit.free_heartbeat(now), false)
+                    }
+                    ClientFrame::Msg(ClientMsg { request: Request::Register(_), .. }) => {
+                        (false, st.session.is_none())
+                    }
+                    ClientFrame::Unknown { .. } | ClientFrame::Msg(_) => (false, false),
+                };
+                let verdict = if always { Verdict::Allow } else { limit.check(now) };
+                let (id, result) = match verdict {
+                    Verdict::Allow => {
+                        if registering {
+                            if let Some(t) = ticket.as_mut() {
+                                match t.registering() {
+                                    Ok(()) => {}
+                                    Err(NotAdmitted::Shed) => return Some((shed_reason(), true)),
+                                    Err(NotAdmitted::PerIpLimit) => {
+                                        shared.metrics.refused_per_ip.inc();
+                                        return Some((WireError::new(
+                                            ErrorCode::SERVER_FULL,
+                                            "too many TVs registered from this address; retry later",
+                                        ), true));
+                                    }
+                                }
+                            }
                         }
-                        ClientFrame::Unknown { id, kind } => (id, Err(handler::unsupported(kind))),
+                        let handled = match msg {
+                            // Boxed so the idle connection future does not carry the largest
+                            // handler's state.
+                            ClientFrame::Msg(ClientMsg { id, request }) => {
+                                (id, Box::pin(handler::handle(shared, st, request)).await)
+                            }
+                            ClientFrame::Unknown { id, kind } => (id, Err(handler::unsupported(kind))),
+                        };
+                        if registering {
+                            if let Some(t) = ticket.as_mut() {
+                                if st.session.is_some() {
+                                    t.registered();
+                                } else {
+                                    t.registration_failed();
+                                }
+                            }
+                        }
+                        handled
                     }
-                } else {
-                    shared.metrics.rate_limited.inc();
-                    if limit.refused_in_a_row > cfg.request_burst.saturating_mul(2) {
-                        return Some(WireError::new(ErrorCode::RATE_LIMITED, "too many requests; disconnected"));
+                    Verdict::Over => {
+                        shared.metrics.rate_limited.inc();
+                        let waiting = conn.read_buffer().is_empty();
+                        // Read what else it sent in one go from now on (the small idle
+                        // buffer would read about a frame per call), so frames it sent
+                        // without waiting show up as already buffered.
+                        conn.read_buffer_mut().reserve(FLOOD_READ);
+                        if !waiting {
+                            // More of its frames arrived already: it is not waiting for
+                            // this answer. Dropping it costs the server nothing.
+                            shared.metrics.rate_limited_dropped.inc();
+                            continue;
+                        }
+                        (msg.id(), Err(WireError::new(ErrorCode::RATE_LIMITED, "too many requests; slow down")))
                     }
-                    (msg.id(), Err(WireError::new(ErrorCode::RATE_LIMITED, "too many requests; slow down")))
+                    Verdict::Close => {
+                        shared.metrics.rate_limited.inc();
+                        shared.metrics.flood_closed.inc();
+                        return Some((WireError::new(ErrorCode::RATE_LIMITED, "too many requests; disconnected"), true));
+                    }
                 };
                 if st.session.is_some() && deadline == register_by {
                     deadline = now + cfg.heartbeat_timeout();
@@ -264,7 +442,11 @@ where
                 if st.closing {
                     return None;
                 }
-                shrink_buffers(conn);
+                if verdict == Verdict::Allow {
+                    // Over the limit, the larger read buffer stays: the client's next
+                    // frames are read in one go and dropped.
+                    shrink_buffers(conn);
+                }
             }
             push = next_push(&mut st.push_rx) => {
                 let msg = push?;
@@ -277,11 +459,11 @@ where
             }
             () = sleep_until(deadline) => {
                 shared.metrics.bad_input.inc();
-                return Some(if st.session.is_some() {
+                return Some((if st.session.is_some() {
                     WireError::new(ErrorCode::HEARTBEAT_TIMEOUT, "nothing heard from this TV in time")
                 } else {
                     WireError::new(ErrorCode::HANDSHAKE_TIMEOUT, "no registration received in time")
-                });
+                }, false));
             }
         }
     }

@@ -206,6 +206,21 @@ struct ServeArgs {
     /// Burst of requests allowed per TV connection [default: 100].
     #[arg(long)]
     request_burst: Option<u32>,
+    /// Descriptors kept free beyond those open at start [default: 128].
+    #[arg(long)]
+    fd_reserve: Option<usize>,
+    /// Most connections not registered yet, in total [default: 10000].
+    #[arg(long)]
+    max_unregistered: Option<usize>,
+    /// Most connections not registered yet from one source address [default: 1024].
+    #[arg(long)]
+    max_unregistered_per_ip: Option<usize>,
+    /// Most registered connections from one source address, 0 = no limit [default: 8192].
+    #[arg(long)]
+    max_per_ip: Option<usize>,
+    /// Time from accept to a complete registration, in milliseconds [default: 5000].
+    #[arg(long)]
+    handshake_timeout_ms: Option<u64>,
     /// Only registered (provisioned) users may register; unknown ids are refused.
     #[arg(long)]
     provisioned_only: bool,
@@ -284,6 +299,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.request_burst {
         config.request_burst = v;
     }
+    if let Some(v) = args.fd_reserve {
+        config.fd_reserve = v;
+    }
+    if let Some(v) = args.max_unregistered {
+        config.max_unregistered = v;
+    }
+    if let Some(v) = args.max_unregistered_per_ip {
+        config.max_unregistered_per_ip = v;
+    }
+    if let Some(v) = args.max_per_ip {
+        config.max_per_ip = v;
+    }
+    if let Some(v) = args.handshake_timeout_ms {
+        config.handshake_timeout_ms = v;
+    }
     if args.provisioned_only {
         config.create_unknown_users = false;
     }
@@ -302,7 +332,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(_) => Some(admin::load_token(config.admin_token_file.as_deref())?),
         None => None,
     };
-    raise_fd_limit();
+    match call_proxy_server::server::limits::raise_fd_limit() {
+        Ok((soft, hard)) => tracing::info!(max_open_files = soft, hard, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the file descriptor limit"),
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -437,21 +470,4 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
     }
-}
-
-/// A server holds one descriptor per TV: raise the soft limit to the hard one.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
-    #[allow(unsafe_code)]
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-    tracing::info!(max_open_files = lim.rlim_cur, "file descriptor limit");
 }

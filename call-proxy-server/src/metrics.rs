@@ -43,6 +43,20 @@ pub struct Metrics {
     pub accepted: IntCounter,
     /// Connections refused because the server was full.
     pub rejected_full: IntCounter,
+    /// Failed accepts (out of descriptors or memory); the listener backs off.
+    pub accept_errors: IntCounter,
+    /// Unregistered connections closed to make room for new ones.
+    pub shed: IntCounter,
+    /// Registrations refused because their source address had `max_per_ip` already.
+    pub refused_per_ip: IntCounter,
+    /// Connections closed for sending too many requests over the rate limit.
+    pub flood_closed: IntCounter,
+    /// Requests over the rate limit dropped without an answer.
+    pub rate_limited_dropped: IntCounter,
+    /// The effective connection limit derived at start (see `Config::max_connections`).
+    pub connection_limit: IntGauge,
+    /// Connections open now that have not registered.
+    pub unregistered: IntGauge,
     /// Connections closed for a bad preamble, bad frame, oversized frame or timeout.
     pub bad_input: IntCounter,
     /// Requests refused by the per-connection rate limit.
@@ -121,6 +135,34 @@ impl Metrics {
             rejected_full: counter(
                 "call_proxy_connections_refused_full_total",
                 "Connections refused because the server was full.",
+            ),
+            accept_errors: counter(
+                "call_proxy_accept_errors_total",
+                "Failed accepts (out of descriptors or memory); the listener backed off.",
+            ),
+            shed: counter(
+                "call_proxy_connections_shed_total",
+                "Unregistered connections closed to make room for new ones.",
+            ),
+            refused_per_ip: counter(
+                "call_proxy_registrations_refused_per_ip_total",
+                "Registrations refused because their source address had max_per_ip already.",
+            ),
+            flood_closed: counter(
+                "call_proxy_flood_closed_total",
+                "Connections closed for too many requests over the rate limit.",
+            ),
+            rate_limited_dropped: counter(
+                "call_proxy_rate_limited_dropped_total",
+                "Requests over the rate limit dropped without an answer.",
+            ),
+            connection_limit: gauge(
+                "call_proxy_connection_limit",
+                "Effective limit on TV connections, derived at start from max_connections and the descriptor limit.",
+            ),
+            unregistered: gauge(
+                "call_proxy_connections_unregistered",
+                "TV connections open now that have not registered.",
             ),
             bad_input: counter(
                 "call_proxy_bad_input_total",
@@ -223,6 +265,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("call_proxy_reregistrations_total 1\n"));
+        for name in [
+            "call_proxy_accept_errors_total 0\n",
+            "call_proxy_connections_shed_total 0\n",
+            "call_proxy_registrations_refused_per_ip_total 0\n",
+            "call_proxy_flood_closed_total 0\n",
+            "call_proxy_rate_limited_dropped_total 0\n",
+            "call_proxy_connection_limit 0\n",
+            "call_proxy_connections_unregistered 0\n",
+        ] {
+            assert!(text.contains(name), "{name} in {text}");
+        }
         assert!(text.contains("call_proxy_calls_total{outcome=\"cached\"} 1\n"));
         assert!(text.contains("call_proxy_calls_total{outcome=\"busy\"} 0\n"));
         assert!(!text.contains("outcome=\"ringing\""));

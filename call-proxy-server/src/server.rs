@@ -1,6 +1,7 @@
-//! The TCP control listener: accepts TVs, enforces the connection limit, runs one task
-//! per connection, and shuts down in two phases (stop accepting and end calls; then let
-//! sessions close and the database flush, within a deadline).
+//! The TCP control listener: accepts TVs, admits them within limits derived from the
+//! process (the descriptor limit less a reserve), sheds unregistered connections first
+//! when full, runs one task per connection, and shuts down in two phases (stop accepting
+//! and end calls; then let sessions close and the database flush, within a deadline).
 //!
 //! The accept loop is where a TLS acceptor goes: it wraps the accepted `TcpStream` and
 //! hands the wrapped stream to [`crate::connection::serve`], which takes any
@@ -13,8 +14,8 @@ use std::time::Duration;
 
 use shared_proto::{preamble::encode_reason, ErrorCode, Preamble};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -22,6 +23,9 @@ use crate::handler::record_end;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::storage::Store;
+use limits::{Admission, Gate};
+
+pub mod limits;
 
 /// What every connection task shares.
 pub struct Shared<S> {
@@ -33,17 +37,22 @@ pub struct Shared<S> {
     pub config: Config,
     /// Counters.
     pub metrics: Metrics,
+    /// Connection admission: the limits derived at start and who holds a slot.
+    pub gate: Gate,
 }
 
 impl<S: Store> Shared<S> {
     /// Shared state over an opened store.
     pub fn new(store: S, config: Config) -> Arc<Self> {
         let w = store.watermarks();
+        let metrics = Metrics::default();
+        let gate = Gate::new(limits::Limits::for_process(&config), &metrics);
         Arc::new(Shared {
             store,
             registry: Registry::new(w.max_session_id, w.max_call_id),
             config,
-            metrics: Metrics::default(),
+            metrics,
+            gate,
         })
     }
 }
@@ -73,9 +82,9 @@ pub async fn run<S: Store>(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    shared.gate.limits().log(shared.config.max_connections);
     tokio::select! {
-        () = accept_loop(&listener, &shared, &tracker, &limit, &stop_rx) => {}
+        () = accept_loop(&listener, &shared, &tracker, &stop_rx) => {}
         () = shutdown => {}
     }
     drop(listener);
@@ -106,7 +115,6 @@ async fn accept_loop<S: Store>(
     listener: &TcpListener,
     shared: &Arc<Shared<S>>,
     tracker: &TaskTracker,
-    limit: &Arc<Semaphore>,
     stop: &watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(1);
@@ -117,8 +125,10 @@ async fn accept_loop<S: Store>(
                 conn
             }
             Err(e) => {
-                // Out of file descriptors or memory: wait and retry rather than spin or
-                // stop serving the TVs already connected.
+                // Out of file descriptors (EMFILE, ENFILE) or memory: wait and retry,
+                // never spin, and keep serving the TVs already connected. With the
+                // derived limit this is rare: the reserve keeps descriptors free.
+                shared.metrics.accept_errors.inc();
                 tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -127,29 +137,41 @@ async fn accept_loop<S: Store>(
         };
         shared.metrics.accepted.inc();
         let _ = stream.set_nodelay(true);
-        match Arc::clone(limit).try_acquire_owned() {
-            Ok(permit) => {
+        match shared.gate.admit(peer.ip()) {
+            Admission::Admitted(ticket) => {
                 let shared = Arc::clone(shared);
                 let stop = stop.clone();
                 tracker.spawn(async move {
                     shared.metrics.connections.inc();
                     // A TLS acceptor would wrap `stream` here (within the handshake
                     // timeout); `serve` takes any byte stream.
-                    crate::connection::serve(&shared, stream, peer, stop).await;
+                    crate::connection::serve_admitted(&shared, stream, peer, stop, ticket).await;
                     shared.metrics.connections.dec();
-                    drop(permit);
                 });
             }
-            Err(_) => {
+            Admission::Full => {
                 shared.metrics.rejected_full.inc();
-                tracker.spawn(refuse(
+                refuse_now(
                     stream,
                     ErrorCode::SERVER_FULL,
                     "server is full, retry later",
-                ));
+                );
             }
         }
     }
+}
+
+/// Refuses a just-accepted connection without holding its descriptor: one
+/// non-blocking write of the rejecting preamble (a fresh socket's send buffer always
+/// has room for it), whatever the client sent already read away so the close is a
+/// clean FIN, then closed.
+fn refuse_now(stream: TcpStream, status: ErrorCode, reason: &str) {
+    let mut out = Preamble::server(status).encode().to_vec();
+    out.extend_from_slice(&encode_reason(reason));
+    let _ = stream.try_write(&out);
+    let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; 256];
+    let _ = stream.try_read(&mut sink);
 }
 
 /// Tells a client why it cannot be served (a rejecting preamble) and closes.
