@@ -328,7 +328,10 @@ async fn dial_latencies(pairs: &mut [(Client, Client, u64)], n: usize) -> Result
         let started = Instant::now();
         let reply = tokio::time::timeout(
             Duration::from_secs(10),
-            caller.request(Request::Dial { callee: *callee_id }),
+            caller.request(Request::Dial {
+                callee: *callee_id,
+                key: None,
+            }),
         )
         .await
         .context("dial: no answer in 10 s")??;
