@@ -98,6 +98,7 @@ mkdir -p "$cache/archives/partial"
 key=$(printf '%s %s %s' "$suite" "$arch" "$mirror" | md5sum | cut -c1-12)
 tarball="$cache/minbase-$suite-$arch-$key.tar"
 root=$(realpath "$(mktemp -d "$work/fresh-debian.XXXXXX")")
+chmod 755 "$root" # mktemp made it 0700; it is the root's / for every user
 
 mounted=()
 unmount_all() {
