@@ -16,7 +16,7 @@
 # which is what proves that its CA certificates and network set-up work.
 #
 # The build in the root is not incremental (CARGO_INCREMENTAL=0, as CI builds usually are):
-# it is built once, and the root needs about 5 GB of disk less for it.
+# it is built once, and the incremental caches would only take disk.
 #
 # Usage: bash scripts/fresh-debian.sh [--demo] [--keep]
 #   --demo   run `bash scripts/demo.sh` after the tests
