@@ -103,6 +103,12 @@ fi
 mkdir -p "$cache/archives/partial"
 key=$(printf '%s %s %s' "$suite" "$arch" "$mirror" | md5sum | cut -c1-12)
 tarball="$cache/minbase-$suite-$arch-$key.tar"
+# The root with its tools, crates and debug build takes about 6 GB; the demo's release
+# build more. Say so plainly rather than fail half-way with "No space left on device".
+need_kb=$((10 * 1024 * 1024))
+avail_kb=$(df -Pk "$work" | awk 'NR == 2 { print $4 }')
+[ "${avail_kb:-0}" -ge "$need_kb" ] ||
+  die "needs 10 GB free in $work (FRESH_DEBIAN_WORK), has $((${avail_kb:-0} / 1024 / 1024)) GB"
 root=$(realpath "$(mktemp -d "$work/fresh-debian.XXXXXX")")
 
 mounted=()
