@@ -17,12 +17,18 @@ apt_install() {
 }
 
 missing=()
+# A minimal Debian 12 (debootstrap --variant=minbase, the debian:12 image) has no CA
+# certificates, so cargo could not reach crates.io over HTTPS.
+dpkg-query -W -f='${Status}' ca-certificates 2>/dev/null | grep -q 'ok installed' ||
+  missing+=(ca-certificates)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 command -v git >/dev/null 2>&1 || missing+=(git)
-# Opus is built from source by the opus crate (cmake); ALSA headers for sound cards;
-# sox and espeak-ng make and check audio in the demo, tests and benchmarks.
+# Opus is built from source by the opus crate (cmake, which drives make); ALSA headers
+# for sound cards; sox and espeak-ng make and check audio in the demo, tests and
+# benchmarks.
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v make >/dev/null 2>&1 || missing+=(make)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 pkg-config --exists alsa 2>/dev/null || missing+=(libasound2-dev)
 command -v sox >/dev/null 2>&1 || missing+=(sox)
@@ -34,6 +40,12 @@ command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 fc-list 2>/dev/null | grep -qi dejavu || missing+=(fonts-dejavu-core)
+# The browser tests end chromedriver's process group with kill(1) (procps: the shell's
+# builtin is not a program); the demo and the ARM test pick free ports with python3.
+type -P kill >/dev/null 2>&1 || missing+=(procps)
+command -v python3 >/dev/null 2>&1 || missing+=(python3-minimal)
+# The TV UI page's own tests run under node's built-in test runner.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt_install "${missing[@]}"
