@@ -488,6 +488,15 @@ fn writer_loop(
             answer(err.as_ref());
         }
         if let Some(ack) = close {
+            // A clean shutdown leaves no log to replay and no disk held by it: the WAL is
+            // copied into the database and truncated to nothing.
+            match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+                Ok(0) => {}
+                Ok(_) => tracing::warn!("WAL checkpoint at close was blocked by a reader"),
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint at close failed"),
+            }
             let _ = ack.send(());
             return;
         }
@@ -1119,5 +1128,51 @@ mod tests {
                 .unwrap();
             assert!(plan.contains("user_call_live"), "{plan}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_clean_close_checkpoints_and_truncates_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        for i in 1..=50u64 {
+            store
+                .register(crate::storage::Registration {
+                    user_id: i,
+                    ip: [127, 0, 0, 1].into(),
+                    media_port: 5004,
+                    session_id: i,
+                    agent_version: "test".into(),
+                    at_ms: 1,
+                    create_unknown: true,
+                })
+                .await
+                .unwrap();
+        }
+        // An operator's read-only connection stays open across the shutdown (as the
+        // admin listener's do): closing the store is then not the last close, which
+        // alone would have folded the WAL away.
+        let operator = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let users: i64 = operator
+            .query_row("SELECT count(*) FROM user_property", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(users, 50);
+        let wal = dir.path().join("db.sqlite-wal");
+        let before = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        assert!(before > 0, "the writes went to the WAL first");
+        store.close().await;
+        let after = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(
+            after, 0,
+            "WAL of {before} bytes left {after} bytes after close"
+        );
+        // And what it held is in the database.
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(store.watermarks().max_session_id, 50);
+        store.close().await;
     }
 }
