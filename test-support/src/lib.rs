@@ -7,12 +7,10 @@
 //!   is killed when dropped.
 //! - [`procfs`]: CPU time and resident memory of a process, busy time of the machine, the
 //!   CPU model, and a meter that splits a phase's CPU between server, load and the rest.
-//! - [`limits`]: the open-file limit, raised to its hard maximum.
 //!
 //! It depends on no crate of this workspace, so the server's own benchmark binaries can
 //! use it as well as the tests of every crate.
 
-pub mod limits;
 pub mod net;
 pub mod process;
 pub mod procfs;

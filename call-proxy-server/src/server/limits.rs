@@ -130,7 +130,9 @@ pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
             }
         }
     }
-    Ok((lim.rlim_cur, lim.rlim_max))
+    // `rlim_t` is 64 bits on x86_64 and aarch64, 32 on armv7.
+    #[allow(clippy::useless_conversion)]
+    Ok((u64::from(lim.rlim_cur), u64::from(lim.rlim_max)))
 }
 
 /// Descriptors this process has open now (Linux: the entries of `/proc/self/fd`; 0

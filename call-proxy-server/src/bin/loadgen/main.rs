@@ -46,8 +46,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use call_proxy_server::server::limits::raise_fd_limit;
 use clap::Parser;
-use test_support::limits::raise_fd_limit;
 use test_support::procfs::cpu_model;
 use tokio::time::timeout;
 
