@@ -8,13 +8,14 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use call_proxy_server::client::{Client, ClientError};
 use common::{event, TestServer};
 use shared_proto::{CallId, DialOutcome, ErrorCode, Event, Reply, Request, UserId};
-use test_support::net::{free_port, wait_listening};
+use test_support::net::free_port;
+use test_support::process::{spawn_listening, KillOnDrop};
 
 /// Dials `callee` with `key`; the reply or the error.
 async fn dial(
@@ -147,32 +148,27 @@ async fn a_retried_keyed_dial_of_a_call_that_was_answered_or_rejected_names_it()
 
 /// The server binary on `port` over `db`.
 struct Process {
-    child: Child,
+    /// Killed (SIGKILL) when dropped.
+    _child: KillOnDrop,
     addr: SocketAddr,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        test_support::process::kill(&mut self.child);
-    }
 }
 
 impl Process {
     async fn start(db: &Path, port: u16) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
             .arg(db)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn server");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if wait_listening(addr, Duration::from_secs(5)).await {
-            return Process { child, addr };
+            .stderr(Stdio::inherit());
+        let child = spawn_listening(&mut cmd, addr, Duration::from_secs(5))
+            .await
+            .expect("server listening");
+        Process {
+            _child: child,
+            addr,
         }
-        test_support::process::kill(&mut child);
-        panic!("server did not start listening");
     }
 
     async fn tv(&self, user: UserId, port: u16) -> Client {

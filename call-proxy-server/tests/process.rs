@@ -4,23 +4,19 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use call_proxy_server::client::Client;
 use shared_proto::*;
-use test_support::net::{free_port, wait_listening};
+use test_support::net::free_port;
+use test_support::process::{spawn_listening, KillOnDrop};
 
 struct Server {
-    child: Child,
+    /// Killed (SIGKILL) when dropped.
+    child: KillOnDrop,
     addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 impl Server {
@@ -32,28 +28,24 @@ impl Server {
             "requests_per_sec = 1000000\nrequest_burst = 1000000\n",
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--config",
-            ])
-            .arg(&config)
-            .arg("--db")
-            .arg(db)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn server");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if wait_listening(addr, Duration::from_secs(5)).await {
-            return Server { child, addr };
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("server did not start listening");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--db")
+        .arg(db)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+        let child = spawn_listening(&mut cmd, addr, Duration::from_secs(5))
+            .await
+            .expect("server listening");
+        Server { child, addr }
     }
 
     fn kill(&mut self) {

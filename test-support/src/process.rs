@@ -1,7 +1,8 @@
 //! Child processes in tests and benchmarks: signals, bounded waits for an exit, and a
 //! guard that kills a child left running.
 
-use std::process::{Child, ExitStatus};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 /// Sends `signal` (e.g. `libc::SIGTERM`) to process `pid`.
@@ -81,5 +82,24 @@ impl std::ops::Deref for KillOnDrop {
 impl std::ops::DerefMut for KillOnDrop {
     fn deref_mut(&mut self) -> &mut Child {
         &mut self.0
+    }
+}
+
+/// Starts `cmd` and waits (at most `limit`) until something accepts TCP connections at
+/// `addr`: a server process ready for its test. The child is killed when the guard drops,
+/// and at once if it never starts listening.
+pub async fn spawn_listening(
+    cmd: &mut Command,
+    addr: SocketAddr,
+    limit: Duration,
+) -> std::io::Result<KillOnDrop> {
+    let child = KillOnDrop(cmd.spawn()?);
+    if crate::net::wait_listening(addr, limit).await {
+        Ok(child)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("nothing listened at {addr} within {limit:?}"),
+        ))
     }
 }
