@@ -44,6 +44,8 @@ fc-list 2>/dev/null | grep -qi dejavu || missing+=(fonts-dejavu-core)
 # builtin is not a program); the demo and the ARM test pick free ports with python3.
 type -P kill >/dev/null 2>&1 || missing+=(procps)
 command -v python3 >/dev/null 2>&1 || missing+=(python3-minimal)
+# The full-disk tests mount a small tmpfs (mount(8), util-linux's `mount` package).
+command -v mount >/dev/null 2>&1 || missing+=(mount)
 # The TV UI page's own tests run under node's built-in test runner.
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -25,6 +25,10 @@ pub struct Config {
     /// `true`: every commit is synced to disk (survives power loss). `false`: survives a
     /// process crash only.
     pub sync_full: bool,
+    /// Disk space (MiB) held in reserve beside the database and released when its disk
+    /// fills, so registrations and offline marks still commit while new records are
+    /// refused with `STORAGE_FULL` (0: no reserve).
+    pub disk_reserve_mb: u64,
     /// How often a TV must send something (told to it at registration).
     pub heartbeat_interval_ms: u64,
     /// Heartbeat intervals of silence after which a TV is offline.
@@ -83,6 +87,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             db: None,
             sync_full: true,
+            disk_reserve_mb: crate::storage::sqlite::DEFAULT_RESERVE_BYTES >> 20,
             heartbeat_interval_ms: 30_000,
             heartbeat_misses: 3,
             handshake_timeout_ms: 5_000,

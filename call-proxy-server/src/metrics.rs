@@ -75,6 +75,9 @@ pub struct Metrics {
     pub db_up: IntGauge,
     /// Missed calls waiting for their callee (set at scrape time from the database).
     pub cached_waiting: IntGauge,
+    /// 1 while the database's disk is full (new records refused), else 0 (set at
+    /// scrape time from the store).
+    pub storage_full: IntGauge,
 }
 
 impl Default for Metrics {
@@ -193,6 +196,10 @@ impl Metrics {
             cached_waiting: gauge(
                 "call_proxy_cached_calls_waiting",
                 "Missed, busy and cached calls waiting to be delivered to their callee's TV.",
+            ),
+            storage_full: gauge(
+                "call_proxy_storage_full",
+                "1 while the database's disk is full: new calls are refused (STORAGE_FULL), registrations and state changes go on.",
             ),
             registry,
         }

@@ -390,6 +390,10 @@ impl ErrorCode {
     pub const HEARTBEAT_TIMEOUT: ErrorCode = ErrorCode(16);
     /// The request kind is not one this server knows (a newer client); the link stays up.
     pub const UNSUPPORTED: ErrorCode = ErrorCode(17);
+    /// The server's storage is full: the call (or message) could not be stored and was
+    /// not placed; nothing was recorded. Registrations and state queries still work;
+    /// retry later.
+    pub const STORAGE_FULL: ErrorCode = ErrorCode(18);
 
     /// A short stable name, for logs and people.
     pub fn name(self) -> &'static str {
@@ -412,6 +416,7 @@ impl ErrorCode {
             15 => "session_replaced",
             16 => "heartbeat_timeout",
             17 => "unsupported",
+            18 => "storage_full",
             _ => "unrecognised",
         }
     }

@@ -2,6 +2,7 @@
 //! files, the load generator and the agent benchmark used to carry each in a copy of
 //! their own.
 //!
+//! - [`fs`]: a small tmpfs that a test can fill up (a full disk).
 //! - [`net`]: a free loopback port; waiting until something listens.
 //! - [`process`]: signals to a child, waiting for an exit with a deadline, a child that
 //!   is killed when dropped.
@@ -11,6 +12,7 @@
 //! It depends on no crate of this workspace, so the server's own benchmark binaries can
 //! use it as well as the tests of every crate.
 
+pub mod fs;
 pub mod net;
 pub mod process;
 pub mod procfs;

@@ -139,6 +139,7 @@
       case DIAL.UNKNOWN_USER: return `There is no TV with number ${ev.callee}.`;
       case DIAL.UNREACHABLE: return "Cannot reach the call service. Reconnecting…";
       case DIAL.ALREADY_IN_CALL: return "Finish the current call first.";
+      case DIAL.STORAGE_FULL: return `The call service cannot save calls right now, so ${who} was not called. Try again later.`;
       default: return `Cannot call ${who}: ${ev.message}`;
     }
   }

@@ -2,7 +2,7 @@
 "use strict";
 var OUTCOMES = Object.freeze({
   end: Object.freeze({ HUNG_UP: "hung_up", HUNG_UP_BY_PEER: "hung_up_by_peer", NO_ANSWER: "no_answer", REJECTED: "rejected", PEER_LOST: "peer_lost", SERVER_SHUTDOWN: "server_shutdown", LINK_LOST: "link_lost", ANSWER_FAILED: "answer_failed" }),
-  dial_failed: Object.freeze({ BUSY: "busy", UNKNOWN_USER: "unknown_user", UNREACHABLE: "unreachable", ALREADY_IN_CALL: "already_in_call", FAILED: "failed" }),
+  dial_failed: Object.freeze({ BUSY: "busy", UNKNOWN_USER: "unknown_user", UNREACHABLE: "unreachable", ALREADY_IN_CALL: "already_in_call", STORAGE_FULL: "storage_full", FAILED: "failed" }),
   missed: Object.freeze({ OFFLINE: "offline", NO_ANSWER: "no_answer", BUSY: "busy" }),
   call_state: Object.freeze({ IDLE: "idle", RINGING_OUT: "ringing_out", RINGING_IN: "ringing_in", IN_CALL: "in_call" }),
 });

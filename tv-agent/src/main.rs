@@ -1,6 +1,7 @@
 //! The `tv-agent` command: `run` is the TV daemon; `missed`, `call` and `answer` are
 //! scripted modes that power on, do one thing, print JSON and exit with a meaningful
-//! code (0: answered or durably cached; 1: another outcome; 3: server unreachable).
+//! code (0: answered or durably cached; 1: another outcome; 2: the missed calls could not
+//! be printed; 3: server unreachable; 5: the server's storage is full, nothing placed).
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -326,6 +327,10 @@ async fn boot(
     }
 }
 
+/// The exit code of a call the server could not store (its disk is full): not the
+/// same as unreachable (3), since the server answered and nothing was placed.
+const STORAGE_FULL_EXIT: u8 = 5;
+
 fn unreachable_exit(reason: &str) -> ExitCode {
     println!("{}", json!({"outcome": "unreachable", "reason": reason}));
     ExitCode::from(3)
@@ -443,6 +448,14 @@ async fn call(tv: &TvArgs, audio: &AudioArgs, to: u64, seconds: f64) -> anyhow::
         DialResult::Cached(call_id) => report("cached", Some(call_id), to, None),
         DialResult::Busy(call_id) => report("busy", Some(call_id), to, None),
         DialResult::Unreachable(reason) => unreachable_exit(&reason),
+        DialResult::StorageFull => {
+            println!(
+                "{}",
+                json!({"outcome": "storage_full", "call_id": null, "peer": to,
+                       "reason": "the server's storage is full: the call was not placed or recorded; try again later"})
+            );
+            ExitCode::from(STORAGE_FULL_EXIT)
+        }
         other => report(other.outcome(), None, to, None),
     };
     agent.power_off().await;

@@ -411,3 +411,83 @@ async fn mute_sends_silence_until_unmuted() {
     assert!(silence_at < last_sound, "the tone came back after unmuting");
     srv.stop().await;
 }
+
+/// A call the server cannot store (its database's disk is full) is a clear outcome of
+/// its own, `storage_full` with exit code 5, not `unreachable`: the server answered and
+/// nothing was placed. Once space returns the same call is cached. Needs root (tmpfs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_server_cannot_store_is_storage_full_exit_5() {
+    use call_proxy_server::embedded::RunningServer;
+    use call_proxy_server::{Config, SqliteOptions, SqliteStore};
+    let disk = test_support::fs::Tmpfs::mount(4 << 20).unwrap();
+    let db = disk.path().join("db.sqlite");
+    let store = SqliteStore::open(
+        &db,
+        SqliteOptions {
+            reserve_bytes: 1 << 20,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    let config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        db: Some(db.clone()),
+        ..Config::default()
+    };
+    let srv = RunningServer::start(config, store).unwrap();
+    let server = srv.addr.to_string();
+    let (a, b) = (A.to_string(), B.to_string());
+    let (code, _) =
+        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    assert_eq!(code, 0);
+    let call = || {
+        tokio::task::block_in_place(|| {
+            agent_bin(&[
+                "call",
+                "--user",
+                &a,
+                "--server",
+                &server,
+                "--to",
+                &b,
+                "--audio-in",
+                "null",
+                "--audio-out",
+                "null",
+            ])
+        })
+    };
+    let filler = test_support::fs::fill(disk.path()).unwrap();
+    let (code, lines) = call();
+    assert_eq!(code, 5, "{lines:?}");
+    assert_eq!(lines[0]["outcome"], "storage_full", "{lines:?}");
+    assert!(
+        lines[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("storage is full"),
+        "{lines:?}"
+    );
+    std::fs::remove_file(filler).unwrap();
+    // The store looks for space twice a second.
+    let mut cached = None;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (code, lines) = call();
+        if code == 0 {
+            cached = Some(lines);
+            break;
+        }
+        assert_eq!(code, 5, "{lines:?}");
+    }
+    let lines = cached.expect("cached once space returned");
+    assert_eq!(lines[0]["outcome"], "cached");
+    let (code, lines) =
+        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    assert_eq!(
+        (code, lines.len()),
+        (0, 1),
+        "only the stored call: {lines:?}"
+    );
+    srv.stop().await.unwrap();
+}

@@ -246,10 +246,18 @@ async fn healthz() -> Response {
     Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
-/// Readiness: a trivial query reaches the database through the operator's reads.
+/// Readiness: a trivial query reaches the database through the operator's reads, and
+/// the database's disk has room for new records (503 while it is full: a load balancer
+/// should send new TVs elsewhere, though the ones here keep working).
 async fn readyz<S: Store, O: OperatorStore>(
     State(state): State<Arc<AdminState<S, O>>>,
 ) -> Response {
+    if state.shared.store.metrics().is_full() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the database's disk is full; new calls are refused until space returns",
+        );
+    }
     match state.probe(state.ops.ping()).await {
         Ok(()) => Json(serde_json::json!({ "status": "ready" })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {e}")),
@@ -267,6 +275,8 @@ async fn metrics<S: Store, O: OperatorStore>(
     m.tvs_online.set(gauge_value(shared.registry.online()));
     m.live_calls.set(gauge_value(shared.registry.live_calls()));
     m.db_up.set(i64::from(cache_depth.is_ok()));
+    m.storage_full
+        .set(i64::from(shared.store.metrics().is_full()));
     match cache_depth {
         Ok(n) => m.cached_waiting.set(i64::try_from(n).unwrap_or(i64::MAX)),
         Err(err) => tracing::warn!(error = %err, "metrics: cannot count cached calls"),

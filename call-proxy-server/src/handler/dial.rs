@@ -1,15 +1,14 @@
 //! `Dial` (flows 4 and 5): record the call in `user_call`, then ring an online callee
 //! and give the caller its media address, or tell the caller the call is cached for an
-//! offline callee. A cached (or busy) call's record is durable before the caller hears
-//! "cached"; a live call's record is queued before the ring (a [`Store`] write is
-//! queued when its method returns) and commits with the next group, so call set-up does
-//! not wait for the disk.
+//! offline callee. No call rings and no caller hears "cached" or "busy" before the
+//! call's record is durable: while the database's disk is full a dial is refused with
+//! `STORAGE_FULL` and nothing rings (a live call's record costs one group commit,
+//! ~1–3 ms, before the ring).
 //!
 //! A dial with an idempotency key is answered at most once per record: a key the caller
 //! already used (within [`shared_proto::KEY_LIFETIME_MS`]) is answered from the first
 //! call's record ([`replay`]) and nothing new is planned or stored; the store's keyed
-//! insert is the arbiter when two dials with one key race. A keyed live call rings only
-//! once its record is durable (so no TV rings for a call whose key did not stick).
+//! insert is the arbiter when two dials with one key race.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +41,9 @@ pub async fn handle<S: Store>(
             return replay(shared, callee, first);
         }
     }
+    if shared.store.metrics().is_full() {
+        return Err(super::storage_full());
+    }
     let plan = shared
         .registry
         .plan_dial(me.user, me.session_id, callee, now)?;
@@ -54,29 +56,23 @@ pub async fn handle<S: Store>(
     // contract): every later change of this call is queued after it. With a key, the
     // store also finds a first call with that key that this handler's read missed (a
     // retry racing its first dial), and records nothing.
-    let insert = shared.store.insert_keyed_call(
-        NewCall {
-            id: call_id,
-            caller: me.user,
-            callee,
-            at_ms: now,
-            outcome,
-            caller_ip: peer.ip(),
-        },
-        key,
-    );
-    if outcome == Outcome::Ringing && key.is_none() {
-        // Unkeyed: the record is queued (ahead of any later change to this call) and commits
-        // with the next group; dropping its `Pending` does not cancel it, so the callee
-        // rings without waiting for the disk. "Ringing"
-        // acknowledges a live call, not a stored message: should the server die within
-        // that commit, both TVs' links die with it.
-        drop(insert);
-        return ring(shared, me, callee, call_id).await;
-    }
-    let recorded = insert.await;
+    let recorded = shared
+        .store
+        .insert_keyed_call(
+            NewCall {
+                id: call_id,
+                caller: me.user,
+                callee,
+                at_ms: now,
+                outcome,
+                caller_ip: peer.ip(),
+            },
+            key,
+        )
+        .await;
     if outcome == Outcome::Ringing && !matches!(recorded, Ok(InsertResult::Recorded { .. })) {
-        // A keyed live call whose record was not written: it never rings.
+        // A live call whose record was not written (disk full, a key that did not
+        // stick): it never rings.
         shared.registry.abandon(call_id);
     }
     let waiting = match recorded {

@@ -119,10 +119,26 @@ pub fn unsupported(kind: u16) -> WireError {
 
 /// A storage failure as the TV sees it: nothing was acknowledged, try again.
 pub fn storage_error(e: StoreError) -> WireError {
-    tracing::error!(error = %e, "storage failure");
+    match e {
+        StoreError::Full(_) => {
+            tracing::warn!(error = %e, "refused: storage full");
+            storage_full()
+        }
+        e => {
+            tracing::error!(error = %e, "storage failure");
+            WireError::new(
+                ErrorCode::INTERNAL,
+                "the server could not store this; nothing was recorded, retry",
+            )
+        }
+    }
+}
+
+/// The refusal of a request that needs a new record while the database's disk is full.
+pub fn storage_full() -> WireError {
     WireError::new(
-        ErrorCode::INTERNAL,
-        "the server could not store this; nothing was recorded, retry",
+        ErrorCode::STORAGE_FULL,
+        "the server's storage is full: nothing was recorded (no call was placed); try again later",
     )
 }
 

@@ -330,6 +330,8 @@ pub struct StoreMetrics {
     /// Duration of each durable commit of acknowledged writes (one transaction and one
     /// sync, however many writes it carried), in seconds.
     commits: prometheus::Histogram,
+    /// The database's disk is full: new records are refused, state changes go on.
+    full: std::sync::atomic::AtomicBool,
 }
 
 impl Default for StoreMetrics {
@@ -339,6 +341,7 @@ impl Default for StoreMetrics {
                 "call_proxy_db_commit_seconds",
                 "Duration of each database group commit (one transaction, one sync).",
             ),
+            full: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -352,6 +355,18 @@ impl StoreMetrics {
     /// Commits timed so far.
     pub fn commit_count(&self) -> u64 {
         self.commits.get_sample_count()
+    }
+
+    /// Marks the database's disk full (or not any more).
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the database's disk is full now: new call records (and later messages)
+    /// are refused with [`StoreError::Full`], while registrations, offline marks, call
+    /// ends and acknowledgements are still recorded.
+    pub fn is_full(&self) -> bool {
+        self.full.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The commit-duration histogram, for `/metrics`.
@@ -378,6 +393,11 @@ impl StoreMetrics {
 ///   `Ok` sees that change.
 /// - **Closing flushes.** [`Store::close`] waits for every queued write; later writes
 ///   fail with [`StoreError::Closed`].
+/// - **A full disk is a state.** When the disk fills, the backend reports it
+///   ([`StoreMetrics::is_full`]) and refuses new records with [`StoreError::Full`] while
+///   the writes that keep the state true (registrations, offline marks, call ends,
+///   acknowledgements) still commit, until space returns; then it accepts records again,
+///   with no restart.
 /// - **A keyed call is stored at most once.** Among the calls of one caller placed
 ///   within [`shared_proto::KEY_LIFETIME_MS`] of each other, at most one record carries
 ///   a given idempotency key: [`Store::insert_keyed_call`] with a key already recorded
@@ -510,6 +530,7 @@ pub fn open(config: &Config) -> Result<AnyStore, StoreError> {
             &config.db_path(),
             sqlite::SqliteOptions {
                 sync_full: config.sync_full,
+                reserve_bytes: config.disk_reserve_mb.saturating_mul(1 << 20),
                 ..sqlite::SqliteOptions::default()
             },
         )?)),

@@ -370,6 +370,9 @@ impl CallMachine {
                         let message = match &r {
                             DialResult::Busy(_) => format!("{callee} is in another call"),
                             DialResult::UnknownUser => format!("{callee} is not a known TV"),
+                            DialResult::StorageFull => {
+                                format!("the server's storage is full: {callee} was not called")
+                            }
                             DialResult::Unreachable(m) | DialResult::Failed(m) => m.clone(),
                             _ => String::new(),
                         };
@@ -696,6 +699,11 @@ mod tests {
                 DialResult::Unreachable("down".into()),
                 DialFailure::Unreachable,
                 "down",
+            ),
+            (
+                DialResult::StorageFull,
+                DialFailure::StorageFull,
+                "the server's storage is full: 2002 was not called",
             ),
             (DialResult::Failed("odd".into()), DialFailure::Failed, "odd"),
         ] {

@@ -528,6 +528,7 @@ fn dial_reply(r: Result<Reply, LinkError>) -> DialReply {
         Err(e) => DialReply::Other(match e.code() {
             Some(ErrorCode::UNKNOWN_USER) => DialResult::UnknownUser,
             Some(ErrorCode::ALREADY_IN_CALL) => DialResult::AlreadyInCall,
+            Some(ErrorCode::STORAGE_FULL) => DialResult::StorageFull,
             Some(_) => DialResult::Failed(e.to_string()),
             None => DialResult::Unreachable(e.to_string()),
         }),

@@ -87,6 +87,8 @@ words! {
         Unreachable => "unreachable",
         /// This TV is already in a call.
         AlreadyInCall => "already_in_call",
+        /// The server's storage is full: the call was neither placed nor recorded.
+        StorageFull => "storage_full",
         /// Another error from the server.
         Failed => "failed",
     }

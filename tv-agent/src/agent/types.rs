@@ -116,6 +116,8 @@ pub enum DialResult {
     UnknownUser,
     /// This TV is already in a call.
     AlreadyInCall,
+    /// The server's storage is full: nothing was placed or recorded (retry later).
+    StorageFull,
     /// No connection to the server.
     Unreachable(String),
     /// Another error from the server.
@@ -139,6 +141,7 @@ impl DialResult {
             DialResult::Busy(_) => Some(DialFailure::Busy),
             DialResult::UnknownUser => Some(DialFailure::UnknownUser),
             DialResult::AlreadyInCall => Some(DialFailure::AlreadyInCall),
+            DialResult::StorageFull => Some(DialFailure::StorageFull),
             DialResult::Unreachable(_) => Some(DialFailure::Unreachable),
             DialResult::Failed(_) => Some(DialFailure::Failed),
         }

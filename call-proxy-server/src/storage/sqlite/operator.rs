@@ -364,6 +364,7 @@ pub fn fill_synthetic(path: &Path, users: u64, calls: u64) -> Result<(), StoreEr
             sync_full: false,
             readers: 1,
             max_batch: 1,
+            reserve_bytes: 0,
         },
     )?);
     let conn = Connection::open(path)?;
