@@ -66,6 +66,11 @@ pub struct Config {
     /// until its allowance is whole again) is closed; over-limit requests the client is
     /// not waiting for (more of its frames already arrived) are dropped unanswered.
     pub request_burst: u32,
+    /// How long a source address is refused new connections after
+    /// [`crate::server::limits::FLOOD_STRIKES`] of its connections were closed for
+    /// flooding within this time; doubled for each further strike (at most 16 ×);
+    /// 0 = never refuse.
+    pub flood_penalty_ms: u64,
     /// Time a write to a TV may take before its connection is dropped.
     pub write_timeout_ms: u64,
     /// Register users the server has never seen (off: only provisioned users).
@@ -100,6 +105,7 @@ impl Default for Config {
             max_frame_len: shared_proto::MAX_FRAME_LEN,
             requests_per_sec: 20,
             request_burst: 100,
+            flood_penalty_ms: 10_000,
             write_timeout_ms: 10_000,
             create_unknown_users: true,
             shutdown_grace_ms: 5_000,

@@ -429,6 +429,7 @@ where
                     Verdict::Close => {
                         shared.metrics.rate_limited.inc();
                         shared.metrics.flood_closed.inc();
+                        shared.gate.flooded(st.peer.ip());
                         return Some((WireError::new(ErrorCode::RATE_LIMITED, "too many requests; disconnected"), true));
                     }
                 };

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub refused_per_ip: IntCounter,
     /// Connections closed for sending too many requests over the rate limit.
     pub flood_closed: IntCounter,
+    /// Connections refused because their source address flooded lately.
+    pub refused_flooding: IntCounter,
     /// Requests over the rate limit dropped without an answer.
     pub rate_limited_dropped: IntCounter,
     /// The effective connection limit derived at start (see `Config::max_connections`).
@@ -154,6 +156,10 @@ impl Metrics {
             flood_closed: counter(
                 "call_proxy_flood_closed_total",
                 "Connections closed for too many requests over the rate limit.",
+            ),
+            refused_flooding: counter(
+                "call_proxy_connections_refused_flooding_total",
+                "Connections refused because their source address flooded lately (flood_penalty_ms).",
             ),
             rate_limited_dropped: counter(
                 "call_proxy_rate_limited_dropped_total",

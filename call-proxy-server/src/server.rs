@@ -149,6 +149,17 @@ async fn accept_loop<S: Store>(
                     shared.metrics.connections.dec();
                 });
             }
+            Admission::Penalised(left) => {
+                shared.metrics.refused_flooding.inc();
+                refuse_now(
+                    stream,
+                    ErrorCode::RATE_LIMITED,
+                    &format!(
+                        "this address flooded the server: new connections are refused for {} s more",
+                        left.as_secs().max(1)
+                    ),
+                );
+            }
             Admission::Full => {
                 shared.metrics.rejected_full.inc();
                 refuse_now(

@@ -219,6 +219,50 @@ async fn flood(
     r
 }
 
+/// A flooder that reconnects as soon as it is closed (each time registering again, which
+/// costs the server a database write) is refused at accept after a few rounds, for the
+/// flood penalty; TVs from other addresses are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_keeps_flooding_is_refused_at_accept() {
+    let srv = TestServer::start_with(|c| {
+        c.requests_per_sec = 100;
+        c.request_burst = 100;
+        c.flood_penalty_ms = 60_000;
+    })
+    .await;
+    let flooder = local(20);
+    let mut rounds = 0;
+    let refusal = loop {
+        assert!(rounds < 10, "still admitted after {rounds} flood closes");
+        match tv_from(srv.addr, flooder, 300).await {
+            Err(ClientError::Refused(e)) => break e,
+            Err(e) => panic!("{e}"),
+            Ok(mut c) => {
+                rounds += 1;
+                let bytes = frames(&Request::Heartbeat, 10, 2_000);
+                // Bounded: the server closes it after 3 × the burst over the limit.
+                for _ in 0..100 {
+                    if c.send_raw(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                while c.connection().recv().await.is_ok() {}
+            }
+        }
+    };
+    assert_eq!(refusal.code, ErrorCode::RATE_LIMITED, "{refusal:?}");
+    assert!(refusal.message.contains("flooded"), "{refusal:?}");
+    assert_eq!(rounds, 3, "refused after the third flood close");
+    assert!(srv.shared.metrics.refused_flooding.get() >= 1);
+    // Another address registers as usual.
+    let mut genuine = tv_from(srv.addr, local(1), 301).await.unwrap();
+    assert!(matches!(
+        genuine.request(Request::Heartbeat).await.unwrap(),
+        Reply::HeartbeatAck { .. }
+    ));
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_is_closed_after_a_bounded_number_of_frames_and_few_answers() {
     const BURST: u32 = 100;

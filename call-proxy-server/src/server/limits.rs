@@ -14,10 +14,18 @@
 //! Genuine TVs register within milliseconds of connecting, so silent or half-open
 //! connections are what gets shed. Registered connections are capped per source address
 //! by `max_per_ip` (generous: carrier-grade NAT puts many TVs behind one address).
+//!
+//! A source address whose connections keep getting closed for flooding
+//! ([`FLOOD_STRIKES`] closes within `flood_penalty_ms`) is refused new connections for
+//! `flood_penalty_ms`, doubling with each further strike up to 16 times: a flooder that
+//! reconnects at once then costs one accept and one refusal per attempt, not a
+//! registration. Its TVs already connected are not touched; behind carrier-grade NAT a
+//! single misbehaving TV does not block the address, a persistent flooder does.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::oneshot;
@@ -29,6 +37,14 @@ use crate::metrics::Metrics;
 /// its goodbye takes); beyond it new connections are refused instead of shedding more.
 /// Part of what `fd_reserve` covers.
 pub const SHEDDING_IN_FLIGHT: usize = 32;
+
+/// Flood closes of one source address within the penalty window after which its new
+/// connections are refused for a while.
+pub const FLOOD_STRIKES: u32 = 3;
+
+/// Most source addresses remembered for flooding (expired ones are forgotten first; past
+/// this, new flooders are not tracked: the map cannot be grown without bound).
+pub const MAX_PENALISED_SOURCES: usize = 65_536;
 
 /// The limits in force, derived once at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +63,8 @@ pub struct Limits {
     pub max_unregistered_per_ip: usize,
     /// Most registered connections from one source address; 0 = no limit.
     pub max_per_ip: usize,
+    /// How long a flooding source is refused (see [`FLOOD_STRIKES`]); zero: never.
+    pub flood_penalty: Duration,
 }
 
 impl Limits {
@@ -66,6 +84,7 @@ impl Limits {
             max_unregistered: config.max_unregistered.clamp(1, max_connections),
             max_unregistered_per_ip: config.max_unregistered_per_ip.clamp(1, max_connections),
             max_per_ip: config.max_per_ip,
+            flood_penalty: Duration::from_millis(config.flood_penalty_ms),
         }
     }
 
@@ -159,12 +178,79 @@ impl SourceKey {
     }
 }
 
+impl Gate {
+    /// A connection from `ip` was closed for flooding: one strike for its source; at
+    /// [`FLOOD_STRIKES`] within the penalty window the source is refused for the
+    /// penalty, doubled for each strike beyond (at most 16 times).
+    pub fn flooded(&self, ip: IpAddr) {
+        self.flooded_at(ip, Instant::now());
+    }
+
+    fn flooded_at(&self, ip: IpAddr, now: Instant) {
+        let penalty = self.inner.limits.flood_penalty;
+        if penalty.is_zero() {
+            return;
+        }
+        let key = SourceKey::of(ip);
+        let mut st = self.inner.lock();
+        if st.strikes.len() >= MAX_PENALISED_SOURCES && !st.strikes.contains_key(&key) {
+            st.strikes.retain(|_, s| s.current(now, penalty));
+            if st.strikes.len() >= MAX_PENALISED_SOURCES {
+                return;
+            }
+        }
+        let fresh = Strikes {
+            count: 0,
+            last: now,
+            until: None,
+        };
+        let s = st.strikes.entry(key).or_insert(fresh);
+        if !s.current(now, penalty) {
+            // Quiet for a whole window: a new run.
+            *s = Strikes {
+                count: 0,
+                last: now,
+                until: None,
+            };
+        }
+        s.count = s.count.saturating_add(1);
+        s.last = now;
+        if s.count >= FLOOD_STRIKES {
+            let doublings = (s.count - FLOOD_STRIKES).min(4);
+            let until = now + penalty * (1u32 << doublings);
+            s.until = Some(until);
+            tracing::warn!(source = %key.0, strikes = s.count, refused_for = ?(until - now), "source refused for flooding");
+        }
+    }
+}
+
 /// The outcome of [`Gate::admit`].
 pub enum Admission {
     /// Serve it; the ticket holds its slot until dropped.
     Admitted(Ticket),
     /// No room, and no unregistered connection left to shed: refuse with `SERVER_FULL`.
     Full,
+    /// The source flooded: refuse with `RATE_LIMITED` for this much longer.
+    Penalised(Duration),
+}
+
+/// A source address's flood record.
+struct Strikes {
+    /// Flood closes counted in this run of strikes.
+    count: u32,
+    /// The last strike.
+    last: Instant,
+    /// Refused until then.
+    until: Option<Instant>,
+}
+
+impl Strikes {
+    /// Whether a strike at `now` still belongs to this run: one penalty window has not
+    /// passed since the last strike or the end of the last refusal.
+    fn current(&self, now: Instant, window: Duration) -> bool {
+        let quiet_since = self.until.map_or(self.last, |u| u.max(self.last));
+        now < quiet_since || now.duration_since(quiet_since) < window
+    }
 }
 
 /// Why [`Ticket::registering`] refused.
@@ -197,6 +283,8 @@ struct State {
     unregistered_by_source: HashMap<SourceKey, BTreeSet<u64>>,
     /// Registered (or registering) connections by source.
     registered_by_source: HashMap<SourceKey, usize>,
+    /// Sources closed for flooding lately.
+    strikes: HashMap<SourceKey, Strikes>,
 }
 
 impl State {
@@ -303,9 +391,18 @@ impl Gate {
     /// Admits a connection from `ip`, shedding the oldest unregistered one if the
     /// server, the unregistered total or this source's unregistered count is full.
     pub fn admit(&self, ip: IpAddr) -> Admission {
+        self.admit_at(ip, Instant::now())
+    }
+
+    fn admit_at(&self, ip: IpAddr, now: Instant) -> Admission {
         let key = SourceKey::of(ip);
         let lim = &self.inner.limits;
         let mut st = self.inner.lock();
+        if let Some(until) = st.strikes.get(&key).and_then(|s| s.until) {
+            if until > now {
+                return Admission::Penalised(until - now);
+            }
+        }
         if (st.open >= lim.max_connections || st.unregistered.len() >= lim.max_unregistered)
             && !st.shed_oldest(None, &self.inner.shed)
         {
@@ -472,7 +569,7 @@ mod tests {
     fn admitted(a: Admission) -> Ticket {
         match a {
             Admission::Admitted(t) => t,
-            Admission::Full => panic!("refused"),
+            Admission::Full | Admission::Penalised(_) => panic!("refused"),
         }
     }
 
@@ -554,5 +651,53 @@ mod tests {
             SourceKey::of("::ffff:10.0.0.1".parse().unwrap()),
             SourceKey::of(ip(1))
         );
+    }
+
+    #[test]
+    fn a_source_that_keeps_flooding_is_refused_for_a_while_and_longer_each_time() {
+        let m = Metrics::new();
+        let config = Config {
+            flood_penalty_ms: 10_000,
+            ..cfg(100)
+        };
+        let gate = Gate::new(Limits::derive(&config, u64::MAX, 0), &m);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let refused = |a: Admission| match a {
+            Admission::Penalised(left) => Some(left),
+            _ => None,
+        };
+        // Two strikes: still admitted. A third within the window: refused for 10 s.
+        gate.flooded_at(ip(1), at(0));
+        gate.flooded_at(ip(1), at(100));
+        assert_eq!(refused(gate.admit_at(ip(1), at(200))), None);
+        gate.flooded_at(ip(1), at(300));
+        assert_eq!(
+            refused(gate.admit_at(ip(1), at(400))),
+            Some(Duration::from_millis(9_900))
+        );
+        // Other sources are not affected.
+        assert_eq!(refused(gate.admit_at(ip(2), at(400))), None);
+        // After the penalty it is admitted; flooding again at once doubles it.
+        assert_eq!(refused(gate.admit_at(ip(1), at(10_300))), None);
+        gate.flooded_at(ip(1), at(10_400));
+        assert_eq!(
+            refused(gate.admit_at(ip(1), at(10_500))),
+            Some(Duration::from_millis(19_900))
+        );
+        // Quiet for a whole window after the refusal ended: a fresh start (one strike
+        // is not enough to be refused).
+        gate.flooded_at(ip(1), at(40_500));
+        assert_eq!(refused(gate.admit_at(ip(1), at(40_600))), None);
+        // Off: no penalty at all.
+        let config = Config {
+            flood_penalty_ms: 0,
+            ..cfg(100)
+        };
+        let off = Gate::new(Limits::derive(&config, u64::MAX, 0), &m);
+        for i in 0..10 {
+            off.flooded_at(ip(1), at(i));
+        }
+        assert_eq!(refused(off.admit_at(ip(1), at(20))), None);
     }
 }
