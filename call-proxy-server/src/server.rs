@@ -118,6 +118,13 @@ async fn accept_loop<S: Store>(
     stop: &watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(1);
+    // Connections of flooding sources held before their refusal (a tarpit): a flooder
+    // that reconnects at once then waits instead of costing an accept and a refusal in a
+    // tight loop. Few, so they fit in the descriptor reserve; beyond them the refusal is
+    // immediate.
+    let tarpit = Arc::new(tokio::sync::Semaphore::new(
+        (shared.gate.limits().fd_reserve / 2).max(16) as usize,
+    ));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => {
@@ -151,14 +158,20 @@ async fn accept_loop<S: Store>(
             }
             Admission::Penalised(left) => {
                 shared.metrics.refused_flooding.inc();
-                refuse_now(
-                    stream,
-                    ErrorCode::RATE_LIMITED,
-                    &format!(
-                        "this address flooded the server: new connections are refused for {} s more",
-                        left.as_secs().max(1)
-                    ),
+                let reason = format!(
+                    "this address flooded the server: new connections are refused for {} s more",
+                    left.as_secs().max(1)
                 );
+                match Arc::clone(&tarpit).try_acquire_owned() {
+                    Ok(held) => {
+                        tracker.spawn(async move {
+                            tokio::time::sleep(left.min(TARPIT_HOLD)).await;
+                            refuse(stream, ErrorCode::RATE_LIMITED, &reason).await;
+                            drop(held);
+                        });
+                    }
+                    Err(_) => refuse_now(stream, ErrorCode::RATE_LIMITED, &reason),
+                }
             }
             Admission::Full => {
                 shared.metrics.rejected_full.inc();
@@ -171,6 +184,9 @@ async fn accept_loop<S: Store>(
         }
     }
 }
+
+/// How long a connection from a flooding source is held before it is refused.
+const TARPIT_HOLD: Duration = Duration::from_secs(1);
 
 /// Refuses a just-accepted connection without holding its descriptor: one
 /// non-blocking write of the rejecting preamble (a fresh socket's send buffer always

@@ -247,7 +247,7 @@ const ADMIN_TOKEN: &str = "limitbench-admin-token-0123456789";
 
 /// The server's counters of limits and floods, from `/metrics` (one line).
 async fn limit_metrics(admin: SocketAddr) -> String {
-    const NAMES: [&str; 8] = [
+    const NAMES: [&str; 9] = [
         "call_proxy_rate_limited_total ",
         "call_proxy_connections ",
         "call_proxy_connections_unregistered ",
@@ -256,6 +256,7 @@ async fn limit_metrics(admin: SocketAddr) -> String {
         "call_proxy_flood_closed_total ",
         "call_proxy_rate_limited_dropped_total ",
         "call_proxy_accept_errors_total ",
+        "call_proxy_connections_refused_flooding_total ",
     ];
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(admin).await?;
