@@ -365,6 +365,7 @@ pub fn fill_synthetic(path: &Path, users: u64, calls: u64) -> Result<(), StoreEr
             readers: 1,
             max_batch: 1,
             reserve_bytes: 0,
+            wal_tight_below: super::WAL_TIGHT_BELOW_BYTES,
         },
     )?);
     let conn = Connection::open(path)?;

@@ -94,20 +94,24 @@ impl Reserve {
     /// Whether the file system now has room for the reserve and the margin besides it
     /// (an unreadable file system counts as having none).
     pub fn room_returned(&self) -> bool {
+        let held = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        self.free_bytes().is_some_and(|free| {
+            free.saturating_add(held) >= self.bytes.saturating_add(MARGIN_BYTES)
+        })
+    }
+
+    /// Bytes free for this process on the database's file system, if it can be read.
+    pub fn free_bytes(&self) -> Option<u64> {
         let dir = self
             .path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         match rustix::fs::statvfs(dir) {
-            Ok(st) => {
-                let free = st.f_bavail.saturating_mul(st.f_frsize);
-                let held = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-                free.saturating_add(held) >= self.bytes.saturating_add(MARGIN_BYTES)
-            }
+            Ok(st) => Some(st.f_bavail.saturating_mul(st.f_frsize)),
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot read the free space");
-                false
+                None
             }
         }
     }
