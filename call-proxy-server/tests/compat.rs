@@ -200,7 +200,12 @@ async fn an_old_agent_registers_fetches_acks_dials_answers_and_hangs_up() {
         }
         other => panic!("{other:?}"),
     }
-    new.request(Request::Answer { call_id }).await.unwrap();
+    new.request(Request::Answer {
+        call_id,
+        srtp: None,
+    })
+    .await
+    .unwrap();
     assert_eq!(old.next_event().await, v1::Event::CallAnswered { call_id });
 
     // While they talk, a third TV's call to the old TV is busy: the old TV is told
@@ -246,7 +251,13 @@ async fn an_old_agent_registers_fetches_acks_dials_answers_and_hangs_up() {
         old.request(v1::Request::Answer { call_id }).await,
         Ok(v1::Reply::Done)
     );
-    assert_eq!(event(&mut new).await, Event::CallAnswered { call_id });
+    assert_eq!(
+        event(&mut new).await,
+        Event::CallAnswered {
+            call_id,
+            srtp: None
+        }
+    );
     new.request(Request::HangUp { call_id }).await.unwrap();
     assert_eq!(
         old.next_event().await,
@@ -346,12 +357,18 @@ async fn pushes_follow_the_features_a_session_asked_for() {
         Event::IncomingCall { .. }
     ));
     everything
-        .request(Request::Answer { call_id })
+        .request(Request::Answer {
+            call_id,
+            srtp: None,
+        })
         .await
         .unwrap();
     assert_eq!(
         event(&mut calls_only).await,
-        Event::CallAnswered { call_id }
+        Event::CallAnswered {
+            call_id,
+            srtp: None
+        }
     );
     assert!(matches!(
         dial(&mut third, OLD).await,

@@ -71,6 +71,7 @@ async fn dial(c: &mut Client, callee: UserId) -> Result<DialOutcome, ClientError
         .request(Request::Dial {
             callee,
             key: Some(rand::random()),
+            srtp: None,
         })
         .await?
     {
@@ -185,6 +186,7 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
         .request(Request::Dial {
             callee: ONLINE,
             key: None,
+            srtp: None,
         })
         .await
     {

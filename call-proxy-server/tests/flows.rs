@@ -23,7 +23,14 @@ async fn dial(
     c: &mut Client,
     callee: UserId,
 ) -> Result<DialOutcome, call_proxy_server::client::ClientError> {
-    match c.request(Request::Dial { callee, key: None }).await? {
+    match c
+        .request(Request::Dial {
+            callee,
+            key: None,
+            srtp: None,
+        })
+        .await?
+    {
         Reply::Dial(o) => Ok(o),
         other => panic!("unexpected reply {other:?}"),
     }
@@ -125,10 +132,21 @@ async fn flow4_call_between_online_tvs_exchanges_media_addresses() {
         other => panic!("expected incoming call, got {other:?}"),
     }
     assert_eq!(
-        b.request(Request::Answer { call_id }).await.unwrap(),
+        b.request(Request::Answer {
+            call_id,
+            srtp: None
+        })
+        .await
+        .unwrap(),
         Reply::Done
     );
-    assert_eq!(event(&mut a).await, Event::CallAnswered { call_id });
+    assert_eq!(
+        event(&mut a).await,
+        Event::CallAnswered {
+            call_id,
+            srtp: None
+        }
+    );
     assert_eq!(
         srv.call(call_id).map(|c| (c.2, c.3)),
         Some(("answered".into(), 1))
@@ -254,7 +272,13 @@ async fn call_ended_before_power_on_is_delivered_as_missed_never_ringing() {
         "no IncomingCall for a cached call"
     );
     // Answering a cached call is refused: it is not ringing.
-    let err = b.request(Request::Answer { call_id }).await.unwrap_err();
+    let err = b
+        .request(Request::Answer {
+            call_id,
+            srtp: None,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NO_SUCH_CALL));
     srv.stop().await;
 }
@@ -288,7 +312,13 @@ async fn ring_timeout_makes_a_missed_call_for_the_callee() {
     assert_eq!(missed.len(), 1);
     assert_eq!(missed[0].reason, MissedReason::NoAnswer);
     // Answering after the timeout is refused.
-    let err = b.request(Request::Answer { call_id }).await.unwrap_err();
+    let err = b
+        .request(Request::Answer {
+            call_id,
+            srtp: None,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NO_SUCH_CALL));
     srv.stop().await;
 }
@@ -479,6 +509,7 @@ async fn provisioned_only_server_refuses_unknown_registrations() {
         .request(Request::Dial {
             callee: B,
             key: None,
+            srtp: None,
         })
         .await
         .unwrap_err();

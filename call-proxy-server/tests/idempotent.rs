@@ -23,7 +23,14 @@ async fn dial(
     callee: UserId,
     key: Option<u64>,
 ) -> Result<DialOutcome, ClientError> {
-    match c.request(Request::Dial { callee, key }).await? {
+    match c
+        .request(Request::Dial {
+            callee,
+            key,
+            srtp: None,
+        })
+        .await?
+    {
         Reply::Dial(o) => Ok(o),
         other => panic!("not a dial reply: {other:?}"),
     }
@@ -124,7 +131,12 @@ async fn a_retried_keyed_dial_of_a_call_that_was_answered_or_rejected_names_it()
         panic!()
     };
     let _ = event(&mut b).await;
-    b.request(Request::Answer { call_id }).await.unwrap();
+    b.request(Request::Answer {
+        call_id,
+        srtp: None,
+    })
+    .await
+    .unwrap();
     a.request(Request::HangUp { call_id }).await.unwrap();
     srv.calls_settled().await;
     let err = dial(&mut a, 20, Some(1)).await.unwrap_err();

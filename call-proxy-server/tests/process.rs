@@ -84,6 +84,7 @@ async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boo
                     .request(Request::Dial {
                         callee: CALLEE,
                         key: None,
+                        srtp: None,
                     })
                     .await
                 {
@@ -154,6 +155,7 @@ async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
         .request(Request::Dial {
             callee: 2,
             key: None,
+            srtp: None,
         })
         .await
         .unwrap()
@@ -161,7 +163,12 @@ async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
         panic!()
     };
     let _ = b.next_event().await.unwrap();
-    b.request(Request::Answer { call_id }).await.unwrap();
+    b.request(Request::Answer {
+        call_id,
+        srtp: None,
+    })
+    .await
+    .unwrap();
     let _ = a.next_event().await.unwrap(); // answered
 
     server.signal(libc::SIGTERM);
@@ -247,6 +254,7 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
                         .request(Request::Dial {
                             callee: CALLEE,
                             key: Some(k),
+                            srtp: None,
                         })
                         .await
                     {
@@ -288,6 +296,7 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
             .request(Request::Dial {
                 callee: CALLEE,
                 key: Some(key),
+                srtp: None,
             })
             .await
             .unwrap()

@@ -87,8 +87,11 @@ async fn unknown_events_are_logged_and_dropped_and_the_link_stays_up() {
             .await;
         s.raw(&envelope::frame(0xc0ff, 0, b"a future control message"))
             .await;
-        s.send(ServerMsg::Event(Event::CallAnswered { call_id: 9 }))
-            .await;
+        s.send(ServerMsg::Event(Event::CallAnswered {
+            call_id: 9,
+            srtp: None,
+        }))
+        .await;
         let m = s.request().await;
         assert_eq!(m.request, Request::Heartbeat);
         s.reply(m.id, Reply::HeartbeatAck { server_time_ms: 42 })
@@ -100,7 +103,13 @@ async fn unknown_events_are_logged_and_dropped_and_the_link_stays_up() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(e, Event::CallAnswered { call_id: 9 });
+    assert_eq!(
+        e,
+        Event::CallAnswered {
+            call_id: 9,
+            srtp: None
+        }
+    );
     assert_eq!(c.skipped(), 3);
     assert_eq!(
         c.request(Request::Heartbeat).await.unwrap(),

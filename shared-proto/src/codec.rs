@@ -361,7 +361,10 @@ mod tests {
     #[test]
     fn golden_server_frames() {
         // An event: kind 0x8002 = CallAnswered, id 0, body call id 5.
-        let ev = server_frame_of(&ServerMsg::Event(Event::CallAnswered { call_id: 5 }));
+        let ev = server_frame_of(&ServerMsg::Event(Event::CallAnswered {
+            call_id: 5,
+            srtp: None,
+        }));
         assert_eq!(&ev[..], &[0, 0, 0, 7, 0x80, 0x02, 0, 0, 0, 0, 5]);
         // An error reply: kind 0x7fff, id 3, body code 17 (varint), message "x".
         let err = server_frame_of(&ServerMsg::Reply {
@@ -390,6 +393,7 @@ mod tests {
             request: Request::Dial {
                 callee: 2002,
                 key: Some(u64::MAX),
+                srtp: None,
             },
         });
         // The codec keeps state between calls, as it does on a socket: feed it byte by byte.
@@ -408,7 +412,8 @@ mod tests {
                 id: 1,
                 request: Request::Dial {
                     callee: 2002,
-                    key: Some(u64::MAX)
+                    key: Some(u64::MAX),
+                    srtp: None
                 }
             })
         );
@@ -461,17 +466,18 @@ mod tests {
 
     #[test]
     fn appended_body_fields_are_ignored() {
-        // A newer client appended a field to Dial's body (after the key, the last field
-        // this build knows).
+        // A newer client appended a field to Dial's body (after `srtp`, the last field
+        // this build knows: callee 7, key None, srtp None, then two bytes).
         let mut codec = ServerCodec::new(PROTOCOL_VERSION);
-        let mut buf = BytesMut::from(&envelope::frame(kind::DIAL, 4, &[7, 0, 0xaa, 0xbb])[..]);
+        let mut buf = BytesMut::from(&envelope::frame(kind::DIAL, 4, &[7, 0, 0, 0xaa, 0xbb])[..]);
         assert_eq!(
             codec.decode(&mut buf).expect("decodes"),
             Some(ClientFrame::Msg(ClientMsg {
                 id: 4,
                 request: Request::Dial {
                     callee: 7,
-                    key: None
+                    key: None,
+                    srtp: None
                 }
             }))
         );
@@ -486,6 +492,7 @@ mod tests {
             request: Request::Dial {
                 callee: 2002,
                 key: Some(5),
+                srtp: None,
             },
         });
         assert_eq!(
@@ -498,6 +505,7 @@ mod tests {
             request: Request::Dial {
                 callee: 2002,
                 key: None,
+                srtp: None,
             },
         });
         assert_eq!(
@@ -510,6 +518,7 @@ mod tests {
             request: Request::Dial {
                 callee: 7,
                 key: Some(0x0102_0304_0506_0708),
+                srtp: None,
             },
         });
         assert_eq!(
@@ -529,7 +538,8 @@ mod tests {
                 id: 3,
                 request: Request::Dial {
                     callee: 2002,
-                    key: None
+                    key: None,
+                    srtp: None
                 }
             }))
         );

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use crate::codec::{decode_prefix, decode_prefix_counted, encode_into, CodecError};
 use crate::messages::{
     CallId, ClientMsg, EndReason, Event, IdempotencyKey, Reply, Request, RequestId, ServerMsg,
-    UnixMillis, UserId, WireError,
+    SrtpKey, UnixMillis, UserId, WireError,
 };
 
 /// Bytes of the header (kind + id).
@@ -49,6 +49,10 @@ pub mod kind {
     pub const ACK_CACHED: u16 = 0x0009;
     /// [`crate::Request::Bye`].
     pub const BYE: u16 = 0x000a;
+    /// [`crate::Request::StartEnrollment`].
+    pub const START_ENROLLMENT: u16 = 0x000b;
+    /// [`crate::Request::PollEnrollment`].
+    pub const POLL_ENROLLMENT: u16 = 0x000c;
 
     /// [`crate::Reply::Registered`].
     pub const REGISTERED: u16 = 0x4001;
@@ -64,6 +68,8 @@ pub mod kind {
     pub const CACHED: u16 = 0x4006;
     /// [`crate::Reply::Acked`].
     pub const ACKED: u16 = 0x4007;
+    /// [`crate::Reply::Enrollment`].
+    pub const ENROLLMENT: u16 = 0x4008;
     /// A request failed: the body is a [`crate::WireError`].
     pub const ERROR: u16 = 0x7fff;
 
@@ -162,6 +168,8 @@ pub fn request_kind(request: &Request) -> u16 {
         Request::FetchCached { .. } => kind::FETCH_CACHED,
         Request::AckCached { .. } => kind::ACK_CACHED,
         Request::Bye => kind::BYE,
+        Request::StartEnrollment { .. } => kind::START_ENROLLMENT,
+        Request::PollEnrollment => kind::POLL_ENROLLMENT,
     }
 }
 
@@ -181,17 +189,36 @@ fn header<W: io::Write>(out: &mut W, kind: u16, id: RequestId) -> Result<(), Cod
     Ok(())
 }
 
+/// Writes the last, appended optional field of a body: nothing at all when it is `None`,
+/// so a message that does not use it is byte for byte what it was before the field
+/// existed (its decoder reads a missing field as `None`, see `appended`).
+fn append<T: serde::Serialize, W: io::Write>(
+    field: &Option<T>,
+    out: &mut W,
+) -> Result<(), CodecError> {
+    match field {
+        Some(_) => encode_into(field, out),
+        None => Ok(()),
+    }
+}
+
 /// Writes a client message's payload (header and body, no length prefix).
 pub fn encode_client<W: io::Write>(msg: &ClientMsg, out: &mut W) -> Result<(), CodecError> {
     header(out, request_kind(&msg.request), msg.id)?;
     match &msg.request {
         Request::Register(r) => encode_into(r, out),
-        Request::Heartbeat | Request::Bye => Ok(()),
+        Request::Heartbeat | Request::Bye | Request::PollEnrollment => Ok(()),
         Request::QueryState { users } => encode_into(users, out),
-        Request::Dial { callee, key } => encode_into(&(callee, key), out),
-        Request::Answer { call_id } | Request::Reject { call_id } | Request::HangUp { call_id } => {
-            encode_into(call_id, out)
+        Request::Dial { callee, key, srtp } => {
+            encode_into(&(callee, key), out)?;
+            append(srtp, out)
         }
+        Request::Answer { call_id, srtp } => {
+            encode_into(call_id, out)?;
+            append(srtp, out)
+        }
+        Request::Reject { call_id } | Request::HangUp { call_id } => encode_into(call_id, out),
+        Request::StartEnrollment { agent_version } => encode_into(agent_version, out),
         Request::FetchCached { after, limit } => encode_into(&(after, limit), out),
         Request::AckCached { call_ids } => encode_into(call_ids, out),
     }
@@ -230,6 +257,10 @@ pub fn encode_server<W: io::Write>(msg: &ServerMsg, out: &mut W) -> Result<(), C
                 header(out, kind::ACKED, *id)?;
                 encode_into(count, out)
             }
+            Reply::Enrollment(status) => {
+                header(out, kind::ENROLLMENT, *id)?;
+                encode_into(status, out)
+            }
         },
         ServerMsg::Event(e) => {
             header(out, event_kind(e), 0)?;
@@ -239,8 +270,15 @@ pub fn encode_server<W: io::Write>(msg: &ServerMsg, out: &mut W) -> Result<(), C
                     caller,
                     caller_media,
                     call_date_ms,
-                } => encode_into(&(call_id, caller, caller_media, call_date_ms), out),
-                Event::CallAnswered { call_id } => encode_into(call_id, out),
+                    srtp,
+                } => {
+                    encode_into(&(call_id, caller, caller_media, call_date_ms), out)?;
+                    append(srtp, out)
+                }
+                Event::CallAnswered { call_id, srtp } => {
+                    encode_into(call_id, out)?;
+                    append(srtp, out)
+                }
                 Event::CallEnded { call_id, reason } => encode_into(&(call_id, reason), out),
                 Event::CachedCallsWaiting { count } => encode_into(count, out),
             }
@@ -278,19 +316,19 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientFrame, CodecError> {
             users: decode_prefix::<Vec<UserId>>(body)?,
         },
         kind::DIAL => {
-            // `key` was appended later: a body that ends after `callee` has none.
+            // `key`, then `srtp`, were appended later: a body that ends before one has none.
             let (callee, used) = decode_prefix_counted::<UserId>(body)?;
-            let rest = body.get(used..).unwrap_or_default();
-            let key = if rest.is_empty() {
-                None
-            } else {
-                decode_prefix::<Option<IdempotencyKey>>(rest)?
-            };
-            Request::Dial { callee, key }
+            let mut rest = body.get(used..).unwrap_or_default();
+            let key = appended::<IdempotencyKey>(&mut rest)?;
+            let srtp = appended::<SrtpKey>(&mut rest)?;
+            Request::Dial { callee, key, srtp }
         }
-        kind::ANSWER => Request::Answer {
-            call_id: decode_prefix(body)?,
-        },
+        kind::ANSWER => {
+            let (call_id, used) = decode_prefix_counted::<CallId>(body)?;
+            let mut rest = body.get(used..).unwrap_or_default();
+            let srtp = appended::<SrtpKey>(&mut rest)?;
+            Request::Answer { call_id, srtp }
+        }
         kind::REJECT => Request::Reject {
             call_id: decode_prefix(body)?,
         },
@@ -305,9 +343,24 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientFrame, CodecError> {
             call_ids: decode_prefix::<Vec<CallId>>(body)?,
         },
         kind::BYE => Request::Bye,
+        kind::START_ENROLLMENT => Request::StartEnrollment {
+            agent_version: decode_prefix(body)?,
+        },
+        kind::POLL_ENROLLMENT => Request::PollEnrollment,
         _ => return Ok(ClientFrame::Unknown { id, kind }),
     };
     Ok(ClientFrame::Msg(ClientMsg { id, request }))
+}
+
+/// An optional field appended to a body after `rest`'s start: `None` when the body ends
+/// there (an older peer), else decoded, and `rest` moves past it.
+fn appended<T: serde::de::DeserializeOwned>(rest: &mut &[u8]) -> Result<Option<T>, CodecError> {
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    let (value, used) = decode_prefix_counted::<Option<T>>(rest)?;
+    *rest = rest.get(used..).unwrap_or_default();
+    Ok(value)
 }
 
 /// Decodes a server frame's payload. Only a payload shorter than the header is an error;
@@ -345,23 +398,30 @@ fn decode_known_server(
         kind::ACKED => reply(Reply::Acked {
             count: decode_prefix(body)?,
         }),
+        kind::ENROLLMENT => reply(Reply::Enrollment(decode_prefix(body)?)),
         kind::ERROR => Some(ServerMsg::Reply {
             id,
             result: Err(decode_prefix::<WireError>(body)?),
         }),
         kind::INCOMING_CALL => {
-            let (call_id, caller, caller_media, call_date_ms) =
-                decode_prefix::<(CallId, UserId, SocketAddr, UnixMillis)>(body)?;
+            let ((call_id, caller, caller_media, call_date_ms), used) =
+                decode_prefix_counted::<(CallId, UserId, SocketAddr, UnixMillis)>(body)?;
+            let mut rest = body.get(used..).unwrap_or_default();
+            let srtp = appended::<SrtpKey>(&mut rest)?;
             Some(ServerMsg::Event(Event::IncomingCall {
                 call_id,
                 caller,
                 caller_media,
                 call_date_ms,
+                srtp,
             }))
         }
-        kind::CALL_ANSWERED => Some(ServerMsg::Event(Event::CallAnswered {
-            call_id: decode_prefix(body)?,
-        })),
+        kind::CALL_ANSWERED => {
+            let (call_id, used) = decode_prefix_counted::<CallId>(body)?;
+            let mut rest = body.get(used..).unwrap_or_default();
+            let srtp = appended::<SrtpKey>(&mut rest)?;
+            Some(ServerMsg::Event(Event::CallAnswered { call_id, srtp }))
+        }
         kind::CALL_ENDED => {
             let (call_id, reason) = decode_prefix::<(CallId, EndReason)>(body)?;
             Some(ServerMsg::Event(Event::CallEnded { call_id, reason }))
@@ -390,6 +450,70 @@ pub fn frame(kind: u16, id: RequestId, body: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enrollment_and_srtp_fields_round_trip() {
+        let key = SrtpKey {
+            suite: crate::SrtpSuite::AES_CM_128_HMAC_SHA1_80,
+            key_salt: (0..30).collect(),
+        };
+        assert!(key.is_valid());
+        assert!(
+            !format!("{key:?}").contains("29"),
+            "Debug never shows the key"
+        );
+        for request in [
+            Request::Dial {
+                callee: 9,
+                key: None,
+                srtp: Some(key.clone()),
+            },
+            Request::Answer {
+                call_id: 4,
+                srtp: Some(key.clone()),
+            },
+            Request::StartEnrollment {
+                agent_version: "tv-agent 1".into(),
+            },
+            Request::PollEnrollment,
+        ] {
+            let msg = ClientMsg { id: 7, request };
+            let mut out = Vec::new();
+            encode_client(&msg, &mut out).unwrap();
+            assert_eq!(decode_client(&out).unwrap(), ClientFrame::Msg(msg));
+        }
+        for msg in [
+            ServerMsg::Event(Event::IncomingCall {
+                call_id: 1,
+                caller: 2,
+                caller_media: "192.0.2.1:5004".parse().unwrap(),
+                call_date_ms: 3,
+                srtp: Some(key.clone()),
+            }),
+            ServerMsg::Event(Event::CallAnswered {
+                call_id: 1,
+                srtp: Some(key),
+            }),
+            ServerMsg::Reply {
+                id: 2,
+                result: Ok(Reply::Enrollment(crate::EnrollmentStatus::Pending {
+                    user_code: "BCDF-GHJK".into(),
+                    expires_in_s: 600,
+                    interval_s: 1,
+                })),
+            },
+            ServerMsg::Reply {
+                id: 3,
+                result: Ok(Reply::Enrollment(crate::EnrollmentStatus::Enrolled {
+                    user_id: 5,
+                })),
+            },
+        ] {
+            let mut out = Vec::new();
+            encode_server(&msg, &mut out).unwrap();
+            assert_eq!(decode_server(&out).unwrap(), ServerFrame::Msg(msg));
+        }
+    }
 
     #[test]
     fn kind_classes_by_top_bits() {

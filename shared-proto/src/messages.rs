@@ -46,6 +46,8 @@ pub const MAX_QUERY_USERS: usize = 256;
 pub const MAX_PAGE: usize = 256;
 /// Longest agent version string accepted at registration.
 pub const MAX_AGENT_VERSION_LEN: usize = 64;
+/// Longest SRTP master key and salt ([`SrtpKey::key_salt`]) accepted.
+pub const MAX_SRTP_KEY_LEN: usize = 64;
 
 /// Every frame a client sends: a request and the id its reply will echo.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,11 +97,19 @@ pub enum Request {
         /// `None` (an older client, or protocol version 1): every dial is a new call.
         /// Appended to the version-2 body (absent bytes decode as `None`).
         key: Option<IdempotencyKey>,
+        /// The SRTP master key and salt this TV will encrypt its media with (SDES style,
+        /// RFC 4568: each side announces its own sending key over the authenticated
+        /// control link); relayed to the callee in [`Event::IncomingCall`]. `None`: an
+        /// older agent that sends plain RTP. Appended after `key`.
+        srtp: Option<SrtpKey>,
     },
     /// Answer an incoming call that is ringing on this TV.
     Answer {
         /// The call, from [`Event::IncomingCall`].
         call_id: CallId,
+        /// The SRTP key this TV will encrypt its media with, in the caller's suite;
+        /// relayed to the caller in [`Event::CallAnswered`]. Appended after `call_id`.
+        srtp: Option<SrtpKey>,
     },
     /// Reject an incoming call that is ringing on this TV.
     Reject {
@@ -126,6 +136,104 @@ pub enum Request {
     },
     /// Flow 2: the TV is powering off. The server records it offline and closes.
     Bye,
+    /// Asks to enroll this TV (RFC 8628 style): the TV's identity is the key pair of the
+    /// client certificate it presented on this TLS connection. Answered with
+    /// [`EnrollmentStatus::Pending`] and a short code for the operator to approve (or
+    /// `Enrolled` if that key is enrolled already). Allowed before registering.
+    StartEnrollment {
+        /// Free-form agent build identifier, at most [`MAX_AGENT_VERSION_LEN`] bytes.
+        agent_version: String,
+    },
+    /// How this TV's enrollment stands (same key as [`Request::StartEnrollment`]); poll
+    /// no faster than the `interval_s` it was given.
+    PollEnrollment,
+}
+
+/// How an enrollment stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollmentStatus {
+    /// Waiting for the operator to approve `user_code`.
+    Pending {
+        /// The code the TV shows, e.g. `BCDF-GHJK` (RFC 8628 §6.1: 8 letters without
+        /// vowels, case-insensitive, the dash optional when typed).
+        user_code: String,
+        /// Seconds until the code expires.
+        expires_in_s: u32,
+        /// Seconds to wait between polls.
+        interval_s: u32,
+    },
+    /// Approved: this TV's key is the credential of `user_id`.
+    Enrolled {
+        /// The TV's user number.
+        user_id: UserId,
+    },
+    /// The code expired before it was approved; start again.
+    Expired,
+    /// The operator refused it, or this key's credential was revoked.
+    Refused {
+        /// Why, for people.
+        reason: String,
+    },
+}
+
+/// An SRTP suite (RFC 3711, RFC 7714), by a stable number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SrtpSuite(pub u16);
+
+impl SrtpSuite {
+    /// `AES_CM_128_HMAC_SHA1_80`: 16-byte key, 14-byte salt.
+    pub const AES_CM_128_HMAC_SHA1_80: SrtpSuite = SrtpSuite(1);
+    /// `AEAD_AES_128_GCM`: 16-byte key, 12-byte salt.
+    pub const AEAD_AES_128_GCM: SrtpSuite = SrtpSuite(2);
+
+    /// The suite's name as in SDP (RFC 4568, RFC 7714).
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            1 => "AES_CM_128_HMAC_SHA1_80",
+            2 => "AEAD_AES_128_GCM",
+            _ => "unknown",
+        }
+    }
+
+    /// Bytes of master key and master salt, if the suite is known.
+    pub fn key_salt_len(self) -> Option<usize> {
+        match self.0 {
+            1 => Some(16 + 14),
+            2 => Some(16 + 12),
+            _ => None,
+        }
+    }
+}
+
+/// One direction's SRTP keys: the suite and its master key followed by its master salt.
+/// It travels only over the authenticated, encrypted control link; the server never
+/// stores or logs it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SrtpKey {
+    /// The suite.
+    pub suite: SrtpSuite,
+    /// Master key ‖ master salt ([`SrtpSuite::key_salt_len`] bytes, at most
+    /// [`MAX_SRTP_KEY_LEN`]).
+    pub key_salt: Vec<u8>,
+}
+
+impl std::fmt::Debug for SrtpKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key: Debug output ends up in logs.
+        write!(
+            f,
+            "SrtpKey({}, {} bytes)",
+            self.suite.name(),
+            self.key_salt.len()
+        )
+    }
+}
+
+impl SrtpKey {
+    /// Whether the suite is known and the key has its length.
+    pub fn is_valid(&self) -> bool {
+        self.suite.key_salt_len() == Some(self.key_salt.len())
+    }
 }
 
 /// Registration details (flow 1).
@@ -162,6 +270,8 @@ pub enum Reply {
         /// Calls marked delivered by this acknowledgement.
         count: u32,
     },
+    /// To [`Request::StartEnrollment`] and [`Request::PollEnrollment`].
+    Enrollment(EnrollmentStatus),
 }
 
 /// What a TV learns when it registers.
@@ -277,11 +387,17 @@ pub enum Event {
         caller_media: SocketAddr,
         /// When the call was placed.
         call_date_ms: UnixMillis,
+        /// The caller's SRTP sending key (decrypts what it sends); `None` for a caller
+        /// that sends plain RTP (an older agent). Appended.
+        srtp: Option<SrtpKey>,
     },
     /// The callee answered: media may flow.
     CallAnswered {
         /// The call.
         call_id: CallId,
+        /// The callee's SRTP sending key; `None` for a callee that sends plain RTP.
+        /// Appended.
+        srtp: Option<SrtpKey>,
     },
     /// The call is over (or never started). Stop ringing and stop media.
     CallEnded {
@@ -394,6 +510,9 @@ impl ErrorCode {
     /// not placed; nothing was recorded. Registrations and state queries still work;
     /// retry later.
     pub const STORAGE_FULL: ErrorCode = ErrorCode(18);
+    /// This connection has no valid credential for the request: the TV is not enrolled,
+    /// its credential was revoked, or it belongs to another user. Enroll (again).
+    pub const UNAUTHENTICATED: ErrorCode = ErrorCode(19);
 
     /// A short stable name, for logs and people.
     pub fn name(self) -> &'static str {
@@ -417,6 +536,7 @@ impl ErrorCode {
             16 => "heartbeat_timeout",
             17 => "unsupported",
             18 => "storage_full",
+            19 => "unauthenticated",
             _ => "unrecognised",
         }
     }
@@ -453,9 +573,18 @@ impl Request {
                     ));
                 }
             }
-            Request::Dial { callee, .. } => {
+            Request::Dial { callee, srtp, .. } => {
                 if !valid_user_id(*callee) {
                     return Err(format!("user id {callee} is out of range"));
+                }
+                check_srtp(srtp.as_ref())?;
+            }
+            Request::Answer { srtp, .. } => check_srtp(srtp.as_ref())?,
+            Request::StartEnrollment { agent_version } => {
+                if agent_version.len() > MAX_AGENT_VERSION_LEN {
+                    return Err(format!(
+                        "agent version is longer than {MAX_AGENT_VERSION_LEN} bytes"
+                    ));
                 }
             }
             Request::FetchCached { limit, .. } => {
@@ -472,12 +601,25 @@ impl Request {
                 }
             }
             Request::Heartbeat
-            | Request::Answer { .. }
             | Request::Reject { .. }
             | Request::HangUp { .. }
-            | Request::Bye => {}
+            | Request::Bye
+            | Request::PollEnrollment => {}
         }
         Ok(())
+    }
+}
+
+/// An SRTP key, if given, must be of a known suite and of that suite's length.
+fn check_srtp(key: Option<&SrtpKey>) -> Result<(), String> {
+    match key {
+        Some(k) if !k.is_valid() => Err(format!(
+            "an SRTP key of suite {} must be {:?} bytes, not {}",
+            k.suite.0,
+            k.suite.key_salt_len(),
+            k.key_salt.len()
+        )),
+        _ => Ok(()),
     }
 }
 

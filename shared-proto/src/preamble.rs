@@ -205,7 +205,10 @@ mod tests {
             Features(0xffff).intersection(Features::KNOWN),
             Features::KNOWN
         );
-        let call = Event::CallAnswered { call_id: 1 };
+        let call = Event::CallAnswered {
+            call_id: 1,
+            srtp: None,
+        };
         assert_eq!(Features::of(&call), Features::CALLS);
     }
 

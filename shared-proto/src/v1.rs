@@ -125,8 +125,15 @@ impl From<Request> for current::Request {
             Request::Register(r) => current::Request::Register(r),
             Request::Heartbeat => current::Request::Heartbeat,
             Request::QueryState { users } => current::Request::QueryState { users },
-            Request::Dial { callee } => current::Request::Dial { callee, key: None },
-            Request::Answer { call_id } => current::Request::Answer { call_id },
+            Request::Dial { callee } => current::Request::Dial {
+                callee,
+                key: None,
+                srtp: None,
+            },
+            Request::Answer { call_id } => current::Request::Answer {
+                call_id,
+                srtp: None,
+            },
             Request::Reject { call_id } => current::Request::Reject { call_id },
             Request::HangUp { call_id } => current::Request::HangUp { call_id },
             Request::FetchCached { after, limit } => current::Request::FetchCached { after, limit },
@@ -145,12 +152,16 @@ impl TryFrom<current::Request> for Request {
             current::Request::Heartbeat => Request::Heartbeat,
             current::Request::QueryState { users } => Request::QueryState { users },
             current::Request::Dial { callee, .. } => Request::Dial { callee },
-            current::Request::Answer { call_id } => Request::Answer { call_id },
+            current::Request::Answer { call_id, .. } => Request::Answer { call_id },
             current::Request::Reject { call_id } => Request::Reject { call_id },
             current::Request::HangUp { call_id } => Request::HangUp { call_id },
             current::Request::FetchCached { after, limit } => Request::FetchCached { after, limit },
             current::Request::AckCached { call_ids } => Request::AckCached { call_ids },
             current::Request::Bye => Request::Bye,
+            current::Request::StartEnrollment { .. } => {
+                return Err(NotInV1("StartEnrollment"));
+            }
+            current::Request::PollEnrollment => return Err(NotInV1("PollEnrollment")),
         })
     }
 }
@@ -205,6 +216,7 @@ impl TryFrom<current::Reply> for Reply {
             current::Reply::Done => Reply::Done,
             current::Reply::Cached(p) => Reply::Cached(p),
             current::Reply::Acked { count } => Reply::Acked { count },
+            current::Reply::Enrollment(_) => return Err(NotInV1("Enrollment")),
         })
     }
 }
@@ -222,8 +234,12 @@ impl From<Event> for current::Event {
                 caller,
                 caller_media,
                 call_date_ms,
+                srtp: None,
             },
-            Event::CallAnswered { call_id } => current::Event::CallAnswered { call_id },
+            Event::CallAnswered { call_id } => current::Event::CallAnswered {
+                call_id,
+                srtp: None,
+            },
             Event::CallEnded { call_id, reason } => current::Event::CallEnded { call_id, reason },
             Event::CachedCallsWaiting { count } => current::Event::CachedCallsWaiting { count },
         }
@@ -240,13 +256,14 @@ impl TryFrom<current::Event> for Event {
                 caller,
                 caller_media,
                 call_date_ms,
+                ..
             } => Event::IncomingCall {
                 call_id,
                 caller,
                 caller_media,
                 call_date_ms,
             },
-            current::Event::CallAnswered { call_id } => Event::CallAnswered { call_id },
+            current::Event::CallAnswered { call_id, .. } => Event::CallAnswered { call_id },
             current::Event::CallEnded { call_id, reason } => Event::CallEnded { call_id, reason },
             current::Event::CachedCallsWaiting { count } => Event::CachedCallsWaiting { count },
         })
@@ -402,7 +419,8 @@ mod tests {
                 id: 3,
                 request: current::Request::Dial {
                     callee: 2002,
-                    key: None
+                    key: None,
+                    srtp: None
                 }
             }))
         );
@@ -410,7 +428,10 @@ mod tests {
 
     #[test]
     fn the_server_codec_writes_version_1_frames() {
-        let msg = current::ServerMsg::Event(current::Event::CallAnswered { call_id: 5 });
+        let msg = current::ServerMsg::Event(current::Event::CallAnswered {
+            call_id: 5,
+            srtp: None,
+        });
         let mut buf = BytesMut::new();
         ServerCodec::new(PROTOCOL_VERSION)
             .encode(&msg, &mut buf)

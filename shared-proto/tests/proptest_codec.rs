@@ -39,9 +39,15 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         Just(Request::Heartbeat),
         prop::collection::vec(any::<u64>(), 0..300).prop_map(|users| Request::QueryState { users }),
-        (any::<u64>(), any::<Option<u64>>())
-            .prop_map(|(callee, key)| Request::Dial { callee, key }),
-        any::<u64>().prop_map(|call_id| Request::Answer { call_id }),
+        (any::<u64>(), any::<Option<u64>>()).prop_map(|(callee, key)| Request::Dial {
+            callee,
+            key,
+            srtp: None
+        }),
+        any::<u64>().prop_map(|call_id| Request::Answer {
+            call_id,
+            srtp: None
+        }),
         any::<u64>().prop_map(|call_id| Request::Reject { call_id }),
         any::<u64>().prop_map(|call_id| Request::HangUp { call_id }),
         (any::<u64>(), any::<u16>())
@@ -136,10 +142,14 @@ fn event() -> impl Strategy<Value = Event> {
                 call_id,
                 caller,
                 caller_media,
-                call_date_ms
+                call_date_ms,
+                srtp: None
             }
         ),
-        any::<u64>().prop_map(|call_id| Event::CallAnswered { call_id }),
+        any::<u64>().prop_map(|call_id| Event::CallAnswered {
+            call_id,
+            srtp: None
+        }),
         (any::<u64>(), end_reason())
             .prop_map(|(call_id, reason)| Event::CallEnded { call_id, reason }),
         any::<u32>().prop_map(|count| Event::CachedCallsWaiting { count }),

@@ -332,6 +332,7 @@ async fn dial_latencies(pairs: &mut [(Client, Client, u64)], n: usize) -> Result
             caller.request(Request::Dial {
                 callee: *callee_id,
                 key: None,
+                srtp: None,
             }),
         )
         .await

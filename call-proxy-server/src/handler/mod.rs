@@ -81,10 +81,12 @@ pub async fn handle<S: Store>(
             st.registered()?;
             query::handle(shared, users).await
         }
-        Request::Dial { callee, key } => {
-            dial::handle(shared, st.registered()?, st.peer, callee, key).await
-        }
-        Request::Answer { call_id } => {
+        Request::Dial {
+            callee,
+            key,
+            srtp: _,
+        } => dial::handle(shared, st.registered()?, st.peer, callee, key).await,
+        Request::Answer { call_id, srtp: _ } => {
             call_control::answer(shared, st.registered()?, call_id).await
         }
         Request::Reject { call_id } => {
@@ -104,6 +106,10 @@ pub async fn handle<S: Store>(
             }
             Ok(Reply::Done)
         }
+        Request::StartEnrollment { .. } | Request::PollEnrollment => Err(WireError::new(
+            ErrorCode::UNSUPPORTED,
+            "this server does not enroll TVs yet",
+        )),
     }
 }
 

@@ -270,6 +270,7 @@ impl LiveCall {
                         caller: self.caller,
                         caller_media: self.caller_media,
                         call_date_ms: self.placed_at_ms,
+                        srtp: None,
                     },
                 )
             }),
@@ -297,7 +298,13 @@ impl LiveCall {
             ) => Ok(Step::live(Active {
                 answered_at_ms: at_ms,
             })
-            .tell(Party::Caller, Event::CallAnswered { call_id: self.id })),
+            .tell(
+                Party::Caller,
+                Event::CallAnswered {
+                    call_id: self.id,
+                    srtp: None,
+                },
+            )),
             // A callee hanging up a ringing call rejects it.
             (Ringing, Input::Reject { by: Party::Callee })
             | (Ringing, Input::HangUp { by: Party::Callee }) => {
@@ -453,6 +460,7 @@ mod tests {
                 caller: A,
                 caller_media: addr(1),
                 call_date_ms: 100,
+                srtp: None,
             })
         );
     }
@@ -546,7 +554,13 @@ mod tests {
                 answered_at_ms: 150
             })
         );
-        assert_eq!(step.to_caller, Some(Event::CallAnswered { call_id: ID }));
+        assert_eq!(
+            step.to_caller,
+            Some(Event::CallAnswered {
+                call_id: ID,
+                srtp: None
+            })
+        );
         assert_eq!(step.to_callee, None);
     }
 

@@ -572,7 +572,10 @@ mod tests {
         reg.answer(2, sb, call_id, 5).expect("answer");
         assert_eq!(
             next_event(&mut ra),
-            Some(ServerMsg::Event(Event::CallAnswered { call_id }))
+            Some(ServerMsg::Event(Event::CallAnswered {
+                call_id,
+                srtp: None
+            }))
         );
         let ended = reg.hang_up(2, sb, call_id).expect("hang up");
         assert_eq!(ended.outcome, Outcome::Answered);

@@ -183,7 +183,11 @@ pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Cli
 /// Dials and returns the outcome.
 pub async fn dial(c: &mut Client, callee: UserId) -> DialOutcome {
     match c
-        .request(Request::Dial { callee, key: None })
+        .request(Request::Dial {
+            callee,
+            key: None,
+            srtp: None,
+        })
         .await
         .expect("dial")
     {
@@ -220,7 +224,12 @@ pub async fn six_calls(srv: &TestServer) -> CallLog {
         panic!()
     };
     let _ = event(&mut b).await;
-    b.request(Request::Answer { call_id }).await.unwrap();
+    b.request(Request::Answer {
+        call_id,
+        srtp: None,
+    })
+    .await
+    .unwrap();
     a.request(Request::HangUp { call_id }).await.unwrap();
     let DialOutcome::Ringing { call_id, .. } = dial(&mut a, 20).await else {
         panic!()
@@ -244,7 +253,12 @@ pub async fn six_calls(srv: &TestServer) -> CallLog {
         panic!()
     };
     while !matches!(event(&mut a).await, Event::IncomingCall { .. }) {}
-    a.request(Request::Answer { call_id }).await.unwrap();
+    a.request(Request::Answer {
+        call_id,
+        srtp: None,
+    })
+    .await
+    .unwrap();
     b.request(Request::HangUp { call_id }).await.unwrap();
     srv.calls_settled().await;
     CallLog { a, b, t_mid }

@@ -274,7 +274,7 @@ impl Core {
                 };
                 self.step(input, Pending::None).await;
             }
-            LinkEvent::Server(Event::CallAnswered { call_id }) => {
+            LinkEvent::Server(Event::CallAnswered { call_id, srtp: _ }) => {
                 self.step(Input::PeerAnswered(call_id), Pending::None).await;
             }
             LinkEvent::Server(Event::CallEnded { call_id, reason }) => {
@@ -315,6 +315,7 @@ impl Core {
                     .request(Request::Dial {
                         callee,
                         key: Some(key),
+                        srtp: None,
                     })
                     .await;
                 let reply = dial_reply(r);
@@ -337,7 +338,13 @@ impl Core {
                 });
             }
             Action::SendAnswer(call_id) => {
-                let r = self.link.request(Request::Answer { call_id }).await;
+                let r = self
+                    .link
+                    .request(Request::Answer {
+                        call_id,
+                        srtp: None,
+                    })
+                    .await;
                 return Some(Input::AnswerSent(r.map(|_| ()).map_err(Into::into)));
             }
             Action::SetMuted(muted) => {

@@ -116,6 +116,7 @@ pub(crate) async fn cached_task(
             Request::Dial {
                 callee: target,
                 key: None,
+                srtp: None,
             },
             req_t,
         )

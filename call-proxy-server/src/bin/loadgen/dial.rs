@@ -145,6 +145,7 @@ pub(crate) async fn one_dial(
             .request(Request::Dial {
                 callee: to,
                 key: None,
+                srtp: None,
             })
             .await;
         (r, start.elapsed())
