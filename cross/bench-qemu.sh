@@ -18,7 +18,7 @@ echo "stripped $triple binary: $(stat -c %s "$arm_bin") bytes"
 work=$(mktemp -d)
 port=$(free_port 17660)
 server="127.0.0.1:$port"
-target/release/call-proxy-server serve --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
+target/release/call-proxy-server serve --insecure-plaintext --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
 server_pid=$!
 pids=()
 cleanup() {

@@ -15,7 +15,7 @@ cargo build --release --locked -p call-proxy-server -p tv-agent
 work=$(mktemp -d)
 port=$(free_port 17650)
 server="127.0.0.1:$port"
-target/release/call-proxy-server serve --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
+target/release/call-proxy-server serve --insecure-plaintext --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
 server_pid=$!
 answer_pid=""
 cleanup() {

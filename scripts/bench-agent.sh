@@ -133,7 +133,7 @@ for _ in $(seq 1 50); do
 done
 [[ -n "$port" ]] || { echo "no free port found" >&2; exit 1; }
 server="127.0.0.1:$port"
-RUST_LOG=warn "$SERVER_BIN" serve --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
+RUST_LOG=warn "$SERVER_BIN" serve --insecure-plaintext --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
 server_pid=$!
 for ((i = 0; i < 100; i++)); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break

@@ -26,7 +26,7 @@ admin="http://127.0.0.1:$admin_port"
 CALL_PROXY_ADMIN_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
 export CALL_PROXY_ADMIN_TOKEN
 
-"$bin/call-proxy-server" serve --listen "$server" --db "$data/call-proxy.sqlite" \
+"$bin/call-proxy-server" serve --insecure-plaintext --listen "$server" --db "$data/call-proxy.sqlite" \
   --admin-listen "127.0.0.1:$admin_port" 2>"$data/server.log" &
 server_pid=$!
 answer_pid=""

@@ -82,6 +82,24 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// File holding the admin API's bearer token (else `CALL_PROXY_ADMIN_TOKEN`).
     pub admin_token_file: Option<PathBuf>,
+    /// Plain TCP on the control port, for lab use only: nothing is encrypted and a TV is
+    /// whoever it says it is (no enrollment). Off: TLS 1.3, enrolled TVs only.
+    pub insecure_plaintext: bool,
+    /// The server's certificate chain (PEM); with `tls_key`. Unset: the server makes a
+    /// private CA and a certificate under [`Config::tls_dir`] on first start.
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Names and addresses the server's own certificate is made for (what TVs put in
+    /// `--server`). Used only when the server makes its certificate.
+    pub tls_names: Vec<String>,
+    /// How long an enrollment code stays valid.
+    pub enrollment_ttl_s: u64,
+    /// How often a TV may poll its enrollment.
+    pub enrollment_poll_s: u32,
+    /// Failed authentications from one source address within `flood_penalty_ms` after
+    /// which the address is refused for a while (as a flooding one).
+    pub auth_failures_per_ip: u32,
 }
 
 impl Default for Config {
@@ -111,6 +129,13 @@ impl Default for Config {
             shutdown_grace_ms: 5_000,
             admin_listen: None,
             admin_token_file: None,
+            insecure_plaintext: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            enrollment_ttl_s: 900,
+            enrollment_poll_s: 2,
+            auth_failures_per_ip: 20,
         }
     }
 }
@@ -122,6 +147,18 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Where the server keeps the certificates it makes: `tls/` beside the database.
+    pub fn tls_dir(&self) -> PathBuf {
+        match &self.db {
+            Some(db) => db
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."))
+                .join("tls"),
+            None => self.data_dir.join("tls"),
+        }
     }
 
     /// The database file in use.

@@ -39,6 +39,7 @@ use crate::registry::PushRx;
 use crate::server::limits::{NotAdmitted, Ticket};
 use crate::server::{refuse, Shared};
 use crate::storage::Store;
+use crate::tls::TvIdentity;
 
 type Conn<T> = Framed<T, ServerCodec>;
 
@@ -61,21 +62,42 @@ pub async fn serve<S: Store, T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    serve_inner(shared, stream, peer, stop, None).await;
+    serve_inner(shared, stream, peer, stop, None, None).await;
 }
 
 /// Serves one connection the gate admitted; `ticket` holds its slot and sheds it if a
-/// newer connection needs the room before this one registered.
+/// newer connection needs the room before this one registered. `identity` is the TV
+/// certificate its TLS handshake established (`None` on plain TCP).
 pub async fn serve_admitted<S: Store, T>(
     shared: &Arc<Shared<S>>,
     stream: T,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     ticket: Ticket,
+    identity: Option<TvIdentity>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    serve_inner(shared, stream, peer, stop, Some(ticket)).await;
+    serve_inner(shared, stream, peer, stop, Some(ticket), identity).await;
+}
+
+/// The next revoked fingerprint (never, without a subscription or once the server
+/// dropped the sender); an error says some were missed.
+async fn next_revoked(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<crate::tls::Fingerprint>>,
+) -> Result<crate::tls::Fingerprint, ()> {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(r) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    match r.recv().await {
+        Ok(fp) => Ok(fp),
+        Err(RecvError::Lagged(_)) => Err(()),
+        Err(RecvError::Closed) => {
+            *rx = None;
+            std::future::pending().await
+        }
+    }
 }
 
 /// Completes when the connection is shed (never without a ticket).
@@ -99,6 +121,7 @@ async fn serve_inner<S: Store, T>(
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     mut ticket: Option<Ticket>,
+    identity: Option<TvIdentity>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -171,6 +194,7 @@ async fn serve_inner<S: Store, T>(
     );
     *conn.write_buffer_mut() = BytesMut::new();
     let mut st = ConnState::new(peer);
+    st.identity = identity;
     let end = request_loop(
         shared,
         &mut conn,
@@ -339,9 +363,26 @@ where
         Duration::from_millis(cfg.heartbeat_interval_ms),
     );
     let write_timeout = cfg.write_timeout();
+    // Only a connection with a TV certificate can be revoked.
+    let mut revoked = st.identity.as_ref().map(|_| shared.revoked.subscribe());
     loop {
         tokio::select! {
             biased;
+            r = next_revoked(&mut revoked) => {
+                let Some(identity) = st.identity.as_ref() else { continue };
+                let mine = match r {
+                    Ok(fp) => fp == identity.fingerprint,
+                    // Missed some: ask the database about this TV's own credential.
+                    Err(_) => !matches!(
+                        shared.store.credential(identity.fingerprint.0).await,
+                        Ok(Some(c)) if !c.revoked
+                    ),
+                };
+                if mine {
+                    shared.metrics.revoked_sessions.inc();
+                    return Some((WireError::new(ErrorCode::UNAUTHENTICATED, "this TV's credential was revoked"), true));
+                }
+            }
             _ = stop.changed() => {
                 // Deliver what is queued (calls ended by the shutdown), then say goodbye.
                 if let Some(rx) = st.push_rx.as_mut() {

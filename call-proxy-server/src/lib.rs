@@ -18,6 +18,7 @@
 //! - [`admin`]: the admin HTTP listener (health, readiness, Prometheus metrics, the
 //!   operator API) and its JSON types.
 //! - [`config`], [`metrics`], [`clock`]: settings, counters, timestamps.
+//! - [`tls`]: TLS 1.3 on the control port, the server's own CA, TV identities.
 //! - [`embedded`]: a server running inside the calling process (tests, embedders).
 //! - [`client`]: a small async client of the protocol, used by the load generator and tests.
 
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod storage;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{bind, run, Shared};

@@ -1,6 +1,8 @@
 //! The `call-proxy-server` command: `serve` runs the daemon (with the admin listener if
 //! asked); `calls`, `users` and `stats` are the operator CLI, on the database file
-//! (`--db`) or through a running server's admin API (`--admin URL`).
+//! (`--db`) or through a running server's admin API (`--admin URL`); `approve`, `revoke`
+//! and `enrollments` manage enrolled TVs on the database file (also while the server
+//! runs).
 
 use std::path::PathBuf;
 
@@ -25,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// The call log, newest first, filtered (from the database file, which works while
     /// the server runs and when it is down, or from a running server with --admin).
     Calls(CallsArgs),
@@ -47,6 +49,42 @@ enum Command {
     Stats {
         #[command(flatten)]
         source: Source,
+        /// Output: table (people), json or csv (scripts).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Approves the enrollment code a TV shows, making that TV user ID's.
+    Approve {
+        /// The server's SQLite database file [default: data/call-proxy.sqlite].
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// The code on the TV's screen (e.g. BCDF-GHJK; any case, dash optional).
+        #[arg(long)]
+        code: String,
+        /// The user number the TV gets.
+        #[arg(long)]
+        user: u64,
+        /// The user has an enrolled TV already: revoke it (a replaced TV).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Withdraws user ID's TV credential; its live session ends within a second.
+    Revoke {
+        /// The server's SQLite database file [default: data/call-proxy.sqlite].
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// The user whose TV is revoked.
+        #[arg(long)]
+        user: u64,
+    },
+    /// Enrollment requests, newest first (pending, approved, refused, expired).
+    Enrollments {
+        /// The server's SQLite database file [default: data/call-proxy.sqlite].
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Most rows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
         /// Output: table (people), json or csv (scripts).
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -234,6 +272,20 @@ struct ServeArgs {
     /// File holding the admin bearer token [default: $CALL_PROXY_ADMIN_TOKEN].
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// Plain TCP on the control port, for lab use only: nothing encrypted, TVs not
+    /// authenticated. The default is TLS 1.3 with enrolled TVs only.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// The server's certificate chain (PEM) [default: its own, made in <db dir>/tls].
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A name or address TVs reach the server by, for the certificate it makes
+    /// (repeatable) [default: localhost, 127.0.0.1, ::1].
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -258,7 +310,7 @@ fn run_cli() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Calls(args) => calls(args),
         Command::Users {
             source,
@@ -267,6 +319,71 @@ fn run_cli() -> anyhow::Result<()> {
             format,
         } => print_rows(&source.open()?.users(online, limit)?, format),
         Command::Stats { source, format } => print_rows(&[source.open()?.stats()?], format),
+        Command::Approve {
+            db,
+            code,
+            user,
+            replace,
+        } => approve(db, &code, user, replace),
+        Command::Revoke { db, user } => revoke(db, user),
+        Command::Enrollments { db, limit, format } => {
+            let (ops, rt) = operator_db(db)?;
+            let rows = rt.block_on(ops.enrollments(call_proxy_server::clock::now_ms(), limit))?;
+            print_rows(&rows, format)
+        }
+    }
+}
+
+/// The operator store on the database file, and a runtime to run it on.
+fn operator_db(db: Option<PathBuf>) -> anyhow::Result<(AnyOperator, tokio::runtime::Runtime)> {
+    let config = Config {
+        db,
+        ..Config::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    Ok((storage::open_operator(&config, 1), runtime))
+}
+
+fn approve(db: Option<PathBuf>, code: &str, user: u64, replace: bool) -> anyhow::Result<()> {
+    use call_proxy_server::storage::enroll::{display_code, normalise_code, Approval};
+    let Some(stored) = normalise_code(code) else {
+        return Err(UsageError(format!(
+            "{code:?} is not an enrollment code (8 letters like BCDF-GHJK)"
+        ))
+        .into());
+    };
+    if !shared_proto::valid_user_id(user) {
+        return Err(UsageError(format!("user {user} is out of range")).into());
+    }
+    let (ops, rt) = operator_db(db)?;
+    let shown = display_code(&stored);
+    match rt.block_on(ops.approve(stored, user, replace, call_proxy_server::clock::now_ms()))? {
+        Approval::Approved { user, replaced } => {
+            println!(
+                "{}",
+                serde_json::json!({"approved": shown, "user": user, "replaced": replaced})
+            );
+            Ok(())
+        }
+        Approval::UnknownCode => anyhow::bail!("no enrollment has the code {shown}"),
+        Approval::Expired => anyhow::bail!("the code {shown} has expired: the TV must ask again"),
+        Approval::AlreadyDecided => anyhow::bail!("the code {shown} was approved or refused already"),
+        Approval::UserHasTv => anyhow::bail!(
+            "user {user} has an enrolled TV already: add --replace to replace it (the old one is revoked)"
+        ),
+    }
+}
+
+fn revoke(db: Option<PathBuf>, user: u64) -> anyhow::Result<()> {
+    let (ops, rt) = operator_db(db)?;
+    if rt.block_on(ops.revoke(user, call_proxy_server::clock::now_ms()))? {
+        println!("{}", serde_json::json!({"revoked": user}));
+        Ok(())
+    } else {
+        anyhow::bail!("user {user} has no enrolled TV")
     }
 }
 
@@ -326,6 +443,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.admin_token_file {
         config.admin_token_file = Some(v);
     }
+    if args.insecure_plaintext {
+        config.insecure_plaintext = true;
+    }
+    if let Some(v) = args.tls_cert {
+        config.tls_cert = Some(v);
+    }
+    if let Some(v) = args.tls_key {
+        config.tls_key = Some(v);
+    }
+    if !args.tls_names.is_empty() {
+        config.tls_names = args.tls_names;
+    }
     config.validate()?;
     // Refuse to start an admin listener that nobody could authenticate to.
     let admin_token = match config.admin_listen {
@@ -365,7 +494,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             sync_full = config.sync_full,
             "call-proxy-server ready"
         );
-        let shared = Shared::new(store, config);
+        let shared = Shared::new(store, config).context("cannot set up TLS")?;
         let admin = admin_listener.map(|(l, token)| {
             let opts = AdminOptions {
                 token,

@@ -53,6 +53,15 @@ pub struct Metrics {
     pub flood_closed: IntCounter,
     /// Connections refused because their source address flooded lately.
     pub refused_flooding: IntCounter,
+    /// TLS handshakes that failed or did not complete in time.
+    pub tls_failed: IntCounter,
+    /// Requests refused for want of a valid TV credential (not enrolled, revoked,
+    /// another user's).
+    pub auth_failures: IntCounter,
+    /// Enrollments started (new codes handed out).
+    pub enrollments_started: IntCounter,
+    /// Live sessions ended because their TV's credential was revoked.
+    pub revoked_sessions: IntCounter,
     /// Requests over the rate limit dropped without an answer.
     pub rate_limited_dropped: IntCounter,
     /// The effective connection limit derived at start (see `Config::max_connections`).
@@ -156,6 +165,22 @@ impl Metrics {
             flood_closed: counter(
                 "call_proxy_flood_closed_total",
                 "Connections closed for too many requests over the rate limit.",
+            ),
+            tls_failed: counter(
+                "call_proxy_tls_handshakes_failed_total",
+                "TLS handshakes on the control port that failed or did not complete in time.",
+            ),
+            auth_failures: counter(
+                "call_proxy_auth_failures_total",
+                "Requests refused for want of a valid TV credential (not enrolled, revoked, or another user's).",
+            ),
+            enrollments_started: counter(
+                "call_proxy_enrollments_started_total",
+                "Enrollment codes handed out to TVs.",
+            ),
+            revoked_sessions: counter(
+                "call_proxy_revoked_sessions_total",
+                "Live sessions ended because their TV's credential was revoked.",
             ),
             refused_flooding: counter(
                 "call_proxy_connections_refused_flooding_total",

@@ -39,21 +39,80 @@ pub struct Shared<S> {
     pub metrics: Metrics,
     /// Connection admission: the limits derived at start and who holds a slot.
     pub gate: Gate,
+    /// TLS on the control port (`None`: `insecure_plaintext`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Fingerprints of TV credentials revoked while running: every connection of that
+    /// TV closes ([`watch_revocations`] feeds it from the database).
+    pub revoked: tokio::sync::broadcast::Sender<crate::tls::Fingerprint>,
 }
 
 impl<S: Store> Shared<S> {
-    /// Shared state over an opened store.
-    pub fn new(store: S, config: Config) -> Arc<Self> {
+    /// Shared state over an opened store, with TLS as `config` says (the server's own
+    /// certificates are made on first start; see [`crate::tls`]).
+    pub fn new(store: S, config: Config) -> Result<Arc<Self>, crate::tls::TlsError> {
+        let tls = if config.insecure_plaintext {
+            tracing::warn!(
+                "INSECURE: plain TCP on the control port: nothing is encrypted and TVs are \
+                 not authenticated (lab use only)"
+            );
+            None
+        } else {
+            let files = crate::tls::server_cert_files(
+                config.tls_cert.as_deref(),
+                config.tls_key.as_deref(),
+                &config.tls_dir(),
+                &config.tls_names,
+            )?;
+            if let Some(ca) = &files.ca {
+                tracing::info!(ca = %ca.display(), "TLS with the server's own CA: TVs trust this file");
+            }
+            Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+                &files,
+            )?))
+        };
         let w = store.watermarks();
         let metrics = Metrics::default();
         let gate = Gate::new(limits::Limits::for_process(&config), &metrics);
-        Arc::new(Shared {
+        Ok(Arc::new(Shared {
             store,
             registry: Registry::new(w.max_session_id, w.max_call_id),
             config,
             metrics,
             gate,
-        })
+            tls,
+            revoked: tokio::sync::broadcast::channel(REVOCATIONS_QUEUED).0,
+        }))
+    }
+}
+
+/// Revocations told to connections at once before a slow one misses some (it then
+/// checks its own credential in the database).
+const REVOCATIONS_QUEUED: usize = 1024;
+
+/// How often the database is asked for new revocations (the operator CLI revokes on
+/// the file, from another process): a revoked TV is cut off within this plus a
+/// round trip.
+pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
+
+/// Follows the revocations recorded in the database and tells every connection
+/// ([`Shared::revoked`]). Runs until the server stops.
+pub async fn watch_revocations<S: Store>(shared: &Arc<Shared<S>>) {
+    if shared.tls.is_none() {
+        return std::future::pending().await;
+    }
+    let mut after = shared.store.watermarks().max_revocation_seq;
+    loop {
+        tokio::time::sleep(REVOCATION_POLL).await;
+        match shared.store.revocations_after(after).await {
+            Ok(revs) => {
+                for r in revs {
+                    after = after.max(r.seq);
+                    tracing::info!(user = r.user_id, tv = %crate::tls::Fingerprint(r.fingerprint), "credential revoked; ending its sessions");
+                    let _ = shared.revoked.send(crate::tls::Fingerprint(r.fingerprint));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read revocations"),
+        }
     }
 }
 
@@ -85,6 +144,7 @@ pub async fn run<S: Store>(
     shared.gate.limits().log(shared.config.max_connections);
     tokio::select! {
         () = accept_loop(&listener, &shared, &tracker, &stop_rx) => {}
+        () = watch_revocations(&shared) => {}
         () = shutdown => {}
     }
     drop(listener);
@@ -150,9 +210,7 @@ async fn accept_loop<S: Store>(
                 let stop = stop.clone();
                 tracker.spawn(async move {
                     shared.metrics.connections.inc();
-                    // A TLS acceptor would wrap `stream` here (within the handshake
-                    // timeout); `serve` takes any byte stream.
-                    crate::connection::serve_admitted(&shared, stream, peer, stop, ticket).await;
+                    serve_tls_or_plain(&shared, stream, peer, stop, ticket).await;
                     shared.metrics.connections.dec();
                 });
             }
@@ -181,6 +239,42 @@ async fn accept_loop<S: Store>(
                     "server is full, retry later",
                 );
             }
+        }
+    }
+}
+
+/// Completes the TLS handshake (within the handshake deadline, shed like any
+/// unregistered connection), then serves the connection with the identity it
+/// established; on plain TCP serves it at once.
+async fn serve_tls_or_plain<S: Store>(
+    shared: &Arc<Shared<S>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+    mut ticket: limits::Ticket,
+) {
+    let Some(acceptor) = &shared.tls else {
+        crate::connection::serve_admitted(shared, stream, peer, stop, ticket, None).await;
+        return;
+    };
+    let handshake =
+        tokio::time::timeout(shared.config.handshake_timeout(), acceptor.accept(stream));
+    let tls = tokio::select! {
+        r = handshake => r,
+        () = ticket.shed() => return,
+    };
+    match tls {
+        Ok(Ok(tls)) => {
+            let identity = crate::tls::identity_of(tls.get_ref().1);
+            crate::connection::serve_admitted(shared, tls, peer, stop, ticket, identity).await;
+        }
+        Ok(Err(e)) => {
+            shared.metrics.tls_failed.inc();
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.tls_failed.inc();
+            tracing::debug!(%peer, "TLS handshake did not complete in time");
         }
     }
 }

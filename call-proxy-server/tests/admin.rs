@@ -593,13 +593,18 @@ async fn serve_process_with_admin_listener() {
     let (port, admin_port) = two_free_ports();
     let serve = |token: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .args(["--db", &db_s])
-            .env("RUST_LOG", "warn")
-            .env_remove("CALL_PROXY_ADMIN_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--insecure-plaintext",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .args(["--db", &db_s])
+        .env("RUST_LOG", "warn")
+        .env_remove("CALL_PROXY_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         if let Some(t) = token {
             cmd.env("CALL_PROXY_ADMIN_TOKEN", t);
         }

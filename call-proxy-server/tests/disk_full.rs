@@ -109,7 +109,7 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
     std::fs::write(
         &config,
         format!(
-            "requests_per_sec = 1000000\nrequest_burst = 1000000\ndisk_reserve_mb = 1\n\
+            "insecure_plaintext = true\nrequests_per_sec = 1000000\nrequest_burst = 1000000\ndisk_reserve_mb = 1\n\
              admin_listen = \"127.0.0.1:{admin_port}\"\n"
         ),
     )

@@ -169,11 +169,17 @@ impl Process {
     async fn start(db: &Path, port: u16) -> Process {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-            .arg(db)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            "serve",
+            "--insecure-plaintext",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--db",
+        ])
+        .arg(db)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
         let child = spawn_listening(&mut cmd, addr, Duration::from_secs(5))
             .await
             .expect("server listening");

@@ -408,7 +408,12 @@ async fn a_server_with_few_descriptors_derives_a_limit_below_them() {
     let mut child = Command::new("prlimit")
         .args(["--nofile=256:256", "--"])
         .arg(env!("CARGO_BIN_EXE_call-proxy-server"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--insecure-plaintext",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .args(["--max-connections", "100000"])
         .arg("--db")
         .arg(dir.path().join("fd.sqlite"))

@@ -32,6 +32,7 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
         cmd.args([
             "serve",
+            "--insecure-plaintext",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--config",

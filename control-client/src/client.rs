@@ -53,6 +53,20 @@ impl Client<TcpStream> {
     }
 }
 
+impl Client<crate::Stream> {
+    /// Connects over `transport` to `server` (an address; a TLS server's certificate
+    /// must be valid for its IP) and exchanges preambles, asking for every known feature.
+    pub async fn connect_with(
+        transport: &crate::Transport,
+        server: SocketAddr,
+        local: Option<SocketAddr>,
+    ) -> Result<Self, ClientError> {
+        let name = server.ip().to_string();
+        let stream = transport.connect_addr(server, &name, local).await?;
+        Self::handshake(stream).await
+    }
+}
+
 impl<S> Client<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,

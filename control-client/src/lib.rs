@@ -15,15 +15,20 @@
 //! - [`client`]: [`Client`], one request at a time with events queued in between; what
 //!   the load generator and the tests use.
 //!
+//! - [`tls`]: the TV's key pair and certificate, trust in the server's CA, TLS 1.3
+//!   connections that resume; [`transport`]: plain TCP or TLS behind one stream type.
+//!
 //! Everything is generic over `AsyncRead + AsyncWrite + Unpin + Send`, so TLS is a
-//! wrapper around the stream, not a change here. TCP connecting helpers exist for
-//! convenience. No reconnect or heartbeat policy lives here: that is the caller's.
+//! wrapper around the stream, not a change to the protocol code. No reconnect or
+//! heartbeat policy lives here: that is the caller's.
 
 pub mod client;
 pub mod connection;
 pub mod error;
 pub mod paging;
 pub mod pending;
+pub mod tls;
+pub mod transport;
 
 pub use client::Client;
 pub use connection::{handshake, Connection, Incoming};
@@ -31,3 +36,5 @@ pub use error::ClientError;
 pub use paging::{ack_requests, fetch_all_cached, CachedPager, PagingError};
 pub use pending::Pending;
 pub use shared_proto::Features;
+pub use tls::{TlsClient, TlsSetupError, TvKey};
+pub use transport::{Stream, Transport};

@@ -432,6 +432,8 @@ async fn a_call_the_server_cannot_store_is_storage_full_exit_5() {
     let config = Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         db: Some(db.clone()),
+        // Plain TCP until these tests move to TLS with enrolled TVs.
+        insecure_plaintext: true,
         ..Config::default()
     };
     let srv = RunningServer::start(config, store).unwrap();

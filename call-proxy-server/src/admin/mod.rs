@@ -136,6 +136,15 @@ pub fn router_with<S: Store, O: OperatorStore>(
         .route("/api/users", get(routes::users::<S, O>))
         .route("/api/users/{id}", get(routes::user::<S, O>))
         .route("/api/stats", get(routes::stats::<S, O>))
+        .route("/api/enrollments", get(routes::enrollments::<S, O>))
+        .route(
+            "/api/enrollments/{code}",
+            axum::routing::post(routes::approve::<S, O>),
+        )
+        .route(
+            "/api/users/{id}/revoke",
+            axum::routing::post(routes::revoke::<S, O>),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token::<S, O>,

@@ -271,3 +271,86 @@ pub(super) async fn stats<S: Store, O: OperatorStore>(
     let stats = state.ops.stats(clock::now_ms()).await?;
     Ok(Json(stats.into()))
 }
+
+/// The body of `POST /api/enrollments/{code}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ApproveBody {
+    /// The user number the TV gets.
+    user: u64,
+    /// Revoke a TV the user has already (a replaced TV).
+    #[serde(default)]
+    replace: bool,
+}
+
+/// `POST /api/enrollments/{code}` with `{"user": ID}`: approves the code a TV shows.
+/// 404: no such code; 409: expired, decided already, or the user has a TV (without
+/// `"replace": true`).
+pub(super) async fn approve<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    Path(code): Path<String>,
+    body: Result<Json<ApproveBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    use crate::storage::enroll::{display_code, normalise_code, Approval};
+    let Json(body) = body.map_err(|e| ApiError::BadQuery(format!("bad body: {e}")))?;
+    let stored = normalise_code(&code).ok_or_else(|| ApiError::BadParam {
+        parameter: "code",
+        value: code.clone(),
+        message: "an enrollment code is 8 letters like BCDF-GHJK".into(),
+    })?;
+    if !shared_proto::valid_user_id(body.user) {
+        return Err(ApiError::BadParam {
+            parameter: "user",
+            value: body.user.to_string(),
+            message: "out of range".into(),
+        });
+    }
+    let shown = display_code(&stored);
+    let conflict = |m: String| (StatusCode::CONFLICT, Json(plain(m))).into_response();
+    Ok(
+        match state
+            .ops
+            .approve(stored, body.user, body.replace, clock::now_ms())
+            .await?
+        {
+            Approval::Approved { user, replaced } => Json(serde_json::json!({
+                "approved": shown, "user": user, "replaced": replaced
+            }))
+            .into_response(),
+            Approval::UnknownCode => {
+                return Err(ApiError::NotFound(format!(
+                    "no enrollment has the code {shown}"
+                )))
+            }
+            Approval::Expired => conflict(format!("the code {shown} has expired")),
+            Approval::AlreadyDecided => conflict(format!("the code {shown} was decided already")),
+            Approval::UserHasTv => conflict(format!(
+                "user {} has an enrolled TV already; send \"replace\": true to replace it",
+                body.user
+            )),
+        },
+    )
+}
+
+/// `POST /api/users/{id}/revoke`: withdraws the user's TV credential (404 if none).
+pub(super) async fn revoke<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let user = param("id", Some(id), user_id)?.unwrap_or_default();
+    if state.ops.revoke(user, clock::now_ms()).await? {
+        Ok(Json(serde_json::json!({ "revoked": user })).into_response())
+    } else {
+        Err(ApiError::NotFound(format!(
+            "user {user} has no enrolled TV"
+        )))
+    }
+}
+
+/// `GET /api/enrollments`: the newest enrollment requests.
+pub(super) async fn enrollments<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+) -> Result<Response, ApiError> {
+    let rows = state.ops.enrollments(clock::now_ms(), 100).await?;
+    Ok(Json(serde_json::json!({ "enrollments": rows })).into_response())
+}

@@ -215,15 +215,20 @@ async fn start_server(args: &Args) -> Result<Server> {
     let log = dir.join("server.log");
     let admin = SocketAddr::from(([127, 0, 0, 1], test_support::net::free_port()?));
     let mut cmd = Command::new(&bin);
-    cmd.args(["serve", "--listen", &addr.to_string()])
-        .args(["--admin-listen", &admin.to_string()])
-        .env(call_proxy_server::admin::TOKEN_ENV, ADMIN_TOKEN)
-        .arg("--db")
-        .arg(dir.join("bench.sqlite"))
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?);
+    cmd.args([
+        "serve",
+        "--insecure-plaintext",
+        "--listen",
+        &addr.to_string(),
+    ])
+    .args(["--admin-listen", &admin.to_string()])
+    .env(call_proxy_server::admin::TOKEN_ENV, ADMIN_TOKEN)
+    .arg("--db")
+    .arg(dir.join("bench.sqlite"))
+    .env("RUST_LOG", "info")
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log)?);
     if let Some(n) = args.max_per_ip {
         cmd.args(["--max-per-ip", &n.to_string()]);
     }

@@ -4,6 +4,7 @@
 mod ack;
 mod call_control;
 mod dial;
+mod enroll;
 mod fetch;
 mod query;
 mod register;
@@ -28,6 +29,8 @@ pub struct ConnState {
     pub push_rx: Option<PushRx>,
     /// Set by `Bye`: close after replying.
     pub closing: bool,
+    /// The TV certificate the TLS handshake established (`None` on plain TCP).
+    pub identity: Option<crate::tls::TvIdentity>,
 }
 
 /// Which user and session a connection is.
@@ -47,6 +50,7 @@ impl ConnState {
             session: None,
             push_rx: None,
             closing: false,
+            identity: None,
         }
     }
 
@@ -106,10 +110,10 @@ pub async fn handle<S: Store>(
             }
             Ok(Reply::Done)
         }
-        Request::StartEnrollment { .. } | Request::PollEnrollment => Err(WireError::new(
-            ErrorCode::UNSUPPORTED,
-            "this server does not enroll TVs yet",
-        )),
+        Request::StartEnrollment { agent_version } => {
+            enroll::start(shared, st, agent_version).await
+        }
+        Request::PollEnrollment => enroll::poll(shared, st).await,
     }
 }
 

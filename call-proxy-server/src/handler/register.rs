@@ -24,6 +24,7 @@ pub async fn handle<S: Store>(
             "this connection is registered already",
         ));
     }
+    super::enroll::authenticate(shared, st, reg.user_id).await?;
     let ip = st.peer.ip().to_canonical();
     let session_id = shared.registry.new_session_id();
     let now = now_ms();

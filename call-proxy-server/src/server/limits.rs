@@ -65,6 +65,9 @@ pub struct Limits {
     pub max_per_ip: usize,
     /// How long a flooding source is refused (see [`FLOOD_STRIKES`]); zero: never.
     pub flood_penalty: Duration,
+    /// Failed authentications of one source within the penalty window before it is
+    /// refused; 0: never.
+    pub auth_failures_per_ip: u32,
 }
 
 impl Limits {
@@ -85,6 +88,7 @@ impl Limits {
             max_unregistered_per_ip: config.max_unregistered_per_ip.clamp(1, max_connections),
             max_per_ip: config.max_per_ip,
             flood_penalty: Duration::from_millis(config.flood_penalty_ms),
+            auth_failures_per_ip: config.auth_failures_per_ip,
         }
     }
 
@@ -187,15 +191,32 @@ impl Gate {
     }
 
     fn flooded_at(&self, ip: IpAddr, now: Instant) {
+        self.strike_at(ip, now, FLOOD_STRIKES, false);
+    }
+
+    /// A request from `ip` failed to authenticate: one strike for its source; at
+    /// `auth_failures_per_ip` within the penalty window the source is refused like a
+    /// flooding one (many genuine TVs behind one CGNAT address rarely fail at once).
+    pub fn auth_failed(&self, ip: IpAddr) {
+        let threshold = self.inner.limits.auth_failures_per_ip;
+        self.strike_at(ip, Instant::now(), threshold, true);
+    }
+
+    fn strike_at(&self, ip: IpAddr, now: Instant, threshold: u32, auth: bool) {
         let penalty = self.inner.limits.flood_penalty;
-        if penalty.is_zero() {
+        if penalty.is_zero() || threshold == 0 {
             return;
         }
         let key = SourceKey::of(ip);
-        let mut st = self.inner.lock();
-        if st.strikes.len() >= MAX_PENALISED_SOURCES && !st.strikes.contains_key(&key) {
-            st.strikes.retain(|_, s| s.current(now, penalty));
-            if st.strikes.len() >= MAX_PENALISED_SOURCES {
+        let mut guard = self.inner.lock();
+        let map = if auth {
+            &mut guard.auth_strikes
+        } else {
+            &mut guard.strikes
+        };
+        if map.len() >= MAX_PENALISED_SOURCES && !map.contains_key(&key) {
+            map.retain(|_, s| s.current(now, penalty));
+            if map.len() >= MAX_PENALISED_SOURCES {
                 return;
             }
         }
@@ -204,7 +225,7 @@ impl Gate {
             last: now,
             until: None,
         };
-        let s = st.strikes.entry(key).or_insert(fresh);
+        let s = map.entry(key).or_insert(fresh);
         if !s.current(now, penalty) {
             // Quiet for a whole window: a new run.
             *s = Strikes {
@@ -215,11 +236,16 @@ impl Gate {
         }
         s.count = s.count.saturating_add(1);
         s.last = now;
-        if s.count >= FLOOD_STRIKES {
-            let doublings = (s.count - FLOOD_STRIKES).min(4);
+        if s.count >= threshold {
+            let doublings = (s.count - threshold).min(4);
             let until = now + penalty * (1u32 << doublings);
             s.until = Some(until);
-            tracing::warn!(source = %key.0, strikes = s.count, refused_for = ?(until - now), "source refused for flooding");
+            let why = if auth {
+                "failed authentications"
+            } else {
+                "flooding"
+            };
+            tracing::warn!(source = %key.0, strikes = s.count, refused_for = ?(until - now), "source refused for {why}");
         }
     }
 }
@@ -285,6 +311,8 @@ struct State {
     registered_by_source: HashMap<SourceKey, usize>,
     /// Sources closed for flooding lately.
     strikes: HashMap<SourceKey, Strikes>,
+    /// Sources that failed to authenticate lately.
+    auth_strikes: HashMap<SourceKey, Strikes>,
 }
 
 impl State {
@@ -398,10 +426,13 @@ impl Gate {
         let key = SourceKey::of(ip);
         let lim = &self.inner.limits;
         let mut st = self.inner.lock();
-        if let Some(until) = st.strikes.get(&key).and_then(|s| s.until) {
-            if until > now {
-                return Admission::Penalised(until - now);
-            }
+        let until = [st.strikes.get(&key), st.auth_strikes.get(&key)]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.until)
+            .max();
+        if let Some(until) = until.filter(|u| *u > now) {
+            return Admission::Penalised(until - now);
         }
         if (st.open >= lim.max_connections || st.unregistered.len() >= lim.max_unregistered)
             && !st.shed_oldest(None, &self.inner.shed)

@@ -13,6 +13,7 @@
 //! [`MISSED_KINDS_SQL`]), the ordering and durability of writes ([`Store`], [`Pending`]),
 //! and the kinds of failure ([`StoreError`]).
 
+pub mod enroll;
 pub mod operator;
 pub mod sqlite;
 
@@ -26,6 +27,7 @@ use shared_proto::{CallId, IdempotencyKey, UnixMillis, UserId};
 use tokio::sync::oneshot;
 
 use crate::config::Config;
+use enroll::{Approval, Credential, EnrollmentRecord, EnrollmentState, NewEnrollment, Revocation};
 use operator::{CallQuery, CallRecord, OperatorStore, Stats, UserRecord};
 
 /// What a storage call can fail with. Nothing reported as failed was acknowledged: a
@@ -252,6 +254,8 @@ pub struct Watermarks {
     pub max_session_id: u64,
     /// Largest call id ever recorded.
     pub max_call_id: CallId,
+    /// Largest revocation number so far: the server follows revocations after it.
+    pub max_revocation_seq: i64,
 }
 
 /// A queued write's result, available once the write is durably committed (or has
@@ -463,6 +467,30 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// now.
     fn ack_cached(&self, callee: UserId, ids: Vec<CallId>, at_ms: UnixMillis) -> Pending<u32>;
 
+    /// A TV asks to be enrolled: its key's state if it is enrolled or has a live code,
+    /// else a new pending enrollment under `e.code` (a code already taken fails with
+    /// [`StoreError::Constraint`]; draw another). Queued now.
+    fn start_enrollment(&self, e: NewEnrollment) -> Pending<EnrollmentState>;
+
+    /// How the key with this certificate fingerprint stands.
+    fn enrollment(
+        &self,
+        fingerprint: [u8; 32],
+        now_ms: UnixMillis,
+    ) -> impl Future<Output = Result<EnrollmentState, StoreError>> + Send;
+
+    /// The credential of this certificate fingerprint, if any.
+    fn credential(
+        &self,
+        fingerprint: [u8; 32],
+    ) -> impl Future<Output = Result<Option<Credential>, StoreError>> + Send;
+
+    /// Revocations numbered above `seq`, oldest first (a bounded batch).
+    fn revocations_after(
+        &self,
+        seq: i64,
+    ) -> impl Future<Output = Result<Vec<Revocation>, StoreError>> + Send;
+
     /// What the backend measured about its commits (for `/metrics`).
     fn metrics(&self) -> &StoreMetrics;
 
@@ -606,6 +634,34 @@ impl Store for AnyStore {
         }
     }
 
+    fn start_enrollment(&self, e: NewEnrollment) -> Pending<EnrollmentState> {
+        match self {
+            AnyStore::Sqlite(s) => s.start_enrollment(e),
+        }
+    }
+
+    async fn enrollment(
+        &self,
+        fingerprint: [u8; 32],
+        now_ms: UnixMillis,
+    ) -> Result<EnrollmentState, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.enrollment(fingerprint, now_ms).await,
+        }
+    }
+
+    async fn credential(&self, fingerprint: [u8; 32]) -> Result<Option<Credential>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.credential(fingerprint).await,
+        }
+    }
+
+    async fn revocations_after(&self, seq: i64) -> Result<Vec<Revocation>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.revocations_after(seq).await,
+        }
+    }
+
     fn metrics(&self) -> &StoreMetrics {
         match self {
             AnyStore::Sqlite(s) => s.metrics(),
@@ -673,6 +729,34 @@ impl OperatorStore for AnyOperator {
     async fn cached_waiting(&self) -> Result<u64, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.cached_waiting().await,
+        }
+    }
+
+    async fn approve(
+        &self,
+        code: String,
+        user: UserId,
+        replace: bool,
+        now_ms: UnixMillis,
+    ) -> Result<Approval, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.approve(code, user, replace, now_ms).await,
+        }
+    }
+
+    async fn revoke(&self, user: UserId, now_ms: UnixMillis) -> Result<bool, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.revoke(user, now_ms).await,
+        }
+    }
+
+    async fn enrollments(
+        &self,
+        now_ms: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<EnrollmentRecord>, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.enrollments(now_ms, limit).await,
         }
     }
 }

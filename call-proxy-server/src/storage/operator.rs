@@ -210,6 +210,33 @@ pub trait OperatorStore: Clone + Send + Sync + 'static {
 
     /// Missed calls waiting to be shown on their callee's TV (the offline cache's depth).
     fn cached_waiting(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Approves the enrollment with this code (stored form, see
+    /// [`crate::storage::enroll::normalise_code`]) for `user`; with `replace`, a TV the user
+    /// has already is revoked. The one kind of write besides [`OperatorStore::revoke`]: a
+    /// single transaction on its own connection, never through the server's writer.
+    fn approve(
+        &self,
+        code: String,
+        user: UserId,
+        replace: bool,
+        now_ms: UnixMillis,
+    ) -> impl Future<Output = Result<crate::storage::enroll::Approval, StoreError>> + Send;
+
+    /// Withdraws `user`'s TV credential (`false`: it had none). The server cuts the
+    /// TV's live session off within a second.
+    fn revoke(
+        &self,
+        user: UserId,
+        now_ms: UnixMillis,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The newest enrollments, at most `limit`.
+    fn enrollments(
+        &self,
+        now_ms: UnixMillis,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<crate::storage::enroll::EnrollmentRecord>, StoreError>> + Send;
 }
 
 #[cfg(test)]

@@ -39,6 +39,8 @@ impl TestServer {
             db: Some(db_path.clone()),
             ring_timeout_ms: 5_000,
             shutdown_grace_ms: 2_000,
+            // Plain TCP until these tests move to TLS with enrolled TVs.
+            insecure_plaintext: true,
             ..Config::default()
         };
         tune(&mut config);

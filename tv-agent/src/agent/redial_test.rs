@@ -132,6 +132,8 @@ async fn a_dial_whose_reply_was_lost_is_retried_with_its_key_and_stored_once() {
         // No heartbeat among the bytes the relay watches.
         heartbeat_interval_ms: 20_000,
         shutdown_grace_ms: 2_000,
+        // Plain TCP until these tests move to TLS with enrolled TVs.
+        insecure_plaintext: true,
         ..Config::default()
     };
     let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap();

@@ -34,6 +34,8 @@ impl Server {
             ring_timeout_ms,
             heartbeat_interval_ms: 1_000,
             shutdown_grace_ms: 2_000,
+            // Plain TCP until these tests move to TLS with enrolled TVs.
+            insecure_plaintext: true,
             ..Config::default()
         };
         let store = SqliteStore::open(db, SqliteOptions::default()).unwrap();

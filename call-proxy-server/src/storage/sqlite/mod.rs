@@ -11,6 +11,7 @@
 //! SQLite's errors become [`StoreError`]s here ([`db_error`]); nothing outside this
 //! module sees a rusqlite type. [`operator`] holds the operator's read-only queries.
 
+mod enroll;
 pub mod operator;
 mod reserve;
 
@@ -143,6 +144,38 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE user_call ADD COLUMN idem_key INTEGER;
      CREATE UNIQUE INDEX user_call_idem ON user_call (user_id, idem_key)
         WHERE idem_key IS NOT NULL;",
+    // 4: enrolled TVs (issue 12). An enrollment is a TV's certificate waiting under a
+    // short code for the operator; a credential binds a certificate's SHA-256 to a user
+    // (at most one valid per user); revocations are numbered so the server can follow
+    // them. Only public certificates and fingerprints are kept.
+    "CREATE TABLE tv_enrollment (
+        user_code      TEXT    PRIMARY KEY,          -- 8 consonants, no dash
+        fingerprint    BLOB    NOT NULL,             -- SHA-256 of cert
+        cert           BLOB    NOT NULL,             -- the TV's self-signed certificate (DER)
+        agent_version  TEXT    NOT NULL DEFAULT '',
+        source_ip      TEXT    NOT NULL DEFAULT '',
+        created_at     TEXT    NOT NULL,
+        expires_at     INTEGER NOT NULL,             -- Unix ms
+        state          TEXT    NOT NULL DEFAULT 'pending'
+                         CHECK (state IN ('pending', 'approved', 'refused')),
+        user_id        INTEGER,
+        decided_at     TEXT
+     );
+     CREATE INDEX tv_enrollment_fingerprint ON tv_enrollment (fingerprint, created_at);
+     CREATE TABLE tv_credential (
+        fingerprint    BLOB    PRIMARY KEY,
+        user_id        INTEGER NOT NULL,
+        cert           BLOB    NOT NULL,
+        enrolled_at    TEXT    NOT NULL,
+        revoked_at     TEXT
+     );
+     CREATE UNIQUE INDEX tv_credential_user ON tv_credential (user_id) WHERE revoked_at IS NULL;
+     CREATE TABLE tv_revocation (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id        INTEGER NOT NULL,
+        fingerprint    BLOB    NOT NULL,
+        at             TEXT    NOT NULL
+     );",
 ];
 
 /// The condition of a live call; written exactly as in the partial index `user_call_live`
@@ -212,6 +245,7 @@ enum WriteJob {
     Insert(NewCall, Option<IdempotencyKey>, Slot<InsertResult>),
     Finish(CallEnd, UserId, Slot<u32>),
     Ack(UserId, Vec<CallId>, UnixMillis, Slot<u32>),
+    StartEnrollment(NewEnrollment, Slot<EnrollmentState>),
     Close(oneshot::Sender<()>),
     /// Test only: writes a call row, then fails (a job that fails half-way).
     #[cfg(test)]
@@ -260,6 +294,7 @@ impl WriteJob {
             WriteJob::Offline(.., slot) => slot.answer(batch),
             WriteJob::Insert(_, _, slot) => slot.answer(batch),
             WriteJob::Finish(.., slot) | WriteJob::Ack(.., slot) => slot.answer(batch),
+            WriteJob::StartEnrollment(_, slot) => slot.answer(batch),
             WriteJob::Close(_) => {}
             #[cfg(test)]
             WriteJob::FailAfterInsert(_, slot) => slot.answer(batch),
@@ -269,6 +304,9 @@ impl WriteJob {
 
 /// Operations for the reader threads.
 enum ReadJob {
+    Enrollment([u8; 32], UnixMillis, Reply<EnrollmentState>),
+    Credential([u8; 32], Reply<Option<Credential>>),
+    Revocations(i64, Reply<Vec<Revocation>>),
     Users(Vec<UserId>, Reply<Vec<UserRow>>),
     Cached(UserId, CallId, usize, Reply<Vec<CachedRow>>),
     Keyed(UserId, IdempotencyKey, UnixMillis, Reply<Option<KeyedCall>>),
@@ -342,6 +380,7 @@ impl SqliteStore {
             max_call_id: conn.query_row("SELECT coalesce(max(id), 0) FROM user_call", [], |r| {
                 r.get::<_, i64>(0)
             })? as u64,
+            max_revocation_seq: enroll::max_revocation(&conn)?,
         };
 
         let (wtx, wrx) = crossbeam_channel::unbounded();
@@ -468,6 +507,27 @@ impl Store for SqliteStore {
 
     fn ack_cached(&self, callee: UserId, ids: Vec<CallId>, at_ms: UnixMillis) -> Pending<u32> {
         self.write(move |tx| WriteJob::Ack(callee, ids, at_ms, tx))
+    }
+
+    fn start_enrollment(&self, e: NewEnrollment) -> Pending<EnrollmentState> {
+        self.write(move |slot| WriteJob::StartEnrollment(e, slot))
+    }
+
+    async fn enrollment(
+        &self,
+        fingerprint: [u8; 32],
+        now_ms: UnixMillis,
+    ) -> Result<EnrollmentState, StoreError> {
+        self.read(|tx| ReadJob::Enrollment(fingerprint, now_ms, tx))
+            .await
+    }
+
+    async fn credential(&self, fingerprint: [u8; 32]) -> Result<Option<Credential>, StoreError> {
+        self.read(|tx| ReadJob::Credential(fingerprint, tx)).await
+    }
+
+    async fn revocations_after(&self, seq: i64) -> Result<Vec<Revocation>, StoreError> {
+        self.read(|tx| ReadJob::Revocations(seq, tx)).await
     }
 
     fn metrics(&self) -> &StoreMetrics {
@@ -736,6 +796,7 @@ fn apply(tx: &Transaction<'_>, job: &mut WriteJob, full: bool) -> Result<(), Sto
         WriteJob::Insert(call, key, slot) => slot.set(insert_call(tx, call, *key)),
         WriteJob::Finish(end, callee, slot) => slot.set(finish_call(tx, end, *callee)),
         WriteJob::Ack(callee, ids, at, slot) => slot.set(ack(tx, *callee, ids, *at)),
+        WriteJob::StartEnrollment(e, slot) => slot.set(enroll::start(tx, e)),
         WriteJob::Close(_) => Ok(()),
         #[cfg(test)]
         WriteJob::FailAfterInsert(call, slot) => {
@@ -984,6 +1045,15 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
             }
             ReadJob::Keyed(caller, key, now, reply) => {
                 let _ = reply.send(keyed_call(&conn, caller, key, now));
+            }
+            ReadJob::Enrollment(fp, now, reply) => {
+                let _ = reply.send(enroll::state(&conn, &fp, now));
+            }
+            ReadJob::Credential(fp, reply) => {
+                let _ = reply.send(enroll::credential(&conn, &fp));
+            }
+            ReadJob::Revocations(after, reply) => {
+                let _ = reply.send(enroll::revocations_after(&conn, after));
             }
         }
     }

@@ -108,6 +108,37 @@ impl OperatorStore for SqliteOperator {
         self.run(|db| db.ping()).await
     }
 
+    async fn approve(
+        &self,
+        code: String,
+        user: UserId,
+        replace: bool,
+        now_ms: UnixMillis,
+    ) -> Result<crate::storage::enroll::Approval, StoreError> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || {
+            super::enroll::approve(&path, &code, user, replace, now_ms)
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("approval task: {e}")))?
+    }
+
+    async fn revoke(&self, user: UserId, now_ms: UnixMillis) -> Result<bool, StoreError> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || super::enroll::revoke(&path, user, now_ms))
+            .await
+            .map_err(|e| StoreError::Other(format!("revocation task: {e}")))?
+    }
+
+    async fn enrollments(
+        &self,
+        now_ms: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::enroll::EnrollmentRecord>, StoreError> {
+        self.run(move |db| super::enroll::list(db, now_ms, limit))
+            .await
+    }
+
     async fn cached_waiting(&self) -> Result<u64, StoreError> {
         self.run(|db| db.cached_waiting()).await
     }
@@ -128,6 +159,11 @@ fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
 }
 
 impl OperatorDb {
+    /// The read-only connection.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     /// Opens the database file read-only.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if !path.exists() {

@@ -1,0 +1,361 @@
+//! Trust on the control link (issue 12), against a real server over TLS on loopback:
+//! unenrolled TVs get nothing, enrollment by code with the operator's approval, impostors
+//! cannot take a live session over, a revoked TV is cut off within a second, codes
+//! expire, a wrong CA fails, plain TCP to a TLS port fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use call_proxy_server::client::{Client, ClientError};
+use call_proxy_server::storage::enroll::{normalise_code, Approval};
+use call_proxy_server::storage::operator::OperatorStore;
+use call_proxy_server::storage::{self, AnyOperator};
+use common::TestServer;
+use control_client::{Stream, TlsClient, Transport, TvKey};
+use shared_proto::*;
+
+async fn tls_server(tune: impl FnOnce(&mut call_proxy_server::Config)) -> TestServer {
+    TestServer::start_with(|c| {
+        c.insecure_plaintext = false;
+        tune(c);
+    })
+    .await
+}
+
+fn ca_of(srv: &TestServer) -> Vec<u8> {
+    std::fs::read(srv.db_path.parent().unwrap().join("tls/ca.crt")).expect("the server's CA")
+}
+
+/// A TV with its own new key, connected over TLS.
+async fn tv(srv: &TestServer, key: &TvKey) -> Client<Stream> {
+    let tls = TlsClient::new(&ca_of(srv), key).unwrap();
+    Client::connect_with(&Transport::Tls(tls), srv.addr, None)
+        .await
+        .expect("TLS connection")
+}
+
+fn operator(srv: &TestServer) -> AnyOperator {
+    let config = call_proxy_server::Config {
+        db: Some(srv.db_path.clone()),
+        ..call_proxy_server::Config::default()
+    };
+    storage::open_operator(&config, 1)
+}
+
+fn unauthenticated<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> bool {
+    matches!(r, Err(ClientError::Server(e)) if e.code == ErrorCode::UNAUTHENTICATED)
+}
+
+async fn request(c: &mut Client<Stream>, r: Request) -> Result<Reply, ClientError> {
+    c.request(r).await
+}
+
+/// Enrolls `key` as `user` through the real flow: the TV asks, the operator approves
+/// its code, the TV's poll says enrolled.
+async fn enroll(srv: &TestServer, key: &TvKey, user: UserId) {
+    let mut c = tv(srv, key).await;
+    let code = match request(
+        &mut c,
+        Request::StartEnrollment {
+            agent_version: "test".into(),
+        },
+    )
+    .await
+    .unwrap()
+    {
+        Reply::Enrollment(EnrollmentStatus::Pending { user_code, .. }) => user_code,
+        other => panic!("{other:?}"),
+    };
+    let approval = operator(srv)
+        .approve(
+            normalise_code(&code).unwrap(),
+            user,
+            false,
+            call_proxy_server::clock::now_ms(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        approval,
+        Approval::Approved {
+            user,
+            replaced: false
+        }
+    );
+    match request(&mut c, Request::PollEnrollment).await.unwrap() {
+        Reply::Enrollment(EnrollmentStatus::Enrolled { user_id }) => assert_eq!(user_id, user),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unenrolled_tv_gets_nothing_and_an_enrolled_one_everything() {
+    let srv = tls_server(|_| {}).await;
+    // A call is cached for 2002 by a plain-trusting path: enroll a caller first.
+    let caller_key = TvKey::generate().unwrap();
+    enroll(&srv, &caller_key, 1001).await;
+    let real_key = TvKey::generate().unwrap();
+    enroll(&srv, &real_key, 2002).await;
+    {
+        let mut real = tv(&srv, &real_key).await;
+        real.register(2002, 5000).await.unwrap();
+        real.bye().await.unwrap();
+    }
+    let mut caller = tv(&srv, &caller_key).await;
+    caller.register(1001, 5000).await.unwrap();
+    let Reply::Dial(DialOutcome::Cached { call_id }) = caller
+        .request(Request::Dial {
+            callee: 2002,
+            key: Some(7),
+            srtp: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not cached")
+    };
+
+    // A stranger with a key of its own claims 2002: refused for every request kind.
+    let stranger = TvKey::generate().unwrap();
+    let mut s = tv(&srv, &stranger).await;
+    let r = s.register(2002, 5000).await;
+    assert!(unauthenticated(&r), "{r:?}");
+    let refused_before = srv.shared.metrics.auth_failures.get();
+    assert!(refused_before >= 1);
+    for r in [
+        Request::QueryState { users: vec![2002] },
+        Request::Dial {
+            callee: 1001,
+            key: None,
+            srtp: None,
+        },
+        Request::FetchCached {
+            after: 0,
+            limit: 10,
+        },
+        Request::AckCached {
+            call_ids: vec![call_id],
+        },
+        Request::Answer {
+            call_id,
+            srtp: None,
+        },
+        Request::Reject { call_id },
+        Request::HangUp { call_id },
+        Request::Heartbeat,
+    ] {
+        let kind = format!("{r:?}");
+        match request(&mut s, r).await {
+            Err(ClientError::Server(e)) => {
+                assert!(e.code == ErrorCode::NOT_REGISTERED, "{kind}: {e:?}")
+            }
+            other => panic!("{kind} answered {other:?}"),
+        }
+    }
+    // Its poll says it has no enrollment.
+    match request(&mut s, Request::PollEnrollment).await.unwrap() {
+        Reply::Enrollment(EnrollmentStatus::Refused { reason }) => {
+            assert!(reason.contains("no enrollment"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The cached call is still there for the real TV.
+    let mut real = tv(&srv, &real_key).await;
+    let reg = real.register(2002, 5000).await.unwrap();
+    assert_eq!(reg.cached_waiting, 1);
+    let calls = real.fetch_all_cached().await.unwrap();
+    assert_eq!(
+        calls.iter().map(|c| c.call_id).collect::<Vec<_>>(),
+        [call_id]
+    );
+
+    // The real TV's own key cannot register as someone else either.
+    let mut other = tv(&srv, &real_key).await;
+    let r = other.register(1001, 5000).await;
+    assert!(
+        matches!(&r, Err(ClientError::Server(e)) if e.code == ErrorCode::UNAUTHENTICATED && e.message.contains("enrolled as user 2002")),
+        "{r:?}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_cannot_replace_a_live_session_and_a_revoked_tv_is_cut_off_within_a_second() {
+    let srv = tls_server(|_| {}).await;
+    let key = TvKey::generate().unwrap();
+    enroll(&srv, &key, 3003).await;
+    let mut real = tv(&srv, &key).await;
+    real.register(3003, 5000).await.unwrap();
+
+    let impostor = TvKey::generate().unwrap();
+    let mut imp = tv(&srv, &impostor).await;
+    assert!(unauthenticated(&imp.register(3003, 6000).await));
+    // The real session is untouched: no SESSION_REPLACED, and it still answers.
+    assert!(matches!(
+        real.request(Request::Heartbeat).await.unwrap(),
+        Reply::HeartbeatAck { .. }
+    ));
+    assert_eq!(srv.shared.metrics.reregistrations.get(), 0);
+
+    // The operator revokes 3003's TV: its session ends within a second.
+    let revoked_at = Instant::now();
+    assert!(operator(&srv)
+        .revoke(3003, call_proxy_server::clock::now_ms())
+        .await
+        .unwrap());
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match real.next_event().await {
+                Err(e) => return e,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the revoked TV's link closed");
+    let took = revoked_at.elapsed();
+    assert!(
+        matches!(&closed, ClientError::Closed(Some(e)) if e.code == ErrorCode::UNAUTHENTICATED),
+        "{closed:?}"
+    );
+    assert!(took < Duration::from_secs(1), "cut off after {took:?}");
+    assert_eq!(srv.shared.metrics.revoked_sessions.get(), 1);
+    // It cannot come back with that key; re-enrolled (a replaced TV) it can.
+    let mut again = tv(&srv, &key).await;
+    assert!(unauthenticated(&again.register(3003, 5000).await));
+    let replacement = TvKey::generate().unwrap();
+    enroll(&srv, &replacement, 3003).await;
+    let mut new_tv = tv(&srv, &replacement).await;
+    new_tv.register(3003, 5000).await.unwrap();
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_expire_unknown_codes_fail_and_a_second_tv_needs_replace() {
+    let srv = tls_server(|c| c.enrollment_ttl_s = 1).await;
+    let ops = operator(&srv);
+    let now = call_proxy_server::clock::now_ms;
+    assert_eq!(
+        ops.approve("BCDFGHJK".into(), 1, false, now())
+            .await
+            .unwrap(),
+        Approval::UnknownCode
+    );
+    let key = TvKey::generate().unwrap();
+    let mut c = tv(&srv, &key).await;
+    let Reply::Enrollment(EnrollmentStatus::Pending {
+        user_code,
+        expires_in_s,
+        interval_s,
+    }) = request(
+        &mut c,
+        Request::StartEnrollment {
+            agent_version: "t".into(),
+        },
+    )
+    .await
+    .unwrap()
+    else {
+        panic!()
+    };
+    assert!(expires_in_s <= 1 && interval_s >= 1);
+    assert_eq!(user_code.len(), 9, "{user_code}");
+    // Asking again gives the same code while it lives.
+    match request(
+        &mut c,
+        Request::StartEnrollment {
+            agent_version: "t".into(),
+        },
+    )
+    .await
+    .unwrap()
+    {
+        Reply::Enrollment(EnrollmentStatus::Pending {
+            user_code: again, ..
+        }) => {
+            assert_eq!(again, user_code)
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(matches!(
+        request(&mut c, Request::PollEnrollment).await.unwrap(),
+        Reply::Enrollment(EnrollmentStatus::Expired)
+    ));
+    assert_eq!(
+        ops.approve(normalise_code(&user_code).unwrap(), 5, false, now())
+            .await
+            .unwrap(),
+        Approval::Expired
+    );
+
+    // A user with an enrolled TV gets a second one only with replace.
+    let srv2 = tls_server(|_| {}).await;
+    let first = TvKey::generate().unwrap();
+    enroll(&srv2, &first, 7007).await;
+    let second = TvKey::generate().unwrap();
+    let mut c2 = tv(&srv2, &second).await;
+    let Reply::Enrollment(EnrollmentStatus::Pending { user_code, .. }) = request(
+        &mut c2,
+        Request::StartEnrollment {
+            agent_version: "t".into(),
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!()
+    };
+    let code = normalise_code(&user_code).unwrap();
+    let ops2 = operator(&srv2);
+    assert_eq!(
+        ops2.approve(code.clone(), 7007, false, now())
+            .await
+            .unwrap(),
+        Approval::UserHasTv
+    );
+    assert_eq!(
+        ops2.approve(code, 7007, true, now()).await.unwrap(),
+        Approval::Approved {
+            user: 7007,
+            replaced: true
+        }
+    );
+    let mut old = tv(&srv2, &first).await;
+    assert!(unauthenticated(&old.register(7007, 1).await));
+    srv.stop().await;
+    srv2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_and_plain_tcp_fail_clearly() {
+    let srv = tls_server(|_| {}).await;
+    let other = tls_server(|_| {}).await;
+    let key = TvKey::generate().unwrap();
+    // Trusting another server's CA: the handshake fails on the certificate.
+    let tls = TlsClient::new(&ca_of(&other), &key).unwrap();
+    let r = Client::connect_with(&Transport::Tls(tls), srv.addr, None).await;
+    match r {
+        Err(ClientError::Io(e)) => {
+            let m = e.to_string();
+            assert!(
+                m.contains("certificate") || m.contains("UnknownIssuer"),
+                "{m}"
+            )
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("connected with the wrong CA"),
+    }
+    // A plain-TCP client on the TLS port: no preamble comes back, and it is counted.
+    let before = srv.shared.metrics.tls_failed.get();
+    let r = Client::connect(srv.addr).await;
+    assert!(r.is_err(), "a plain client was served on the TLS port");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.shared.metrics.tls_failed.get() == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(srv.shared.metrics.tls_failed.get() > before);
+    srv.stop().await;
+    other.stop().await;
+}
