@@ -33,7 +33,7 @@ wait_for_port "$port"
 median_ms() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.1f", m/1e6}'; }
 time_missed() { # command...
   for i in $(seq "$samples"); do
-    s=$(date +%s%N); "$@" missed --user $((7000 + i)) --server "$server" >/dev/null; e=$(date +%s%N)
+    s=$(date +%s%N); "$@" missed --user $((7000 + i)) --server "$server" --insecure-plaintext >/dev/null; e=$(date +%s%N)
     echo $((e - s))
   done
 }
@@ -42,18 +42,18 @@ emulated=$(time_missed "$qemu" "$arm_bin" | median_ms)
 echo "power-on to cached calls shown and powered off (whole process, median of $samples): native ${native} ms, under qemu ${emulated} ms, ratio $(awk -v a="$emulated" -v b="$native" 'BEGIN {printf "%.1f", a/b}')x"
 
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-"$qemu" "$arm_bin" run --user 7100 --server "$server" --audio-in null --audio-out null \
+"$qemu" "$arm_bin" run --user 7100 --server "$server" --insecure-plaintext --audio-in null --audio-out null \
   --control-listen 127.0.0.1:0 2>/dev/null &
 idle_pid=$!; pids+=("$idle_pid")
 sleep 3
 echo "idle RSS under qemu (guest + emulator): $(rss "$idle_pid") kB"
 kill -TERM "$idle_pid"; wait "$idle_pid" 2>/dev/null || true
 
-"$qemu" "$arm_bin" answer --user 7200 --server "$server" --seconds 6 --wait 30 \
+"$qemu" "$arm_bin" answer --user 7200 --server "$server" --insecure-plaintext --seconds 6 --wait 30 \
   --audio-in tone:1000 --audio-out null >/dev/null 2>&1 &
 ans_pid=$!; pids+=("$ans_pid")
 sleep 1.5
-target/release/tv-agent call --user 7201 --server "$server" --to 7200 --seconds 6 \
+target/release/tv-agent call --user 7201 --server "$server" --insecure-plaintext --to 7200 --seconds 6 \
   --audio-in tone:440 --audio-out null >/dev/null &
 call_pid=$!; pids+=("$call_pid")
 sleep 4

@@ -41,21 +41,21 @@ near() { [ -n "$1" ] && [ "$1" -ge $(($2 * 95 / 100)) ] && [ "$1" -le $(($2 * 10
 
 # ARM TV 7 is set up and switched off; x86 TV 8 calls it (cached).
 start=$(date +%s%N)
-"${arm_agent[@]}" missed --user 7 --server "$server" >"$work/boot1.json"
+"${arm_agent[@]}" missed --user 7 --server "$server" --insecure-plaintext >"$work/boot1.json"
 echo "ARM power-on to cached calls shown and powered off: $(( ($(date +%s%N) - start) / 1000000 )) ms (whole process under emulation)"
-"${x86_agent[@]}" call --user 8 --server "$server" --to 7 --audio-in null --audio-out null >"$work/cached.json" || true
+"${x86_agent[@]}" call --user 8 --server "$server" --insecure-plaintext --to 7 --audio-in null --audio-out null >"$work/cached.json" || true
 check "x86 call to the switched-off ARM TV is cached" grep -q '"outcome":"cached"' "$work/cached.json"
 
 # x86 TV 8 waits for calls; the ARM TV powers on, sees the missed call, calls back.
-"${x86_agent[@]}" answer --user 8 --server "$server" --seconds 3 --wait 60 \
+"${x86_agent[@]}" answer --user 8 --server "$server" --insecure-plaintext --seconds 3 --wait 60 \
   --audio-in tone:1000 --audio-out "wav:$work/x86-heard.wav" >"$work/answer.json" &
 answer_pid=$!
 sleep 1
-"${arm_agent[@]}" missed --user 7 --server "$server" >"$work/missed.json"
+"${arm_agent[@]}" missed --user 7 --server "$server" --insecure-plaintext >"$work/missed.json"
 cat "$work/missed.json"
 check "ARM TV shows the missed call from 8, with 8 online now" \
   grep -q '"user_id":8,"otheruser_id":7,.*"user_netstate":1' "$work/missed.json"
-"${arm_agent[@]}" call --user 7 --server "$server" --to 8 --seconds 3 \
+"${arm_agent[@]}" call --user 7 --server "$server" --insecure-plaintext --to 8 --seconds 3 \
   --audio-in tone:440 --audio-out "wav:$work/arm-heard.wav" >"$work/call.json" || true
 cat "$work/call.json"
 wait "$answer_pid" || true

@@ -146,7 +146,7 @@ base=1000 # a fresh database every run: any user ids are new
 
 echo "== a) power-on to registered and cached calls shown ($BOOT_SAMPLES samples each)"
 for k in 1 100; do
-    timeout 600 "$BENCH_BIN" boot --server "$server" --samples "$BOOT_SAMPLES" --cached "$k" \
+    timeout 600 "$BENCH_BIN" boot --server "$server" --insecure-plaintext --samples "$BOOT_SAMPLES" --cached "$k" \
         | tee "$work/boot-$k.log" | grep -v '^boot sample' || { cat "$work/boot-$k.log" >&2; exit 1; }
 done
 
@@ -154,7 +154,7 @@ echo "== a2) for context: whole process, exec of 'tv-agent missed' to exit (star
 ms=()
 for i in $(seq 1 10); do
     s="$(date +%s%N)"
-    timeout 30 "$AGENT_BIN" missed --user $((base + 100 + i)) --server "$server" >/dev/null
+    timeout 30 "$AGENT_BIN" missed --user $((base + 100 + i)) --server "$server" --insecure-plaintext >/dev/null
     e="$(date +%s%N)"
     ms+=("$(awk -v s="$s" -v e="$e" 'BEGIN {printf "%.2f", (e - s) / 1e6}')")
 done
@@ -162,7 +162,7 @@ printf '%s\n' "${ms[@]}" | sort -n | awk '{v[NR] = $1} END {printf "tv-agent mis
 
 echo "== b) idle: registered tv-agent run, 3 s after start"
 idle_user=$((base + 1))
-RUST_LOG=tv_agent=info "$AGENT_BIN" run --user "$idle_user" --server "$server" \
+RUST_LOG=tv_agent=info "$AGENT_BIN" run --user "$idle_user" --server "$server" --insecure-plaintext \
     --audio-in null --audio-out null --control-listen 127.0.0.1:0 --data-dir "$work/idle-tv" \
     2>"$work/idle.log" &
 idle_pid=$!
@@ -183,13 +183,13 @@ echo "idle: VmRSS $idle_rss kB ($(mib "$idle_rss") MiB), VmHWM $idle_hwm kB ($(m
 echo "== c) one call, both sides sending speech, ${CALL_SECONDS} s"
 caller=$((base + 2))
 callee=$((base + 3))
-RUST_LOG=tv_agent::agent=debug "$AGENT_BIN" answer --user "$callee" --server "$server" \
+RUST_LOG=tv_agent::agent=debug "$AGENT_BIN" answer --user "$callee" --server "$server" --insecure-plaintext \
     --seconds "$CALL_SECONDS" --wait 30 --audio-in "wav:$speech" --audio-out null \
     >"$work/answer.json" 2>"$work/answer.log" &
 answer_pid=$!
 bg_pids+=("$answer_pid")
 wait_for "$work/answer.log" 'CachedCalls' 10
-RUST_LOG=tv_agent::agent=debug "$AGENT_BIN" call --user "$caller" --server "$server" --to "$callee" \
+RUST_LOG=tv_agent::agent=debug "$AGENT_BIN" call --user "$caller" --server "$server" --insecure-plaintext --to "$callee" \
     --seconds "$CALL_SECONDS" --audio-in "wav:$speech" --audio-out null \
     >"$work/call.json" 2>"$work/call.log" &
 call_pid=$!

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: the whole story on one machine, with a real call-proxy-server on
 # embedded SQLite and real tv-agent processes carrying real voice media (RTP/Opus over
-# UDP) between them:
+# UDP) between them, over TLS 1.3 with enrolled TVs:
+#   TVs 1001 and 2002 are enrolled (each shows a code, the operator approves it);
 #   TV 1001 calls TV 2002 while 2002 is off (the call is cached); 2002 powers on and
 #   shows the missed call with 1001's current state; 2002 calls 1001 back; a few seconds
 #   of two-way audio (a 440 Hz tone one way, 1000 Hz the other); hang-up; another call
@@ -26,7 +27,7 @@ admin="http://127.0.0.1:$admin_port"
 CALL_PROXY_ADMIN_TOKEN=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
 export CALL_PROXY_ADMIN_TOKEN
 
-"$bin/call-proxy-server" serve --insecure-plaintext --listen "$server" --db "$data/call-proxy.sqlite" \
+"$bin/call-proxy-server" serve --listen "$server" --db "$data/call-proxy.sqlite" \
   --admin-listen "127.0.0.1:$admin_port" 2>"$data/server.log" &
 server_pid=$!
 answer_pid=""
@@ -42,25 +43,53 @@ wait_for_port "$port"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "call-proxy-server on $server, database $data/call-proxy.sqlite"
+step "call-proxy-server on $server (TLS 1.3), database $data/call-proxy.sqlite, TVs trust $data/tls/ca.crt"
+
+# Enrolls TV $1: the TV asks for a code and shows it; the operator approves it with the
+# CLI on the database file; the TV keeps its credential in its data directory.
+enroll_tv() {
+  local user=$1 out="$data/enroll-$1.json"
+  "$bin/tv-agent" enroll --server "$server" --server-ca "$data/tls/ca.crt" \
+    --data-dir "$data/tv-$user" >"$out" &
+  local pid=$!
+  for _ in $(seq 1 100); do [ -s "$out" ] && break; sleep 0.1; done
+  echo "TV $user shows: $(head -1 "$out")"
+  local code
+  code=$(head -1 "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["user_code"])')
+  echo "The operator approves code $code for user $user:"
+  "$bin/call-proxy-server" approve --db "$data/call-proxy.sqlite" --code "$code" --user "$user"
+  wait "$pid"
+  echo "TV $user: $(tail -1 "$out")"
+}
+tv() { echo "--server $server --data-dir $data/tv-$1"; }
+
+step "Enrolling the two TVs"
+enroll_tv 1001
+enroll_tv 2002
+echo "Enrollments (the operator's view):"
+"$bin/call-proxy-server" enrollments --db "$data/call-proxy.sqlite"
+
+step "A TV without a credential gets nothing: it must be enrolled first (exit 4)"
+"$bin/tv-agent" missed --user 2002 --server "$server" --server-ca "$data/tls/ca.crt" \
+  --data-dir "$data/stranger" || echo "exit code $?"
 
 step "TV 2002 is set up (first power-on), then switched off"
-"$bin/tv-agent" missed --user 2002 --server "$server"
+"$bin/tv-agent" missed $(tv 2002)
 
 step "TV 1001 calls 2002, which is off: the server caches the call"
-"$bin/tv-agent" call --user 1001 --server "$server" --to 2002 --audio-in tone:440 --audio-out null || true
+"$bin/tv-agent" call $(tv 1001) --to 2002 --audio-in tone:440 --audio-out null || true
 
 step "TV 1001 is on and waiting for calls"
-"$bin/tv-agent" answer --user 1001 --server "$server" --seconds 4 --wait 30 \
+"$bin/tv-agent" answer $(tv 1001) --seconds 4 --wait 30 \
   --audio-in tone:440 --audio-out "wav:$data/1001-heard.wav" >"$data/1001-answer.json" &
 answer_pid=$!
 sleep 1
 
 step "TV 2002 powers on and shows the calls it missed, with each caller's state now (user_netstate 1 = online)"
-"$bin/tv-agent" missed --user 2002 --server "$server"
+"$bin/tv-agent" missed $(tv 2002)
 
 step "The viewer on 2002 calls 1001 back; four seconds of two-way audio; hang-up"
-"$bin/tv-agent" call --user 2002 --server "$server" --to 1001 --seconds 4 \
+"$bin/tv-agent" call $(tv 2002) --to 1001 --seconds 4 \
   --audio-in tone:1000 --audio-out "wav:$data/2002-heard.wav"
 wait "$answer_pid" || true
 answer_pid=""
@@ -75,13 +104,13 @@ for tv in 1001 2002; do
 done
 
 step "TV 1001 calls 2002 again; 2002 is off, so the call is cached"
-"$bin/tv-agent" call --user 1001 --server "$server" --to 2002 --audio-in tone:440 --audio-out null || true
+"$bin/tv-agent" call $(tv 1001) --to 2002 --audio-in tone:440 --audio-out null || true
 
 ui_port=$(free_port 17602)
 step "TV 2002 powers on as the TV daemon with its on-screen UI on http://127.0.0.1:$ui_port/"
-"$bin/tv-agent" run --user 2002 --server "$server" --audio-in null --audio-out null \
+"$bin/tv-agent" run $(tv 2002) --audio-in null --audio-out null \
   --control-listen "127.0.0.1:$(free_port 17601)" --ui-listen "127.0.0.1:$ui_port" \
-  --data-dir "$data/tv-2002" 2>"$data/tv-2002.log" &
+  2>"$data/tv-2002.log" &
 tv_pid=$!
 wait_for_port "$ui_port"
 sleep 1

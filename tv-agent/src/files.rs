@@ -12,10 +12,22 @@ use serde::Serialize;
 /// Writes `value` as JSON to `path`, durably and atomically.
 pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> std::io::Result<()> {
     let body = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    write_atomic(path, &body, false)
+}
+
+/// Writes `body` to `path`, durably and atomically; with `secret`, readable and writable
+/// by the owner only (from its creation on: the temporary file has the mode already).
+pub fn write_atomic(path: &Path, body: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&tmp)?;
+        f.write_all(body)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

@@ -19,6 +19,7 @@ pub mod agent;
 pub mod api;
 pub mod contacts;
 pub mod files;
+pub mod identity;
 pub mod link;
 pub mod media;
 pub mod ui;

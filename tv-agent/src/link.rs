@@ -1,4 +1,5 @@
-//! The TCP control link to the call-proxy server, as a task: the agent's policy of
+//! The control link to the call-proxy server (TLS, or plain TCP in the lab), as a task:
+//! the agent's policy of
 //! reconnecting and heartbeating around the protocol client of `control-client`
 //! (handshake, requests matched to replies, events). It connects, registers, sends
 //! heartbeats, forwards server events — and when the link breaks or the server is
@@ -7,10 +8,11 @@
 
 use std::time::Duration;
 
-use control_client::{handshake, ClientError, Connection, Features, Incoming, Pending};
+use control_client::{
+    handshake, ClientError, Connection, Features, Incoming, Pending, Stream, Transport,
+};
 use rand::Rng;
 use shared_proto::{ErrorCode, Event, Register, Registered, Reply, Request, UserId, WireError};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 
@@ -29,7 +31,13 @@ pub struct LinkConfig {
     pub backoff_max: Duration,
     /// How long a request may wait for its reply.
     pub request_timeout: Duration,
+    /// TLS with the TV's key, or plain TCP.
+    pub transport: Transport,
 }
+
+/// How a [`LinkEvent::Down`] reason starts when the server refused this TV's credential
+/// (not enrolled, revoked, another user's): retrying does not help until it is enrolled.
+pub const UNAUTHENTICATED_REASON: &str = "not authenticated:";
 
 impl LinkConfig {
     /// Defaults for `user` at `server`.
@@ -41,6 +49,7 @@ impl LinkConfig {
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
+            transport: Transport::Plaintext,
         }
     }
 }
@@ -127,7 +136,7 @@ pub fn spawn(cfg: LinkConfig) -> (LinkHandle, mpsc::Receiver<LinkEvent>) {
     (LinkHandle { tx: cmd_tx }, ev_rx)
 }
 
-type Conn = Connection<TcpStream>;
+type Conn = Connection<Stream>;
 
 /// How a registered session ended.
 enum SessionEnd {
@@ -189,13 +198,24 @@ async fn run(cfg: LinkConfig, mut cmds: mpsc::Receiver<Command>, events: mpsc::S
     }
 }
 
+/// Why the server closed the link, marked as [`UNAUTHENTICATED_REASON`] when it was for
+/// want of a valid credential (a revoked TV).
+fn closed_reason(what: &str, e: &WireError) -> String {
+    if e.code == ErrorCode::UNAUTHENTICATED {
+        format!("{UNAUTHENTICATED_REASON} {}", e.message)
+    } else {
+        format!("{what}: {e}")
+    }
+}
+
 /// Connects, exchanges preambles and registers.
 async fn connect(cfg: &LinkConfig) -> Result<(Conn, Registered), String> {
     let attempt = async {
-        let stream = TcpStream::connect(&cfg.server)
+        let stream = cfg
+            .transport
+            .connect(&cfg.server, None)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", cfg.server))?;
-        let _ = stream.set_nodelay(true);
         let mut conn = handshake(stream, Features::KNOWN)
             .await
             .map_err(|e| match e {
@@ -214,8 +234,11 @@ async fn connect(cfg: &LinkConfig) -> Result<(Conn, Registered), String> {
         match conn.call(register, |_| {}).await {
             Ok(Reply::Registered(r)) => Ok((conn, r)),
             Ok(other) => Err(format!("unexpected reply to register: {other:?}")),
+            Err(ClientError::Server(e)) if e.code == ErrorCode::UNAUTHENTICATED => {
+                Err(format!("{UNAUTHENTICATED_REASON} {}", e.message))
+            }
             Err(ClientError::Server(e)) => Err(format!("registration refused: {e}")),
-            Err(ClientError::Closed(Some(e))) => Err(format!("server closed: {e}")),
+            Err(ClientError::Closed(Some(e))) => Err(closed_reason("server closed", &e)),
             Err(ClientError::Closed(None)) => Err("server closed the connection".into()),
             Err(e) => Err(e.to_string()),
         }
@@ -278,7 +301,7 @@ async fn session(
                             break SessionEnd::PoweredOff;
                         }
                     }
-                    Err(ClientError::Closed(Some(e))) => break SessionEnd::Lost(format!("server closed the link: {e}")),
+                    Err(ClientError::Closed(Some(e))) => break SessionEnd::Lost(closed_reason("server closed the link", &e)),
                     Err(ClientError::Closed(None)) => break SessionEnd::Lost("server closed the connection".into()),
                     Err(e) => break SessionEnd::Lost(format!("link error: {e}")),
                 }

@@ -40,9 +40,17 @@ enum Mode {
         /// browser: http://ADDR/.
         #[arg(long)]
         ui_listen: Option<SocketAddr>,
-        /// Where the TV keeps its own files: the missed-call list (written before the
-        /// server is told the calls were delivered) and, with --ui-listen, the address
-        /// book.
+    },
+    /// Enroll this TV with a server: show a code for the operator to approve, wait for
+    /// it, keep the TV's credential in --data-dir.
+    Enroll {
+        /// The call-proxy server, host:port (the name or address its certificate is for).
+        #[arg(long)]
+        server: String,
+        /// The server's CA certificate (PEM), e.g. its <data dir>/tls/ca.crt.
+        #[arg(long)]
+        server_ca: std::path::PathBuf,
+        /// Where the TV keeps its own files (its key and credential go in identity/).
         #[arg(long, default_value = "/var/lib/tv-agent")]
         data_dir: std::path::PathBuf,
     },
@@ -81,12 +89,25 @@ enum Mode {
 
 #[derive(Args)]
 struct TvArgs {
-    /// This TV's user number.
+    /// This TV's user number [default: the one it was enrolled as; required with
+    /// --insecure-plaintext]. A number other than the enrolled one is an error.
     #[arg(long)]
-    user: u64,
+    user: Option<u64>,
     /// The call-proxy server, host:port.
     #[arg(long)]
     server: String,
+    /// Where the TV keeps its own files: its key and credential (identity/), the
+    /// missed-call list (written before the server is told the calls were delivered)
+    /// and, with --ui-listen, the address book.
+    #[arg(long, default_value = "/var/lib/tv-agent")]
+    data_dir: std::path::PathBuf,
+    /// The server's CA certificate (PEM) [default: the one saved at enrollment].
+    #[arg(long)]
+    server_ca: Option<std::path::PathBuf>,
+    /// Plain TCP to the server, for lab use only: nothing is encrypted, and the server
+    /// must run with --insecure-plaintext too.
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// UDP media port to bind (0: any free port).
     #[arg(long, default_value_t = 0)]
     media_port: u16,
@@ -111,16 +132,47 @@ struct AudioArgs {
     audio_out: AudioSpec,
 }
 
-fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> AgentConfig {
-    AgentConfig {
-        user: tv.user,
+/// The exit code of a TV without a valid credential (not enrolled, revoked, another
+/// user's, a wrong CA file).
+const NOT_ENROLLED_EXIT: u8 = 4;
+
+fn not_enrolled_exit(reason: &str) -> ExitCode {
+    println!("{}", json!({"outcome": "not_enrolled", "reason": reason}));
+    eprintln!("tv-agent: {reason}");
+    ExitCode::from(NOT_ENROLLED_EXIT)
+}
+
+/// How this TV reaches its server and who it is: TLS with its enrolled credential, or
+/// plain TCP with `--user` (lab use).
+fn transport(tv: &TvArgs) -> Result<(control_client::Transport, u64), String> {
+    if tv.insecure_plaintext {
+        tracing::warn!("INSECURE: plain TCP to the server, nothing is encrypted or authenticated");
+        let user = tv
+            .user
+            .ok_or_else(|| "--insecure-plaintext needs --user".to_string())?;
+        return Ok((control_client::Transport::Plaintext, user));
+    }
+    let ca = match &tv.server_ca {
+        Some(path) => Some(control_client::tls::read_file(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    tv_agent::identity::IdentityDir::new(&tv.data_dir)
+        .transport(ca.as_deref(), tv.user)
+        .map_err(|e| e.to_string())
+}
+
+fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> Result<AgentConfig, String> {
+    let (transport, user) = transport(tv)?;
+    Ok(AgentConfig {
+        user,
         server: tv.server.clone(),
         media_bind: SocketAddr::new(tv.media_ip, tv.media_port),
         advertise_port: tv.advertise_port,
         audio_in: audio.map_or(AudioSpec::Null, |a| a.audio_in.clone()),
         audio_out: audio.map_or(AudioSpec::Null, |a| a.audio_out.clone()),
         missed: MissedKeeping::WhenShown,
-    }
+        transport,
+    })
 }
 
 fn main() -> ExitCode {
@@ -165,14 +217,21 @@ async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
             audio,
             control_listen,
             ui_listen,
-            data_dir,
         } => {
-            let mut cfg = config(&tv, Some(&audio));
+            let mut cfg = match config(&tv, Some(&audio)) {
+                Ok(cfg) => cfg,
+                Err(reason) => return Ok(not_enrolled_exit(&reason)),
+            };
             // The missed-call list outlives a restart: calls are kept on the TV before
             // the server forgets them, whether a UI or a control-API client shows them.
-            cfg.missed = MissedKeeping::File(data_dir.join("missed.json"));
-            run(cfg, control_listen, ui_listen, &data_dir).await
+            cfg.missed = MissedKeeping::File(tv.data_dir.join("missed.json"));
+            run(cfg, control_listen, ui_listen, &tv.data_dir).await
         }
+        Mode::Enroll {
+            server,
+            server_ca,
+            data_dir,
+        } => enroll(&server, &server_ca, &data_dir).await,
         Mode::Missed { tv } => missed(&tv).await,
         Mode::Call {
             tv,
@@ -303,14 +362,24 @@ async fn boot(
             broadcast::Receiver<AgentEvent>,
             Vec<tv_agent::agent::MissedCall>,
         ),
-        String,
+        BootFailure,
     >,
 > {
-    let (agent, mut events) = Agent::power_on(config(tv, audio)).await?;
+    let cfg = match config(tv, audio) {
+        Ok(cfg) => cfg,
+        Err(reason) => return Ok(Err(BootFailure::NotEnrolled(reason))),
+    };
+    let (agent, mut events) = Agent::power_on(cfg).await?;
     let deadline = Instant::now() + Duration::from_secs_f64(tv.connect_timeout.max(0.1));
     let mut last_reason = String::from("no answer from the server");
     let got = wait_for(&mut events, deadline, |ev| match ev {
-        AgentEvent::CachedCalls { calls } => Some(calls.clone()),
+        AgentEvent::CachedCalls { calls } => Some(Ok(calls.clone())),
+        // Refused for its credential: retrying does not help.
+        AgentEvent::LinkDown { reason, .. }
+            if reason.starts_with(tv_agent::link::UNAUTHENTICATED_REASON) =>
+        {
+            Some(Err(reason.clone()))
+        }
         AgentEvent::LinkDown { reason, .. } => {
             last_reason = reason.clone();
             None
@@ -319,12 +388,132 @@ async fn boot(
     })
     .await;
     match got {
-        Some(calls) => Ok(Ok((agent, events, calls))),
+        Some(Ok(calls)) => Ok(Ok((agent, events, calls))),
+        Some(Err(reason)) => {
+            agent.power_off().await;
+            Ok(Err(BootFailure::NotEnrolled(reason)))
+        }
         None => {
             agent.power_off().await;
-            Ok(Err(last_reason))
+            Ok(Err(BootFailure::Unreachable(last_reason)))
         }
     }
+}
+
+/// Why a scripted mode could not power on.
+enum BootFailure {
+    /// No valid credential (exit 4).
+    NotEnrolled(String),
+    /// The server could not be reached (exit 3).
+    Unreachable(String),
+}
+
+fn boot_exit(f: BootFailure) -> ExitCode {
+    match f {
+        BootFailure::NotEnrolled(reason) => not_enrolled_exit(&reason),
+        BootFailure::Unreachable(reason) => unreachable_exit(&reason),
+    }
+}
+
+/// `tv-agent enroll`: asks the server for a code, prints it, waits for the operator's
+/// approval (or the code's expiry), keeps the credential. Exit 0 enrolled, 4 expired or
+/// refused, 3 server unreachable.
+async fn enroll(
+    server: &str,
+    ca_path: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    use control_client::{Client, TlsClient, Transport};
+    use shared_proto::{EnrollmentStatus, Reply, Request};
+    use std::io::Write;
+    let ids = tv_agent::identity::IdentityDir::new(data_dir);
+    let ca = match control_client::tls::read_file(ca_path) {
+        Ok(ca) => ca,
+        Err(e) => return Ok(not_enrolled_exit(&e.to_string())),
+    };
+    let key = ids.key_or_new()?;
+    let transport = match TlsClient::new(&ca, &key) {
+        Ok(tls) => Transport::Tls(tls),
+        Err(e) => return Ok(not_enrolled_exit(&e.to_string())),
+    };
+    let connect = || async {
+        let stream = transport.connect(server, None).await?;
+        Client::handshake(stream)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    let mut client = match timeout_at(Instant::now() + Duration::from_secs(10), connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Ok(unreachable_exit(&format!("cannot reach {server}: {e}"))),
+        Err(_) => {
+            return Ok(unreachable_exit(&format!(
+                "no answer from {server} in time"
+            )))
+        }
+    };
+    let agent_version = concat!("tv-agent/", env!("CARGO_PKG_VERSION")).to_string();
+    let mut request = Request::StartEnrollment { agent_version };
+    let mut shown = false;
+    // Bounded by the code's expiry (the server says Expired) and by a day at most.
+    let give_up = Instant::now() + Duration::from_secs(24 * 3600);
+    while Instant::now() < give_up {
+        let reply = match client.request(request.clone()).await {
+            Ok(Reply::Enrollment(s)) => s,
+            Ok(other) => anyhow::bail!("unexpected reply to an enrollment request: {other:?}"),
+            Err(control_client::ClientError::Server(e)) => {
+                return Ok(not_enrolled_exit(&format!(
+                    "the server refused: {}",
+                    e.message
+                )))
+            }
+            Err(e) => {
+                // The link broke: connect again and keep polling the same key's code.
+                tracing::warn!(error = %e, "enrollment link lost; reconnecting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match connect().await {
+                    Ok(c) => client = c,
+                    Err(e) => tracing::warn!(error = %e, "cannot reconnect yet"),
+                }
+                continue;
+            }
+        };
+        match reply {
+            EnrollmentStatus::Pending {
+                user_code,
+                expires_in_s,
+                interval_s,
+            } => {
+                if !shown {
+                    println!(
+                        "{}",
+                        json!({"user_code": user_code, "expires_in": expires_in_s})
+                    );
+                    std::io::stdout().flush()?;
+                    shown = true;
+                }
+                request = Request::PollEnrollment;
+                tokio::time::sleep(Duration::from_secs(u64::from(interval_s.clamp(1, 60)))).await;
+            }
+            EnrollmentStatus::Enrolled { user_id } => {
+                ids.save_enrolled(
+                    &ca,
+                    &tv_agent::identity::Enrolled {
+                        user_id,
+                        server: server.to_string(),
+                    },
+                )?;
+                println!("{}", json!({"enrolled": user_id}));
+                return Ok(ExitCode::SUCCESS);
+            }
+            EnrollmentStatus::Expired => {
+                return Ok(not_enrolled_exit(
+                    "the code expired before it was approved: run `tv-agent enroll` again",
+                ))
+            }
+            EnrollmentStatus::Refused { reason } => return Ok(not_enrolled_exit(&reason)),
+        }
+    }
+    Ok(not_enrolled_exit("gave up waiting for the approval"))
 }
 
 /// The exit code of a call the server could not store (its disk is full): not the
@@ -339,7 +528,7 @@ fn unreachable_exit(reason: &str) -> ExitCode {
 async fn missed(tv: &TvArgs) -> anyhow::Result<ExitCode> {
     let (agent, _events, calls) = match boot(tv, None).await? {
         Ok(v) => v,
-        Err(reason) => return Ok(unreachable_exit(&reason)),
+        Err(f) => return Ok(boot_exit(f)),
     };
     // Shown first: every line printed and flushed before the server hears that the calls
     // were delivered. Killed before the acknowledgement, they come again next time.
@@ -415,7 +604,7 @@ fn report(outcome: &str, call_id: Option<u64>, peer: u64, ended: Option<&AgentEv
 async fn call(tv: &TvArgs, audio: &AudioArgs, to: u64, seconds: f64) -> anyhow::Result<ExitCode> {
     let (agent, mut events, _) = match boot(tv, Some(audio)).await? {
         Ok(v) => v,
-        Err(reason) => return Ok(unreachable_exit(&reason)),
+        Err(f) => return Ok(boot_exit(f)),
     };
     let code = match agent.dial(to).await {
         DialResult::Ringing(call_id) => {
@@ -470,7 +659,7 @@ async fn answer(
 ) -> anyhow::Result<ExitCode> {
     let (agent, mut events, _) = match boot(tv, Some(audio)).await? {
         Ok(v) => v,
-        Err(reason) => return Ok(unreachable_exit(&reason)),
+        Err(f) => return Ok(boot_exit(f)),
     };
     let incoming = wait_for(
         &mut events,

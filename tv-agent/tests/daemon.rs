@@ -52,6 +52,7 @@ async fn daemon_serves_the_control_api_and_powers_off_on_command() {
         .port();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
         .args(["run", "--user", "5005", "--server", &srv.addr.to_string()])
+        .arg("--insecure-plaintext")
         .args(["--audio-in", "null", "--audio-out", "null"])
         .args(["--control-listen", &format!("127.0.0.1:{api_port}")])
         .arg("--data-dir")

@@ -16,8 +16,10 @@ const A: u64 = 1001;
 const B: u64 = 2002;
 
 fn agent_bin(args: &[&str]) -> (i32, Vec<Value>) {
+    // Plain TCP: these servers run with insecure_plaintext (tests/trust.rs covers TLS).
     let out = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
         .args(args)
+        .arg("--insecure-plaintext")
         .output()
         .expect("run tv-agent");
     let lines = String::from_utf8_lossy(&out.stdout)

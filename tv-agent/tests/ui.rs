@@ -54,6 +54,7 @@ impl Tv {
         let child = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
             .args(["run", "--user", &user.to_string()])
             .args(["--server", &server.to_string()])
+            .arg("--insecure-plaintext")
             .args(["--audio-in", audio_in, "--audio-out", "null"])
             .args(["--control-listen", "127.0.0.1:0"])
             .args(["--ui-listen", &format!("127.0.0.1:{ui_port}")])

@@ -53,8 +53,9 @@ impl Agent {
         let socket = bind_media(cfg.media_bind)?;
         let media_addr = socket.local_addr()?;
         let media_port = cfg.advertise_port.unwrap_or(media_addr.port());
-        let (link, link_events) =
-            link::spawn(LinkConfig::new(cfg.server.clone(), cfg.user, media_port));
+        let mut link_cfg = LinkConfig::new(cfg.server.clone(), cfg.user, media_port);
+        link_cfg.transport = cfg.transport.clone();
+        let (link, link_events) = link::spawn(link_cfg);
         let (events, first) = broadcast::channel(1024);
         let (cmds, cmd_rx) = mpsc::channel(64);
         let core = Core::new(

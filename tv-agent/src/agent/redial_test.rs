@@ -155,6 +155,7 @@ async fn a_dial_whose_reply_was_lost_is_retried_with_its_key_and_stored_once() {
         audio_in: AudioSpec::Null,
         audio_out: AudioSpec::Null,
         missed: MissedKeeping::Memory,
+        transport: control_client::Transport::Plaintext,
     })
     .await
     .unwrap();

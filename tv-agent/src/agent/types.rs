@@ -28,6 +28,9 @@ pub struct AgentConfig {
     /// Where presented cached calls are kept before the server is told they were
     /// delivered.
     pub missed: MissedKeeping,
+    /// How the control link reaches the server: TLS with the TV's key (see
+    /// [`crate::identity`]) or, for lab use, plain TCP.
+    pub transport: control_client::Transport,
 }
 
 /// Where the agent keeps the cached calls it presents, and so when it acknowledges them:

@@ -139,6 +139,7 @@ fn agent_config(server: &str, user: u64) -> AgentConfig {
         audio_in: AudioSpec::Null,
         audio_out: AudioSpec::Null,
         missed: MissedKeeping::Memory,
+        transport: control_client::Transport::Plaintext,
     }
 }
 

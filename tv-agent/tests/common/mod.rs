@@ -65,6 +65,7 @@ pub fn agent_config(
         audio_in,
         audio_out,
         missed: tv_agent::agent::MissedKeeping::Memory,
+        transport: control_client::Transport::Plaintext,
     }
 }
 

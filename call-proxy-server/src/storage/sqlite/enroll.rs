@@ -29,7 +29,10 @@ fn fp_array(v: Vec<u8>) -> [u8; 32] {
 /// draws another).
 pub fn start(tx: &Transaction<'_>, e: &NewEnrollment) -> Result<EnrollmentState, StoreError> {
     let now = state(tx, &e.fingerprint, e.at_ms)?;
-    if matches!(now, EnrollmentState::Enrolled(_) | EnrollmentState::Pending { .. }) {
+    if matches!(
+        now,
+        EnrollmentState::Enrolled(_) | EnrollmentState::Pending { .. }
+    ) {
         return Ok(now);
     }
     tx.prepare_cached(
