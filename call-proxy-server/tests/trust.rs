@@ -359,3 +359,125 @@ async fn a_wrong_ca_and_plain_tcp_fail_clearly() {
     srv.stop().await;
     other.stop().await;
 }
+
+/// Starts an enrollment; its code.
+async fn start_code(c: &mut Client<Stream>) -> String {
+    match c
+        .request(Request::StartEnrollment {
+            agent_version: "cli-test".into(),
+        })
+        .await
+        .unwrap()
+    {
+        Reply::Enrollment(EnrollmentStatus::Pending { user_code, .. }) => user_code,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `call-proxy-server approve|revoke|enrollments` on the database file and the admin
+/// API's `POST /api/enrollments/{code}`, with their errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_approves_with_the_cli_or_the_admin_api_and_revokes() {
+    let mut srv = tls_server(|_| {}).await;
+    let admin = srv.start_admin(None).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
+            .args(args)
+            .arg("--db")
+            .arg(&srv.db_path)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let key1 = TvKey::generate().unwrap();
+    let mut tv1 = tv(&srv, &key1).await;
+    let code1 = start_code(&mut tv1).await;
+    let (rc, out, _) = tokio::task::block_in_place(|| cli(&["enrollments", "--format", "json"]));
+    assert_eq!(rc, 0);
+    assert!(
+        out.contains(&code1) && out.contains("pending") && out.contains("cli-test"),
+        "{out}"
+    );
+    // Typed the way a person would: lower case, no dash.
+    let typed = code1.replace('-', "").to_lowercase();
+    let (rc, out, err) =
+        tokio::task::block_in_place(|| cli(&["approve", "--code", &typed, "--user", "4004"]));
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("\"user\":4004"), "{out}");
+    let (rc, _, err) =
+        tokio::task::block_in_place(|| cli(&["approve", "--code", &typed, "--user", "4004"]));
+    assert_eq!(rc, 1);
+    assert!(err.contains("approved or refused already"), "{err}");
+    let (rc, _, err) =
+        tokio::task::block_in_place(|| cli(&["approve", "--code", "AEIO-UUUU", "--user", "1"]));
+    assert_eq!(rc, 2, "not a code: a usage error ({err})");
+    tv1.register(4004, 5000).await.unwrap();
+
+    // A second TV through the admin API.
+    let key2 = TvKey::generate().unwrap();
+    let mut tv2 = tv(&srv, &key2).await;
+    let code2 = start_code(&mut tv2).await;
+    let post = |url: String, body: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut r = agent
+                .post(&url)
+                .header("Authorization", format!("Bearer {}", common::ADMIN_TOKEN))
+                .header("Content-Type", "application/json")
+                .send(body)
+                .unwrap();
+            (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+        })
+    };
+    let (status, body) = post(
+        format!("{admin}/api/enrollments/{code2}"),
+        r#"{"user": 5005}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = post(
+        format!("{admin}/api/enrollments/{code2}"),
+        r#"{"user": 5005}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 409);
+    let (status, _) = post(
+        format!("{admin}/api/enrollments/BCDF-BCDF"),
+        r#"{"user": 5005}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404);
+    tv2.register(5005, 5000).await.unwrap();
+
+    // Revoked with the CLI: the live session ends; a second revoke finds nothing.
+    let (rc, out, err) = tokio::task::block_in_place(|| cli(&["revoke", "--user", "4004"]));
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("4004"), "{out}");
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            if let Err(e) = tv1.next_event().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("cut off");
+    assert!(
+        matches!(&closed, ClientError::Closed(Some(e)) if e.code == ErrorCode::UNAUTHENTICATED),
+        "{closed:?}"
+    );
+    let (rc, _, err) = tokio::task::block_in_place(|| cli(&["revoke", "--user", "4004"]));
+    assert_eq!(rc, 1);
+    assert!(err.contains("no enrolled TV"), "{err}");
+    srv.stop().await;
+}
