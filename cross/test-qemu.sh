@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the ARM tv-agent under qemu-user against the x86 call-proxy-server and an x86
-# agent: power on, fetch a cached call, place a live call to the x86 agent with a tone,
+# agent, over TLS 1.3 with both TVs enrolled through the real flow (the ARM agent makes
+# its key and does its TLS under emulation): power on, fetch a cached call, place a live call to the x86 agent with a tone,
 # and check that each side hears the other's tone (sox). Prints "N passed, N failed".
 # Usage: cross/test-qemu.sh armv7|aarch64   (builds what it needs first)
 set -euo pipefail
@@ -15,7 +16,7 @@ cargo build --release --locked -p call-proxy-server -p tv-agent
 work=$(mktemp -d)
 port=$(free_port 17650)
 server="127.0.0.1:$port"
-target/release/call-proxy-server serve --insecure-plaintext --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
+target/release/call-proxy-server serve --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
 server_pid=$!
 answer_pid=""
 cleanup() {
@@ -39,23 +40,33 @@ check() { # description, condition...
 freq() { sox "$1" -n stat 2>&1 | awk -F: '/Rough   frequency/ {gsub(/ /, "", $2); print $2}'; }
 near() { [ -n "$1" ] && [ "$1" -ge $(($2 * 95 / 100)) ] && [ "$1" -le $(($2 * 105 / 100)) ]; }
 
+# Both TVs are enrolled: the ARM one under emulation, the x86 one natively.
+server_bin=target/release/call-proxy-server db="$work/db.sqlite"
+enroll_agent=("${arm_agent[@]}")
+enroll_tv 7 "$work/tls/ca.crt" "$work/tv-7"
+check "ARM TV enrolled over TLS" grep -q '"enrolled":7' "$work/tv-7.enroll.json"
+enroll_agent=("${x86_agent[@]}")
+enroll_tv 8 "$work/tls/ca.crt" "$work/tv-8"
+arm7=(--server "$server" --data-dir "$work/tv-7")
+x86_8=(--server "$server" --data-dir "$work/tv-8")
+
 # ARM TV 7 is set up and switched off; x86 TV 8 calls it (cached).
 start=$(date +%s%N)
-"${arm_agent[@]}" missed --user 7 --server "$server" --insecure-plaintext >"$work/boot1.json"
+"${arm_agent[@]}" missed "${arm7[@]}" >"$work/boot1.json"
 echo "ARM power-on to cached calls shown and powered off: $(( ($(date +%s%N) - start) / 1000000 )) ms (whole process under emulation)"
-"${x86_agent[@]}" call --user 8 --server "$server" --insecure-plaintext --to 7 --audio-in null --audio-out null >"$work/cached.json" || true
+"${x86_agent[@]}" call "${x86_8[@]}" --to 7 --audio-in null --audio-out null >"$work/cached.json" || true
 check "x86 call to the switched-off ARM TV is cached" grep -q '"outcome":"cached"' "$work/cached.json"
 
 # x86 TV 8 waits for calls; the ARM TV powers on, sees the missed call, calls back.
-"${x86_agent[@]}" answer --user 8 --server "$server" --insecure-plaintext --seconds 3 --wait 60 \
+"${x86_agent[@]}" answer "${x86_8[@]}" --seconds 3 --wait 60 \
   --audio-in tone:1000 --audio-out "wav:$work/x86-heard.wav" >"$work/answer.json" &
 answer_pid=$!
 sleep 1
-"${arm_agent[@]}" missed --user 7 --server "$server" --insecure-plaintext >"$work/missed.json"
+"${arm_agent[@]}" missed "${arm7[@]}" >"$work/missed.json"
 cat "$work/missed.json"
 check "ARM TV shows the missed call from 8, with 8 online now" \
   grep -q '"user_id":8,"otheruser_id":7,.*"user_netstate":1' "$work/missed.json"
-"${arm_agent[@]}" call --user 7 --server "$server" --insecure-plaintext --to 8 --seconds 3 \
+"${arm_agent[@]}" call "${arm7[@]}" --to 8 --seconds 3 \
   --audio-in tone:440 --audio-out "wav:$work/arm-heard.wav" >"$work/call.json" || true
 cat "$work/call.json"
 wait "$answer_pid" || true

@@ -45,27 +45,12 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "call-proxy-server on $server (TLS 1.3), database $data/call-proxy.sqlite, TVs trust $data/tls/ca.crt"
 
-# Enrolls TV $1: the TV asks for a code and shows it; the operator approves it with the
-# CLI on the database file; the TV keeps its credential in its data directory.
-enroll_tv() {
-  local user=$1 out="$data/enroll-$1.json"
-  "$bin/tv-agent" enroll --server "$server" --server-ca "$data/tls/ca.crt" \
-    --data-dir "$data/tv-$user" >"$out" &
-  local pid=$!
-  for _ in $(seq 1 100); do [ -s "$out" ] && break; sleep 0.1; done
-  echo "TV $user shows: $(head -1 "$out")"
-  local code
-  code=$(head -1 "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["user_code"])')
-  echo "The operator approves code $code for user $user:"
-  "$bin/call-proxy-server" approve --db "$data/call-proxy.sqlite" --code "$code" --user "$user"
-  wait "$pid"
-  echo "TV $user: $(tail -1 "$out")"
-}
+enroll_agent=("$bin/tv-agent") server_bin="$bin/call-proxy-server" db="$data/call-proxy.sqlite"
 tv() { echo "--server $server --data-dir $data/tv-$1"; }
 
 step "Enrolling the two TVs"
-enroll_tv 1001
-enroll_tv 2002
+enroll_tv 1001 "$data/tls/ca.crt" "$data/tv-1001"
+enroll_tv 2002 "$data/tls/ca.crt" "$data/tv-2002"
 echo "Enrollments (the operator's view):"
 "$bin/call-proxy-server" enrollments --db "$data/call-proxy.sqlite"
 

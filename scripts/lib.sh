@@ -26,3 +26,21 @@ arm_target() {
     *) return 1 ;;
   esac
 }
+
+# Enrolls a TV through the real flow: the agent ($enroll_agent: an array, the tv-agent
+# command, possibly under qemu) asks the server at $server for a code, trusting the CA
+# file $2, keeping its key and credential in $3; the operator approves the code for user
+# $1 with the server's CLI ($server_bin) on the database $db. Prints each step.
+enroll_tv() {
+  local user=$1 ca=$2 dir=$3 out="$3.enroll.json"
+  "${enroll_agent[@]}" enroll --server "$server" --server-ca "$ca" --data-dir "$dir" >"$out" &
+  local pid=$!
+  for _ in $(seq 1 300); do [ -s "$out" ] && break; sleep 0.1; done
+  echo "TV $user shows: $(head -1 "$out")"
+  local code
+  code=$(head -1 "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["user_code"])')
+  echo "The operator approves code $code for user $user:"
+  "$server_bin" approve --db "$db" --code "$code" --user "$user"
+  wait "$pid"
+  echo "TV $user: $(tail -1 "$out")"
+}

@@ -475,8 +475,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let store = storage::open(&config).with_context(|| {
             format!("cannot open database {} ({})", db.display(), config.backend)
         })?;
-        let listener =
-            bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+        // TLS is set up (and the server's own CA written) before the port opens: a TV
+        // that can connect can find the CA.
+        let listen = config.listen;
+        let shared = Shared::new(store, config).context("cannot set up TLS")?;
+        let config = &shared.config;
+        let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
         let admin_listener = match (config.admin_listen, admin_token) {
             (Some(addr), Some(token)) => {
                 let l = tokio::net::TcpListener::bind(addr)
@@ -494,7 +498,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             sync_full = config.sync_full,
             "call-proxy-server ready"
         );
-        let shared = Shared::new(store, config).context("cannot set up TLS")?;
         let admin = admin_listener.map(|(l, token)| {
             let opts = AdminOptions {
                 token,

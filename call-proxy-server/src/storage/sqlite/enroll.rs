@@ -278,3 +278,35 @@ pub fn list(
         .map_err(db_error)?;
     rows.collect::<Result<_, _>>().map_err(db_error)
 }
+
+/// Benchmarks only (never used by the server): writes valid credentials for
+/// `(certificate, user)` pairs straight into the database at `path` (created and
+/// migrated if needed), in one transaction, as if each TV had been enrolled.
+pub fn seed_credentials(path: &Path, tvs: &[(Vec<u8>, UserId)]) -> Result<(), StoreError> {
+    drop(super::SqliteStore::open(
+        path,
+        super::SqliteOptions {
+            sync_full: false,
+            readers: 1,
+            max_batch: 1,
+            reserve_bytes: 0,
+            wal_tight_below: super::WAL_TIGHT_BELOW_BYTES,
+        },
+    )?);
+    let mut conn = Connection::open(path).map_err(db_error)?;
+    let tx = conn.transaction().map_err(db_error)?;
+    {
+        let mut s = tx
+            .prepare(
+                "INSERT INTO tv_credential (fingerprint, user_id, cert, enrolled_at)
+                 VALUES (?1, ?2, ?3, '2026-01-01T00:00:00.000Z')",
+            )
+            .map_err(db_error)?;
+        for (cert, user) in tvs {
+            let fp = ring::digest::digest(&ring::digest::SHA256, cert);
+            s.execute(params![fp.as_ref(), *user as i64, cert])
+                .map_err(db_error)?;
+        }
+    }
+    tx.commit().map_err(db_error)
+}

@@ -11,7 +11,7 @@
 //! SQLite's errors become [`StoreError`]s here ([`db_error`]); nothing outside this
 //! module sees a rusqlite type. [`operator`] holds the operator's read-only queries.
 
-mod enroll;
+pub mod enroll;
 pub mod operator;
 mod reserve;
 

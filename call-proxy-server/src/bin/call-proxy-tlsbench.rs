@@ -1,0 +1,276 @@
+//! Benchmark of the trusted control link (issue 12), side by side in one run: a spawned
+//! `call-proxy-server` on plain TCP and one on TLS 1.3 with every TV enrolled, the same
+//! number of TVs registering with the same concurrency on each. Reports registrations per
+//! second with full TLS handshakes (each TV's own Ed25519 certificate, verified by the
+//! server, and its credential looked up), with resumption (each TV reconnects with the
+//! ticket of its first session), and the server's memory per idle TV on each.
+//!
+//! The TVs' credentials are written straight into the TLS server's database before it
+//! starts (`seed_credentials`), as if each had been enrolled.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use control_client::{Client, TlsClient, TvKey};
+use futures::stream::{self, StreamExt};
+use test_support::process::KillOnDrop;
+use test_support::procfs::{rss_bytes, CpuMeter};
+
+#[derive(Parser, Debug)]
+#[command(about = "Plain TCP vs TLS 1.3 registrations of call-proxy-server (loopback)")]
+struct Args {
+    /// TVs registering on each server.
+    #[arg(long, default_value_t = 10_000)]
+    tvs: usize,
+    /// Registrations in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// The server binary [default: call-proxy-server next to this one].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Load generator worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+/// A fresh directory under the system's temporary one, removed at the end.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new() -> Result<WorkDir> {
+        let dir = std::env::temp_dir().join(format!("call-proxy-tlsbench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(WorkDir(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A spawned server and where it keeps its files.
+struct Server {
+    child: KillOnDrop,
+    addr: SocketAddr,
+}
+
+fn spawn_server(bin: &Path, dir: &Path, tls: bool) -> Result<Server> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve");
+    if !tls {
+        cmd.arg("--insecure-plaintext");
+    }
+    cmd.args(["--listen", &addr.to_string(), "--no-sync"])
+        .arg("--db")
+        .arg(dir.join("bench.sqlite"))
+        .args(["--max-per-ip", "0", "--max-unregistered-per-ip", "100000"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("server.log"))?);
+    let child = KillOnDrop(
+        cmd.spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "the server did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Server { child, addr })
+}
+
+/// One phase's result.
+struct Phase {
+    per_s: f64,
+    resumed: usize,
+    cpu: String,
+}
+
+/// Registers every TV (TLS with its own client if `tls` is given), `conc` at a time;
+/// returns the open clients' count and the phase's figures.
+async fn register_all(
+    srv: &Server,
+    tls: Option<&[TlsClient]>,
+    n: usize,
+    conc: usize,
+    keep: bool,
+) -> Result<(Vec<Box<dyn std::any::Any + Send>>, Phase)> {
+    let meter = CpuMeter::start(Some(srv.child.id()));
+    let started = Instant::now();
+    let addr = srv.addr;
+    let results: Vec<Result<(Box<dyn std::any::Any + Send>, bool)>> = stream::iter(0..n)
+        .map(|i| async move {
+            let user = 100_000 + i as u64;
+            // Spread over loopback sources: one address has only ~28k ports.
+            let local = SocketAddr::from(([127, 0, 1 + (i / 20_000) as u8, 1], 0));
+            if let Some(tls) = tls {
+                let stream = tls[i].connect(addr, "127.0.0.1", Some(local)).await?;
+                let resumed =
+                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                let mut c = Client::handshake(stream).await?;
+                c.register(user, 5000).await?;
+                let kept: Box<dyn std::any::Any + Send> = if keep {
+                    Box::new(c)
+                } else {
+                    c.bye().await?;
+                    Box::new(())
+                };
+                Ok((kept, resumed))
+            } else {
+                let mut c = Client::connect_from(Some(local), addr).await?;
+                c.register(user, 5000).await?;
+                let kept: Box<dyn std::any::Any + Send> = if keep {
+                    Box::new(c)
+                } else {
+                    c.bye().await?;
+                    Box::new(())
+                };
+                Ok((kept, false))
+            }
+        })
+        .buffer_unordered(conc)
+        .collect()
+        .await;
+    let wall = started.elapsed();
+    let mut kept = Vec::new();
+    let mut resumed = 0;
+    for r in results {
+        let (c, res) = r?;
+        resumed += usize::from(res);
+        kept.push(c);
+    }
+    Ok((
+        kept,
+        Phase {
+            per_s: n as f64 / wall.as_secs_f64(),
+            resumed,
+            cpu: meter.line(wall),
+        },
+    ))
+}
+
+async fn idle_memory(srv: &Server, baseline: u64, clients: usize) -> f64 {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = rss_bytes(srv.child.id()).unwrap_or(0);
+    (rss.saturating_sub(baseline)) as f64 / clients.max(1) as f64
+}
+
+async fn bench(args: Args) -> Result<()> {
+    let bin = match &args.server_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("call-proxy-server"),
+    };
+    println!(
+        "machine: {} CPUs ({}); {} TVs, {} in flight, {} load-generator thread(s)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        test_support::procfs::cpu_model(),
+        args.tvs,
+        args.concurrency,
+        args.threads
+    );
+    let work = WorkDir::new()?;
+
+    // Plain TCP.
+    let plain_dir = work.path().join("plain");
+    std::fs::create_dir_all(&plain_dir)?;
+    let plain = spawn_server(&bin, &plain_dir, false)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = rss_bytes(plain.child.id()).unwrap_or(0);
+    let (kept, p) = register_all(&plain, None, args.tvs, args.concurrency, true).await?;
+    let plain_mem = idle_memory(&plain, base, kept.len()).await;
+    drop(kept);
+    println!(
+        "plain TCP: {:.0} registrations/s; server memory per idle TV {plain_mem:.0} B",
+        p.per_s
+    );
+    println!("  CPU: {}", p.cpu);
+    drop(plain);
+
+    // TLS, every TV enrolled.
+    let tls_dir = work.path().join("tls");
+    std::fs::create_dir_all(&tls_dir)?;
+    let t = Instant::now();
+    let keys: Vec<TvKey> = (0..args.tvs)
+        .map(|_| TvKey::generate())
+        .collect::<Result<_, _>>()?;
+    let seeds: Vec<(Vec<u8>, u64)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.cert.to_vec(), 100_000 + i as u64))
+        .collect();
+    call_proxy_server::storage::sqlite::enroll::seed_credentials(
+        &tls_dir.join("bench.sqlite"),
+        &seeds,
+    )?;
+    println!(
+        "({} TV keys made and enrolled in {:.1} s)",
+        args.tvs,
+        t.elapsed().as_secs_f64()
+    );
+    let srv = spawn_server(&bin, &tls_dir, true)?;
+    let ca = std::fs::read(tls_dir.join("tls/ca.crt")).context("the server's CA")?;
+    let clients: Vec<TlsClient> = keys
+        .iter()
+        .map(|k| TlsClient::new(&ca, k))
+        .collect::<Result<_, _>>()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = rss_bytes(srv.child.id()).unwrap_or(0);
+    let (kept, full) = register_all(&srv, Some(&clients), args.tvs, args.concurrency, true).await?;
+    let tls_mem = idle_memory(&srv, base, kept.len()).await;
+    drop(kept);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!(
+        "TLS 1.3, full handshakes: {:.0} registrations/s ({} resumed); server memory per idle TV {tls_mem:.0} B",
+        full.per_s, full.resumed
+    );
+    println!("  CPU: {}", full.cpu);
+    let (_, res) = register_all(&srv, Some(&clients), args.tvs, args.concurrency, false).await?;
+    println!(
+        "TLS 1.3, resumed: {:.0} registrations/s ({} of {} resumed)",
+        res.per_s, res.resumed, args.tvs
+    );
+    println!("  CPU: {}", res.cpu);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Err(e) = call_proxy_server::server::limits::raise_fd_limit() {
+        eprintln!("warning: cannot raise the open-file limit: {e}");
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("call-proxy-tlsbench: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match rt.block_on(bench(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("call-proxy-tlsbench: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
