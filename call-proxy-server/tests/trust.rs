@@ -481,3 +481,117 @@ async fn the_operator_approves_with_the_cli_or_the_admin_api_and_revokes() {
     assert!(err.contains("no enrolled TV"), "{err}");
     srv.stop().await;
 }
+
+/// Bad input around TLS: garbage before the handshake, a handshake that stalls, an
+/// oversized enrollment request, and 10,000 failed logins from one address — each closed
+/// or refused and counted, while an enrolled TV from another address still registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_stalls_oversized_requests_and_login_floods_are_refused_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = tls_server(|c| {
+        c.handshake_timeout_ms = 500;
+        c.flood_penalty_ms = 60_000;
+    })
+    .await;
+    let good = TvKey::generate().unwrap();
+    enroll(&srv, &good, 8008).await;
+
+    // Garbage where the TLS ClientHello should be: closed, counted.
+    let before = srv.shared.metrics.tls_failed.get();
+    let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(&[0x5a; 600]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert!(n < 64, "no protocol answer to garbage");
+    // A handshake that stalls (TCP open, nothing sent): closed at the deadline.
+    let mut stalled = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "closed before the deadline"
+    );
+    assert!(srv.shared.metrics.tls_failed.get() >= before + 2);
+
+    // Inside TLS: an enrollment request with an oversized field, then a frame beyond
+    // the limit.
+    let stranger = TvKey::generate().unwrap();
+    let mut c = tv(&srv, &stranger).await;
+    let r = c
+        .request(Request::StartEnrollment {
+            agent_version: "x".repeat(MAX_AGENT_VERSION_LEN + 1),
+        })
+        .await;
+    assert!(
+        matches!(&r, Err(ClientError::Server(e)) if e.code == ErrorCode::INVALID_ARGUMENT),
+        "{r:?}"
+    );
+    let huge = shared_proto::envelope::frame(
+        shared_proto::envelope::kind::START_ENROLLMENT,
+        9,
+        &vec![b'y'; MAX_FRAME_LEN + 10],
+    );
+    let _ = c.send_raw(&huge).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), c.next_event()).await;
+    assert!(
+        matches!(&closed, Ok(Err(ClientError::Closed(Some(e)))) if e.code == ErrorCode::FRAME_TOO_LARGE),
+        "{closed:?}"
+    );
+
+    // 10,000 failed logins from 127.0.0.7, 200 at a time: after `auth_failures_per_ip`
+    // of them the address is refused at accept; an enrolled TV elsewhere is served.
+    let ca = ca_of(&srv);
+    let bad = TlsClient::new(&ca, &stranger).unwrap();
+    let addr = srv.addr;
+    let attempts = futures_attempts(10_000, 200, move |_| {
+        let bad = bad.clone();
+        async move {
+            let local = Some("127.0.0.7:0".parse().unwrap());
+            match Client::connect_with(&Transport::Tls(bad), addr, local).await {
+                Ok(mut c) => match c.register(8008, 5000).await {
+                    Ok(r) => panic!("an unenrolled login was registered: {r:?}"),
+                    Err(ClientError::Server(e)) if e.code == ErrorCode::UNAUTHENTICATED => 0u8,
+                    // Closed before its turn (the registration deadline under this load).
+                    Err(_) => 1u8,
+                },
+                // Refused at accept (the address is penalised) or the handshake failed.
+                Err(_) => 1u8,
+            }
+        }
+    })
+    .await;
+    let refused: usize = attempts.iter().map(|&r| usize::from(r)).sum();
+    let failed_logins = attempts.len() - refused;
+    eprintln!("10,000 logins from one address: {failed_logins} reached the server and failed, {refused} refused");
+    assert!(failed_logins >= 20, "{failed_logins}");
+    assert!(refused > 9_000, "{refused} refused");
+    assert!(srv.shared.metrics.auth_failures.get() >= 20);
+    let t = Instant::now();
+    let mut ok = tv(&srv, &good).await;
+    ok.register(8008, 5000)
+        .await
+        .expect("an enrolled TV elsewhere");
+    eprintln!(
+        "enrolled TV registered in {:?} right after the flood",
+        t.elapsed()
+    );
+    srv.stop().await;
+}
+
+/// Runs `n` attempts, `conc` at a time; their results in completion order.
+async fn futures_attempts<F, Fut>(n: usize, conc: usize, f: F) -> Vec<u8>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = u8>,
+{
+    use futures::stream::{self, StreamExt};
+    stream::iter(0..n)
+        .map(f)
+        .buffer_unordered(conc)
+        .collect()
+        .await
+}
