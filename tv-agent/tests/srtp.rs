@@ -8,9 +8,9 @@
 //! Needs `ffmpeg` (Debian package `ffmpeg`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
 #[path = "common/capture.rs"]
 mod capture;
+mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -270,7 +270,11 @@ async fn a_tampered_srtp_packet_is_dropped_and_counted_and_audio_still_flows() {
         p.cap.inject_to_b(d).await;
     }
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert_eq!(p.cap.tamper_pending(), 0, "the relay tampered with 3 packets");
+    assert_eq!(
+        p.cap.tamper_pending(),
+        0,
+        "the relay tampered with 3 packets"
+    );
     p.a.hang_up().await.unwrap();
     let (_, qa) = ended(&mut p.ea, "A's end", "hung_up").await;
     let (_, qb) = ended(&mut p.eb, "B's end", "hung_up_by_peer").await;
@@ -279,9 +283,16 @@ async fn a_tampered_srtp_packet_is_dropped_and_counted_and_audio_still_flows() {
     srv.stop().await;
     eprintln!("A {qa:?}\nB {qb:?}");
     assert!(qb.srtp);
-    assert_eq!(qb.srtp_auth_failed, 3 + 2, "tampered in flight and re-injected: {qb:?}");
+    assert_eq!(
+        qb.srtp_auth_failed,
+        3 + 2,
+        "tampered in flight and re-injected: {qb:?}"
+    );
     assert_eq!(qb.srtp_replayed, 2, "{qb:?}");
-    assert_eq!(qb.late_or_duplicate, 0, "nothing dropped reached the jitter buffer");
+    assert_eq!(
+        qb.late_or_duplicate, 0,
+        "nothing dropped reached the jitter buffer"
+    );
     assert_eq!(
         qb.packets_received + 3,
         qa.packets_sent,
@@ -301,7 +312,8 @@ async fn old_agent_media(sock: &UdpSocket, peer: SocketAddr, frames: u16) -> (us
         opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip).unwrap();
     let mut decoder = opus::Decoder::new(48_000, opus::Channels::Mono).unwrap();
     let mut tone = Tone::new(440.0);
-    let (mut pcm, mut opus_buf, mut heard_pcm) = (vec![0i16; FRAME], vec![0u8; 400], vec![0i16; FRAME]);
+    let (mut pcm, mut opus_buf, mut heard_pcm) =
+        (vec![0i16; FRAME], vec![0u8; 400], vec![0i16; FRAME]);
     let mut buf = vec![0u8; 1500];
     let (mut packets, mut heard) = (0, Vec::new());
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -320,7 +332,9 @@ async fn old_agent_media(sock: &UdpSocket, peer: SocketAddr, frames: u16) -> (us
             },
             payload: Bytes::copy_from_slice(&opus_buf[..n]),
         };
-        sock.send_to(&packet.marshal().unwrap(), peer).await.unwrap();
+        sock.send_to(&packet.marshal().unwrap(), peer)
+            .await
+            .unwrap();
         while let Ok((n, from)) = sock.try_recv_from(&mut buf) {
             if from != peer || is_rtcp(&buf[..n]) {
                 continue;
@@ -399,7 +413,10 @@ async fn an_agent_that_offers_no_key_gets_a_plain_rtp_call_either_way() {
     assert!(!q.srtp, "plain RTP: {q:?}");
     assert!(q.packets_received > 50, "{q:?}");
     assert_eq!(q.srtp_auth_failed, 0);
-    assert!(packets > 50, "the older agent got {packets} plain RTP/Opus packets");
+    assert!(
+        packets > 50,
+        "the older agent got {packets} plain RTP/Opus packets"
+    );
     assert!(
         common::tone_power(&heard, 1000.0) > 20.0 * common::tone_power(&heard, 440.0),
         "the older agent heard the current one's tone"
@@ -440,7 +457,10 @@ async fn an_agent_that_offers_no_key_gets_a_plain_rtp_call_either_way() {
     let (_, q) = ended(&mut events, "the current agent's end", "hung_up").await;
     assert!(!q.srtp, "plain RTP: {q:?}");
     assert!(q.packets_received > 50, "{q:?}");
-    assert!(packets > 50, "the older agent got {packets} plain RTP/Opus packets");
+    assert!(
+        packets > 50,
+        "the older agent got {packets} plain RTP/Opus packets"
+    );
     assert!(common::tone_power(&heard, 1000.0) > 20.0 * common::tone_power(&heard, 440.0));
     new.power_off().await;
     srv.stop().await;
@@ -521,7 +541,10 @@ async fn the_server_relays_each_sides_key_keeps_the_first_on_a_retried_dial_and_
         })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), Some(shared_proto::ErrorCode::INVALID_ARGUMENT));
+    assert_eq!(
+        refused.code(),
+        Some(shared_proto::ErrorCode::INVALID_ARGUMENT)
+    );
     caller.request(Request::HangUp { call_id }).await.unwrap();
     srv.stop().await;
     // Nothing the server wrote holds a key.

@@ -51,9 +51,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use shared_proto::{
-    CallId, ErrorCode, Event, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
-};
+use shared_proto::{CallId, ErrorCode, Event, ServerMsg, SrtpKey, UnixMillis, UserId, WireError};
 use tokio::task::AbortHandle;
 
 use crate::storage::Outcome;
@@ -647,7 +645,10 @@ mod tests {
         };
         // What a log line or a panic message could show of the registry's state.
         let shown = format!("{:?}", reg.lock().calls);
-        assert!(shown.contains("SrtpKey(AES_CM_128_HMAC_SHA1_80, 30 bytes)"), "{shown}");
+        assert!(
+            shown.contains("SrtpKey(AES_CM_128_HMAC_SHA1_80, 30 bytes)"),
+            "{shown}"
+        );
         assert!(!shown.contains("161"), "the key's bytes: {shown}");
         assert!(matches!(
             reg.start_ringing(call_id),
@@ -676,10 +677,7 @@ mod tests {
             "the answer carries the callee's key"
         );
         reg.hang_up(1, sa, call_id).expect("hang up");
-        assert!(
-            reg.lock().calls.is_empty(),
-            "the keys went with the call"
-        );
+        assert!(reg.lock().calls.is_empty(), "the keys went with the call");
         // A busy dial keeps no key.
         let (_sc, _rc) = session(&reg, 3);
         let (sd, _rd) = session(&reg, 4);
@@ -694,10 +692,7 @@ mod tests {
             Ok(DialPlan::Busy { .. })
         ));
         assert_eq!(reg.lock().calls.len(), 1);
-        assert_eq!(
-            reg.lock().calls[&call_id].caller_srtp,
-            Some(key(0xC3))
-        );
+        assert_eq!(reg.lock().calls[&call_id].caller_srtp, Some(key(0xC3)));
     }
 
     #[test]

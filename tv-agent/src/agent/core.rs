@@ -412,10 +412,7 @@ impl Core {
                     .as_ref()
                     .filter(|k| k.call_id == Some(call_id) && k.remote.is_some())
                     .and_then(|k| k.local.clone());
-                let r = self
-                    .link
-                    .request(Request::Answer { call_id, srtp })
-                    .await;
+                let r = self.link.request(Request::Answer { call_id, srtp }).await;
                 return Some(Input::AnswerSent(r.map(|_| ()).map_err(Into::into)));
             }
             Action::SetMuted(muted) => {

@@ -263,9 +263,8 @@ impl MediaSession {
             stop_rx.clone(),
         ));
         let recv = tokio::spawn(receive_loop(
-            socket,
+            Inbound::new(socket, unprotector),
             params,
-            unprotector,
             sink,
             decoder,
             Arc::clone(&shared),
@@ -343,7 +342,11 @@ impl Outbound {
         let Some(p) = &mut self.protector else {
             return Some(packet);
         };
-        let r = if rtcp { p.rtcp(&packet) } else { p.rtp(&packet) };
+        let r = if rtcp {
+            p.rtcp(&packet)
+        } else {
+            p.rtp(&packet)
+        };
         match r {
             Ok(b) => Some(b),
             Err(e) => {
@@ -475,9 +478,11 @@ fn is_rtcp(datagram: &[u8]) -> bool {
     datagram.len() >= 2 && (192..=223).contains(&datagram[1])
 }
 
-/// The receive task's SRTP boundary: unprotects each datagram from the peer and counts
-/// (and logs, rate-limited) those it drops.
+/// The receive task's socket boundary: the socket, and SRTP, which unprotects each
+/// datagram from the peer and counts (and logs, rate-limited) those it drops.
 struct Inbound {
+    /// The media socket.
+    socket: Arc<UdpSocket>,
     /// `None`: plain RTP.
     unprotector: Option<Unprotector>,
     auth_failed: u64,
@@ -486,6 +491,16 @@ struct Inbound {
 }
 
 impl Inbound {
+    fn new(socket: Arc<UdpSocket>, unprotector: Option<Unprotector>) -> Self {
+        Inbound {
+            socket,
+            unprotector,
+            auth_failed: 0,
+            replayed: 0,
+            drop_log: DropLog::default(),
+        }
+    }
+
     /// The plain packet in `datagram`, or `None` if it was dropped (counted here, or in
     /// `rejected` for a stream beyond the limit).
     fn plain<'a>(
@@ -497,7 +512,11 @@ impl Inbound {
         let Some(u) = &mut self.unprotector else {
             return Some(Cow::Borrowed(datagram));
         };
-        let r = if rtcp { u.rtcp(datagram) } else { u.rtp(datagram) };
+        let r = if rtcp {
+            u.rtcp(datagram)
+        } else {
+            u.rtp(datagram)
+        };
         let e = match r {
             // (The decrypted buffer is not shared: no copy.)
             Ok(plain) => return Some(Cow::Owned(Vec::from(plain))),
@@ -522,9 +541,8 @@ impl Inbound {
 }
 
 async fn receive_loop(
-    socket: Arc<UdpSocket>,
+    mut inbound: Inbound,
     params: MediaParams,
-    unprotector: Option<Unprotector>,
     mut sink: Box<dyn AudioSink>,
     mut decoder: opus::Decoder,
     shared: Arc<Shared>,
@@ -537,17 +555,11 @@ async fn receive_loop(
     let mut tick = interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut rejected = 0u64;
-    let mut inbound = Inbound {
-        unprotector,
-        auth_failed: 0,
-        replayed: 0,
-        drop_log: DropLog::default(),
-    };
     let mut playing = false;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            r = socket.recv_from(&mut buf) => {
+            r = inbound.socket.recv_from(&mut buf) => {
                 let (n, from) = match r {
                     Ok(v) => v,
                     // ICMP port unreachable surfaces here on Linux: not fatal.

@@ -497,13 +497,21 @@ mod tests {
             for seq in [65_530u16, 65_535, 0, 1, 2] {
                 let plain = rtp(7, seq, b"opus frame");
                 let wire = tx.rtp(&plain).unwrap();
-                assert_ne!(wire[12..], plain[12..], "{suite:?}: the payload is encrypted");
+                assert_ne!(
+                    wire[12..],
+                    plain[12..],
+                    "{suite:?}: the payload is encrypted"
+                );
                 assert_eq!(wire[..12], plain[..12], "the header stays readable");
                 assert_eq!(rx.rtp(&wire).unwrap(), plain, "{suite:?} seq {seq}");
             }
             let sr = sender_report(7);
             let wire = tx.rtcp(&sr).unwrap();
-            assert_ne!(wire[8..sr.len()], sr[8..], "{suite:?}: the report is encrypted");
+            assert_ne!(
+                wire[8..sr.len()],
+                sr[8..],
+                "{suite:?}: the report is encrypted"
+            );
             assert_eq!(rx.rtcp(&wire).unwrap(), sr, "{suite:?}");
         }
     }
