@@ -1,8 +1,10 @@
 //! `Answer`, `Reject` and `HangUp`: move a live call through its states and record it.
+//! An answer's SRTP key (the callee's sending key) goes to the caller in `CallAnswered`
+//! and nowhere else: not into the record, not into a log line.
 
 use std::sync::Arc;
 
-use shared_proto::{CallId, Reply, WireError};
+use shared_proto::{CallId, Reply, SrtpKey, WireError};
 
 use super::{record_end, storage_error, SessionKey};
 use crate::clock::now_ms;
@@ -13,11 +15,12 @@ pub async fn answer<S: Store>(
     shared: &Arc<Shared<S>>,
     me: SessionKey,
     call_id: CallId,
+    srtp: Option<SrtpKey>,
 ) -> Result<Reply, WireError> {
     let now = now_ms();
     let answered = shared
         .registry
-        .answer(me.user, me.session_id, call_id, now)?;
+        .answer_with_key(me.user, me.session_id, call_id, srtp, now)?;
     shared
         .store
         .finish_call(

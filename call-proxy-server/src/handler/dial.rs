@@ -9,12 +9,19 @@
 //! already used (within [`shared_proto::KEY_LIFETIME_MS`]) is answered from the first
 //! call's record ([`replay`]) and nothing new is planned or stored; the store's keyed
 //! insert is the arbiter when two dials with one key race.
+//!
+//! The caller's SRTP sending key (`Dial.srtp`, SDES style) goes into the live call the
+//! plan makes and reaches the callee in `IncomingCall` when it rings; a busy or offline
+//! dial drops it. It is never stored or logged. A retried dial ([`replay`]) carries its
+//! key again: that key is dropped and the first dial's key stays, because the callee may
+//! have been rung with it already (a caller sends the same key with every retry of one
+//! dial, as it sends the same idempotency key).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shared_proto::{
-    CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, UserId, WireError,
+    CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, SrtpKey, UserId, WireError,
 };
 
 use super::{record_end, storage_error, SessionKey};
@@ -29,6 +36,7 @@ pub async fn handle<S: Store>(
     peer: SocketAddr,
     callee: UserId,
     key: Option<IdempotencyKey>,
+    srtp: Option<SrtpKey>,
 ) -> Result<Reply, WireError> {
     let now = now_ms();
     if let Some(key) = key {
@@ -38,6 +46,8 @@ pub async fn handle<S: Store>(
             .await
             .map_err(storage_error)?;
         if let Some(first) = first {
+            // The retry's SRTP key is dropped here: the first dial's is the one the
+            // callee has (or will get).
             return replay(shared, callee, first);
         }
     }
@@ -46,7 +56,7 @@ pub async fn handle<S: Store>(
     }
     let plan = shared
         .registry
-        .plan_dial(me.user, me.session_id, callee, now)?;
+        .plan_dial_with_key(me.user, me.session_id, callee, srtp, now)?;
     let (call_id, outcome) = match plan {
         DialPlan::Ring { call_id } => (call_id, Outcome::Ringing),
         DialPlan::Busy { call_id } => (call_id, Outcome::Busy),
@@ -107,7 +117,8 @@ pub async fn handle<S: Store>(
 }
 
 /// The answer to a dial whose key the caller used already: the first dial's reply, as
-/// its record and the live call stand now. Nothing is planned or stored.
+/// its record and the live call stand now. Nothing is planned or stored, and the live
+/// call keeps the first dial's SRTP key (the one its callee was rung with).
 ///
 /// - cached or busy: `Cached` / `Busy` with the first call id, as the first time;
 /// - still live (ringing, or answered and not over): `Ringing` with the first call id

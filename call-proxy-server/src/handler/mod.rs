@@ -85,13 +85,11 @@ pub async fn handle<S: Store>(
             st.registered()?;
             query::handle(shared, users).await
         }
-        Request::Dial {
-            callee,
-            key,
-            srtp: _,
-        } => dial::handle(shared, st.registered()?, st.peer, callee, key).await,
-        Request::Answer { call_id, srtp: _ } => {
-            call_control::answer(shared, st.registered()?, call_id).await
+        Request::Dial { callee, key, srtp } => {
+            dial::handle(shared, st.registered()?, st.peer, callee, key, srtp).await
+        }
+        Request::Answer { call_id, srtp } => {
+            call_control::answer(shared, st.registered()?, call_id, srtp).await
         }
         Request::Reject { call_id } => {
             call_control::reject(shared, st.registered()?, call_id).await

@@ -8,10 +8,16 @@
 //! (the answer) carries it. The registry façade (`registry/mod.rs`) applies steps under
 //! its lock, pushes the events and keeps the sessions' call slots and the ring timers in
 //! step; the handlers write the resulting [`Ended`] to the database.
+//!
+//! SRTP keys (SDES style) ride along as data: the caller's sending key is kept with the
+//! live call ([`LiveCall::caller_srtp`]) and goes to the callee in the ring; the callee's
+//! comes in with its answer ([`Input::Answer`]) and goes to the caller. Keys live only
+//! here, in memory, and go when the call is forgotten; `SrtpKey`'s `Debug` never shows
+//! the key, so neither does this module's.
 
 use std::net::SocketAddr;
 
-use shared_proto::{CallId, EndReason, Event, UnixMillis, UserId};
+use shared_proto::{CallId, EndReason, Event, SrtpKey, UnixMillis, UserId};
 
 use crate::storage::Outcome;
 
@@ -46,7 +52,7 @@ pub enum CallState {
 }
 
 /// Something that happens to a live call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     /// The call's record is written: ring the callee, unless a party left meanwhile.
     Recorded {
@@ -61,6 +67,8 @@ pub enum Input {
         by: Party,
         /// When (the answer time to record).
         at_ms: UnixMillis,
+        /// The callee's SRTP sending key, relayed to the caller; `None`: plain RTP.
+        srtp: Option<SrtpKey>,
     },
     /// A party rejects.
     Reject {
@@ -177,6 +185,9 @@ pub struct LiveCall {
     pub callee_media: SocketAddr,
     /// When it was dialled; the ring shows it as the call's date.
     pub placed_at_ms: UnixMillis,
+    /// The caller's SRTP sending key, relayed to the callee with the ring (`None`: the
+    /// caller sends plain RTP). Only in memory; gone with the call.
+    pub caller_srtp: Option<SrtpKey>,
     /// Where it is in its life.
     pub state: CallState,
 }
@@ -188,6 +199,7 @@ impl LiveCall {
         (caller, caller_media): (UserId, SocketAddr),
         (callee, callee_media): (UserId, SocketAddr),
         placed_at_ms: UnixMillis,
+        caller_srtp: Option<SrtpKey>,
     ) -> Self {
         LiveCall {
             id,
@@ -196,6 +208,7 @@ impl LiveCall {
             caller_media,
             callee_media,
             placed_at_ms,
+            caller_srtp,
             state: CallState::Recording {
                 caller_gone: false,
                 callee_gone: false,
@@ -270,7 +283,7 @@ impl LiveCall {
                         caller: self.caller,
                         caller_media: self.caller_media,
                         call_date_ms: self.placed_at_ms,
-                        srtp: None,
+                        srtp: self.caller_srtp.clone(),
                     },
                 )
             }),
@@ -294,6 +307,7 @@ impl LiveCall {
                 Input::Answer {
                     by: Party::Callee,
                     at_ms,
+                    srtp,
                 },
             ) => Ok(Step::live(Active {
                 answered_at_ms: at_ms,
@@ -302,7 +316,7 @@ impl LiveCall {
                 Party::Caller,
                 Event::CallAnswered {
                     call_id: self.id,
-                    srtp: None,
+                    srtp,
                 },
             )),
             // A callee hanging up a ringing call rejects it.
@@ -368,9 +382,17 @@ mod tests {
     }
 
     fn call(state: CallState) -> LiveCall {
-        let mut c = LiveCall::new(ID, (A, addr(1)), (B, addr(2)), 100);
+        let mut c = LiveCall::new(ID, (A, addr(1)), (B, addr(2)), 100, Some(key(1)));
         c.state = state;
         c
+    }
+
+    /// An SRTP key whose bytes are all `b`.
+    fn key(b: u8) -> SrtpKey {
+        SrtpKey {
+            suite: shared_proto::SrtpSuite::AES_CM_128_HMAC_SHA1_80,
+            key_salt: vec![b; 30],
+        }
     }
 
     fn recording(caller_gone: bool, callee_gone: bool) -> LiveCall {
@@ -417,7 +439,11 @@ mod tests {
         ];
         for by in [Party::Caller, Party::Callee] {
             v.extend([
-                Input::Answer { by, at_ms: 9 },
+                Input::Answer {
+                    by,
+                    at_ms: 9,
+                    srtp: None,
+                },
                 Input::Reject { by },
                 Input::HangUp { by },
                 Input::Lost(by),
@@ -428,7 +454,7 @@ mod tests {
 
     #[test]
     fn new_calls_are_recording_and_know_their_parties() {
-        let c = LiveCall::new(ID, (A, addr(1)), (B, addr(2)), 100);
+        let c = LiveCall::new(ID, (A, addr(1)), (B, addr(2)), 100, None);
         assert_eq!(
             c.state,
             CallState::Recording {
@@ -460,8 +486,9 @@ mod tests {
                 caller: A,
                 caller_media: addr(1),
                 call_date_ms: 100,
-                srtp: None,
-            })
+                srtp: Some(key(1)),
+            }),
+            "the ring carries the caller's SRTP key"
         );
     }
 
@@ -536,7 +563,7 @@ mod tests {
                 Input::Recorded { .. } | Input::RecordFailed | Input::Lost(_) => continue,
                 _ => Refused::NotAnnounced,
             };
-            assert_eq!(c.step(input), Err(expected), "{input:?}");
+            assert_eq!(c.step(input.clone()), Err(expected), "{input:?}");
         }
     }
 
@@ -546,6 +573,7 @@ mod tests {
             .step(Input::Answer {
                 by: Party::Callee,
                 at_ms: 150,
+                srtp: Some(key(2)),
             })
             .unwrap();
         assert_eq!(
@@ -558,8 +586,9 @@ mod tests {
             step.to_caller,
             Some(Event::CallAnswered {
                 call_id: ID,
-                srtp: None
-            })
+                srtp: Some(key(2))
+            }),
+            "the answer carries the callee's SRTP key"
         );
         assert_eq!(step.to_callee, None);
     }
@@ -570,7 +599,7 @@ mod tests {
             Input::Reject { by: Party::Callee },
             Input::HangUp { by: Party::Callee },
         ] {
-            let step = ringing().step(input).unwrap();
+            let step = ringing().step(input.clone()).unwrap();
             assert_eq!(step.next, over(Outcome::Rejected, None), "{input:?}");
             assert_eq!(step.to_caller, ended(EndReason::Rejected));
             assert_eq!(step.to_callee, None);
@@ -591,6 +620,7 @@ mod tests {
             Input::Answer {
                 by: Party::Caller,
                 at_ms: 1,
+                srtp: None,
             },
             Input::Reject { by: Party::Caller },
         ] {
@@ -670,7 +700,7 @@ mod tests {
     fn announced_calls_refuse_what_does_not_apply() {
         for c in [ringing(), active()] {
             for input in all_inputs() {
-                let expected = match (c.state, input) {
+                let expected = match (c.state, &input) {
                     (_, Input::Recorded { .. } | Input::RecordFailed) => Refused::AlreadyAnnounced,
                     (CallState::Active { .. }, Input::Answer { .. })
                     | (CallState::Active { .. }, Input::Reject { .. })
@@ -683,11 +713,16 @@ mod tests {
                         | Input::Reject { by: Party::Caller },
                     ) => Refused::NotRinging,
                     _ => {
-                        assert!(c.step(input).is_ok(), "{:?} {input:?}", c.state);
+                        assert!(c.step(input.clone()).is_ok(), "{:?} {input:?}", c.state);
                         continue;
                     }
                 };
-                assert_eq!(c.step(input), Err(expected), "{:?} {input:?}", c.state);
+                assert_eq!(
+                    c.step(input.clone()),
+                    Err(expected),
+                    "{:?} {input:?}",
+                    c.state
+                );
             }
         }
     }

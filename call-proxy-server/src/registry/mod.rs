@@ -18,6 +18,10 @@
 //!   machine inputs and carries out each step (pushes, call slots, timers) in one place,
 //!   `Inner::carry_out`.
 //!
+//! SRTP keys (SDES style, RFC 4568): a dial's key is kept with its live call and rides
+//! in the callee's `IncomingCall`; an answer's key rides in the caller's `CallAnswered`.
+//! They are held in memory only, never written, never logged, and dropped with the call.
+//!
 //! # Where presence lands
 //!
 //! Presence (a TV subscribes to some users' on/off state and is pushed each change; a
@@ -47,7 +51,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use shared_proto::{CallId, ErrorCode, Event, ServerMsg, UnixMillis, UserId, WireError};
+use shared_proto::{CallId, ErrorCode, Event, ServerMsg, SrtpKey, UnixMillis, UserId, WireError};
 use tokio::task::AbortHandle;
 
 use crate::storage::Outcome;
@@ -313,12 +317,27 @@ impl Registry {
         )
     }
 
-    /// Decides a dial from `caller` (in `session_id`) to `callee`.
+    /// Decides a dial from `caller` (in `session_id`) to `callee` that carries no SRTP
+    /// key (plain RTP, an older agent): [`Registry::plan_dial_with_key`] with `None`.
     pub fn plan_dial(
         &self,
         caller: UserId,
         session_id: u64,
         callee: UserId,
+        now_ms: UnixMillis,
+    ) -> Result<DialPlan, WireError> {
+        self.plan_dial_with_key(caller, session_id, callee, None, now_ms)
+    }
+
+    /// Decides a dial from `caller` (in `session_id`) to `callee`. A live call keeps the
+    /// caller's SRTP sending key `srtp` for the ring ([`Registry::start_ringing`]); a
+    /// busy or offline plan drops it.
+    pub fn plan_dial_with_key(
+        &self,
+        caller: UserId,
+        session_id: u64,
+        callee: UserId,
+        srtp: Option<SrtpKey>,
         now_ms: UnixMillis,
     ) -> Result<DialPlan, WireError> {
         if caller == callee {
@@ -351,6 +370,7 @@ impl Registry {
                 (caller, caller_media),
                 (callee, callee_media),
                 now_ms,
+                srtp,
             ),
         );
         Ok(DialPlan::Ring { call_id })
@@ -397,7 +417,8 @@ impl Registry {
         }
     }
 
-    /// The callee answers a ringing call. Returns the answer time to record.
+    /// The callee answers a ringing call without an SRTP key (plain RTP):
+    /// [`Registry::answer_with_key`] with `None`.
     pub fn answer(
         &self,
         user: UserId,
@@ -405,10 +426,24 @@ impl Registry {
         call_id: CallId,
         now_ms: UnixMillis,
     ) -> Result<Ended, WireError> {
+        self.answer_with_key(user, session_id, call_id, None, now_ms)
+    }
+
+    /// The callee answers a ringing call; its SRTP sending key `srtp` goes to the
+    /// caller in `CallAnswered`. Returns the answer time to record.
+    pub fn answer_with_key(
+        &self,
+        user: UserId,
+        session_id: u64,
+        call_id: CallId,
+        srtp: Option<SrtpKey>,
+        now_ms: UnixMillis,
+    ) -> Result<Ended, WireError> {
         let mut inner = self.lock();
         let (step, caller) = inner.request(user, session_id, call_id, |by| Input::Answer {
             by,
             at_ms: now_ms,
+            srtp,
         })?;
         inner.carry_out(call_id, step);
         Ok(Ended {
@@ -591,6 +626,73 @@ mod tests {
             reg.plan_dial(1, sa, 2, 0),
             Ok(DialPlan::Ring { .. })
         ));
+    }
+
+    #[test]
+    fn srtp_keys_are_relayed_both_ways_kept_once_and_never_shown() {
+        let key = |b: u8| SrtpKey {
+            suite: shared_proto::SrtpSuite::AES_CM_128_HMAC_SHA1_80,
+            key_salt: vec![b; 30],
+        };
+        let reg = Registry::new(0, 0);
+        let (sa, mut ra) = session(&reg, 1);
+        let (sb, mut rb) = session(&reg, 2);
+        let DialPlan::Ring { call_id } = reg
+            .plan_dial_with_key(1, sa, 2, Some(key(0xA1)), 0)
+            .expect("plan")
+        else {
+            panic!("expected ring")
+        };
+        // What a log line or a panic message could show of the registry's state.
+        let shown = format!("{:?}", reg.lock().calls);
+        assert!(
+            shown.contains("SrtpKey(AES_CM_128_HMAC_SHA1_80, 30 bytes)"),
+            "{shown}"
+        );
+        assert!(!shown.contains("161"), "the key's bytes: {shown}");
+        assert!(matches!(
+            reg.start_ringing(call_id),
+            RingStart::Ringing { .. }
+        ));
+        match next_event(&mut rb) {
+            Some(ServerMsg::Event(Event::IncomingCall { srtp, .. })) => {
+                assert_eq!(srtp, Some(key(0xA1)), "the ring carries the caller's key")
+            }
+            other => panic!("expected the ring, got {other:?}"),
+        }
+        // A retried dial starts ringing again: nothing new goes out.
+        assert!(matches!(
+            reg.start_ringing(call_id),
+            RingStart::Ringing { .. }
+        ));
+        assert_eq!(next_event(&mut rb), None);
+        reg.answer_with_key(2, sb, call_id, Some(key(0xB2)), 5)
+            .expect("answer");
+        assert_eq!(
+            next_event(&mut ra),
+            Some(ServerMsg::Event(Event::CallAnswered {
+                call_id,
+                srtp: Some(key(0xB2))
+            })),
+            "the answer carries the callee's key"
+        );
+        reg.hang_up(1, sa, call_id).expect("hang up");
+        assert!(reg.lock().calls.is_empty(), "the keys went with the call");
+        // A busy dial keeps no key.
+        let (_sc, _rc) = session(&reg, 3);
+        let (sd, _rd) = session(&reg, 4);
+        let DialPlan::Ring { call_id } = reg
+            .plan_dial_with_key(1, sa, 2, Some(key(0xC3)), 0)
+            .expect("plan")
+        else {
+            panic!("expected ring")
+        };
+        assert!(matches!(
+            reg.plan_dial_with_key(4, sd, 2, Some(key(0xD4)), 0),
+            Ok(DialPlan::Busy { .. })
+        ));
+        assert_eq!(reg.lock().calls.len(), 1);
+        assert_eq!(reg.lock().calls[&call_id].caller_srtp, Some(key(0xC3)));
     }
 
     #[test]

@@ -14,6 +14,15 @@
 //! in the machine (`Redialling`) without holding up the core: its caller's reply channel
 //! is kept in [`Core::dial_waiting`], the retry timer is a spawned task reporting
 //! [`Done::RetryDial`], and a registration of the link retries at once.
+//!
+//! SRTP keys (SDES style, RFC 4568, over the TLS control link) are kept here, never in
+//! the call machine or its events: a dial makes a fresh sending key in
+//! [`srtp::OFFERED_SUITE`] and sends it with every send of that dial (a retried dial
+//! carries the same key, as it carries the same idempotency key); a ring brings the
+//! caller's key, and answering makes a fresh key in the caller's suite; `CallAnswered`
+//! brings the callee's key. Media starts with both ([`MediaParams::srtp`]), or as plain
+//! RTP, with a warning, when the peer offered no key (an agent one release behind). The
+//! keys go when the call does.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -21,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared_proto::{
-    CachedCall, CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, Request,
+    CachedCall, CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, Request, SrtpKey,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -33,6 +42,7 @@ use super::handle::{Cmd, Reply1};
 use super::missed::{AckWhen, MissedList};
 use super::types::{now_ms, AgentConfig, AgentError, DialResult, MissedCall, Status};
 use crate::link::{LinkError, LinkEvent, LinkHandle};
+use crate::media::srtp::{self, CallKeys};
 use crate::media::{open_sink, open_source, CallQuality, MediaParams, MediaSession};
 
 /// How long power-off waits for acknowledgements in flight before closing the link (an
@@ -71,6 +81,38 @@ impl Pending {
     }
 }
 
+/// The current call's SRTP keys, as they become known.
+struct Keys {
+    /// The call, once known (a dial learns it from the ringing reply).
+    call_id: Option<CallId>,
+    /// This TV's fresh sending key, sent with the dial (caller) or the answer (callee);
+    /// `None` for a callee whose caller offered no key, or a suite this build lacks.
+    local: Option<SrtpKey>,
+    /// The peer's sending key, from `IncomingCall` or `CallAnswered`; `None` until
+    /// then, or for good when the peer offered none (plain RTP).
+    remote: Option<SrtpKey>,
+}
+
+impl Keys {
+    /// Keys for a dial about to be sent.
+    fn dial() -> Keys {
+        Keys {
+            call_id: None,
+            local: srtp::fresh_key(srtp::OFFERED_SUITE),
+            remote: None,
+        }
+    }
+
+    /// Keys for a call ringing here with the caller's `offer`: ours in its suite.
+    fn incoming(call_id: CallId, offer: Option<SrtpKey>) -> Keys {
+        Keys {
+            call_id: Some(call_id),
+            local: offer.as_ref().and_then(|o| srtp::fresh_key(o.suite)),
+            remote: offer,
+        }
+    }
+}
+
 /// The core task's state.
 pub(super) struct Core {
     /// How the agent was set up (user, audio devices).
@@ -104,6 +146,8 @@ pub(super) struct Core {
     /// The caller of a dial being retried (the machine is `Redialling`): answered when
     /// the machine answers the dial.
     dial_waiting: Option<oneshot::Sender<DialResult>>,
+    /// The current call's SRTP keys (dialling, ringing or in a call); `None` when idle.
+    keys: Option<Keys>,
 }
 
 impl Core {
@@ -117,6 +161,8 @@ impl Core {
         missed: MissedList,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::channel(8);
+        // Warns at power-on if the SRTP key log is on.
+        let _ = srtp::Keylog::from_env();
         Core {
             machine: CallMachine::new(cfg.user, now_ms()),
             cfg,
@@ -133,6 +179,7 @@ impl Core {
             done_tx,
             done_rx,
             dial_waiting: None,
+            keys: None,
         }
     }
 
@@ -189,6 +236,10 @@ impl Core {
         match cmd {
             Cmd::Dial(callee, tx) => {
                 let key = rand::random::<IdempotencyKey>();
+                // (A dial while in a call is refused by the machine: keep that call's.)
+                if matches!(self.machine.call(), Call::Idle) {
+                    self.keys = Some(Keys::dial());
+                }
                 self.step(Input::Dial(callee, key), Pending::Dial(tx)).await
             }
             Cmd::Answer(tx) => self.step(Input::Answer, Pending::Unit(tx)).await,
@@ -265,8 +316,13 @@ impl Core {
                 call_id,
                 caller,
                 caller_media,
+                srtp,
                 ..
             }) => {
+                // Only an idle TV rings; a second call is rejected and keeps no keys.
+                if matches!(self.machine.call(), Call::Idle) {
+                    self.keys = Some(Keys::incoming(call_id, srtp));
+                }
                 let input = Input::Incoming {
                     call_id,
                     caller,
@@ -274,7 +330,10 @@ impl Core {
                 };
                 self.step(input, Pending::None).await;
             }
-            LinkEvent::Server(Event::CallAnswered { call_id, srtp: _ }) => {
+            LinkEvent::Server(Event::CallAnswered { call_id, srtp }) => {
+                if let Some(k) = self.keys.as_mut().filter(|k| k.call_id == Some(call_id)) {
+                    k.remote = srtp;
+                }
                 self.step(Input::PeerAnswered(call_id), Pending::None).await;
             }
             LinkEvent::Server(Event::CallEnded { call_id, reason }) => {
@@ -303,6 +362,10 @@ impl Core {
                 self.dial_waiting = Some(tx);
             }
         }
+        // No call, no keys.
+        if matches!(self.machine.call(), Call::Idle) {
+            self.keys = None;
+        }
     }
 
     /// Runs one action; returns the input it feeds back, if any.
@@ -310,15 +373,20 @@ impl Core {
         match action {
             Action::Emit(e) => self.emit(e),
             Action::SendDial { callee, key } => {
+                // Every send of this dial carries the same SRTP key.
+                let srtp = self.keys.as_ref().and_then(|k| k.local.clone());
                 let r = self
                     .link
                     .request(Request::Dial {
                         callee,
                         key: Some(key),
-                        srtp: None,
+                        srtp,
                     })
                     .await;
                 let reply = dial_reply(r);
+                if let (DialReply::Ringing(call_id, _), Some(k)) = (&reply, self.keys.as_mut()) {
+                    k.call_id = Some(*call_id);
+                }
                 if let DialReply::Other(DialResult::Unreachable(reason)) = &reply {
                     tracing::info!(callee, %reason, "no reply to a dial; it may be retried with its key");
                 }
@@ -338,13 +406,13 @@ impl Core {
                 });
             }
             Action::SendAnswer(call_id) => {
-                let r = self
-                    .link
-                    .request(Request::Answer {
-                        call_id,
-                        srtp: None,
-                    })
-                    .await;
+                // Our key only to a caller that offered one (an older one sends plain).
+                let srtp = self
+                    .keys
+                    .as_ref()
+                    .filter(|k| k.call_id == Some(call_id) && k.remote.is_some())
+                    .and_then(|k| k.local.clone());
+                let r = self.link.request(Request::Answer { call_id, srtp }).await;
                 return Some(Input::AnswerSent(r.map(|_| ()).map_err(Into::into)));
             }
             Action::SetMuted(muted) => {
@@ -414,17 +482,53 @@ impl Core {
         // the first one the session sees.
         let mut scratch = [0u8; 1500];
         while self.socket.try_recv_from(&mut scratch).is_ok() {}
+        let srtp = self.media_keys()?;
         let source = open_source(&self.cfg.audio_in).map_err(|e| format!("{e:#}"))?;
         let sink = open_sink(&self.cfg.audio_out).map_err(|e| format!("{e:#}"))?;
         let media = MediaSession::start(
             Arc::clone(&self.socket),
-            MediaParams::voice(peer_media),
+            MediaParams {
+                srtp,
+                ..MediaParams::voice(peer_media)
+            },
             source,
             sink,
         )
         .map_err(|e| format!("{e:#}"))?;
         self.media = Some(media);
         Ok(())
+    }
+
+    /// The SRTP keys for the current call's media: both directions, or `None` (plain
+    /// RTP) when the peer offered no key. Refuses (the call does not start) rather than
+    /// fall back to plain RTP when a key is there but unusable.
+    fn media_keys(&self) -> Result<Option<CallKeys>, String> {
+        let current = self.machine.view().1;
+        let keys = self
+            .keys
+            .as_ref()
+            .filter(|k| k.call_id.is_some() && k.call_id == current);
+        let (Some(call_id), Some(k)) = (current, keys) else {
+            return Err("no SRTP keys for this call".into());
+        };
+        match (&k.local, &k.remote) {
+            (Some(local), Some(remote)) => Ok(Some(CallKeys {
+                call_id,
+                send: local.clone(),
+                recv: remote.clone(),
+            })),
+            (_, None) => {
+                tracing::warn!(
+                    call_id,
+                    "the other TV offered no SRTP key (an older agent): this call's media is plain RTP, unencrypted"
+                );
+                Ok(None)
+            }
+            (None, Some(remote)) => Err(format!(
+                "the other TV's SRTP suite {} is not one this agent has",
+                remote.suite.0
+            )),
+        }
     }
 
     /// Stops the call's media (if any) and logs its quality.
@@ -442,6 +546,9 @@ impl Core {
                     fec_recovered = q.fec_recovered,
                     concealed = q.concealed,
                     other_streams = q.other_streams,
+                    srtp = q.srtp,
+                    srtp_auth_failed = q.srtp_auth_failed,
+                    srtp_replayed = q.srtp_replayed,
                     "call quality"
                 );
                 Some(q)

@@ -8,7 +8,11 @@
 //!   detects each burst's onset. Latency = play instant − capture instant per burst.
 //!   Sound-card buffers are not included (there is no sound card).
 //!
-//! Both use a 2-worker Tokio runtime, as the `tv-agent` binary does.
+//! - `media-cpu`: CPU of both ends of one call in this process, plain RTP and SRTP side
+//!   by side (`--srtp off,on`).
+//! - `srtp-cipher`: protect + unprotect cost per packet of each SRTP suite (no I/O).
+//!
+//! All use a 2-worker Tokio runtime, as the `tv-agent` binary does.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -23,7 +27,8 @@ use tv_agent::agent::{
     bind_media, Agent, AgentConfig, AgentEvent, DialResult, MissedCall, MissedKeeping,
 };
 use tv_agent::media::audio::{AudioSink, AudioSource, FRAME, SAMPLE_RATE};
-use tv_agent::media::{AudioSpec, MediaParams, MediaSession};
+use tv_agent::media::srtp::{fresh_key, Protector, Unprotector};
+use tv_agent::media::{AudioSpec, CallKeys, MediaParams, MediaSession};
 
 #[derive(Parser)]
 #[command(about = "Benchmarks for the TV agent")]
@@ -70,7 +75,30 @@ enum Bench {
         /// Opus encoder complexities to measure (the agent uses 5).
         #[arg(long, value_delimiter = ',', default_value = "5,10")]
         complexity: Vec<i32>,
+        /// Media protection to measure, each at every complexity: `off` (plain RTP, a
+        /// peer that offered no key) and `on` (SRTP/SRTCP, AES_CM_128_HMAC_SHA1_80, as
+        /// every call between current agents).
+        #[arg(long, value_delimiter = ',', default_value = "off,on")]
+        srtp: Vec<Protection>,
     },
+    /// SRTP protect + unprotect per packet for each suite, in one thread, no I/O.
+    SrtpCipher {
+        /// Packets protected and unprotected per suite.
+        #[arg(long, default_value_t = 200_000)]
+        packets: u32,
+        /// RTP payload bytes (a 24 kb/s Opus frame is about 60).
+        #[arg(long, default_value_t = 60)]
+        payload: usize,
+    },
+}
+
+/// Plain RTP or SRTP, for `media-cpu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Protection {
+    /// Plain RTP.
+    Off,
+    /// SRTP/SRTCP.
+    On,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -99,7 +127,9 @@ fn main() -> anyhow::Result<()> {
                 wav,
                 seconds,
                 complexity,
-            } => media_cpu(&wav, seconds, &complexity).await,
+                srtp,
+            } => media_cpu(&wav, seconds, &complexity, &srtp).await,
+            Bench::SrtpCipher { packets, payload } => srtp_cipher(packets, payload),
         }
     })
 }
@@ -505,44 +535,114 @@ async fn media_cpu(
     wav: &std::path::Path,
     seconds: f64,
     complexities: &[i32],
+    protections: &[Protection],
 ) -> anyhow::Result<()> {
     use tv_agent::media::audio::WavSource;
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     for &complexity in complexities {
-        let sock_a = Arc::new(bind_media(loopback)?);
-        let sock_b = Arc::new(bind_media(loopback)?);
-        let (addr_a, addr_b) = (sock_a.local_addr()?, sock_b.local_addr()?);
-        let params = |peer| MediaParams {
-            complexity,
-            ..MediaParams::voice(peer)
-        };
-        let a = MediaSession::start(
-            sock_a,
-            params(addr_b),
-            Box::new(WavSource::open(wav.to_path_buf())?),
-            Box::new(Discard),
-        )?;
-        let b = MediaSession::start(
-            sock_b,
-            params(addr_a),
-            Box::new(WavSource::open(wav.to_path_buf())?),
-            Box::new(Discard),
-        )?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (c0, t0) = (process_cpu_seconds()?, std::time::Instant::now());
-        tokio::time::sleep(Duration::from_secs_f64(seconds.max(1.0))).await;
-        let (c1, t1) = (process_cpu_seconds()?, std::time::Instant::now());
-        let qa = a.stop().await?;
-        let qb = b.stop().await?;
-        let both = (c1 - c0) / (t1 - t0).as_secs_f64() * 100.0;
-        println!(
-            "media-cpu complexity={complexity}: both ends {both:.2}% of one core, {:.2}% per end over {:.1} s (packets A->B {}/{}, B->A {}/{})",
+        for &protection in protections {
+            let sock_a = Arc::new(bind_media(loopback)?);
+            let sock_b = Arc::new(bind_media(loopback)?);
+            let (addr_a, addr_b) = (sock_a.local_addr()?, sock_b.local_addr()?);
+            // One fresh key per direction, as the agents exchange them.
+            let suite = tv_agent::media::srtp::OFFERED_SUITE;
+            let (key_a, key_b) = (
+                fresh_key(suite).context("key")?,
+                fresh_key(suite).context("key")?,
+            );
+            let keys = |send: &shared_proto::SrtpKey, recv: &shared_proto::SrtpKey| {
+                (protection == Protection::On).then(|| CallKeys {
+                    call_id: 1,
+                    send: send.clone(),
+                    recv: recv.clone(),
+                })
+            };
+            let params = |peer, srtp| MediaParams {
+                complexity,
+                srtp,
+                ..MediaParams::voice(peer)
+            };
+            let a = MediaSession::start(
+                sock_a,
+                params(addr_b, keys(&key_a, &key_b)),
+                Box::new(WavSource::open(wav.to_path_buf())?),
+                Box::new(Discard),
+            )?;
+            let b = MediaSession::start(
+                sock_b,
+                params(addr_a, keys(&key_b, &key_a)),
+                Box::new(WavSource::open(wav.to_path_buf())?),
+                Box::new(Discard),
+            )?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (c0, t0) = (process_cpu_seconds()?, std::time::Instant::now());
+            tokio::time::sleep(Duration::from_secs_f64(seconds.max(1.0))).await;
+            let (c1, t1) = (process_cpu_seconds()?, std::time::Instant::now());
+            let qa = a.stop().await?;
+            let qb = b.stop().await?;
+            let both = (c1 - c0) / (t1 - t0).as_secs_f64() * 100.0;
+            if protection == Protection::On && !(qa.srtp && qb.srtp) {
+                bail!("the SRTP run was not SRTP");
+            }
+            println!(
+            "media-cpu complexity={complexity} srtp={}: both ends {both:.2}% of one core, {:.2}% per end over {:.1} s (packets A->B {}/{}, B->A {}/{}, srtp drops {})",
+            if protection == Protection::On { "on" } else { "off" },
             both / 2.0,
             (t1 - t0).as_secs_f64(),
             qa.packets_sent,
             qb.packets_received,
             qb.packets_sent,
-            qa.packets_received
+            qa.packets_received,
+            qa.srtp_auth_failed + qa.srtp_replayed + qb.srtp_auth_failed + qb.srtp_replayed
+        );
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// srtp-cipher
+// ---------------------------------------------------------------------------------
+
+fn srtp_cipher(packets: u32, payload: usize) -> anyhow::Result<()> {
+    use shared_proto::SrtpSuite;
+    use webrtc_util::marshal::Marshal;
+    let body = vec![0x5au8; payload.min(1_400)];
+    for suite in [
+        SrtpSuite::AES_CM_128_HMAC_SHA1_80,
+        SrtpSuite::AEAD_AES_128_GCM,
+    ] {
+        let key = fresh_key(suite).context("key")?;
+        let mut tx = Protector::new(&key)?;
+        let mut rx = Unprotector::new(&key)?;
+        let started = std::time::Instant::now();
+        for i in 0..packets {
+            let plain = rtp::packet::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    payload_type: 111,
+                    sequence_number: i as u16,
+                    timestamp: i.wrapping_mul(960),
+                    ssrc: 7,
+                    ..Default::default()
+                },
+                payload: bytes::Bytes::copy_from_slice(&body),
+            }
+            .marshal()?;
+            let wire = tx.rtp(&plain)?;
+            let back = rx.rtp(&wire)?;
+            if back != plain {
+                bail!("{}: round trip changed packet {i}", suite.name());
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "srtp-cipher {}: {packets} packets of {} payload bytes protected and unprotected in {secs:.3} s: {:.0} packets/s, {:.2} us per packet (both sides); one TV's 50 packets/s each way cost {:.4}% of a core",
+            suite.name(),
+            body.len(),
+            f64::from(packets) / secs,
+            secs * 1e6 / f64::from(packets),
+            100.0 * 50.0 * secs / f64::from(packets)
         );
     }
     Ok(())

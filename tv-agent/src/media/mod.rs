@@ -6,12 +6,15 @@
 //! - [`router`]: routes a session's incoming RTP to its streams (audio, video) by payload
 //!   type and SSRC (pure logic).
 //! - [`session`]: one call's media over the TV's UDP media socket.
+//! - [`srtp`]: SRTP/SRTCP at that socket's boundary, the call's keys and the key log.
 
 pub mod audio;
 pub mod jitter;
 pub mod router;
 pub mod session;
+pub mod srtp;
 
 pub use audio::{open_sink, open_source, AudioSink, AudioSource, AudioSpec};
 pub use router::StreamKind;
 pub use session::{CallQuality, MediaParams, MediaSession};
+pub use srtp::CallKeys;

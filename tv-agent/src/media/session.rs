@@ -6,7 +6,16 @@
 //! dropped; the peer's RTP is routed to its streams by payload type and SSRC
 //! ([`super::router`]): the audio stream is played, a video stream is counted and dropped
 //! (`other_streams`) until video lands, anything else is rejected.
+//!
+//! With [`MediaParams::srtp`] set (every call between two current agents) the session is
+//! SRTP/SRTCP at the socket's boundary ([`super::srtp`]): each packet is protected just
+//! before `send_to` and unprotected just after `recv_from`; a datagram that fails
+//! authentication or is a replay is dropped and counted (`srtp_auth_failed`,
+//! `srtp_replayed`), with a rate-limited log line. Everything between (router, jitter
+//! buffer, RTCP statistics) sees plain packets. Without it (a peer that offered no key,
+//! an older agent) the call is plain RTP.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -24,6 +33,7 @@ use webrtc_util::marshal::{Marshal, Unmarshal};
 use super::audio::{AudioSink, AudioSource, FRAME};
 use super::jitter::{JitterBuffer, Playout, FRAME_SAMPLES};
 use super::router::{Route, StreamKind, StreamRouter};
+use super::srtp::{self, CallKeys, DropLog, Protector, SrtpError, Unprotector};
 
 /// Largest UDP datagram accepted.
 const MAX_DATAGRAM: usize = 1500;
@@ -50,6 +60,9 @@ pub struct MediaParams {
     pub complexity: i32,
     /// Jitter buffer depth bounds, in 20 ms frames.
     pub jitter_frames: (u64, u64),
+    /// The call's SRTP keys, one per direction; `None`: plain RTP (the peer offered no
+    /// key). Their `Debug` never shows the keys.
+    pub srtp: Option<CallKeys>,
 }
 
 impl MediaParams {
@@ -70,6 +83,7 @@ impl MediaParams {
             expected_loss_pct: 10,
             complexity: 5,
             jitter_frames: (1, 10),
+            srtp: None,
         }
     }
 }
@@ -106,6 +120,15 @@ pub struct CallQuality {
     pub other_streams: u64,
     /// Loss the peer reported about our stream (RTCP), percent.
     pub peer_reported_loss_pct: Option<f64>,
+    /// The media was SRTP/SRTCP both ways (`false`: plain RTP with a peer that offered
+    /// no key).
+    pub srtp: bool,
+    /// Datagrams from the peer's address dropped because they failed SRTP/SRTCP
+    /// authentication (tampered, forged, or not SRTP).
+    pub srtp_auth_failed: u64,
+    /// Datagrams from the peer's address dropped as SRTP/SRTCP replays (or older than
+    /// the replay window).
+    pub srtp_replayed: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -177,11 +200,16 @@ pub struct MediaSession {
     recv: JoinHandle<anyhow::Result<ReceiveEnd>>,
     shared: Arc<Shared>,
     started: Instant,
+    /// The session runs SRTP.
+    srtp: bool,
 }
 
 struct ReceiveEnd {
     jitter: JitterBuffer,
     rejected: u64,
+    /// SRTP drops: failed authentication, replays.
+    auth_failed: u64,
+    replayed: u64,
 }
 
 fn ntp_now() -> u64 {
@@ -213,19 +241,29 @@ impl MediaSession {
         encoder.set_complexity(params.complexity)?;
         let decoder = opus::Decoder::new(48_000, opus::Channels::Mono)
             .context("cannot create Opus decoder")?;
+        let ssrc: u32 = rand::random();
+        let (protector, unprotector) = match &params.srtp {
+            Some(keys) => {
+                let (p, u) = srtp::for_call(keys, ssrc).context("cannot set up SRTP")?;
+                (Some(p), Some(u))
+            }
+            None => (None, None),
+        };
+        let srtp = protector.is_some();
         let (stop, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared::new(&params));
         let started = Instant::now();
         let send = tokio::spawn(send_loop(
             Arc::clone(&socket),
             params.clone(),
+            Outbound { ssrc, protector },
             source,
             encoder,
             Arc::clone(&shared),
             stop_rx.clone(),
         ));
         let recv = tokio::spawn(receive_loop(
-            socket,
+            Inbound::new(socket, unprotector),
             params,
             sink,
             decoder,
@@ -239,6 +277,7 @@ impl MediaSession {
             recv,
             shared,
             started,
+            srtp,
         })
     }
 
@@ -283,19 +322,51 @@ impl MediaSession {
             rejected: end.rejected,
             other_streams: rx.video_packets,
             peer_reported_loss_pct: rx.peer_loss_pct,
+            srtp: self.srtp,
+            srtp_auth_failed: end.auth_failed,
+            srtp_replayed: end.replayed,
         })
+    }
+}
+
+/// What the send task puts on the wire: its stream's SSRC, and SRTP if on.
+struct Outbound {
+    ssrc: u32,
+    protector: Option<Protector>,
+}
+
+impl Outbound {
+    /// The datagram for a marshalled RTP (or, with `rtcp`, RTCP) packet; `None` if it
+    /// cannot be protected (that packet is not sent).
+    fn wire(&mut self, packet: Bytes, rtcp: bool) -> Option<Bytes> {
+        let Some(p) = &mut self.protector else {
+            return Some(packet);
+        };
+        let r = if rtcp {
+            p.rtcp(&packet)
+        } else {
+            p.rtp(&packet)
+        };
+        match r {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot protect a media packet; not sent");
+                None
+            }
+        }
     }
 }
 
 async fn send_loop(
     socket: Arc<UdpSocket>,
     params: MediaParams,
+    mut out: Outbound,
     mut source: Box<dyn AudioSource>,
     mut encoder: opus::Encoder,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let ssrc: u32 = rand::random();
+    let ssrc = out.ssrc;
     let mut seq: u16 = rand::random();
     let mut ts: u32 = rand::random();
     let mut pcm = vec![0i16; FRAME];
@@ -327,23 +398,31 @@ async fn send_loop(
             payload: Bytes::copy_from_slice(&opus_buf[..n]),
         };
         first = false;
-        let wire = packet.marshal().context("RTP marshal")?;
+        let plain = packet.marshal().context("RTP marshal")?;
         // A send error (peer's port closed, network down) loses this packet only.
-        if socket.send_to(&wire, params.peer).await.is_ok() {
-            shared.sent_packets.fetch_add(1, Relaxed);
-            shared.sent_octets.fetch_add(n as u64, Relaxed);
+        if let Some(wire) = out.wire(plain, false) {
+            if socket.send_to(&wire, params.peer).await.is_ok() {
+                shared.sent_packets.fetch_add(1, Relaxed);
+                shared.sent_octets.fetch_add(n as u64, Relaxed);
+            }
         }
         seq = seq.wrapping_add(1);
         ts = ts.wrapping_add(FRAME_SAMPLES);
         if Instant::now() >= next_rtcp {
             next_rtcp += RTCP_EVERY;
-            if let Ok(report) = sender_report(&shared, ssrc, ts) {
+            if let Some(report) = sender_report(&shared, ssrc, ts)
+                .ok()
+                .and_then(|r| out.wire(r, true))
+            {
                 let _ = socket.send_to(&report, params.peer).await;
             }
         }
     }
     // A last report so the peer's quality figures are complete.
-    if let Ok(report) = sender_report(&shared, ssrc, ts) {
+    if let Some(report) = sender_report(&shared, ssrc, ts)
+        .ok()
+        .and_then(|r| out.wire(r, true))
+    {
         let _ = socket.send_to(&report, params.peer).await;
     }
     Ok(())
@@ -399,8 +478,70 @@ fn is_rtcp(datagram: &[u8]) -> bool {
     datagram.len() >= 2 && (192..=223).contains(&datagram[1])
 }
 
-async fn receive_loop(
+/// The receive task's socket boundary: the socket, and SRTP, which unprotects each
+/// datagram from the peer and counts (and logs, rate-limited) those it drops.
+struct Inbound {
+    /// The media socket.
     socket: Arc<UdpSocket>,
+    /// `None`: plain RTP.
+    unprotector: Option<Unprotector>,
+    auth_failed: u64,
+    replayed: u64,
+    drop_log: DropLog,
+}
+
+impl Inbound {
+    fn new(socket: Arc<UdpSocket>, unprotector: Option<Unprotector>) -> Self {
+        Inbound {
+            socket,
+            unprotector,
+            auth_failed: 0,
+            replayed: 0,
+            drop_log: DropLog::default(),
+        }
+    }
+
+    /// The plain packet in `datagram`, or `None` if it was dropped (counted here, or in
+    /// `rejected` for a stream beyond the limit).
+    fn plain<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        rtcp: bool,
+        rejected: &mut u64,
+    ) -> Option<Cow<'a, [u8]>> {
+        let Some(u) = &mut self.unprotector else {
+            return Some(Cow::Borrowed(datagram));
+        };
+        let r = if rtcp {
+            u.rtcp(datagram)
+        } else {
+            u.rtp(datagram)
+        };
+        let e = match r {
+            // (The decrypted buffer is not shared: no copy.)
+            Ok(plain) => return Some(Cow::Owned(Vec::from(plain))),
+            Err(e) => e,
+        };
+        match e {
+            SrtpError::Replay => self.replayed += 1,
+            ref e if e.is_auth_failure() => self.auth_failed += 1,
+            _ => *rejected += 1,
+        }
+        if let Some(n) = self.drop_log.note(Instant::now()) {
+            tracing::warn!(
+                dropped_since_last_line = n,
+                auth_failed = self.auth_failed,
+                replayed = self.replayed,
+                last = %e,
+                "dropping media packets that fail SRTP checks"
+            );
+        }
+        None
+    }
+}
+
+async fn receive_loop(
+    mut inbound: Inbound,
     params: MediaParams,
     mut sink: Box<dyn AudioSink>,
     mut decoder: opus::Decoder,
@@ -418,7 +559,7 @@ async fn receive_loop(
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            r = socket.recv_from(&mut buf) => {
+            r = inbound.socket.recv_from(&mut buf) => {
                 let (n, from) = match r {
                     Ok(v) => v,
                     // ICMP port unreachable surfaces here on Linux: not fatal.
@@ -428,8 +569,12 @@ async fn receive_loop(
                     rejected += 1;
                     continue;
                 }
-                let datagram = &buf[..n];
-                if is_rtcp(datagram) {
+                let rtcp = is_rtcp(&buf[..n]);
+                let Some(datagram) = inbound.plain(&buf[..n], rtcp, &mut rejected) else {
+                    continue;
+                };
+                let datagram = &datagram[..];
+                if rtcp {
                     handle_rtcp(&shared, datagram);
                     continue;
                 }
@@ -474,7 +619,12 @@ async fn receive_loop(
         }
     }
     sink.finish()?;
-    Ok(ReceiveEnd { jitter, rejected })
+    Ok(ReceiveEnd {
+        jitter,
+        rejected,
+        auth_failed: inbound.auth_failed,
+        replayed: inbound.replayed,
+    })
 }
 
 /// What became of an RTP datagram from the peer.
