@@ -62,7 +62,7 @@ fi
   exit 1
 }
 
-say "building ${#targets[@]} targets ($(cargo fuzz --version), $(rustc --version))"
+say "building the fuzz targets ($(cargo fuzz --version), $(rustc --version))"
 cargo fuzz build "${flags[@]}" "${jobs[@]}"
 
 logs=fuzz/target/fuzz-logs

@@ -56,26 +56,29 @@ where
 {
     let mut buf = BytesMut::from(bytes);
     let mut out = Vec::new();
-    drain(decoder, &mut buf, &mut out);
+    drain(decoder, &mut buf, bytes.len(), &mut out);
     out
 }
 
 /// Decodes frames from `buf` into `out` until the decoder wants more bytes or fails;
-/// `true` if it failed.
-fn drain<D>(decoder: &mut D, buf: &mut BytesMut, out: &mut Vec<Step<D::Item>>) -> bool
+/// `true` if it failed. `fed` is how many bytes were put into `buf` so far in all: every
+/// frame must have consumed at least its length prefix (the codec may take a prefix in
+/// one call and its payload in a later one).
+fn drain<D>(decoder: &mut D, buf: &mut BytesMut, fed: usize, out: &mut Vec<Step<D::Item>>) -> bool
 where
     D: Decoder,
     D::Error: Display,
 {
     for _ in 0..MAX_FRAMES {
-        let before = buf.len();
         match decoder.decode(buf) {
             Ok(Some(frame)) => {
-                assert!(
-                    buf.len() + 4 <= before,
-                    "a frame consumed less than its length prefix"
-                );
                 out.push(Ok(frame));
+                let consumed = fed - buf.len();
+                assert!(
+                    consumed >= 4 * out.len(),
+                    "{} frames from {consumed} bytes: a frame consumed less than its length prefix",
+                    out.len()
+                );
             }
             Ok(None) => return false,
             Err(e) => {
@@ -100,9 +103,11 @@ where
     let mut decoder = make();
     let mut buf = BytesMut::new();
     let mut chunked = Vec::new();
+    let mut fed = 0;
     for piece in bytes.chunks(chunk.max(1)) {
         buf.extend_from_slice(piece);
-        if drain(&mut decoder, &mut buf, &mut chunked) {
+        fed += piece.len();
+        if drain(&mut decoder, &mut buf, fed, &mut chunked) {
             break;
         }
     }
