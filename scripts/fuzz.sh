@@ -43,8 +43,8 @@ say() { printf 'fuzz: %s\n' "$*"; }
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export CARGO_TERM_COLOR=never
 if ! cargo fuzz --version >/dev/null 2>&1; then
-  say "installing cargo-fuzz (cargo install cargo-fuzz --locked)"
-  cargo install cargo-fuzz --version 0.13.2 --locked
+  say "installing cargo-fuzz 0.13.1 (the newest whose lock file builds on Rust 1.85)"
+  cargo install cargo-fuzz --version 0.13.1 --locked
 fi
 
 # -O: optimised; -a: debug assertions and overflow checks; no sanitizer (stable Rust).
@@ -67,6 +67,13 @@ cargo fuzz build "${flags[@]}" "${jobs[@]}"
 
 logs=fuzz/target/fuzz-logs
 mkdir -p "$logs"
+# The file targets write their input to a scratch directory (tmpfs when there is one:
+# the agent's loaders fsync), removed at the end.
+shm=/dev/shm
+[ -d "$shm" ] && [ -w "$shm" ] || shm="${TMPDIR:-/tmp}"
+TV_FUZZ_TMP=$(mktemp -d "$shm/tv-fuzz.XXXXXX")
+export TV_FUZZ_TMP
+trap 'rm -rf "$TV_FUZZ_TMP"' EXIT
 failed=()
 
 # Runs one libFuzzer process for target $1 with the remaining arguments; its output goes

@@ -243,7 +243,10 @@ fn server_msgs() -> Vec<(&'static str, ServerMsg)> {
         ),
         (
             "enrollment-enrolled",
-            reply(8, Reply::Enrollment(EnrollmentStatus::Enrolled { user_id: 2002 })),
+            reply(
+                8,
+                Reply::Enrollment(EnrollmentStatus::Enrolled { user_id: 2002 }),
+            ),
         ),
         (
             "enrollment-expired",
@@ -344,7 +347,9 @@ fn main() -> Res {
     let mut refused = Preamble::server(ErrorCode::UNSUPPORTED_VERSION)
         .encode()
         .to_vec();
-    refused.extend(preamble::encode_reason("this server speaks versions 1 to 2"));
+    refused.extend(preamble::encode_reason(
+        "this server speaks versions 1 to 2",
+    ));
     put(&dir, "server-refused", &refused)?;
     put(&dir, "http", b"GET / HTTP/1.1\r\n\r\n")?;
 
@@ -364,7 +369,12 @@ fn main() -> Res {
     }
     // A kind from the future, and a Dial with fields appended after the ones known.
     let mut ignored = Vec::new();
-    seeds_of(&v2_dir, "unknown-kind", &envelope::frame(0x0123, 99, b"future"), &mut ignored)?;
+    seeds_of(
+        &v2_dir,
+        "unknown-kind",
+        &envelope::frame(0x0123, 99, b"future"),
+        &mut ignored,
+    )?;
     seeds_of(
         &v2_dir,
         "dial-appended",
@@ -389,7 +399,12 @@ fn main() -> Res {
             seeds_of(&v1_dir, label, &frame, &mut v1_session)?;
         }
     }
-    seeds_of(&v2_dir, "unknown-event", &envelope::frame(0x80ff, 0, b"presence"), &mut ignored)?;
+    seeds_of(
+        &v2_dir,
+        "unknown-event",
+        &envelope::frame(0x80ff, 0, b"presence"),
+        &mut ignored,
+    )?;
     put(&v2_dir, "session", &with_mode(0x00, &v2_session))?;
     put(&v1_dir, "session", &with_mode(0x00, &v1_session))?;
 

@@ -32,7 +32,9 @@ fn check(old: &v1::ClientMsg) {
     assert_eq!(again, Some(ClientFrame::Msg(current.clone())));
     // The same request over version 2.
     let mut v2 = BytesMut::new();
-    ClientCodec::new().encode(&current, &mut v2).expect("encodes in v2");
+    ClientCodec::new()
+        .encode(&current, &mut v2)
+        .expect("encodes in v2");
     let in_v2 = ServerCodec::new(PROTOCOL_VERSION)
         .decode(&mut v2)
         .expect("decodes in v2");
@@ -51,11 +53,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Mode::Stream { chunk } => {
             let server = decode_stream(|| ServerCodec::new(v1::PROTOCOL_VERSION), bytes, chunk);
-            let plain = decode_stream(
-                v1::Codec::<v1::ClientMsg, v1::ServerMsg>::new,
-                bytes,
-                chunk,
-            );
+            let plain = decode_stream(v1::Codec::<v1::ClientMsg, v1::ServerMsg>::new, bytes, chunk);
             assert_eq!(server.len(), plain.len(), "the two v1 decoders disagree");
             for (s, p) in server.iter().zip(&plain) {
                 match (s, p) {

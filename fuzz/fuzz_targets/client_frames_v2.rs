@@ -60,7 +60,11 @@ fn check(frame: &ClientFrame) {
             let again = ServerCodec::new(PROTOCOL_VERSION)
                 .decode(&mut wire)
                 .expect("a re-encoded request decodes");
-            assert_eq!(again.as_ref(), Some(frame), "re-encoding changed the request");
+            assert_eq!(
+                again.as_ref(),
+                Some(frame),
+                "re-encoding changed the request"
+            );
             assert!(wire.is_empty());
             let mut payload = Vec::new();
             envelope::encode_client(msg, &mut payload).expect("encodes");

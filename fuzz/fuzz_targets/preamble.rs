@@ -48,6 +48,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(reason_len([enc[0], enc[1]]), n);
         let sent = std::str::from_utf8(&enc[2..]).expect("the reason is UTF-8");
         assert!(text.starts_with(sent), "the reason is a prefix of its text");
-        assert!(n == text.len() || text.len() > MAX_REASON_LEN, "truncated needlessly");
+        assert!(
+            n == text.len() || text.len() > MAX_REASON_LEN,
+            "truncated needlessly"
+        );
     }
 });

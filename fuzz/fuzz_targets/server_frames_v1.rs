@@ -33,7 +33,10 @@ fn check(old: &v1::ServerMsg) {
     ServerCodec::new(v1::PROTOCOL_VERSION)
         .encode(&current, &mut by_server)
         .expect("the server encodes it in v1");
-    assert_eq!(by_v1, by_server, "the server's v1 bytes differ from v1's own");
+    assert_eq!(
+        by_v1, by_server,
+        "the server's v1 bytes differ from v1's own"
+    );
     let again = V1Client::new().decode(&mut by_v1).expect("decodes");
     assert_eq!(again.as_ref(), Some(old));
 }

@@ -26,7 +26,11 @@ fn check(frame: &ServerFrame) {
             let again = ClientCodec::new()
                 .decode(&mut wire)
                 .expect("a re-encoded server message decodes");
-            assert_eq!(again.as_ref(), Some(frame), "re-encoding changed the message");
+            assert_eq!(
+                again.as_ref(),
+                Some(frame),
+                "re-encoding changed the message"
+            );
             assert!(wire.is_empty());
         }
         ServerFrame::Skipped { kind, class, .. } => {
@@ -49,7 +53,10 @@ fuzz_target!(|data: &[u8]| {
             ),
         },
         Mode::Stream { chunk } => {
-            for frame in decode_stream(ClientCodec::new, bytes, chunk).iter().flatten() {
+            for frame in decode_stream(ClientCodec::new, bytes, chunk)
+                .iter()
+                .flatten()
+            {
                 check(frame);
             }
         }

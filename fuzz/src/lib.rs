@@ -93,7 +93,11 @@ where
 /// Decodes `bytes` with a fresh decoder from `make`, once whole and once fed in chunks of
 /// `chunk` bytes (as a socket delivers them), asserts both give the same frames and
 /// errors, and returns them.
-pub fn decode_stream<D>(mut make: impl FnMut() -> D, bytes: &[u8], chunk: usize) -> Vec<Step<D::Item>>
+pub fn decode_stream<D>(
+    mut make: impl FnMut() -> D,
+    bytes: &[u8],
+    chunk: usize,
+) -> Vec<Step<D::Item>>
 where
     D: Decoder,
     D::Error: Display,
