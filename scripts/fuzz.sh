@@ -15,7 +15,7 @@
 # (ulimit -v): an allocation sized by a forged length fails and aborts, a crash.
 #
 # Installs cargo-fuzz (from crates.io, `cargo install --locked`) if it is missing.
-# Build artefacts stay in fuzz/target (git-ignored; about 1.5 GB), the corpus the fuzzer
+# Build artefacts stay in fuzz/target (git-ignored; about 2 GB), the corpus the fuzzer
 # grows in fuzz/target/corpus/<target>/ (the committed seeds in fuzz/corpus/<target>/
 # are only read), crash inputs in fuzz/artifacts/<target>/.
 #
