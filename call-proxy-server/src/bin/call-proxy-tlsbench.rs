@@ -118,8 +118,13 @@ async fn register_all(
     let results: Vec<Result<(Box<dyn std::any::Any + Send>, bool)>> = stream::iter(0..n)
         .map(|i| async move {
             let user = 100_000 + i as u64;
-            // Spread over loopback sources: one address has only ~28k ports.
-            let local = SocketAddr::from(([127, 0, 1 + (i / 20_000) as u8, 1], 0));
+            // Each TV from its own loopback address: binding port 0 on an address many
+            // sockets use already makes the kernel search for a free port (cost grows
+            // with the count), which would measure the kernel, not the server.
+            let local = SocketAddr::from((
+                [127, 1, ((i / 250) % 250 + 1) as u8, (i % 250 + 1) as u8],
+                0,
+            ));
             if let Some(tls) = tls {
                 let stream = tls[i].connect(addr, "127.0.0.1", Some(local)).await?;
                 let resumed =
