@@ -124,28 +124,8 @@ pub fn server_cert_files(
     }
 }
 
-/// Writes `data` to `path` atomically (a temporary file, synced, renamed), readable by
-/// the owner only when `secret`.
-pub fn write_atomic(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
+/// Atomic, durable replacement of a file (the same as the TV's).
+pub use control_client::tls::write_atomic;
 
 fn make_private_ca(dir: &Path, names: &[String]) -> Result<ServerCertFiles, TlsError> {
     use rcgen::{

@@ -39,18 +39,27 @@ impl Client<TcpStream> {
         local: Option<SocketAddr>,
         server: SocketAddr,
     ) -> Result<Self, ClientError> {
-        let socket = if server.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(local) = local {
-            socket.bind(local)?;
-        }
-        let stream = socket.connect(server).await?;
-        stream.set_nodelay(true)?;
-        Self::handshake(stream).await
+        Self::handshake(tcp_connect(server, local).await?).await
     }
+}
+
+/// A TCP connection to `server` (from `local`, if given) with Nagle off: what every
+/// control connection, plain or under TLS, starts as.
+pub async fn tcp_connect(
+    server: SocketAddr,
+    local: Option<SocketAddr>,
+) -> std::io::Result<TcpStream> {
+    let socket = if server.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(local) = local {
+        socket.bind(local)?;
+    }
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 impl Client<crate::Stream> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 /// Why a TLS setting could not be made or used.
@@ -157,16 +157,7 @@ impl TlsClient {
                 format!("{name:?} is not a server name: {e}"),
             )
         })?;
-        let socket = if server.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(local) = local {
-            socket.bind(local)?;
-        }
-        let stream = socket.connect(server).await?;
-        stream.set_nodelay(true)?;
+        let stream = crate::client::tcp_connect(server, local).await?;
         tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
             .connect(name, stream)
             .await
@@ -181,6 +172,33 @@ pub fn host_of(addr: &str) -> &str {
         _ => addr,
     };
     host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Writes `body` to `path`, durably and atomically (a temporary file beside it, synced,
+/// renamed, the directory synced): a power cut leaves the old or the new file, never half
+/// of one. With `secret`, the file is the owner's only from its creation on. Used for
+/// keys and certificates on both sides, and for the TV's JSON files.
+pub fn write_atomic(path: &Path, body: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 /// Reads a file (for PEM inputs), naming it in the error.

@@ -3,41 +3,18 @@
 //! old or the new version, never half of one; read with a size limit; a file that cannot
 //! be read is set aside as `<name>.bad` for a person to look at, never overwritten.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// Atomic, durable replacement of a file (shared with the server's certificate files).
+pub use control_client::tls::write_atomic;
+
 /// Writes `value` as JSON to `path`, durably and atomically.
 pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> std::io::Result<()> {
     let body = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     write_atomic(path, &body, false)
-}
-
-/// Writes `body` to `path`, durably and atomically; with `secret`, readable and writable
-/// by the owner only (from its creation on: the temporary file has the mode already).
-pub fn write_atomic(path: &Path, body: &[u8], secret: bool) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(if secret { 0o600 } else { 0o644 })
-            .open(&tmp)?;
-        f.write_all(body)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        // The rename itself is durable once the directory is synced.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 /// Reads JSON from `path` (creating its directory if needed). A missing file gives

@@ -19,6 +19,7 @@ use control_client::{Client, TlsClient, TvKey};
 use futures::stream::{self, StreamExt};
 use test_support::process::KillOnDrop;
 use test_support::procfs::{rss_bytes, CpuMeter};
+use tokio_util::either::Either;
 
 #[derive(Parser, Debug)]
 #[command(about = "Plain TCP vs TLS 1.3 registrations of call-proxy-server (loopback)")]
@@ -111,11 +112,11 @@ async fn register_all(
     n: usize,
     conc: usize,
     keep: bool,
-) -> Result<(Vec<Box<dyn std::any::Any + Send>>, Phase)> {
+) -> Result<(Vec<Client<control_client::Stream>>, Phase)> {
     let meter = CpuMeter::start(Some(srv.child.id()));
     let started = Instant::now();
     let addr = srv.addr;
-    let results: Vec<Result<(Box<dyn std::any::Any + Send>, bool)>> = stream::iter(0..n)
+    let results: Vec<Result<(Option<Client<control_client::Stream>>, bool)>> = stream::iter(0..n)
         .map(|i| async move {
             let user = 100_000 + i as u64;
             // Each TV from its own loopback address: binding port 0 on an address many
@@ -125,30 +126,27 @@ async fn register_all(
                 [127, 1, ((i / 250) % 250 + 1) as u8, (i % 250 + 1) as u8],
                 0,
             ));
-            if let Some(tls) = tls {
-                let stream = tls[i].connect(addr, "127.0.0.1", Some(local)).await?;
-                let resumed =
-                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-                let mut c = Client::handshake(stream).await?;
-                c.register(user, 5000).await?;
-                let kept: Box<dyn std::any::Any + Send> = if keep {
-                    Box::new(c)
-                } else {
-                    c.bye().await?;
-                    Box::new(())
-                };
-                Ok((kept, resumed))
+            let (stream, resumed): (control_client::Stream, bool) = match tls {
+                Some(tls) => {
+                    let stream = tls[i].connect(addr, "127.0.0.1", Some(local)).await?;
+                    let resumed =
+                        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    (Either::Right(stream), resumed)
+                }
+                None => (
+                    Either::Left(control_client::client::tcp_connect(addr, Some(local)).await?),
+                    false,
+                ),
+            };
+            let mut c = Client::handshake(stream).await?;
+            c.register(user, 5000).await?;
+            let kept = if keep {
+                Some(c)
             } else {
-                let mut c = Client::connect_from(Some(local), addr).await?;
-                c.register(user, 5000).await?;
-                let kept: Box<dyn std::any::Any + Send> = if keep {
-                    Box::new(c)
-                } else {
-                    c.bye().await?;
-                    Box::new(())
-                };
-                Ok((kept, false))
-            }
+                c.bye().await?;
+                None
+            };
+            anyhow::Ok((kept, resumed))
         })
         .buffer_unordered(conc)
         .collect()
@@ -159,7 +157,7 @@ async fn register_all(
     for r in results {
         let (c, res) = r?;
         resumed += usize::from(res);
-        kept.push(c);
+        kept.extend(c);
     }
     Ok((
         kept,

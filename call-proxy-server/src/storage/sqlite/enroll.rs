@@ -283,16 +283,7 @@ pub fn list(
 /// `(certificate, user)` pairs straight into the database at `path` (created and
 /// migrated if needed), in one transaction, as if each TV had been enrolled.
 pub fn seed_credentials(path: &Path, tvs: &[(Vec<u8>, UserId)]) -> Result<(), StoreError> {
-    drop(super::SqliteStore::open(
-        path,
-        super::SqliteOptions {
-            sync_full: false,
-            readers: 1,
-            max_batch: 1,
-            reserve_bytes: 0,
-            wal_tight_below: super::WAL_TIGHT_BELOW_BYTES,
-        },
-    )?);
+    super::create_schema(path)?;
     let mut conn = Connection::open(path).map_err(db_error)?;
     let tx = conn.transaction().map_err(db_error)?;
     {

@@ -559,6 +559,22 @@ impl Store for SqliteStore {
     }
 }
 
+/// Creates (and migrates) the database at `path` by opening a store on it and letting it
+/// go: for the tools that fill a database before a server starts (benchmarks).
+pub fn create_schema(path: &Path) -> Result<(), StoreError> {
+    drop(SqliteStore::open(
+        path,
+        SqliteOptions {
+            sync_full: false,
+            readers: 1,
+            max_batch: 1,
+            reserve_bytes: 0,
+            wal_tight_below: WAL_TIGHT_BELOW_BYTES,
+        },
+    )?);
+    Ok(())
+}
+
 /// What a crash may have left, repaired at start-up in one transaction: every user
 /// offline (no session survives a restart), ringing calls missed, answered calls
 /// without an end ended.

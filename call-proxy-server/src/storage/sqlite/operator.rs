@@ -393,17 +393,7 @@ impl OperatorDb {
 /// Fills a database with `calls` synthetic call records between `users` users, one every
 /// 3 s from 2023-11-14 on (benchmarks of the operator queries; never used by the server).
 pub fn fill_synthetic(path: &Path, users: u64, calls: u64) -> Result<(), StoreError> {
-    // Opening through the store creates the schema and its indexes.
-    drop(super::SqliteStore::open(
-        path,
-        super::SqliteOptions {
-            sync_full: false,
-            readers: 1,
-            max_batch: 1,
-            reserve_bytes: 0,
-            wal_tight_below: super::WAL_TIGHT_BELOW_BYTES,
-        },
-    )?);
+    super::create_schema(path)?;
     let conn = Connection::open(path)?;
     conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")?;
     conn.execute(
