@@ -4,7 +4,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -16,17 +15,11 @@ const A: u64 = 1001;
 const B: u64 = 2002;
 
 fn agent_bin(args: &[&str]) -> (i32, Vec<Value>) {
-    // Plain TCP: these servers run with insecure_plaintext (tests/trust.rs covers TLS).
-    let out = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
-        .args(args)
-        .arg("--insecure-plaintext")
-        .output()
-        .expect("run tv-agent");
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect();
-    (out.status.code().unwrap_or(-1), lines)
+    // Plain TCP: these servers run with insecure_plaintext (tests/enroll.rs covers TLS).
+    let mut all = args.to_vec();
+    all.push("--insecure-plaintext");
+    let (code, lines, _) = run_agent(&all);
+    (code, lines)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,8 @@
 //! code fails clearly; a wrong CA fails clearly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -43,19 +45,7 @@ fn start(ttl_s: u64) -> TlsServer {
 }
 
 fn agent(args: &[&str]) -> (i32, Vec<Value>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
-        .args(args)
-        .output()
-        .expect("run tv-agent");
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect();
-    (
-        out.status.code().unwrap_or(-1),
-        lines,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_agent(args)
 }
 
 /// The operator's approvals and revocations on the database file (the same calls as

@@ -215,6 +215,24 @@ pub fn analyse(path: &PathBuf, expected: f64, other: f64) -> f64 {
 }
 
 /// A JSON file the agent keeps (address book, missed-call list), parsed.
+/// Runs the `tv-agent` binary with `args`: its exit code, its stdout as JSON lines (one
+/// value each; anything else fails the test), and its stderr.
+pub fn run_agent(args: &[&str]) -> (i32, Vec<serde_json::Value>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tv-agent"))
+        .args(args)
+        .output()
+        .expect("run tv-agent");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    (
+        out.status.code().unwrap_or(-1),
+        lines,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn json_file(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
