@@ -19,6 +19,7 @@
 //! It runs over any byte stream (`AsyncRead + AsyncWrite`), so a TLS acceptor wraps the
 //! TCP stream before handing it here; the peer's address comes as a parameter.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,31 +55,36 @@ const FLOOD_READ: usize = 16 * 1024;
 /// Serves one connection until it closes, outside the admission gate (embedders and
 /// tests that hand it a stream themselves). `stream` is the TV's byte stream (plain TCP
 /// today, or a TLS stream wrapping it); `peer` is its address.
-pub async fn serve<S: Store, T>(
-    shared: &Arc<Shared<S>>,
+pub fn serve<'a, S: Store, T>(
+    shared: &'a Arc<Shared<S>>,
     stream: T,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
-) where
-    T: AsyncRead + AsyncWrite + Unpin + Send,
+) -> impl Future<Output = ()> + Send + 'a
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'a,
 {
-    serve_inner(shared, stream, peer, stop, None, None).await;
+    serve_inner(shared, stream, peer, stop, None, None)
 }
 
 /// Serves one connection the gate admitted; `ticket` holds its slot and sheds it if a
 /// newer connection needs the room before this one registered. `identity` is the TV
 /// certificate its TLS handshake established (`None` on plain TCP).
-pub async fn serve_admitted<S: Store, T>(
-    shared: &Arc<Shared<S>>,
+///
+/// Not an `async fn` (nor is [`serve`]): a wrapping `async fn` would store its
+/// arguments a second time in every idle TV's task.
+pub fn serve_admitted<'a, S: Store, T>(
+    shared: &'a Arc<Shared<S>>,
     stream: T,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     ticket: Ticket,
     identity: Option<TvIdentity>,
-) where
-    T: AsyncRead + AsyncWrite + Unpin + Send,
+) -> impl Future<Output = ()> + Send + 'a
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'a,
 {
-    serve_inner(shared, stream, peer, stop, Some(ticket), identity).await;
+    serve_inner(shared, stream, peer, stop, Some(ticket), identity)
 }
 
 /// The next revoked fingerprint (never, without a subscription or once the server

@@ -208,11 +208,23 @@ async fn accept_loop<S: Store>(
             Admission::Admitted(ticket) => {
                 let shared = Arc::clone(shared);
                 let stop = stop.clone();
-                tracker.spawn(async move {
-                    shared.metrics.connections.inc();
-                    serve_tls_or_plain(&shared, stream, peer, stop, ticket).await;
-                    shared.metrics.connections.dec();
-                });
+                // Two kinds of task, each as large as it needs (a task's future is as
+                // large as its largest state, and the TLS states are larger).
+                match shared.tls.clone() {
+                    None => tracker.spawn(async move {
+                        shared.metrics.connections.inc();
+                        crate::connection::serve_admitted(
+                            &shared, stream, peer, stop, ticket, None,
+                        )
+                        .await;
+                        shared.metrics.connections.dec();
+                    }),
+                    Some(acceptor) => tracker.spawn(async move {
+                        shared.metrics.connections.inc();
+                        serve_tls(&shared, &acceptor, stream, peer, stop, ticket).await;
+                        shared.metrics.connections.dec();
+                    }),
+                };
             }
             Admission::Penalised(left) => {
                 shared.metrics.refused_flooding.inc();
@@ -245,38 +257,49 @@ async fn accept_loop<S: Store>(
 
 /// Completes the TLS handshake (within the handshake deadline, shed like any
 /// unregistered connection), then serves the connection with the identity it
-/// established; on plain TCP serves it at once.
-async fn serve_tls_or_plain<S: Store>(
+/// established. The handshake and then the stream are boxed: rustls's connection is
+/// about 1.2 KB and a generic future keeps several copies of its stream, which every
+/// idle TV would pay for.
+async fn serve_tls<S: Store>(
     shared: &Arc<Shared<S>>,
+    acceptor: &tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     mut ticket: limits::Ticket,
 ) {
-    let Some(acceptor) = &shared.tls else {
-        crate::connection::serve_admitted(shared, stream, peer, stop, ticket, None).await;
-        return;
+    // Boxed: its state (rustls's connection and the TCP stream) lives only until the
+    // handshake ends, not in the task for the TV's whole session. And the stream is
+    // boxed inside a block: a local holding it (the handshake's result) would
+    // otherwise keep its room in the task across the session's await.
+    let tls = {
+        let handshake = Box::pin(tokio::time::timeout(
+            shared.config.handshake_timeout(),
+            acceptor.accept(stream),
+        ));
+        let done = tokio::select! {
+            r = handshake => r,
+            () = ticket.shed() => return,
+        };
+        match done {
+            Ok(Ok(tls)) => Box::new(tls),
+            Ok(Err(e)) => {
+                shared.metrics.tls_failed.inc();
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.tls_failed.inc();
+                tracing::debug!(%peer, "TLS handshake did not complete in time");
+                return;
+            }
+        }
     };
-    let handshake =
-        tokio::time::timeout(shared.config.handshake_timeout(), acceptor.accept(stream));
-    let tls = tokio::select! {
-        r = handshake => r,
-        () = ticket.shed() => return,
-    };
-    match tls {
-        Ok(Ok(tls)) => {
-            let identity = crate::tls::identity_of(tls.get_ref().1);
-            crate::connection::serve_admitted(shared, tls, peer, stop, ticket, identity).await;
-        }
-        Ok(Err(e)) => {
-            shared.metrics.tls_failed.inc();
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-        }
-        Err(_) => {
-            shared.metrics.tls_failed.inc();
-            tracing::debug!(%peer, "TLS handshake did not complete in time");
-        }
-    }
+    let identity = crate::tls::identity_of(tls.get_ref().1);
+    Box::pin(crate::connection::serve_admitted(
+        shared, tls, peer, stop, ticket, identity,
+    ))
+    .await;
 }
 
 /// How long a connection from a flooding source is held before it is refused.

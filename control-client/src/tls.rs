@@ -142,6 +142,11 @@ impl TlsClient {
         })
     }
 
+    /// The rustls configuration (for benchmarks that drive handshakes in memory).
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.config)
+    }
+
     /// Connects to `server` over TCP (from `local`, if given) and completes the TLS
     /// handshake, checking the server's certificate is valid for `name` (the host name or
     /// IP address the TV was told to use).

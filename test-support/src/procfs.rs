@@ -19,6 +19,15 @@ pub fn cpu_secs(pid: &str) -> Option<f64> {
     Some(ticks as f64 / USER_HZ)
 }
 
+/// CPU time the calling thread has used so far (nanosecond resolution, from
+/// `/proc/thread-self/schedstat`); zero if it cannot be read.
+pub fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
 /// Resident memory of process `pid` (`VmRSS`), in bytes.
 pub fn rss_bytes(pid: u32) -> std::io::Result<u64> {
     let path = format!("/proc/{pid}/status");
