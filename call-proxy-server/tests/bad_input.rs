@@ -1,7 +1,7 @@
 //! Hostile and broken clients: each gets a clear error or a closed connection, and a
 //! well-behaved TV on the same server keeps being served throughout. All of it inside
-//! TLS, where the control protocol lives (garbage and stalls before or instead of the
-//! TLS handshake are `trust.rs`'s).
+//! TLS, where the control protocol lives, but for a silent plain-TCP connection (more
+//! garbage and stalls before or instead of the TLS handshake are in `trust.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -112,10 +112,18 @@ async fn garbage_wrong_version_oversized_malformed_and_stalled_clients() {
         ErrorCode::HANDSHAKE_TIMEOUT
     );
 
-    // Connects (TLS done) and never says anything.
+    // Connects (TLS done) and never says anything; and, meanwhile, one that never
+    // even starts TLS (plain TCP: the attack below the control protocol), closed at the
+    // same deadline without a word, as a failed TLS handshake.
+    let tls_failed = srv.shared.metrics.tls_failed.get();
     let mut mute = srv.raw_tls().await;
-    let (code, _) = refusal(&read_until_close(&mut mute).await);
+    let mut mute_tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (said, said_tcp) =
+        tokio::join!(read_until_close(&mut mute), read_until_close(&mut mute_tcp));
+    let (code, _) = refusal(&said);
     assert_eq!(code, ErrorCode::HANDSHAKE_TIMEOUT);
+    assert!(said_tcp.is_empty(), "{said_tcp:?}");
+    assert_eq!(srv.shared.metrics.tls_failed.get(), tls_failed + 1);
 
     still_served(&mut good).await;
     assert!(srv.shared.metrics.bad_input.get() >= 6);

@@ -435,7 +435,7 @@ async fn the_server_serves_any_byte_stream() {
     let mut piped = Client::handshake(client_tls).await.unwrap();
     piped.register(OLD, 5004).await.unwrap();
 
-    // A TV over TCP calls the piped one, which rings at the address `serve` was given.
+    // A TV over TCP calls the piped one, which rings at the address it was served with.
     let mut tcp = srv.tv(NEW, 6004).await;
     let DialOutcome::Ringing {
         call_id,
