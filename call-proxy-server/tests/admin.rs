@@ -1,7 +1,8 @@
 //! The admin HTTP listener on a real server (real TCP, real SQLite file) with real
-//! traffic from enrolled TVs over TLS: each call-log filter, cursor pages that stay stable while calls arrive, CSV
-//! that parses, the bearer token, metrics that follow the traffic, clear 400s, and the
-//! operator CLI's `--admin` mode as a process (in-process server and the real binary).
+//! traffic from enrolled TVs over TLS: each call-log filter, cursor pages that stay
+//! stable while calls arrive, CSV that parses, the bearer token, metrics that follow
+//! the traffic, clear 400s, and the operator CLI's `--admin` mode as a process
+//! (in-process server and the real binary).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
