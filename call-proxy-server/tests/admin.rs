@@ -1,7 +1,8 @@
 //! The admin HTTP listener on a real server (real TCP, real SQLite file) with real
-//! traffic: each call-log filter, cursor pages that stay stable while calls arrive, CSV
-//! that parses, the bearer token, metrics that follow the traffic, clear 400s, and the
-//! operator CLI's `--admin` mode as a process (in-process server and the real binary).
+//! traffic from enrolled TVs over TLS: each call-log filter, cursor pages that stay
+//! stable while calls arrive, CSV that parses, the bearer token, metrics that follow
+//! the traffic, clear 400s, and the operator CLI's `--admin` mode as a process
+//! (in-process server and the real binary).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,7 +12,6 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use call_proxy_server::client::Client;
 use common::{dial, power_on_and_ack, six_calls, TestServer, ADMIN_TOKEN};
 use serde_json::Value;
 use shared_proto::*;
@@ -553,7 +553,7 @@ async fn metrics_follow_the_traffic() {
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
 
     // A bad frame and a request flood show up too.
-    let mut junk = Client::connect(srv.addr).await.unwrap();
+    let mut junk = srv.stranger().await.unwrap();
     junk.send_raw(&[0, 0, 0, 5, 0xde, 0xad, 0xbe, 0xef, 0xff])
         .await
         .unwrap();
@@ -593,18 +593,13 @@ async fn serve_process_with_admin_listener() {
     let (port, admin_port) = two_free_ports();
     let serve = |token: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
-        cmd.args([
-            "serve",
-            "--insecure-plaintext",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-        .args(["--db", &db_s])
-        .env("RUST_LOG", "warn")
-        .env_remove("CALL_PROXY_ADMIN_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--db", &db_s])
+            .env("RUST_LOG", "warn")
+            .env_remove("CALL_PROXY_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         if let Some(t) = token {
             cmd.env("CALL_PROXY_ADMIN_TOKEN", t);
         }
@@ -635,11 +630,10 @@ async fn serve_process_with_admin_listener() {
         panic!("admin listener did not become ready");
     }
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut off = Client::connect(addr).await.unwrap();
-    off.register(2, 4000).await.unwrap();
-    off.bye().await.unwrap();
-    let mut tv = Client::connect(addr).await.unwrap();
-    tv.register(1, 5000).await.unwrap();
+    // TVs enrolled in the database of the running process, over TLS to the CA it made.
+    let tvs = common::Tvs::new(&db);
+    tvs.tv(addr, 2, 4000).await.bye().await.unwrap();
+    let mut tv = tvs.tv(addr, 1, 5000).await;
     assert!(matches!(dial(&mut tv, 2).await, DialOutcome::Cached { .. }));
 
     let out = same_output_both_ways(&db_s, &base, &["calls", "--format", "csv"]).await;

@@ -1,19 +1,20 @@
 //! Hostile and broken clients: each gets a clear error or a closed connection, and a
-//! well-behaved TV on the same server keeps being served throughout.
+//! well-behaved TV on the same server keeps being served throughout. All of it inside
+//! TLS, where the control protocol lives, but for a silent plain-TCP connection (more
+//! garbage and stalls before or instead of the TLS handshake are in `trust.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::time::Duration;
 
-use call_proxy_server::client::{Client, ClientError};
-use common::TestServer;
+use call_proxy_server::client::ClientError;
+use common::{TestServer, Tv};
 use shared_proto::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// Reads what the server sends until it closes (bounded).
-async fn read_until_close(s: &mut TcpStream) -> Vec<u8> {
+async fn read_until_close(s: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     out
@@ -31,7 +32,7 @@ fn refusal(bytes: &[u8]) -> (ErrorCode, String) {
 }
 
 /// The `Closing` reason a server sends on an established link.
-async fn closing_reason(c: &mut Client) -> WireError {
+async fn closing_reason(c: &mut Tv) -> WireError {
     match tokio::time::timeout(Duration::from_secs(5), c.next_event()).await {
         Ok(Err(ClientError::Closed(Some(e)))) => e,
         other => panic!("expected a Closing frame, got {other:?}"),
@@ -39,7 +40,7 @@ async fn closing_reason(c: &mut Client) -> WireError {
 }
 
 /// A TV that must keep working while the others misbehave.
-async fn still_served(good: &mut Client) {
+async fn still_served(good: &mut Tv) {
     let reply = tokio::time::timeout(
         Duration::from_secs(2),
         good.request(Request::QueryState { users: vec![1001] }),
@@ -60,7 +61,7 @@ async fn garbage_wrong_version_oversized_malformed_and_stalled_clients() {
     let mut good = srv.tv(1001, 5004).await;
 
     // Not our protocol at all.
-    let mut http = TcpStream::connect(srv.addr).await.unwrap();
+    let mut http = srv.raw_tls().await;
     http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
@@ -70,7 +71,7 @@ async fn garbage_wrong_version_oversized_malformed_and_stalled_clients() {
     still_served(&mut good).await;
 
     // A future protocol version.
-    let mut v9 = TcpStream::connect(srv.addr).await.unwrap();
+    let mut v9 = srv.raw_tls().await;
     v9.write_all(
         &Preamble {
             version: 9,
@@ -86,7 +87,7 @@ async fn garbage_wrong_version_oversized_malformed_and_stalled_clients() {
     still_served(&mut good).await;
 
     // A frame announcing 1 GiB.
-    let mut big = Client::connect(srv.addr).await.unwrap();
+    let mut big = srv.stranger().await.unwrap();
     big.send_raw(&(1u32 << 30).to_be_bytes()).await.unwrap();
     assert_eq!(
         closing_reason(&mut big).await.code,
@@ -95,7 +96,7 @@ async fn garbage_wrong_version_oversized_malformed_and_stalled_clients() {
     still_served(&mut good).await;
 
     // A frame of random bytes.
-    let mut junk = Client::connect(srv.addr).await.unwrap();
+    let mut junk = srv.stranger().await.unwrap();
     junk.send_raw(&[0, 0, 0, 5, 0xde, 0xad, 0xbe, 0xef, 0xff])
         .await
         .unwrap();
@@ -103,7 +104,7 @@ async fn garbage_wrong_version_oversized_malformed_and_stalled_clients() {
     still_served(&mut good).await;
 
     // Half a frame, then silence: cut off at the registration deadline.
-    let mut stall = Client::connect(srv.addr).await.unwrap();
+    let mut stall = srv.stranger().await.unwrap();
     stall.send_raw(&[0, 0, 0, 40, 1, 0]).await.unwrap();
     still_served(&mut good).await;
     assert_eq!(
@@ -111,10 +112,18 @@ async fn garbage_wrong_version_oversized_malformed_and_stalled_clients() {
         ErrorCode::HANDSHAKE_TIMEOUT
     );
 
-    // Connects and never says anything.
-    let mut mute = TcpStream::connect(srv.addr).await.unwrap();
-    let (code, _) = refusal(&read_until_close(&mut mute).await);
+    // Connects (TLS done) and never says anything; and, meanwhile, one that never
+    // even starts TLS (plain TCP: the attack below the control protocol), closed at the
+    // same deadline without a word, as a failed TLS handshake.
+    let tls_failed = srv.shared.metrics.tls_failed.get();
+    let mut mute = srv.raw_tls().await;
+    let mut mute_tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (said, said_tcp) =
+        tokio::join!(read_until_close(&mut mute), read_until_close(&mut mute_tcp));
+    let (code, _) = refusal(&said);
     assert_eq!(code, ErrorCode::HANDSHAKE_TIMEOUT);
+    assert!(said_tcp.is_empty(), "{said_tcp:?}");
+    assert_eq!(srv.shared.metrics.tls_failed.get(), tls_failed + 1);
 
     still_served(&mut good).await;
     assert!(srv.shared.metrics.bad_input.get() >= 6);
@@ -159,7 +168,7 @@ async fn connections_beyond_the_limit_are_refused_with_a_reason() {
     let srv = TestServer::start_with(|c| c.max_connections = 2).await;
     let _a = srv.tv(1001, 5004).await;
     let mut b = srv.tv(2002, 6004).await;
-    match Client::connect(srv.addr).await {
+    match srv.stranger().await {
         Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::SERVER_FULL),
         Err(e) => panic!("expected SERVER_FULL, got {e}"),
         Ok(_) => panic!("expected SERVER_FULL, got a connection"),

@@ -1,7 +1,8 @@
 //! Protocol compatibility: an agent built before protocol version 2 (the frozen
 //! `shared_proto::v1` message set and preamble) keeps working against this server, next
 //! to version-2 clients; an unknown request kind is answered `UNSUPPORTED` on a link that
-//! stays up; the preamble's feature bits decide which pushes a session gets.
+//! stays up; the preamble's feature bits decide which pushes a session gets. Over TLS with
+//! enrolled TVs, as agents run now: the old agent's frames travel inside TLS unchanged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,25 +11,27 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use call_proxy_server::client::Client;
-use common::{dial, event, TestServer};
+use call_proxy_server::server::limits::Admission;
+use common::{dial, event, TestServer, Tls};
 use futures::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
 use shared_proto::envelope::{self, kind};
 use shared_proto::{v1, *};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 /// A client as agents built from the version-1 code are: the version-1 preamble (flags
-/// zero) and whole-message bincode frames of the version-1 message set.
+/// zero) and whole-message bincode frames of the version-1 message set, inside the TLS
+/// link of an enrolled TV.
 struct OldClient {
-    conn: Framed<TcpStream, v1::Codec<v1::ServerMsg, v1::ClientMsg>>,
+    conn: Framed<Tls, v1::Codec<v1::ServerMsg, v1::ClientMsg>>,
     next_id: u32,
     events: VecDeque<v1::Event>,
 }
 
 impl OldClient {
-    async fn connect(srv: &TestServer) -> OldClient {
-        let mut stream = TcpStream::connect(srv.addr).await.unwrap();
+    async fn connect(srv: &TestServer, user: UserId) -> OldClient {
+        let mut stream = srv.tvs.raw_tls_as(srv.addr, user).await;
         stream
             .write_all(&v1::client_preamble().encode())
             .await
@@ -113,7 +116,7 @@ async fn an_old_agent_registers_fetches_acks_dials_answers_and_hangs_up() {
     let srv = TestServer::start().await;
 
     // Registration, then power-off: the old TV is known and offline.
-    let mut old = OldClient::connect(&srv).await;
+    let mut old = OldClient::connect(&srv, OLD).await;
     let reg = old.register(OLD, 5004).await;
     assert_eq!(reg.cached_waiting, 0);
     assert_eq!(old.request(v1::Request::Bye).await, Ok(v1::Reply::Done));
@@ -126,7 +129,7 @@ async fn an_old_agent_registers_fetches_acks_dials_answers_and_hangs_up() {
     ));
 
     // The old TV powers on: the cached call is fetched, acknowledged, and gone.
-    let mut old = OldClient::connect(&srv).await;
+    let mut old = OldClient::connect(&srv, OLD).await;
     assert_eq!(old.register(OLD, 5004).await.cached_waiting, 1);
     let page = match old
         .request(v1::Request::FetchCached {
@@ -292,7 +295,7 @@ async fn an_unknown_request_kind_gets_unsupported_and_the_link_stays_up() {
     let srv = TestServer::start().await;
 
     // Before registering: a kind from the future, with a body.
-    let mut c = Client::connect(srv.addr).await.unwrap();
+    let mut c = srv.connect(OLD).await;
     c.send_raw(&envelope::frame(0x0123, 77, b"a future request body"))
         .await
         .unwrap();
@@ -338,7 +341,7 @@ async fn an_unknown_request_kind_gets_unsupported_and_the_link_stays_up() {
 async fn pushes_follow_the_features_a_session_asked_for() {
     let srv = TestServer::start().await;
     // Asks for call events only, not for cached-call notices.
-    let stream = TcpStream::connect(srv.addr).await.unwrap();
+    let stream = srv.tvs.raw_tls_as(srv.addr, OLD).await;
     let mut calls_only = Client::handshake_with(stream, Features::CALLS)
         .await
         .unwrap();
@@ -404,20 +407,35 @@ async fn pushes_follow_the_features_a_session_asked_for() {
 
 #[tokio::test]
 async fn the_server_serves_any_byte_stream() {
-    // What a TLS acceptor will do: hand `serve` a stream that is not a TcpStream (here
-    // an in-memory pipe) and the peer's address.
+    // What the TLS acceptor does, over a stream that is not a TcpStream (here an
+    // in-memory pipe): TLS on both ends, then the connection served through the gate
+    // with the TV identity the handshake established and the peer's address it was
+    // given.
     let srv = TestServer::start().await;
     let (client_end, server_end) = tokio::io::duplex(64 * 1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shared = std::sync::Arc::clone(&srv.shared);
     let peer: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
     let task = tokio::spawn(async move {
-        call_proxy_server::connection::serve(&shared, server_end, peer, stop_rx).await;
+        let acceptor = shared.tls.clone().expect("a TLS server");
+        let tls = acceptor.accept(server_end).await.unwrap();
+        let identity = call_proxy_server::tls::identity_of(tls.get_ref().1);
+        let Admission::Admitted(ticket) = shared.gate.admit(peer.ip()) else {
+            panic!("not admitted")
+        };
+        call_proxy_server::connection::serve_admitted(
+            &shared, tls, peer, stop_rx, ticket, identity,
+        )
+        .await;
     });
-    let mut piped = Client::handshake(client_end).await.unwrap();
+    let client_tls = tokio_rustls::TlsConnector::from(srv.tvs.enroll(OLD))
+        .connect(ServerName::from(peer.ip()), client_end)
+        .await
+        .unwrap();
+    let mut piped = Client::handshake(client_tls).await.unwrap();
     piped.register(OLD, 5004).await.unwrap();
 
-    // A TCP client calls the piped one, which rings at the address `serve` was given.
+    // A TV over TCP calls the piped one, which rings at the address it was served with.
     let mut tcp = srv.tv(NEW, 6004).await;
     let DialOutcome::Ringing {
         call_id,

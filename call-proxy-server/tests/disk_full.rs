@@ -5,15 +5,19 @@
 //! acknowledged is delivered.
 //!
 //! Mounting the tmpfs needs root (CAP_SYS_ADMIN), as CI runs the tests; it is
-//! unmounted when the test ends, pass or fail.
+//! unmounted when the test ends, pass or fail. The TVs are enrolled and connect over
+//! TLS (the server's CA is made beside the database, on the tmpfs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use call_proxy_server::client::{Client, ClientError};
+use call_proxy_server::client::ClientError;
+use common::{Tv, Tvs};
 use shared_proto::*;
 use test_support::fs::{fill, Tmpfs};
 use test_support::net::free_port;
@@ -66,7 +70,7 @@ fn netstate(db: &Path, user: UserId) -> Option<i64> {
     .ok()
 }
 
-async fn dial(c: &mut Client, callee: UserId) -> Result<DialOutcome, ClientError> {
+async fn dial(c: &mut Tv, callee: UserId) -> Result<DialOutcome, ClientError> {
     match c
         .request(Request::Dial {
             callee,
@@ -109,7 +113,7 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
     std::fs::write(
         &config,
         format!(
-            "insecure_plaintext = true\nrequests_per_sec = 1000000\nrequest_burst = 1000000\ndisk_reserve_mb = 1\n\
+            "requests_per_sec = 1000000\nrequest_burst = 1000000\ndisk_reserve_mb = 1\n\
              admin_listen = \"127.0.0.1:{admin_port}\"\n"
         ),
     )
@@ -140,15 +144,14 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
     const ONLINE: UserId = 2002;
     const OFF: UserId = 3003;
     const NEWCOMER: UserId = 4004;
-    {
-        let mut c = Client::connect(addr).await.unwrap();
-        c.register(OFF, 7000).await.unwrap();
-        c.bye().await.unwrap();
+    // Every TV is enrolled while the disk has room (an enrollment is a write too).
+    let tvs = Tvs::new(&db);
+    for user in [CALLER, ONLINE, OFF, NEWCOMER] {
+        tvs.enroll(user);
     }
-    let mut caller = Client::connect(addr).await.unwrap();
-    caller.register(CALLER, 5000).await.unwrap();
-    let mut online = Client::connect(addr).await.unwrap();
-    online.register(ONLINE, 6000).await.unwrap();
+    tvs.tv(addr, OFF, 7000).await.bye().await.unwrap();
+    let mut caller = tvs.tv(addr, CALLER, 5000).await;
+    let mut online = tvs.tv(addr, ONLINE, 6000).await;
 
     // Calls cached before the disk fills must survive it.
     let mut acked = Vec::new();
@@ -203,7 +206,7 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
 
     // States stay true: a TV that powers on is registered (and told so), one that
     // powers off is recorded offline.
-    let mut newcomer = Client::connect(addr).await.unwrap();
+    let mut newcomer = tvs.connect(addr, NEWCOMER).await;
     newcomer
         .register(NEWCOMER, 8000)
         .await
@@ -247,8 +250,7 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
     }
 
     // Every acknowledged call reaches the switched-off TV, and nothing refused does.
-    let mut off = Client::connect(addr).await.unwrap();
-    off.register(OFF, 7000).await.unwrap();
+    let mut off = tvs.tv(addr, OFF, 7000).await;
     let mut got: Vec<CallId> = off
         .fetch_all_cached()
         .await

@@ -1,5 +1,6 @@
-//! Flows 1–6 of the source documents, over real TCP against a real SQLite file, plus
-//! ring timeout, reject, busy, re-registration, heartbeat timeout and unknown users.
+//! Flows 1–6 of the source documents, over real TLS (enrolled TVs) against a real SQLite
+//! file, plus ring timeout, reject, busy, re-registration, heartbeat timeout and unknown
+//! users.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -7,8 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use call_proxy_server::client::Client;
-use common::{event, eventually, TestServer};
+use common::{event, eventually, TestServer, Tv};
 use shared_proto::*;
 
 const A: UserId = 1001;
@@ -20,7 +20,7 @@ fn media(port: u16) -> SocketAddr {
 }
 
 async fn dial(
-    c: &mut Client,
+    c: &mut Tv,
     callee: UserId,
 ) -> Result<DialOutcome, call_proxy_server::client::ClientError> {
     match c
@@ -40,7 +40,7 @@ async fn dial(
 async fn flow1_registration_records_online_state_ip_and_media_port() {
     let srv = TestServer::start().await;
     assert_eq!(srv.property(A), None);
-    let mut a = Client::connect(srv.addr).await.unwrap();
+    let mut a = srv.connect(A).await;
     let reg = a.register(A, 5004).await.unwrap();
     assert_eq!(
         reg.observed_ip,
@@ -193,7 +193,7 @@ async fn flow5_and_6_offline_call_is_cached_then_delivered_until_acknowledged() 
         ids.push(call_id);
     }
     // B powers on: told how many wait, fetches them with A's current state.
-    let mut b = Client::connect(srv.addr).await.unwrap();
+    let mut b = srv.connect(B).await;
     assert_eq!(b.register(B, 6004).await.unwrap().cached_waiting, 3);
     let calls = b.fetch_all_cached().await.unwrap();
     assert_eq!(calls.iter().map(|c| c.call_id).collect::<Vec<_>>(), ids);
@@ -397,10 +397,10 @@ async fn busy_callee_is_recorded_and_told() {
 #[tokio::test]
 async fn reregistration_replaces_the_old_session_and_keeps_the_state_right() {
     let srv = TestServer::start().await;
-    let mut old = Client::connect(srv.addr).await.unwrap();
+    let mut old = srv.connect(B).await;
     let first = old.register(B, 6004).await.unwrap();
     // The TV reboots and registers again before the old link timed out.
-    let mut new = Client::connect(srv.addr).await.unwrap();
+    let mut new = srv.connect(B).await;
     let second = new.register(B, 6010).await.unwrap();
     assert!(second.session_id > first.session_id);
     let closed = tokio::time::timeout(Duration::from_secs(5), old.next_event())
@@ -500,7 +500,7 @@ async fn unknown_users_get_a_clear_error() {
 #[tokio::test]
 async fn provisioned_only_server_refuses_unknown_registrations() {
     let srv = TestServer::start_with(|c| c.create_unknown_users = false).await;
-    let mut x = Client::connect(srv.addr).await.unwrap();
+    let mut x = srv.connect(A).await;
     let err = x.register(A, 5004).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::UNKNOWN_USER));
     assert_eq!(srv.property(A), None);

@@ -1,7 +1,8 @@
 //! Idempotent dials: a dial retried with the key of the first (its reply was lost) is
 //! answered with the first call's outcome and stored once: on the same link, on a new
 //! link, and after the server process was SIGKILLed between the dial and the retry. A
-//! different key, no key, or another caller's same key are new calls.
+//! different key, no key, or another caller's same key are new calls. Enrolled TVs over
+//! TLS, in-process and to the server binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,18 +12,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use call_proxy_server::client::{Client, ClientError};
-use common::{event, TestServer};
+use call_proxy_server::client::ClientError;
+use common::{event, TestServer, Tv, Tvs};
 use shared_proto::{CallId, DialOutcome, ErrorCode, Event, Reply, Request, UserId};
 use test_support::net::free_port;
 use test_support::process::{spawn_listening, KillOnDrop};
 
 /// Dials `callee` with `key`; the reply or the error.
-async fn dial(
-    c: &mut Client,
-    callee: UserId,
-    key: Option<u64>,
-) -> Result<DialOutcome, ClientError> {
+async fn dial(c: &mut Tv, callee: UserId, key: Option<u64>) -> Result<DialOutcome, ClientError> {
     match c
         .request(Request::Dial {
             callee,
@@ -158,7 +155,7 @@ async fn a_retried_keyed_dial_of_a_call_that_was_answered_or_rejected_names_it()
     srv.stop().await;
 }
 
-/// The server binary on `port` over `db`.
+/// The server binary on `port` over `db`, with its TLS and CA beside the database.
 struct Process {
     /// Killed (SIGKILL) when dropped.
     _child: KillOnDrop,
@@ -169,17 +166,11 @@ impl Process {
     async fn start(db: &Path, port: u16) -> Process {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
-        cmd.args([
-            "serve",
-            "--insecure-plaintext",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--db",
-        ])
-        .arg(db)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+            .arg(db)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         let child = spawn_listening(&mut cmd, addr, Duration::from_secs(5))
             .await
             .expect("server listening");
@@ -189,10 +180,8 @@ impl Process {
         }
     }
 
-    async fn tv(&self, user: UserId, port: u16) -> Client {
-        let mut c = Client::connect(self.addr).await.unwrap();
-        c.register(user, port).await.unwrap();
-        c
+    async fn tv(&self, tvs: &Tvs, user: UserId, port: u16) -> Tv {
+        tvs.tv(self.addr, user, port).await
     }
 }
 
@@ -202,12 +191,14 @@ async fn a_keyed_dial_retried_after_a_sigkill_of_the_server_is_stored_once() {
     let db = dir.path().join("idem.sqlite");
     let port = free_port().unwrap();
     let server = Process::start(&db, port).await;
-    server.tv(30, 4000).await.bye().await.unwrap();
-    let mut a = server.tv(10, 5000).await;
-    let mut b = server.tv(20, 6000).await;
+    // Enrolled once, in the database both server processes use.
+    let tvs = Tvs::new(&db);
+    server.tv(&tvs, 30, 4000).await.bye().await.unwrap();
+    let mut a = server.tv(&tvs, 10, 5000).await;
+    let mut b = server.tv(&tvs, 20, 6000).await;
     // A cached call and a ringing one, each placed with a key; then the server dies.
     let cached_id = cached(dial(&mut a, 30, Some(u64::MAX)).await.unwrap());
-    let mut c = server.tv(11, 5002).await;
+    let mut c = server.tv(&tvs, 11, 5002).await;
     let DialOutcome::Ringing { call_id: rang, .. } = dial(&mut c, 20, Some(5)).await.unwrap()
     else {
         panic!("expected ringing")
@@ -217,15 +208,15 @@ async fn a_keyed_dial_retried_after_a_sigkill_of_the_server_is_stored_once() {
     assert_eq!(call_rows(&db), 2);
 
     let server = Process::start(&db, port).await;
-    let mut a = server.tv(10, 5000).await;
+    let mut a = server.tv(&tvs, 10, 5000).await;
     assert_eq!(
         cached(dial(&mut a, 30, Some(u64::MAX)).await.unwrap()),
         cached_id
     );
     // The ringing call died with the server (the restart recorded it missed): the retry
     // is told it waits for the callee, under its first id, and nothing rings.
-    let _b = server.tv(20, 6000).await;
-    let mut c = server.tv(11, 5002).await;
+    let _b = server.tv(&tvs, 20, 6000).await;
+    let mut c = server.tv(&tvs, 11, 5002).await;
     assert_eq!(
         dial(&mut c, 20, Some(5)).await.unwrap(),
         DialOutcome::Cached { call_id: rang }

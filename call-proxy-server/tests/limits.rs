@@ -7,23 +7,28 @@
 //! descriptors, shared by the attacker's and the server's ends), with the server's limits
 //! set small so the shape of each attack is the same; `scripts/bench-limits.sh` runs the
 //! full-scale one.
+//!
+//! Genuine TVs and flooders are enrolled TVs over TLS; the silent connections stay plain
+//! TCP that never starts TLS, the cheapest attack on a TLS port (they hold a slot and
+//! a descriptor without ever finishing a handshake).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use call_proxy_server::client::{Client, ClientError};
-use common::{dial, eventually, TestServer};
+use common::{dial, eventually, TestServer, Tv, Tvs};
 use control_client::Incoming;
 use shared_proto::*;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::codec::Encoder;
 
-/// A TCP connection from `source` that never says anything.
+/// A TCP connection from `source` that never says anything (no TLS either).
 async fn silent(source: IpAddr, server: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpSocket::new_v4()?;
     s.bind(SocketAddr::new(source, 0))?;
@@ -34,9 +39,16 @@ fn local(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
 }
 
-/// A registered TV connecting from `source`.
-async fn tv_from(server: SocketAddr, source: IpAddr, user: UserId) -> Result<Client, ClientError> {
-    let mut c = Client::connect_from(Some(SocketAddr::new(source, 0)), server).await?;
+/// `user`'s enrolled TV, connected over TLS from `source` and registered.
+async fn tv_from(
+    tvs: &Tvs,
+    server: SocketAddr,
+    source: IpAddr,
+    user: UserId,
+) -> Result<Tv, ClientError> {
+    let mut c = tvs
+        .connect_from(server, user, Some(SocketAddr::new(source, 0)))
+        .await?;
     c.register(user, 5000).await?;
     Ok(c)
 }
@@ -115,7 +127,7 @@ async fn silent_connections_at_the_limit_do_not_lock_genuine_tvs_out() {
         // while too many shed connections are still closing); any other error fails.
         let tv = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                match tv_from(addr, local(1), user).await {
+                match tv_from(&srv.tvs, addr, local(1), user).await {
                     Err(e) if e.code() == Some(ErrorCode::SERVER_FULL) => {
                         eprintln!("genuine TV {user} refused while shedding: retrying");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -163,16 +175,20 @@ async fn registered_silent_tvs_filling_one_address_leave_room_for_other_addresse
     let srv = TestServer::start_with(|c| c.max_per_ip = PER_IP).await;
     let mut squatters = Vec::new();
     for user in 0..PER_IP as u64 {
-        squatters.push(tv_from(srv.addr, local(2), 100 + user).await.unwrap());
+        squatters.push(
+            tv_from(&srv.tvs, srv.addr, local(2), 100 + user)
+                .await
+                .unwrap(),
+        );
     }
     // One more from the same address is refused, with a reason.
-    match tv_from(srv.addr, local(2), 999).await {
+    match tv_from(&srv.tvs, srv.addr, local(2), 999).await {
         Err(e) => assert_eq!(e.code(), Some(ErrorCode::SERVER_FULL), "{e}"),
         Ok(_) => panic!("a {}st TV from one address was let in", PER_IP + 1),
     }
     assert_eq!(srv.shared.metrics.refused_per_ip.get(), 1);
     // A TV behind another address registers.
-    let mut other = tv_from(srv.addr, local(3), 7).await.unwrap();
+    let mut other = tv_from(&srv.tvs, srv.addr, local(3), 7).await.unwrap();
     assert!(matches!(
         other.request(Request::Heartbeat).await.unwrap(),
         Reply::HeartbeatAck { .. }
@@ -184,7 +200,7 @@ async fn registered_silent_tvs_filling_one_address_leave_room_for_other_addresse
             == PER_IP)
         .await
     );
-    tv_from(srv.addr, local(2), 999).await.unwrap();
+    tv_from(&srv.tvs, srv.addr, local(2), 999).await.unwrap();
     srv.stop().await;
 }
 
@@ -195,16 +211,20 @@ struct FloodResult {
     closed: bool,
 }
 
-/// Registers `user`, then sends heartbeats in batches of `batch` every `pause` until the
-/// server closes the link (or `limit` passes).
+/// Registers `user` (its TV's TLS settings `tls`), then sends heartbeats in batches of
+/// `batch` every `pause` until the server closes the link (or `limit` passes).
 async fn flood(
     server: SocketAddr,
-    user: UserId,
+    (user, tls): (UserId, Arc<rustls::ClientConfig>),
     batch: u32,
     pause: Duration,
     limit: Duration,
 ) -> FloodResult {
-    let mut c = tv_from(server, local(9), user).await.unwrap();
+    let stream = common::tls_connect(&tls, server, Some(SocketAddr::new(local(9), 0)))
+        .await
+        .unwrap();
+    let mut c = Client::handshake(stream).await.unwrap();
+    c.register(user, 5000).await.unwrap();
     let deadline = Instant::now() + limit;
     let mut r = FloodResult {
         sent: 0,
@@ -253,7 +273,7 @@ async fn a_source_that_keeps_flooding_is_refused_at_accept() {
     let mut rounds = 0;
     let refusal = loop {
         assert!(rounds < 10, "still admitted after {rounds} flood closes");
-        match tv_from(srv.addr, flooder, 300).await {
+        match tv_from(&srv.tvs, srv.addr, flooder, 300).await {
             Err(ClientError::Refused(e)) => break e,
             Err(e) => panic!("{e}"),
             Ok(mut c) => {
@@ -274,7 +294,7 @@ async fn a_source_that_keeps_flooding_is_refused_at_accept() {
     assert_eq!(rounds, 3, "refused after the third flood close");
     assert!(srv.shared.metrics.refused_flooding.get() >= 1);
     // Another address registers as usual.
-    let mut genuine = tv_from(srv.addr, local(1), 301).await.unwrap();
+    let mut genuine = tv_from(&srv.tvs, srv.addr, local(1), 301).await.unwrap();
     assert!(matches!(
         genuine.request(Request::Heartbeat).await.unwrap(),
         Reply::HeartbeatAck { .. }
@@ -300,14 +320,14 @@ async fn a_flood_is_closed_after_a_bounded_number_of_frames_and_few_answers() {
     for k in 0..4u64 {
         floods.push(tokio::spawn(flood(
             srv.addr,
-            100 + k,
+            (100 + k, srv.tvs.enroll(100 + k)),
             1,
             Duration::from_millis(1),
             Duration::from_secs(10),
         )));
         floods.push(tokio::spawn(flood(
             srv.addr,
-            200 + k,
+            (200 + k, srv.tvs.enroll(200 + k)),
             1_000,
             Duration::from_millis(1),
             Duration::from_secs(10),
@@ -427,12 +447,7 @@ async fn a_server_with_few_descriptors_derives_a_limit_below_them() {
     let mut child = Command::new("prlimit")
         .args(["--nofile=256:256", "--"])
         .arg(env!("CARGO_BIN_EXE_call-proxy-server"))
-        .args([
-            "serve",
-            "--insecure-plaintext",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--max-connections", "100000"])
         .arg("--db")
         .arg(dir.path().join("fd.sqlite"))
@@ -474,12 +489,13 @@ async fn a_server_with_few_descriptors_derives_a_limit_below_them() {
     assert!(derived < 256 - 64, "derived {derived} from 256 descriptors");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     assert!(test_support::net::wait_listening(addr, Duration::from_secs(5)).await);
+    let tvs = Tvs::new(&dir.path().join("fd.sqlite"));
     let mut attack = Vec::new();
     for i in 0..400u32 {
         attack.push(silent(local(2 + (i % 4) as u8), addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let tv = tokio::time::timeout(Duration::from_secs(5), tv_from(addr, local(1), 5))
+    let tv = tokio::time::timeout(Duration::from_secs(5), tv_from(&tvs, addr, local(1), 5))
         .await
         .expect("registered in time")
         .expect("registered");

@@ -1,5 +1,8 @@
 //! The server as a process: durability across SIGKILL, and clean shutdown on SIGTERM.
+//! TLS with the CA it makes beside its database, and TVs enrolled in that database.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -8,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use call_proxy_server::client::Client;
+use common::Tvs;
 use shared_proto::*;
 use test_support::net::free_port;
 use test_support::process::{spawn_listening, KillOnDrop};
@@ -32,7 +35,6 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
         cmd.args([
             "serve",
-            "--insecure-plaintext",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--config",
@@ -65,21 +67,18 @@ async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boo
     let port = free_port().unwrap();
     let mut server = Server::start(&db, port).await;
     let addr = server.addr;
+    let tvs = Arc::new(Tvs::new(&db));
     const CALLEE: UserId = 9000;
-    {
-        let mut c = Client::connect(addr).await.unwrap();
-        c.register(CALLEE, 4000).await.unwrap();
-        c.bye().await.unwrap();
-    }
+    tvs.tv(addr, CALLEE, 4000).await.bye().await.unwrap();
     // Eight TVs keep calling the switched-off TV; every "cached" reply is an
     // acknowledgement that must survive.
     let acked = Arc::new(Mutex::new(Vec::<CallId>::new()));
     let mut tasks = Vec::new();
     for i in 0..8u64 {
         let acked = Arc::clone(&acked);
+        let tvs = Arc::clone(&tvs);
         tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(addr).await.unwrap();
-            c.register(100 + i, 5000).await.unwrap();
+            let mut c = tvs.tv(addr, 100 + i, 5000).await;
             loop {
                 match c
                     .request(Request::Dial {
@@ -111,7 +110,7 @@ async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boo
     assert!(acked.len() >= 2000);
 
     let server = Server::start(&db, port).await;
-    let mut tv = Client::connect(server.addr).await.unwrap();
+    let mut tv = tvs.connect(server.addr, CALLEE).await;
     let reg = tv.register(CALLEE, 4000).await.unwrap();
     assert!(reg.cached_waiting as usize >= acked.len());
     let delivered: HashSet<CallId> = tv
@@ -148,10 +147,9 @@ async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("term.sqlite");
     let mut server = Server::start(&db, free_port().unwrap()).await;
-    let mut a = Client::connect(server.addr).await.unwrap();
-    a.register(1, 5000).await.unwrap();
-    let mut b = Client::connect(server.addr).await.unwrap();
-    b.register(2, 6000).await.unwrap();
+    let tvs = Tvs::new(&db);
+    let mut a = tvs.tv(server.addr, 1, 5000).await;
+    let mut b = tvs.tv(server.addr, 2, 6000).await;
     let Reply::Dial(DialOutcome::Ringing { call_id, .. }) = a
         .request(Request::Dial {
             callee: 2,
@@ -227,11 +225,8 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
     let db = dir.path().join("kills.sqlite");
     let port = free_port().unwrap();
     let mut server = Server::start(&db, port).await;
-    {
-        let mut c = Client::connect(server.addr).await.unwrap();
-        c.register(CALLEE, 4000).await.unwrap();
-        c.bye().await.unwrap();
-    }
+    let tvs = Arc::new(Tvs::new(&db));
+    tvs.tv(server.addr, CALLEE, 4000).await.bye().await.unwrap();
     let acked = Arc::new(Mutex::new(Vec::<CallId>::new()));
     // Each caller's dial whose answer was lost: retried with its key after the restart.
     let mut unanswered: Vec<Option<IdempotencyKey>> = vec![None; CALLERS as usize];
@@ -239,13 +234,18 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
     let mut rng = rand::rng();
     for round in 0..KILLS {
         let mut tasks = Vec::new();
+        // The kill's random moment counts from when every caller is registered (a TLS
+        // handshake to a freshly started server in a debug build takes a while).
+        let registered = Arc::new(tokio::sync::Barrier::new(CALLERS as usize + 1));
         for (i, pending) in unanswered.iter_mut().enumerate() {
             let acked = Arc::clone(&acked);
             let addr = server.addr;
+            let tvs = Arc::clone(&tvs);
+            let registered = Arc::clone(&registered);
             let mut key = pending.take();
             tasks.push(tokio::spawn(async move {
-                let mut c = Client::connect(addr).await.unwrap();
-                c.register(200 + i as u64, 5000).await.unwrap();
+                let mut c = tvs.tv(addr, 200 + i as u64, 5000).await;
+                registered.wait().await;
                 // A dial carried over from the crash is the first one sent.
                 let mut retried = 0usize;
                 let mut carried = key.is_some();
@@ -271,6 +271,9 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
                 }
             }));
         }
+        tokio::time::timeout(Duration::from_secs(30), registered.wait())
+            .await
+            .expect("the callers registered in time");
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
         server.kill();
         for (i, t) in tasks.into_iter().enumerate() {
@@ -287,12 +290,11 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
         server = Server::start(&db, port).await;
     }
     // The dials still unanswered after the last crash are retried once more.
-    let mut c = Client::connect(server.addr).await.unwrap();
+    let mut c = tvs.stranger_client(server.addr).await.unwrap();
     for (i, key) in unanswered.into_iter().enumerate() {
         let Some(key) = key else { continue };
         c.bye().await.unwrap();
-        c = Client::connect(server.addr).await.unwrap();
-        c.register(200 + i as u64, 5000).await.unwrap();
+        c = tvs.tv(server.addr, 200 + i as u64, 5000).await;
         match c
             .request(Request::Dial {
                 callee: CALLEE,
@@ -307,8 +309,7 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
         }
     }
     let mut acked = acked.lock().unwrap().clone();
-    let mut tv = Client::connect(server.addr).await.unwrap();
-    tv.register(CALLEE, 4000).await.unwrap();
+    let mut tv = tvs.tv(server.addr, CALLEE, 4000).await;
     let mut delivered: Vec<CallId> = tv
         .fetch_all_cached()
         .await

@@ -1,22 +1,298 @@
-//! Test harness: a real server on 127.0.0.1:0 over a real SQLite file, and helpers to
-//! look into its database.
+//! Test harness: a real server on 127.0.0.1:0 over a real SQLite file, serving TLS 1.3
+//! as in production, with test TVs that are enrolled and connect over TLS; and helpers
+//! to look into its database.
+//!
+//! Each test user gets its own TV key ([`Tvs`]), enrolled for that user by writing its
+//! credential into the server's database (what the operator's approval records; the
+//! server looks credentials up at every registration, so a running server sees it at
+//! once), and a TLS configuration trusting the server's CA (one per key, so reconnects
+//! resume their TLS session as a TV's do).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use call_proxy_server::admin::{self, AdminHandle, AdminOptions};
-use call_proxy_server::client::Client;
+use call_proxy_server::client::{Client, ClientError};
 use call_proxy_server::embedded::RunningServer;
 use call_proxy_server::{Config, Shared, SqliteOptions, SqliteStore};
-use shared_proto::{DialOutcome, Event, Reply, Request, UserId};
+use control_client::TvKey;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
+use shared_proto::{DialOutcome, Event, Features, Preamble, Reply, Request, UserId, PREAMBLE_LEN};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A test TV's control stream: TLS 1.3 over TCP.
+pub type Tls = tokio_rustls::client::TlsStream<Recorded<TcpStream>>;
+
+/// A test TV's control client.
+pub type Tv = Client<Tls>;
+
+/// How much of what a server sends first is kept, to read a refusal sent in place of
+/// the TLS handshake (a preamble and a reason of at most a few hundred bytes).
+const RECORDED: usize = 1024;
+
+/// A stream that keeps a copy of the first bytes read from it until the TLS handshake
+/// is done: a server that refuses a connection at accept (full, or the source flooded)
+/// sends its rejecting preamble in plain text before any TLS, and this is how a test TV
+/// still reads the status and reason of it.
+#[derive(Debug)]
+pub struct Recorded<S> {
+    /// The stream.
+    inner: S,
+    /// The first bytes read, until the handshake completes (then `None`).
+    seen: Option<Vec<u8>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(seen)) = (&r, this.seen.as_mut()) {
+            let new = &buf.filled()[before..];
+            let room = RECORDED.saturating_sub(seen.len());
+            seen.extend_from_slice(&new[..new.len().min(room)]);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recorded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// TLS 1.3 to a server whose CA is `ca_pem`, presenting `key`: what
+/// `control_client::TlsClient` sets up, built here so the test TVs' streams can be
+/// [`Recorded`].
+pub fn tls_config(ca_pem: &[u8], key: &TvKey) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in control_client::tls::ca_certs(ca_pem).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let (_, key_pem) = key.to_pem();
+    let private = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(vec![key.cert.clone()], private.into())
+    .unwrap();
+    Arc::new(config)
+}
+
+/// A TLS connection to `server` (from `local`, if given) with `config`. A server that
+/// refused the connection before TLS (its rejecting preamble where the ServerHello
+/// should be) gives [`ClientError::Refused`] with its status and reason, as on plain TCP.
+pub async fn tls_connect(
+    config: &Arc<rustls::ClientConfig>,
+    server: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Result<Tls, ClientError> {
+    let tcp = control_client::client::tcp_connect(server, local).await?;
+    let stream = Recorded {
+        inner: tcp,
+        seen: Some(Vec::new()),
+    };
+    let handshake = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(ServerName::from(server.ip()), stream)
+        .into_fallible();
+    match handshake.await {
+        Ok(mut tls) => {
+            tls.get_mut().0.seen = None;
+            Ok(tls)
+        }
+        Err((e, stream)) => Err(refusal_instead_of_tls(stream)
+            .await
+            .unwrap_or(ClientError::Io(e))),
+    }
+}
+
+/// The refusal a server sent in place of its side of the TLS handshake, if it did.
+async fn refusal_instead_of_tls(stream: Recorded<TcpStream>) -> Option<ClientError> {
+    let seen = stream.seen?;
+    let first: [u8; PREAMBLE_LEN] = seen.get(..PREAMBLE_LEN)?.try_into().ok()?;
+    Preamble::decode(first).ok()?;
+    // The control protocol's own reading of a rejecting preamble, over what was seen
+    // and whatever of the reason is still to come.
+    let rest = std::io::Cursor::new(seen).chain(stream.inner);
+    let replayed = tokio::io::join(rest, tokio::io::sink());
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        control_client::handshake(replayed, Features::KNOWN),
+    )
+    .await
+    {
+        Ok(Err(e @ ClientError::Refused(_))) => Some(e),
+        _ => None,
+    }
+}
+
+/// The TVs of one server: a key per user, enrolled in the server's database, and the TLS
+/// settings to reach it. Also a stranger's key, enrolled for nobody.
+pub struct Tvs {
+    /// The server's database, where enrollments are written.
+    db: PathBuf,
+    /// The server's CA certificate (PEM), made by the server at its first start.
+    ca: PathBuf,
+    /// The CA, read at first use.
+    ca_pem: OnceLock<Vec<u8>>,
+    /// Each user's TLS settings (with its key and its resumption cache).
+    by_user: Mutex<HashMap<UserId, Arc<rustls::ClientConfig>>>,
+    /// A key nobody enrolled, for connections that never register.
+    stranger: OnceLock<Arc<rustls::ClientConfig>>,
+}
+
+impl Tvs {
+    /// The TVs of the server with the database `db`, which keeps its CA beside it
+    /// (`tls/ca.crt`, as a server without TLS flags makes it).
+    pub fn new(db: &Path) -> Tvs {
+        let ca = db.parent().unwrap().join("tls").join("ca.crt");
+        Tvs {
+            db: db.to_path_buf(),
+            ca,
+            ca_pem: OnceLock::new(),
+            by_user: Mutex::new(HashMap::new()),
+            stranger: OnceLock::new(),
+        }
+    }
+
+    /// The server's CA (PEM).
+    pub fn ca_pem(&self) -> &[u8] {
+        self.ca_pem.get_or_init(|| {
+            std::fs::read(&self.ca)
+                .unwrap_or_else(|e| panic!("the server's CA {}: {e}", self.ca.display()))
+        })
+    }
+
+    /// `user`'s TLS settings, its key made and enrolled on first use.
+    pub fn enroll(&self, user: UserId) -> Arc<rustls::ClientConfig> {
+        let mut by_user = self.by_user.lock().unwrap();
+        if let Some(c) = by_user.get(&user) {
+            return Arc::clone(c);
+        }
+        let key = TvKey::generate().unwrap();
+        record_credential(&self.db, &key, user);
+        let config = tls_config(self.ca_pem(), &key);
+        by_user.insert(user, Arc::clone(&config));
+        config
+    }
+
+    /// The stranger's TLS settings.
+    pub fn stranger(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(
+            self.stranger
+                .get_or_init(|| tls_config(self.ca_pem(), &TvKey::generate().unwrap())),
+        )
+    }
+
+    /// A TLS connection as `user`'s enrolled TV (from `local`, if given), the control
+    /// preambles exchanged; not registered yet.
+    pub async fn connect_from(
+        &self,
+        server: SocketAddr,
+        user: UserId,
+        local: Option<SocketAddr>,
+    ) -> Result<Tv, ClientError> {
+        let tls = tls_connect(&self.enroll(user), server, local).await?;
+        Client::handshake(tls).await
+    }
+
+    /// A TLS connection as `user`'s enrolled TV, not registered yet.
+    pub async fn connect(&self, server: SocketAddr, user: UserId) -> Tv {
+        self.connect_from(server, user, None)
+            .await
+            .expect("TLS connection")
+    }
+
+    /// `user`'s enrolled TV, registered with media port `port`.
+    pub async fn tv(&self, server: SocketAddr, user: UserId, port: u16) -> Tv {
+        let mut c = self.connect(server, user).await;
+        c.register(user, port).await.expect("register");
+        c
+    }
+
+    /// A TLS connection by the stranger with nothing said yet inside it (for bad input
+    /// inside TLS).
+    pub async fn raw_tls(&self, server: SocketAddr) -> Tls {
+        tls_connect(&self.stranger(), server, None)
+            .await
+            .expect("TLS connection")
+    }
+
+    /// A TLS connection as `user`'s enrolled TV with nothing said yet inside it (for
+    /// clients that speak the protocol themselves).
+    pub async fn raw_tls_as(&self, server: SocketAddr, user: UserId) -> Tls {
+        tls_connect(&self.enroll(user), server, None)
+            .await
+            .expect("TLS connection")
+    }
+
+    /// A TLS connection by the stranger, preambles exchanged (for requests that need no
+    /// registration).
+    pub async fn stranger_client(&self, server: SocketAddr) -> Result<Tv, ClientError> {
+        Client::handshake(tls_connect(&self.stranger(), server, None).await?).await
+    }
+}
+
+/// Records `key` as `user`'s enrolled TV in the database at `db`, as the operator's
+/// approval does, next to a server that may be running on it.
+fn record_credential(db: &Path, key: &TvKey, user: UserId) {
+    let conn = rusqlite::Connection::open(db).expect("open the database to enroll");
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let fingerprint = call_proxy_server::tls::Fingerprint::of(&key.cert);
+    conn.execute(
+        "INSERT INTO tv_credential (fingerprint, user_id, cert, enrolled_at)
+         VALUES (?1, ?2, ?3, '2026-01-01T00:00:00.000Z')",
+        rusqlite::params![&fingerprint.0[..], user as i64, key.cert.as_ref()],
+    )
+    .unwrap_or_else(|e| panic!("enroll a TV for {user}: {e}"));
+}
 
 pub struct TestServer {
     pub addr: SocketAddr,
     pub db_path: PathBuf,
     pub shared: Arc<Shared<SqliteStore>>,
+    /// Its enrolled TVs.
+    pub tvs: Tvs,
     server: Option<RunningServer<SqliteStore>>,
     /// Admin listeners started by [`TestServer::start_admin`], stopped after the server.
     admins: Vec<AdminHandle>,
@@ -39,8 +315,8 @@ impl TestServer {
             db: Some(db_path.clone()),
             ring_timeout_ms: 5_000,
             shutdown_grace_ms: 2_000,
-            // Plain TCP until these tests move to TLS with enrolled TVs.
-            insecure_plaintext: true,
+            // TLS with a private CA made in the database's directory, as `serve` does.
+            insecure_plaintext: false,
             ..Config::default()
         };
         tune(&mut config);
@@ -49,6 +325,7 @@ impl TestServer {
         let server = RunningServer::start(config, store).expect("start");
         TestServer {
             addr: server.addr,
+            tvs: Tvs::new(&db_path),
             db_path,
             shared: Arc::clone(&server.shared),
             server: Some(server),
@@ -57,11 +334,35 @@ impl TestServer {
         }
     }
 
-    /// A registered client for `user` with media port `port`.
-    pub async fn tv(&self, user: UserId, port: u16) -> Client {
-        let mut c = Client::connect(self.addr).await.expect("connect");
-        c.register(user, port).await.expect("register");
-        c
+    /// `user`'s enrolled TV over TLS, registered with media port `port`.
+    pub async fn tv(&self, user: UserId, port: u16) -> Tv {
+        self.tvs.tv(self.addr, user, port).await
+    }
+
+    /// `user`'s enrolled TV over TLS, preambles exchanged, not registered yet.
+    pub async fn connect(&self, user: UserId) -> Tv {
+        self.tvs.connect(self.addr, user).await
+    }
+
+    /// `user`'s enrolled TV over TLS from `source` (port 0), not registered yet.
+    pub async fn connect_from(
+        &self,
+        user: UserId,
+        source: std::net::IpAddr,
+    ) -> Result<Tv, ClientError> {
+        self.tvs
+            .connect_from(self.addr, user, Some(SocketAddr::new(source, 0)))
+            .await
+    }
+
+    /// A TLS connection with nothing said inside it yet, by a TV enrolled for nobody.
+    pub async fn raw_tls(&self) -> Tls {
+        self.tvs.raw_tls(self.addr).await
+    }
+
+    /// A TLS connection, preambles exchanged, by a TV enrolled for nobody.
+    pub async fn stranger(&self) -> Result<Tv, ClientError> {
+        self.tvs.stranger_client(self.addr).await
     }
 
     /// Registers `user` and powers it off again, so it exists but is offline.
@@ -160,7 +461,7 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
 }
 
 /// The next event, failing the test if none arrives within 5 s.
-pub async fn event(c: &mut Client) -> Event {
+pub async fn event(c: &mut Tv) -> Event {
     tokio::time::timeout(Duration::from_secs(5), c.next_event())
         .await
         .expect("an event in time")
@@ -169,7 +470,7 @@ pub async fn event(c: &mut Client) -> Event {
 
 /// Powers `user` on, fetches its cached calls and acknowledges them; returns the
 /// registered client and how many calls were acknowledged.
-pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Client, u32) {
+pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Tv, u32) {
     let mut c = srv.tv(user, port).await;
     let waiting: Vec<u64> = c
         .fetch_all_cached()
@@ -183,7 +484,7 @@ pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Cli
 }
 
 /// Dials and returns the outcome.
-pub async fn dial(c: &mut Client, callee: UserId) -> DialOutcome {
+pub async fn dial(c: &mut Tv, callee: UserId) -> DialOutcome {
     match c
         .request(Request::Dial {
             callee,
@@ -201,9 +502,9 @@ pub async fn dial(c: &mut Client, callee: UserId) -> DialOutcome {
 /// The call log the operator tests query, made by real traffic.
 pub struct CallLog {
     /// TV 10, online.
-    pub a: Client,
+    pub a: Tv,
     /// TV 20, online.
-    pub b: Client,
+    pub b: Tv,
     /// A moment between the first two calls and the last four.
     pub t_mid: i64,
 }
