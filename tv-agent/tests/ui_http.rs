@@ -69,12 +69,10 @@ async fn the_ui_serves_its_page_and_refuses_what_it_must() {
         &dir.path().join("db.sqlite"),
     )
     .await;
-    let (agent, _events) = boot(agent_config(
-        srv.addr,
-        1001,
-        AudioSpec::Null,
-        AudioSpec::Null,
-    ))
+    let (agent, _events) = boot(
+        srv.agent_config(1001, AudioSpec::Null, AudioSpec::Null)
+            .await,
+    )
     .await;
     let book_path = dir.path().join("tv").join("contacts.json");
     let book = ContactBook::open(&book_path).unwrap();
