@@ -1,5 +1,6 @@
 //! The on-screen TV UI in headless Chromium (Debian's chromium, driven through
-//! chromedriver), keyboard only, against a real server and real `tv-agent run` daemons.
+//! chromedriver), keyboard only, against a real server and real `tv-agent run` daemons
+//! (enrolled TVs, over TLS; calls SRTP).
 //! The tests also write screenshots of the main screens at 1920×1080 to
 //! `target/ui-screenshots/` (or `$UI_SCREENSHOT_DIR`) for people to look at.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

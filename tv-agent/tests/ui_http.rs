@@ -1,6 +1,6 @@
 //! The TV UI's HTTP side without a browser: what it serves, and how it refuses requests
 //! from other sites, bad commands and bad contact edits (real server, real agent, real
-//! sockets and address-book file).
+//! sockets and address-book file; the agent enrolled, over TLS).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
