@@ -9,14 +9,20 @@
 #   d) software mouth-to-ear latency of the media engine (tv-agent-bench latency)
 # Installs espeak-ng and sox if missing (apt-get, as root), builds the release binaries,
 # starts the server on a free loopback port with a fresh database in a temporary
-# directory, prints the machine and every figure, and stops the server (SIGTERM) at the
-# end. Every step has a time limit.
+# directory, over TLS 1.3 (its own private CA), enrolls every TV the way a TV owner does
+# (`tv-agent enroll` shows a code, the operator approves it with `call-proxy-server
+# approve`; scripts/lib.sh's enroll_tv), so each call is set up over TLS and its media is
+# SRTP; prints the machine and every figure, and stops the server (SIGTERM) at the end.
+# Every step has a time limit. Only a) runs against a second, plain-TCP server
+# (--insecure-plaintext): tv-agent-bench's boot makes fresh users in-process and has no
+# TLS identity to present.
 #
 # Usage: scripts/bench-agent.sh
 # Knobs (environment): BOOT_SAMPLES (20), CALL_SECONDS (20), LATENCY_SECONDS (20).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib.sh
 
 BOOT_SAMPLES="${BOOT_SAMPLES:-20}"
 CALL_SECONDS="${CALL_SECONDS:-20}"
@@ -71,9 +77,14 @@ stop_pid() { # stop_pid PID SECONDS: SIGTERM, wait up to SECONDS, then SIGKILL
     wait "$pid" 2>/dev/null || true
 }
 
+plain_pid=""
+
 cleanup() {
     local p
     for p in "${bg_pids[@]}"; do stop_pid "$p" 5; done
+    if [[ -n "$plain_pid" ]]; then
+        stop_pid "$plain_pid" 10
+    fi
     if [[ -n "$server_pid" ]]; then
         stop_pid "$server_pid" 10
         echo "server stopped (SIGTERM)"
@@ -123,47 +134,107 @@ speech="$work/speech.wav"
 echo "speech: $(soxi -r "$speech") Hz, $(soxi -c "$speech") channel(s), $(soxi -b "$speech") bit, $(soxi -D "$speech") s (espeak-ng text of ${one_s} s, looped)"
 
 echo "== server"
-port=""
-for _ in $(seq 1 50); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-        port="$p"
-        break
-    fi
-done
-[[ -n "$port" ]] || { echo "no free port found" >&2; exit 1; }
+pick_port() { # a free loopback port (not one in $1)
+    local p
+    for _ in $(seq 1 50); do
+        p=$((20000 + RANDOM % 40000))
+        if [[ "$p" != "${1:-}" ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    echo "no free port found" >&2
+    return 1
+}
+started_pid=""
+start_server() { # start_server PORT DB LOG [serve options...]: $started_pid once it listens
+    local port="$1" db="$2" log="$3" i
+    shift 3
+    RUST_LOG=warn "$SERVER_BIN" serve --listen "127.0.0.1:$port" --db "$db" "$@" 2>"$log" &
+    started_pid=$!
+    for ((i = 0; i < 100; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        kill -0 "$started_pid" 2>/dev/null || { cat "$log" >&2; return 1; }
+        sleep 0.1
+    done
+    echo "nothing listens on 127.0.0.1:$port" >&2
+    return 1
+}
+port="$(pick_port)"
 server="127.0.0.1:$port"
-RUST_LOG=warn "$SERVER_BIN" serve --insecure-plaintext --listen "$server" --db "$work/db.sqlite" 2>"$work/server.log" &
-server_pid=$!
-for ((i = 0; i < 100; i++)); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
-    sleep 0.1
-done
-echo "call-proxy-server pid $server_pid on $server, database $work/db.sqlite (defaults: durable commits)"
+# TLS 1.3: the server makes its private CA under $work/tls/ before its port opens.
+start_server "$port" "$work/db.sqlite" "$work/server.log"
+server_pid="$started_pid"
+ca="$work/tls/ca.crt"
+echo "call-proxy-server pid $server_pid on $server (TLS 1.3, TVs trust $ca), database $work/db.sqlite (defaults: durable commits)"
 
 base=1000 # a fresh database every run: any user ids are new
 
+echo "== enrolling the TVs (each shows a code, the operator approves it)"
+# enroll_tv's settings (scripts/lib.sh): the agent, the operator's CLI, the database.
+enroll_agent=("$AGENT_BIN") server_bin="$SERVER_BIN" db="$work/db.sqlite"
+tv_dir() { echo "$work/tv-$1"; }
+a2_users=($(seq $((base + 101)) $((base + 110))))
+idle_user=$((base + 1))
+caller=$((base + 2))
+callee=$((base + 3))
+# All at once (each enrollment waits for the server's poll interval), one log each,
+# within 60 s.
+enroll_pids=()
+for u in "${a2_users[@]}" "$idle_user" "$caller" "$callee"; do
+    (enroll_tv "$u" "$ca" "$(tv_dir "$u")") >"$work/enroll-$u.log" 2>&1 &
+    enroll_pids+=($!)
+done
+for ((i = 0; i < 600; i++)); do
+    running=0
+    for p in "${enroll_pids[@]}"; do kill -0 "$p" 2>/dev/null && running=1; done
+    ((running)) || break
+    sleep 0.1
+done
+if ((running)); then
+    echo "the enrollments did not finish within 60 s:" >&2
+    cat "$work"/enroll-*.log >&2
+    # Each subshell's own children (its tv-agent enroll), then the subshell.
+    for p in "${enroll_pids[@]}"; do
+        pkill -TERM -P "$p" 2>/dev/null || true
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    exit 1
+fi
+for p in "${enroll_pids[@]}"; do wait "$p" || { cat "$work"/enroll-*.log >&2; exit 1; }; done
+for u in "${a2_users[@]}" "$idle_user" "$caller" "$callee"; do
+    grep -q "\"enrolled\":$u" "$(tv_dir "$u").enroll.json" || { cat "$work/enroll-$u.log" >&2; exit 1; }
+done
+cat "$work/enroll-$caller.log"
+echo "(and $(( ${#a2_users[@]} + 2 )) more TVs the same way; every TV below runs with --data-dir alone)"
+
 echo "== a) power-on to registered and cached calls shown ($BOOT_SAMPLES samples each)"
+# tv-agent-bench boot powers on fresh, never enrolled users in-process over plain TCP:
+# against a plain-TCP server of its own (lab mode), not the TLS one.
+plain_port="$(pick_port "$port")"
+start_server "$plain_port" "$work/plain.sqlite" "$work/plain-server.log" --insecure-plaintext
+plain_pid="$started_pid"
+echo "(plain-TCP call-proxy-server pid $plain_pid on 127.0.0.1:$plain_port for this step only)"
 for k in 1 100; do
-    timeout 600 "$BENCH_BIN" boot --server "$server" --insecure-plaintext --samples "$BOOT_SAMPLES" --cached "$k" \
+    timeout 600 "$BENCH_BIN" boot --server "127.0.0.1:$plain_port" --samples "$BOOT_SAMPLES" --cached "$k" \
         | tee "$work/boot-$k.log" | grep -v '^boot sample' || { cat "$work/boot-$k.log" >&2; exit 1; }
 done
+stop_pid "$plain_pid" 10
+plain_pid=""
 
-echo "== a2) for context: whole process, exec of 'tv-agent missed' to exit (start-up, register, fetch, ack, Bye), 10 runs"
+echo "== a2) for context: whole process, exec of 'tv-agent missed' to exit (start-up, TLS handshake, register, fetch, ack, Bye), 10 runs"
 ms=()
-for i in $(seq 1 10); do
+for u in "${a2_users[@]}"; do
     s="$(date +%s%N)"
-    timeout 30 "$AGENT_BIN" missed --user $((base + 100 + i)) --server "$server" --insecure-plaintext >/dev/null
+    timeout 30 "$AGENT_BIN" missed --server "$server" --data-dir "$(tv_dir "$u")" >/dev/null
     e="$(date +%s%N)"
     ms+=("$(awk -v s="$s" -v e="$e" 'BEGIN {printf "%.2f", (e - s) / 1e6}')")
 done
 printf '%s\n' "${ms[@]}" | sort -n | awk '{v[NR] = $1} END {printf "tv-agent missed, whole process: n=%d min=%.2f p50=%.2f max=%.2f ms\n", NR, v[1], v[int((NR + 1) / 2)], v[NR]}'
 
 echo "== b) idle: registered tv-agent run, 3 s after start"
-idle_user=$((base + 1))
-RUST_LOG=tv_agent=info "$AGENT_BIN" run --user "$idle_user" --server "$server" --insecure-plaintext \
-    --audio-in null --audio-out null --control-listen 127.0.0.1:0 --data-dir "$work/idle-tv" \
+RUST_LOG=tv_agent=info "$AGENT_BIN" run --server "$server" \
+    --audio-in null --audio-out null --control-listen 127.0.0.1:0 --data-dir "$(tv_dir "$idle_user")" \
     2>"$work/idle.log" &
 idle_pid=$!
 bg_pids+=("$idle_pid")
@@ -180,16 +251,14 @@ idle_hwm="$(status_kb "$idle_pid" VmHWM)"
 stop_pid "$idle_pid" 10
 echo "idle: VmRSS $idle_rss kB ($(mib "$idle_rss") MiB), VmHWM $idle_hwm kB ($(mib "$idle_hwm") MiB), CPU $(pct "$c0" "$c1" "$t0" "$t1")% of one core over $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}') s"
 
-echo "== c) one call, both sides sending speech, ${CALL_SECONDS} s"
-caller=$((base + 2))
-callee=$((base + 3))
-RUST_LOG=tv_agent::agent=debug "$AGENT_BIN" answer --user "$callee" --server "$server" --insecure-plaintext \
+echo "== c) one call, both sides sending speech, ${CALL_SECONDS} s (TLS control link, SRTP media)"
+RUST_LOG=tv_agent::agent=debug "$AGENT_BIN" answer --server "$server" --data-dir "$(tv_dir "$callee")" \
     --seconds "$CALL_SECONDS" --wait 30 --audio-in "wav:$speech" --audio-out null \
     >"$work/answer.json" 2>"$work/answer.log" &
 answer_pid=$!
 bg_pids+=("$answer_pid")
 wait_for "$work/answer.log" 'CachedCalls' 10
-RUST_LOG=tv_agent::agent=debug "$AGENT_BIN" call --user "$caller" --server "$server" --insecure-plaintext --to "$callee" \
+RUST_LOG=tv_agent::agent=debug "$AGENT_BIN" call --server "$server" --data-dir "$(tv_dir "$caller")" --to "$callee" \
     --seconds "$CALL_SECONDS" --audio-in "wav:$speech" --audio-out null \
     >"$work/call.json" 2>"$work/call.log" &
 call_pid=$!

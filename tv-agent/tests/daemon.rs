@@ -1,4 +1,5 @@
-//! The `tv-agent run` daemon and its control API (JSON lines on loopback), as a process.
+//! The `tv-agent run` daemon and its control API (JSON lines on loopback), as a process,
+//! enrolled and over TLS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -50,13 +51,14 @@ async fn daemon_serves_the_control_api_and_powers_off_on_command() {
         .local_addr()
         .unwrap()
         .port();
+    let data = dir.path().join("tv");
+    srv.tv_dir(5005, &data).await;
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
-        .args(["run", "--user", "5005", "--server", &srv.addr.to_string()])
-        .arg("--insecure-plaintext")
+        .args(["run", "--server", &srv.addr.to_string()])
         .args(["--audio-in", "null", "--audio-out", "null"])
         .args(["--control-listen", &format!("127.0.0.1:{api_port}")])
         .arg("--data-dir")
-        .arg(dir.path().join("tv"))
+        .arg(&data)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -108,12 +110,10 @@ async fn daemon_serves_the_control_api_and_powers_off_on_command() {
         "daemon exited cleanly: {status:?}"
     );
     // The server recorded it offline.
-    let (other, _e) = boot(agent_config(
-        srv.addr,
-        6006,
-        AudioSpec::Null,
-        AudioSpec::Null,
-    ))
+    let (other, _e) = boot(
+        srv.agent_config(6006, AudioSpec::Null, AudioSpec::Null)
+            .await,
+    )
     .await;
     let states = other.query(vec![5005]).await.unwrap();
     assert_eq!(states[0].state, NetState::Offline);

@@ -1,4 +1,5 @@
-//! End to end: a real call-proxy server and real agents on loopback, real UDP media.
+//! End to end: a real call-proxy server and real agents on loopback, real UDP media;
+//! every TV enrolled, its control link TLS and its media SRTP.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -15,11 +16,18 @@ const A: u64 = 1001;
 const B: u64 = 2002;
 
 fn agent_bin(args: &[&str]) -> (i32, Vec<Value>) {
-    // Plain TCP: these servers run with insecure_plaintext (tests/enroll.rs covers TLS).
-    let mut all = args.to_vec();
-    all.push("--insecure-plaintext");
-    let (code, lines, _) = run_agent(&all);
+    // Over TLS: each TV's data directory holds its enrolled identity (Server::tv_dir).
+    let (code, lines, _) = run_agent(args);
     (code, lines)
+}
+
+/// The data directories of TVs A and B, enrolled with `srv`.
+async fn tv_dirs(srv: &Server, dir: &std::path::Path) -> (String, String) {
+    let (a, b) = (dir.join("tv-a"), dir.join("tv-b"));
+    srv.tv_dir(A, &a).await;
+    srv.tv_dir(B, &b).await;
+    let s = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
+    (s(a), s(b))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,21 +39,23 @@ async fn missed_call_story_through_the_scripted_modes() {
     )
     .await;
     let server = srv.addr.to_string();
-    let (a, b) = (A.to_string(), B.to_string());
+    let (a, b) = tv_dirs(&srv, dir.path()).await;
+    let b_id = B.to_string();
     // B's first power-on creates it; nothing is waiting.
-    let (code, lines) =
-        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    let (code, lines) = tokio::task::block_in_place(|| {
+        agent_bin(&["missed", "--data-dir", &b, "--server", &server])
+    });
     assert_eq!((code, lines.len()), (0, 0));
     // A calls B while B is off: cached (exit 0).
     let (code, lines) = tokio::task::block_in_place(|| {
         agent_bin(&[
             "call",
-            "--user",
+            "--data-dir",
             &a,
             "--server",
             &server,
             "--to",
-            &b,
+            &b_id,
             "--audio-in",
             "null",
             "--audio-out",
@@ -55,8 +65,9 @@ async fn missed_call_story_through_the_scripted_modes() {
     assert_eq!(code, 0);
     assert_eq!(lines[0]["outcome"], "cached");
     // B powers on: the missed call, with A's current state (A has powered off).
-    let (code, lines) =
-        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    let (code, lines) = tokio::task::block_in_place(|| {
+        agent_bin(&["missed", "--data-dir", &b, "--server", &server])
+    });
     assert_eq!(code, 0);
     assert_eq!(lines.len(), 1, "{lines:?}");
     let call = &lines[0];
@@ -70,14 +81,15 @@ async fn missed_call_story_through_the_scripted_modes() {
         "{date}"
     );
     // Acknowledged: not shown again.
-    let (code, lines) =
-        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    let (code, lines) = tokio::task::block_in_place(|| {
+        agent_bin(&["missed", "--data-dir", &b, "--server", &server])
+    });
     assert_eq!((code, lines.len()), (0, 0));
     // Unknown callee: a clear outcome and a non-zero exit.
     let (code, lines) = tokio::task::block_in_place(|| {
         agent_bin(&[
             "call",
-            "--user",
+            "--data-dir",
             &a,
             "--server",
             &server,
@@ -98,7 +110,7 @@ async fn missed_call_story_through_the_scripted_modes() {
     let (code, lines) = tokio::task::block_in_place(|| {
         agent_bin(&[
             "missed",
-            "--user",
+            "--data-dir",
             &b,
             "--server",
             &server,
@@ -114,25 +126,19 @@ async fn missed_call_story_through_the_scripted_modes() {
 
 /// A calls B, B answers; both send tones; returns the two recordings after `secs`.
 async fn tone_call(
-    srv: SocketAddr,
+    srv: &Server,
     dir: &std::path::Path,
     relay: Option<&Relay>,
     secs: u64,
 ) -> (f64, f64) {
     let wav_a = dir.join("a-hears.wav");
     let wav_b = dir.join("b-hears.wav");
-    let mut cfg_a = agent_config(
-        srv,
-        A,
-        AudioSpec::Tone(440.0),
-        AudioSpec::Wav(wav_a.clone()),
-    );
-    let mut cfg_b = agent_config(
-        srv,
-        B,
-        AudioSpec::Tone(1000.0),
-        AudioSpec::Wav(wav_b.clone()),
-    );
+    let mut cfg_a = srv
+        .agent_config(A, AudioSpec::Tone(440.0), AudioSpec::Wav(wav_a.clone()))
+        .await;
+    let mut cfg_b = srv
+        .agent_config(B, AudioSpec::Tone(1000.0), AudioSpec::Wav(wav_b.clone()))
+        .await;
     if let Some(r) = relay {
         cfg_a.advertise_port = Some(r.port_a);
         cfg_b.advertise_port = Some(r.port_b);
@@ -172,6 +178,11 @@ async fn tone_call(
     let continuous_a = analyse(&wav_a, 1000.0, 440.0);
     let continuous_b = analyse(&wav_b, 440.0, 1000.0);
     eprintln!("A heard {continuous_a:.3} {qa:?}\nB heard {continuous_b:.3} {qb:?}");
+    // The call was set up over TLS, so its media is SRTP both ways, none of it refused.
+    for q in [&qa, &qb] {
+        assert!(q.srtp, "SRTP: {q:?}");
+        assert_eq!(q.srtp_auth_failed, 0, "{q:?}");
+    }
     if relay.is_some() {
         assert!(
             qa.packets_lost + qb.packets_lost > 0,
@@ -195,7 +206,7 @@ async fn live_call_carries_each_sides_tone_to_the_other() {
         &dir.path().join("db.sqlite"),
     )
     .await;
-    let (ca, cb) = tone_call(srv.addr, dir.path(), None, 2).await;
+    let (ca, cb) = tone_call(&srv, dir.path(), None, 2).await;
     assert!(ca > 0.97 && cb > 0.97, "continuity {ca:.3} {cb:.3}");
     srv.stop().await;
 }
@@ -209,7 +220,7 @@ async fn call_through_a_lossy_reordering_network_stays_continuous() {
     )
     .await;
     let relay = Relay::new().await;
-    let (ca, cb) = tone_call(srv.addr, dir.path(), Some(&relay), 4).await;
+    let (ca, cb) = tone_call(&srv, dir.path(), Some(&relay), 4).await;
     assert!(ca > 0.97 && cb > 0.97, "continuity {ca:.3} {cb:.3}");
     srv.stop().await;
 }
@@ -223,9 +234,9 @@ async fn hang_up_from_either_side_reject_busy_and_no_answer() {
     )
     .await;
     let null = || (AudioSpec::Tone(300.0), AudioSpec::Null);
-    let (a, mut ea) = boot(agent_config(srv.addr, A, null().0, null().1)).await;
-    let (b, mut eb) = boot(agent_config(srv.addr, B, null().0, null().1)).await;
-    let (c, mut ec) = boot(agent_config(srv.addr, 3003, null().0, null().1)).await;
+    let (a, mut ea) = boot(srv.agent_config(A, null().0, null().1).await).await;
+    let (b, mut eb) = boot(srv.agent_config(B, null().0, null().1).await).await;
+    let (c, mut ec) = boot(srv.agent_config(3003, null().0, null().1).await).await;
     for hang_up_by_callee in [true, false] {
         assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
         expect_event(&mut eb, 5, "incoming", |e| {
@@ -304,10 +315,12 @@ async fn agent_started_before_the_server_and_server_restarted_mid_session() {
         .unwrap()
         .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let (a, mut ea) =
-        tv_agent::Agent::power_on(agent_config(addr, A, AudioSpec::Null, AudioSpec::Null))
-            .await
-            .unwrap();
+    // Enrolled before any server runs (its credential written into the new database).
+    let trust = Trust::of(&db);
+    let cfg = trust
+        .agent_config(addr, A, AudioSpec::Null, AudioSpec::Null)
+        .await;
+    let (a, mut ea) = tv_agent::Agent::power_on(cfg).await.unwrap();
     expect_event(&mut ea, 5, "link down", |e| {
         matches!(e, AgentEvent::LinkDown { .. }).then_some(())
     })
@@ -328,7 +341,7 @@ async fn agent_started_before_the_server_and_server_restarted_mid_session() {
     })
     .await;
     // Fully working again: a call from another TV reaches it.
-    let (b, _eb) = boot(agent_config(addr, B, AudioSpec::Null, AudioSpec::Null)).await;
+    let (b, _eb) = boot(srv.agent_config(B, AudioSpec::Null, AudioSpec::Null).await).await;
     assert!(matches!(b.dial(A).await, DialResult::Ringing(_)));
     expect_event(&mut ea, 5, "incoming after restart", |e| {
         matches!(e, AgentEvent::Incoming { .. }).then_some(())
@@ -348,19 +361,15 @@ async fn mute_sends_silence_until_unmuted() {
     )
     .await;
     let wav_b = dir.path().join("b-hears.wav");
-    let (a, mut ea) = boot(agent_config(
-        srv.addr,
-        A,
-        AudioSpec::Tone(440.0),
-        AudioSpec::Null,
-    ))
+    let (a, mut ea) = boot(
+        srv.agent_config(A, AudioSpec::Tone(440.0), AudioSpec::Null)
+            .await,
+    )
     .await;
-    let (b, mut eb) = boot(agent_config(
-        srv.addr,
-        B,
-        AudioSpec::Null,
-        AudioSpec::Wav(wav_b.clone()),
-    ))
+    let (b, mut eb) = boot(
+        srv.agent_config(B, AudioSpec::Null, AudioSpec::Wav(wav_b.clone()))
+            .await,
+    )
     .await;
     // Nothing to mute before a call.
     assert!(a.set_muted(true).await.is_err());
@@ -412,7 +421,6 @@ async fn mute_sends_silence_until_unmuted() {
 /// nothing was placed. Once space returns the same call is cached. Needs root (tmpfs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_the_server_cannot_store_is_storage_full_exit_5() {
-    use call_proxy_server::embedded::RunningServer;
     use call_proxy_server::{Config, SqliteOptions, SqliteStore};
     let disk = test_support::fs::Tmpfs::mount(4 << 20).unwrap();
     let db = disk.path().join("db.sqlite");
@@ -427,26 +435,29 @@ async fn a_call_the_server_cannot_store_is_storage_full_exit_5() {
     let config = Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         db: Some(db.clone()),
-        // Plain TCP until these tests move to TLS with enrolled TVs.
-        insecure_plaintext: true,
         ..Config::default()
     };
-    let srv = RunningServer::start(config, store).unwrap();
+    let srv = Server::start_with(config, store);
     let server = srv.addr.to_string();
-    let (a, b) = (A.to_string(), B.to_string());
-    let (code, _) =
-        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    // Enrolled while the disk has room (the CA and the credentials live on it too); the
+    // TVs' own files are elsewhere.
+    let tvs = tempfile::tempdir().unwrap();
+    let (a, b) = tv_dirs(&srv, tvs.path()).await;
+    let b_id = B.to_string();
+    let (code, _) = tokio::task::block_in_place(|| {
+        agent_bin(&["missed", "--data-dir", &b, "--server", &server])
+    });
     assert_eq!(code, 0);
     let call = || {
         tokio::task::block_in_place(|| {
             agent_bin(&[
                 "call",
-                "--user",
+                "--data-dir",
                 &a,
                 "--server",
                 &server,
                 "--to",
-                &b,
+                &b_id,
                 "--audio-in",
                 "null",
                 "--audio-out",
@@ -479,12 +490,13 @@ async fn a_call_the_server_cannot_store_is_storage_full_exit_5() {
     }
     let lines = cached.expect("cached once space returned");
     assert_eq!(lines[0]["outcome"], "cached");
-    let (code, lines) =
-        tokio::task::block_in_place(|| agent_bin(&["missed", "--user", &b, "--server", &server]));
+    let (code, lines) = tokio::task::block_in_place(|| {
+        agent_bin(&["missed", "--data-dir", &b, "--server", &server])
+    });
     assert_eq!(
         (code, lines.len()),
         (0, 1),
         "only the stored call: {lines:?}"
     );
-    srv.stop().await.unwrap();
+    srv.stop().await;
 }

@@ -1,6 +1,6 @@
 //! A call's media is standard SRTP/Opus: ffmpeg, given an SDP with the sending key from
 //! the agent's key log (`TV_AGENT_SRTP_KEYLOG`, RFC 4568 `a=crypto`), receives and decodes
-//! what an agent sends.
+//! what an agent sends. The TVs are enrolled and set the call up over TLS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -31,14 +31,14 @@ async fn ffmpeg_decodes_the_agents_rtp_given_an_sdp() {
         .unwrap()
         .port();
 
-    let (a, mut ea) = boot(agent_config(
-        srv.addr,
-        1001,
-        AudioSpec::Tone(440.0),
-        AudioSpec::Null,
-    ))
+    let (a, mut ea) = boot(
+        srv.agent_config(1001, AudioSpec::Tone(440.0), AudioSpec::Null)
+            .await,
+    )
     .await;
-    let mut cfg_b = agent_config(srv.addr, 2002, AudioSpec::Null, AudioSpec::Null);
+    let mut cfg_b = srv
+        .agent_config(2002, AudioSpec::Null, AudioSpec::Null)
+        .await;
     cfg_b.advertise_port = Some(port);
     let (b, mut eb) = boot(cfg_b).await;
     assert!(matches!(a.dial(2002).await, DialResult::Ringing(_)));

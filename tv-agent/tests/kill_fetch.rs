@@ -1,7 +1,8 @@
 //! A TV killed while fetching its cached calls loses none: `tv-agent missed` is SIGKILLed
 //! at random points of a 500-call fetch, 20 times, and after every kill each call the
 //! server counts as delivered must have been printed by one of the runs so far (shown
-//! before acknowledged). A last run shows whatever is left.
+//! before acknowledged). A last run shows whatever is left. Each TV is enrolled and
+//! fetches over TLS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -96,15 +97,16 @@ enum Kill {
     AtOutput(u64, Duration),
 }
 
-/// Runs `tv-agent missed` for `user`, SIGKILLed as `kill` says; returns the call ids it
-/// printed completely and how many bytes it printed.
-fn run_missed(server: SocketAddr, user: u64, kill: Kill) -> (Vec<u64>, u64) {
+/// Runs `tv-agent missed` for the TV whose (enrolled) data directory is `data`,
+/// SIGKILLed as `kill` says; returns the call ids it printed completely and how many
+/// bytes it printed.
+fn run_missed(server: SocketAddr, data: &Path, kill: Kill) -> (Vec<u64>, u64) {
     let out = tempfile::NamedTempFile::new().unwrap();
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
-        .args(["missed", "--user", &user.to_string()])
-        .args(["--server", &server.to_string()])
-        .arg("--insecure-plaintext")
+        .args(["missed", "--server", &server.to_string()])
+        .arg("--data-dir")
+        .arg(data)
         .stdout(out.reopen().unwrap())
         .stderr(Stdio::null())
         .spawn()
@@ -150,12 +152,18 @@ async fn killed_mid_fetch_the_tv_loses_no_call() {
     fill(&db, &[&[CALIBRATION_TV], &tvs[..]].concat()).await;
     let srv = Server::start(SocketAddr::from(([127, 0, 0, 1], 0)), &db).await;
     let addr = srv.addr;
+    // Each TV enrolled, with its own data directory (TLS to the server).
+    let data = |tv: u64| dir.path().join(format!("tv-{tv}"));
+    for &tv in tvs.iter().chain([CALIBRATION_TV].iter()) {
+        srv.tv_dir(tv, &data(tv)).await;
+    }
 
     // How long a whole run takes here and how much it prints: the kills are spread over
     // both.
     let start = Instant::now();
+    let calibration = data(CALIBRATION_TV);
     let (shown, printed) =
-        tokio::task::spawn_blocking(move || run_missed(addr, CALIBRATION_TV, Kill::Never))
+        tokio::task::spawn_blocking(move || run_missed(addr, &calibration, Kill::Never))
             .await
             .unwrap();
     let whole = start.elapsed();
@@ -180,7 +188,8 @@ async fn killed_mid_fetch_the_tv_loses_no_call() {
                 Duration::from_micros(rng.random_range(0..3_000)),
             )
         };
-        let (ids, _) = tokio::task::spawn_blocking(move || run_missed(addr, tv, how))
+        let tv_data = data(tv);
+        let (ids, _) = tokio::task::spawn_blocking(move || run_missed(addr, &tv_data, how))
             .await
             .unwrap();
         let mut shown: BTreeSet<u64> = ids.into_iter().collect();
@@ -203,7 +212,8 @@ async fn killed_mid_fetch_the_tv_loses_no_call() {
             &lost[..lost.len().min(5)]
         );
         // Whatever is left comes with the next power-on.
-        let (ids, _) = tokio::task::spawn_blocking(move || run_missed(addr, tv, Kill::Never))
+        let tv_data = data(tv);
+        let (ids, _) = tokio::task::spawn_blocking(move || run_missed(addr, &tv_data, Kill::Never))
             .await
             .unwrap();
         shown.extend(ids);

@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use call_proxy_server::client::Client;
 use capture::{ffmpeg_decode, is_rtcp, key_lines, rtp_only, rtp_ssrc, Capture, Decoded};
-use common::{agent_config, analyse, boot, dial_and_answer, expect_event, Server};
+use common::{analyse, boot, dial_and_answer, expect_event, Server};
 use shared_proto::{DialOutcome, Event, Reply, Request, SrtpKey, SrtpSuite};
 use tokio::net::UdpSocket;
 use tokio::sync::broadcast;
@@ -77,10 +77,13 @@ fn decodes_tone(d: &Decoded, tone: f64, other: f64) -> bool {
     if s.len() < 48_000 {
         return false;
     }
-    let p = common::tone_power(&s, tone);
-    let q = common::tone_power(&s, other);
-    // A tone at a quarter of full scale has a power of about 1e7 per sample here.
-    p > 1e5 && p > 20.0 * q
+    // Per sample: `tone_power` grows with the length. A tone at a quarter of full scale
+    // has a power of about 1e7 per sample here (2.6e7 measured); Opus decoding the
+    // encrypted payloads as if plain gives noise of up to about 1e5 per sample, which
+    // may lean towards either frequency (a ratio of 39 was seen).
+    let per_sample = |f| common::tone_power(&s, f) / s.len() as f64;
+    let (p, q) = (per_sample(tone), per_sample(other));
+    p > 1e6 && p > 20.0 * q
 }
 
 /// Two agents, A (440 Hz) and B (1000 Hz), with the capturing relay between them.
@@ -97,22 +100,16 @@ struct Pair {
 const A: u64 = 7001;
 const B: u64 = 7002;
 
-async fn pair(srv: SocketAddr, dir: &Path, a_id: u64, b_id: u64) -> Pair {
+async fn pair(srv: &Server, dir: &Path, a_id: u64, b_id: u64) -> Pair {
     let cap = Capture::new().await;
     let wav_a = dir.join("a-hears.wav");
     let wav_b = dir.join("b-hears.wav");
-    let mut cfg_a = agent_config(
-        srv,
-        a_id,
-        AudioSpec::Tone(440.0),
-        AudioSpec::Wav(wav_a.clone()),
-    );
-    let mut cfg_b = agent_config(
-        srv,
-        b_id,
-        AudioSpec::Tone(1000.0),
-        AudioSpec::Wav(wav_b.clone()),
-    );
+    let mut cfg_a = srv
+        .agent_config(a_id, AudioSpec::Tone(440.0), AudioSpec::Wav(wav_a.clone()))
+        .await;
+    let mut cfg_b = srv
+        .agent_config(b_id, AudioSpec::Tone(1000.0), AudioSpec::Wav(wav_b.clone()))
+        .await;
     cfg_a.advertise_port = Some(cap.port_a);
     cfg_b.advertise_port = Some(cap.port_b);
     let (a, ea) = boot(cfg_a).await;
@@ -134,7 +131,7 @@ async fn a_call_between_two_agents_is_srtp_both_ways_and_only_the_keylog_decodes
     let keylog = keylog();
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(loopback(), &dir.path().join("calls.db")).await;
-    let mut p = pair(srv.addr, dir.path(), A, B).await;
+    let mut p = pair(&srv, dir.path(), A, B).await;
     dial_and_answer(&p.a, &mut p.ea, A, &p.b, &mut p.eb, B).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     p.a.hang_up().await.unwrap();
@@ -247,7 +244,7 @@ async fn a_tampered_srtp_packet_is_dropped_and_counted_and_audio_still_flows() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(loopback(), &dir.path().join("calls.db")).await;
     let (a_id, b_id) = (7011, 7012);
-    let mut p = pair(srv.addr, dir.path(), a_id, b_id).await;
+    let mut p = pair(&srv, dir.path(), a_id, b_id).await;
     dial_and_answer(&p.a, &mut p.ea, a_id, &p.b, &mut p.eb, b_id).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 
@@ -351,7 +348,7 @@ async fn old_agent_media(sock: &UdpSocket, peer: SocketAddr, frames: u16) -> (us
 }
 
 /// The next event of a raw client, within 5 s.
-async fn next_event(c: &mut Client) -> Event {
+async fn next_event(c: &mut Client<control_client::Stream>) -> Event {
     tokio::time::timeout(Duration::from_secs(5), c.next_event())
         .await
         .expect("an event in time")
@@ -366,16 +363,15 @@ async fn an_agent_that_offers_no_key_gets_a_plain_rtp_call_either_way() {
     const OLD: u64 = 7021;
     const NEW: u64 = 7022;
     let wav = dir.path().join("new-hears.wav");
-    let (new, mut events) = boot(agent_config(
-        srv.addr,
-        NEW,
-        AudioSpec::Tone(1000.0),
-        AudioSpec::Wav(wav.clone()),
-    ))
+    let (new, mut events) = boot(
+        srv.agent_config(NEW, AudioSpec::Tone(1000.0), AudioSpec::Wav(wav.clone()))
+            .await,
+    )
     .await;
     // The older agent: the control protocol with no SRTP fields, plain RTP.
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut old = Client::connect(srv.addr).await.unwrap();
+    // Over TLS with an enrolled key too: what it lacks is the SRTP fields.
+    let mut old = srv.client(OLD).await;
     old.register(OLD, sock.local_addr().unwrap().port())
         .await
         .unwrap();
@@ -480,9 +476,9 @@ async fn the_server_relays_each_sides_key_keeps_the_first_on_a_retried_dial_and_
         suite: SrtpSuite::AES_CM_128_HMAC_SHA1_80,
         key_salt: vec![b; 30],
     };
-    let mut caller = Client::connect(srv.addr).await.unwrap();
+    let mut caller = srv.client(7031).await;
     caller.register(7031, 40_001).await.unwrap();
-    let mut callee = Client::connect(srv.addr).await.unwrap();
+    let mut callee = srv.client(7032).await;
     callee.register(7032, 40_002).await.unwrap();
     let dial = |srtp| Request::Dial {
         callee: 7032,
@@ -547,9 +543,16 @@ async fn the_server_relays_each_sides_key_keeps_the_first_on_a_retried_dial_and_
     );
     caller.request(Request::HangUp { call_id }).await.unwrap();
     srv.stop().await;
-    // Nothing the server wrote holds a key.
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let path = entry.unwrap().path();
+    // Nothing the server wrote holds a key: the database and its files, and the
+    // certificates it made under tls/.
+    let files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .chain(std::fs::read_dir(dir.path().join("tls")).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(files.len() >= 5, "{files:?}");
+    for path in files {
         let bytes = std::fs::read(&path).unwrap();
         for b in [0x11, 0x22, 0x33] {
             assert!(

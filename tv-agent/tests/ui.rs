@@ -1,5 +1,6 @@
 //! The on-screen TV UI in headless Chromium (Debian's chromium, driven through
-//! chromedriver), keyboard only, against a real server and real `tv-agent run` daemons.
+//! chromedriver), keyboard only, against a real server and real `tv-agent run` daemons
+//! (enrolled TVs, over TLS; calls SRTP).
 //! The tests also write screenshots of the main screens at 1920×1080 to
 //! `target/ui-screenshots/` (or `$UI_SCREENSHOT_DIR`) for people to look at.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -39,22 +40,23 @@ struct Tv {
 }
 
 impl Tv {
-    async fn start(server: SocketAddr, user: u64, data_dir: &Path, audio_in: &str) -> Tv {
-        Tv::start_on(free_port(), server, user, data_dir, audio_in).await
+    async fn start(srv: &Server, user: u64, data_dir: &Path, audio_in: &str) -> Tv {
+        Tv::start_on(free_port(), srv, user, data_dir, audio_in).await
     }
 
     /// The same with the UI on `ui_port` (a TV's browser always opens the same address).
+    /// The TV is `user`'s, enrolled: its identity is in `data_dir`.
     async fn start_on(
         ui_port: u16,
-        server: SocketAddr,
+        srv: &Server,
         user: u64,
         data_dir: &Path,
         audio_in: &str,
     ) -> Tv {
+        srv.tv_dir(user, data_dir).await;
         let child = Command::new(env!("CARGO_BIN_EXE_tv-agent"))
-            .args(["run", "--user", &user.to_string()])
-            .args(["--server", &server.to_string()])
-            .arg("--insecure-plaintext")
+            .arg("run")
+            .args(["--server", &srv.addr.to_string()])
             .args(["--audio-in", audio_in, "--audio-out", "null"])
             .args(["--control-listen", "127.0.0.1:0"])
             .args(["--ui-listen", &format!("127.0.0.1:{ui_port}")])
@@ -300,8 +302,12 @@ fn green() -> char {
 }
 
 /// Makes `user` known to the server (a TV that has been on once), then off again.
-async fn switch_on_once(server: SocketAddr, user: u64) {
-    let (agent, _events) = boot(agent_config(server, user, AudioSpec::Null, AudioSpec::Null)).await;
+async fn switch_on_once(srv: &Server, user: u64) {
+    let (agent, _events) = boot(
+        srv.agent_config(user, AudioSpec::Null, AudioSpec::Null)
+            .await,
+    )
+    .await;
     agent.power_off().await;
 }
 
@@ -314,11 +320,11 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
         60_000,
     )
     .await;
-    switch_on_once(srv.addr, 2002).await;
+    switch_on_once(&srv, 2002).await;
     let driver = Driver::start().await;
 
     // TV A is on; B is off. A dials B on the dial pad: digits, then the green key.
-    let tv_a = Tv::start(srv.addr, 1001, &dir.path().join("tv-a"), "tone:440").await;
+    let tv_a = Tv::start(&srv, 1001, &dir.path().join("tv-a"), "tone:440").await;
     let a = Screen::open(&driver, "A", &tv_a).await;
     a.wait(
         "online",
@@ -345,7 +351,7 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
         .await;
 
     // B switches on: the badge and the list show A's call with A's state (on).
-    let tv_b = Tv::start(srv.addr, 2002, &dir.path().join("tv-b"), "tone:1000").await;
+    let tv_b = Tv::start(&srv, 2002, &dir.path().join("tv-b"), "tone:1000").await;
     let b = Screen::open(&driver, "B", &tv_b).await;
     b.wait(
         "the badge",
@@ -441,7 +447,7 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
     // (seen, so no badge) until the viewer clears the list.
     let port_b = tv_b.ui_port;
     drop(tv_b);
-    let tv_b = Tv::start_on(port_b, srv.addr, 2002, &dir.path().join("tv-b"), "null").await;
+    let tv_b = Tv::start_on(port_b, &srv, 2002, &dir.path().join("tv-b"), "null").await;
     b.client.goto(&tv_b.url()).await.unwrap();
     b.wait(
         "the kept missed call",
@@ -487,10 +493,10 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
         &dir.path().join("db.sqlite"),
     )
     .await;
-    switch_on_once(srv.addr, 3003).await;
+    switch_on_once(&srv, 3003).await;
     let driver = Driver::start().await;
     let data = dir.path().join("tv-a");
-    let tv = Tv::start(srv.addr, 1001, &data, "null").await;
+    let tv = Tv::start(&srv, 1001, &data, "null").await;
     let a = Screen::open(&driver, "A", &tv).await;
 
     // Home → Contacts (Right twice, OK) → Add → name, Down, number, OK.
@@ -530,12 +536,10 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     a.shot("contacts").await;
 
     // A switched-on contact shows as on within a few seconds (presence polling).
-    let (gran, mut ge) = boot(agent_config(
-        srv.addr,
-        3003,
-        AudioSpec::Null,
-        AudioSpec::Null,
-    ))
+    let (gran, mut ge) = boot(
+        srv.agent_config(3003, AudioSpec::Null, AudioSpec::Null)
+            .await,
+    )
     .await;
     a.wait(
         "Gran's TV shown on",
@@ -583,12 +587,10 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     .await;
 
     // Gran is in a call with another TV: calling her says she is busy.
-    let (other, _oe) = boot(agent_config(
-        srv.addr,
-        4004,
-        AudioSpec::Null,
-        AudioSpec::Null,
-    ))
+    let (other, _oe) = boot(
+        srv.agent_config(4004, AudioSpec::Null, AudioSpec::Null)
+            .await,
+    )
     .await;
     assert!(matches!(other.dial(3003).await, DialResult::Ringing(_)));
     expect_event(&mut ge, 5, "the other call", |e| {
@@ -614,7 +616,7 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     // The TV restarts: the book is still there, on the home screen too.
     a.client.close().await.unwrap();
     drop(tv);
-    let tv = Tv::start(srv.addr, 1001, &data, "null").await;
+    let tv = Tv::start(&srv, 1001, &data, "null").await;
     let a = Screen::open(&driver, "A again", &tv).await;
     a.wait(
         "the kept contact",
@@ -691,7 +693,7 @@ async fn losing_the_server_shows_reconnecting_and_recovers() {
     let srv = Server::start(SocketAddr::from(([127, 0, 0, 1], 0)), &db).await;
     let addr = srv.addr;
     let driver = Driver::start().await;
-    let tv = Tv::start(addr, 1001, &dir.path().join("tv"), "null").await;
+    let tv = Tv::start(&srv, 1001, &dir.path().join("tv"), "null").await;
     let a = Screen::open(&driver, "A", &tv).await;
     a.wait(
         "online",

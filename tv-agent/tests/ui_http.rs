@@ -1,6 +1,6 @@
 //! The TV UI's HTTP side without a browser: what it serves, and how it refuses requests
 //! from other sites, bad commands and bad contact edits (real server, real agent, real
-//! sockets and address-book file).
+//! sockets and address-book file; the agent enrolled, over TLS).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -69,12 +69,10 @@ async fn the_ui_serves_its_page_and_refuses_what_it_must() {
         &dir.path().join("db.sqlite"),
     )
     .await;
-    let (agent, _events) = boot(agent_config(
-        srv.addr,
-        1001,
-        AudioSpec::Null,
-        AudioSpec::Null,
-    ))
+    let (agent, _events) = boot(
+        srv.agent_config(1001, AudioSpec::Null, AudioSpec::Null)
+            .await,
+    )
     .await;
     let book_path = dir.path().join("tv").join("contacts.json");
     let book = ContactBook::open(&book_path).unwrap();

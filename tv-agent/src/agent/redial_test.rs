@@ -2,7 +2,8 @@
 //! server forwards the dial to the server and then cuts the link before the reply comes
 //! back (the reply is lost, as when a link dies mid-request). The agent sends the same
 //! dial again once it is registered again; the server answers with the first outcome,
-//! and the call log holds one record.
+//! and the call log holds one record. Over TLS with enrolled TVs: the relay sees only
+//! TLS records, and the second link resumes the first one's TLS session.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use call_proxy_server::embedded::RunningServer;
 use call_proxy_server::storage::open_operator;
 use call_proxy_server::storage::operator::{CallQuery, OperatorStore};
 use call_proxy_server::{Config, SqliteOptions, SqliteStore};
+use control_client::{Client, TlsClient, Transport, TvKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -126,21 +128,32 @@ async fn pipe(
 async fn a_dial_whose_reply_was_lost_is_retried_with_its_key_and_stored_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("redial.sqlite");
+    // Both TVs enrolled before the server starts (their credentials in its database).
+    let (caller_key, callee_key) = (TvKey::generate().unwrap(), TvKey::generate().unwrap());
+    call_proxy_server::storage::sqlite::enroll::seed_credentials(
+        &db,
+        &[
+            (caller_key.cert.to_vec(), 10),
+            (callee_key.cert.to_vec(), 30),
+        ],
+    )
+    .unwrap();
     let config = Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         db: Some(db.clone()),
         // No heartbeat among the bytes the relay watches.
         heartbeat_interval_ms: 20_000,
         shutdown_grace_ms: 2_000,
-        // Plain TCP until these tests move to TLS with enrolled TVs.
-        insecure_plaintext: true,
         ..Config::default()
     };
     let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap();
     let server = RunningServer::start(config, store).unwrap();
+    // The CA the server made before its port opened.
+    let ca = std::fs::read(dir.path().join("tls/ca.crt")).unwrap();
+    let tls = |key: &TvKey| Transport::Tls(TlsClient::new(&ca, key).unwrap());
     // The callee exists and is off.
     {
-        let mut c = call_proxy_server::client::Client::connect(server.addr)
+        let mut c = Client::connect_with(&tls(&callee_key), server.addr, None)
             .await
             .unwrap();
         c.register(30, 4000).await.unwrap();
@@ -155,7 +168,7 @@ async fn a_dial_whose_reply_was_lost_is_retried_with_its_key_and_stored_once() {
         audio_in: AudioSpec::Null,
         audio_out: AudioSpec::Null,
         missed: MissedKeeping::Memory,
-        transport: control_client::Transport::Plaintext,
+        transport: tls(&caller_key),
     })
     .await
     .unwrap();

@@ -1,22 +1,205 @@
-//! Test harness: a real call-proxy server on loopback over a real SQLite file, real
-//! agents, a UDP relay that loses and reorders packets, and WAV analysis.
+//! Test harness: a real call-proxy server on loopback over a real SQLite file, over TLS
+//! with enrolled TVs (as in production), real agents, a UDP relay that loses and reorders
+//! packets, and WAV analysis.
+//!
+//! Trust: the server's private CA is made under `<db dir>/tls/` before the first server
+//! starts on a database (as the server itself would on first start; every later server
+//! on that database reuses it). Each TV (user number) gets one key per database, made on
+//! "the TV" and enrolled once: through the real device flow (start an enrollment over
+//! TLS, the operator approves its code, the TV polls and is told it is enrolled) while a
+//! server runs, or by writing its credential into the database while none runs (a server
+//! running on the file must not be bypassed: opening the store again would repair it).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use call_proxy_server::embedded::RunningServer;
 use call_proxy_server::{Config, SqliteOptions, SqliteStore};
+use control_client::{Client, Stream, TlsClient, Transport, TvKey};
 use rand::{Rng, SeedableRng};
+use shared_proto::{EnrollmentStatus, Reply, Request};
 use tokio::net::UdpSocket;
 use tokio::sync::broadcast;
+use tv_agent::identity::{Enrolled, IdentityDir};
 use tv_agent::media::AudioSpec;
 use tv_agent::{Agent, AgentConfig, AgentEvent};
 
+/// The server's CA and the TVs enrolled on one database.
+pub struct Trust {
+    db: PathBuf,
+    /// The CA TVs trust (`<db dir>/tls/ca.crt`).
+    pub ca_path: PathBuf,
+    pub ca_pem: Vec<u8>,
+    /// Each user's TV key, enrolled on this database.
+    keys: tokio::sync::Mutex<HashMap<u64, TvKey>>,
+    /// The server running on this database, if one is.
+    running: Mutex<Option<SocketAddr>>,
+}
+
+impl Trust {
+    /// The trust of the database at `db` (one per database in this test binary).
+    pub fn of(db: &Path) -> Arc<Trust> {
+        static ALL: OnceLock<Mutex<HashMap<PathBuf, Arc<Trust>>>> = OnceLock::new();
+        let mut all = ALL.get_or_init(Default::default).lock().unwrap();
+        Arc::clone(all.entry(db.to_path_buf()).or_insert_with(|| {
+            let config = Config {
+                db: Some(db.to_path_buf()),
+                ..Config::default()
+            };
+            let files = call_proxy_server::tls::server_cert_files(
+                None,
+                None,
+                &config.tls_dir(),
+                &config.tls_names,
+            )
+            .unwrap();
+            let ca_path = files.ca.unwrap();
+            Arc::new(Trust {
+                db: db.to_path_buf(),
+                ca_pem: std::fs::read(&ca_path).unwrap(),
+                ca_path,
+                keys: Default::default(),
+                running: Mutex::new(None),
+            })
+        }))
+    }
+
+    /// TLS trusting this server, presenting `key`.
+    pub fn transport(&self, key: &TvKey) -> Transport {
+        Transport::Tls(TlsClient::new(&self.ca_pem, key).unwrap())
+    }
+
+    /// `user`'s TV key, made and enrolled on first use.
+    pub async fn key(&self, user: u64) -> TvKey {
+        let mut keys = self.keys.lock().await;
+        if let Some(k) = keys.get(&user) {
+            return k.clone();
+        }
+        let key = TvKey::generate().unwrap();
+        self.enroll(user, &key).await;
+        keys.insert(user, key.clone());
+        key
+    }
+
+    /// Enrolls `key` as `user`'s TV.
+    async fn enroll(&self, user: u64, key: &TvKey) {
+        let running = *self.running.lock().unwrap();
+        match running {
+            Some(addr) => self.enroll_live(addr, user, key).await,
+            None => {
+                call_proxy_server::storage::sqlite::enroll::seed_credentials(
+                    &self.db,
+                    &[(key.cert.to_vec(), user)],
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    /// The device flow against the running server at `addr`, approved by the operator
+    /// store (what `call-proxy-server approve` does).
+    async fn enroll_live(&self, addr: SocketAddr, user: u64, key: &TvKey) {
+        use call_proxy_server::storage::enroll::{normalise_code, Approval};
+        use call_proxy_server::storage::operator::OperatorStore;
+        let mut tv = Client::connect_with(&self.transport(key), addr, None)
+            .await
+            .unwrap();
+        let status = |r: Reply| match r {
+            Reply::Enrollment(s) => s,
+            other => panic!("not an enrollment reply: {other:?}"),
+        };
+        let start = Request::StartEnrollment {
+            agent_version: "tv-agent tests".into(),
+        };
+        let EnrollmentStatus::Pending { user_code, .. } = status(tv.request(start).await.unwrap())
+        else {
+            panic!("a new key is pending")
+        };
+        let ops = call_proxy_server::storage::open_operator(
+            &Config {
+                db: Some(self.db.clone()),
+                ..Config::default()
+            },
+            1,
+        );
+        let code = normalise_code(&user_code).unwrap();
+        let approved = ops
+            .approve(code, user, false, call_proxy_server::clock::now_ms())
+            .await
+            .unwrap();
+        assert!(
+            matches!(approved, Approval::Approved { .. }),
+            "{approved:?}"
+        );
+        let now = status(tv.request(Request::PollEnrollment).await.unwrap());
+        assert_eq!(now, EnrollmentStatus::Enrolled { user_id: user });
+        let _ = tv.bye().await;
+    }
+
+    /// An in-process agent of `user` (enrolled) for the server at `server`.
+    pub async fn agent_config(
+        &self,
+        server: SocketAddr,
+        user: u64,
+        audio_in: AudioSpec,
+        audio_out: AudioSpec,
+    ) -> AgentConfig {
+        AgentConfig {
+            user,
+            server: server.to_string(),
+            media_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_port: None,
+            audio_in,
+            audio_out,
+            missed: tv_agent::agent::MissedKeeping::Memory,
+            transport: self.transport(&self.key(user).await),
+        }
+    }
+
+    /// Gives the `tv-agent` data directory `dir` the identity of `user`'s enrolled TV,
+    /// as `tv-agent enroll` leaves it (`identity/`: tv.key, tv.crt, server-ca.crt,
+    /// enrolled.json), so the binary runs with `--data-dir` alone. A TV seen before
+    /// keeps its key.
+    pub async fn tv_dir(&self, server: SocketAddr, user: u64, dir: &Path) {
+        let ids = IdentityDir::new(dir);
+        let known = self.keys.lock().await.get(&user).cloned();
+        match known {
+            Some(key) => {
+                if ids.key().unwrap().is_none_or(|k| k.cert != key.cert) {
+                    let (cert, key) = key.to_pem();
+                    let d = dir.join("identity");
+                    std::fs::create_dir_all(&d).unwrap();
+                    tv_agent::files::write_atomic(&d.join("tv.key"), key.as_bytes(), true).unwrap();
+                    tv_agent::files::write_atomic(&d.join("tv.crt"), cert.as_bytes(), false)
+                        .unwrap();
+                }
+            }
+            None => {
+                // Made on the TV, as `tv-agent enroll` makes it.
+                let key = ids.key_or_new().unwrap();
+                let mut keys = self.keys.lock().await;
+                self.enroll(user, &key).await;
+                keys.insert(user, key);
+            }
+        }
+        ids.save_enrolled(
+            &self.ca_pem,
+            &Enrolled {
+                user_id: user,
+                server: server.to_string(),
+            },
+        )
+        .unwrap();
+    }
+}
+
 pub struct Server {
     pub addr: SocketAddr,
+    pub trust: Arc<Trust>,
     server: RunningServer<SqliteStore>,
 }
 
@@ -34,38 +217,53 @@ impl Server {
             ring_timeout_ms,
             heartbeat_interval_ms: 1_000,
             shutdown_grace_ms: 2_000,
-            // Plain TCP until these tests move to TLS with enrolled TVs.
-            insecure_plaintext: true,
             ..Config::default()
         };
         let store = SqliteStore::open(db, SqliteOptions::default()).unwrap();
+        Server::start_with(config, store)
+    }
+
+    /// A server with `config` (its `db` set) over `store`: TLS with the database's CA.
+    pub fn start_with(config: Config, store: SqliteStore) -> Server {
+        assert!(!config.insecure_plaintext, "these tests run over TLS");
+        let trust = Trust::of(config.db.as_ref().expect("a database file"));
         let server = RunningServer::start(config, store).unwrap();
+        *trust.running.lock().unwrap() = Some(server.addr);
         Server {
             addr: server.addr,
+            trust,
             server,
         }
     }
 
-    pub async fn stop(self) {
-        self.server.stop().await.unwrap();
+    /// An in-process agent of `user`, enrolled, for this server.
+    pub async fn agent_config(
+        &self,
+        user: u64,
+        audio_in: AudioSpec,
+        audio_out: AudioSpec,
+    ) -> AgentConfig {
+        self.trust
+            .agent_config(self.addr, user, audio_in, audio_out)
+            .await
     }
-}
 
-pub fn agent_config(
-    server: SocketAddr,
-    user: u64,
-    audio_in: AudioSpec,
-    audio_out: AudioSpec,
-) -> AgentConfig {
-    AgentConfig {
-        user,
-        server: server.to_string(),
-        media_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        advertise_port: None,
-        audio_in,
-        audio_out,
-        missed: tv_agent::agent::MissedKeeping::Memory,
-        transport: control_client::Transport::Plaintext,
+    /// `dir`, a `tv-agent` data directory, holds `user`'s enrolled identity.
+    pub async fn tv_dir(&self, user: u64, dir: &Path) {
+        self.trust.tv_dir(self.addr, user, dir).await;
+    }
+
+    /// A raw protocol client over TLS with `user`'s enrolled key (not yet registered).
+    pub async fn client(&self, user: u64) -> Client<Stream> {
+        let key = self.trust.key(user).await;
+        Client::connect_with(&self.trust.transport(&key), self.addr, None)
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(self) {
+        *self.trust.running.lock().unwrap() = None;
+        self.server.stop().await.unwrap();
     }
 }
 
