@@ -613,6 +613,7 @@ function renderCall() {
 function renderActivate() {
   const a = S.activation;
   const v = L.activationView(a, Date.now());
+  $("activate-lead").textContent = v.lead;
   const code = $("activate-code");
   code.textContent = v.code;
   code.dataset.state = a ? a.state : "requesting";

@@ -145,6 +145,12 @@
   }
 
   // ---- activation ----
+  // The server's words start in lower case; on their own they start a sentence.
+  function sentence(text) {
+    const t = String(text || "");
+    return t.charAt(0).toUpperCase() + t.slice(1);
+  }
+
   // A user code as people read it: "BCDF-GHJK" (the server sends it so; a code without
   // its dash gets one after four letters).
   function formatCode(code) {
@@ -154,13 +160,14 @@
   }
 
   // The activation screen's texts for a state (see tv-agent/src/ui/activation.rs) at
-  // `now` (ms; the Unix clock the agent's expires_at_ms is on): the code box, the
-  // validity line, the status line and whether it is bad news.
+  // `now` (ms; the Unix clock the agent's expires_at_ms is on): the line above the code
+  // box, the box, the validity line, the status line and whether it is bad news.
   function activationView(a, now) {
     switch (a && a.state) {
       case "code": {
         const left = a.expires_at_ms - now;
         return {
+          lead: "Give your TV operator this code to connect this TV to the call service:",
           code: formatCode(a.user_code),
           valid: left > 0 ? `Valid for ${mmss(left)}` : "This code has expired: a new one is on its way…",
           status: "Waiting for your operator to approve the code…",
@@ -172,6 +179,7 @@
         const ms = a.retry_at !== undefined ? a.retry_at - now : a.retry_in_ms;
         const secs = Math.max(0, Math.ceil(ms / 1000));
         return {
+          lead: "This TV gets its code from the call service.",
           code: "····-····",
           valid: "",
           status: `Cannot reach the call service (${a.reason}). Trying again${secs ? ` in ${secs} s` : ""}…`,
@@ -180,15 +188,28 @@
       }
       case "refused":
         return {
-          code: "····-····",
+          lead: "Your operator did not activate this TV.",
+          code: "Refused",
           valid: "",
-          status: `Your operator did not activate this TV: ${a.reason}. Press OK for a new code, then call your operator.`,
+          status: `${sentence(a.reason)}. Press OK for a new code, then call your operator.`,
           bad: true,
         };
       case "enrolled":
-        return { code: "Activated", valid: "", status: `This TV is number ${a.user_id}. Connecting…`, bad: false };
+        return {
+          lead: "Your operator approved this TV.",
+          code: "Activated",
+          valid: "",
+          status: `This TV is number ${a.user_id}. Connecting…`,
+          bad: false,
+        };
       default:
-        return { code: "····-····", valid: "", status: "Asking the call service for a code…", bad: false };
+        return {
+          lead: "Getting a code for this TV…",
+          code: "····-····",
+          valid: "",
+          status: "Asking the call service for a code…",
+          bad: false,
+        };
     }
   }
 

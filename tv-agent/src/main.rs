@@ -266,6 +266,19 @@ async fn run(
     control_listen: SocketAddr,
     ui_listen: Option<SocketAddr>,
 ) -> anyhow::Result<ExitCode> {
+    // The credential (or, not enrolled yet, the CA to enroll against) is checked
+    // first: exit 4 before anything else.
+    let (ready, activate_with) = if needs_activation(tv) {
+        match activation_ca(tv) {
+            Ok(ca) => (None, Some(ca)),
+            Err(reason) => return Ok(not_enrolled_exit(&reason)),
+        }
+    } else {
+        match config(tv, Some(audio)) {
+            Ok(cfg) => (Some(cfg), None),
+            Err(reason) => return Ok(not_enrolled_exit(&reason)),
+        }
+    };
     let listener = bind_local("control API", control_listen).await?;
     // Everything that can fail at start-up is checked before powering on.
     let ui = match ui_listen {
@@ -284,11 +297,7 @@ async fn run(
         Some((ui, addr, serve)) => (Some(ui), Some(addr), Some(serve)),
         None => (None, None, None),
     };
-    if needs_activation(tv) {
-        let ca = match activation_ca(tv) {
-            Ok(ca) => ca,
-            Err(reason) => return Ok(not_enrolled_exit(&reason)),
-        };
+    if let Some(ca) = activate_with {
         // The activation screen shows at once, before there is an agent.
         if let Some(serve) = serve_ui.take() {
             tokio::spawn(serve_ui_task(serve));
@@ -316,7 +325,7 @@ async fn run(
             },
         }
     }
-    let mut cfg = match config(tv, Some(audio)) {
+    let mut cfg = match ready.map_or_else(|| config(tv, Some(audio)), Ok) {
         Ok(cfg) => cfg,
         Err(reason) => return Ok(not_enrolled_exit(&reason)),
     };

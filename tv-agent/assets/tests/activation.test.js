@@ -18,6 +18,7 @@ test("a code counts down and says when it has run out", () => {
   const a = { state: "code", user_code: "BCDF-GHJK", expires_in_s: 900, expires_at_ms: 1_000_000, number: 1 };
   const v = L.activationView(a, 1_000_000 - 14 * 60_000 - 59_500);
   assert.equal(v.code, "BCDF-GHJK");
+  assert.ok(v.lead.includes("operator"), v.lead);
   assert.equal(v.valid, "Valid for 14:59");
   assert.ok(v.status.includes("approve"));
   assert.equal(v.bad, false);
@@ -30,7 +31,9 @@ test("retries, refusals and the approval have their own words", () => {
   assert.ok(r.status.includes("connection refused") && r.status.includes("in 3 s"), r.status);
   assert.equal(r.bad, true);
   const no = L.activationView({ state: "refused", reason: "the operator refused this TV" }, 0);
-  assert.ok(no.status.includes("the operator refused this TV") && no.status.includes("OK for a new code"), no.status);
+  assert.ok(no.status.startsWith("The operator refused this TV.") && no.status.includes("OK for a new code"), no.status);
+  assert.equal(no.code, "Refused");
+  assert.ok(no.lead.includes("did not activate"), no.lead);
   assert.equal(no.bad, true);
   const ok = L.activationView({ state: "enrolled", user_id: 2002 }, 0);
   assert.ok(ok.status.includes("2002"));

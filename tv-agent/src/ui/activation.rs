@@ -255,7 +255,9 @@ pub async fn enroll(
                 false,
                 format!("unexpected reply to an enrollment request: {other:?}"),
             )),
-            Ok(Err(ClientError::Server(e))) => Err((true, format!("the server refused: {}", e.message))),
+            Ok(Err(ClientError::Server(e))) => {
+                Err((true, format!("the server refused: {}", e.message)))
+            }
             Ok(Err(e)) => Err((false, format!("enrollment link lost: {e}"))),
             Err(_) => Err((false, "the server did not answer in time".to_string())),
         };
@@ -379,7 +381,10 @@ mod tests {
                                "expires_at_ms": 5, "number": 1})
         );
         assert_eq!(
-            serde_json::to_value(ActivationState::Refused { reason: "no".into() }).unwrap(),
+            serde_json::to_value(ActivationState::Refused {
+                reason: "no".into()
+            })
+            .unwrap(),
             serde_json::json!({"state": "refused", "reason": "no"})
         );
     }
