@@ -334,9 +334,8 @@ impl Driver {
         Driver { port, child }
     }
 
-    /// A headless Chromium whose page is 1920×1080.
-    async fn browser(&self) -> Client {
-        let (w, h) = (1920i64, 1080i64);
+    /// A headless Chromium whose page is `w`×`h`.
+    async fn browser(&self, w: i64, h: i64) -> Client {
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
@@ -451,9 +450,9 @@ impl Screen {
         (be(16), be(20))
     }
 
-    /// Checks that everything visible lies in the 5 % title-safe area, then saves a
-    /// screenshot of the whole 1920×1080 screen.
-    async fn shot(&self, file: &str) {
+    /// Checks that everything visible lies in the 5 % title-safe area and nothing
+    /// scrolls.
+    async fn assert_inside_safe_area(&self) {
         let bad = self
             .js(
                 "(() => { const W = innerWidth, H = innerHeight, out = [];
@@ -468,7 +467,12 @@ impl Screen {
                    return out; })()",
             )
             .await;
-        assert_eq!(bad, json!([]), "{file}: items outside the safe area");
+        assert_eq!(bad, json!([]), "items outside the safe area");
+    }
+
+    /// The same check, then a screenshot of the whole 1920×1080 screen.
+    async fn shot(&self, file: &str) {
+        self.assert_inside_safe_area().await;
         assert_eq!(self.save(file).await, (1920, 1080), "{file}");
     }
 }
@@ -508,7 +512,7 @@ async fn an_unenrolled_tv_shows_its_code_shows_a_refusal_and_starts_once_approve
     // On the screen: the activation page, full screen, with the code and its validity.
     let driver = Driver::start().await;
     let screen = Screen {
-        client: driver.browser().await,
+        client: driver.browser(1920, 1080).await,
     };
     screen.client.goto(&format!("http://{ui}/")).await.unwrap();
     screen
@@ -531,6 +535,19 @@ async fn an_unenrolled_tv_shows_its_code_shows_a_refusal_and_starts_once_approve
     assert!(valid.starts_with("Valid for 1"), "{valid}");
     assert_eq!(screen.text("link").await, "Not activated");
     screen.shot("activate-tv").await;
+    // A 720p screen fits it too.
+    let small = Screen {
+        client: driver.browser(1280, 720).await,
+    };
+    small.client.goto(&format!("http://{ui}/")).await.unwrap();
+    small
+        .wait(
+            "the code at 720p",
+            &format!("document.getElementById('activate-code').innerText === '{code}'"),
+        )
+        .await;
+    small.assert_inside_safe_area().await;
+    small.client.close().await.unwrap();
 
     // The operator approves, then withdraws the approval before the TV polls again (the
     // TV is paused meanwhile, so it cannot see the approval in between): refused.
