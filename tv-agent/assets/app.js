@@ -2,6 +2,8 @@
 // its control API (/api/command) and address book (/api/contacts). Remote keys only:
 // arrows move a focus ring between on-screen items, OK selects, Back goes back, digits
 // dial, green calls or answers, red hangs up or rejects.
+// A TV not activated yet shows only the activation screen (its code, from `activation`
+// events) until the agent starts; the stream then ends and the page starts over.
 // The pure part (call state, missed-list merge, outcome texts) is TvLogic (logic.js); the
 // agent's words come from OUTCOMES (/outcomes.js). Both load before this file.
 "use strict";
@@ -29,6 +31,7 @@ const S = {
   edit: null,
   confirm: null,
   agentLost: false,
+  activation: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -129,7 +132,25 @@ function toast(text, kind) {
 // ---- events from the agent ----
 function apply(ev) {
   switch (ev.event) {
+    case "activation":
+      S.activation = Object.assign({}, ev.activation, { retry_at: Date.now() + (ev.activation.retry_in_ms || 0) });
+      S.call = L.idleCall(Date.now());
+      S.confirm = null;
+      if (S.screen !== "activate") {
+        S.history = [];
+        S.screen = "activate";
+        render(true);
+        return;
+      }
+      break;
     case "snapshot": {
+      if (S.activation !== null) {
+        // Activated: the normal screens from now on.
+        S.activation = null;
+        S.history = [];
+        S.screen = "home";
+        if (ev.status) toast(`This TV is activated. Its number is ${ev.status.user}.`);
+      }
       const st = ev.status;
       if (st) {
         S.me = st.user;
@@ -360,6 +381,8 @@ function activate(el) {
     }
     case "clear-missed":
       return ask("Clear the list of missed calls?", "Clear", clearMissed);
+    case "new-code":
+      return request("POST", "/api/activation", { cmd: "new_code" }).then(failed);
     case "confirm-yes": {
       const run = S.confirm && S.confirm.run;
       S.confirm = null;
@@ -436,6 +459,14 @@ async function deleteContact(id) {
 function onKey(e) {
   const k = e.key;
   const code = e.keyCode;
+  if (S.screen === "activate") {
+    // Nothing to dial or answer yet: arrows and OK only (OK asks for a new code after
+    // a refusal).
+    e.preventDefault();
+    if (k.startsWith("Arrow")) return move(k);
+    if (k === "Enter") return activate(document.activeElement);
+    return;
+  }
   const inInput = e.target && e.target.tagName === "INPUT";
   const incoming = !$("incoming").hidden;
   if (RED.has(k) || code === 403) {
@@ -579,11 +610,28 @@ function renderCall() {
   $("btn-hangup").textContent = c.state === CALL.RINGING_OUT ? "Cancel" : "Hang up";
 }
 
+function renderActivate() {
+  const a = S.activation;
+  const v = L.activationView(a, Date.now());
+  $("activate-lead").textContent = v.lead;
+  const code = $("activate-code");
+  code.textContent = v.code;
+  code.dataset.state = a ? a.state : "requesting";
+  $("activate-valid").textContent = v.valid;
+  $("activate-status").textContent = v.status;
+  $("activate-status").dataset.kind = v.bad ? "bad" : "info";
+  $("activate-new-code").hidden = !(a && a.state === "refused");
+}
+
 function renderChrome() {
   $("me").textContent = S.me === null ? "" : `My number ${S.me}`;
   const pill = $("link");
   const banner = $("banner");
-  if (S.agentLost) {
+  if (S.activation !== null && !S.agentLost) {
+    pill.dataset.state = "activate";
+    pill.textContent = "Not activated";
+    banner.hidden = true;
+  } else if (S.agentLost) {
     pill.dataset.state = "agent-lost";
     pill.textContent = "TV phone not running";
     banner.textContent = "The TV phone service is not answering. Trying again…";
@@ -613,6 +661,7 @@ function render(screenChanged = false) {
   if (S.screen === "missed") renderMissed();
   if (S.screen === "contacts") renderContacts();
   if (S.screen === "dial") renderDial();
+  if (S.screen === "activate") renderActivate();
   renderCall();
   const ringing = S.call.state === CALL.RINGING_IN;
   $("incoming").hidden = !ringing;
@@ -645,6 +694,7 @@ document.addEventListener("DOMContentLoaded", () => {
   // Call timer, reconnect countdown and clock.
   setInterval(() => {
     renderChrome();
+    if (S.screen === "activate") renderActivate();
     if (S.call.state === CALL.IN_CALL) $("call-time").textContent = mmss(Date.now() - S.call.since);
   }, 500);
 });

@@ -144,8 +144,79 @@
     }
   }
 
+  // ---- activation ----
+  // The server's words start in lower case; on their own they start a sentence.
+  function sentence(text) {
+    const t = String(text || "");
+    return t.charAt(0).toUpperCase() + t.slice(1);
+  }
+
+  // A user code as people read it: "BCDF-GHJK" (the server sends it so; a code without
+  // its dash gets one after four letters).
+  function formatCode(code) {
+    const c = String(code || "").toUpperCase();
+    if (c.includes("-") || c.length !== 8) return c;
+    return `${c.slice(0, 4)}-${c.slice(4)}`;
+  }
+
+  // The activation screen's texts for a state (see tv-agent/src/ui/activation.rs) at
+  // `now` (ms; the Unix clock the agent's expires_at_ms is on): the line above the code
+  // box, the box, the validity line, the status line and whether it is bad news.
+  function activationView(a, now) {
+    switch (a && a.state) {
+      case "code": {
+        const left = a.expires_at_ms - now;
+        return {
+          lead: "Give your TV operator this code to connect this TV to the call service:",
+          code: formatCode(a.user_code),
+          valid: left > 0 ? `Valid for ${mmss(left)}` : "This code has expired: a new one is on its way…",
+          status: "Waiting for your operator to approve the code…",
+          bad: false,
+        };
+      }
+      case "retrying": {
+        // retry_at: when the page received it plus retry_in_ms (set by the page).
+        const ms = a.retry_at !== undefined ? a.retry_at - now : a.retry_in_ms;
+        const secs = Math.max(0, Math.ceil(ms / 1000));
+        return {
+          lead: "This TV gets its code from the call service.",
+          code: "····-····",
+          valid: "",
+          status: `Cannot reach the call service (${a.reason}). Trying again${secs ? ` in ${secs} s` : ""}…`,
+          bad: true,
+        };
+      }
+      case "refused":
+        return {
+          lead: "Your operator did not activate this TV.",
+          code: "Refused",
+          valid: "",
+          status: `${sentence(a.reason)}. Press OK for a new code, then call your operator.`,
+          bad: true,
+        };
+      case "enrolled":
+        return {
+          lead: "Your operator approved this TV.",
+          code: "Activated",
+          valid: "",
+          status: `This TV is number ${a.user_id}. Connecting…`,
+          bad: false,
+        };
+      default:
+        return {
+          lead: "Getting a code for this TV…",
+          code: "····-····",
+          valid: "",
+          status: "Asking the call service for a code…",
+          bad: false,
+        };
+    }
+  }
+
   return {
     OUTCOMES: O,
+    formatCode,
+    activationView,
     idleCall,
     callFromStatus,
     nextCall,

@@ -1,7 +1,14 @@
 //! The `tv-agent` command: `run` is the TV daemon; `missed`, `call` and `answer` are
 //! scripted modes that power on, do one thing, print JSON and exit with a meaningful
 //! code (0: answered or durably cached; 1: another outcome; 2: the missed calls could not
-//! be printed; 3: server unreachable; 5: the server's storage is full, nothing placed).
+//! be printed; 3: server unreachable; 4: not enrolled; 5: the server's storage is full,
+//! nothing placed). `enroll` asks for a code and waits for its approval.
+//!
+//! A TV switched on without a credential (`run`, TLS) does not exit: it activates
+//! itself, showing its code on the UI's screen (and printing it as `enroll` does) and
+//! asking for a fresh one whenever a code expires, then carries on as the daemon. It
+//! exits 4 only when it has no CA to enroll against, or (without a UI, where nobody
+//! can ask for another code) when the operator refuses it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -14,6 +21,8 @@ use tokio::sync::broadcast;
 use tokio::time::{timeout_at, Instant};
 use tv_agent::agent::{Agent, AgentConfig, AgentEvent, DialResult, MissedKeeping};
 use tv_agent::media::AudioSpec;
+use tv_agent::ui::activation::{self, ActivationState, EnrollConfig, EnrollError, EnrollMode};
+use tv_agent::ui::UiServer;
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +36,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// Run the TV daemon with its local control API.
+    /// Run the TV daemon with its local control API. A TV not enrolled yet enrolls
+    /// first (it needs --server-ca): it shows its code and waits for the approval.
     Run {
         #[command(flatten)]
         tv: TvArgs,
@@ -217,16 +227,7 @@ async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
             audio,
             control_listen,
             ui_listen,
-        } => {
-            let mut cfg = match config(&tv, Some(&audio)) {
-                Ok(cfg) => cfg,
-                Err(reason) => return Ok(not_enrolled_exit(&reason)),
-            };
-            // The missed-call list outlives a restart: calls are kept on the TV before
-            // the server forgets them, whether a UI or a control-API client shows them.
-            cfg.missed = MissedKeeping::File(tv.data_dir.join("missed.json"));
-            run(cfg, control_listen, ui_listen, &tv.data_dir).await
-        }
+        } => run(&tv, &audio, control_listen, ui_listen).await,
         Mode::Enroll {
             server,
             server_ca,
@@ -260,29 +261,84 @@ async fn bind_local(what: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::
 }
 
 async fn run(
-    cfg: AgentConfig,
+    tv: &TvArgs,
+    audio: &AudioArgs,
     control_listen: SocketAddr,
     ui_listen: Option<SocketAddr>,
-    data_dir: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
+    // The credential (or, not enrolled yet, the CA to enroll against) is checked
+    // first: exit 4 before anything else.
+    let (ready, activate_with) = if needs_activation(tv) {
+        match activation_ca(tv) {
+            Ok(ca) => (None, Some(ca)),
+            Err(reason) => return Ok(not_enrolled_exit(&reason)),
+        }
+    } else {
+        match config(tv, Some(audio)) {
+            Ok(cfg) => (Some(cfg), None),
+            Err(reason) => return Ok(not_enrolled_exit(&reason)),
+        }
+    };
     let listener = bind_local("control API", control_listen).await?;
     // Everything that can fail at start-up is checked before powering on.
     let ui = match ui_listen {
         Some(addr) => {
-            let path = data_dir.join("contacts.json");
+            let path = tv.data_dir.join("contacts.json");
             let book = tv_agent::contacts::ContactBook::open(&path)
                 .with_context(|| format!("cannot open the address book {}", path.display()))?;
-            Some((bind_local("UI", addr).await?, book))
+            let listener = bind_local("UI", addr).await?;
+            let addr = listener.local_addr()?;
+            let (ui, serve) = UiServer::new(listener, book);
+            Some((ui, addr, serve))
         }
         None => None,
     };
+    let (ui, ui_addr, mut serve_ui) = match ui {
+        Some((ui, addr, serve)) => (Some(ui), Some(addr), Some(serve)),
+        None => (None, None, None),
+    };
+    if let Some(ca) = activate_with {
+        // The activation screen shows at once, before there is an agent.
+        if let Some(serve) = serve_ui.take() {
+            tokio::spawn(serve_ui_task(serve));
+        }
+        tracing::info!(ui = ?ui_addr, "this TV is not enrolled: activating it");
+        let cfg = EnrollConfig {
+            server: tv.server.clone(),
+            ca_pem: ca,
+            data_dir: tv.data_dir.clone(),
+            mode: EnrollMode::Tv,
+        };
+        let screen = ui.clone();
+        let mut show = move |s: &ActivationState| {
+            if let Some(ui) = &screen {
+                ui.show_activation(s);
+            }
+            print_activation(s);
+        };
+        let new_code = ui.as_ref().map(UiServer::new_code_requests);
+        tokio::select! {
+            () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
+            r = activation::enroll(&cfg, &mut show, new_code.as_deref()) => match r {
+                Ok(user) => tracing::info!(user, "activated; starting"),
+                Err(e) => return Ok(not_enrolled_exit(&e.to_string())),
+            },
+        }
+    }
+    let mut cfg = match ready.map_or_else(|| config(tv, Some(audio)), Ok) {
+        Ok(cfg) => cfg,
+        Err(reason) => return Ok(not_enrolled_exit(&reason)),
+    };
+    // The missed-call list outlives a restart: calls are kept on the TV before the
+    // server forgets them, whether a UI or a control-API client shows them.
+    cfg.missed = MissedKeeping::File(tv.data_dir.join("missed.json"));
     let user = cfg.user;
     let (agent, mut events) = Agent::power_on(cfg).await?;
     tracing::info!(
         user,
         media = %agent.media_addr(),
         control = %listener.local_addr()?,
-        ui = ?ui.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+        ui = ?ui_addr,
         "tv-agent running"
     );
     let in_flight = tv_agent::api::InFlight::default();
@@ -291,13 +347,11 @@ async fn run(
         agent.clone(),
         in_flight.clone(),
     ));
-    if let Some((listener, book)) = ui {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            if let Err(e) = tv_agent::ui::serve(listener, agent, book).await {
-                tracing::error!(error = %e, "the UI server stopped");
-            }
-        });
+    if let Some(ui) = &ui {
+        ui.attach(agent.clone());
+    }
+    if let Some(serve) = serve_ui.take() {
+        tokio::spawn(serve_ui_task(serve));
     }
     let log_events = async move {
         // Ends when the agent powers off (from the control API) or its channel closes.
@@ -315,6 +369,57 @@ async fn run(
     // A power-off asked for through the control API gets its answer before the exit.
     in_flight.drained(Duration::from_secs(1)).await;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_ui_task(serve: impl std::future::Future<Output = std::io::Result<()>>) {
+    if let Err(e) = serve.await {
+        tracing::error!(error = %e, "the UI server stopped");
+    }
+}
+
+/// Whether `run` must enroll this TV first: TLS, and no enrollment in its data
+/// directory (a damaged one is an error later, not a reason to enroll again).
+fn needs_activation(tv: &TvArgs) -> bool {
+    !tv.insecure_plaintext
+        && matches!(
+            tv_agent::identity::IdentityDir::new(&tv.data_dir).enrolled(),
+            Ok(None)
+        )
+}
+
+/// The CA to enroll against: `--server-ca`, or one saved in the data directory.
+fn activation_ca(tv: &TvArgs) -> Result<Vec<u8>, String> {
+    if let Some(path) = &tv.server_ca {
+        return control_client::tls::read_file(path).map_err(|e| e.to_string());
+    }
+    match tv_agent::identity::IdentityDir::new(&tv.data_dir).ca() {
+        Ok(Some(ca)) => Ok(ca),
+        Ok(None) => Err(format!(
+            "this TV is not enrolled and knows no server CA to enroll against: run it with \
+             --server-ca (the server's <data dir>/tls/ca.crt), or `tv-agent enroll` first \
+             (no credential in {})",
+            tv.data_dir.join("identity").display()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Prints what `enroll` prints: `{"user_code": …, "expires_in": S}` for each code, and
+/// `{"enrolled": USER}` on approval (one JSON line each, flushed).
+fn print_activation(s: &ActivationState) {
+    use std::io::Write;
+    let line = match s {
+        ActivationState::Code {
+            user_code,
+            expires_in_s,
+            ..
+        } => json!({"user_code": user_code, "expires_in": expires_in_s}),
+        ActivationState::Enrolled { user_id } => json!({"enrolled": user_id}),
+        _ => return,
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 async fn shutdown_signal() {
@@ -423,97 +528,23 @@ async fn enroll(
     ca_path: &std::path::Path,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
-    use control_client::{Client, TlsClient, Transport};
-    use shared_proto::{EnrollmentStatus, Reply, Request};
-    use std::io::Write;
-    let ids = tv_agent::identity::IdentityDir::new(data_dir);
     let ca = match control_client::tls::read_file(ca_path) {
         Ok(ca) => ca,
         Err(e) => return Ok(not_enrolled_exit(&e.to_string())),
     };
-    let key = ids.key_or_new()?;
-    let transport = match TlsClient::new(&ca, &key) {
-        Ok(tls) => Transport::Tls(tls),
-        Err(e) => return Ok(not_enrolled_exit(&e.to_string())),
+    let cfg = EnrollConfig {
+        server: server.to_string(),
+        ca_pem: ca,
+        data_dir: data_dir.to_path_buf(),
+        mode: EnrollMode::Once,
     };
-    let connect = || async {
-        let stream = transport.connect(server, None).await?;
-        Client::handshake(stream)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    };
-    let mut client = match timeout_at(Instant::now() + Duration::from_secs(10), connect()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Ok(unreachable_exit(&format!("cannot reach {server}: {e}"))),
-        Err(_) => {
-            return Ok(unreachable_exit(&format!(
-                "no answer from {server} in time"
-            )))
-        }
-    };
-    let agent_version = concat!("tv-agent/", env!("CARGO_PKG_VERSION")).to_string();
-    let mut request = Request::StartEnrollment { agent_version };
-    let mut shown = false;
-    // Bounded by the code's expiry (the server says Expired) and by a day at most.
-    let give_up = Instant::now() + Duration::from_secs(24 * 3600);
-    while Instant::now() < give_up {
-        let reply = match client.request(request.clone()).await {
-            Ok(Reply::Enrollment(s)) => s,
-            Ok(other) => anyhow::bail!("unexpected reply to an enrollment request: {other:?}"),
-            Err(control_client::ClientError::Server(e)) => {
-                return Ok(not_enrolled_exit(&format!(
-                    "the server refused: {}",
-                    e.message
-                )))
-            }
-            Err(e) => {
-                // The link broke: connect again and keep polling the same key's code.
-                tracing::warn!(error = %e, "enrollment link lost; reconnecting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                match connect().await {
-                    Ok(c) => client = c,
-                    Err(e) => tracing::warn!(error = %e, "cannot reconnect yet"),
-                }
-                continue;
-            }
-        };
-        match reply {
-            EnrollmentStatus::Pending {
-                user_code,
-                expires_in_s,
-                interval_s,
-            } => {
-                if !shown {
-                    println!(
-                        "{}",
-                        json!({"user_code": user_code, "expires_in": expires_in_s})
-                    );
-                    std::io::stdout().flush()?;
-                    shown = true;
-                }
-                request = Request::PollEnrollment;
-                tokio::time::sleep(Duration::from_secs(u64::from(interval_s.clamp(1, 60)))).await;
-            }
-            EnrollmentStatus::Enrolled { user_id } => {
-                ids.save_enrolled(
-                    &ca,
-                    &tv_agent::identity::Enrolled {
-                        user_id,
-                        server: server.to_string(),
-                    },
-                )?;
-                println!("{}", json!({"enrolled": user_id}));
-                return Ok(ExitCode::SUCCESS);
-            }
-            EnrollmentStatus::Expired => {
-                return Ok(not_enrolled_exit(
-                    "the code expired before it was approved: run `tv-agent enroll` again",
-                ))
-            }
-            EnrollmentStatus::Refused { reason } => return Ok(not_enrolled_exit(&reason)),
-        }
-    }
-    Ok(not_enrolled_exit("gave up waiting for the approval"))
+    Ok(
+        match activation::enroll(&cfg, &mut print_activation, None).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(EnrollError::Unreachable(reason)) => unreachable_exit(&reason),
+            Err(e) => not_enrolled_exit(&e.to_string()),
+        },
+    )
 }
 
 /// The exit code of a call the server could not store (its disk is full): not the

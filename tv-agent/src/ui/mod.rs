@@ -21,10 +21,17 @@
 //! Requests must name a loopback host (defeats DNS rebinding) and, if they carry an
 //! `Origin`, come from this UI; commands must be JSON, which a cross-site form cannot
 //! send without a preflight this server never grants.
+//!
+//! A TV switched on without an identity serves the same page before it has an agent
+//! ([`UiServer`]): the event stream then carries `activation` events (the
+//! [`activation::ActivationState`]: the code to show, a retry, a refusal) and ends when
+//! the agent is attached, so the page reconnects and starts over from a normal
+//! snapshot; `POST /api/activation` (`{"cmd":"new_code"}`) asks for a new code after a
+//! refusal; commands answer that the TV is not activated yet.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -39,11 +46,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shared_proto::UserId;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, Mutex, Notify};
+use tokio::sync::{broadcast, watch, Mutex, Notify};
 
 use crate::agent::{netstate, Agent, AgentEvent};
 use crate::api;
 use crate::contacts::{ContactBook, ContactError};
+
+pub mod activation;
+
+use activation::ActivationState;
 
 /// How often contacts' online state is refreshed.
 const PRESENCE_EVERY: Duration = Duration::from_secs(5);
@@ -52,18 +63,24 @@ const MAX_BODY: usize = 16 * 1024;
 /// Most users asked about in one presence query (the server's own limit).
 const MAX_PRESENCE: usize = shared_proto::MAX_QUERY_USERS;
 
-const INDEX_HTML: &str = include_str!("../assets/index.html");
-const APP_JS: &str = include_str!("../assets/app.js");
-const LOGIC_JS: &str = include_str!("../assets/logic.js");
-const APP_CSS: &str = include_str!("../assets/app.css");
+const INDEX_HTML: &str = include_str!("../../assets/index.html");
+const APP_JS: &str = include_str!("../../assets/app.js");
+const LOGIC_JS: &str = include_str!("../../assets/logic.js");
+const APP_CSS: &str = include_str!("../../assets/app.css");
 
 /// `/outcomes.js`, generated once from the agent's word enums.
 static OUTCOMES_JS: LazyLock<String> = LazyLock::new(crate::agent::outcomes_js);
 
 /// What the UI's handlers share.
 struct Ui {
-    /// The agent the UI drives.
-    agent: Agent,
+    /// The agent the UI drives, once there is one (a TV being activated has none yet).
+    agent: OnceLock<Agent>,
+    /// Turns true when the agent is attached: ends the activation event streams.
+    attached: watch::Sender<bool>,
+    /// What the activation screen shows while there is no agent.
+    activation: watch::Sender<ActivationState>,
+    /// The viewer asked for a new code (after a refusal).
+    new_code: Arc<Notify>,
     /// The address book (file-backed).
     contacts: Mutex<ContactBook>,
     /// Last known state of each contact and missed caller: 1 online, 0 off, None unknown.
@@ -80,44 +97,91 @@ pub async fn serve(
     agent: Agent,
     contacts: ContactBook,
 ) -> std::io::Result<()> {
-    let (events, _) = broadcast::channel(64);
-    let ui = Arc::new(Ui {
-        agent,
-        contacts: Mutex::new(contacts),
-        presence: Mutex::new(BTreeMap::new()),
-        events,
-        refresh: Notify::new(),
-    });
-    tokio::spawn(poll_presence(Arc::clone(&ui)));
-    let app = Router::new()
-        .route("/", get(|| asset("text/html; charset=utf-8", INDEX_HTML)))
-        .route(
-            "/app.js",
-            get(|| asset("text/javascript; charset=utf-8", APP_JS)),
-        )
-        .route(
-            "/logic.js",
-            get(|| asset("text/javascript; charset=utf-8", LOGIC_JS)),
-        )
-        .route(
-            "/outcomes.js",
-            get(|| asset("text/javascript; charset=utf-8", OUTCOMES_JS.as_str())),
-        )
-        .route(
-            "/app.css",
-            get(|| asset("text/css; charset=utf-8", APP_CSS)),
-        )
-        .route("/api/events", get(event_stream))
-        .route("/api/command", post(command))
-        .route("/api/contacts", get(list_contacts))
-        .route(
-            "/api/contacts/{user}",
-            put(set_contact).delete(remove_contact),
-        )
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn(same_origin_only))
-        .with_state(ui);
-    axum::serve(listener, app).await
+    let (ui, server) = UiServer::new(listener, contacts);
+    ui.attach(agent);
+    server.await
+}
+
+/// The UI of a TV that may not have an agent yet: it shows the activation screen
+/// ([`UiServer::show_activation`]) until [`UiServer::attach`] gives it the agent.
+#[derive(Clone)]
+pub struct UiServer {
+    ui: Arc<Ui>,
+}
+
+impl UiServer {
+    /// The UI on `listener` (which must be loopback) and the future that serves it
+    /// (spawn it; it ends only on an I/O error).
+    pub fn new(
+        listener: TcpListener,
+        contacts: ContactBook,
+    ) -> (
+        UiServer,
+        impl std::future::Future<Output = std::io::Result<()>> + Send,
+    ) {
+        let (events, _) = broadcast::channel(64);
+        let ui = Arc::new(Ui {
+            agent: OnceLock::new(),
+            attached: watch::Sender::new(false),
+            activation: watch::Sender::new(ActivationState::Requesting),
+            new_code: Arc::new(Notify::new()),
+            contacts: Mutex::new(contacts),
+            presence: Mutex::new(BTreeMap::new()),
+            events,
+            refresh: Notify::new(),
+        });
+        let app = Router::new()
+            .route("/", get(|| asset("text/html; charset=utf-8", INDEX_HTML)))
+            .route(
+                "/app.js",
+                get(|| asset("text/javascript; charset=utf-8", APP_JS)),
+            )
+            .route(
+                "/logic.js",
+                get(|| asset("text/javascript; charset=utf-8", LOGIC_JS)),
+            )
+            .route(
+                "/outcomes.js",
+                get(|| asset("text/javascript; charset=utf-8", OUTCOMES_JS.as_str())),
+            )
+            .route(
+                "/app.css",
+                get(|| asset("text/css; charset=utf-8", APP_CSS)),
+            )
+            .route("/api/events", get(event_stream))
+            .route("/api/command", post(command))
+            .route("/api/activation", post(activation_command))
+            .route("/api/contacts", get(list_contacts))
+            .route(
+                "/api/contacts/{user}",
+                put(set_contact).delete(remove_contact),
+            )
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .layer(middleware::from_fn(same_origin_only))
+            .with_state(Arc::clone(&ui));
+        let server = async move { axum::serve(listener, app).await };
+        (UiServer { ui }, server)
+    }
+
+    /// Shows `state` on the activation screen (every open page, at once).
+    pub fn show_activation(&self, state: &ActivationState) {
+        self.ui.activation.send_replace(state.clone());
+    }
+
+    /// Woken when the viewer asks for a new code after a refusal (for
+    /// [`activation::enroll`]).
+    pub fn new_code_requests(&self) -> Arc<Notify> {
+        Arc::clone(&self.ui.new_code)
+    }
+
+    /// Gives the UI its agent: the activation screen ends (open pages reconnect and get
+    /// the normal screens) and commands reach the agent. Only the first call counts.
+    pub fn attach(&self, agent: Agent) {
+        if self.ui.agent.set(agent).is_ok() {
+            tokio::spawn(poll_presence(Arc::clone(&self.ui)));
+            self.ui.attached.send_replace(true);
+        }
+    }
 }
 
 async fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -156,14 +220,55 @@ async fn same_origin_only(headers: HeaderMap, request: Request, next: Next) -> R
     next.run(request).await
 }
 
-async fn event_stream(
-    State(ui): State<Arc<Ui>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn event_stream(State(ui): State<Arc<Ui>>) -> impl IntoResponse {
+    let stream = match ui.agent.get() {
+        Some(agent) => agent_stream(&ui, agent).await.boxed(),
+        None => activation_stream(&ui).boxed(),
+    };
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+}
+
+/// While there is no agent: the activation screen's state now and at every change, as
+/// `{"event": "activation", "activation": {...}}`; it ends when the agent is attached,
+/// and the browser reconnects (after 1 s) to the normal stream.
+fn activation_stream(ui: &Arc<Ui>) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+    let states = ui.activation.subscribe();
+    let attached = ui.attached.subscribe();
+    futures::stream::unfold(
+        (states, attached, true),
+        |(mut states, mut attached, first)| async move {
+            if !first {
+                tokio::select! {
+                    changed = states.changed() => changed.ok()?,
+                    done = attached.wait_for(|a| *a) => {
+                        drop(done);
+                        return None;
+                    }
+                }
+            }
+            let state = states.borrow_and_update().clone();
+            let data = json!({"event": "activation", "activation": state}).to_string();
+            let event = Event::default().data(data);
+            let event = if first {
+                event.retry(Duration::from_secs(1))
+            } else {
+                event
+            };
+            Some((Ok(event), (states, attached, false)))
+        },
+    )
+}
+
+/// The normal stream: a snapshot, then the agent's and the UI's events.
+async fn agent_stream(
+    ui: &Arc<Ui>,
+    agent: &Agent,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send {
     // Subscribe before taking the snapshot, so nothing falls between the two; events
     // the snapshot already reflects are harmless to apply again.
-    let agent_events = ui.agent.subscribe();
+    let agent_events = agent.subscribe();
     let ui_events = ui.events.subscribe();
-    let snapshot = ui.snapshot().await;
+    let snapshot = ui.snapshot(agent).await;
     // A page just opened: bring its contacts' states up to date now.
     ui.refresh.notify_one();
     let agent_stream = futures::stream::unfold(agent_events, |mut rx| async move {
@@ -193,14 +298,48 @@ async fn event_stream(
     let first = Event::default()
         .retry(Duration::from_secs(1))
         .data(snapshot.to_string());
-    let stream = futures::stream::once(async move { first })
+    futures::stream::once(async move { first })
         .chain(live.map(|v| Event::default().data(v.to_string())))
-        .map(Ok);
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+        .map(Ok)
 }
 
 async fn command(State(ui): State<Arc<Ui>>, Json(cmd): Json<Value>) -> Json<Value> {
-    Json(api::execute(&ui.agent, &cmd.to_string()).await)
+    match ui.agent.get() {
+        Some(agent) => Json(api::execute(agent, &cmd.to_string()).await),
+        None => Json(json!({"ok": false, "error": NOT_ACTIVATED})),
+    }
+}
+
+/// What a command gets before the TV is activated.
+const NOT_ACTIVATED: &str = "this TV is not activated yet";
+
+/// Body of `POST /api/activation`.
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+enum ActivationCommand {
+    /// Ask the server for a new code (after a refusal).
+    NewCode,
+}
+
+async fn activation_command(
+    State(ui): State<Arc<Ui>>,
+    Json(cmd): Json<ActivationCommand>,
+) -> Response {
+    match cmd {
+        ActivationCommand::NewCode => {
+            let refused = matches!(*ui.activation.borrow(), ActivationState::Refused { .. });
+            if ui.agent.get().is_some() || !refused {
+                let error = "a new code is asked for only after a refusal";
+                return (
+                    StatusCode::CONFLICT,
+                    Json(json!({"ok": false, "error": error})),
+                )
+                    .into_response();
+            }
+            ui.new_code.notify_one();
+            Json(json!({"ok": true})).into_response()
+        }
+    }
 }
 
 async fn list_contacts(State(ui): State<Arc<Ui>>) -> Json<Value> {
@@ -230,9 +369,9 @@ async fn remove_contact(State(ui): State<Arc<Ui>>, Path(user): Path<UserId>) -> 
 
 impl Ui {
     /// Everything a freshly opened page needs.
-    async fn snapshot(&self) -> Value {
-        let status = self.agent.status().await;
-        let missed = self.agent.missed().await;
+    async fn snapshot(&self, agent: &Agent) -> Value {
+        let status = agent.status().await;
+        let missed = agent.missed().await;
         json!({
             "event": "snapshot",
             "status": status,
@@ -277,7 +416,11 @@ impl Ui {
             .iter()
             .map(|c| c.user_id)
             .collect();
-        for m in self.agent.missed().await.iter().rev() {
+        let missed = match self.agent.get() {
+            Some(agent) => agent.missed().await,
+            None => Vec::new(),
+        };
+        for m in missed.iter().rev() {
             ids.push(m.user_id);
         }
         let mut seen = std::collections::HashSet::new();
@@ -299,7 +442,10 @@ fn presence_json(p: &BTreeMap<UserId, Option<u8>>) -> Value {
 /// while a page is open (a TV whose screen shows something else costs the server
 /// nothing), every [`PRESENCE_EVERY`] and at once when something changed.
 async fn poll_presence(ui: Arc<Ui>) {
-    let mut agent_events = ui.agent.subscribe();
+    let Some(agent) = ui.agent.get().cloned() else {
+        return;
+    };
+    let mut agent_events = agent.subscribe();
     let mut tick = tokio::time::interval(PRESENCE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -320,7 +466,7 @@ async fn poll_presence(ui: Arc<Ui>) {
         if ids.is_empty() {
             continue;
         }
-        let Ok(states) = ui.agent.query(ids).await else {
+        let Ok(states) = agent.query(ids).await else {
             // Link down: keep the last known states; the page shows the link state.
             continue;
         };
