@@ -27,8 +27,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use shared_proto::{
-    ClientFrame, ClientMsg, CodecError, ErrorCode, Features, Preamble, Request, ServerCodec,
-    ServerMsg, WireError, MIN_PROTOCOL_VERSION, PREAMBLE_LEN, PROTOCOL_VERSION,
+    ClientFrame, ClientMsg, CodecError, EnrollmentStatus, ErrorCode, Features, Preamble, Reply,
+    Request, ServerCodec, ServerMsg, WireError, MIN_PROTOCOL_VERSION, PREAMBLE_LEN,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -363,6 +364,9 @@ where
 {
     let cfg = &shared.config;
     let mut deadline = register_by;
+    // Until it registers, the connection lives by `deadline` as the registration
+    // deadline (pushed on while an enrollment it polls is pending).
+    let mut unregistered = true;
     let mut limit = RateLimit::new(
         cfg.requests_per_sec,
         cfg.request_burst,
@@ -480,8 +484,18 @@ where
                         return Some((WireError::new(ErrorCode::RATE_LIMITED, "too many requests; disconnected"), true));
                     }
                 };
-                if st.session.is_some() && deadline == register_by {
+                if st.session.is_some() && unregistered {
+                    unregistered = false;
                     deadline = now + cfg.heartbeat_timeout();
+                } else if unregistered {
+                    if let Ok(Reply::Enrollment(EnrollmentStatus::Pending { interval_s, .. })) = &result {
+                        // A TV waiting for its code's approval polls this link: it stays
+                        // open for as long as the code is pending (an operator takes
+                        // minutes), each answer buying it two more poll intervals. Still
+                        // unregistered, so it is shed first when the server is full.
+                        let wait = Duration::from_secs(u64::from(*interval_s).saturating_mul(2) + 1);
+                        deadline = deadline.max(now + wait.max(cfg.handshake_timeout()));
+                    }
                 }
                 let reply = ServerMsg::Reply { id, result };
                 if timeout(write_timeout, conn.send(&reply)).await.map_or(true, |r| r.is_err()) {

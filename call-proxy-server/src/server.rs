@@ -308,13 +308,16 @@ const TARPIT_HOLD: Duration = Duration::from_secs(1);
 /// Refuses a just-accepted connection without holding its descriptor: one
 /// non-blocking write of the rejecting preamble (a fresh socket's send buffer always
 /// has room for it), whatever the client sent already read away so the close is a
-/// clean FIN, then closed.
+/// clean FIN, then closed. On the TLS port the refusal comes before any TLS: the
+/// client sees this preamble where it expected a ServerHello.
 fn refuse_now(stream: TcpStream, status: ErrorCode, reason: &str) {
     let mut out = Preamble::server(status).encode().to_vec();
     out.extend_from_slice(&encode_reason(reason));
     let _ = stream.try_write(&out);
     let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
-    let mut sink = [0u8; 256];
+    // Room for a whole ClientHello (one carrying a resumption ticket is ~600 bytes):
+    // unread bytes would make the close a reset, which can overtake the refusal.
+    let mut sink = [0u8; 2048];
     let _ = stream.try_read(&mut sink);
 }
 

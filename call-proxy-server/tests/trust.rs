@@ -595,3 +595,66 @@ where
         .collect()
         .await
 }
+
+/// A TV waiting for its code's approval keeps its link: each pending answer to its
+/// polls pushes the registration deadline on, so an operator may take longer than the
+/// deadline; once the code is no longer pending the deadline holds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tv_polling_a_pending_code_keeps_its_link_past_the_registration_deadline() {
+    let srv = tls_server(|c| {
+        c.handshake_timeout_ms = 400;
+        c.enrollment_poll_s = 1;
+        c.enrollment_ttl_s = 4;
+    })
+    .await;
+    let key = TvKey::generate().unwrap();
+    let mut c = tv(&srv, &key).await;
+    let code = start_code(&mut c).await;
+    // Three seconds of polls, far past the 400 ms deadline: the link stays.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match request(&mut c, Request::PollEnrollment).await {
+            Ok(Reply::Enrollment(EnrollmentStatus::Pending { .. })) => {}
+            other => panic!("the polling TV lost its link or its code: {other:?}"),
+        }
+    }
+    // Approved: the same link registers.
+    operator(&srv)
+        .approve(
+            normalise_code(&code).unwrap(),
+            77,
+            false,
+            call_proxy_server::clock::now_ms(),
+        )
+        .await
+        .unwrap();
+    match request(&mut c, Request::PollEnrollment).await.unwrap() {
+        Reply::Enrollment(EnrollmentStatus::Enrolled { user_id }) => assert_eq!(user_id, 77),
+        other => panic!("{other:?}"),
+    }
+    c.register(77, 5000)
+        .await
+        .expect("registers on the link it enrolled on");
+    assert!(matches!(
+        request(&mut c, Request::Heartbeat).await.unwrap(),
+        Reply::HeartbeatAck { .. }
+    ));
+
+    // A TV that only asked for a code and stopped polling is closed at the deadline
+    // (each answer bought it two poll intervals plus a second: 3 s).
+    let mut idle = tv(&srv, &TvKey::generate().unwrap()).await;
+    start_code(&mut idle).await;
+    let started = Instant::now();
+    let closed = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // An unregistered TV's heartbeat is answered with an error; a closed link
+        // answers nothing.
+        match request(&mut idle, Request::Heartbeat).await {
+            Err(ClientError::Server(_)) | Ok(_) => {}
+            Err(_) => break started.elapsed(),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never closed");
+    };
+    assert!(closed >= Duration::from_secs(2), "closed after {closed:?}");
+    srv.stop().await;
+}
