@@ -1,6 +1,6 @@
 //! The `call-proxy-server` command: `serve` runs the daemon (with the admin listener if
 //! asked); `calls`, `users` and `stats` are the operator CLI, on the database file
-//! (`--db`) or through a running server's admin API (`--admin URL`); `approve`, `revoke`
+//! (`--db`) or through a running server's admin API (`--admin URL`); `approve`, `refuse`, `revoke`
 //! and `enrollments` manage enrolled TVs on the database file (also while the server
 //! runs).
 
@@ -67,6 +67,16 @@ enum Command {
         /// The user has an enrolled TV already: revoke it (a replaced TV).
         #[arg(long)]
         replace: bool,
+    },
+    /// Refuses the enrollment code a TV shows: the TV is told, and the code can no
+    /// longer be approved.
+    Refuse {
+        /// The server's SQLite database file [default: data/call-proxy.sqlite].
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// The code on the TV's screen.
+        #[arg(long)]
+        code: String,
     },
     /// Withdraws user ID's TV credential; its live session ends within a second.
     Revoke {
@@ -325,6 +335,7 @@ fn run_cli() -> anyhow::Result<()> {
             user,
             replace,
         } => approve(db, &code, user, replace),
+        Command::Refuse { db, code } => refuse(db, &code),
         Command::Revoke { db, user } => revoke(db, user),
         Command::Enrollments { db, limit, format } => {
             let (ops, rt) = operator_db(db)?;
@@ -374,6 +385,29 @@ fn approve(db: Option<PathBuf>, code: &str, user: u64, replace: bool) -> anyhow:
         Approval::UserHasTv => anyhow::bail!(
             "user {user} has an enrolled TV already: add --replace to replace it (the old one is revoked)"
         ),
+    }
+}
+
+fn refuse(db: Option<PathBuf>, code: &str) -> anyhow::Result<()> {
+    use call_proxy_server::storage::enroll::{display_code, normalise_code, Refusal};
+    let Some(stored) = normalise_code(code) else {
+        return Err(UsageError(format!(
+            "{code:?} is not an enrollment code (8 letters like BCDF-GHJK)"
+        ))
+        .into());
+    };
+    let (ops, rt) = operator_db(db)?;
+    let shown = display_code(&stored);
+    match rt.block_on(ops.refuse(stored, call_proxy_server::clock::now_ms()))? {
+        Refusal::Refused => {
+            println!("{}", serde_json::json!({ "refused": shown }));
+            Ok(())
+        }
+        Refusal::UnknownCode => anyhow::bail!("no enrollment has the code {shown}"),
+        Refusal::Expired => anyhow::bail!("the code {shown} has expired already"),
+        Refusal::AlreadyDecided => {
+            anyhow::bail!("the code {shown} was approved or refused already")
+        }
     }
 }
 

@@ -658,3 +658,76 @@ async fn a_tv_polling_a_pending_code_keeps_its_link_past_the_registration_deadli
     assert!(closed >= Duration::from_secs(2), "closed after {closed:?}");
     srv.stop().await;
 }
+
+/// The operator refuses a code with the CLI or `DELETE /api/enrollments/{code}`: the
+/// TV's next poll says refused, the code can no longer be approved, and refusing twice
+/// or an unknown code fails clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_refuses_a_code_with_the_cli_or_the_admin_api() {
+    let mut srv = tls_server(|_| {}).await;
+    let admin = srv.start_admin(None).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
+            .args(args)
+            .arg("--db")
+            .arg(&srv.db_path)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let refused = |r: Reply| matches!(r, Reply::Enrollment(EnrollmentStatus::Refused { .. }));
+
+    let mut tv1 = tv(&srv, &TvKey::generate().unwrap()).await;
+    let code1 = start_code(&mut tv1).await;
+    let (rc, out, err) = tokio::task::block_in_place(|| cli(&["refuse", "--code", &code1]));
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("\"refused\""), "{out}");
+    let poll = request(&mut tv1, Request::PollEnrollment).await.unwrap();
+    assert!(refused(poll.clone()), "{poll:?}");
+    let (rc, _, err) = tokio::task::block_in_place(|| cli(&["refuse", "--code", &code1]));
+    assert_eq!(rc, 1);
+    assert!(err.contains("approved or refused already"), "{err}");
+    let (rc, _, err) =
+        tokio::task::block_in_place(|| cli(&["approve", "--code", &code1, "--user", "6006"]));
+    assert_eq!(rc, 1, "a refused code cannot be approved: {err}");
+    assert!(matches!(
+        tv1.register(6006, 5000).await,
+        Err(ClientError::Server(e)) if e.code == ErrorCode::UNAUTHENTICATED
+    ));
+
+    let mut tv2 = tv(&srv, &TvKey::generate().unwrap()).await;
+    let code2 = start_code(&mut tv2).await;
+    let delete = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut r = agent
+                .delete(&url)
+                .header("Authorization", format!("Bearer {}", common::ADMIN_TOKEN))
+                .call()
+                .unwrap();
+            (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+        })
+    };
+    let (status, body) = delete(format!("{admin}/api/enrollments/{code2}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let poll = request(&mut tv2, Request::PollEnrollment).await.unwrap();
+    assert!(refused(poll.clone()), "{poll:?}");
+    let (status, _) = delete(format!("{admin}/api/enrollments/{code2}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 409);
+    let (status, _) = delete(format!("{admin}/api/enrollments/BCDF-BCDF"))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    srv.stop().await;
+}

@@ -139,7 +139,7 @@ pub fn router_with<S: Store, O: OperatorStore>(
         .route("/api/enrollments", get(routes::enrollments::<S, O>))
         .route(
             "/api/enrollments/{code}",
-            axum::routing::post(routes::approve::<S, O>),
+            axum::routing::post(routes::approve::<S, O>).delete(routes::refuse::<S, O>),
         )
         .route(
             "/api/users/{id}/revoke",

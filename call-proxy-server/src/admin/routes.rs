@@ -332,6 +332,32 @@ pub(super) async fn approve<S: Store, O: OperatorStore>(
     )
 }
 
+/// `DELETE /api/enrollments/{code}`: refuses the code a TV shows. 404: no such code;
+/// 409: expired or decided already.
+pub(super) async fn refuse<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    Path(code): Path<String>,
+) -> Result<Response, ApiError> {
+    use crate::storage::enroll::{display_code, normalise_code, Refusal};
+    let stored = normalise_code(&code).ok_or_else(|| ApiError::BadParam {
+        parameter: "code",
+        value: code.clone(),
+        message: "an enrollment code is 8 letters like BCDF-GHJK".into(),
+    })?;
+    let shown = display_code(&stored);
+    let conflict = |m: String| (StatusCode::CONFLICT, Json(plain(m))).into_response();
+    Ok(match state.ops.refuse(stored, clock::now_ms()).await? {
+        Refusal::Refused => Json(serde_json::json!({ "refused": shown })).into_response(),
+        Refusal::UnknownCode => {
+            return Err(ApiError::NotFound(format!(
+                "no enrollment has the code {shown}"
+            )))
+        }
+        Refusal::Expired => conflict(format!("the code {shown} has expired")),
+        Refusal::AlreadyDecided => conflict(format!("the code {shown} was decided already")),
+    })
+}
+
 /// `POST /api/users/{id}/revoke`: withdraws the user's TV credential (404 if none).
 pub(super) async fn revoke<S: Store, O: OperatorStore>(
     State(state): State<Arc<AdminState<S, O>>>,

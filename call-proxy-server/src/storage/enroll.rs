@@ -124,6 +124,20 @@ pub enum Approval {
     UserHasTv,
 }
 
+/// What refusing an enrollment code did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The code is refused: the TV's next poll says so, and it never gets a credential
+    /// from it.
+    Refused,
+    /// No enrollment has this code.
+    UnknownCode,
+    /// The code expired already (nothing to refuse).
+    Expired,
+    /// The code was approved or refused already.
+    AlreadyDecided,
+}
+
 /// An enrollment as the operator lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EnrollmentRecord {

@@ -744,6 +744,16 @@ impl OperatorStore for AnyOperator {
         }
     }
 
+    async fn refuse(
+        &self,
+        code: String,
+        now_ms: UnixMillis,
+    ) -> Result<crate::storage::enroll::Refusal, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.refuse(code, now_ms).await,
+        }
+    }
+
     async fn revoke(&self, user: UserId, now_ms: UnixMillis) -> Result<bool, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.revoke(user, now_ms).await,

@@ -223,6 +223,14 @@ pub trait OperatorStore: Clone + Send + Sync + 'static {
         now_ms: UnixMillis,
     ) -> impl Future<Output = Result<crate::storage::enroll::Approval, StoreError>> + Send;
 
+    /// Refuses the pending enrollment with this code (stored form): the TV's next poll
+    /// is told, and the code can no longer be approved.
+    fn refuse(
+        &self,
+        code: String,
+        now_ms: UnixMillis,
+    ) -> impl Future<Output = Result<crate::storage::enroll::Refusal, StoreError>> + Send;
+
     /// Withdraws `user`'s TV credential (`false`: it had none). The server cuts the
     /// TV's live session off within a second.
     fn revoke(

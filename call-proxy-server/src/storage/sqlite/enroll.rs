@@ -11,7 +11,7 @@ use shared_proto::{UnixMillis, UserId};
 use super::{db_error, OperatorDb};
 use crate::clock::to_db_text;
 use crate::storage::enroll::{
-    display_code, Approval, Credential, EnrollmentRecord, EnrollmentState, NewEnrollment,
+    display_code, Approval, Credential, EnrollmentRecord, EnrollmentState, NewEnrollment, Refusal,
     Revocation,
 };
 use crate::storage::StoreError;
@@ -230,6 +230,38 @@ pub fn approve(
     .map_err(db_error)?;
     tx.commit().map_err(db_error)?;
     Ok(Approval::Approved { user, replaced })
+}
+
+/// Operator: refuses the pending enrollment with code `code` (stored form).
+pub fn refuse(path: &Path, code: &str, now_ms: UnixMillis) -> Result<Refusal, StoreError> {
+    let mut conn = open_rw(path)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_error)?;
+    let row: Option<(String, i64)> = tx
+        .query_row(
+            "SELECT state, expires_at FROM tv_enrollment WHERE user_code = ?1",
+            [code],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(db_error)?;
+    let Some((state, expires)) = row else {
+        return Ok(Refusal::UnknownCode);
+    };
+    if state != "pending" {
+        return Ok(Refusal::AlreadyDecided);
+    }
+    if expires <= now_ms {
+        return Ok(Refusal::Expired);
+    }
+    tx.execute(
+        "UPDATE tv_enrollment SET state = 'refused', decided_at = ?2 WHERE user_code = ?1",
+        params![code, to_db_text(now_ms)],
+    )
+    .map_err(db_error)?;
+    tx.commit().map_err(db_error)?;
+    Ok(Refusal::Refused)
 }
 
 /// Operator: withdraws `user`'s TV credential; `false` if it had none.

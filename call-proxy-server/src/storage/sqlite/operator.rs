@@ -123,6 +123,17 @@ impl OperatorStore for SqliteOperator {
         .map_err(|e| StoreError::Other(format!("approval task: {e}")))?
     }
 
+    async fn refuse(
+        &self,
+        code: String,
+        now_ms: UnixMillis,
+    ) -> Result<crate::storage::enroll::Refusal, StoreError> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || super::enroll::refuse(&path, &code, now_ms))
+            .await
+            .map_err(|e| StoreError::Other(format!("refusal task: {e}")))?
+    }
+
     async fn revoke(&self, user: UserId, now_ms: UnixMillis) -> Result<bool, StoreError> {
         let path = self.inner.path.clone();
         tokio::task::spawn_blocking(move || super::enroll::revoke(&path, user, now_ms))
