@@ -428,7 +428,7 @@ async fn the_server_serves_any_byte_stream() {
         )
         .await;
     });
-    let client_tls = tokio_rustls::TlsConnector::from(srv.tvs.enroll(OLD))
+    let client_tls = tokio_rustls::TlsConnector::from(srv.tvs.enroll(OLD).config())
         .connect(ServerName::from(peer.ip()), client_end)
         .await
         .unwrap();

@@ -17,7 +17,6 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -215,7 +214,7 @@ struct FloodResult {
 /// `batch` every `pause` until the server closes the link (or `limit` passes).
 async fn flood(
     server: SocketAddr,
-    (user, tls): (UserId, Arc<rustls::ClientConfig>),
+    (user, tls): (UserId, control_client::TlsClient),
     batch: u32,
     pause: Duration,
     limit: Duration,

@@ -71,7 +71,10 @@ impl Client<crate::Stream> {
         local: Option<SocketAddr>,
     ) -> Result<Self, ClientError> {
         let name = server.ip().to_string();
-        let stream = transport.connect_addr(server, &name, local).await?;
+        let stream = transport
+            .connect_addr(server, &name, local)
+            .await
+            .map_err(ClientError::from_connect)?;
         Self::handshake(stream).await
     }
 }

@@ -30,6 +30,18 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// A failed connection attempt: the server's refusal if it sent one in place of
+    /// TLS (see [`crate::recorded`]), else the I/O error.
+    pub fn from_connect(e: std::io::Error) -> ClientError {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<crate::recorded::RefusedBeforeTls>())
+        {
+            Some(refused) => ClientError::Refused(refused.0.clone()),
+            None => ClientError::Io(e),
+        }
+    }
+
     /// The server's error code, if the server gave one.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {

@@ -27,6 +27,7 @@ pub mod connection;
 pub mod error;
 pub mod paging;
 pub mod pending;
+pub mod recorded;
 pub mod tls;
 pub mod transport;
 

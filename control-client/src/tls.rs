@@ -16,6 +16,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::recorded::{refusal_instead_of_tls, Recorded, RefusedBeforeTls};
+
 /// Why a TLS setting could not be made or used.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TlsSetupError {
@@ -155,7 +157,7 @@ impl TlsClient {
         server: SocketAddr,
         name: &str,
         local: Option<SocketAddr>,
-    ) -> std::io::Result<TlsStream<TcpStream>> {
+    ) -> std::io::Result<TlsStream<Recorded<TcpStream>>> {
         let name = ServerName::try_from(name.to_string()).map_err(|e| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -163,9 +165,24 @@ impl TlsClient {
             )
         })?;
         let stream = crate::client::tcp_connect(server, local).await?;
-        tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
-            .connect(name, stream)
-            .await
+        // Recorded until the handshake is done: a server that refuses the connection
+        // (full, or this address flooded) answers in plain text, before any TLS.
+        let handshake = tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
+            .connect(name, Recorded::new(stream))
+            .into_fallible();
+        match handshake.await {
+            Ok(mut tls) => {
+                tls.get_mut().0.stop();
+                Ok(tls)
+            }
+            Err((e, stream)) => match refusal_instead_of_tls(stream).await {
+                Some(w) => Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    RefusedBeforeTls(w),
+                )),
+                None => Err(e),
+            },
+        }
     }
 }
 

@@ -7,10 +7,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
+use crate::recorded::Recorded;
 use crate::tls::{host_of, TlsClient};
 
 /// A control connection's byte stream: plain TCP or TLS over TCP.
-pub type Stream = Either<TcpStream, TlsStream<TcpStream>>;
+pub type Stream = Either<TcpStream, TlsStream<Recorded<TcpStream>>>;
 
 /// Plain TCP (lab use, `--insecure-plaintext`) or TLS to a server.
 #[derive(Clone, Debug)]

@@ -12,158 +12,41 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use call_proxy_server::admin::{self, AdminHandle, AdminOptions};
 use call_proxy_server::client::{Client, ClientError};
 use call_proxy_server::embedded::RunningServer;
 use call_proxy_server::{Config, Shared, SqliteOptions, SqliteStore};
-use control_client::TvKey;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
-use shared_proto::{DialOutcome, Event, Features, Preamble, Reply, Request, UserId, PREAMBLE_LEN};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use control_client::{TlsClient, TvKey};
+use shared_proto::{DialOutcome, Event, Reply, Request, UserId};
 use tokio::net::TcpStream;
 
 /// A test TV's control stream: TLS 1.3 over TCP.
-pub type Tls = tokio_rustls::client::TlsStream<Recorded<TcpStream>>;
+pub type Tls = tokio_rustls::client::TlsStream<control_client::recorded::Recorded<TcpStream>>;
 
 /// A test TV's control client.
 pub type Tv = Client<Tls>;
 
-/// How much of what a server sends first is kept, to read a refusal sent in place of
-/// the TLS handshake (a preamble and a reason of at most a few hundred bytes).
-const RECORDED: usize = 1024;
-
-/// A stream that keeps a copy of the first bytes read from it until the TLS handshake
-/// is done: a server that refuses a connection at accept (full, or the source flooded)
-/// sends its rejecting preamble in plain text before any TLS, and this is how a test TV
-/// still reads the status and reason of it.
-#[derive(Debug)]
-pub struct Recorded<S> {
-    /// The stream.
-    inner: S,
-    /// The first bytes read, until the handshake completes (then `None`).
-    seen: Option<Vec<u8>>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Recorded<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(seen)) = (&r, this.seen.as_mut()) {
-            let new = &buf.filled()[before..];
-            let room = RECORDED.saturating_sub(seen.len());
-            seen.extend_from_slice(&new[..new.len().min(room)]);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Recorded<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// TLS 1.3 to a server whose CA is `ca_pem`, presenting `key`: what
-/// `control_client::TlsClient` sets up, built here so the test TVs' streams can be
-/// [`Recorded`].
-pub fn tls_config(ca_pem: &[u8], key: &TvKey) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in control_client::tls::ca_certs(ca_pem).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let (_, key_pem) = key.to_pem();
-    let private = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(vec![key.cert.clone()], private.into())
-    .unwrap();
-    Arc::new(config)
+/// TLS 1.3 to a server whose CA is `ca_pem`, presenting `key`, as a TV sets it up.
+pub fn tls_config(ca_pem: &[u8], key: &TvKey) -> TlsClient {
+    TlsClient::new(ca_pem, key).unwrap()
 }
 
 /// A TLS connection to `server` (from `local`, if given) with `config`. A server that
 /// refused the connection before TLS (its rejecting preamble where the ServerHello
-/// should be) gives [`ClientError::Refused`] with its status and reason, as on plain TCP.
+/// should be) gives [`ClientError::Refused`] with its status and reason, as on plain
+/// TCP (the real client's [`control_client::recorded`]).
 pub async fn tls_connect(
-    config: &Arc<rustls::ClientConfig>,
+    config: &TlsClient,
     server: SocketAddr,
     local: Option<SocketAddr>,
 ) -> Result<Tls, ClientError> {
-    let tcp = control_client::client::tcp_connect(server, local).await?;
-    let stream = Recorded {
-        inner: tcp,
-        seen: Some(Vec::new()),
-    };
-    let handshake = tokio_rustls::TlsConnector::from(Arc::clone(config))
-        .connect(ServerName::from(server.ip()), stream)
-        .into_fallible();
-    match handshake.await {
-        Ok(mut tls) => {
-            tls.get_mut().0.seen = None;
-            Ok(tls)
-        }
-        Err((e, stream)) => Err(refusal_instead_of_tls(stream)
-            .await
-            .unwrap_or(ClientError::Io(e))),
-    }
-}
-
-/// The refusal a server sent in place of its side of the TLS handshake, if it did.
-async fn refusal_instead_of_tls(stream: Recorded<TcpStream>) -> Option<ClientError> {
-    let seen = stream.seen?;
-    let first: [u8; PREAMBLE_LEN] = seen.get(..PREAMBLE_LEN)?.try_into().ok()?;
-    Preamble::decode(first).ok()?;
-    // The control protocol's own reading of a rejecting preamble, over what was seen
-    // and whatever of the reason is still to come.
-    let rest = std::io::Cursor::new(seen).chain(stream.inner);
-    let replayed = tokio::io::join(rest, tokio::io::sink());
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        control_client::handshake(replayed, Features::KNOWN),
-    )
-    .await
-    {
-        Ok(Err(e @ ClientError::Refused(_))) => Some(e),
-        _ => None,
-    }
+    config
+        .connect(server, &server.ip().to_string(), local)
+        .await
+        .map_err(ClientError::from_connect)
 }
 
 /// The TVs of one server: a key per user, enrolled in the server's database, and the TLS
@@ -176,9 +59,9 @@ pub struct Tvs {
     /// The CA, read at first use.
     ca_pem: OnceLock<Vec<u8>>,
     /// Each user's TLS settings (with its key and its resumption cache).
-    by_user: Mutex<HashMap<UserId, Arc<rustls::ClientConfig>>>,
+    by_user: Mutex<HashMap<UserId, TlsClient>>,
     /// A key nobody enrolled, for connections that never register.
-    stranger: OnceLock<Arc<rustls::ClientConfig>>,
+    stranger: OnceLock<TlsClient>,
 }
 
 impl Tvs {
@@ -204,24 +87,23 @@ impl Tvs {
     }
 
     /// `user`'s TLS settings, its key made and enrolled on first use.
-    pub fn enroll(&self, user: UserId) -> Arc<rustls::ClientConfig> {
+    pub fn enroll(&self, user: UserId) -> TlsClient {
         let mut by_user = self.by_user.lock().unwrap();
         if let Some(c) = by_user.get(&user) {
-            return Arc::clone(c);
+            return c.clone();
         }
         let key = TvKey::generate().unwrap();
         record_credential(&self.db, &key, user);
         let config = tls_config(self.ca_pem(), &key);
-        by_user.insert(user, Arc::clone(&config));
+        by_user.insert(user, config.clone());
         config
     }
 
     /// The stranger's TLS settings.
-    pub fn stranger(&self) -> Arc<rustls::ClientConfig> {
-        Arc::clone(
-            self.stranger
-                .get_or_init(|| tls_config(self.ca_pem(), &TvKey::generate().unwrap())),
-        )
+    pub fn stranger(&self) -> TlsClient {
+        self.stranger
+            .get_or_init(|| tls_config(self.ca_pem(), &TvKey::generate().unwrap()))
+            .clone()
     }
 
     /// A TLS connection as `user`'s enrolled TV (from `local`, if given), the control
