@@ -65,7 +65,8 @@ impl std::fmt::Display for Fingerprint {
 pub struct TvIdentity {
     /// The certificate's fingerprint.
     pub fingerprint: Fingerprint,
-    /// The certificate itself (public).
+    /// The certificate itself (public), for an enrollment; emptied once the TV has
+    /// registered (its session needs only the fingerprint).
     pub cert: Vec<u8>,
 }
 

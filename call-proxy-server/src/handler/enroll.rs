@@ -60,6 +60,12 @@ pub async fn start<S: Store>(
     agent_version: String,
 ) -> Result<Reply, WireError> {
     let identity = st.identity.as_ref().ok_or_else(needs_tls)?;
+    if st.session.is_some() {
+        return Err(WireError::new(
+            ErrorCode::ALREADY_REGISTERED,
+            "this TV is enrolled and registered on this connection already",
+        ));
+    }
     let now = now_ms();
     let ttl_ms =
         i64::try_from(shared.config.enrollment_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);

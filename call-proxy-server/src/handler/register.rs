@@ -66,6 +66,12 @@ pub async fn handle<S: Store>(
         session_id,
     });
     st.push_rx = Some(push_rx);
+    // Registered: the fingerprint is all the session needs of its certificate (for
+    // revocation); the certificate itself (an enrollment's business) is not kept in
+    // every idle TV's state.
+    if let Some(identity) = st.identity.as_mut() {
+        identity.cert = Vec::new();
+    }
     shared.metrics.registered(installed.replaced);
     if let Some(ended) = installed.ended {
         if let Err(e) = record_end(shared, ended).await {
