@@ -14,6 +14,10 @@
 //! `srtp_replayed`), with a rate-limited log line. Everything between (router, jitter
 //! buffer, RTCP statistics) sees plain packets. Without it (a peer that offered no key,
 //! an older agent) the call is plain RTP.
+//!
+//! What the receive task does with a datagram and on a playout tick is [`Receiver`],
+//! sans-I/O (the task only adds the socket, the peer-address check and the clock), so the
+//! `media_receive` fuzz target runs the same code on arbitrary datagrams.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -239,8 +243,6 @@ impl MediaSession {
         encoder.set_inband_fec(true)?;
         encoder.set_packet_loss_perc(params.expected_loss_pct)?;
         encoder.set_complexity(params.complexity)?;
-        let decoder = opus::Decoder::new(48_000, opus::Channels::Mono)
-            .context("cannot create Opus decoder")?;
         let ssrc: u32 = rand::random();
         let (protector, unprotector) = match &params.srtp {
             Some(keys) => {
@@ -252,6 +254,7 @@ impl MediaSession {
         let srtp = protector.is_some();
         let (stop, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared::new(&params));
+        let receiver = Receiver::with_shared(Arc::clone(&shared), &params, unprotector)?;
         let started = Instant::now();
         let send = tokio::spawn(send_loop(
             Arc::clone(&socket),
@@ -263,13 +266,7 @@ impl MediaSession {
             stop_rx.clone(),
         ));
         let recv = tokio::spawn(receive_loop(
-            Inbound::new(socket, unprotector),
-            params,
-            sink,
-            decoder,
-            Arc::clone(&shared),
-            stop_rx,
-            started,
+            socket, receiver, params, sink, stop_rx, started,
         ));
         Ok(MediaSession {
             stop,
@@ -472,45 +469,93 @@ fn sender_report(shared: &Shared, ssrc: u32, rtp_time: u32) -> anyhow::Result<By
     Ok(sr.marshal()?)
 }
 
-fn is_rtcp(datagram: &[u8]) -> bool {
-    // RFC 5761: RTCP packet types 192..=223 in the second byte (RTP would carry a
-    // payload type there, with the marker bit).
+/// Whether a datagram on the media port is RTCP rather than RTP (RFC 5761: RTCP packet
+/// types 192..=223 in the second byte, where RTP would carry a payload type with the
+/// marker bit). Decides which of SRTP and SRTCP protects and unprotects it.
+pub fn is_rtcp(datagram: &[u8]) -> bool {
     datagram.len() >= 2 && (192..=223).contains(&datagram[1])
 }
 
-/// The receive task's socket boundary: the socket, and SRTP, which unprotects each
-/// datagram from the peer and counts (and logs, rate-limited) those it drops.
-struct Inbound {
-    /// The media socket.
-    socket: Arc<UdpSocket>,
-    /// `None`: plain RTP.
-    unprotector: Option<Unprotector>,
-    auth_failed: u64,
-    replayed: u64,
-    drop_log: DropLog,
+/// Counters of the datagrams a [`Receiver`] dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveCounts {
+    /// Not valid RTP of one of the session's streams, or a stream beyond SRTP's limit.
+    pub rejected: u64,
+    /// Failed SRTP/SRTCP authentication (or were not SRTP at all).
+    pub auth_failed: u64,
+    /// SRTP/SRTCP replays, or older than the replay window.
+    pub replayed: u64,
 }
 
-impl Inbound {
-    fn new(socket: Arc<UdpSocket>, unprotector: Option<Unprotector>) -> Self {
-        Inbound {
-            socket,
-            unprotector,
-            auth_failed: 0,
-            replayed: 0,
-            drop_log: DropLog::default(),
-        }
+/// The receive task's logic, sans-I/O: what the agent does with each datagram from the
+/// peer ([`Receiver::datagram`]: SRTP/SRTCP unprotect, RTCP statistics, RTP validation
+/// and routing, the jitter buffer) and on each 20 ms playout tick ([`Receiver::tick`]:
+/// jitter buffer, Opus decode with FEC and concealment). The session's receive task owns
+/// one and feeds it from the socket and its clock; the `media_receive` fuzz target feeds
+/// it arbitrary datagrams and ticks.
+pub struct Receiver {
+    /// State shared with the send task (its RTCP reports are about what arrives here).
+    shared: Arc<Shared>,
+    /// `None`: plain RTP.
+    unprotector: Option<Unprotector>,
+    jitter: JitterBuffer,
+    decoder: opus::Decoder,
+    counts: ReceiveCounts,
+    drop_log: DropLog,
+    /// A frame other than [`Playout::Waiting`] was played: the sink gets every frame.
+    playing: bool,
+}
+
+impl Receiver {
+    /// A receiver for a session with `params`, unprotecting with `unprotector` (`None`:
+    /// plain RTP), on its own state (for a session, the receive task shares it with the
+    /// send task).
+    pub fn new(params: &MediaParams, unprotector: Option<Unprotector>) -> anyhow::Result<Self> {
+        Self::with_shared(Arc::new(Shared::new(params)), params, unprotector)
     }
 
-    /// The plain packet in `datagram`, or `None` if it was dropped (counted here, or in
-    /// `rejected` for a stream beyond the limit).
-    fn plain<'a>(
-        &mut self,
-        datagram: &'a [u8],
-        rtcp: bool,
-        rejected: &mut u64,
-    ) -> Option<Cow<'a, [u8]>> {
+    fn with_shared(
+        shared: Arc<Shared>,
+        params: &MediaParams,
+        unprotector: Option<Unprotector>,
+    ) -> anyhow::Result<Self> {
+        let decoder = opus::Decoder::new(48_000, opus::Channels::Mono)
+            .context("cannot create Opus decoder")?;
+        Ok(Receiver {
+            shared,
+            unprotector,
+            jitter: JitterBuffer::new(params.jitter_frames.0, params.jitter_frames.1),
+            decoder,
+            counts: ReceiveCounts::default(),
+            drop_log: DropLog::default(),
+            playing: false,
+        })
+    }
+
+    /// Takes one datagram from the peer's address that arrived at `arrival_ms` (the
+    /// session's clock, milliseconds): unprotects it (SRTP/SRTCP), then updates the RTCP
+    /// statistics or routes the RTP packet to its stream (audio into the jitter buffer).
+    pub fn datagram(&mut self, datagram: &[u8], arrival_ms: f64) -> Received {
+        let rtcp = is_rtcp(datagram);
+        let plain = match self.plain(datagram, rtcp) {
+            Ok(p) => p,
+            Err(dropped) => return dropped,
+        };
+        if rtcp {
+            handle_rtcp(&self.shared, &plain);
+            return Received::Rtcp;
+        }
+        let routed = receive_rtp(&self.shared, &plain, &mut self.jitter, arrival_ms);
+        if routed == Received::Rejected {
+            self.counts.rejected += 1;
+        }
+        routed
+    }
+
+    /// The plain packet in `datagram`, or what became of it if it was dropped (counted).
+    fn plain<'a>(&mut self, datagram: &'a [u8], rtcp: bool) -> Result<Cow<'a, [u8]>, Received> {
         let Some(u) = &mut self.unprotector else {
-            return Some(Cow::Borrowed(datagram));
+            return Ok(Cow::Borrowed(datagram));
         };
         let r = if rtcp {
             u.rtcp(datagram)
@@ -519,123 +564,153 @@ impl Inbound {
         };
         let e = match r {
             // (The decrypted buffer is not shared: no copy.)
-            Ok(plain) => return Some(Cow::Owned(Vec::from(plain))),
+            Ok(plain) => return Ok(Cow::Owned(Vec::from(plain))),
             Err(e) => e,
         };
-        match e {
-            SrtpError::Replay => self.replayed += 1,
-            ref e if e.is_auth_failure() => self.auth_failed += 1,
-            _ => *rejected += 1,
-        }
+        let dropped = match e {
+            SrtpError::Replay => {
+                self.counts.replayed += 1;
+                Received::SrtpReplayed
+            }
+            ref e if e.is_auth_failure() => {
+                self.counts.auth_failed += 1;
+                Received::SrtpAuthFailed
+            }
+            _ => {
+                self.counts.rejected += 1;
+                Received::Rejected
+            }
+        };
         if let Some(n) = self.drop_log.note(Instant::now()) {
             tracing::warn!(
                 dropped_since_last_line = n,
-                auth_failed = self.auth_failed,
-                replayed = self.replayed,
+                auth_failed = self.counts.auth_failed,
+                replayed = self.counts.replayed,
                 last = %e,
                 "dropping media packets that fail SRTP checks"
             );
         }
-        None
+        Err(dropped)
+    }
+
+    /// One 20 ms playout tick: decodes what the jitter buffer gives into `pcm` (one
+    /// frame, [`FRAME`] samples: a packet, a frame recovered from the next packet's FEC,
+    /// or a concealed one; a corrupt payload is concealed). `true` if `pcm` is to be
+    /// played: from the first frame that was not silence waiting for the stream on.
+    pub fn tick(&mut self, pcm: &mut [i16]) -> bool {
+        let playout = self.jitter.pop();
+        let result = match &playout {
+            Playout::Waiting => {
+                pcm.fill(0);
+                Ok(pcm.len())
+            }
+            Playout::Packet(p) => self.decoder.decode(p, pcm, false),
+            Playout::Fec(next) => self.decoder.decode(next, pcm, true),
+            Playout::Conceal => self.decoder.decode(&[], pcm, false),
+        };
+        match result {
+            // A shorter packet (a 10 ms frame): silence for the rest of the tick, not the
+            // previous frame's samples.
+            Ok(n) => {
+                let len = pcm.len();
+                pcm[n.min(len)..].fill(0);
+            }
+            // A corrupt payload: conceal instead.
+            Err(_) => {
+                if self.decoder.decode(&[], pcm, false).is_err() {
+                    pcm.fill(0);
+                }
+            }
+        }
+        if !matches!(playout, Playout::Waiting) {
+            self.playing = true;
+        }
+        // Before the first packet, nothing is written: the recording starts with the
+        // call's audio.
+        self.playing
+    }
+
+    /// The audio jitter buffer.
+    pub fn jitter(&self) -> &JitterBuffer {
+        &self.jitter
+    }
+
+    /// The datagrams dropped so far.
+    pub fn counts(&self) -> ReceiveCounts {
+        self.counts
     }
 }
 
 async fn receive_loop(
-    mut inbound: Inbound,
+    socket: Arc<UdpSocket>,
+    mut rx: Receiver,
     params: MediaParams,
     mut sink: Box<dyn AudioSink>,
-    mut decoder: opus::Decoder,
-    shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     started: Instant,
 ) -> anyhow::Result<ReceiveEnd> {
-    let mut jitter = JitterBuffer::new(params.jitter_frames.0, params.jitter_frames.1);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut pcm = vec![0i16; FRAME];
     let mut tick = interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let mut rejected = 0u64;
-    let mut playing = false;
+    // Datagrams from other addresses than the peer's.
+    let mut strangers = 0u64;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            r = inbound.socket.recv_from(&mut buf) => {
+            r = socket.recv_from(&mut buf) => {
                 let (n, from) = match r {
                     Ok(v) => v,
                     // ICMP port unreachable surfaces here on Linux: not fatal.
                     Err(_) => continue,
                 };
                 if from != params.peer {
-                    rejected += 1;
-                    continue;
-                }
-                let rtcp = is_rtcp(&buf[..n]);
-                let Some(datagram) = inbound.plain(&buf[..n], rtcp, &mut rejected) else {
-                    continue;
-                };
-                let datagram = &datagram[..];
-                if rtcp {
-                    handle_rtcp(&shared, datagram);
+                    strangers += 1;
                     continue;
                 }
                 let arrival_ms = started.elapsed().as_secs_f64() * 1000.0;
-                let was_ready = jitter.is_ready();
-                let routed = receive_rtp(&shared, datagram, &mut jitter, arrival_ms);
-                if routed == Received::Rejected {
-                    rejected += 1;
-                } else if routed == Received::Audio && !was_ready && jitter.is_ready() {
+                let was_ready = rx.jitter().is_ready();
+                let routed = rx.datagram(&buf[..n], arrival_ms);
+                if routed == Received::Audio && !was_ready && rx.jitter().is_ready() {
                     // Align the playout clock to the stream: play this frame a small
                     // margin after its arrival, and every 20 ms after that.
-                    let margin = Duration::from_secs_f64(jitter.playout_margin_ms() / 1000.0);
+                    let margin =
+                        Duration::from_secs_f64(rx.jitter().playout_margin_ms() / 1000.0);
                     tick.reset_at(Instant::now() + margin);
                 }
             }
             _ = tick.tick() => {
-                let playout = jitter.pop();
-                let result = match &playout {
-                    Playout::Waiting => {
-                        pcm.fill(0);
-                        Ok(FRAME)
-                    }
-                    Playout::Packet(p) => decoder.decode(p, &mut pcm, false),
-                    Playout::Fec(next) => decoder.decode(next, &mut pcm, true),
-                    Playout::Conceal => decoder.decode(&[], &mut pcm, false),
-                };
-                if result.is_err() {
-                    // A corrupt payload: conceal instead.
-                    if decoder.decode(&[], &mut pcm, false).is_err() {
-                        pcm.fill(0);
-                    }
-                }
-                if !matches!(playout, Playout::Waiting) {
-                    playing = true;
-                }
-                // Before the first packet, nothing is written: the recording starts
-                // with the call's audio.
-                if playing {
+                if rx.tick(&mut pcm) {
                     sink.write_frame(&pcm)?;
                 }
             }
         }
     }
     sink.finish()?;
+    let counts = rx.counts();
     Ok(ReceiveEnd {
-        jitter,
-        rejected,
-        auth_failed: inbound.auth_failed,
-        replayed: inbound.replayed,
+        jitter: rx.jitter,
+        rejected: counts.rejected + strangers,
+        auth_failed: counts.auth_failed,
+        replayed: counts.replayed,
     })
 }
 
-/// What became of an RTP datagram from the peer.
+/// What became of a datagram from the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Received {
+pub enum Received {
     /// Into the audio jitter buffer.
     Audio,
     /// To the video stream's handler.
     Video,
-    /// Not valid RTP of one of the session's streams.
+    /// RTCP, into the call's statistics (if it parsed).
+    Rtcp,
+    /// Not valid RTP of one of the session's streams (or a stream beyond SRTP's limit).
     Rejected,
+    /// Dropped: failed SRTP/SRTCP authentication, or was not SRTP at all.
+    SrtpAuthFailed,
+    /// Dropped: an SRTP/SRTCP replay, or older than the replay window.
+    SrtpReplayed,
 }
 
 /// Parses an RTP datagram and routes it to its stream's handler.
@@ -929,6 +1004,41 @@ mod tests {
         );
         let json = serde_json::to_value(&q).unwrap();
         assert_eq!(json["other_streams"], 50);
+    }
+
+    /// The receive task's logic on its own: SRTP drops are reported and counted by
+    /// kind, decrypted packets reach the jitter buffer and are played.
+    #[test]
+    fn the_receiver_counts_srtp_drops_and_plays_what_authenticates() {
+        let key = srtp::fresh_key(srtp::OFFERED_SUITE).unwrap();
+        let mut tx = Protector::new(&key).unwrap();
+        let mut rx = Receiver::new(&params(), Some(Unprotector::new(&key).unwrap())).unwrap();
+        let first = tx.rtp(&packet(7, 1, 111)).unwrap();
+        assert_eq!(rx.datagram(&first, 0.0), Received::Audio);
+        assert_eq!(rx.datagram(&first, 1.0), Received::SrtpReplayed);
+        let mut bad = tx.rtp(&packet(7, 2, 111)).unwrap().to_vec();
+        bad[13] ^= 0x40;
+        assert_eq!(rx.datagram(&bad, 20.0), Received::SrtpAuthFailed);
+        assert_eq!(
+            rx.datagram(&packet(7, 3, 111), 40.0),
+            Received::SrtpAuthFailed,
+            "plain RTP"
+        );
+        let sr = tx
+            .rtcp(&sender_report(&Shared::new(&params()), 9, 0).unwrap())
+            .unwrap();
+        assert_eq!(rx.datagram(&sr, 50.0), Received::Rtcp);
+        assert_eq!(
+            rx.counts(),
+            ReceiveCounts {
+                rejected: 0,
+                auth_failed: 2,
+                replayed: 1
+            }
+        );
+        assert_eq!(rx.jitter().stats().received, 1);
+        let mut pcm = vec![0i16; FRAME];
+        assert!(rx.tick(&mut pcm), "the packet is played");
     }
 
     #[test]
