@@ -769,24 +769,63 @@ fn audio_packet(
     rx.jitter_ms = jitter.jitter_ms();
 }
 
+/// A report the session reads from the peer's RTCP.
+enum RtcpReport {
+    Sender(rtcp::sender_report::SenderReport),
+    Receiver(rtcp::receiver_report::ReceiverReport),
+}
+
+/// The sender and receiver reports in a compound RTCP packet (RFC 3550, 6.1), the only
+/// kinds the session reads. The compound packet is split by each packet's own header
+/// (version 2, length in 32-bit words); other packet types (SDES, BYE, APP, XR,
+/// feedback) are skipped without being parsed, so their decoders never see a peer's
+/// bytes (rtcp 0.13's XR decoder overflows on a block length above 16383 words). A
+/// malformed packet ends the walk; the reports before it count, a malformed report is
+/// skipped.
+fn rtcp_reports(datagram: &[u8]) -> Vec<RtcpReport> {
+    let mut reports = Vec::new();
+    let mut rest = datagram;
+    while let [first, pt, l0, l1, ..] = *rest {
+        let len = (usize::from(u16::from_be_bytes([l0, l1])) + 1) * 4;
+        let Some(packet) = rest.get(..len) else { break };
+        if first >> 6 != 2 {
+            break;
+        }
+        rest = &rest[len..];
+        let mut buf = packet;
+        match pt {
+            200 => {
+                if let Ok(sr) = rtcp::sender_report::SenderReport::unmarshal(&mut buf) {
+                    reports.push(RtcpReport::Sender(sr));
+                }
+            }
+            201 => {
+                if let Ok(rr) = rtcp::receiver_report::ReceiverReport::unmarshal(&mut buf) {
+                    reports.push(RtcpReport::Receiver(rr));
+                }
+            }
+            _ => {}
+        }
+    }
+    reports
+}
+
 fn handle_rtcp(shared: &Shared, datagram: &[u8]) {
-    let mut raw = Bytes::copy_from_slice(datagram);
-    let Ok(packets) = rtcp::packet::unmarshal(&mut raw) else {
+    let packets = rtcp_reports(datagram);
+    if packets.is_empty() {
         return;
-    };
+    }
     let Ok(mut rx) = shared.rx.lock() else { return };
     let now_mid = ntp_mid32(ntp_now());
     for p in packets {
-        let any = p.as_any();
-        let reports = if let Some(sr) = any.downcast_ref::<rtcp::sender_report::SenderReport>() {
-            if rx.remote_ssrc().is_none_or(|s| s == sr.ssrc) {
-                rx.last_sr = Some((ntp_mid32(sr.ntp_time), Instant::now()));
+        let reports = match p {
+            RtcpReport::Sender(sr) => {
+                if rx.remote_ssrc().is_none_or(|s| s == sr.ssrc) {
+                    rx.last_sr = Some((ntp_mid32(sr.ntp_time), Instant::now()));
+                }
+                sr.reports
             }
-            sr.reports.clone()
-        } else if let Some(rr) = any.downcast_ref::<rtcp::receiver_report::ReceiverReport>() {
-            rr.reports.clone()
-        } else {
-            continue;
+            RtcpReport::Receiver(rr) => rr.reports,
         };
         for r in reports {
             if r.last_sender_report != 0 && Some(r.last_sender_report) == rx.our_last_sr {
@@ -1004,6 +1043,34 @@ mod tests {
         );
         let json = serde_json::to_value(&q).unwrap();
         assert_eq!(json["other_streams"], 50);
+    }
+
+    /// Found by the `media_receive` fuzz target: rtcp 0.13's XR decoder multiplies a
+    /// report block's 16-bit length by 4 without a check, a panic with overflow checks
+    /// on. Only sender and receiver reports are parsed now; the others are skipped by
+    /// their header, and a report after them still counts.
+    #[test]
+    fn rtcp_of_other_kinds_is_skipped_and_reports_after_it_count() {
+        let shared = Shared::new(&params());
+        // XR (207): sender SSRC, then a block claiming 0xc802 words.
+        let mut compound = vec![0x80, 207, 0, 2, 0, 0, 0, 7, 0, 0, 0xc8, 0x02];
+        let sr = rtcp::sender_report::SenderReport {
+            ssrc: 7,
+            ntp_time: 0x1122_3344_5566_7788,
+            reports: vec![rtcp::reception_report::ReceptionReport {
+                ssrc: 9,
+                fraction_lost: 64,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        compound.extend_from_slice(&sr.marshal().unwrap());
+        // A packet of another kind after it, and a truncated one.
+        compound.extend_from_slice(&[0x81, 203, 0, 1, 0, 0, 0, 7, 0x80, 200, 0, 6]);
+        handle_rtcp(&shared, &compound);
+        let rx = shared.rx.lock().unwrap();
+        assert_eq!(rx.peer_loss_pct, Some(25.0));
+        assert_eq!(rx.last_sr.map(|(mid, _)| mid), Some(0x3344_5566));
     }
 
     /// The receive task's logic on its own: SRTP drops are reported and counted by
