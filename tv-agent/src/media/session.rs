@@ -720,6 +720,9 @@ fn receive_rtp(
     jitter: &mut JitterBuffer,
     arrival_ms: f64,
 ) -> Received {
+    if !super::rtp_header::well_formed(datagram) {
+        return Received::Rejected;
+    }
     let Ok(packet) = rtp::packet::Packet::unmarshal(&mut &datagram[..]) else {
         return Received::Rejected;
     };
@@ -1071,6 +1074,24 @@ mod tests {
         let rx = shared.rx.lock().unwrap();
         assert_eq!(rx.peer_loss_pct, Some(25.0));
         assert_eq!(rx.last_sr.map(|(mid, _)| mid), Some(0x3344_5566));
+    }
+
+    /// Found by the `media_receive` fuzz target: an RTP header extension element longer
+    /// than the datagram made rtp 0.13's header decoder panic, before authentication
+    /// with SRTP on (webrtc-srtp parses the header first). Such a datagram is dropped.
+    #[test]
+    fn a_header_extension_running_past_the_datagram_is_dropped_not_a_panic() {
+        let mut d = packet(7, 1, 111).to_vec();
+        d[0] |= 0x10;
+        d.truncate(12);
+        // Two-byte extension profile, one word: ID 1 claiming 200 bytes.
+        d.extend_from_slice(&[0x10, 0x00, 0, 1, 1, 200, 0, 0]);
+        let mut plain = Receiver::new(&params(), None).unwrap();
+        assert_eq!(plain.datagram(&d, 0.0), Received::Rejected);
+        let key = srtp::fresh_key(srtp::OFFERED_SUITE).unwrap();
+        let mut rx = Receiver::new(&params(), Some(Unprotector::new(&key).unwrap())).unwrap();
+        d.extend_from_slice(&[0; 10]);
+        assert_eq!(rx.datagram(&d, 0.0), Received::SrtpAuthFailed);
     }
 
     /// The receive task's logic on its own: SRTP drops are reported and counted by
