@@ -25,6 +25,7 @@ use std::collections::HashSet;
 use libfuzzer_sys::fuzz_target;
 use shared_proto::{SrtpKey, SrtpSuite};
 use tv_agent::media::audio::FRAME;
+use tv_agent::media::rtp_header::well_formed;
 use tv_agent::media::session::{is_rtcp, MediaParams, ReceiveCounts, Received, Receiver};
 use tv_agent::media::srtp::{Protector, SrtpError, Unprotector, MAX_STREAMS};
 use tv_fuzz::{media_records, MediaOp, MEDIA_KEY_SALT};
@@ -38,12 +39,15 @@ fn key(suite: SrtpSuite) -> SrtpKey {
     }
 }
 
-/// Protects a plain packet as the peer's sender does (SRTCP for RTCP).
+/// Protects a plain packet as the peer's sender does (SRTCP for RTCP). A sender marshals
+/// its own packets: a malformed RTP header is not sent (webrtc-srtp would panic on it).
 fn protect(p: &mut Protector, plain: &[u8]) -> Option<Vec<u8>> {
     let r = if is_rtcp(plain) {
         p.rtcp(plain)
-    } else {
+    } else if well_formed(plain) {
         p.rtp(plain)
+    } else {
+        return None;
     };
     r.ok().map(|b| b.to_vec())
 }
