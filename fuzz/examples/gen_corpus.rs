@@ -7,6 +7,13 @@
 //! Frame targets take a mode byte first (see `tv_fuzz::split_input`): each message is
 //! written once as a bare payload (`0x01`) and once as a framed stream (`0x0e`: fed in
 //! 8-byte chunks); a whole session's frames also go in as one stream (`0x00`: byte by byte).
+//!
+//! The media target's seeds are calls as a peer sends them (Opus from the real encoder in
+//! RTP, sender reports), plain and in both SRTP suites (see `tv_fuzz::media_records`); the
+//! identity target's fixtures (`fuzz/fixtures/identity/`, a valid identity the target
+//! builds in) are written by the agent's own `IdentityDir`, with a CA made like the
+//! server's private one. The fixtures are rewritten on each run (a new key): run it only
+//! when their format changes.
 
 use std::path::{Path, PathBuf};
 
@@ -451,6 +458,198 @@ fn main() -> Res {
     put(&root.join("contacts_file"), "three", &std::fs::read(&file)?)?;
     put(&root.join("contacts_file"), "empty", b"[]")?;
     std::fs::remove_dir_all(&scratch)?;
+
+    media_seeds(&root.join("media_receive"))?;
+    identity_seeds(&root)?;
     println!("seed corpus written to {}", root.display());
+    Ok(())
+}
+
+/// A marshalled RTP packet (version 2, no CSRC, no extension).
+fn rtp(pt: u8, marker: bool, seq: u16, ts: u32, ssrc: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x80, pt | if marker { 0x80 } else { 0 }];
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(&ts.to_be_bytes());
+    v.extend_from_slice(&ssrc.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A marshalled RTCP sender report with one reception block.
+fn sender_report(ssrc: u32, about: u32) -> Vec<u8> {
+    let mut v = vec![0x81, 200, 0, 12];
+    for word in [
+        ssrc,
+        0xe8a1_2b3c,
+        0x4d5e_6f70,
+        48_000,
+        50,
+        3_000,
+        about,
+        0x0a00_0003,
+        1_050,
+        12,
+        0x2b3c_4d5e,
+        65_536,
+    ] {
+        v.extend_from_slice(&word.to_be_bytes());
+    }
+    v
+}
+
+/// Seeds for `media_receive`: a second of a call (Opus frames of a tone, a sender
+/// report, a reordered pair, a duplicate, a lost packet, a video packet), plain and in
+/// both SRTP suites; with SRTP also a tampered packet, a replay, and the call's packets
+/// already protected under the fixed key (delivered raw).
+fn media_seeds(dir: &Path) -> Res {
+    use tv_fuzz::{media_record, MediaConfig, MediaOp, MEDIA_KEY_SALT};
+    let mut encoder = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip)?;
+    encoder.set_bitrate(opus::Bitrate::Bits(24_000))?;
+    encoder.set_inband_fec(true)?;
+    encoder.set_packet_loss_perc(10)?;
+    let mut packets = Vec::new();
+    let mut out = vec![0u8; 400];
+    for i in 0..50u16 {
+        let pcm: Vec<i16> = (0..960u32)
+            .map(|n| {
+                let t = f64::from(u32::from(i) * 960 + n) / 48_000.0;
+                (8_000.0 * (2.0 * std::f64::consts::PI * 440.0 * t).sin()) as i16
+            })
+            .collect();
+        let n = encoder.encode(&pcm, &mut out)?;
+        packets.push(rtp(
+            111,
+            i == 0,
+            60_000u16.wrapping_add(i * 137), // wraps within the call
+            u32::from(i) * 960,
+            0x1234_5678,
+            &out[..n],
+        ));
+    }
+    // Arrival order: a reordered pair, a duplicate, a lost packet.
+    let mut order: Vec<usize> = (0..50).filter(|&i| i != 30).collect();
+    order.swap(10, 11);
+    order.insert(20, 19);
+    let video = rtp(96, false, 7, 90_000, 0x9abc_def0, &[0x10, 0x20, 0x30, 0x40]);
+    let sr = sender_report(0x1234_5678, 0x0bad_cafe);
+
+    for suite in 0u8..3 {
+        let mut plain_call = vec![MediaConfig::byte(suite)];
+        for (k, &i) in order.iter().enumerate() {
+            // On time, then a little early or late; one tick per frame.
+            let advance = if k == 0 { 0 } else { [4, 5, 4, 3][k % 4] };
+            plain_call.extend(media_record(MediaOp::Genuine, advance, 1, &packets[i]));
+            if k == 25 {
+                plain_call.extend(media_record(MediaOp::Genuine, 0, 0, &sr));
+                plain_call.extend(media_record(MediaOp::Genuine, 0, 0, &video));
+            }
+        }
+        let label = ["plain", "aes-cm", "aead-gcm"][usize::from(suite)];
+        put(dir, &format!("{label}-call"), &plain_call)?;
+        if suite == 0 {
+            continue;
+        }
+        // Tampered with and replayed, in the middle of a call.
+        let mut attacked = vec![MediaConfig::byte(suite)];
+        for (k, p) in packets.iter().take(12).enumerate() {
+            attacked.extend(media_record(MediaOp::Genuine, 4, 1, p));
+            if k == 5 {
+                attacked.extend(media_record(MediaOp::Replay, 0, 0, &[]));
+                let mut t = vec![20, 0x04];
+                t.extend_from_slice(&packets[k + 1]);
+                attacked.extend(media_record(MediaOp::Tampered, 0, 0, &t));
+            }
+        }
+        attacked.extend(media_record(MediaOp::Genuine, 0, 2, &sr));
+        attacked.extend(media_record(MediaOp::Replay, 0, 2, &[]));
+        put(dir, &format!("{label}-attacked"), &attacked)?;
+        // Packets as protected on the wire, delivered raw.
+        let suite_id = if suite == 2 {
+            SrtpSuite::AEAD_AES_128_GCM
+        } else {
+            SrtpSuite::AES_CM_128_HMAC_SHA1_80
+        };
+        let len = suite_id.key_salt_len().ok_or("a known suite")?;
+        let mut sender = tv_agent::media::srtp::Protector::new(&SrtpKey {
+            suite: suite_id,
+            key_salt: MEDIA_KEY_SALT[..len].to_vec(),
+        })?;
+        let mut wire = vec![MediaConfig::byte(suite)];
+        for p in packets.iter().take(10) {
+            wire.extend(media_record(MediaOp::Raw, 4, 1, &sender.rtp(p)?));
+        }
+        wire.extend(media_record(MediaOp::Raw, 0, 1, &sender.rtcp(&sr)?));
+        put(dir, &format!("{label}-wire"), &wire)?;
+    }
+    Ok(())
+}
+
+/// The identity target's fixtures (a valid identity, as `IdentityDir` writes it) and
+/// its seeds (each file as the data, all four at once, the CA on the command line, a
+/// missing file, a CA bundle).
+fn identity_seeds(root: &Path) -> Res {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use tv_agent::identity::{Enrolled, IdentityDir};
+    let make_ca = |tag: &str| -> Result<String, rcgen::Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("call-proxy-server CA {tag}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        Ok(params.self_signed(&key)?.pem())
+    };
+    let ca = make_ca("0fa2c3d4")?;
+    let scratch = tv_fuzz::scratch_dir("gen-identity");
+    tv_fuzz::reset_dir(&scratch);
+    let id = IdentityDir::new(&scratch);
+    id.key_or_new()?;
+    id.save_enrolled(
+        ca.as_bytes(),
+        &Enrolled {
+            user_id: 2002,
+            server: "192.0.2.10:7600".into(),
+        },
+    )?;
+    let fixtures = root.join("../fixtures/identity");
+    std::fs::create_dir_all(&fixtures)?;
+    let names = ["enrolled.json", "tv.key", "tv.crt", "server-ca.crt"];
+    let mut bodies = Vec::new();
+    for name in names {
+        let body = std::fs::read(scratch.join("identity").join(name))?;
+        std::fs::write(fixtures.join(name), &body)?;
+        bodies.push(body);
+    }
+    std::fs::remove_dir_all(&scratch)?;
+
+    let dir = root.join("identity_files");
+    for (which, name) in (0u8..).zip(names) {
+        put(&dir, name, &with_mode(which, &bodies[usize::from(which)]))?;
+    }
+    let mut all = vec![4u8];
+    for body in &bodies {
+        all.extend_from_slice(&u16::try_from(body.len())?.to_be_bytes());
+        all.extend_from_slice(body);
+    }
+    put(&dir, "all-four", &all)?;
+    put(
+        &dir,
+        "ca-argument-user",
+        &with_mode(3 | 8 | 0x10, &bodies[3]),
+    )?;
+    put(&dir, "no-enrollment", &with_mode(3 | 0x20, &bodies[3]))?;
+    let bundle = format!("{}{ca}", make_ca("1b2c3d4e")?);
+    put(&dir, "ca-bundle", &with_mode(3, bundle.as_bytes()))?;
+    put(
+        &dir,
+        "enrolled-extra-field",
+        &with_mode(
+            0,
+            br#"{"user_id": 18446744073709551615, "server": "[::1]:7600", "x": []}"#,
+        ),
+    )?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Helpers shared by the fuzz targets in `fuzz_targets/`: how a target splits its input
 //! into a mode and bytes, feeding a `tokio-util` decoder the way a socket does (whole,
 //! then in chunks, and checking both give the same frames), and a scratch directory for
-//! the file targets.
+//! the file targets, and the record layout of the media target.
 //!
 //! Input layout of the frame targets: the first byte chooses the mode, the rest is the
 //! data. Bit 0 set: the data is one frame payload given straight to the payload decoder
@@ -145,4 +145,125 @@ pub fn reset_dir(dir: &std::path::Path) {
     if let Err(e) = std::fs::create_dir_all(dir) {
         panic!("cannot create the scratch directory {}: {e}", dir.display());
     }
+}
+
+/// The media targets' fixed SRTP master key and salt (30 bytes: `AES_CM_128_HMAC_SHA1_80`;
+/// `AEAD_AES_128_GCM` takes the first 28), shared by the target's sender and receiver and
+/// by the seed generator, so a seed may carry packets already protected under it.
+pub const MEDIA_KEY_SALT: [u8; 30] = [
+    0x2b, 0x7e, 0x15, 0x16, 0x28, 0xae, 0xd2, 0xa6, 0xab, 0xf7, 0x15, 0x88, 0x09, 0xcf, 0x4f, 0x3c,
+    0xf0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd,
+];
+
+/// What a record of the `media_receive` input does with its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaOp {
+    /// Deliver the bytes as they are (garbage, or a packet protected under
+    /// [`MEDIA_KEY_SALT`] already).
+    Raw,
+    /// The bytes are a plain RTP or RTCP packet: the peer's sender protects it (SRTP or
+    /// SRTCP), and what it sends is delivered. Nothing is delivered if it cannot be
+    /// protected (the sender would not send it). Plain sessions deliver the bytes.
+    Genuine,
+    /// The first two bytes are a position and an XOR mask (0 means 1), the rest a plain
+    /// packet: it is protected (by a throwaway sender, so the peer's sender state does not
+    /// move) and the byte at that position (modulo the length) is changed before delivery.
+    Tampered,
+    /// The last datagram delivered, again (the bytes are ignored).
+    Replay,
+}
+
+/// One record of the `media_receive` input.
+#[derive(Debug, Clone, Copy)]
+pub struct MediaRecord<'a> {
+    /// What to do with `bytes`.
+    pub op: MediaOp,
+    /// Milliseconds the clock moves on before the datagram arrives.
+    pub advance_ms: f64,
+    /// 20 ms playout ticks after it, 0..=7.
+    pub ticks: u8,
+    /// The record's bytes.
+    pub bytes: &'a [u8],
+}
+
+/// Clock steps a record can take before its datagram, in milliseconds: on time, early,
+/// late, a burst, an outage.
+pub const MEDIA_ADVANCE_MS: [f64; 8] = [0.0, 0.5, 3.0, 10.0, 19.0, 21.0, 45.0, 250.0];
+
+/// Most records taken from one input.
+pub const MAX_MEDIA_RECORDS: usize = 512;
+
+/// The session configuration in the first byte of a `media_receive` input.
+#[derive(Debug, Clone, Copy)]
+pub struct MediaConfig {
+    /// 0: plain RTP; 1 and 3: `AES_CM_128_HMAC_SHA1_80`; 2: `AEAD_AES_128_GCM`.
+    pub suite: u8,
+    /// The session also routes a video stream (payload type 96).
+    pub video: bool,
+    /// Jitter buffer depth bounds, in frames.
+    pub jitter_frames: (u64, u64),
+}
+
+impl MediaConfig {
+    /// Reads the configuration byte: bits 0-1 the suite, bit 2 set: no video stream,
+    /// bits 3-4 the jitter buffer's minimum depth minus one, bits 5-7 half the frames its
+    /// maximum adds to that.
+    pub fn from_byte(b: u8) -> MediaConfig {
+        let min = 1 + u64::from((b >> 3) & 3);
+        MediaConfig {
+            suite: b & 3,
+            video: b & 4 == 0,
+            jitter_frames: (min, min + 2 * u64::from(b >> 5)),
+        }
+    }
+
+    /// The configuration byte for `suite` (0..=2) with video and the default depths
+    /// (1 to 9 frames).
+    pub fn byte(suite: u8) -> u8 {
+        (suite & 3) | (4 << 5)
+    }
+}
+
+/// Splits a `media_receive` input into its configuration and records: after the
+/// configuration byte, each record is a control byte (bits 0-1 the [`MediaOp`], bits 2-4
+/// the ticks after it, bits 5-7 an index into [`MEDIA_ADVANCE_MS`]), a length byte and that
+/// many bytes (fewer if the input ends first). At most [`MAX_MEDIA_RECORDS`] records.
+pub fn media_records(data: &[u8]) -> Option<(MediaConfig, Vec<MediaRecord<'_>>)> {
+    let (&config, mut rest) = data.split_first()?;
+    let mut records = Vec::new();
+    while let [ctl, len, tail @ ..] = rest {
+        if records.len() >= MAX_MEDIA_RECORDS {
+            break;
+        }
+        let n = usize::from(*len).min(tail.len());
+        let (bytes, after) = tail.split_at(n);
+        rest = after;
+        records.push(MediaRecord {
+            op: match ctl & 3 {
+                0 => MediaOp::Raw,
+                1 => MediaOp::Genuine,
+                2 => MediaOp::Tampered,
+                _ => MediaOp::Replay,
+            },
+            advance_ms: MEDIA_ADVANCE_MS[usize::from(ctl >> 5)],
+            ticks: (ctl >> 2) & 7,
+            bytes,
+        });
+    }
+    Some((MediaConfig::from_byte(config), records))
+}
+
+/// Encodes one `media_receive` record (the inverse of [`media_records`]; `bytes` longer
+/// than 255 are cut, `ticks` above 7 and `advance` above 7 are masked).
+pub fn media_record(op: MediaOp, advance: u8, ticks: u8, bytes: &[u8]) -> Vec<u8> {
+    let op = match op {
+        MediaOp::Raw => 0,
+        MediaOp::Genuine => 1,
+        MediaOp::Tampered => 2,
+        MediaOp::Replay => 3,
+    };
+    let n = bytes.len().min(255);
+    let mut v = vec![op | ((ticks & 7) << 2) | ((advance & 7) << 5), n as u8];
+    v.extend_from_slice(&bytes[..n]);
+    v
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`audio`]: sources and sinks (sound card, tone, WAV, null).
 //! - [`jitter`]: the adaptive jitter buffer (pure logic).
+//! - [`rtp_header`]: a structural check of an RTP header before any decoder sees it.
 //! - [`router`]: routes a session's incoming RTP to its streams (audio, video) by payload
 //!   type and SSRC (pure logic).
 //! - [`session`]: one call's media over the TV's UDP media socket.
@@ -11,6 +12,7 @@
 pub mod audio;
 pub mod jitter;
 pub mod router;
+pub mod rtp_header;
 pub mod session;
 pub mod srtp;
 

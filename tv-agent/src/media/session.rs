@@ -14,6 +14,10 @@
 //! `srtp_replayed`), with a rate-limited log line. Everything between (router, jitter
 //! buffer, RTCP statistics) sees plain packets. Without it (a peer that offered no key,
 //! an older agent) the call is plain RTP.
+//!
+//! What the receive task does with a datagram and on a playout tick is [`Receiver`],
+//! sans-I/O (the task only adds the socket, the peer-address check and the clock), so the
+//! `media_receive` fuzz target runs the same code on arbitrary datagrams.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -239,8 +243,6 @@ impl MediaSession {
         encoder.set_inband_fec(true)?;
         encoder.set_packet_loss_perc(params.expected_loss_pct)?;
         encoder.set_complexity(params.complexity)?;
-        let decoder = opus::Decoder::new(48_000, opus::Channels::Mono)
-            .context("cannot create Opus decoder")?;
         let ssrc: u32 = rand::random();
         let (protector, unprotector) = match &params.srtp {
             Some(keys) => {
@@ -252,6 +254,7 @@ impl MediaSession {
         let srtp = protector.is_some();
         let (stop, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared::new(&params));
+        let receiver = Receiver::with_shared(Arc::clone(&shared), &params, unprotector)?;
         let started = Instant::now();
         let send = tokio::spawn(send_loop(
             Arc::clone(&socket),
@@ -263,13 +266,7 @@ impl MediaSession {
             stop_rx.clone(),
         ));
         let recv = tokio::spawn(receive_loop(
-            Inbound::new(socket, unprotector),
-            params,
-            sink,
-            decoder,
-            Arc::clone(&shared),
-            stop_rx,
-            started,
+            socket, receiver, params, sink, stop_rx, started,
         ));
         Ok(MediaSession {
             stop,
@@ -472,45 +469,93 @@ fn sender_report(shared: &Shared, ssrc: u32, rtp_time: u32) -> anyhow::Result<By
     Ok(sr.marshal()?)
 }
 
-fn is_rtcp(datagram: &[u8]) -> bool {
-    // RFC 5761: RTCP packet types 192..=223 in the second byte (RTP would carry a
-    // payload type there, with the marker bit).
+/// Whether a datagram on the media port is RTCP rather than RTP (RFC 5761: RTCP packet
+/// types 192..=223 in the second byte, where RTP would carry a payload type with the
+/// marker bit). Decides which of SRTP and SRTCP protects and unprotects it.
+pub fn is_rtcp(datagram: &[u8]) -> bool {
     datagram.len() >= 2 && (192..=223).contains(&datagram[1])
 }
 
-/// The receive task's socket boundary: the socket, and SRTP, which unprotects each
-/// datagram from the peer and counts (and logs, rate-limited) those it drops.
-struct Inbound {
-    /// The media socket.
-    socket: Arc<UdpSocket>,
-    /// `None`: plain RTP.
-    unprotector: Option<Unprotector>,
-    auth_failed: u64,
-    replayed: u64,
-    drop_log: DropLog,
+/// Counters of the datagrams a [`Receiver`] dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveCounts {
+    /// Not valid RTP of one of the session's streams, or a stream beyond SRTP's limit.
+    pub rejected: u64,
+    /// Failed SRTP/SRTCP authentication (or were not SRTP at all).
+    pub auth_failed: u64,
+    /// SRTP/SRTCP replays, or older than the replay window.
+    pub replayed: u64,
 }
 
-impl Inbound {
-    fn new(socket: Arc<UdpSocket>, unprotector: Option<Unprotector>) -> Self {
-        Inbound {
-            socket,
-            unprotector,
-            auth_failed: 0,
-            replayed: 0,
-            drop_log: DropLog::default(),
-        }
+/// The receive task's logic, sans-I/O: what the agent does with each datagram from the
+/// peer ([`Receiver::datagram`]: SRTP/SRTCP unprotect, RTCP statistics, RTP validation
+/// and routing, the jitter buffer) and on each 20 ms playout tick ([`Receiver::tick`]:
+/// jitter buffer, Opus decode with FEC and concealment). The session's receive task owns
+/// one and feeds it from the socket and its clock; the `media_receive` fuzz target feeds
+/// it arbitrary datagrams and ticks.
+pub struct Receiver {
+    /// State shared with the send task (its RTCP reports are about what arrives here).
+    shared: Arc<Shared>,
+    /// `None`: plain RTP.
+    unprotector: Option<Unprotector>,
+    jitter: JitterBuffer,
+    decoder: opus::Decoder,
+    counts: ReceiveCounts,
+    drop_log: DropLog,
+    /// A frame other than [`Playout::Waiting`] was played: the sink gets every frame.
+    playing: bool,
+}
+
+impl Receiver {
+    /// A receiver for a session with `params`, unprotecting with `unprotector` (`None`:
+    /// plain RTP), on its own state (for a session, the receive task shares it with the
+    /// send task).
+    pub fn new(params: &MediaParams, unprotector: Option<Unprotector>) -> anyhow::Result<Self> {
+        Self::with_shared(Arc::new(Shared::new(params)), params, unprotector)
     }
 
-    /// The plain packet in `datagram`, or `None` if it was dropped (counted here, or in
-    /// `rejected` for a stream beyond the limit).
-    fn plain<'a>(
-        &mut self,
-        datagram: &'a [u8],
-        rtcp: bool,
-        rejected: &mut u64,
-    ) -> Option<Cow<'a, [u8]>> {
+    fn with_shared(
+        shared: Arc<Shared>,
+        params: &MediaParams,
+        unprotector: Option<Unprotector>,
+    ) -> anyhow::Result<Self> {
+        let decoder = opus::Decoder::new(48_000, opus::Channels::Mono)
+            .context("cannot create Opus decoder")?;
+        Ok(Receiver {
+            shared,
+            unprotector,
+            jitter: JitterBuffer::new(params.jitter_frames.0, params.jitter_frames.1),
+            decoder,
+            counts: ReceiveCounts::default(),
+            drop_log: DropLog::default(),
+            playing: false,
+        })
+    }
+
+    /// Takes one datagram from the peer's address that arrived at `arrival_ms` (the
+    /// session's clock, milliseconds): unprotects it (SRTP/SRTCP), then updates the RTCP
+    /// statistics or routes the RTP packet to its stream (audio into the jitter buffer).
+    pub fn datagram(&mut self, datagram: &[u8], arrival_ms: f64) -> Received {
+        let rtcp = is_rtcp(datagram);
+        let plain = match self.plain(datagram, rtcp) {
+            Ok(p) => p,
+            Err(dropped) => return dropped,
+        };
+        if rtcp {
+            handle_rtcp(&self.shared, &plain);
+            return Received::Rtcp;
+        }
+        let routed = receive_rtp(&self.shared, &plain, &mut self.jitter, arrival_ms);
+        if routed == Received::Rejected {
+            self.counts.rejected += 1;
+        }
+        routed
+    }
+
+    /// The plain packet in `datagram`, or what became of it if it was dropped (counted).
+    fn plain<'a>(&mut self, datagram: &'a [u8], rtcp: bool) -> Result<Cow<'a, [u8]>, Received> {
         let Some(u) = &mut self.unprotector else {
-            return Some(Cow::Borrowed(datagram));
+            return Ok(Cow::Borrowed(datagram));
         };
         let r = if rtcp {
             u.rtcp(datagram)
@@ -519,123 +564,153 @@ impl Inbound {
         };
         let e = match r {
             // (The decrypted buffer is not shared: no copy.)
-            Ok(plain) => return Some(Cow::Owned(Vec::from(plain))),
+            Ok(plain) => return Ok(Cow::Owned(Vec::from(plain))),
             Err(e) => e,
         };
-        match e {
-            SrtpError::Replay => self.replayed += 1,
-            ref e if e.is_auth_failure() => self.auth_failed += 1,
-            _ => *rejected += 1,
-        }
+        let dropped = match e {
+            SrtpError::Replay => {
+                self.counts.replayed += 1;
+                Received::SrtpReplayed
+            }
+            ref e if e.is_auth_failure() => {
+                self.counts.auth_failed += 1;
+                Received::SrtpAuthFailed
+            }
+            _ => {
+                self.counts.rejected += 1;
+                Received::Rejected
+            }
+        };
         if let Some(n) = self.drop_log.note(Instant::now()) {
             tracing::warn!(
                 dropped_since_last_line = n,
-                auth_failed = self.auth_failed,
-                replayed = self.replayed,
+                auth_failed = self.counts.auth_failed,
+                replayed = self.counts.replayed,
                 last = %e,
                 "dropping media packets that fail SRTP checks"
             );
         }
-        None
+        Err(dropped)
+    }
+
+    /// One 20 ms playout tick: decodes what the jitter buffer gives into `pcm` (one
+    /// frame, [`FRAME`] samples: a packet, a frame recovered from the next packet's FEC,
+    /// or a concealed one; a corrupt payload is concealed). `true` if `pcm` is to be
+    /// played: from the first frame that was not silence waiting for the stream on.
+    pub fn tick(&mut self, pcm: &mut [i16]) -> bool {
+        let playout = self.jitter.pop();
+        let result = match &playout {
+            Playout::Waiting => {
+                pcm.fill(0);
+                Ok(pcm.len())
+            }
+            Playout::Packet(p) => self.decoder.decode(p, pcm, false),
+            Playout::Fec(next) => self.decoder.decode(next, pcm, true),
+            Playout::Conceal => self.decoder.decode(&[], pcm, false),
+        };
+        match result {
+            // A shorter packet (a 10 ms frame): silence for the rest of the tick, not the
+            // previous frame's samples.
+            Ok(n) => {
+                let len = pcm.len();
+                pcm[n.min(len)..].fill(0);
+            }
+            // A corrupt payload: conceal instead.
+            Err(_) => {
+                if self.decoder.decode(&[], pcm, false).is_err() {
+                    pcm.fill(0);
+                }
+            }
+        }
+        if !matches!(playout, Playout::Waiting) {
+            self.playing = true;
+        }
+        // Before the first packet, nothing is written: the recording starts with the
+        // call's audio.
+        self.playing
+    }
+
+    /// The audio jitter buffer.
+    pub fn jitter(&self) -> &JitterBuffer {
+        &self.jitter
+    }
+
+    /// The datagrams dropped so far.
+    pub fn counts(&self) -> ReceiveCounts {
+        self.counts
     }
 }
 
 async fn receive_loop(
-    mut inbound: Inbound,
+    socket: Arc<UdpSocket>,
+    mut rx: Receiver,
     params: MediaParams,
     mut sink: Box<dyn AudioSink>,
-    mut decoder: opus::Decoder,
-    shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     started: Instant,
 ) -> anyhow::Result<ReceiveEnd> {
-    let mut jitter = JitterBuffer::new(params.jitter_frames.0, params.jitter_frames.1);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut pcm = vec![0i16; FRAME];
     let mut tick = interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let mut rejected = 0u64;
-    let mut playing = false;
+    // Datagrams from other addresses than the peer's.
+    let mut strangers = 0u64;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            r = inbound.socket.recv_from(&mut buf) => {
+            r = socket.recv_from(&mut buf) => {
                 let (n, from) = match r {
                     Ok(v) => v,
                     // ICMP port unreachable surfaces here on Linux: not fatal.
                     Err(_) => continue,
                 };
                 if from != params.peer {
-                    rejected += 1;
-                    continue;
-                }
-                let rtcp = is_rtcp(&buf[..n]);
-                let Some(datagram) = inbound.plain(&buf[..n], rtcp, &mut rejected) else {
-                    continue;
-                };
-                let datagram = &datagram[..];
-                if rtcp {
-                    handle_rtcp(&shared, datagram);
+                    strangers += 1;
                     continue;
                 }
                 let arrival_ms = started.elapsed().as_secs_f64() * 1000.0;
-                let was_ready = jitter.is_ready();
-                let routed = receive_rtp(&shared, datagram, &mut jitter, arrival_ms);
-                if routed == Received::Rejected {
-                    rejected += 1;
-                } else if routed == Received::Audio && !was_ready && jitter.is_ready() {
+                let was_ready = rx.jitter().is_ready();
+                let routed = rx.datagram(&buf[..n], arrival_ms);
+                if routed == Received::Audio && !was_ready && rx.jitter().is_ready() {
                     // Align the playout clock to the stream: play this frame a small
                     // margin after its arrival, and every 20 ms after that.
-                    let margin = Duration::from_secs_f64(jitter.playout_margin_ms() / 1000.0);
+                    let margin =
+                        Duration::from_secs_f64(rx.jitter().playout_margin_ms() / 1000.0);
                     tick.reset_at(Instant::now() + margin);
                 }
             }
             _ = tick.tick() => {
-                let playout = jitter.pop();
-                let result = match &playout {
-                    Playout::Waiting => {
-                        pcm.fill(0);
-                        Ok(FRAME)
-                    }
-                    Playout::Packet(p) => decoder.decode(p, &mut pcm, false),
-                    Playout::Fec(next) => decoder.decode(next, &mut pcm, true),
-                    Playout::Conceal => decoder.decode(&[], &mut pcm, false),
-                };
-                if result.is_err() {
-                    // A corrupt payload: conceal instead.
-                    if decoder.decode(&[], &mut pcm, false).is_err() {
-                        pcm.fill(0);
-                    }
-                }
-                if !matches!(playout, Playout::Waiting) {
-                    playing = true;
-                }
-                // Before the first packet, nothing is written: the recording starts
-                // with the call's audio.
-                if playing {
+                if rx.tick(&mut pcm) {
                     sink.write_frame(&pcm)?;
                 }
             }
         }
     }
     sink.finish()?;
+    let counts = rx.counts();
     Ok(ReceiveEnd {
-        jitter,
-        rejected,
-        auth_failed: inbound.auth_failed,
-        replayed: inbound.replayed,
+        jitter: rx.jitter,
+        rejected: counts.rejected + strangers,
+        auth_failed: counts.auth_failed,
+        replayed: counts.replayed,
     })
 }
 
-/// What became of an RTP datagram from the peer.
+/// What became of a datagram from the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Received {
+pub enum Received {
     /// Into the audio jitter buffer.
     Audio,
     /// To the video stream's handler.
     Video,
-    /// Not valid RTP of one of the session's streams.
+    /// RTCP, into the call's statistics (if it parsed).
+    Rtcp,
+    /// Not valid RTP of one of the session's streams (or a stream beyond SRTP's limit).
     Rejected,
+    /// Dropped: failed SRTP/SRTCP authentication, or was not SRTP at all.
+    SrtpAuthFailed,
+    /// Dropped: an SRTP/SRTCP replay, or older than the replay window.
+    SrtpReplayed,
 }
 
 /// Parses an RTP datagram and routes it to its stream's handler.
@@ -645,6 +720,9 @@ fn receive_rtp(
     jitter: &mut JitterBuffer,
     arrival_ms: f64,
 ) -> Received {
+    if !super::rtp_header::well_formed(datagram) {
+        return Received::Rejected;
+    }
     let Ok(packet) = rtp::packet::Packet::unmarshal(&mut &datagram[..]) else {
         return Received::Rejected;
     };
@@ -694,24 +772,63 @@ fn audio_packet(
     rx.jitter_ms = jitter.jitter_ms();
 }
 
+/// A report the session reads from the peer's RTCP.
+enum RtcpReport {
+    Sender(rtcp::sender_report::SenderReport),
+    Receiver(rtcp::receiver_report::ReceiverReport),
+}
+
+/// The sender and receiver reports in a compound RTCP packet (RFC 3550, 6.1), the only
+/// kinds the session reads. The compound packet is split by each packet's own header
+/// (version 2, length in 32-bit words); other packet types (SDES, BYE, APP, XR,
+/// feedback) are skipped without being parsed, so their decoders never see a peer's
+/// bytes (rtcp 0.13's XR decoder overflows on a block length above 16383 words). A
+/// malformed packet ends the walk; the reports before it count, a malformed report is
+/// skipped.
+fn rtcp_reports(datagram: &[u8]) -> Vec<RtcpReport> {
+    let mut reports = Vec::new();
+    let mut rest = datagram;
+    while let [first, pt, l0, l1, ..] = *rest {
+        let len = (usize::from(u16::from_be_bytes([l0, l1])) + 1) * 4;
+        let Some(packet) = rest.get(..len) else { break };
+        if first >> 6 != 2 {
+            break;
+        }
+        rest = &rest[len..];
+        let mut buf = packet;
+        match pt {
+            200 => {
+                if let Ok(sr) = rtcp::sender_report::SenderReport::unmarshal(&mut buf) {
+                    reports.push(RtcpReport::Sender(sr));
+                }
+            }
+            201 => {
+                if let Ok(rr) = rtcp::receiver_report::ReceiverReport::unmarshal(&mut buf) {
+                    reports.push(RtcpReport::Receiver(rr));
+                }
+            }
+            _ => {}
+        }
+    }
+    reports
+}
+
 fn handle_rtcp(shared: &Shared, datagram: &[u8]) {
-    let mut raw = Bytes::copy_from_slice(datagram);
-    let Ok(packets) = rtcp::packet::unmarshal(&mut raw) else {
+    let packets = rtcp_reports(datagram);
+    if packets.is_empty() {
         return;
-    };
+    }
     let Ok(mut rx) = shared.rx.lock() else { return };
     let now_mid = ntp_mid32(ntp_now());
     for p in packets {
-        let any = p.as_any();
-        let reports = if let Some(sr) = any.downcast_ref::<rtcp::sender_report::SenderReport>() {
-            if rx.remote_ssrc().is_none_or(|s| s == sr.ssrc) {
-                rx.last_sr = Some((ntp_mid32(sr.ntp_time), Instant::now()));
+        let reports = match p {
+            RtcpReport::Sender(sr) => {
+                if rx.remote_ssrc().is_none_or(|s| s == sr.ssrc) {
+                    rx.last_sr = Some((ntp_mid32(sr.ntp_time), Instant::now()));
+                }
+                sr.reports
             }
-            sr.reports.clone()
-        } else if let Some(rr) = any.downcast_ref::<rtcp::receiver_report::ReceiverReport>() {
-            rr.reports.clone()
-        } else {
-            continue;
+            RtcpReport::Receiver(rr) => rr.reports,
         };
         for r in reports {
             if r.last_sender_report != 0 && Some(r.last_sender_report) == rx.our_last_sr {
@@ -929,6 +1046,87 @@ mod tests {
         );
         let json = serde_json::to_value(&q).unwrap();
         assert_eq!(json["other_streams"], 50);
+    }
+
+    /// Found by the `media_receive` fuzz target: rtcp 0.13's XR decoder multiplies a
+    /// report block's 16-bit length by 4 without a check, a panic with overflow checks
+    /// on. Only sender and receiver reports are parsed now; the others are skipped by
+    /// their header, and a report after them still counts.
+    #[test]
+    fn rtcp_of_other_kinds_is_skipped_and_reports_after_it_count() {
+        let shared = Shared::new(&params());
+        // XR (207): sender SSRC, then a block claiming 0xc802 words.
+        let mut compound = vec![0x80, 207, 0, 2, 0, 0, 0, 7, 0, 0, 0xc8, 0x02];
+        let sr = rtcp::sender_report::SenderReport {
+            ssrc: 7,
+            ntp_time: 0x1122_3344_5566_7788,
+            reports: vec![rtcp::reception_report::ReceptionReport {
+                ssrc: 9,
+                fraction_lost: 64,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        compound.extend_from_slice(&sr.marshal().unwrap());
+        // A packet of another kind after it, and a truncated one.
+        compound.extend_from_slice(&[0x81, 203, 0, 1, 0, 0, 0, 7, 0x80, 200, 0, 6]);
+        handle_rtcp(&shared, &compound);
+        let rx = shared.rx.lock().unwrap();
+        assert_eq!(rx.peer_loss_pct, Some(25.0));
+        assert_eq!(rx.last_sr.map(|(mid, _)| mid), Some(0x3344_5566));
+    }
+
+    /// Found by the `media_receive` fuzz target: an RTP header extension element longer
+    /// than the datagram made rtp 0.13's header decoder panic, before authentication
+    /// with SRTP on (webrtc-srtp parses the header first). Such a datagram is dropped.
+    #[test]
+    fn a_header_extension_running_past_the_datagram_is_dropped_not_a_panic() {
+        let mut d = packet(7, 1, 111).to_vec();
+        d[0] |= 0x10;
+        d.truncate(12);
+        // Two-byte extension profile, one word: ID 1 claiming 200 bytes.
+        d.extend_from_slice(&[0x10, 0x00, 0, 1, 1, 200, 0, 0]);
+        let mut plain = Receiver::new(&params(), None).unwrap();
+        assert_eq!(plain.datagram(&d, 0.0), Received::Rejected);
+        let key = srtp::fresh_key(srtp::OFFERED_SUITE).unwrap();
+        let mut rx = Receiver::new(&params(), Some(Unprotector::new(&key).unwrap())).unwrap();
+        d.extend_from_slice(&[0; 10]);
+        assert_eq!(rx.datagram(&d, 0.0), Received::SrtpAuthFailed);
+    }
+
+    /// The receive task's logic on its own: SRTP drops are reported and counted by
+    /// kind, decrypted packets reach the jitter buffer and are played.
+    #[test]
+    fn the_receiver_counts_srtp_drops_and_plays_what_authenticates() {
+        let key = srtp::fresh_key(srtp::OFFERED_SUITE).unwrap();
+        let mut tx = Protector::new(&key).unwrap();
+        let mut rx = Receiver::new(&params(), Some(Unprotector::new(&key).unwrap())).unwrap();
+        let first = tx.rtp(&packet(7, 1, 111)).unwrap();
+        assert_eq!(rx.datagram(&first, 0.0), Received::Audio);
+        assert_eq!(rx.datagram(&first, 1.0), Received::SrtpReplayed);
+        let mut bad = tx.rtp(&packet(7, 2, 111)).unwrap().to_vec();
+        bad[13] ^= 0x40;
+        assert_eq!(rx.datagram(&bad, 20.0), Received::SrtpAuthFailed);
+        assert_eq!(
+            rx.datagram(&packet(7, 3, 111), 40.0),
+            Received::SrtpAuthFailed,
+            "plain RTP"
+        );
+        let sr = tx
+            .rtcp(&sender_report(&Shared::new(&params()), 9, 0).unwrap())
+            .unwrap();
+        assert_eq!(rx.datagram(&sr, 50.0), Received::Rtcp);
+        assert_eq!(
+            rx.counts(),
+            ReceiveCounts {
+                rejected: 0,
+                auth_failed: 2,
+                replayed: 1
+            }
+        );
+        assert_eq!(rx.jitter().stats().received, 1);
+        let mut pcm = vec![0i16; FRAME];
+        assert!(rx.tick(&mut pcm), "the packet is played");
     }
 
     #[test]

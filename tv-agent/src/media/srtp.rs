@@ -253,6 +253,11 @@ impl Unprotector {
 
     /// The plain RTP packet inside an SRTP datagram.
     pub fn rtp(&mut self, datagram: &[u8]) -> Result<Bytes, SrtpError> {
+        // webrtc-srtp parses the header before checking the tag, and its parser panics on
+        // some malformed ones.
+        if !super::rtp_header::well_formed(datagram) {
+            return Err(SrtpError::Malformed("malformed RTP header"));
+        }
         // The SSRC sits at bytes 8..12 of an RTP header (the library parses it fully).
         let ssrc = be32(datagram, 8).ok_or(SrtpError::Malformed("short RTP header"))?;
         self.unprotect(ssrc, Kind::Rtp, datagram)
