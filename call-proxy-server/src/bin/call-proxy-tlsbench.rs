@@ -38,6 +38,10 @@ struct Args {
     /// Handshakes driven in memory to measure rustls and its cryptography alone.
     #[arg(long, default_value_t = 2_000)]
     in_memory: usize,
+    /// Seconds to hold the idle TLS TVs after the memory reading (to look at the
+    /// server with a heap profiler meanwhile).
+    #[arg(long, default_value_t = 0)]
+    hold_secs: u64,
     /// Load generator worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -242,6 +246,15 @@ async fn bench(args: Args) -> Result<()> {
     let base = rss_bytes(srv.child.id()).unwrap_or(0);
     let (kept, full) = register_all(&srv, Some(&clients), args.tvs, args.concurrency, true).await?;
     let tls_mem = idle_memory(&srv, base, kept.len()).await;
+    if args.hold_secs > 0 {
+        println!(
+            "holding {} idle TLS TVs for {} s (server pid {})",
+            kept.len(),
+            args.hold_secs,
+            srv.child.id()
+        );
+        tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+    }
     drop(kept);
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!(

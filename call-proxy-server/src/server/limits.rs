@@ -552,6 +552,8 @@ impl Ticket {
     pub fn registered(&mut self) {
         if let Phase::Registered(shed) = &mut self.phase {
             *shed = None;
+            // Never shed now: the channel's allocation goes too.
+            self.shed_rx = None;
         }
     }
 }
