@@ -308,7 +308,7 @@ impl RateLimit {
 
 async fn next_push(rx: &mut Option<PushRx>) -> Option<Box<ServerMsg>> {
     match rx {
-        Some(rx) => rx.recv().await,
+        Some(rx) => rx.recv_async().await.ok(),
         None => std::future::pending().await,
     }
 }

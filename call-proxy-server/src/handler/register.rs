@@ -5,11 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shared_proto::{ErrorCode, Register, Registered, Reply, WireError};
-use tokio::sync::mpsc;
 
 use super::{record_end, storage_error, ConnState, SessionKey};
 use crate::clock::now_ms;
-use crate::registry::PUSH_QUEUE;
 use crate::server::Shared;
 use crate::storage::{RegisterResult, Registration, Store};
 
@@ -56,7 +54,7 @@ pub async fn handle<S: Store>(
             ))
         }
     };
-    let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
+    let (push_tx, push_rx) = crate::registry::push_channel();
     let media = SocketAddr::new(ip, reg.media_port);
     let installed = shared
         .registry

@@ -60,7 +60,7 @@ use sessions::{Session, Sessions};
 use timers::RingTimers;
 
 pub use calls::Ended;
-pub use push::{PushRx, PushTx, PUSH_QUEUE};
+pub use push::{channel as push_channel, PushRx, PushTx, PUSH_QUEUE};
 
 /// What a dial should do, decided under the lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -520,9 +520,8 @@ mod testing {
     use std::net::SocketAddr;
 
     use shared_proto::{CallId, ServerMsg, UserId};
-    use tokio::sync::mpsc;
 
-    use super::{DialPlan, PushRx, Registry, RingStart, PUSH_QUEUE};
+    use super::{DialPlan, PushRx, Registry, RingStart};
 
     /// A loopback address with this port.
     pub fn addr(port: u16) -> SocketAddr {
@@ -531,7 +530,7 @@ mod testing {
 
     /// Registers `user` in a fresh session whose media port is the user id.
     pub fn session(reg: &Registry, user: UserId) -> (u64, PushRx) {
-        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let (tx, rx) = crate::registry::push_channel();
         let sid = reg.new_session_id();
         reg.install(user, sid, addr(user as u16), tx)
             .expect("installs");

@@ -127,16 +127,15 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use shared_proto::{EndReason, ErrorCode, WireError};
-    use tokio::sync::mpsc;
 
     use super::super::testing::{addr, next_event, session};
     use super::super::{DialPlan, Registry};
     use super::*;
-    use crate::registry::{PushRx, PUSH_QUEUE};
+    use crate::registry::PushRx;
     use crate::storage::Outcome;
 
     fn fresh(id: u64) -> (Session, PushRx) {
-        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let (tx, rx) = crate::registry::push_channel();
         (Session::new(id, addr(id as u16), tx), rx)
     }
 
@@ -199,7 +198,7 @@ mod tests {
         };
         reg.start_ringing(call_id);
         let _ = next_event(&mut rb);
-        let (tx, _rx) = mpsc::channel(PUSH_QUEUE);
+        let (tx, _rx) = crate::registry::push_channel();
         let newer = reg.new_session_id();
         let installed = reg.install(2, newer, addr(9), tx).expect("install");
         assert!(installed.replaced);
@@ -222,7 +221,7 @@ mod tests {
         assert_eq!(reg.remove(2, newer - 1), None);
         assert!(reg.is_online(2));
         // An older session id cannot displace a newer one.
-        let (tx, _rx) = mpsc::channel(PUSH_QUEUE);
+        let (tx, _rx) = crate::registry::push_channel();
         assert!(reg.install(2, 1, addr(9), tx).is_err());
     }
 }
