@@ -164,6 +164,7 @@ async fn serve_inner<S: Store, T>(
     let client = match Preamble::decode(pre) {
         Err(e) => {
             shared.metrics.bad_input.inc();
+            shared.gate.misbehaved(peer.ip());
             tracing::debug!(%peer, error = %e, "refused non-protocol client");
             refuse(stream, ErrorCode::BAD_FRAME, &e.to_string()).await;
             return;
@@ -409,7 +410,7 @@ where
                 let msg = match frame {
                     None => return None,
                     Some(Ok(msg)) => msg,
-                    Some(Err(e)) => return bad_frame(shared, e).map(|r| (r, false)),
+                    Some(Err(e)) => return bad_frame(shared, st.peer.ip(), e).map(|r| (r, false)),
                 };
                 let now = Instant::now();
                 if st.session.is_some() {
@@ -531,8 +532,15 @@ where
     }
 }
 
-fn bad_frame<S: Store>(shared: &Shared<S>, e: CodecError) -> Option<WireError> {
+fn bad_frame<S: Store>(
+    shared: &Shared<S>,
+    peer: std::net::IpAddr,
+    e: CodecError,
+) -> Option<WireError> {
     shared.metrics.bad_input.inc();
+    if !matches!(e, CodecError::Io(_)) {
+        shared.gate.misbehaved(peer);
+    }
     match e {
         CodecError::Io(_) => None,
         CodecError::FrameTooLarge { max } => Some(WireError::new(

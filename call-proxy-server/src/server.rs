@@ -285,6 +285,8 @@ async fn serve_tls<S: Store>(
             Ok(Ok(tls)) => Box::new(tls),
             Ok(Err(e)) => {
                 shared.metrics.tls_failed.inc();
+                // Not TLS, or a TLS client we cannot talk to.
+                shared.gate.misbehaved(peer.ip());
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;
             }

@@ -42,6 +42,11 @@ struct Args {
     /// server with a heap profiler meanwhile).
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// Enrolled TVs' registrations timed with no attack and under each attack on the
+    /// TLS port (garbage, stalled handshakes, a failed-login flood, oversized frames);
+    /// 0 skips the phase.
+    #[arg(long, default_value_t = 300)]
+    attack_samples: usize,
     /// Load generator worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -268,6 +273,9 @@ async fn bench(args: Args) -> Result<()> {
         res.per_s, res.resumed, args.tvs
     );
     println!("  CPU: {}", res.cpu);
+    if args.attack_samples > 0 {
+        attacks(&srv, &ca, &keys, args.attack_samples).await?;
+    }
     let files = call_proxy_server::tls::ServerCertFiles {
         cert: tls_dir.join("tls/server.crt"),
         key: tls_dir.join("tls/server.key"),
@@ -286,6 +294,175 @@ async fn bench(args: Args) -> Result<()> {
         full_cpu.as_secs_f64() * 1e6,
         resumed_cpu.as_secs_f64() * 1e6
     );
+    Ok(())
+}
+
+/// One enrolled TV's registration as a TV does it after power-on (a full TLS handshake:
+/// a fresh client, no ticket), from `local`: connect, TLS, preamble, `Register`, reply.
+async fn timed_registration(
+    srv: &Server,
+    ca: &[u8],
+    key: &TvKey,
+    user: u64,
+    local: SocketAddr,
+) -> Result<Duration> {
+    let tls = TlsClient::new(ca, key)?;
+    let started = Instant::now();
+    let stream = tls.connect(srv.addr, "127.0.0.1", Some(local)).await?;
+    let mut c = Client::handshake(stream).await?;
+    c.register(user, 5000).await?;
+    let took = started.elapsed();
+    c.bye().await?;
+    Ok(took)
+}
+
+/// p50 and p99 of `samples` enrolled TVs' registrations, one after another.
+async fn registration_latency(
+    srv: &Server,
+    ca: &[u8],
+    keys: &[TvKey],
+    samples: usize,
+) -> Result<(Duration, Duration)> {
+    let mut took = Vec::with_capacity(samples);
+    for i in 0..samples.min(keys.len()) {
+        let local = SocketAddr::from(([127, 5, (i / 250) as u8, (i % 250 + 1) as u8], 0));
+        took.push(timed_registration(srv, ca, &keys[i], 100_000 + i as u64, local).await?);
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 - 1.0) * q).round() as usize];
+    ensure!(!took.is_empty(), "no samples");
+    Ok((at(0.5), at(0.99)))
+}
+
+/// One attack on the TLS port, run by `tasks` loops until `stop`; returns how many
+/// attempts were made.
+async fn attack_loop(
+    kind: &'static str,
+    spread: bool,
+    addr: SocketAddr,
+    ca: Vec<u8>,
+    tasks: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> usize {
+    let stranger = match TvKey::generate().and_then(|k| TlsClient::new(&ca, &k)) {
+        Ok(t) => t,
+        Err(_) => return 0,
+    };
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let stop = stop.clone();
+        let stranger = stranger.clone();
+        handles.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            // Bounded in count as well as by the phase's end.
+            while !*stop.borrow() && n < 20_000 {
+                n += 1;
+                // One address, or 250 per loop (each used once in 250 attempts).
+                let local = if spread {
+                    SocketAddr::from(([127, 7, (t % 250) as u8, (n % 250 + 1) as u8], 0))
+                } else {
+                    SocketAddr::from(([127, 6, 0, 1], 0))
+                };
+                let attempt = async {
+                    match kind {
+                        "garbage" => {
+                            let mut s =
+                                control_client::client::tcp_connect(addr, Some(local)).await?;
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            s.write_all(&[0x5a; 1024]).await?;
+                            let mut sink = [0u8; 512];
+                            while s.read(&mut sink).await? > 0 {}
+                        }
+                        "failed logins" => {
+                            let stream = stranger.connect(addr, "127.0.0.1", Some(local)).await?;
+                            let mut c = Client::handshake(stream).await?;
+                            let _ = c.register(7_000_000, 5000).await;
+                        }
+                        _ => {
+                            // An oversized frame: a length prefix of 16 MiB after the
+                            // preamble, inside TLS.
+                            let stream = stranger.connect(addr, "127.0.0.1", Some(local)).await?;
+                            let mut c = Client::handshake(stream).await?;
+                            let mut frame = (16u32 << 20).to_be_bytes().to_vec();
+                            frame.extend_from_slice(&[0u8; 64]);
+                            c.send_raw(&frame).await?;
+                            let _ = c.next_event().await;
+                        }
+                    }
+                    anyhow::Ok(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), attempt).await;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for h in handles {
+        total += h.await.unwrap_or(0);
+    }
+    total
+}
+
+/// Enrolled TVs' registration latency with no attack and under each attack on the TLS
+/// port, side by side.
+async fn attacks(srv: &Server, ca: &[u8], keys: &[TvKey], samples: usize) -> Result<()> {
+    let (p50, p99) = registration_latency(srv, ca, keys, samples).await?;
+    println!(
+        "enrolled TVs' registrations (full handshake), no attack: p50 {:.2} ms, p99 {:.2} ms",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
+    );
+    // Stalled handshakes: TCP connections that never send a byte, held open.
+    let mut stalled = Vec::new();
+    for i in 0..2_000u32 {
+        let local = SocketAddr::from(([127, 8, (i / 250) as u8, (i % 250 + 1) as u8], 0));
+        if let Ok(s) = control_client::client::tcp_connect(srv.addr, Some(local)).await {
+            stalled.push(s);
+        }
+    }
+    let (p50, p99) = registration_latency(srv, ca, keys, samples).await?;
+    println!(
+        "  under {} stalled handshakes: p50 {:.2} ms, p99 {:.2} ms",
+        stalled.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
+    );
+    drop(stalled);
+    for (kind, spread, tasks) in [
+        ("garbage", false, 16),
+        ("failed logins", false, 32),
+        ("oversized frames", false, 16),
+        ("garbage", true, 16),
+        ("oversized frames", true, 16),
+    ] {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // The attacker runs on its own thread and runtime, as another process would:
+        // the timed TVs never wait behind its tasks in this process's scheduler.
+        let (addr, ca_owned) = (srv.addr, ca.to_vec());
+        let attack = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_or(0, |rt| {
+                    rt.block_on(attack_loop(kind, spread, addr, ca_owned, tasks, stop_rx))
+                })
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let measured = registration_latency(srv, ca, keys, samples).await;
+        let _ = stop_tx.send(true);
+        let attempts = attack.join().unwrap_or(0);
+        let (p50, p99) = measured?;
+        let from = if spread {
+            format!("from {} addresses", tasks * 250)
+        } else {
+            "from one address".to_string()
+        };
+        println!(
+            "  under {kind} {from} ({tasks} loops, {attempts} attempts): p50 {:.2} ms, p99 {:.2} ms",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        );
+    }
     Ok(())
 }
 

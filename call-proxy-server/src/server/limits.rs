@@ -202,6 +202,14 @@ impl Gate {
         self.strike_at(ip, Instant::now(), threshold, true);
     }
 
+    /// A client from `ip` broke the protocol (bytes that are not TLS, an undecodable or
+    /// oversized frame, a preamble that is not ours): a strike as for a failed
+    /// authentication, so a source that keeps doing it is refused at accept, before it
+    /// costs a TLS handshake. Handshakes that merely time out are not counted.
+    pub fn misbehaved(&self, ip: IpAddr) {
+        self.auth_failed(ip);
+    }
+
     fn strike_at(&self, ip: IpAddr, now: Instant, threshold: u32, auth: bool) {
         let penalty = self.inner.limits.flood_penalty;
         if penalty.is_zero() || threshold == 0 {
@@ -732,5 +740,26 @@ mod tests {
             off.flooded_at(ip(1), at(i));
         }
         assert_eq!(refused(off.admit_at(ip(1), at(20))), None);
+    }
+
+    #[test]
+    fn a_source_that_keeps_breaking_the_protocol_is_refused_at_accept() {
+        let m = Metrics::new();
+        let config = Config {
+            auth_failures_per_ip: 5,
+            ..cfg(100)
+        };
+        let gate = Gate::new(Limits::derive(&config, u64::MAX, 0), &m);
+        let penalised = |a: Admission| matches!(a, Admission::Penalised(_));
+        for _ in 0..4 {
+            gate.misbehaved(ip(1));
+        }
+        assert!(!penalised(gate.admit(ip(1))), "four strikes of five");
+        gate.misbehaved(ip(1));
+        assert!(penalised(gate.admit(ip(1))));
+        assert!(
+            !penalised(gate.admit(ip(2))),
+            "other sources are not affected"
+        );
     }
 }
