@@ -324,9 +324,9 @@ async fn registration_latency(
     samples: usize,
 ) -> Result<(Duration, Duration)> {
     let mut took = Vec::with_capacity(samples);
-    for i in 0..samples.min(keys.len()) {
+    for (i, key) in keys.iter().take(samples).enumerate() {
         let local = SocketAddr::from(([127, 5, (i / 250) as u8, (i % 250 + 1) as u8], 0));
-        took.push(timed_registration(srv, ca, &keys[i], 100_000 + i as u64, local).await?);
+        took.push(timed_registration(srv, ca, key, 100_000 + i as u64, local).await?);
     }
     took.sort();
     let at = |q: f64| took[((took.len() as f64 - 1.0) * q).round() as usize];
