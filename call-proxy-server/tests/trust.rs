@@ -361,6 +361,21 @@ async fn a_wrong_ca_and_plain_tcp_fail_clearly() {
 }
 
 /// Starts an enrollment; its code.
+/// `call-proxy-server ARGS --db <the server's database>`: (exit code, stdout, stderr).
+fn operator_cli(srv: &TestServer, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
+        .args(args)
+        .arg("--db")
+        .arg(&srv.db_path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 async fn start_code(c: &mut Client<Stream>) -> String {
     match c
         .request(Request::StartEnrollment {
@@ -380,19 +395,7 @@ async fn start_code(c: &mut Client<Stream>) -> String {
 async fn the_operator_approves_with_the_cli_or_the_admin_api_and_revokes() {
     let mut srv = tls_server(|_| {}).await;
     let admin = srv.start_admin(None).await;
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
-            .args(args)
-            .arg("--db")
-            .arg(&srv.db_path)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| operator_cli(&srv, args);
     let key1 = TvKey::generate().unwrap();
     let mut tv1 = tv(&srv, &key1).await;
     let code1 = start_code(&mut tv1).await;
@@ -666,19 +669,7 @@ async fn a_tv_polling_a_pending_code_keeps_its_link_past_the_registration_deadli
 async fn the_operator_refuses_a_code_with_the_cli_or_the_admin_api() {
     let mut srv = tls_server(|_| {}).await;
     let admin = srv.start_admin(None).await;
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
-            .args(args)
-            .arg("--db")
-            .arg(&srv.db_path)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| operator_cli(&srv, args);
     let refused = |r: Reply| matches!(r, Reply::Enrollment(EnrollmentStatus::Refused { .. }));
 
     let mut tv1 = tv(&srv, &TvKey::generate().unwrap()).await;

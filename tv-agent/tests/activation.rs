@@ -9,9 +9,10 @@
 //! activation screen go to `target/ui-screenshots/` (or `$UI_SCREENSHOT_DIR`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -21,8 +22,9 @@ use call_proxy_server::embedded::RunningServer;
 use call_proxy_server::storage::enroll::{normalise_code, Approval};
 use call_proxy_server::storage::operator::OperatorStore;
 use call_proxy_server::{Config, SqliteOptions, SqliteStore};
+use common::browser::Driver;
 use fantoccini::actions::{InputSource, KeyAction, KeyActions};
-use fantoccini::{Client, ClientBuilder};
+use fantoccini::Client;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -309,75 +311,6 @@ async fn event<T>(
 /// The activation state in an `activation` event.
 fn activation(ev: &Value) -> Option<&Value> {
     (ev["event"] == "activation").then(|| &ev["activation"])
-}
-
-/// chromedriver and the browsers it drives (as in tests/ui.rs).
-struct Driver {
-    port: u16,
-    child: Child,
-}
-
-impl Driver {
-    async fn start() -> Driver {
-        let port = free_port();
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver not found: install chromium and chromium-driver (bash scripts/setup.sh)");
-        assert!(
-            test_support::net::wait_listening_port(port, Duration::from_secs(10)).await,
-            "chromedriver did not start"
-        );
-        Driver { port, child }
-    }
-
-    /// A headless Chromium whose page is `w`×`h`.
-    async fn browser(&self, w: i64, h: i64) -> Client {
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({
-                "binary": "/usr/bin/chromium",
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--disable-background-networking", "--disable-extensions", "--no-first-run",
-                    "--hide-scrollbars", "--force-device-scale-factor=1", "--lang=en-US",
-                    format!("--window-size={w},{h}"),
-                ],
-            }),
-        );
-        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{}", self.port))
-            .await
-            .expect("a headless Chromium session");
-        let inner = |c: Client| async move {
-            let v = c
-                .execute("return [innerWidth, innerHeight];", vec![])
-                .await
-                .unwrap();
-            (v[0].as_i64().unwrap(), v[1].as_i64().unwrap())
-        };
-        let (iw, ih) = inner(client.clone()).await;
-        client
-            .set_window_size((2 * w - iw) as u32, (2 * h - ih) as u32)
-            .await
-            .unwrap();
-        assert_eq!(inner(client.clone()).await, (w, h), "the page is {w}×{h}");
-        client
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
-    }
 }
 
 /// The TV's screen in the browser.

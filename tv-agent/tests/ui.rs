@@ -8,15 +8,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::browser::Driver;
 use common::*;
 use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::key::Key;
-use fantoccini::{Client, ClientBuilder};
+use fantoccini::Client;
 use serde_json::{json, Value};
 use tv_agent::media::AudioSpec;
 use tv_agent::{AgentEvent, DialResult};
@@ -78,82 +78,6 @@ impl Tv {
 impl Drop for Tv {
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// chromedriver and the browsers it drives.
-struct Driver {
-    port: u16,
-    child: Child,
-}
-
-impl Driver {
-    async fn start() -> Driver {
-        let port = free_port();
-        // Its own process group, so the browsers it starts go with it (see Drop).
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver not found: install chromium and chromium-driver (bash scripts/setup.sh)");
-        wait_listening(port, "chromedriver").await;
-        Driver { port, child }
-    }
-
-    /// A new headless Chromium at `width`×`height` CSS pixels.
-    async fn browser(&self, width: u32, height: u32) -> Client {
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({
-                "binary": "/usr/bin/chromium",
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--disable-background-networking", "--disable-extensions", "--no-first-run",
-                    "--hide-scrollbars", "--force-device-scale-factor=1", "--lang=en-US",
-                    format!("--window-size={width},{height}"),
-                ],
-            }),
-        );
-        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{}", self.port))
-            .await
-            .expect("a headless Chromium session");
-        // The window size includes the browser's own frame: grow the window until the
-        // page itself (the TV screen) is exactly width × height.
-        let inner = |c: Client| async move {
-            let v = c
-                .execute("return [innerWidth, innerHeight];", vec![])
-                .await
-                .unwrap();
-            (v[0].as_i64().unwrap(), v[1].as_i64().unwrap())
-        };
-        let (w, h) = (i64::from(width), i64::from(height));
-        let (iw, ih) = inner(client.clone()).await;
-        client
-            .set_window_size((2 * w - iw) as u32, (2 * h - ih) as u32)
-            .await
-            .unwrap();
-        assert_eq!(
-            inner(client.clone()).await,
-            (w, h),
-            "the page is {width}×{height}"
-        );
-        client
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        // chromedriver and every Chromium process it started, even when a failed test
-        // never closed its session.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
         let _ = self.child.wait();
     }
 }

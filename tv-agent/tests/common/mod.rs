@@ -11,6 +11,8 @@
 //! running on the file must not be bypassed: opening the store again would repair it).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod browser;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,89 @@
+//! chromedriver and the headless Chromium sessions it drives, for the tests that look at
+//! the TV's screen in a real browser (`ui.rs`, `activation.rs`).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder};
+use serde_json::json;
+
+/// chromedriver and the browsers it drives.
+pub struct Driver {
+    port: u16,
+    child: Child,
+}
+
+impl Driver {
+    pub async fn start() -> Driver {
+        let port = test_support::net::free_port().expect("a free port");
+        // Its own process group, so the browsers it starts go with it (see Drop).
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver not found: install chromium and chromium-driver (bash scripts/setup.sh)");
+        assert!(
+            test_support::net::wait_listening_port(port, Duration::from_secs(10)).await,
+            "chromedriver did not start"
+        );
+        Driver { port, child }
+    }
+
+    /// A new headless Chromium at `width`×`height` CSS pixels.
+    pub async fn browser(&self, width: u32, height: u32) -> Client {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-background-networking", "--disable-extensions", "--no-first-run",
+                    "--hide-scrollbars", "--force-device-scale-factor=1", "--lang=en-US",
+                    format!("--window-size={width},{height}"),
+                ],
+            }),
+        );
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .expect("a headless Chromium session");
+        // The window size includes the browser's own frame: grow the window until the
+        // page itself (the TV screen) is exactly width × height.
+        let inner = |c: Client| async move {
+            let v = c
+                .execute("return [innerWidth, innerHeight];", vec![])
+                .await
+                .unwrap();
+            (v[0].as_i64().unwrap(), v[1].as_i64().unwrap())
+        };
+        let (w, h) = (i64::from(width), i64::from(height));
+        let (iw, ih) = inner(client.clone()).await;
+        client
+            .set_window_size((2 * w - iw) as u32, (2 * h - ih) as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            inner(client.clone()).await,
+            (w, h),
+            "the page is {width}×{height}"
+        );
+        client
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // chromedriver and every Chromium process it started, even when a failed test
+        // never closed its session.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+    }
+}
