@@ -18,12 +18,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use call_proxy_server::embedded::RunningServer;
 use call_proxy_server::storage::enroll::{normalise_code, Approval};
 use call_proxy_server::storage::operator::OperatorStore;
-use call_proxy_server::{Config, SqliteOptions, SqliteStore};
-use common::browser::Driver;
-use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+use call_proxy_server::Config;
+use common::browser::{self, Driver};
 use fantoccini::Client;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,35 +50,10 @@ fn free_port() -> u16 {
     test_support::net::free_port().unwrap()
 }
 
-/// A TLS server (its own CA in `<db dir>/tls/`) whose codes live `ttl_s` seconds.
-struct TlsServer {
-    server: RunningServer<SqliteStore>,
-    db: PathBuf,
-    ca: PathBuf,
-    _dir: tempfile::TempDir,
-}
+use common::EnrollServer as TlsServer;
 
 fn start_server(ttl_s: u64) -> TlsServer {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("db.sqlite");
-    let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap();
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        db: Some(db.clone()),
-        enrollment_ttl_s: ttl_s,
-        enrollment_poll_s: 1,
-        heartbeat_interval_ms: 1_000,
-        shutdown_grace_ms: 2_000,
-        insecure_plaintext: false,
-        ..Config::default()
-    };
-    let server = RunningServer::start(config, store).unwrap();
-    TlsServer {
-        server,
-        ca: dir.path().join("tls/ca.crt"),
-        db,
-        _dir: dir,
-    }
+    common::enroll_server(ttl_s)
 }
 
 impl TlsServer {
@@ -320,10 +293,7 @@ struct Screen {
 
 impl Screen {
     async fn js(&self, expr: &str) -> Value {
-        self.client
-            .execute(&format!("return ({expr});"), vec![])
-            .await
-            .unwrap_or_else(|e| panic!("script `{expr}` failed: {e}"))
+        browser::js(&self.client, expr).await
     }
 
     async fn text(&self, id: &str) -> String {
@@ -349,13 +319,7 @@ impl Screen {
     }
 
     async fn press(&self, keys: &[char]) {
-        let mut actions = KeyActions::new("remote".into());
-        for &k in keys {
-            actions = actions
-                .then(KeyAction::Down { value: k })
-                .then(KeyAction::Up { value: k });
-        }
-        self.client.perform_actions(actions).await.unwrap();
+        browser::press(&self.client, keys).await
     }
 
     async fn focused(&self) -> String {
@@ -368,38 +332,16 @@ impl Screen {
 
     async fn save(&self, file: &str) -> (u32, u32) {
         let png = self.client.screenshot().await.unwrap();
-        let dir = std::env::var_os("UI_SCREENSHOT_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("..")
-                    .join("target")
-                    .join("ui-screenshots")
-            });
+        let dir = browser::screenshot_dir();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("{file}.png")), &png).unwrap();
-        assert_eq!(&png[1..4], b"PNG", "a PNG screenshot");
-        let be = |i: usize| u32::from_be_bytes([png[i], png[i + 1], png[i + 2], png[i + 3]]);
-        (be(16), be(20))
+        browser::png_size(&png)
     }
 
     /// Checks that everything visible lies in the 5 % title-safe area and nothing
     /// scrolls.
     async fn assert_inside_safe_area(&self) {
-        let bad = self
-            .js(
-                "(() => { const W = innerWidth, H = innerHeight, out = [];
-                   for (const el of document.querySelectorAll('#safe *')) {
-                     if (!el.offsetParent || el.closest('[hidden]')) continue;
-                     const r = el.getBoundingClientRect();
-                     if (r.width === 0 || r.height === 0) continue;
-                     if (r.left < W * 0.05 - 1 || r.top < H * 0.05 - 1 || r.right > W * 0.95 + 1 || r.bottom > H * 0.95 + 1)
-                       out.push((el.id || el.className) + ' ' + JSON.stringify([r.left, r.top, r.right, r.bottom]));
-                   }
-                   if (document.documentElement.scrollHeight > H || document.documentElement.scrollWidth > W) out.push('page scrolls');
-                   return out; })()",
-            )
-            .await;
+        let bad = browser::outside_safe_area(&self.client).await;
         assert_eq!(bad, json!([]), "items outside the safe area");
     }
 

@@ -12,36 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use call_proxy_server::embedded::RunningServer;
-use call_proxy_server::{Config, SqliteOptions, SqliteStore};
+use call_proxy_server::Config;
 use serde_json::Value;
 
-struct TlsServer {
-    server: RunningServer<SqliteStore>,
-    db: PathBuf,
-    ca: PathBuf,
-    _dir: tempfile::TempDir,
-}
+use common::EnrollServer as TlsServer;
 
 fn start(ttl_s: u64) -> TlsServer {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("db.sqlite");
-    let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap();
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        db: Some(db.clone()),
-        enrollment_ttl_s: ttl_s,
-        enrollment_poll_s: 1,
-        shutdown_grace_ms: 2_000,
-        ..Config::default()
-    };
-    let server = RunningServer::start(config, store).unwrap();
-    TlsServer {
-        server,
-        ca: dir.path().join("tls/ca.crt"),
-        db,
-        _dir: dir,
-    }
+    common::enroll_server(ttl_s)
 }
 
 fn agent(args: &[&str]) -> (i32, Vec<Value>, String) {

@@ -8,13 +8,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::browser::Driver;
+use common::browser::{self, png_size, screenshot_dir, Driver};
 use common::*;
-use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::key::Key;
 use fantoccini::Client;
 use serde_json::{json, Value};
@@ -104,10 +103,7 @@ impl Screen {
     }
 
     async fn js(&self, expr: &str) -> Value {
-        self.client
-            .execute(&format!("return ({expr});"), vec![])
-            .await
-            .unwrap_or_else(|e| panic!("{}: script `{expr}` failed: {e}", self.name))
+        browser::js(&self.client, expr).await
     }
 
     /// Waits (up to 30 s) until `expr` is truthy in the page.
@@ -130,13 +126,7 @@ impl Screen {
     /// Presses remote keys (each a key down and up), as the keyboard stand-ins for
     /// the remote's buttons.
     async fn press(&self, keys: &[char]) {
-        let mut actions = KeyActions::new("remote".into());
-        for &k in keys {
-            actions = actions
-                .then(KeyAction::Down { value: k })
-                .then(KeyAction::Up { value: k });
-        }
-        self.client.perform_actions(actions).await.unwrap();
+        browser::press(&self.client, keys).await
     }
 
     async fn text(&self, id: &str) -> String {
@@ -177,40 +167,9 @@ impl Screen {
     /// Every visible interactive item and text block lies inside the 5 % title-safe
     /// area and nothing scrolls.
     async fn assert_inside_safe_area(&self) {
-        let bad = self
-            .js(
-                "(() => { const W = innerWidth, H = innerHeight, out = [];
-                   for (const el of document.querySelectorAll('#safe *')) {
-                     if (!el.offsetParent || el.closest('[hidden]')) continue;
-                     const r = el.getBoundingClientRect();
-                     if (r.width === 0 || r.height === 0) continue;
-                     if (r.left < W * 0.05 - 1 || r.top < H * 0.05 - 1 || r.right > W * 0.95 + 1 || r.bottom > H * 0.95 + 1)
-                       out.push((el.id || el.className) + ' ' + JSON.stringify([r.left, r.top, r.right, r.bottom]));
-                   }
-                   if (document.documentElement.scrollHeight > H || document.documentElement.scrollWidth > W) out.push('page scrolls');
-                   return out; })()",
-            )
-            .await;
+        let bad = browser::outside_safe_area(&self.client).await;
         assert_eq!(bad, json!([]), "{}: items outside the safe area", self.name);
     }
-}
-
-fn screenshot_dir() -> PathBuf {
-    std::env::var_os("UI_SCREENSHOT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("target")
-                .join("ui-screenshots")
-        })
-}
-
-/// Width and height from a PNG's IHDR chunk.
-fn png_size(png: &[u8]) -> (u32, u32) {
-    assert_eq!(&png[1..4], b"PNG", "a PNG screenshot");
-    let be = |i: usize| u32::from_be_bytes([png[i], png[i + 1], png[i + 2], png[i + 3]]);
-    (be(16), be(20))
 }
 
 const OK: char = '\u{E007}'; // Enter

@@ -3,11 +3,13 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::{Client, ClientBuilder};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// chromedriver and the browsers it drives.
 pub struct Driver {
@@ -86,4 +88,61 @@ impl Drop for Driver {
             .status();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `expr` in the page and returns its value.
+pub async fn js(client: &Client, expr: &str) -> Value {
+    client
+        .execute(&format!("return ({expr});"), vec![])
+        .await
+        .unwrap_or_else(|e| panic!("script `{expr}` failed: {e}"))
+}
+
+/// Presses remote-control keys, one after another.
+pub async fn press(client: &Client, keys: &[char]) {
+    let mut actions = KeyActions::new("remote".into());
+    for &k in keys {
+        actions = actions
+            .then(KeyAction::Down { value: k })
+            .then(KeyAction::Up { value: k });
+    }
+    client.perform_actions(actions).await.unwrap();
+}
+
+/// What lies outside the 5 % title-safe area of the TV screen (every visible item in
+/// `#safe`), and whether the page scrolls: empty when the screen is right.
+pub async fn outside_safe_area(client: &Client) -> Value {
+    js(
+        client,
+        "(() => { const W = innerWidth, H = innerHeight, out = [];
+           for (const el of document.querySelectorAll('#safe *')) {
+             if (!el.offsetParent || el.closest('[hidden]')) continue;
+             const r = el.getBoundingClientRect();
+             if (r.width === 0 || r.height === 0) continue;
+             if (r.left < W * 0.05 - 1 || r.top < H * 0.05 - 1 || r.right > W * 0.95 + 1 || r.bottom > H * 0.95 + 1)
+               out.push((el.id || el.className) + ' ' + JSON.stringify([r.left, r.top, r.right, r.bottom]));
+           }
+           if (document.documentElement.scrollHeight > H || document.documentElement.scrollWidth > W) out.push('page scrolls');
+           return out; })()",
+    )
+    .await
+}
+
+/// Where screenshots go: `$UI_SCREENSHOT_DIR`, or `target/ui-screenshots/`.
+pub fn screenshot_dir() -> PathBuf {
+    std::env::var_os("UI_SCREENSHOT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+                .join("ui-screenshots")
+        })
+}
+
+/// Width and height from a PNG's IHDR chunk.
+pub fn png_size(png: &[u8]) -> (u32, u32) {
+    assert_eq!(&png[1..4], b"PNG", "a PNG screenshot");
+    let be = |i: usize| u32::from_be_bytes([png[i], png[i + 1], png[i + 2], png[i + 3]]);
+    (be(16), be(20))
 }

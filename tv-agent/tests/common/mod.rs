@@ -460,3 +460,37 @@ pub async fn dial_and_answer(
     })
     .await;
 }
+
+/// A TLS server for enrollment tests (its own CA in `<db dir>/tls/`, polls every second)
+/// whose codes live `ttl_s` seconds.
+pub struct EnrollServer {
+    pub server: RunningServer<SqliteStore>,
+    /// Its database.
+    pub db: PathBuf,
+    /// The CA TVs trust.
+    pub ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn enroll_server(ttl_s: u64) -> EnrollServer {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        db: Some(db.clone()),
+        enrollment_ttl_s: ttl_s,
+        enrollment_poll_s: 1,
+        heartbeat_interval_ms: 1_000,
+        shutdown_grace_ms: 2_000,
+        insecure_plaintext: false,
+        ..Config::default()
+    };
+    let server = RunningServer::start(config, store).unwrap();
+    EnrollServer {
+        server,
+        ca: dir.path().join("tls/ca.crt"),
+        db,
+        _dir: dir,
+    }
+}
