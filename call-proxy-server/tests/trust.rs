@@ -361,6 +361,31 @@ async fn a_wrong_ca_and_plain_tcp_fail_clearly() {
 }
 
 /// Starts an enrollment; its code.
+/// An admin API call with the test token (a JSON `body` for a POST): (status, body).
+fn admin_call(
+    method: &'static str,
+    url: String,
+    body: Option<&'static str>,
+) -> tokio::task::JoinHandle<(u16, String)> {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let auth = format!("Bearer {}", common::ADMIN_TOKEN);
+        let mut r = match (method, body) {
+            ("POST", Some(body)) => agent
+                .post(&url)
+                .header("Authorization", auth)
+                .header("Content-Type", "application/json")
+                .send(body),
+            _ => agent.delete(&url).header("Authorization", auth).call(),
+        }
+        .unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    })
+}
+
 /// `call-proxy-server ARGS --db <the server's database>`: (exit code, stdout, stderr).
 fn operator_cli(srv: &TestServer, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
@@ -424,21 +449,7 @@ async fn the_operator_approves_with_the_cli_or_the_admin_api_and_revokes() {
     let key2 = TvKey::generate().unwrap();
     let mut tv2 = tv(&srv, &key2).await;
     let code2 = start_code(&mut tv2).await;
-    let post = |url: String, body: &'static str| {
-        tokio::task::spawn_blocking(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into();
-            let mut r = agent
-                .post(&url)
-                .header("Authorization", format!("Bearer {}", common::ADMIN_TOKEN))
-                .header("Content-Type", "application/json")
-                .send(body)
-                .unwrap();
-            (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
-        })
-    };
+    let post = |url: String, body: &'static str| admin_call("POST", url, Some(body));
     let (status, body) = post(
         format!("{admin}/api/enrollments/{code2}"),
         r#"{"user": 5005}"#,
@@ -692,20 +703,7 @@ async fn the_operator_refuses_a_code_with_the_cli_or_the_admin_api() {
 
     let mut tv2 = tv(&srv, &TvKey::generate().unwrap()).await;
     let code2 = start_code(&mut tv2).await;
-    let delete = |url: String| {
-        tokio::task::spawn_blocking(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into();
-            let mut r = agent
-                .delete(&url)
-                .header("Authorization", format!("Bearer {}", common::ADMIN_TOKEN))
-                .call()
-                .unwrap();
-            (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
-        })
-    };
+    let delete = |url: String| admin_call("DELETE", url, None);
     let (status, body) = delete(format!("{admin}/api/enrollments/{code2}"))
         .await
         .unwrap();

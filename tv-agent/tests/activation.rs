@@ -223,22 +223,11 @@ impl Drop for Tv {
 
 /// One HTTP/1.1 request to the UI: status and JSON body.
 async fn http(ui: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(ui).await.unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {ui}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
-        .await
-        .expect("a complete reply")
-        .unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let r = common::http(ui, method, path, &["Content-Type: application/json"], body).await;
+    (
+        r.status,
+        serde_json::from_str(&r.body).unwrap_or(Value::Null),
+    )
 }
 
 /// Reads the UI's event stream (a new connection: the current state first) until an
@@ -297,11 +286,7 @@ impl Screen {
     }
 
     async fn text(&self, id: &str) -> String {
-        self.js(&format!("document.getElementById('{id}').innerText"))
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+        browser::text(&self.client, id).await
     }
 
     /// Waits (up to 30 s) until `expr` is truthy in the page.

@@ -130,11 +130,7 @@ impl Screen {
     }
 
     async fn text(&self, id: &str) -> String {
-        self.js(&format!("document.getElementById('{id}').innerText"))
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+        browser::text(&self.client, id).await
     }
 
     async fn focused(&self) -> String {

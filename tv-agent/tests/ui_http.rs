@@ -15,49 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tv_agent::contacts::ContactBook;
 use tv_agent::media::AudioSpec;
 
-/// A response: status, head (lower-cased) and body.
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("JSON body expected ({e}): {}", self.body))
-    }
-}
-
-/// One HTTP/1.1 request on its own connection; `headers` are extra lines.
-async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> Reply {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-    if !headers
-        .iter()
-        .any(|h| h.to_lowercase().starts_with("host:"))
-    {
-        req += &format!("Host: {addr}\r\n");
-    }
-    for h in headers {
-        req += &format!("{h}\r\n");
-    }
-    req += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
-        .await
-        .expect("a complete reply")
-        .unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    Reply {
-        status,
-        head: head.to_lowercase(),
-        body: body.to_owned(),
-    }
-}
+use common::http;
 
 const JSON: &str = "Content-Type: application/json";
 

@@ -98,6 +98,18 @@ pub async fn js(client: &Client, expr: &str) -> Value {
         .unwrap_or_else(|e| panic!("script `{expr}` failed: {e}"))
 }
 
+/// The text of the element with id `id` (empty if there is none).
+pub async fn text(client: &Client, id: &str) -> String {
+    js(
+        client,
+        &format!("document.getElementById('{id}').innerText"),
+    )
+    .await
+    .as_str()
+    .unwrap_or_default()
+    .to_owned()
+}
+
 /// Presses remote-control keys, one after another.
 pub async fn press(client: &Client, keys: &[char]) {
     let mut actions = KeyActions::new("remote".into());
