@@ -291,12 +291,8 @@ impl Screen {
 
     /// Waits (up to 30 s) until `expr` is truthy in the page.
     async fn wait(&self, what: &str, expr: &str) {
-        for _ in 0..300 {
-            let v = self.js(expr).await;
-            if !(v.is_null() || v == json!(false) || v == json!("") || v == json!(0)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if browser::wait_truthy(&self.client, expr).await {
+            return;
         }
         let page = self.js("document.body.innerText").await;
         self.save("FAILED-activation").await;

@@ -238,16 +238,7 @@ async fn hang_up_from_either_side_reject_busy_and_no_answer() {
     let (b, mut eb) = boot(srv.agent_config(B, null().0, null().1).await).await;
     let (c, mut ec) = boot(srv.agent_config(3003, null().0, null().1).await).await;
     for hang_up_by_callee in [true, false] {
-        assert!(matches!(a.dial(B).await, DialResult::Ringing(_)));
-        expect_event(&mut eb, 5, "incoming", |e| {
-            matches!(e, AgentEvent::Incoming { .. }).then_some(())
-        })
-        .await;
-        b.answer().await.unwrap();
-        expect_event(&mut ea, 5, "answered", |e| {
-            matches!(e, AgentEvent::Answered { .. }).then_some(())
-        })
-        .await;
+        dial_and_answer(&a, &mut ea, A, &b, &mut eb, B).await;
         // A third TV calling either is told they are busy.
         assert!(matches!(c.dial(B).await, DialResult::Busy(_)));
         // Let some media flow before the hang-up.

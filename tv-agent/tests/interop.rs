@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::*;
 use tv_agent::media::AudioSpec;
-use tv_agent::{AgentEvent, DialResult};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_decodes_the_agents_rtp_given_an_sdp() {
@@ -41,16 +40,7 @@ async fn ffmpeg_decodes_the_agents_rtp_given_an_sdp() {
         .await;
     cfg_b.advertise_port = Some(port);
     let (b, mut eb) = boot(cfg_b).await;
-    assert!(matches!(a.dial(2002).await, DialResult::Ringing(_)));
-    expect_event(&mut eb, 5, "incoming", |e| {
-        matches!(e, AgentEvent::Incoming { .. }).then_some(())
-    })
-    .await;
-    b.answer().await.unwrap();
-    expect_event(&mut ea, 5, "answered", |e| {
-        matches!(e, AgentEvent::Answered { .. }).then_some(())
-    })
-    .await;
+    dial_and_answer(&a, &mut ea, 1001, &b, &mut eb, 2002).await;
     // A's sending key: the second line. B (answering) starts its media, and logs its
     // sending key, before it tells the server; A starts its own once told. (A never
     // logs B's stream: it comes from B's socket, not the advertised port.)

@@ -98,6 +98,18 @@ pub async fn js(client: &Client, expr: &str) -> Value {
         .unwrap_or_else(|e| panic!("script `{expr}` failed: {e}"))
 }
 
+/// Waits up to 30 s until `expr` is truthy in the page; `false` if it never was.
+pub async fn wait_truthy(client: &Client, expr: &str) -> bool {
+    for _ in 0..300 {
+        let v = js(client, expr).await;
+        if !(v.is_null() || v == json!(false) || v == json!("") || v == json!(0)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// The text of the element with id `id` (empty if there is none).
 pub async fn text(client: &Client, id: &str) -> String {
     js(
