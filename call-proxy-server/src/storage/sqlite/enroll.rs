@@ -174,6 +174,36 @@ fn revoke_in(tx: &Transaction<'_>, user: UserId, at: &str) -> Result<bool, Store
     Ok(true)
 }
 
+/// Whether the enrollment with code `code` can still be decided.
+enum Pending {
+    /// Pending and not expired: the TV's fingerprint and certificate.
+    Open { fingerprint: Vec<u8>, cert: Vec<u8> },
+    /// No enrollment has this code.
+    Unknown,
+    /// Approved or refused already.
+    Decided,
+    /// Expired before a decision.
+    Expired,
+}
+
+/// The operator's first step on a code, whether approving or refusing it.
+fn pending(tx: &Transaction<'_>, code: &str, now_ms: UnixMillis) -> Result<Pending, StoreError> {
+    let row: Option<(Vec<u8>, Vec<u8>, String, i64)> = tx
+        .query_row(
+            "SELECT fingerprint, cert, state, expires_at FROM tv_enrollment WHERE user_code = ?1",
+            [code],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()
+        .map_err(db_error)?;
+    Ok(match row {
+        None => Pending::Unknown,
+        Some((_, _, state, _)) if state != "pending" => Pending::Decided,
+        Some((_, _, _, expires)) if expires <= now_ms => Pending::Expired,
+        Some((fingerprint, cert, _, _)) => Pending::Open { fingerprint, cert },
+    })
+}
+
 /// Operator: approves the enrollment with code `code` (stored form) for `user`.
 pub fn approve(
     path: &Path,
@@ -186,23 +216,12 @@ pub fn approve(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_error)?;
-    let row: Option<(Vec<u8>, Vec<u8>, String, i64)> = tx
-        .query_row(
-            "SELECT fingerprint, cert, state, expires_at FROM tv_enrollment WHERE user_code = ?1",
-            [code],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .optional()
-        .map_err(db_error)?;
-    let Some((fp, cert, state, expires)) = row else {
-        return Ok(Approval::UnknownCode);
+    let (fp, cert) = match pending(&tx, code, now_ms)? {
+        Pending::Open { fingerprint, cert } => (fingerprint, cert),
+        Pending::Unknown => return Ok(Approval::UnknownCode),
+        Pending::Decided => return Ok(Approval::AlreadyDecided),
+        Pending::Expired => return Ok(Approval::Expired),
     };
-    if state != "pending" {
-        return Ok(Approval::AlreadyDecided);
-    }
-    if expires <= now_ms {
-        return Ok(Approval::Expired);
-    }
     let has_tv: bool = tx
         .query_row(
             "SELECT count(*) > 0 FROM tv_credential WHERE user_id = ?1 AND revoked_at IS NULL",
@@ -238,22 +257,11 @@ pub fn refuse(path: &Path, code: &str, now_ms: UnixMillis) -> Result<Refusal, St
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_error)?;
-    let row: Option<(String, i64)> = tx
-        .query_row(
-            "SELECT state, expires_at FROM tv_enrollment WHERE user_code = ?1",
-            [code],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .map_err(db_error)?;
-    let Some((state, expires)) = row else {
-        return Ok(Refusal::UnknownCode);
-    };
-    if state != "pending" {
-        return Ok(Refusal::AlreadyDecided);
-    }
-    if expires <= now_ms {
-        return Ok(Refusal::Expired);
+    match pending(&tx, code, now_ms)? {
+        Pending::Open { .. } => {}
+        Pending::Unknown => return Ok(Refusal::UnknownCode),
+        Pending::Decided => return Ok(Refusal::AlreadyDecided),
+        Pending::Expired => return Ok(Refusal::Expired),
     }
     tx.execute(
         "UPDATE tv_enrollment SET state = 'refused', decided_at = ?2 WHERE user_code = ?1",
