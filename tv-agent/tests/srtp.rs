@@ -228,14 +228,16 @@ async fn a_call_between_two_agents_is_srtp_both_ways_and_only_the_keylog_decodes
     }
 }
 
-/// Flips the lowest clear bit among bits 0..=6 of the sequence number's high byte: the
-/// same packet, one byte changed, claiming a sequence number 256..=16384 ahead (so the
-/// replay check lets it through to authentication). `None` if those bits are all set.
-fn flip_sequence_ahead(packet: &[u8]) -> Option<Vec<u8>> {
-    let bit = (0..7).find(|b| packet[2] & (1 << b) == 0)?;
+/// The same packet with its sequence number moved 1,000 ahead (mod 2^16): a forged header
+/// that the replay check lets through to authentication, whatever sequence number the
+/// stream started at. (An earlier version flipped one clear bit of the high byte and had
+/// nothing to flip, about one run in 150, when the stream's random start put that byte
+/// at 0x7f or 0xff.)
+fn sequence_ahead(packet: &[u8]) -> Vec<u8> {
+    let seq = u16::from_be_bytes([packet[2], packet[3]]).wrapping_add(1_000);
     let mut p = packet.to_vec();
-    p[2] |= 1 << bit;
-    Some(p)
+    p[2..4].copy_from_slice(&seq.to_be_bytes());
+    p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,19 +250,20 @@ async fn a_tampered_srtp_packet_is_dropped_and_counted_and_audio_still_flows() {
     dial_and_answer(&p.a, &mut p.ea, a_id, &p.b, &mut p.eb, b_id).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 
+    // What A sent so far, taken before the tampering starts so that none of it is tampered.
+    let captured = rtp_only(&p.cap.seen(true));
     // In flight: three of A's packets reach B with one byte flipped.
     p.cap.tamper_next_to_b(3);
-    // Re-injected toward B from A's address: captured packets with one byte (of the
-    // sequence number) flipped, and two captured packets as they were (replays).
-    let captured = rtp_only(&p.cap.seen(true));
-    let flipped: Vec<Vec<u8>> = captured
+    // Re-injected toward B from A's address: two captured packets with a forged sequence
+    // number, and two captured packets as they were (replays).
+    let forged: Vec<Vec<u8>> = captured
         .iter()
         .rev()
-        .filter_map(|d| flip_sequence_ahead(d))
         .take(2)
+        .map(|d| sequence_ahead(d))
         .collect();
-    assert_eq!(flipped.len(), 2);
-    for d in &flipped {
+    assert_eq!(forged.len(), 2);
+    for d in &forged {
         p.cap.inject_to_b(d).await;
     }
     for d in captured.iter().rev().take(2) {
