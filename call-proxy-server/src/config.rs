@@ -15,13 +15,49 @@ use crate::storage::StorageBackend;
 pub struct Config {
     /// TCP control listener.
     pub listen: SocketAddr,
-    /// Which database keeps the records: `"sqlite"` (the default, an embedded file).
-    /// Any other name is refused with a message naming it.
+    /// Which database keeps the records: `"sqlite"` (the default, an embedded file) or
+    /// `"postgres"` (with [`Config::db_url`]). Any other name is refused with a message
+    /// naming it.
     pub backend: StorageBackend,
     /// Data directory; the database defaults to `<data_dir>/call-proxy.sqlite`.
     pub data_dir: PathBuf,
     /// The SQLite database file (overrides `data_dir`).
     pub db: Option<PathBuf>,
+    /// The PostgreSQL database, `postgres://USER@HOST:PORT/DBNAME` (no password in it:
+    /// see [`Config::db_password_file`]); for `backend = "postgres"`.
+    pub db_url: Option<String>,
+    /// File whose first line is the PostgreSQL password (else `$PGPASSWORD`, else none).
+    pub db_password_file: Option<PathBuf>,
+    /// PostgreSQL connections for reads (the writer has one more).
+    pub db_pool_size: usize,
+    /// This node's name among the nodes sharing one PostgreSQL database (unique; a node
+    /// whose name is held by a live node refuses to start).
+    pub node_id: String,
+    /// This node's slot, 0 to 63, unique among the nodes of one database: its call ids
+    /// are those equal to the slot modulo 64, so nodes never hand out the same one.
+    pub node_slot: u8,
+    /// The address TVs reach this node at, `host:port`, written into `tvcall_node` for
+    /// the dispatcher (the host is the name TVs check the certificate for). Unset: the
+    /// address the control listener is bound to (a wildcard address such as `0.0.0.0`
+    /// then needs this set, or the dispatcher cannot send TVs here).
+    pub advertise: Option<String>,
+    /// The dispatcher's public key (the `<key>.pub` file it writes: 64 hex digits). Set:
+    /// this node registers only TVs presenting a token the dispatcher signed for this
+    /// node, this TV and this user, not expired. Unset: any enrolled TV (one node alone).
+    pub dispatch_public_key_file: Option<PathBuf>,
+    /// The key read from [`Config::dispatch_public_key_file`] at start (not a TOML key).
+    #[serde(skip)]
+    pub dispatch_public_key: Option<crate::dispatch::PublicKey>,
+    /// The dispatcher's signing key (PKCS#8, DER or PEM), made on first start if
+    /// absent, with its public key written beside it as `<file>.pub`
+    /// [default: `<data_dir>/dispatch.key`]. For the `dispatch` role.
+    pub dispatch_key_file: Option<PathBuf>,
+    /// How long a dispatcher's token admits a registration, in seconds.
+    pub dispatch_token_ttl_s: u64,
+    /// A node that has not renewed its heartbeat in the database for this long is dead:
+    /// another node marks its TVs offline and ends its calls, and its name and slot may
+    /// be taken over.
+    pub node_lease_ms: u64,
     /// `true`: every commit is synced to disk (survives power loss). `false`: survives a
     /// process crash only.
     pub sync_full: bool,
@@ -77,6 +113,9 @@ pub struct Config {
     pub create_unknown_users: bool,
     /// How long shutdown waits for sessions to close before giving up on them.
     pub shutdown_grace_ms: u64,
+    /// Several nodes: how long a stopping node (SIGTERM) waits for its live calls to end
+    /// before ending them, while its TVs not in a call move to other nodes; 0 = no drain.
+    pub drain_timeout_ms: u64,
     /// Admin HTTP listener (health, readiness, metrics, operator API); off when unset.
     /// Keep it on loopback or a management network: it is plain HTTP.
     pub admin_listen: Option<SocketAddr>,
@@ -109,6 +148,17 @@ impl Default for Config {
             backend: StorageBackend::Sqlite,
             data_dir: PathBuf::from("data"),
             db: None,
+            db_url: None,
+            db_password_file: None,
+            db_pool_size: 4,
+            node_id: "node-1".into(),
+            node_slot: 0,
+            node_lease_ms: 5_000,
+            advertise: None,
+            dispatch_public_key_file: None,
+            dispatch_public_key: None,
+            dispatch_key_file: None,
+            dispatch_token_ttl_s: 600,
             sync_full: true,
             disk_reserve_mb: crate::storage::sqlite::DEFAULT_RESERVE_BYTES >> 20,
             heartbeat_interval_ms: 30_000,
@@ -127,6 +177,7 @@ impl Default for Config {
             write_timeout_ms: 10_000,
             create_unknown_users: true,
             shutdown_grace_ms: 5_000,
+            drain_timeout_ms: 30_000,
             admin_listen: None,
             admin_token_file: None,
             insecure_plaintext: false,
@@ -161,6 +212,23 @@ impl Config {
         }
     }
 
+    /// Points the server at the database a `--db` flag names: a `postgres://` (or
+    /// `postgresql://`) URL selects the PostgreSQL backend, anything else is a SQLite file.
+    pub fn set_db(&mut self, db: &std::path::Path) {
+        match db.to_str() {
+            Some(url) if is_postgres_url(url) => {
+                self.backend = StorageBackend::Postgres;
+                self.db_url = Some(url.to_string());
+                self.db = None;
+            }
+            _ => {
+                self.backend = StorageBackend::Sqlite;
+                self.db = Some(db.to_path_buf());
+                self.db_url = None;
+            }
+        }
+    }
+
     /// The database file in use.
     pub fn db_path(&self) -> PathBuf {
         self.db
@@ -192,6 +260,20 @@ impl Config {
 
     /// Checks values that would make the server misbehave.
     pub fn validate(&self) -> anyhow::Result<()> {
+        match self.backend {
+            StorageBackend::Sqlite => anyhow::ensure!(
+                self.db_url.is_none(),
+                "db_url is for backend = \"postgres\"; this config's backend is \"sqlite\""
+            ),
+            StorageBackend::Postgres => {
+                let url = self.db_url.as_deref().unwrap_or("");
+                anyhow::ensure!(
+                    is_postgres_url(url),
+                    "backend = \"postgres\" needs db_url = \"postgres://USER@HOST:PORT/DB\""
+                );
+                anyhow::ensure!(self.db_pool_size >= 1, "db_pool_size must be at least 1");
+            }
+        }
         anyhow::ensure!(
             self.heartbeat_interval_ms >= 100,
             "heartbeat_interval_ms must be at least 100"
@@ -229,11 +311,32 @@ impl Config {
             "max_frame_len must be at least 256"
         );
         anyhow::ensure!(
+            (1..=shared_proto::dispatch::MAX_NODE_TEXT_LEN).contains(&self.node_id.len()),
+            "node_id must be 1 to {} bytes",
+            shared_proto::dispatch::MAX_NODE_TEXT_LEN
+        );
+        if let Some(a) = &self.advertise {
+            anyhow::ensure!(
+                !a.is_empty() && a.len() <= shared_proto::dispatch::MAX_NODE_TEXT_LEN,
+                "advertise must be a host:port of at most {} bytes",
+                shared_proto::dispatch::MAX_NODE_TEXT_LEN
+            );
+        }
+        anyhow::ensure!(
+            self.dispatch_token_ttl_s >= 1,
+            "dispatch_token_ttl_s must be at least 1"
+        );
+        anyhow::ensure!(
             self.requests_per_sec >= 1,
             "requests_per_sec must be at least 1"
         );
         Ok(())
     }
+}
+
+/// Whether `s` names a PostgreSQL database rather than a file.
+pub fn is_postgres_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
 #[cfg(test)]
@@ -264,14 +367,29 @@ mod tests {
         let c: Config = toml::from_str("backend = \"sqlite\"\ndb = \"x.db\"\n").expect("parses");
         assert_eq!(c.backend, StorageBackend::Sqlite);
         assert_eq!(c.db_path(), PathBuf::from("x.db"));
-        let err = toml::from_str::<Config>("backend = \"postgres\"\n")
+        let err = toml::from_str::<Config>("backend = \"oracle\"\n")
             .expect_err("refused")
             .to_string();
-        assert!(
-            err.contains("unknown storage backend \"postgres\""),
-            "{err}"
-        );
+        assert!(err.contains("unknown storage backend \"oracle\""), "{err}");
         assert!(err.contains("\"sqlite\""), "{err}");
+        let pg: Config =
+            toml::from_str("backend = \"postgres\"\ndb_url = \"postgres://tv@db/tvcall\"\n")
+                .expect("parses");
+        pg.validate().expect("valid");
+        let no_url: Config = toml::from_str("backend = \"postgres\"\n").expect("parses");
+        assert!(no_url.validate().is_err());
+        let mut flag = Config::default();
+        flag.set_db(std::path::Path::new("postgresql://tv@db:5433/tvcall"));
+        assert_eq!(flag.backend, StorageBackend::Postgres);
+        assert_eq!(
+            flag.db_url.as_deref(),
+            Some("postgresql://tv@db:5433/tvcall")
+        );
+        flag.set_db(std::path::Path::new("x.sqlite"));
+        assert_eq!(
+            (flag.backend, flag.db_path()),
+            (StorageBackend::Sqlite, PathBuf::from("x.sqlite"))
+        );
     }
 
     #[test]

@@ -11,22 +11,26 @@
 //! - [`handler`]: one module per request kind (register, query, dial, call control,
 //!   fetch and acknowledge cached calls).
 //! - [`registry`]: in-memory sessions and the live-call state machine (no I/O).
+//! - [`cluster`]: messages between nodes on one database (calls between their TVs).
 //! - [`storage`]: the backend-neutral [`storage::Store`] and
 //!   [`storage::operator::OperatorStore`] interfaces, chosen by `backend` in the config
-//!   through [`storage::open`], and the SQLite implementation (the only code that knows
-//!   SQL).
+//!   through [`storage::open`], and the SQLite and PostgreSQL implementations (the only
+//!   code that knows SQL).
 //! - [`admin`]: the admin HTTP listener (health, readiness, Prometheus metrics, the
 //!   operator API) and its JSON types.
 //! - [`config`], [`metrics`], [`clock`]: settings, counters, timestamps.
 //! - [`tls`]: TLS 1.3 on the control port, the server's own CA, TV identities.
+//! - [`dispatch`]: the distribution service (`dispatch` role) and its node tokens.
 //! - [`embedded`]: a server running inside the calling process (tests, embedders).
 //! - [`client`]: a small async client of the protocol, used by the load generator and tests.
 
 pub mod admin;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod dispatch;
 pub mod embedded;
 pub mod handler;
 pub mod metrics;

@@ -1,5 +1,5 @@
 //! The `call-proxy-server` command: `serve` runs the daemon (with the admin listener if
-//! asked); `calls`, `users` and `stats` are the operator CLI, on the database file
+//! asked); `dispatch` runs the distribution service in front of several nodes; `calls`, `users` and `stats` are the operator CLI, on the database file
 //! (`--db`) or through a running server's admin API (`--admin URL`); `approve`, `refuse`, `revoke`
 //! and `enrollments` manage enrolled TVs on the database file (also while the server
 //! runs).
@@ -10,7 +10,7 @@ use anyhow::Context;
 use call_proxy_server::admin::client::{AdminClient, AdminClientError};
 use call_proxy_server::admin::{self, api, AdminOptions};
 use call_proxy_server::storage::operator::{CallQuery, OperatorStore};
-use call_proxy_server::storage::{self, AnyOperator};
+use call_proxy_server::storage::{self, AnyOperator, DbTarget};
 use call_proxy_server::{bind, run, Config, Shared};
 use clap::{Parser, Subcommand};
 
@@ -28,6 +28,9 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
+    /// Run the distribution service: TVs at power-on get a live node and a signed
+    /// temporary token for it (PostgreSQL only; nodes are given its public key).
+    Dispatch(Box<DispatchArgs>),
     /// The call log, newest first, filtered (from the database file, which works while
     /// the server runs and when it is down, or from a running server with --admin).
     Calls(CallsArgs),
@@ -55,9 +58,8 @@ enum Command {
     },
     /// Approves the enrollment code a TV shows, making that TV user ID's.
     Approve {
-        /// The server's SQLite database file [default: data/call-proxy.sqlite].
-        #[arg(long)]
-        db: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArg,
         /// The code on the TV's screen (e.g. BCDF-GHJK; any case, dash optional).
         #[arg(long)]
         code: String,
@@ -71,27 +73,24 @@ enum Command {
     /// Refuses the enrollment code a TV shows: the TV is told, and the code can no
     /// longer be approved.
     Refuse {
-        /// The server's SQLite database file [default: data/call-proxy.sqlite].
-        #[arg(long)]
-        db: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArg,
         /// The code on the TV's screen.
         #[arg(long)]
         code: String,
     },
     /// Withdraws user ID's TV credential; its live session ends within a second.
     Revoke {
-        /// The server's SQLite database file [default: data/call-proxy.sqlite].
-        #[arg(long)]
-        db: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArg,
         /// The user whose TV is revoked.
         #[arg(long)]
         user: u64,
     },
     /// Enrollment requests, newest first (pending, approved, refused, expired).
     Enrollments {
-        /// The server's SQLite database file [default: data/call-proxy.sqlite].
-        #[arg(long)]
-        db: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArg,
         /// Most rows.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -101,12 +100,45 @@ enum Command {
     },
 }
 
-/// Where operator queries are answered: the database file or a running server.
+/// The server's database, for the operator commands that work on it directly.
+#[derive(clap::Args)]
+struct DbArg {
+    /// The server's database: its SQLite file, or a postgres://USER@HOST:PORT/DB URL
+    /// (password from --db-password-file or $PGPASSWORD) [default: data/call-proxy.sqlite].
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// File whose first line is the PostgreSQL password.
+    #[arg(long)]
+    db_password_file: Option<PathBuf>,
+}
+
+impl DbArg {
+    /// Where the database is.
+    fn target(self) -> anyhow::Result<DbTarget> {
+        db_target(self.db, self.db_password_file)
+    }
+}
+
+/// The database a `--db` (file or URL) and `--db-password-file` name.
+fn db_target(db: Option<PathBuf>, password_file: Option<PathBuf>) -> anyhow::Result<DbTarget> {
+    let mut config = Config::default();
+    if let Some(db) = db {
+        config.set_db(&db);
+    }
+    config.db_password_file = password_file;
+    Ok(DbTarget::of(&config)?)
+}
+
+/// Where operator queries are answered: the database or a running server.
 #[derive(clap::Args)]
 struct Source {
-    /// The server's SQLite database file [default: data/call-proxy.sqlite].
+    /// The server's database: its SQLite file, or a postgres://USER@HOST:PORT/DB URL
+    /// (password from --db-password-file or $PGPASSWORD) [default: data/call-proxy.sqlite].
     #[arg(long, conflicts_with = "admin")]
     db: Option<PathBuf>,
+    /// File whose first line is the PostgreSQL password.
+    #[arg(long, conflicts_with = "admin")]
+    db_password_file: Option<PathBuf>,
     /// A running server's admin API instead of the file, e.g. http://127.0.0.1:7680.
     #[arg(long, value_name = "URL")]
     admin: Option<String>,
@@ -132,15 +164,12 @@ struct UsageError(String);
 impl Source {
     fn open(self) -> anyhow::Result<Backend> {
         let Some(url) = self.admin else {
-            let config = Config {
-                db: self.db,
-                ..Config::default()
-            };
+            let target = db_target(self.db, self.db_password_file)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            return Ok(Backend::Db(storage::open_operator(&config, 1), runtime));
+            return Ok(Backend::Db(storage::open_operator(&target, 1), runtime));
         };
         let token = match self.token {
             Some(t) => t,
@@ -233,12 +262,30 @@ struct ServeArgs {
     /// TCP control listener address [default: 0.0.0.0:7600].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// SQLite database file [default: <data-dir>/call-proxy.sqlite].
+    /// The database: a SQLite file [default: <data-dir>/call-proxy.sqlite], or a
+    /// postgres://USER@HOST:PORT/DB URL (no password in it).
     #[arg(long)]
     db: Option<PathBuf>,
+    /// File whose first line is the PostgreSQL password [default: $PGPASSWORD].
+    #[arg(long)]
+    db_password_file: Option<PathBuf>,
     /// Data directory [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// This node's unique name among the nodes sharing a PostgreSQL database
+    /// [default: node-1].
+    #[arg(long)]
+    node_id: Option<String>,
+    /// This node's slot, 0-63, unique among the nodes of one database [default: 0].
+    #[arg(long)]
+    node_slot: Option<u8>,
+    /// Address TVs reach this node at, host:port, for the dispatcher [default: the
+    /// bound listen address].
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The dispatcher's public key file (`<key>.pub`): only TVs with its token register.
+    #[arg(long)]
+    dispatch_public_key_file: Option<PathBuf>,
     /// Ring timeout in milliseconds [default: 30000].
     #[arg(long)]
     ring_timeout_ms: Option<u64>,
@@ -298,6 +345,45 @@ struct ServeArgs {
     tls_names: Vec<String>,
 }
 
+#[derive(clap::Args)]
+struct DispatchArgs {
+    /// TOML config file (the nodes' format); flags given here win over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The dispatcher's TLS listener [default: the config's listen, 0.0.0.0:7600].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// The nodes' database, postgres://USER@HOST:PORT/DB (no password in it).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// File whose first line is the PostgreSQL password [default: $PGPASSWORD].
+    #[arg(long)]
+    db_password_file: Option<PathBuf>,
+    /// Data directory (TLS files, the signing key) [default: ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The token signing key (PKCS#8), made if absent, its public key written to
+    /// `<file>.pub` [default: <data-dir>/dispatch.key].
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// How long a token admits a registration, in seconds [default: 600].
+    #[arg(long)]
+    token_ttl_s: Option<u64>,
+    /// A node silent for this long is not assigned, in milliseconds [default: 5000].
+    #[arg(long)]
+    node_lease_ms: Option<u64>,
+    /// The certificate chain (PEM) [default: the one made in <data-dir>/tls].
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A name or address TVs reach the dispatcher by, for the certificate it makes
+    /// (repeatable) [default: localhost, 127.0.0.1, ::1].
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
+}
+
 fn main() -> std::process::ExitCode {
     match run_cli() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -321,6 +407,7 @@ fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Dispatch(args) => dispatch(*args),
         Command::Calls(args) => calls(args),
         Command::Users {
             source,
@@ -345,20 +432,17 @@ fn run_cli() -> anyhow::Result<()> {
     }
 }
 
-/// The operator store on the database file, and a runtime to run it on.
-fn operator_db(db: Option<PathBuf>) -> anyhow::Result<(AnyOperator, tokio::runtime::Runtime)> {
-    let config = Config {
-        db,
-        ..Config::default()
-    };
+/// The operator store on the database, and a runtime to run it on.
+fn operator_db(db: DbArg) -> anyhow::Result<(AnyOperator, tokio::runtime::Runtime)> {
+    let target = db.target()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    Ok((storage::open_operator(&config, 1), runtime))
+    Ok((storage::open_operator(&target, 1), runtime))
 }
 
-fn approve(db: Option<PathBuf>, code: &str, user: u64, replace: bool) -> anyhow::Result<()> {
+fn approve(db: DbArg, code: &str, user: u64, replace: bool) -> anyhow::Result<()> {
     use call_proxy_server::storage::enroll::{display_code, normalise_code, Approval};
     let Some(stored) = normalise_code(code) else {
         return Err(UsageError(format!(
@@ -388,7 +472,7 @@ fn approve(db: Option<PathBuf>, code: &str, user: u64, replace: bool) -> anyhow:
     }
 }
 
-fn refuse(db: Option<PathBuf>, code: &str) -> anyhow::Result<()> {
+fn refuse(db: DbArg, code: &str) -> anyhow::Result<()> {
     use call_proxy_server::storage::enroll::{display_code, normalise_code, Refusal};
     let Some(stored) = normalise_code(code) else {
         return Err(UsageError(format!(
@@ -411,7 +495,7 @@ fn refuse(db: Option<PathBuf>, code: &str) -> anyhow::Result<()> {
     }
 }
 
-fn revoke(db: Option<PathBuf>, user: u64) -> anyhow::Result<()> {
+fn revoke(db: DbArg, user: u64) -> anyhow::Result<()> {
     let (ops, rt) = operator_db(db)?;
     if rt.block_on(ops.revoke(user, call_proxy_server::clock::now_ms()))? {
         println!("{}", serde_json::json!({"revoked": user}));
@@ -430,10 +514,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.listen = v;
     }
     if let Some(v) = args.db {
-        config.db = Some(v);
+        config.set_db(&v);
+    }
+    if let Some(v) = args.db_password_file {
+        config.db_password_file = Some(v);
     }
     if let Some(v) = args.data_dir {
         config.data_dir = v;
+    }
+    if let Some(v) = args.node_id {
+        config.node_id = v;
+    }
+    if let Some(v) = args.node_slot {
+        config.node_slot = v;
+    }
+    if let Some(v) = args.advertise {
+        config.advertise = Some(v);
+    }
+    if let Some(v) = args.dispatch_public_key_file {
+        config.dispatch_public_key_file = Some(v);
     }
     if let Some(v) = args.ring_timeout_ms {
         config.ring_timeout_ms = v;
@@ -490,6 +589,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.tls_names = args.tls_names;
     }
     config.validate()?;
+    if let Some(path) = &config.dispatch_public_key_file {
+        let key = call_proxy_server::dispatch::PublicKey::load(path)?;
+        anyhow::ensure!(
+            !config.insecure_plaintext,
+            "dispatch_public_key_file needs TLS (the token is bound to the TV's certificate)"
+        );
+        tracing::info!(key = %key.hex(), "registrations need a dispatcher's token");
+        config.dispatch_public_key = Some(key);
+    }
     // Refuse to start an admin listener that nobody could authenticate to.
     let admin_token = match config.admin_listen {
         Some(_) => Some(admin::load_token(config.admin_token_file.as_deref())?),
@@ -505,16 +613,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let db = config.db_path();
-        let store = storage::open(&config).with_context(|| {
-            format!("cannot open database {} ({})", db.display(), config.backend)
-        })?;
+        let db = DbTarget::of(&config)?;
+        let store = storage::open(&config)
+            .await
+            .with_context(|| format!("cannot open database {db} ({})", config.backend))?;
         // TLS is set up (and the server's own CA written) before the port opens: a TV
         // that can connect can find the CA.
         let listen = config.listen;
         let shared = Shared::new(store, config).context("cannot set up TLS")?;
         let config = &shared.config;
         let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+        if let DbTarget::Postgres(target) = &db {
+            let bound = listener.local_addr()?;
+            let addr = config.advertise.clone().unwrap_or_else(|| bound.to_string());
+            if config.advertise.is_none() && bound.ip().is_unspecified() {
+                tracing::warn!(%bound, "listening on a wildcard address without `advertise`: the dispatcher cannot send TVs to this node");
+            }
+            call_proxy_server::storage::postgres::dispatch::advertise(target, &config.node_id, &addr)
+                .await
+                .context("cannot record this node's address for the dispatcher")?;
+        }
         let admin_listener = match (config.admin_listen, admin_token) {
             (Some(addr), Some(token)) => {
                 let l = tokio::net::TcpListener::bind(addr)
@@ -528,14 +646,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(
             listen = %listener.local_addr()?,
             backend = %config.backend,
-            db = %db.display(),
+            db = %db,
             sync_full = config.sync_full,
             "call-proxy-server ready"
         );
         let admin = admin_listener.map(|(l, token)| {
             let opts = AdminOptions {
                 token,
-                db_path: db.clone(),
+                db: db.clone(),
             };
             admin::spawn(l, std::sync::Arc::clone(&shared), opts)
         });
@@ -544,6 +662,89 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(admin) = admin {
             admin.stop().await;
         }
+        anyhow::Ok(())
+    })
+}
+
+fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
+    use call_proxy_server::dispatch::{Dispatcher, SigningKey};
+    use call_proxy_server::storage::postgres::dispatch::PgDispatch;
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.db {
+        config.set_db(&v);
+    }
+    if let Some(v) = args.db_password_file {
+        config.db_password_file = Some(v);
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.key_file {
+        config.dispatch_key_file = Some(v);
+    }
+    if let Some(v) = args.token_ttl_s {
+        config.dispatch_token_ttl_s = v;
+    }
+    if let Some(v) = args.node_lease_ms {
+        config.node_lease_ms = v;
+    }
+    if let Some(v) = args.tls_cert {
+        config.tls_cert = Some(v);
+    }
+    if let Some(v) = args.tls_key {
+        config.tls_key = Some(v);
+    }
+    if !args.tls_names.is_empty() {
+        config.tls_names = args.tls_names;
+    }
+    config.validate()?;
+    let DbTarget::Postgres(target) = DbTarget::of(&config)? else {
+        return Err(UsageError(
+            "the dispatcher needs the nodes' PostgreSQL database: --db postgres://USER@HOST:PORT/DB"
+                .into(),
+        )
+        .into());
+    };
+    let key_file = config
+        .dispatch_key_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("dispatch.key"));
+    let key = SigningKey::load_or_create(&key_file)?;
+    let files = call_proxy_server::tls::server_cert_files(
+        config.tls_cert.as_deref(),
+        config.tls_key.as_deref(),
+        &config.tls_dir(),
+        &config.tls_names,
+    )?;
+    let tls = call_proxy_server::dispatch::tls_acceptor(&files)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let dispatcher = std::sync::Arc::new(Dispatcher {
+            db: PgDispatch::new(&target, config.db_pool_size)?,
+            key,
+            token_ttl: std::time::Duration::from_secs(config.dispatch_token_ttl_s),
+            node_lease: std::time::Duration::from_millis(config.node_lease_ms),
+            tls,
+        });
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            public_key = %dispatcher.key.public().hex(),
+            public_key_file = %call_proxy_server::dispatch::public_key_path(&key_file).display(),
+            "dispatcher ready"
+        );
+        call_proxy_server::dispatch::run(listener, dispatcher, shutdown_signal()).await;
         anyhow::Ok(())
     })
 }

@@ -44,6 +44,9 @@ pub struct Shared<S> {
     /// Fingerprints of TV credentials revoked while running: every connection of that
     /// TV closes ([`watch_revocations`] feeds it from the database).
     pub revoked: tokio::sync::broadcast::Sender<crate::tls::Fingerprint>,
+    /// The path to the other nodes on the same database (`None`: this node is alone on
+    /// its database, as on SQLite).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl<S: Store> Shared<S> {
@@ -71,16 +74,20 @@ impl<S: Store> Shared<S> {
             )?))
         };
         let w = store.watermarks();
+        let cluster = store
+            .node_link()
+            .map(|link| Arc::new(crate::cluster::Cluster::new(link)));
         let metrics = Metrics::default();
         let gate = Gate::new(limits::Limits::for_process(&config), &metrics);
         Ok(Arc::new(Shared {
             store,
-            registry: Registry::new(w.max_session_id, w.max_call_id),
+            registry: Registry::with_watermarks(&w),
             config,
             metrics,
             gate,
             tls,
             revoked: tokio::sync::broadcast::channel(REVOCATIONS_QUEUED).0,
+            cluster,
         }))
     }
 }
@@ -116,6 +123,42 @@ pub async fn watch_revocations<S: Store>(shared: &Arc<Shared<S>>) {
     }
 }
 
+/// Carries out what other nodes on the same database tell this one: a TV of this node
+/// registered on another (its session here is replaced), a message about a call between
+/// the nodes ([`crate::cluster`]), a node gone (calls with its TVs end). Runs until the
+/// server stops.
+pub async fn watch_nodes<S: Store + 'static>(shared: &Arc<Shared<S>>) {
+    let Some(mut events) = shared.store.node_events() else {
+        return std::future::pending().await;
+    };
+    crate::cluster::start(shared);
+    while let Some(event) = events.recv().await {
+        match event {
+            crate::storage::NodeEvent::Replaced { user, session_id } => {
+                if let Some(ended) = shared.registry.replaced_elsewhere(user, session_id) {
+                    tracing::info!(user, "session replaced by a registration on another node");
+                    if let Some(ended) = ended {
+                        if let Err(e) = record_end(shared, ended).await {
+                            tracing::error!(error = %e, "cannot record a call ended by a move to another node");
+                        }
+                    }
+                }
+            }
+            crate::storage::NodeEvent::Message(payload) => {
+                crate::cluster::handle(shared, &payload).await;
+            }
+            crate::storage::NodeEvent::NodeGone { slot } => {
+                for ended in shared.registry.node_gone(slot) {
+                    if let Err(e) = record_end(shared, ended).await {
+                        tracing::error!(error = %e, "cannot record a call ended by a node's loss");
+                    }
+                }
+            }
+        }
+    }
+    std::future::pending().await
+}
+
 /// Binds the control listener with a deep accept backlog (TVs reconnect in bursts
 /// after a power cut or a server restart).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -142,12 +185,24 @@ pub async fn run<S: Store>(
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     shared.gate.limits().log(shared.config.max_connections);
+    // What other nodes and the operator tell this node is followed until the very end
+    // (through the drain, too).
+    let watchers = [
+        tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { watch_revocations(&shared).await }
+        }),
+        tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { watch_nodes(&shared).await }
+        }),
+    ];
     tokio::select! {
         () = accept_loop(&listener, &shared, &tracker, &stop_rx) => {}
-        () = watch_revocations(&shared) => {}
         () = shutdown => {}
     }
     drop(listener);
+    drain(&shared).await;
     tracing::info!(
         online = shared.registry.online(),
         calls = shared.registry.live_calls(),
@@ -167,8 +222,48 @@ pub async fn run<S: Store>(
             "sessions still open after the grace period; they are recorded offline at next start"
         );
     }
+    for w in watchers {
+        w.abort();
+    }
     shared.store.close().await;
     tracing::info!("stopped");
+}
+
+/// How often a draining node looks whether its calls have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+
+/// Several nodes, another one alive: before stopping, this node drains. The dispatcher
+/// stops sending TVs here, its TVs not in a call are told to move (they connect again,
+/// through the dispatcher, to another node), and its live calls go on (their media is TV
+/// to TV) until they end or `drain_timeout_ms` runs out; each TV whose call ends is told
+/// to move then. Alone on its database, a node stops as before.
+async fn drain<S: Store>(shared: &Arc<Shared<S>>) {
+    let Some(cluster) = shared.cluster.as_ref().filter(|c| c.others_alive()) else {
+        return;
+    };
+    let limit = Duration::from_millis(shared.config.drain_timeout_ms);
+    if limit.is_zero() {
+        return;
+    }
+    cluster.withdraw().await;
+    let started = tokio::time::Instant::now();
+    tracing::info!(
+        online = shared.registry.online(),
+        calls = shared.registry.live_calls(),
+        "draining: TVs move to other nodes, live calls go on"
+    );
+    loop {
+        let live = shared.registry.drain();
+        if live == 0 {
+            tracing::info!(took = ?started.elapsed(), "drained: no call left");
+            return;
+        }
+        if started.elapsed() >= limit {
+            tracing::warn!(calls = live, "drain time over: ending the calls left");
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
 }
 
 async fn accept_loop<S: Store>(

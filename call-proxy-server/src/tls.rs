@@ -10,6 +10,9 @@
 //!   fingerprint ([`TvIdentity`]) and the public certificate; nothing it stores lets a
 //!   reader act as the TV. Which user a fingerprint is, is the enrollment's business
 //!   (`handler/enroll.rs`).
+//! - A TV sent by the dispatcher adds its token as a second chain entry (after its own
+//!   certificate); the verifier allows that one entry, and [`TvIdentity::token`] carries
+//!   it to the registration check.
 //! - Resumption: stateless TLS 1.3 tickets (the ring ticketer); a resumed session
 //!   carries the client certificate of its first handshake, so a TV that reconnects
 //!   after a blip skips the certificate exchange and the signatures.
@@ -68,6 +71,10 @@ pub struct TvIdentity {
     /// The certificate itself (public), for an enrollment; emptied once the TV has
     /// registered (its session needs only the fingerprint).
     pub cert: Vec<u8>,
+    /// The dispatcher's token, when the TV presented one as the second entry of its
+    /// certificate chain (see [`crate::dispatch`]): covered by the TV's handshake
+    /// signature, so bound to this TLS channel. Emptied once registered.
+    pub token: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for TvIdentity {
@@ -250,10 +257,14 @@ impl ClientCertVerifier for TvCertVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if end_entity.len() > MAX_TV_CERT_LEN {
+        // At most one entry after the TV's certificate: the dispatcher's token.
+        let token_too_big = intermediates
+            .iter()
+            .any(|t| t.len() > shared_proto::dispatch::MAX_TOKEN_LEN);
+        if end_entity.len() > MAX_TV_CERT_LEN || intermediates.len() > 1 || token_too_big {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::BadEncoding,
             ));
@@ -290,9 +301,11 @@ impl ClientCertVerifier for TvCertVerifier {
 
 /// The identity a finished TLS handshake established (its client certificate).
 pub fn identity_of(conn: &rustls::ServerConnection) -> Option<TvIdentity> {
-    let cert = conn.peer_certificates()?.first()?;
+    let chain = conn.peer_certificates()?;
+    let cert = chain.first()?;
     Some(TvIdentity {
         fingerprint: Fingerprint::of(cert),
         cert: cert.to_vec(),
+        token: chain.get(1).map(|t| t.to_vec()),
     })
 }

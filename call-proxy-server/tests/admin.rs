@@ -10,9 +10,11 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{dial, power_on_and_ack, six_calls, TestServer, ADMIN_TOKEN};
+use call_proxy_server::storage::DbTarget;
+use common::{dial, power_on_and_ack, six_calls, TestDb, TestServer, ADMIN_TOKEN};
 use serde_json::Value;
 use shared_proto::*;
 
@@ -93,7 +95,9 @@ async fn cli(args: Vec<String>, token_env: Option<&str>) -> (i32, String, String
     let token_env = token_env.map(str::to_string);
     tokio::task::spawn_blocking(move || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
-        cmd.args(&args).env_remove("CALL_PROXY_ADMIN_TOKEN");
+        cmd.args(&args)
+            .env_remove("CALL_PROXY_ADMIN_TOKEN")
+            .envs(common::db::cli_env());
         if let Some(t) = token_env {
             cmd.env("CALL_PROXY_ADMIN_TOKEN", t);
         }
@@ -187,7 +191,7 @@ fn rfc3339_with_offset(ms: i64, hours: i8) -> String {
 async fn api_filters_pages_csv_users_stats_and_bad_parameters() {
     let mut srv = TestServer::start_with(|c| c.ring_timeout_ms = 300).await;
     let base = srv.start_admin(None).await;
-    let db = srv.db_path.to_str().unwrap().to_string();
+    let db = srv.db.db_arg();
     let log = six_calls(&srv).await; // keeps TVs 10 and 20 online
 
     // Every filter, through HTTP.
@@ -480,7 +484,9 @@ async fn token_guards_all_but_health_and_readiness_and_admin_stops_with_server()
 
     // Readiness fails (503) when the database cannot be reached; liveness does not.
     let broken = srv
-        .start_admin(Some("/nonexistent/dir/db.sqlite".into()))
+        .start_admin(Some(DbTarget::sqlite(std::path::Path::new(
+            "/nonexistent/dir/db.sqlite",
+        ))))
         .await;
     let r = get_with(format!("{broken}/readyz"), vec![]).await;
     assert_eq!(r.status, 503);
@@ -588,14 +594,15 @@ fn two_free_ports() -> (u16, u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_process_with_admin_listener() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("proc.sqlite");
-    let db_s = db.to_str().unwrap().to_string();
+    let db = Arc::new(TestDb::new(dir.path(), "proc"));
+    let db_s = db.db_arg();
     let (port, admin_port) = two_free_ports();
     let serve = |token: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .args(["--db", &db_s])
+            .args(db.serve_args())
+            .envs(db.cli_env())
             .env("RUST_LOG", "warn")
             .env_remove("CALL_PROXY_ADMIN_TOKEN")
             .stdout(Stdio::null())
@@ -609,7 +616,14 @@ async fn serve_process_with_admin_listener() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs a token"), "{err}");
-    assert!(!db.exists(), "refused before opening the database");
+    if let Some(path) = db.sqlite_path() {
+        assert!(!path.exists(), "refused before opening the database");
+    } else {
+        assert!(
+            db.try_rows("SELECT count(*) FROM tvcall_schema").is_err(),
+            "refused before opening the database"
+        );
+    }
 
     let mut child = serve(Some(ADMIN_TOKEN)).spawn().unwrap();
     let base = format!("http://127.0.0.1:{admin_port}");

@@ -465,3 +465,32 @@ async fn the_server_serves_any_byte_stream() {
         .unwrap();
     srv.stop().await;
 }
+
+/// An agent of this release asks `ASSIGN` first wherever `--server` points: a node (this
+/// one, and any older one, which knows no such kind either) answers `UNSUPPORTED` and
+/// the TV registers on the same link, so a single node needs no dispatcher and no flag.
+#[tokio::test]
+async fn a_node_answers_assign_unsupported_and_the_agent_registers_on_that_link() {
+    use control_client::dispatch::{assign, Assigned};
+    let srv = TestServer::start().await;
+    let stream = srv.tvs.raw_tls_as(srv.addr, 21).await;
+    let ask = shared_proto::dispatch::Assign {
+        agent_version: "compat".into(),
+        unreachable_node: String::new(),
+    };
+    let conn = match assign(stream, Features::KNOWN, &ask).await.unwrap() {
+        Assigned::AtNode(conn) => conn,
+        Assigned::Node(a) => panic!("a node assigned {a:?}"),
+    };
+    let mut tv = Client::from_connection(conn);
+    let r = tv
+        .register(21, 5000)
+        .await
+        .expect("registered on the same link");
+    assert!(r.session_id > 0);
+    assert!(matches!(
+        tv.request(Request::Heartbeat).await,
+        Ok(Reply::HeartbeatAck { .. })
+    ));
+    srv.stop().await;
+}

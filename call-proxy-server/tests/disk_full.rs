@@ -106,6 +106,9 @@ async fn until<F: std::future::Future<Output = bool>>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_restart() {
     let disk = Tmpfs::mount(6 << 20).unwrap();
+    // The SQLite backend's own disk (PostgreSQL's full disk is PostgreSQL's data
+    // directory: a test of its own).
+    let test_db = std::sync::Arc::new(common::TestDb::sqlite(disk.path(), "call-proxy"));
     let db = disk.path().join("call-proxy.sqlite");
     let port = free_port().unwrap();
     let admin_port = free_port().unwrap();
@@ -145,7 +148,7 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
     const OFF: UserId = 3003;
     const NEWCOMER: UserId = 4004;
     // Every TV is enrolled while the disk has room (an enrollment is a write too).
-    let tvs = Tvs::new(&db);
+    let tvs = Tvs::new(&test_db);
     for user in [CALLER, ONLINE, OFF, NEWCOMER] {
         tvs.enroll(user);
     }

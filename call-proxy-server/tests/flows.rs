@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{event, eventually, TestServer, Tv};
+use common::{event, eventually, try_dial as dial, TestServer};
 use shared_proto::*;
 
 const A: UserId = 1001;
@@ -17,23 +17,6 @@ const C: UserId = 3003;
 
 fn media(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-async fn dial(
-    c: &mut Tv,
-    callee: UserId,
-) -> Result<DialOutcome, call_proxy_server::client::ClientError> {
-    match c
-        .request(Request::Dial {
-            callee,
-            key: None,
-            srtp: None,
-        })
-        .await?
-    {
-        Reply::Dial(o) => Ok(o),
-        other => panic!("unexpected reply {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -162,15 +145,13 @@ async fn flow4_call_between_online_tvs_exchanges_media_addresses() {
             reason: EndReason::HungUp { by: A }
         }
     );
-    let ended: Option<String> = srv
-        .db()
-        .query_row(
-            "SELECT ended_at FROM user_call WHERE id = ?1",
-            [call_id as i64],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert!(ended.is_some());
+    let ended = srv
+        .db
+        .row(&format!(
+            "SELECT ended_at FROM user_call WHERE id = {call_id}"
+        ))
+        .expect("the call's row");
+    assert!(ended[0].is_some());
     // Answered calls are not delivered again as missed.
     assert!(b.fetch_all_cached().await.unwrap().is_empty());
     srv.stop().await;
@@ -240,14 +221,9 @@ async fn flow5_and_6_offline_call_is_cached_then_delivered_until_acknowledged() 
     let mut c = srv.tv(C, 7004).await;
     assert_eq!(c.ack_cached(&[ids[2]]).await.unwrap(), 0);
     assert_eq!(b.fetch_all_cached().await.unwrap().len(), 1);
-    let delivered: i64 = srv
-        .db()
-        .query_row(
-            "SELECT count(*) FROM user_call WHERE delivered = 1 AND delivered_at IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let delivered = srv
+        .db
+        .count("SELECT count(*) FROM user_call WHERE delivered = 1 AND delivered_at IS NOT NULL");
     assert_eq!(delivered, 2);
     srv.stop().await;
 }
@@ -482,12 +458,7 @@ async fn unknown_users_get_a_clear_error() {
     let mut a = srv.tv(A, 5004).await;
     let err = dial(&mut a, 999_999).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::UNKNOWN_USER));
-    assert_eq!(
-        srv.db()
-            .query_row("SELECT count(*) FROM user_call", [], |r| r.get::<_, i64>(0))
-            .unwrap(),
-        0
-    );
+    assert_eq!(srv.db.count("SELECT count(*) FROM user_call"), 0);
     let err = dial(&mut a, A).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::INVALID_ARGUMENT));
     let err = dial(&mut a, 0).await.unwrap_err();

@@ -8,12 +8,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use call_proxy_server::client::ClientError;
-use common::{event, TestServer, Tv, Tvs};
+use common::{event, TestDb, TestServer, Tv, Tvs};
 use shared_proto::{CallId, DialOutcome, ErrorCode, Event, Reply, Request, UserId};
 use test_support::net::free_port;
 use test_support::process::{spawn_listening, KillOnDrop};
@@ -41,13 +41,9 @@ fn cached(o: DialOutcome) -> CallId {
     }
 }
 
-/// Rows in the call log of the database at `db`.
-fn call_rows(db: &Path) -> i64 {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    conn.query_row("SELECT count(*) FROM user_call", [], |r| r.get(0))
-        .unwrap()
+/// Rows in the call log of the database `db`.
+fn call_rows(db: &TestDb) -> i64 {
+    db.count("SELECT count(*) FROM user_call")
 }
 
 #[tokio::test]
@@ -56,30 +52,30 @@ async fn a_retried_keyed_dial_to_an_offline_tv_is_stored_once_and_answered_the_s
     srv.known_offline(30).await;
     let mut a = srv.tv(10, 5000).await;
     let first = cached(dial(&mut a, 30, Some(0xabc)).await.unwrap());
-    assert_eq!(call_rows(&srv.db_path), 1);
+    assert_eq!(call_rows(&srv.db), 1);
     // The same link retries (its reply timed out), then a new link does (the old one
     // died with the reply).
     assert_eq!(cached(dial(&mut a, 30, Some(0xabc)).await.unwrap()), first);
     drop(a);
     let mut a = srv.tv(10, 5000).await;
     assert_eq!(cached(dial(&mut a, 30, Some(0xabc)).await.unwrap()), first);
-    assert_eq!(call_rows(&srv.db_path), 1);
+    assert_eq!(call_rows(&srv.db), 1);
     // Another key is another call, and so is the same key from another caller.
     let second = cached(dial(&mut a, 30, Some(0xabd)).await.unwrap());
     assert_ne!(second, first);
     let mut b = srv.tv(11, 5002).await;
     let other_caller = cached(dial(&mut b, 30, Some(0xabc)).await.unwrap());
     assert!(![first, second].contains(&other_caller));
-    assert_eq!(call_rows(&srv.db_path), 3);
+    assert_eq!(call_rows(&srv.db), 3);
     // Without a key every dial is a new call, as before.
     cached(dial(&mut a, 30, None).await.unwrap());
     cached(dial(&mut a, 30, None).await.unwrap());
-    assert_eq!(call_rows(&srv.db_path), 5);
+    assert_eq!(call_rows(&srv.db), 5);
     // The key names one dial: reusing it for another callee is refused.
     srv.known_offline(31).await;
     let err = dial(&mut a, 31, Some(0xabc)).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::INVALID_ARGUMENT), "{err}");
-    assert_eq!(call_rows(&srv.db_path), 5);
+    assert_eq!(call_rows(&srv.db), 5);
     // The callee is shown each stored call once.
     let (tv, acked) = common::power_on_and_ack(&srv, 30, 4000).await;
     assert_eq!(acked, 5);
@@ -101,7 +97,7 @@ async fn a_retried_keyed_dial_of_a_live_call_rings_once_and_gets_the_first_reply
     assert_eq!(dial(&mut a, 20, Some(7)).await.unwrap(), first);
     let again = tokio::time::timeout(Duration::from_millis(300), b.next_event()).await;
     assert!(again.is_err(), "the callee was told again: {again:?}");
-    assert_eq!(call_rows(&srv.db_path), 1);
+    assert_eq!(call_rows(&srv.db), 1);
     // The caller's link dies (the reply was lost with it): the call ends unanswered and
     // waits for the callee as a missed call. The retry from a new link is answered
     // with that: cached, the same call id; still one record.
@@ -113,7 +109,7 @@ async fn a_retried_keyed_dial_of_a_live_call_rings_once_and_gets_the_first_reply
         DialOutcome::Cached { call_id }
     );
     srv.calls_settled().await;
-    assert_eq!(call_rows(&srv.db_path), 1);
+    assert_eq!(call_rows(&srv.db), 1);
     assert_eq!(srv.call(call_id).map(|c| c.2), Some("missed".to_string()));
     srv.stop().await;
 }
@@ -151,7 +147,7 @@ async fn a_retried_keyed_dial_of_a_call_that_was_answered_or_rejected_names_it()
     srv.calls_settled().await;
     let err = dial(&mut a, 20, Some(2)).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NO_SUCH_CALL), "{err}");
-    assert_eq!(call_rows(&srv.db_path), 2);
+    assert_eq!(call_rows(&srv.db), 2);
     srv.stop().await;
 }
 
@@ -163,11 +159,11 @@ struct Process {
 }
 
 impl Process {
-    async fn start(db: &Path, port: u16) -> Process {
+    async fn start(db: &TestDb, port: u16) -> Process {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-            .arg(db)
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(db.serve_args())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -188,7 +184,7 @@ impl Process {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_dial_retried_after_a_sigkill_of_the_server_is_stored_once() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("idem.sqlite");
+    let db = Arc::new(TestDb::new(dir.path(), "idem"));
     let port = free_port().unwrap();
     let server = Process::start(&db, port).await;
     // Enrolled once, in the database both server processes use.

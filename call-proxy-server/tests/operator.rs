@@ -10,9 +10,12 @@ use common::{dial, power_on_and_ack, six_calls, TestServer};
 use serde_json::Value;
 use shared_proto::*;
 
+/// The operator CLI with `args`, its environment holding what the test database needs
+/// (a PostgreSQL password): (exit code, stdout, stderr).
 fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
         .args(args)
+        .envs(common::db::cli_env())
         .output()
         .unwrap();
     (
@@ -44,7 +47,7 @@ fn ids(rows: &[Value]) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_log_filters_pages_formats_and_errors() {
     let srv = TestServer::start_with(|c| c.ring_timeout_ms = 300).await;
-    let db = srv.db_path.to_str().unwrap().to_string();
+    let db = srv.db.db_arg();
     let log = six_calls(&srv).await; // keeps TVs 10 and 20 online
     let t_mid = log.t_mid;
 

@@ -6,12 +6,10 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Tvs;
+use common::{TestDb, Tvs};
 use shared_proto::*;
 use test_support::net::free_port;
 use test_support::process::{spawn_listening, KillOnDrop};
@@ -23,28 +21,15 @@ struct Server {
 }
 
 impl Server {
-    async fn start(db: &Path, port: u16) -> Server {
+    async fn start(db: &TestDb, port: u16) -> Server {
         // TVs are limited to a few requests a second; these test callers are not.
-        let config = db.with_extension("toml");
-        std::fs::write(
-            &config,
-            "requests_per_sec = 1000000\nrequest_burst = 1000000\n",
-        )
-        .unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
-        cmd.args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--db")
-        .arg(db)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        let mut cmd = common::serve_command(
+            db,
+            "server",
+            "requests_per_sec = 1000000\nrequest_burst = 1000000\n",
+            port,
+        );
         let child = spawn_listening(&mut cmd, addr, Duration::from_secs(5))
             .await
             .expect("server listening");
@@ -63,7 +48,7 @@ impl Server {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boot() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("durable.sqlite");
+    let db = Arc::new(TestDb::new(dir.path(), "durable"));
     let port = free_port().unwrap();
     let mut server = Server::start(&db, port).await;
     let addr = server.addr;
@@ -145,7 +130,7 @@ async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("term.sqlite");
+    let db = Arc::new(TestDb::new(dir.path(), "term"));
     let mut server = Server::start(&db, free_port().unwrap()).await;
     let tvs = Tvs::new(&db);
     let mut a = tvs.tv(server.addr, 1, 5000).await;
@@ -190,24 +175,15 @@ async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
 
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let online: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM user_property WHERE user_netstate = 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let online = db.count("SELECT count(*) FROM user_property WHERE user_netstate = 1");
     assert_eq!(online, 0);
-    let (outcome, ended): (String, Option<String>) = conn
-        .query_row(
-            "SELECT outcome, ended_at FROM user_call WHERE id = ?1",
-            [call_id as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!(outcome, "answered");
-    assert!(ended.is_some());
+    let row = db
+        .row(&format!(
+            "SELECT outcome, ended_at FROM user_call WHERE id = {call_id}"
+        ))
+        .expect("the call's row");
+    assert_eq!(row[0].as_deref(), Some("answered"));
+    assert!(row[1].is_some());
 }
 
 /// The durability bar of issue 11, kept: 20 SIGKILLs at random moments under 8 callers
@@ -222,7 +198,7 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
     const CALLERS: u64 = 8;
     const CALLEE: UserId = 9100;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("kills.sqlite");
+    let db = Arc::new(TestDb::new(dir.path(), "kills"));
     let port = free_port().unwrap();
     let mut server = Server::start(&db, port).await;
     let tvs = Arc::new(Tvs::new(&db));
@@ -281,12 +257,17 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
             unanswered[i] = key;
             retried_answers += retried;
         }
-        let conn = rusqlite::Connection::open(&db).unwrap();
-        let check: String = conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(check, "ok", "after kill {round}");
-        drop(conn);
+        if db.sqlite_path().is_some() {
+            let check = db.rows("PRAGMA integrity_check");
+            assert_eq!(
+                check,
+                vec![vec![Some("ok".to_string())]],
+                "after kill {round}"
+            );
+        } else {
+            // PostgreSQL recovers its own WAL; the tables must still read.
+            db.count("SELECT count(*) FROM user_call");
+        }
         server = Server::start(&db, port).await;
     }
     // The dials still unanswered after the last crash are retried once more.

@@ -5,6 +5,8 @@
 //! A new backend passes when one more line in that list passes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use call_proxy_server::clock::now_ms;
@@ -38,12 +40,30 @@ fn sqlite() -> Fresh {
     }
 }
 
+/// A fresh database of its own in this run's PostgreSQL cluster, or `None` (no cluster:
+/// the check is skipped, unless the run requires one).
+fn postgres() -> Option<Fresh> {
+    let (url, password_file) = common::db::pg_cluster()?;
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::TestDb::postgres(dir.path(), "contract", &url, &password_file);
+    let mut config = Config::default();
+    db.configure(&mut config);
+    Some(Fresh {
+        config,
+        _keep: Box::new((db, dir)),
+    })
+}
+
 /// Opens the store and the operator reads of `fresh`, runs `check`, closes the store.
 macro_rules! run_check {
     ($fresh:expr, $check:path) => {{
-        let fresh = $fresh;
-        let store = storage::open(&fresh.config).expect("open store");
-        let ops = storage::open_operator(&fresh.config, 2);
+        let Some(fresh) = $fresh else {
+            eprintln!("skipped: no PostgreSQL cluster (scripts/test.sh starts one)");
+            return;
+        };
+        let store = storage::open(&fresh.config).await.expect("open store");
+        let target = storage::DbTarget::of(&fresh.config).expect("target");
+        let ops = storage::open_operator(&target, 2);
         $check(&store, &ops, &fresh.config).await;
         store.close().await;
     }};
@@ -99,12 +119,18 @@ macro_rules! contract {
             async fn a_keyed_call_is_stored_at_most_once() {
                 run_check!($fresh, checks::keyed_calls_once);
             }
+
+            #[tokio::test]
+            async fn writes_queued_together_are_answered_as_if_each_ran_alone() {
+                run_check!($fresh, checks::bursts_answer_each_write);
+            }
         }
     )+};
 }
 
 contract! {
-    sqlite => sqlite();
+    sqlite => Some(sqlite());
+    postgres => postgres();
 }
 
 /// The checks, each generic over the backend.
@@ -682,7 +708,7 @@ mod checks {
             .unwrap();
         // Stopped with both online and two calls live, as a crash leaves them.
         store.close().await;
-        let again = storage::open(config).expect("reopen");
+        let again = storage::open(config).await.expect("reopen");
         let w = again.watermarks();
         assert_eq!((w.max_session_id, w.max_call_id), (42, 9));
         // No session survives a restart; the ringing call became missed, the answered
@@ -707,6 +733,67 @@ mod checks {
         assert_eq!(answered[0].outcome, "answered");
         assert!(answered[0].delivered && answered[0].ended_at.is_some());
         again.close().await;
+    }
+
+    /// A fleet re-registering and callers leaving calls, all queued at once (a backend
+    /// may apply such runs as one statement): each write is answered as if it had run
+    /// alone, in order: a user registering twice, a superseded session, an unknown
+    /// callee, counts of waiting calls that grow within the burst, a key used twice.
+    pub async fn bursts_answer_each_write<S: Store, O: OperatorStore>(
+        store: &S,
+        _ops: &O,
+        _config: &Config,
+    ) {
+        store.register(reg(3, 1)).await.unwrap();
+        store
+            .insert_call(call(1, 9, 3, Outcome::Cached))
+            .await
+            .unwrap();
+        let regs = vec![
+            store.register(reg(1, 10)),
+            store.register(reg(2, 11)),
+            store.register(reg(1, 5)),
+            store.register(reg(3, 12)),
+            store.register(reg(2, 13)),
+            store.register(reg(2, 12)),
+        ];
+        let calls = vec![
+            store.insert_keyed_call(call(2, 1, 3, Outcome::Cached), Some(7)),
+            store.insert_keyed_call(call(3, 2, 3, Outcome::Busy), None),
+            store.insert_keyed_call(call(4, 1, 99, Outcome::Cached), None),
+            store.insert_keyed_call(call(5, 1, 3, Outcome::Cached), Some(7)),
+            store.insert_keyed_call(call(6, 2, 3, Outcome::Ringing), Some(7)),
+            store.insert_keyed_call(call(7, 2, 1, Outcome::Cached), None),
+        ];
+        let regs = futures::future::join_all(regs).await;
+        let online = |n| Ok(RegisterResult::Online { cached_waiting: n });
+        assert_eq!(
+            regs,
+            vec![
+                online(0),
+                online(0),
+                Ok(RegisterResult::Superseded),
+                online(1),
+                online(0),
+                Ok(RegisterResult::Superseded)
+            ]
+        );
+        let calls = futures::future::join_all(calls).await;
+        let recorded = |n| Ok(InsertResult::Recorded { callee_waiting: n });
+        assert_eq!(calls[0], recorded(2));
+        assert_eq!(calls[1], recorded(3));
+        assert_eq!(calls[2], Ok(InsertResult::UnknownCallee));
+        match &calls[3] {
+            Ok(InsertResult::AlreadyRecorded(first)) => {
+                assert_eq!((first.id, first.callee), (2, 3));
+            }
+            other => panic!("a key used twice: {other:?}"),
+        }
+        // Another caller's key 7 is its own; a ringing call does not wait.
+        assert_eq!(calls[4], recorded(0));
+        assert_eq!(calls[5], recorded(1));
+        assert_eq!(cached_ids(store, 3).await, vec![1, 2, 3]);
+        assert_eq!(cached_ids(store, 1).await, vec![7]);
     }
 
     /// Rows in the call log (through the operator reads: every backend has them).
@@ -818,7 +905,7 @@ mod checks {
         );
         // The key is stored with the call: it holds after a restart.
         store.close().await;
-        let reopened = storage::open(config).expect("reopen");
+        let reopened = storage::open(config).await.expect("reopen");
         let mut retry = call(10, 1, 2, Outcome::Cached);
         retry.at_ms = late;
         assert_eq!(
@@ -831,7 +918,7 @@ mod checks {
                 }),
             Ok(Some(9))
         );
-        let ops = storage::open_operator(config, 1);
+        let ops = storage::open_operator(&storage::DbTarget::of(config).unwrap(), 1);
         assert_eq!(call_count(&ops).await, 7);
         reopened.close().await;
     }

@@ -97,6 +97,16 @@ where
         })
     }
 
+    /// A client over a connection already set up (e.g. handed back by
+    /// [`crate::dispatch::assign`] when `--server` is a node).
+    pub fn from_connection(conn: Connection<S>) -> Self {
+        Client {
+            conn,
+            events: VecDeque::new(),
+            agent_version: DEFAULT_AGENT_VERSION.into(),
+        }
+    }
+
     /// Registers with this agent version from now on.
     pub fn with_agent_version(mut self, version: impl Into<String>) -> Self {
         self.agent_version = version.into();

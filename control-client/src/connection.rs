@@ -25,6 +25,16 @@ where
         .write_all(&Preamble::client_with(features).encode())
         .await?;
     stream.flush().await?;
+    read_accept(&mut stream).await?;
+    Ok(Connection::handshaken(stream))
+}
+
+/// Reads the server's preamble, once the client's is sent: `Ok` if it accepts this
+/// protocol version; a refusing server's status and reason as [`ClientError::Refused`].
+pub(crate) async fn read_accept<S>(stream: &mut S) -> Result<(), ClientError>
+where
+    S: AsyncRead + Unpin,
+{
     let mut pre = [0u8; PREAMBLE_LEN];
     stream.read_exact(&mut pre).await?;
     let p = Preamble::decode(pre)
@@ -49,11 +59,7 @@ where
             ),
         )));
     }
-    Ok(Connection {
-        framed: Framed::new(stream, ClientCodec::new()),
-        next_id: 1,
-        skipped: 0,
-    })
+    Ok(())
 }
 
 /// What arrived from the server.
@@ -92,6 +98,16 @@ impl<S> Connection<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    /// A connection over `stream` whose preambles were exchanged already (and nothing
+    /// of a frame read: the stream is at a frame boundary).
+    pub(crate) fn handshaken(stream: S) -> Connection<S> {
+        Connection {
+            framed: Framed::new(stream, ClientCodec::new()),
+            next_id: 1,
+            skipped: 0,
+        }
+    }
+
     /// Sends a request with a fresh id and returns that id.
     pub async fn send(&mut self, request: Request) -> Result<RequestId, ClientError> {
         let id = self.next_id;

@@ -15,6 +15,9 @@
 //! - [`client`]: [`Client`], one request at a time with events queued in between; what
 //!   the load generator and the tests use.
 //!
+//! - [`dispatch`]: asking the distribution service for a node and a token (or
+//!   learning that `--server` is a node itself).
+//!
 //! - [`tls`]: the TV's key pair and certificate, trust in the server's CA, TLS 1.3
 //!   connections that resume; [`transport`]: plain TCP or TLS behind one stream type.
 //!
@@ -24,6 +27,7 @@
 
 pub mod client;
 pub mod connection;
+pub mod dispatch;
 pub mod error;
 pub mod paging;
 pub mod pending;

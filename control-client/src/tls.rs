@@ -115,6 +115,10 @@ pub fn ca_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsSetupErro
 #[derive(Clone)]
 pub struct TlsClient {
     config: Arc<rustls::ClientConfig>,
+    /// The CA (PEM), to make a [`TlsClient::with_token`].
+    ca_pem: Arc<Vec<u8>>,
+    /// The TV's key, to make a [`TlsClient::with_token`].
+    tv: TvKey,
 }
 
 impl std::fmt::Debug for TlsClient {
@@ -126,6 +130,26 @@ impl std::fmt::Debug for TlsClient {
 impl TlsClient {
     /// TLS 1.3 verifying the server against `ca` (PEM), presenting `tv`.
     pub fn new(ca_pem: &[u8], tv: &TvKey) -> Result<TlsClient, TlsSetupError> {
+        Self::with_chain(ca_pem, tv, None)
+    }
+
+    /// The same CA and TV key, presenting the dispatcher's `token` as well: it travels
+    /// as a second entry of the TV's certificate chain, so the TV's handshake signature
+    /// covers it and binds it to the connection (the node checks it). A fresh resumption
+    /// cache: a session resumed from before would carry the old chain.
+    pub fn with_token(&self, token: &[u8]) -> Result<TlsClient, TlsSetupError> {
+        Self::with_chain(&self.ca_pem, &self.tv, Some(token))
+    }
+
+    fn with_chain(
+        ca_pem: &[u8],
+        tv: &TvKey,
+        token: Option<&[u8]>,
+    ) -> Result<TlsClient, TlsSetupError> {
+        let mut chain = vec![tv.cert.clone()];
+        if let Some(token) = token {
+            chain.push(CertificateDer::from(token.to_vec()));
+        }
         let mut roots = rustls::RootCertStore::empty();
         for cert in ca_certs(ca_pem)? {
             roots
@@ -137,10 +161,12 @@ impl TlsClient {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsSetupError::Bad(format!("TLS 1.3: {e}")))?
             .with_root_certificates(roots)
-            .with_client_auth_cert(vec![tv.cert.clone()], tv.private_key())
+            .with_client_auth_cert(chain, tv.private_key())
             .map_err(|e| TlsSetupError::Bad(format!("the TV key cannot be used: {e}")))?;
         Ok(TlsClient {
             config: Arc::new(config),
+            ca_pem: Arc::new(ca_pem.to_vec()),
+            tv: tv.clone(),
         })
     }
 

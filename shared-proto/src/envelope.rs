@@ -53,6 +53,8 @@ pub mod kind {
     pub const START_ENROLLMENT: u16 = 0x000b;
     /// [`crate::Request::PollEnrollment`].
     pub const POLL_ENROLLMENT: u16 = 0x000c;
+    /// The dispatcher's `ASSIGN` ([`crate::dispatch::Assign`]; not a [`crate::Request`]).
+    pub const ASSIGN: u16 = crate::dispatch::ASSIGN;
 
     /// [`crate::Reply::Registered`].
     pub const REGISTERED: u16 = 0x4001;
@@ -70,6 +72,8 @@ pub mod kind {
     pub const ACKED: u16 = 0x4007;
     /// [`crate::Reply::Enrollment`].
     pub const ENROLLMENT: u16 = 0x4008;
+    /// The dispatcher's `ASSIGNED` ([`crate::dispatch::Assignment`]; not a [`crate::Reply`]).
+    pub const ASSIGNED: u16 = crate::dispatch::ASSIGNED;
     /// A request failed: the body is a [`crate::WireError`].
     pub const ERROR: u16 = 0x7fff;
 

@@ -12,6 +12,7 @@
 //!   it does not know and keep the link.
 //! - [`v1`]: protocol version 1, frozen: the original message set, encoded as whole
 //!   bincode messages; servers keep speaking it to older agents.
+//! - [`dispatch`]: the distribution service's exchange (a node and a token for a TV).
 //! - [`codec`]: length-prefixed frames with a hard maximum size; the server's and the
 //!   client's `tokio-util` codecs on top of plain encode/decode functions.
 //!
@@ -19,6 +20,7 @@
 //! Only its types cross the control link.
 
 pub mod codec;
+pub mod dispatch;
 pub mod envelope;
 pub mod messages;
 pub mod preamble;

@@ -5,13 +5,22 @@
 //! heartbeats, forwards server events — and when the link breaks or the server is
 //! unreachable, reconnects and re-registers forever with capped exponential backoff and
 //! jitter.
+//!
+//! `--server` may be a node or the distribution service: over TLS, every connection
+//! first asks `ASSIGN` ([`control_client::dispatch`]). A node answers `UNSUPPORTED` and
+//! the TV registers on that same link (a single node needs no other setting); a
+//! dispatcher answers with a node and a token, and the TV registers at that node
+//! presenting the token in its TLS handshake. After losing its node (or failing to reach
+//! it) the TV goes back to the dispatcher, naming that node, for a new assignment.
 
 use std::time::Duration;
 
+use control_client::dispatch::{assign, Assigned};
 use control_client::{
     handshake, ClientError, Connection, Features, Incoming, Pending, Stream, Transport,
 };
 use rand::Rng;
+use shared_proto::dispatch::Assign;
 use shared_proto::{ErrorCode, Event, Register, Registered, Reply, Request, UserId, WireError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
@@ -146,8 +155,11 @@ enum SessionEnd {
 
 async fn run(cfg: LinkConfig, mut cmds: mpsc::Receiver<Command>, events: mpsc::Sender<LinkEvent>) {
     let mut backoff = cfg.backoff_min;
+    // The dispatcher's node this TV last lost or could not reach ("": none).
+    let mut lost_node = String::new();
     loop {
-        let reason = match connect(&cfg).await {
+        let mut at_node = None;
+        let reason = match connect(&cfg, &lost_node, &mut at_node).await {
             Ok((conn, registered)) => {
                 backoff = cfg.backoff_min;
                 let hb =
@@ -166,6 +178,7 @@ async fn run(cfg: LinkConfig, mut cmds: mpsc::Receiver<Command>, events: mpsc::S
             }
             Err(reason) => reason,
         };
+        lost_node = at_node.unwrap_or_default();
         // Full jitter on the upper half, so a thousand TVs rebooting after a power cut
         // do not reconnect in lockstep.
         let wait = {
@@ -208,27 +221,77 @@ fn closed_reason(what: &str, e: &WireError) -> String {
     }
 }
 
-/// Connects, exchanges preambles and registers.
-async fn connect(cfg: &LinkConfig) -> Result<(Conn, Registered), String> {
+fn refused_text(e: ClientError) -> String {
+    match e {
+        ClientError::Refused(w) => {
+            format!("server refused: {} ({})", w.code.name(), w.message)
+        }
+        ClientError::Io(e) => format!("no preamble from the server: {e}"),
+        e => e.to_string(),
+    }
+}
+
+/// The registered-to-be connection: at `--server` itself (a node), or at the node the
+/// dispatcher at `--server` assigned (its id set in `at_node`).
+async fn reach_node(
+    cfg: &LinkConfig,
+    lost_node: &str,
+    at_node: &mut Option<String>,
+) -> Result<Conn, String> {
+    let stream = cfg
+        .transport
+        .connect(&cfg.server, None)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", cfg.server))?;
+    let Transport::Tls(tls) = &cfg.transport else {
+        // Plain TCP (lab use): no dispatcher, whose tokens are bound to a TLS certificate.
+        return handshake(stream, Features::KNOWN)
+            .await
+            .map_err(refused_text);
+    };
+    let ask = Assign {
+        agent_version: AGENT_VERSION.into(),
+        unreachable_node: lost_node.into(),
+    };
+    let assignment = match assign(stream, Features::KNOWN, &ask).await {
+        Ok(Assigned::AtNode(conn)) => return Ok(conn),
+        Ok(Assigned::Node(a)) => a,
+        Err(ClientError::Server(e)) if e.code == ErrorCode::UNAUTHENTICATED => {
+            return Err(format!("{UNAUTHENTICATED_REASON} {}", e.message))
+        }
+        Err(ClientError::Server(e)) => return Err(format!("the dispatcher refused: {e}")),
+        Err(e) => return Err(refused_text(e)),
+    };
+    tracing::info!(node = %assignment.node_id, addr = %assignment.node_addr, "assigned a node");
+    *at_node = Some(assignment.node_id.clone());
+    let node_tls = tls
+        .with_token(&assignment.token)
+        .map_err(|e| format!("cannot present the dispatcher's token: {e}"))?;
+    let stream = Transport::Tls(node_tls)
+        .connect(&assignment.node_addr, None)
+        .await
+        .map_err(|e| format!("cannot connect to node {}: {e}", assignment.node_addr))?;
+    handshake(stream, Features::KNOWN)
+        .await
+        .map_err(refused_text)
+}
+
+/// Sent in `Register` and `ASSIGN`.
+const AGENT_VERSION: &str = concat!("tv-agent/", env!("CARGO_PKG_VERSION"));
+
+/// Connects (through the dispatcher, if `--server` is one), exchanges preambles and
+/// registers. `at_node` is set to the dispatcher's node once one is assigned.
+async fn connect(
+    cfg: &LinkConfig,
+    lost_node: &str,
+    at_node: &mut Option<String>,
+) -> Result<(Conn, Registered), String> {
     let attempt = async {
-        let stream = cfg
-            .transport
-            .connect(&cfg.server, None)
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", cfg.server))?;
-        let mut conn = handshake(stream, Features::KNOWN)
-            .await
-            .map_err(|e| match e {
-                ClientError::Refused(w) => {
-                    format!("server refused: {} ({})", w.code.name(), w.message)
-                }
-                ClientError::Io(e) => format!("no preamble from the server: {e}"),
-                e => e.to_string(),
-            })?;
+        let mut conn = reach_node(cfg, lost_node, at_node).await?;
         let register = Request::Register(Register {
             user_id: cfg.user,
             media_port: cfg.media_port,
-            agent_version: concat!("tv-agent/", env!("CARGO_PKG_VERSION")).into(),
+            agent_version: AGENT_VERSION.into(),
         });
         // Nothing is pushed before registration; an event would be dropped here.
         match conn.call(register, |_| {}).await {

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use call_proxy_server::storage::enroll::{normalise_code, Approval};
 use call_proxy_server::storage::operator::OperatorStore;
-use call_proxy_server::Config;
 use common::browser::{self, Driver};
 use fantoccini::Client;
 use serde_json::{json, Value};
@@ -59,10 +58,7 @@ fn start_server(ttl_s: u64) -> TlsServer {
 impl TlsServer {
     fn operator(&self) -> impl OperatorStore {
         call_proxy_server::storage::open_operator(
-            &Config {
-                db: Some(self.db.clone()),
-                ..Config::default()
-            },
+            &call_proxy_server::storage::DbTarget::sqlite(&self.db),
             1,
         )
     }

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use call_proxy_server::Config;
 use serde_json::Value;
 
 use common::EnrollServer as TlsServer;
@@ -36,10 +35,7 @@ fn operator_here(db: &Path, args: &[&str]) -> (i32, String) {
     use call_proxy_server::storage::enroll::{normalise_code, Approval};
     use call_proxy_server::storage::operator::OperatorStore;
     let ops = call_proxy_server::storage::open_operator(
-        &Config {
-            db: Some(db.to_path_buf()),
-            ..Config::default()
-        },
+        &call_proxy_server::storage::DbTarget::sqlite(db),
         1,
     );
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -44,9 +44,9 @@ const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct AdminOptions {
     /// The bearer token every protected request must carry.
     pub token: String,
-    /// The database file the operator queries read (the server's `db`; for the SQLite
-    /// backend, opened read-only). The backend is the server's configured one.
-    pub db_path: PathBuf,
+    /// The database the operator queries read (the server's own; a SQLite file is
+    /// opened read-only).
+    pub db: storage::DbTarget,
 }
 
 /// Why the admin token could not be had.
@@ -115,11 +115,9 @@ impl<S, O: OperatorStore> AdminState<S, O> {
 }
 
 /// The admin API's routes over the server's shared state, reading the database of the
-/// server's configured backend at `opts.db_path` (built by [`storage::open_operator`]).
+/// database at `opts.db` (built by [`storage::open_operator`]).
 pub fn router<S: Store>(shared: Arc<Shared<S>>, opts: AdminOptions) -> Router {
-    let mut config = shared.config.clone();
-    config.db = Some(opts.db_path);
-    let ops = storage::open_operator(&config, MAX_QUERIES);
+    let ops = storage::open_operator(&opts.db, MAX_QUERIES);
     router_with(shared, opts.token, ops)
 }
 

@@ -10,6 +10,13 @@
 //! call's record ([`replay`]) and nothing new is planned or stored; the store's keyed
 //! insert is the arbiter when two dials with one key race.
 //!
+//! A callee connected to another node on the same database (several nodes) is reserved
+//! there first (`cluster::Cluster::reserve`); the call is then planned, recorded and
+//! rung here as for a TV of this node, its pushes carried to the callee's node (see
+//! `registry/remote.rs`). That costs one database read (where is the callee?) and one
+//! request to the other node, only when another node is alive and the callee is not
+//! connected here.
+//!
 //! The caller's SRTP sending key (`Dial.srtp`, SDES style) goes into the live call the
 //! plan makes and reaches the callee in `IncomingCall` when it rings; a busy or offline
 //! dial drops it. It is never stored or logged. A retried dial ([`replay`]) carries its
@@ -26,7 +33,7 @@ use shared_proto::{
 
 use super::{record_end, storage_error, SessionKey};
 use crate::clock::now_ms;
-use crate::registry::{DialPlan, Ended, RingStart};
+use crate::registry::{DialPlan, Ended, RemoteParty, Reserve, RingStart};
 use crate::server::Shared;
 use crate::storage::{InsertResult, KeyedCall, NewCall, Outcome, Store};
 
@@ -54,9 +61,41 @@ pub async fn handle<S: Store>(
     if shared.store.metrics().is_full() {
         return Err(super::storage_full());
     }
-    let plan = shared
-        .registry
-        .plan_dial_with_key(me.user, me.session_id, callee, srtp, now)?;
+    let mut plan =
+        shared
+            .registry
+            .plan_dial_with_key(me.user, me.session_id, callee, srtp.clone(), now)?;
+    // Not connected here: perhaps to another node on the same database.
+    let mut busy_at = None;
+    if let (DialPlan::Offline { call_id }, Some(cluster)) = (&plan, &shared.cluster) {
+        let call_id = *call_id;
+        if let Some(slot) = cluster.locate(callee).await {
+            match cluster.reserve(slot, call_id, me.user, callee).await {
+                Reserve::Free { session_id, media } => {
+                    let push = cluster.stand_in_queue(slot, callee, session_id);
+                    let remote = RemoteParty {
+                        slot,
+                        session_id,
+                        media,
+                        push,
+                    };
+                    plan = shared.registry.plan_dial_to_remote(
+                        (me.user, me.session_id),
+                        callee,
+                        call_id,
+                        remote,
+                        srtp,
+                        now,
+                    )?;
+                }
+                Reserve::Busy => {
+                    plan = DialPlan::Busy { call_id };
+                    busy_at = Some(slot);
+                }
+                Reserve::Offline => {}
+            }
+        }
+    }
     let (call_id, outcome) = match plan {
         DialPlan::Ring { call_id } => (call_id, Outcome::Ringing),
         DialPlan::Busy { call_id } => (call_id, Outcome::Busy),
@@ -100,9 +139,13 @@ pub async fn handle<S: Store>(
         Outcome::Ringing => ring(shared, me, callee, call_id).await,
         Outcome::Busy => {
             shared.metrics.call_ended(Outcome::Busy);
-            shared
-                .registry
-                .notify(callee, Event::CachedCallsWaiting { count: waiting });
+            let event = Event::CachedCallsWaiting { count: waiting };
+            match (busy_at, &shared.cluster) {
+                (Some(slot), Some(cluster)) => cluster.push(slot, callee, None, event),
+                _ => {
+                    shared.registry.notify(callee, event);
+                }
+            }
             Ok(Reply::Dial(DialOutcome::Busy { call_id }))
         }
         _ => {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use shared_proto::{ErrorCode, Event, Reply, Request, UserId, WireError};
 
 use crate::clock::now_ms;
+use crate::cluster::Control;
 use crate::registry::{Ended, PushRx};
 use crate::server::Shared;
 use crate::storage::{CallEnd, Store, StoreError};
@@ -89,13 +90,13 @@ pub async fn handle<S: Store>(
             dial::handle(shared, st.registered()?, st.peer, callee, key, srtp).await
         }
         Request::Answer { call_id, srtp } => {
-            call_control::answer(shared, st.registered()?, call_id, srtp).await
+            control(shared, st.registered()?, call_id, Control::Answer { srtp }).await
         }
         Request::Reject { call_id } => {
-            call_control::reject(shared, st.registered()?, call_id).await
+            control(shared, st.registered()?, call_id, Control::Reject).await
         }
         Request::HangUp { call_id } => {
-            call_control::hang_up(shared, st.registered()?, call_id).await
+            control(shared, st.registered()?, call_id, Control::HangUp).await
         }
         Request::FetchCached { after, limit } => {
             fetch::handle(shared, st.registered()?, after, limit).await
@@ -113,6 +114,17 @@ pub async fn handle<S: Store>(
         }
         Request::PollEnrollment => enroll::poll(shared, st).await,
     }
+}
+
+/// `me`'s answer, reject or hang-up of call `call_id`: here, or on the node that holds
+/// the call.
+pub async fn control<S: Store>(
+    shared: &Arc<Shared<S>>,
+    me: SessionKey,
+    call_id: shared_proto::CallId,
+    control: Control,
+) -> Result<Reply, WireError> {
+    call_control::handle(shared, me, call_id, control).await
 }
 
 /// The answer to a request kind this server does not know (a newer client): an
@@ -164,9 +176,13 @@ pub async fn record_end<S: Store>(shared: &Shared<S>, ended: Ended) -> Result<()
     let waiting = shared.store.finish_call(end, ended.callee).await?;
     shared.metrics.call_ended(ended.outcome);
     if ended.outcome.is_missed_kind() {
-        shared
-            .registry
-            .notify(ended.callee, Event::CachedCallsWaiting { count: waiting });
+        let event = Event::CachedCallsWaiting { count: waiting };
+        if !shared.registry.notify(ended.callee, event.clone()) {
+            // A callee on another node (its stand-in here went with the call).
+            if let Some(cluster) = &shared.cluster {
+                cluster.push_anywhere(ended.callee, event).await;
+            }
+        }
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `Register` (flow 1): record the TV online at the IP the server observes, with its
-//! media port, then make it the user's live session.
+//! media port, then make it the user's live session. On a node behind the dispatcher,
+//! the connection must carry the dispatcher's token for this node, TV and user
+//! ([`check_token`]; how TLS binds it: [`crate::dispatch`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ pub async fn handle<S: Store>(
         ));
     }
     super::enroll::authenticate(shared, st, reg.user_id).await?;
+    check_token(shared, st, reg.user_id)?;
     let ip = st.peer.ip().to_canonical();
     let session_id = shared.registry.new_session_id();
     let now = now_ms();
@@ -69,6 +72,7 @@ pub async fn handle<S: Store>(
     // every idle TV's state.
     if let Some(identity) = st.identity.as_mut() {
         identity.cert = Vec::new();
+        identity.token = None;
     }
     shared.metrics.registered(installed.replaced);
     if let Some(ended) = installed.ended {
@@ -85,4 +89,36 @@ pub async fn handle<S: Store>(
         server_time_ms: now,
         cached_waiting,
     }))
+}
+
+/// On a node configured with the dispatcher's public key, the connection's token must
+/// admit `user` here now; without that setting, nothing to check (a node alone).
+fn check_token<S: Store>(
+    shared: &Arc<Shared<S>>,
+    st: &ConnState,
+    user: shared_proto::UserId,
+) -> Result<(), WireError> {
+    let Some(key) = shared.config.dispatch_public_key.as_ref() else {
+        return Ok(());
+    };
+    let result = match st.identity.as_ref() {
+        None => Err(crate::dispatch::TokenError::Missing),
+        Some(identity) => match identity.token.as_deref() {
+            None => Err(crate::dispatch::TokenError::Missing),
+            Some(token) => crate::dispatch::Token::verify(
+                token,
+                key,
+                &shared.config.node_id,
+                user,
+                &identity.fingerprint,
+                now_ms(),
+            )
+            .map(|_| ()),
+        },
+    };
+    result.map_err(|e| {
+        shared.metrics.auth_failures.inc();
+        tracing::info!(peer = %st.peer, tv = ?st.identity, user, reason = %e, "registration refused");
+        WireError::new(ErrorCode::UNAUTHENTICATED, e.to_string())
+    })
 }

@@ -43,6 +43,7 @@
 
 mod calls;
 mod push;
+mod remote;
 mod sessions;
 mod timers;
 
@@ -61,6 +62,7 @@ use timers::RingTimers;
 
 pub use calls::Ended;
 pub use push::{channel as push_channel, PushRx, PushTx, PUSH_QUEUE};
+pub use remote::{Notice, Outbox, RemoteParty, Reserve};
 
 /// What a dial should do, decided under the lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +115,11 @@ pub struct Registry {
     next_session_id: AtomicU64,
     /// The next call id to hand out (above every id ever stored).
     next_call_id: AtomicU64,
+    /// How far apart this node's call ids are (other nodes on the database take the
+    /// ids between).
+    call_id_stride: u64,
+    /// Session ids follow the wall clock (a database shared by several nodes).
+    session_ids_follow_clock: bool,
 }
 
 /// The state under the lock.
@@ -124,6 +131,10 @@ struct Inner {
     calls: HashMap<CallId, LiveCall>,
     /// Ring timers of ringing calls.
     timers: RingTimers,
+    /// Where notices to other nodes go (several nodes only; see `remote.rs`).
+    outbox: Option<remote::Outbox>,
+    /// This node is draining: no new call starts here ([`Registry::drain`]).
+    draining: bool,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
@@ -168,25 +179,28 @@ impl Inner {
         let call = self.calls.get_mut(&call_id)?;
         let (caller, callee) = (call.caller, call.callee);
         let ended = call.ended_by(next);
-        match next {
-            Next::Live(state) => {
-                call.state = state;
-                if state != CallState::Ringing {
-                    self.timers.disarm(call_id);
-                }
-            }
-            Next::Over { .. } => {
-                self.calls.remove(&call_id);
+        if let Next::Live(state) = next {
+            call.state = state;
+            if state != CallState::Ringing {
                 self.timers.disarm(call_id);
-                self.sessions.clear_call(caller, call_id);
-                self.sessions.clear_call(callee, call_id);
             }
         }
+        // Pushed before the slots are freed: a party on another node is reached
+        // through its stand-in, which goes with the call.
         if let Some(event) = to_caller {
             self.sessions.push_event(caller, event);
         }
         if let Some(event) = to_callee {
             self.sessions.push_event(callee, event);
+        }
+        if let Next::Over { .. } = next {
+            self.calls.remove(&call_id);
+            self.timers.disarm(call_id);
+            for user in [caller, callee] {
+                if let Some(stand_in) = self.sessions.clear_call(user, call_id) {
+                    self.released(user, &stand_in, call_id);
+                }
+            }
         }
         ended
     }
@@ -235,15 +249,83 @@ impl Inner {
             .map_err(|r| refusal(r, user, call_id))?;
         Ok((step, call.caller))
     }
+
+    /// Decides a dial (see [`Registry::plan_dial_with_key`]); `call_id` makes the id once
+    /// the caller may dial.
+    fn plan(
+        &mut self,
+        caller: UserId,
+        session_id: u64,
+        callee: UserId,
+        srtp: Option<SrtpKey>,
+        now_ms: UnixMillis,
+        call_id: impl FnOnce() -> CallId,
+    ) -> Result<DialPlan, WireError> {
+        let caller_media = self.caller_free(caller, session_id)?;
+        if self.draining {
+            return Err(err(
+                ErrorCode::SHUTTING_DOWN,
+                "this server is draining: connect again, to another one, and call from there",
+            ));
+        }
+        let call_id = call_id();
+        let callee_media = match self.sessions.get(callee) {
+            None => return Ok(DialPlan::Offline { call_id }),
+            Some(s) if s.call.is_some() => return Ok(DialPlan::Busy { call_id }),
+            Some(s) => s.media,
+        };
+        self.sessions.set_call(callee, call_id);
+        self.sessions.set_call(caller, call_id);
+        self.calls.insert(
+            call_id,
+            LiveCall::new(
+                call_id,
+                (caller, caller_media),
+                (callee, callee_media),
+                now_ms,
+                srtp,
+            ),
+        );
+        Ok(DialPlan::Ring { call_id })
+    }
+
+    /// The caller's media address, if it is in its current session `session_id` and in
+    /// no call.
+    fn caller_free(&self, caller: UserId, session_id: u64) -> Result<SocketAddr, WireError> {
+        let caller_session = self
+            .sessions
+            .current(caller, session_id)
+            .ok_or_else(not_current)?;
+        if let Some(c) = caller_session.call {
+            return Err(err(
+                ErrorCode::ALREADY_IN_CALL,
+                format!("this TV is already in call {c}"),
+            ));
+        }
+        Ok(caller_session.media)
+    }
 }
 
 impl Registry {
     /// An empty registry whose new ids start above the given watermarks.
     pub fn new(max_session_id: u64, max_call_id: CallId) -> Self {
+        Self::with_watermarks(&crate::storage::Watermarks {
+            max_session_id,
+            max_call_id,
+            ..crate::storage::Watermarks::default()
+        })
+    }
+
+    /// An empty registry handing out the store's ids: call ids from
+    /// [`crate::storage::Watermarks::first_call_id`] in steps of its stride (several
+    /// nodes on one database never collide), session ids above every stored one.
+    pub fn with_watermarks(w: &crate::storage::Watermarks) -> Self {
         Registry {
             inner: Mutex::new(Inner::default()),
-            next_session_id: AtomicU64::new(max_session_id.saturating_add(1)),
-            next_call_id: AtomicU64::new(max_call_id.saturating_add(1)),
+            next_session_id: AtomicU64::new(w.max_session_id.saturating_add(1)),
+            next_call_id: AtomicU64::new(w.first_call_id()),
+            call_id_stride: w.call_id_stride.max(1),
+            session_ids_follow_clock: w.call_id_stride > 1,
         }
     }
 
@@ -253,9 +335,29 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A fresh session id, larger than every one used before.
+    /// A fresh session id, larger than every one this node used before. On a database
+    /// several nodes may share, also larger than any made earlier in time by another
+    /// node: at least the wall clock in milliseconds times 1,024 (below 2^53 until the
+    /// year 2248), so "the newer registration wins" holds when a TV moves between nodes.
     pub fn new_session_id(&self) -> u64 {
-        self.next_session_id.fetch_add(1, Ordering::Relaxed)
+        let floor = if self.session_ids_follow_clock {
+            u64::try_from(crate::clock::now_ms()).unwrap_or(0) << 10
+        } else {
+            0
+        };
+        let mut current = self.next_session_id.load(Ordering::Relaxed);
+        loop {
+            let id = current.max(floor);
+            match self.next_session_id.compare_exchange_weak(
+                current,
+                id.saturating_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return id,
+                Err(seen) => current = seen,
+            }
+        }
     }
 
     /// Number of connected (registered) TVs.
@@ -298,11 +400,28 @@ impl Registry {
             ErrorCode::SESSION_REPLACED,
             "this TV registered again on another connection",
         )));
-        let ended = old.call.and_then(|call_id| inner.party_lost(user, call_id));
+        let ended = inner.session_gone(user, &old);
         Ok(Installed {
             replaced: true,
             ended,
         })
+    }
+
+    /// `user` registered on another node with `newer`: its session here, if older, is
+    /// told `SESSION_REPLACED` and removed (its link's end then records nothing). Returns
+    /// `None` if there was none to replace, else the call it ended, if any.
+    pub fn replaced_elsewhere(&self, user: UserId, newer: u64) -> Option<Option<Ended>> {
+        let mut inner = self.lock();
+        let current = inner.sessions.get(user)?.session_id;
+        if current >= newer {
+            return None;
+        }
+        let old = inner.sessions.remove_current(user, current)?;
+        old.push(ServerMsg::Closing(err(
+            ErrorCode::SESSION_REPLACED,
+            "this TV registered again on another node",
+        )));
+        Some(inner.session_gone(user, &old))
     }
 
     /// Removes the session if it is still the user's current one. Returns `None` when
@@ -310,11 +429,7 @@ impl Registry {
     pub fn remove(&self, user: UserId, session_id: u64) -> Option<Option<Ended>> {
         let mut inner = self.lock();
         let session = inner.sessions.remove_current(user, session_id)?;
-        Some(
-            session
-                .call
-                .and_then(|call_id| inner.party_lost(user, call_id)),
-        )
+        Some(inner.session_gone(user, &session))
     }
 
     /// Decides a dial from `caller` (in `session_id`) to `callee` that carries no SRTP
@@ -343,37 +458,16 @@ impl Registry {
         if caller == callee {
             return Err(err(ErrorCode::INVALID_ARGUMENT, "a TV cannot call itself"));
         }
-        let mut inner = self.lock();
-        let caller_session = inner
-            .sessions
-            .current(caller, session_id)
-            .ok_or_else(not_current)?;
-        if let Some(c) = caller_session.call {
-            return Err(err(
-                ErrorCode::ALREADY_IN_CALL,
-                format!("this TV is already in call {c}"),
-            ));
-        }
-        let caller_media = caller_session.media;
-        let call_id = self.next_call_id.fetch_add(1, Ordering::Relaxed);
-        let callee_media = match inner.sessions.get(callee) {
-            None => return Ok(DialPlan::Offline { call_id }),
-            Some(s) if s.call.is_some() => return Ok(DialPlan::Busy { call_id }),
-            Some(s) => s.media,
-        };
-        inner.sessions.set_call(callee, call_id);
-        inner.sessions.set_call(caller, call_id);
-        inner.calls.insert(
-            call_id,
-            LiveCall::new(
-                call_id,
-                (caller, caller_media),
-                (callee, callee_media),
-                now_ms,
-                srtp,
-            ),
-        );
-        Ok(DialPlan::Ring { call_id })
+        self.lock()
+            .plan(caller, session_id, callee, srtp, now_ms, || {
+                self.new_call_id()
+            })
+    }
+
+    /// A fresh call id, never used by this node or any other on its database.
+    fn new_call_id(&self) -> CallId {
+        self.next_call_id
+            .fetch_add(self.call_id_stride, Ordering::Relaxed)
     }
 
     /// The record of a `Ring` plan is written: ring the callee now, unless a party left.
@@ -503,9 +597,10 @@ impl Registry {
             .collect()
     }
 
-    /// Pushes an event to a user's session, if connected.
-    pub fn notify(&self, user: UserId, event: Event) {
-        self.lock().sessions.push_event(user, event);
+    /// Pushes an event to a user's session, if connected (here, or in a call with a
+    /// TV here). Whether it was.
+    pub fn notify(&self, user: UserId, event: Event) -> bool {
+        self.lock().sessions.push_event(user, event)
     }
 
     /// Whether the user is connected now.

@@ -5,6 +5,11 @@
 //! Plain data under the registry's lock; no I/O. Session ids grow with every
 //! registration, so "newer" is "larger id": an older connection's late registration or
 //! cleanup can never displace or drop a newer one.
+//!
+//! Several nodes: a TV connected to another node that is in a call this node holds has a
+//! stand-in here (`remote`: its node's slot; its pushes go to that node), for that call
+//! only; it is not counted or reported online. A TV connected here that is in a call
+//! another node holds has that node in `call_owner`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +29,12 @@ pub struct Session {
     push: PushTx,
     /// The call this TV is in (being recorded, ringing either way, or answered), if any.
     pub call: Option<CallId>,
+    /// A stand-in for a TV connected to the node in this slot (see the module doc).
+    pub remote: Option<u8>,
+    /// The node (slot) that holds `call`, when another node does.
+    pub call_owner: Option<u8>,
+    /// Told to move to another node (this node is draining).
+    pub told_to_move: bool,
 }
 
 impl Session {
@@ -34,6 +45,17 @@ impl Session {
             media,
             push,
             call: None,
+            remote: None,
+            call_owner: None,
+            told_to_move: false,
+        }
+    }
+
+    /// A stand-in for a TV connected to the node in `slot` (put in its call next).
+    pub fn stand_in(session_id: u64, media: SocketAddr, push: PushTx, slot: u8) -> Self {
+        Session {
+            remote: Some(slot),
+            ..Session::new(session_id, media, push)
         }
     }
 
@@ -52,17 +74,65 @@ pub struct NewerSession;
 pub struct Sessions {
     /// By user; one session each.
     by_user: HashMap<UserId, Session>,
+    /// How many of them are stand-ins for TVs on other nodes.
+    stand_ins: usize,
 }
 
 impl Sessions {
-    /// Number of connected users.
+    /// Number of users connected here.
     pub fn len(&self) -> usize {
-        self.by_user.len()
+        self.by_user.len() - self.stand_ins
     }
 
-    /// Whether `user` is connected.
+    /// Whether `user` is connected here.
     pub fn contains(&self, user: UserId) -> bool {
-        self.by_user.contains_key(&user)
+        self.by_user.get(&user).is_some_and(|s| s.remote.is_none())
+    }
+
+    /// Keeps the stand-in count right as `added` enters and `removed` leaves.
+    fn count(&mut self, added: Option<&Session>, removed: Option<&Session>) {
+        if added.is_some_and(|s| s.remote.is_some()) {
+            self.stand_ins += 1;
+        }
+        if removed.is_some_and(|s| s.remote.is_some()) {
+            self.stand_ins -= 1;
+        }
+    }
+
+    /// Every stand-in for a TV of the node in `slot`, and every session here in a call
+    /// that node holds: (user, session id).
+    pub fn tied_to(&self, slot: u8) -> Vec<(UserId, u64)> {
+        self.by_user
+            .iter()
+            .filter(|(_, s)| s.remote == Some(slot) || s.call_owner == Some(slot))
+            .map(|(u, s)| (*u, s.session_id))
+            .collect()
+    }
+
+    /// Pushes `msg` to every session connected here that is in no call (each once: a
+    /// session told to close is gone from its queue's view after it reads this).
+    pub fn push_to_idle(&mut self, msg: ServerMsg) {
+        for s in self.by_user.values_mut() {
+            if s.remote.is_none() && s.call.is_none() && !s.told_to_move {
+                s.told_to_move = true;
+                s.push(msg.clone());
+            }
+        }
+    }
+
+    /// Sessions connected here in a call another node holds.
+    pub fn in_calls_held_elsewhere(&self) -> usize {
+        self.by_user
+            .values()
+            .filter(|s| s.call_owner.is_some())
+            .count()
+    }
+
+    /// Mutable access to the user's session if it is `session_id`.
+    pub fn current_mut(&mut self, user: UserId, session_id: u64) -> Option<&mut Session> {
+        self.by_user
+            .get_mut(&user)
+            .filter(|s| s.session_id == session_id)
     }
 
     /// The user's session, whichever it is.
@@ -91,13 +161,19 @@ impl Sessions {
         {
             return Err(NewerSession);
         }
-        Ok(self.by_user.insert(user, session))
+        let added = session.remote.is_some();
+        let old = self.by_user.insert(user, session);
+        self.stand_ins += usize::from(added);
+        self.count(None, old.as_ref());
+        Ok(old)
     }
 
     /// Drops the user's session if it is still `session_id`.
     pub fn remove_current(&mut self, user: UserId, session_id: u64) -> Option<Session> {
         self.current(user, session_id)?;
-        self.by_user.remove(&user)
+        let old = self.by_user.remove(&user);
+        self.count(None, old.as_ref());
+        old
     }
 
     /// Puts `user`'s session in call `call_id`.
@@ -107,19 +183,30 @@ impl Sessions {
         }
     }
 
-    /// Frees `user`'s session of call `call_id` (and of no other).
-    pub fn clear_call(&mut self, user: UserId, call_id: CallId) {
-        if let Some(s) = self.by_user.get_mut(&user) {
-            if s.call == Some(call_id) {
-                s.call = None;
-            }
+    /// Frees `user`'s session of call `call_id` (and of no other). A stand-in, there
+    /// for that call only, goes, and is returned.
+    pub fn clear_call(&mut self, user: UserId, call_id: CallId) -> Option<Session> {
+        let s = self.by_user.get_mut(&user)?;
+        if s.call != Some(call_id) {
+            return None;
         }
+        s.call = None;
+        s.call_owner = None;
+        s.remote?;
+        let old = self.by_user.remove(&user);
+        self.count(None, old.as_ref());
+        old
     }
 
-    /// Pushes an event to the user's session, if connected.
-    pub fn push_event(&self, user: UserId, event: Event) {
-        if let Some(s) = self.by_user.get(&user) {
-            s.push(ServerMsg::Event(event));
+    /// Pushes an event to the user's session, if connected (here, or through its
+    /// stand-in). Whether there was a session to push to.
+    pub fn push_event(&self, user: UserId, event: Event) -> bool {
+        match self.by_user.get(&user) {
+            Some(s) => {
+                s.push(ServerMsg::Event(event));
+                true
+            }
+            None => false,
         }
     }
 }

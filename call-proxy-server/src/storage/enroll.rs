@@ -84,6 +84,64 @@ pub enum EnrollmentState {
     Unknown,
 }
 
+/// How a key stands, from its credential (if any) and its newest enrollment (code,
+/// state, expiry in Unix ms), at `now_ms`: the one rule every backend applies. A valid
+/// credential decides; else the newest enrollment does (a revoked TV that asks again
+/// has a newer one than its approval; approved without a credential means another key
+/// replaced it).
+pub fn decide(
+    cred: Option<Credential>,
+    latest: Option<(String, String, i64)>,
+    now_ms: UnixMillis,
+) -> EnrollmentState {
+    if let Some(c) = cred.filter(|c| !c.revoked) {
+        return EnrollmentState::Enrolled(c.user_id);
+    }
+    match latest {
+        None if cred.is_some() => EnrollmentState::Revoked,
+        None => EnrollmentState::Unknown,
+        Some((_, st, _)) if st == "refused" => EnrollmentState::Refused,
+        Some((_, st, _)) if st == "approved" => EnrollmentState::Revoked,
+        Some((code, _, expires)) if expires > now_ms => EnrollmentState::Pending {
+            code,
+            expires_at_ms: expires,
+        },
+        Some(_) => EnrollmentState::Expired,
+    }
+}
+
+/// Whether the enrollment under a code can still be decided: the operator's first step
+/// on a code, approving or refusing it, on every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeState {
+    /// Pending and not expired: the TV's fingerprint and certificate.
+    Open {
+        /// SHA-256 of the certificate.
+        fingerprint: Vec<u8>,
+        /// The TV's certificate (DER).
+        cert: Vec<u8>,
+    },
+    /// No enrollment has this code.
+    Unknown,
+    /// Approved or refused already.
+    Decided,
+    /// Expired before a decision.
+    Expired,
+}
+
+impl CodeState {
+    /// From the code's row (fingerprint, certificate, state, expiry in Unix ms), if any,
+    /// at `now_ms`.
+    pub fn of(row: Option<(Vec<u8>, Vec<u8>, String, i64)>, now_ms: UnixMillis) -> CodeState {
+        match row {
+            None => CodeState::Unknown,
+            Some((_, _, state, _)) if state != "pending" => CodeState::Decided,
+            Some((_, _, _, expires)) if expires <= now_ms => CodeState::Expired,
+            Some((fingerprint, cert, _, _)) => CodeState::Open { fingerprint, cert },
+        }
+    }
+}
+
 /// A TV credential, looked up by fingerprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Credential {

@@ -3,10 +3,11 @@
 //! through. Backend-neutral: nothing here names a database library.
 //!
 //! The server never sees SQL: it calls [`Store`] methods with plain row types from this
-//! module. [`sqlite`] is the embedded implementation. A second backend (PostgreSQL) is
-//! one new module beside it implementing [`Store`] and [`operator::OperatorStore`], one
-//! variant of [`StorageBackend`], [`AnyStore`] and [`AnyOperator`], and one line in the
-//! storage contract tests (`tests/store_contract.rs`), which every backend must pass.
+//! module. [`sqlite`] is the embedded implementation, [`postgres`] the one for
+//! deployments on PostgreSQL (several nodes on one database). Each implements [`Store`]
+//! and [`operator::OperatorStore`], is one variant of [`StorageBackend`], [`DbTarget`],
+//! [`AnyStore`] and [`AnyOperator`], and passes the storage contract tests
+//! (`tests/store_contract.rs`); the server's integration tests run on both.
 //!
 //! The rules every backend shares are written once, here: which outcomes are missed
 //! calls ([`Outcome::is_missed_kind`], [`MISSED_KINDS`] and its SQL form
@@ -15,10 +16,12 @@
 
 pub mod enroll;
 pub mod operator;
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -256,6 +259,48 @@ pub struct Watermarks {
     pub max_call_id: CallId,
     /// Largest revocation number so far: the server follows revocations after it.
     pub max_revocation_seq: i64,
+    /// New call ids step by this much (0 or 1: every id; several nodes on one database
+    /// each take every `stride`-th id, from their own `call_id_offset`, so none collide).
+    pub call_id_stride: u64,
+    /// This node's residue of call ids modulo `call_id_stride`.
+    pub call_id_offset: u64,
+}
+
+impl Watermarks {
+    /// The first call id this store may hand out: above every id recorded, and this
+    /// node's own modulo the stride.
+    pub fn first_call_id(&self) -> CallId {
+        let stride = self.call_id_stride.max(1);
+        let offset = self.call_id_offset % stride;
+        let above = self.max_call_id.saturating_add(1);
+        // The smallest id >= above with id % stride == offset.
+        let base = above - above % stride + offset;
+        if base >= above {
+            base
+        } else {
+            base.saturating_add(stride)
+        }
+    }
+}
+
+/// What another node on the same database tells this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// `user` registered on another node with this (newer) session: its session here,
+    /// if older, is replaced (`SESSION_REPLACED`).
+    Replaced {
+        /// The TV's user.
+        user: UserId,
+        /// Its new session, on the other node.
+        session_id: u64,
+    },
+    /// A message from another node (JSON, read by [`crate::cluster`]).
+    Message(String),
+    /// The node in this slot stopped or its lease ran out: calls with its TVs are over.
+    NodeGone {
+        /// Its slot.
+        slot: u8,
+    },
 }
 
 /// A queued write's result, available once the write is durably committed (or has
@@ -494,6 +539,18 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// What the backend measured about its commits (for `/metrics`).
     fn metrics(&self) -> &StoreMetrics;
 
+    /// The events other nodes on the same database send this one, once (the first
+    /// call takes them); `None` for a backend no other node can share.
+    fn node_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<NodeEvent>> {
+        None
+    }
+
+    /// The path to the other nodes on the same database; `None` for a backend no other
+    /// node can share.
+    fn node_link(&self) -> Option<postgres::link::NodeLink> {
+        None
+    }
+
     /// Flushes every pending write and stops the store. Later calls fail with `Closed`.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
@@ -505,6 +562,8 @@ pub enum StorageBackend {
     /// The embedded SQLite file ([`Config::db_path`]).
     #[default]
     Sqlite,
+    /// A PostgreSQL database ([`Config::db_url`]).
+    Postgres,
 }
 
 impl StorageBackend {
@@ -512,6 +571,7 @@ impl StorageBackend {
     pub fn as_str(self) -> &'static str {
         match self {
             StorageBackend::Sqlite => "sqlite",
+            StorageBackend::Postgres => "postgres",
         }
     }
 }
@@ -528,8 +588,9 @@ impl std::str::FromStr for StorageBackend {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "sqlite" => Ok(StorageBackend::Sqlite),
+            "postgres" | "postgresql" => Ok(StorageBackend::Postgres),
             other => Err(format!(
-                "unknown storage backend {other:?}: this server supports \"sqlite\""
+                "unknown storage backend {other:?}: this server supports \"sqlite\" and \"postgres\""
             )),
         }
     }
@@ -543,25 +604,88 @@ impl TryFrom<String> for StorageBackend {
     }
 }
 
+/// Where the database is: the one thing that differs between backends in how the server,
+/// the admin API and the operator CLI reach it.
+#[derive(Debug, Clone)]
+pub enum DbTarget {
+    /// An embedded SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (boxed: its settings are large beside a path).
+    Postgres(Box<postgres::PgTarget>),
+}
+
+impl DbTarget {
+    /// The database `config` names (for PostgreSQL, its password is read now).
+    pub fn of(config: &Config) -> Result<DbTarget, StoreError> {
+        match config.backend {
+            StorageBackend::Sqlite => Ok(DbTarget::Sqlite(config.db_path())),
+            StorageBackend::Postgres => {
+                let url = config.db_url.as_deref().ok_or_else(|| {
+                    StoreError::Other(
+                        "backend \"postgres\" needs db_url (--db postgres://USER@HOST/DB)".into(),
+                    )
+                })?;
+                Ok(DbTarget::Postgres(Box::new(postgres::PgTarget::new(
+                    url,
+                    config.db_password_file.as_deref(),
+                )?)))
+            }
+        }
+    }
+
+    /// The SQLite file at `path`.
+    pub fn sqlite(path: &Path) -> DbTarget {
+        DbTarget::Sqlite(path.to_path_buf())
+    }
+}
+
+impl std::fmt::Display for DbTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbTarget::Sqlite(p) => write!(f, "{}", p.display()),
+            DbTarget::Postgres(t) => f.write_str(&t.url),
+        }
+    }
+}
+
 /// The store of the configured backend (see [`open`]). Adding a backend adds a variant.
 #[derive(Clone)]
 pub enum AnyStore {
     /// [`sqlite::SqliteStore`].
     Sqlite(sqlite::SqliteStore),
+    /// [`postgres::PostgresStore`].
+    Postgres(postgres::PostgresStore),
 }
 
 /// Opens the store `config` names: its backend, location and durability. The one place
-/// the server's store is constructed.
-pub fn open(config: &Config) -> Result<AnyStore, StoreError> {
-    match config.backend {
-        StorageBackend::Sqlite => Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(
-            &config.db_path(),
+/// the server's store is constructed (PostgreSQL's writer runs on the calling runtime).
+pub async fn open(config: &Config) -> Result<AnyStore, StoreError> {
+    match DbTarget::of(config)? {
+        DbTarget::Sqlite(path) => Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(
+            &path,
             sqlite::SqliteOptions {
                 sync_full: config.sync_full,
                 reserve_bytes: config.disk_reserve_mb.saturating_mul(1 << 20),
                 ..sqlite::SqliteOptions::default()
             },
         )?)),
+        DbTarget::Postgres(target) => Ok(AnyStore::Postgres(
+            postgres::PostgresStore::open(
+                &target,
+                postgres::PostgresOptions {
+                    sync_full: config.sync_full,
+                    readers: config.db_pool_size,
+                    node: postgres::NodeOptions {
+                        id: config.node_id.clone(),
+                        slot: config.node_slot,
+                        lease: Duration::from_millis(config.node_lease_ms),
+                        listen: config.listen.to_string(),
+                    },
+                    ..postgres::PostgresOptions::default()
+                },
+            )
+            .await?,
+        )),
     }
 }
 
@@ -569,24 +693,28 @@ impl Store for AnyStore {
     fn watermarks(&self) -> Watermarks {
         match self {
             AnyStore::Sqlite(s) => s.watermarks(),
+            AnyStore::Postgres(s) => s.watermarks(),
         }
     }
 
     fn register(&self, reg: Registration) -> Pending<RegisterResult> {
         match self {
             AnyStore::Sqlite(s) => s.register(reg),
+            AnyStore::Postgres(s) => s.register(reg),
         }
     }
 
     fn set_offline(&self, user_id: UserId, session_id: u64, at_ms: UnixMillis) -> Pending<()> {
         match self {
             AnyStore::Sqlite(s) => s.set_offline(user_id, session_id, at_ms),
+            AnyStore::Postgres(s) => s.set_offline(user_id, session_id, at_ms),
         }
     }
 
     async fn users(&self, ids: Vec<UserId>) -> Result<Vec<UserRow>, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.users(ids).await,
+            AnyStore::Postgres(s) => s.users(ids).await,
         }
     }
 
@@ -597,6 +725,7 @@ impl Store for AnyStore {
     ) -> Pending<InsertResult> {
         match self {
             AnyStore::Sqlite(s) => s.insert_keyed_call(call, key),
+            AnyStore::Postgres(s) => s.insert_keyed_call(call, key),
         }
     }
 
@@ -608,12 +737,14 @@ impl Store for AnyStore {
     ) -> Result<Option<KeyedCall>, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.keyed_call(caller, key, now_ms).await,
+            AnyStore::Postgres(s) => s.keyed_call(caller, key, now_ms).await,
         }
     }
 
     fn finish_call(&self, end: CallEnd, callee: UserId) -> Pending<u32> {
         match self {
             AnyStore::Sqlite(s) => s.finish_call(end, callee),
+            AnyStore::Postgres(s) => s.finish_call(end, callee),
         }
     }
 
@@ -625,18 +756,21 @@ impl Store for AnyStore {
     ) -> Result<Vec<CachedRow>, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.cached_calls(callee, after, limit).await,
+            AnyStore::Postgres(s) => s.cached_calls(callee, after, limit).await,
         }
     }
 
     fn ack_cached(&self, callee: UserId, ids: Vec<CallId>, at_ms: UnixMillis) -> Pending<u32> {
         match self {
             AnyStore::Sqlite(s) => s.ack_cached(callee, ids, at_ms),
+            AnyStore::Postgres(s) => s.ack_cached(callee, ids, at_ms),
         }
     }
 
     fn start_enrollment(&self, e: NewEnrollment) -> Pending<EnrollmentState> {
         match self {
             AnyStore::Sqlite(s) => s.start_enrollment(e),
+            AnyStore::Postgres(s) => s.start_enrollment(e),
         }
     }
 
@@ -647,30 +781,49 @@ impl Store for AnyStore {
     ) -> Result<EnrollmentState, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.enrollment(fingerprint, now_ms).await,
+            AnyStore::Postgres(s) => s.enrollment(fingerprint, now_ms).await,
         }
     }
 
     async fn credential(&self, fingerprint: [u8; 32]) -> Result<Option<Credential>, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.credential(fingerprint).await,
+            AnyStore::Postgres(s) => s.credential(fingerprint).await,
         }
     }
 
     async fn revocations_after(&self, seq: i64) -> Result<Vec<Revocation>, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.revocations_after(seq).await,
+            AnyStore::Postgres(s) => s.revocations_after(seq).await,
         }
     }
 
     fn metrics(&self) -> &StoreMetrics {
         match self {
             AnyStore::Sqlite(s) => s.metrics(),
+            AnyStore::Postgres(s) => s.metrics(),
+        }
+    }
+
+    fn node_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<NodeEvent>> {
+        match self {
+            AnyStore::Sqlite(s) => s.node_events(),
+            AnyStore::Postgres(s) => s.node_events(),
+        }
+    }
+
+    fn node_link(&self) -> Option<postgres::link::NodeLink> {
+        match self {
+            AnyStore::Sqlite(s) => s.node_link(),
+            AnyStore::Postgres(s) => s.node_link(),
         }
     }
 
     async fn close(&self) {
         match self {
             AnyStore::Sqlite(s) => s.close().await,
+            AnyStore::Postgres(s) => s.close().await,
         }
     }
 }
@@ -680,18 +833,23 @@ impl Store for AnyStore {
 pub enum AnyOperator {
     /// [`sqlite::operator::SqliteOperator`].
     Sqlite(sqlite::operator::SqliteOperator),
+    /// [`postgres::operator::PostgresOperator`].
+    Postgres(postgres::operator::PostgresOperator),
 }
 
-/// Operator reads on the database `config` names, at most `max_queries` at once. The one
+/// Operator reads on the database at `target`, at most `max_queries` at once. The one
 /// place they are constructed (admin API and operator CLI). Nothing is opened yet: a
 /// database that is missing or down fails each query (and `/readyz`), so the admin
 /// listener still comes up to report it.
-pub fn open_operator(config: &Config, max_queries: usize) -> AnyOperator {
-    match config.backend {
-        StorageBackend::Sqlite => AnyOperator::Sqlite(sqlite::operator::SqliteOperator::new(
-            config.db_path(),
+pub fn open_operator(target: &DbTarget, max_queries: usize) -> AnyOperator {
+    match target {
+        DbTarget::Sqlite(path) => AnyOperator::Sqlite(sqlite::operator::SqliteOperator::new(
+            path.clone(),
             max_queries,
         )),
+        DbTarget::Postgres(t) => {
+            AnyOperator::Postgres(postgres::operator::PostgresOperator::new(t, max_queries))
+        }
     }
 }
 
@@ -699,36 +857,42 @@ impl OperatorStore for AnyOperator {
     async fn calls(&self, q: CallQuery) -> Result<Vec<CallRecord>, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.calls(q).await,
+            AnyOperator::Postgres(o) => o.calls(q).await,
         }
     }
 
     async fn users(&self, online_only: bool, limit: usize) -> Result<Vec<UserRecord>, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.users(online_only, limit).await,
+            AnyOperator::Postgres(o) => o.users(online_only, limit).await,
         }
     }
 
     async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.user(id).await,
+            AnyOperator::Postgres(o) => o.user(id).await,
         }
     }
 
     async fn stats(&self, now_ms: UnixMillis) -> Result<Stats, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.stats(now_ms).await,
+            AnyOperator::Postgres(o) => o.stats(now_ms).await,
         }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.ping().await,
+            AnyOperator::Postgres(o) => o.ping().await,
         }
     }
 
     async fn cached_waiting(&self) -> Result<u64, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.cached_waiting().await,
+            AnyOperator::Postgres(o) => o.cached_waiting().await,
         }
     }
 
@@ -741,6 +905,7 @@ impl OperatorStore for AnyOperator {
     ) -> Result<Approval, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.approve(code, user, replace, now_ms).await,
+            AnyOperator::Postgres(o) => o.approve(code, user, replace, now_ms).await,
         }
     }
 
@@ -751,12 +916,14 @@ impl OperatorStore for AnyOperator {
     ) -> Result<crate::storage::enroll::Refusal, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.refuse(code, now_ms).await,
+            AnyOperator::Postgres(o) => o.refuse(code, now_ms).await,
         }
     }
 
     async fn revoke(&self, user: UserId, now_ms: UnixMillis) -> Result<bool, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.revoke(user, now_ms).await,
+            AnyOperator::Postgres(o) => o.revoke(user, now_ms).await,
         }
     }
 
@@ -767,6 +934,7 @@ impl OperatorStore for AnyOperator {
     ) -> Result<Vec<EnrollmentRecord>, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.enrollments(now_ms, limit).await,
+            AnyOperator::Postgres(o) => o.enrollments(now_ms, limit).await,
         }
     }
 }
@@ -791,11 +959,26 @@ mod tests {
     #[test]
     fn an_unknown_backend_is_named_in_the_error() {
         assert_eq!("sqlite".parse(), Ok(StorageBackend::Sqlite));
-        let err = "postgres".parse::<StorageBackend>().unwrap_err();
-        assert!(
-            err.contains("unknown storage backend \"postgres\""),
-            "{err}"
-        );
+        assert_eq!("postgres".parse(), Ok(StorageBackend::Postgres));
+        let err = "mysql".parse::<StorageBackend>().unwrap_err();
+        assert!(err.contains("unknown storage backend \"mysql\""), "{err}");
+    }
+
+    #[test]
+    fn call_ids_of_several_nodes_never_meet() {
+        let w = |max, stride, offset| Watermarks {
+            max_call_id: max,
+            call_id_stride: stride,
+            call_id_offset: offset,
+            ..Watermarks::default()
+        };
+        assert_eq!(w(0, 0, 0).first_call_id(), 1);
+        assert_eq!(w(41, 1, 0).first_call_id(), 42);
+        assert_eq!(w(0, 64, 0).first_call_id(), 64);
+        assert_eq!(w(0, 64, 5).first_call_id(), 5);
+        assert_eq!(w(130, 64, 2).first_call_id(), 194);
+        assert_eq!(w(130, 64, 3).first_call_id(), 131);
+        assert_eq!(w(130, 64, 1).first_call_id(), 193);
     }
 
     #[tokio::test]

@@ -119,6 +119,86 @@ pub struct CallQuery {
     pub limit: usize,
 }
 
+/// A parameter of a call-log query, for the backend to bind in its own types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlArg {
+    /// An id or a count.
+    Int(i64),
+    /// A text value.
+    Text(String),
+    /// A time, compared with the `call_date` column.
+    Time(UnixMillis),
+}
+
+/// The `WHERE` conditions, order and limit of a call-log page (appended to the backend's
+/// `SELECT … FROM user_call WHERE true`), and their parameters in order: the one reading
+/// of a [`CallQuery`] every SQL backend uses. `placeholder(n, arg)` writes the `n`th
+/// parameter (from 1) as the backend spells it (`?n`, `$n::bigint`, `tvcall_ts($n)`, …).
+/// With a party, the union of the two lookups on (user_id, call_date) and
+/// (otheruser_id, call_date), each narrowed to the time range inside its index, so only
+/// the calls in range are read from the table.
+pub fn call_log_conditions(
+    q: &CallQuery,
+    placeholder: impl Fn(usize, &SqlArg) -> String,
+) -> (String, Vec<SqlArg>) {
+    let mut sql = String::new();
+    let mut args: Vec<SqlArg> = Vec::new();
+    let arg = |args: &mut Vec<SqlArg>, v: SqlArg| {
+        args.push(v);
+        placeholder(args.len(), &args[args.len() - 1])
+    };
+    if let Some(u) = q.caller {
+        let p = arg(&mut args, SqlArg::Int(u as i64));
+        sql.push_str(&format!(" AND user_id = {p}"));
+    }
+    if let Some(u) = q.callee {
+        let p = arg(&mut args, SqlArg::Int(u as i64));
+        sql.push_str(&format!(" AND otheruser_id = {p}"));
+    }
+    let mut range = String::new();
+    if let Some(t) = q.since_ms {
+        let p = arg(&mut args, SqlArg::Time(t));
+        range.push_str(&format!(" AND call_date >= {p}"));
+    }
+    if let Some(t) = q.until_ms {
+        let p = arg(&mut args, SqlArg::Time(t));
+        range.push_str(&format!(" AND call_date < {p}"));
+    }
+    sql.push_str(&range);
+    if let Some(u) = q.party {
+        let p = arg(&mut args, SqlArg::Int(u as i64));
+        sql.push_str(&format!(
+            " AND id IN (SELECT id FROM user_call WHERE user_id = {p}{range}
+                         UNION ALL SELECT id FROM user_call WHERE otheruser_id = {p}{range})"
+        ));
+    }
+    if let Some(before) = q.before {
+        let p = arg(
+            &mut args,
+            SqlArg::Int(i64::try_from(before).unwrap_or(i64::MAX)),
+        );
+        sql.push_str(&format!(" AND id < {p}"));
+    }
+    match q.outcome.map(|o| o.selection()) {
+        None => {}
+        Some(Selection::MissedKinds { delivered }) => sql.push_str(&format!(
+            " AND delivered = {} AND {}",
+            u8::from(delivered),
+            super::MISSED_KINDS_SQL
+        )),
+        Some(Selection::Outcome(outcome)) => {
+            let p = arg(&mut args, SqlArg::Text(outcome.as_str().into()));
+            sql.push_str(&format!(" AND outcome = {p}"));
+        }
+    }
+    let p = arg(
+        &mut args,
+        SqlArg::Int(i64::try_from(q.limit).unwrap_or(i64::MAX)),
+    );
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT {p}"));
+    (sql, args)
+}
+
 /// One call of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallRecord {

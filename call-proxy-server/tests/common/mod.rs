@@ -1,6 +1,7 @@
-//! Test harness: a real server on 127.0.0.1:0 over a real SQLite file, serving TLS 1.3
-//! as in production, with test TVs that are enrolled and connect over TLS; and helpers
-//! to look into its database.
+//! Test harness: a real server on 127.0.0.1:0 over a real database (a SQLite file, or a
+//! PostgreSQL database of its own with `CALL_PROXY_TEST_BACKEND=postgres`: see [`db`]),
+//! serving TLS 1.3 as in production, with test TVs that are enrolled and connect over
+//! TLS; and helpers to look into its database.
 //!
 //! Each test user gets its own TV key ([`Tvs`]), enrolled for that user by writing its
 //! credential into the server's database (what the operator's approval records; the
@@ -9,17 +10,21 @@
 //! resume their TLS session as a TV's do).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod db;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use call_proxy_server::admin::{self, AdminHandle, AdminOptions};
 use call_proxy_server::client::{Client, ClientError};
 use call_proxy_server::embedded::RunningServer;
-use call_proxy_server::{Config, Shared, SqliteOptions, SqliteStore};
+use call_proxy_server::storage::{self, AnyStore, DbTarget};
+use call_proxy_server::{Config, Shared};
 use control_client::{TlsClient, TvKey};
+pub use db::TestDb;
 use shared_proto::{DialOutcome, Event, Reply, Request, UserId};
 use tokio::net::TcpStream;
 
@@ -53,7 +58,7 @@ pub async fn tls_connect(
 /// settings to reach it. Also a stranger's key, enrolled for nobody.
 pub struct Tvs {
     /// The server's database, where enrollments are written.
-    db: PathBuf,
+    db: Arc<TestDb>,
     /// The server's CA certificate (PEM), made by the server at its first start.
     ca: PathBuf,
     /// The CA, read at first use.
@@ -65,12 +70,12 @@ pub struct Tvs {
 }
 
 impl Tvs {
-    /// The TVs of the server with the database `db`, which keeps its CA beside it
+    /// The TVs of the server with the database `db`, which keeps its CA in its directory
     /// (`tls/ca.crt`, as a server without TLS flags makes it).
-    pub fn new(db: &Path) -> Tvs {
-        let ca = db.parent().unwrap().join("tls").join("ca.crt");
+    pub fn new(db: &Arc<TestDb>) -> Tvs {
+        let ca = db.ca_path();
         Tvs {
-            db: db.to_path_buf(),
+            db: Arc::clone(db),
             ca,
             ca_pem: OnceLock::new(),
             by_user: Mutex::new(HashMap::new()),
@@ -155,27 +160,27 @@ impl Tvs {
     }
 }
 
-/// Records `key` as `user`'s enrolled TV in the database at `db`, as the operator's
+/// Records `key` as `user`'s enrolled TV in the database `db`, as the operator's
 /// approval does, next to a server that may be running on it.
-fn record_credential(db: &Path, key: &TvKey, user: UserId) {
-    let conn = rusqlite::Connection::open(db).expect("open the database to enroll");
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+pub fn record_credential(db: &TestDb, key: &TvKey, user: UserId) {
     let fingerprint = call_proxy_server::tls::Fingerprint::of(&key.cert);
-    conn.execute(
+    db.execute(&format!(
         "INSERT INTO tv_credential (fingerprint, user_id, cert, enrolled_at)
-         VALUES (?1, ?2, ?3, '2026-01-01T00:00:00.000Z')",
-        rusqlite::params![&fingerprint.0[..], user as i64, key.cert.as_ref()],
-    )
-    .unwrap_or_else(|e| panic!("enroll a TV for {user}: {e}"));
+         VALUES ({}, {user}, {}, {})",
+        db.bytes_literal(&fingerprint.0),
+        db.bytes_literal(key.cert.as_ref()),
+        db.time_literal(1_767_225_600_000),
+    ));
 }
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub db_path: PathBuf,
-    pub shared: Arc<Shared<SqliteStore>>,
+    /// Its database.
+    pub db: Arc<TestDb>,
+    pub shared: Arc<Shared<AnyStore>>,
     /// Its enrolled TVs.
     pub tvs: Tvs,
-    server: Option<RunningServer<SqliteStore>>,
+    server: Option<RunningServer<AnyStore>>,
     /// Admin listeners started by [`TestServer::start_admin`], stopped after the server.
     admins: Vec<AdminHandle>,
     _dir: tempfile::TempDir,
@@ -191,24 +196,34 @@ impl TestServer {
 
     pub async fn start_with(tune: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db_path = dir.path().join("test.sqlite");
+        let db = TestDb::new(dir.path(), "test");
+        Self::start_on(db, dir, tune).await
+    }
+
+    /// A server on `db`, keeping its files in `dir` (which it keeps until it stops).
+    pub async fn start_on(
+        db: TestDb,
+        dir: tempfile::TempDir,
+        tune: impl FnOnce(&mut Config),
+    ) -> TestServer {
+        let db = Arc::new(db);
         let mut config = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            db: Some(db_path.clone()),
             ring_timeout_ms: 5_000,
             shutdown_grace_ms: 2_000,
             // TLS with a private CA made in the database's directory, as `serve` does.
             insecure_plaintext: false,
             ..Config::default()
         };
+        db.configure(&mut config);
         tune(&mut config);
         config.validate().expect("valid config");
-        let store = SqliteStore::open(&db_path, SqliteOptions::default()).expect("open db");
+        let store = storage::open(&config).await.expect("open db");
         let server = RunningServer::start(config, store).expect("start");
         TestServer {
             addr: server.addr,
-            tvs: Tvs::new(&db_path),
-            db_path,
+            tvs: Tvs::new(&db),
+            db,
             shared: Arc::clone(&server.shared),
             server: Some(server),
             admins: Vec::new(),
@@ -253,48 +268,42 @@ impl TestServer {
         c.bye().await.expect("bye");
     }
 
-    /// A read-only view of the database.
-    pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(
-            &self.db_path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open db read-only")
-    }
-
     /// `(user_ip, user_netstate, media_port)` of a user.
     pub fn property(&self, user: UserId) -> Option<(String, i64, i64)> {
-        self.db()
-            .query_row(
-                "SELECT user_ip, user_netstate, media_port FROM user_property WHERE user_id = ?1",
-                [user as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .ok()
+        let r = self.db.row(&format!(
+            "SELECT user_ip, user_netstate, media_port FROM user_property WHERE user_id = {user}"
+        ))?;
+        Some((
+            r[0].clone()?,
+            r[1].as_deref()?.parse().ok()?,
+            r[2].as_deref()?.parse().ok()?,
+        ))
     }
 
     /// `(user_id, otheruser_id, outcome, delivered)` of a call.
     pub fn call(&self, id: u64) -> Option<(i64, i64, String, i64)> {
-        self.db()
-            .query_row(
-                "SELECT user_id, otheruser_id, outcome, delivered FROM user_call WHERE id = ?1",
-                [id as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .ok()
+        let r = self.db.row(&format!(
+            "SELECT user_id, otheruser_id, outcome, delivered FROM user_call WHERE id = {id}"
+        ))?;
+        Some((
+            r[0].as_deref()?.parse().ok()?,
+            r[1].as_deref()?.parse().ok()?,
+            r[2].clone()?,
+            r[3].as_deref()?.parse().ok()?,
+        ))
     }
 
     /// Starts an admin listener on 127.0.0.1:0 over this server (token
-    /// [`ADMIN_TOKEN`]) and returns its base URL. `db_path` overrides the database it
+    /// [`ADMIN_TOKEN`]) and returns its base URL. `db` overrides the database it
     /// queries (to see readiness fail).
-    pub async fn start_admin(&mut self, db_path: Option<PathBuf>) -> String {
+    pub async fn start_admin(&mut self, db: Option<DbTarget>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind admin");
         let addr = listener.local_addr().expect("admin addr");
         let opts = AdminOptions {
             token: ADMIN_TOKEN.to_string(),
-            db_path: db_path.unwrap_or_else(|| self.db_path.clone()),
+            db: db.unwrap_or_else(|| self.db.target()),
         };
         self.admins
             .push(admin::spawn(listener, Arc::clone(&self.shared), opts));
@@ -314,18 +323,54 @@ impl TestServer {
     /// with the next group, after the hang-up was answered).
     pub async fn calls_settled(&self) {
         let settled = eventually(Duration::from_secs(5), || {
-            self.db()
-                .query_row(
-                    "SELECT count(*) FROM user_call
-                     WHERE outcome = 'ringing' OR (outcome = 'answered' AND ended_at IS NULL)",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .is_ok_and(|n| n == 0)
+            self.db.count(
+                "SELECT count(*) FROM user_call
+                 WHERE outcome = 'ringing' OR (outcome = 'answered' AND ended_at IS NULL)",
+            ) == 0
         })
         .await;
         assert!(settled, "calls still open in the database");
     }
+}
+
+/// `call-proxy-server serve` on 127.0.0.1:`port` over `db`, with the TOML `config`
+/// written beside the database as `<name>.toml`: the server process the process-level
+/// tests start (log at WARN to the test's stderr).
+pub fn serve_command(db: &TestDb, name: &str, config: &str, port: u16) -> std::process::Command {
+    let file = db.dir().join(format!("{name}.toml"));
+    std::fs::write(&file, config).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy-server"));
+    cmd.args([
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--config",
+    ])
+    .arg(&file)
+    .args(db.serve_args())
+    .env("RUST_LOG", "warn")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::inherit());
+    cmd
+}
+
+/// A node of several on `db` ([`serve_command`] with its name `id` and slot `slot`):
+/// generous request limits, a heartbeat lease of `lease_ms`.
+pub fn node_command(
+    db: &TestDb,
+    id: &str,
+    slot: u8,
+    port: u16,
+    lease_ms: u64,
+) -> std::process::Command {
+    let mut cmd = serve_command(
+        db,
+        id,
+        &format!("requests_per_sec = 100000\nrequest_burst = 100000\nnode_lease_ms = {lease_ms}\n"),
+        port,
+    );
+    cmd.args(["--node-id", id, "--node-slot", &slot.to_string()]);
+    cmd
 }
 
 /// Waits until `cond` holds, for at most `limit`.
@@ -365,20 +410,24 @@ pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Tv,
     (c, acked)
 }
 
-/// Dials and returns the outcome.
-pub async fn dial(c: &mut Tv, callee: UserId) -> DialOutcome {
+/// Dials (no key, no SRTP) and returns the outcome, or the server's refusal.
+pub async fn try_dial(c: &mut Tv, callee: UserId) -> Result<DialOutcome, ClientError> {
     match c
         .request(Request::Dial {
             callee,
             key: None,
             srtp: None,
         })
-        .await
-        .expect("dial")
+        .await?
     {
-        Reply::Dial(o) => o,
-        other => panic!("{other:?}"),
+        Reply::Dial(o) => Ok(o),
+        other => panic!("unexpected reply {other:?}"),
     }
+}
+
+/// Dials and returns the outcome.
+pub async fn dial(c: &mut Tv, callee: UserId) -> DialOutcome {
+    try_dial(c, callee).await.expect("dial")
 }
 
 /// The call log the operator tests query, made by real traffic.

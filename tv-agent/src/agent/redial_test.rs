@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use call_proxy_server::embedded::RunningServer;
-use call_proxy_server::storage::open_operator;
 use call_proxy_server::storage::operator::{CallQuery, OperatorStore};
+use call_proxy_server::storage::{open_operator, DbTarget};
 use call_proxy_server::{Config, SqliteOptions, SqliteStore};
 use control_client::{Client, TlsClient, Transport, TvKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -196,16 +196,17 @@ async fn a_dial_whose_reply_was_lost_is_retried_with_its_key_and_stored_once() {
     );
     assert!(relay.accepted.load(Ordering::SeqCst) >= 2, "no second link");
     // The call log, through the server's operator reads.
-    let rows: Vec<(u64, u64, u64)> = open_operator(&server.shared.config, 1)
-        .calls(CallQuery {
-            limit: 100,
-            ..CallQuery::default()
-        })
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| (c.id, c.user_id, c.otheruser_id))
-        .collect();
+    let rows: Vec<(u64, u64, u64)> =
+        open_operator(&DbTarget::of(&server.shared.config).unwrap(), 1)
+            .calls(CallQuery {
+                limit: 100,
+                ..CallQuery::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.id, c.user_id, c.otheruser_id))
+            .collect();
     assert_eq!(rows, vec![(call_id, 10, 30)], "one record, the first call");
     agent.power_off().await;
     server.stop().await.unwrap();

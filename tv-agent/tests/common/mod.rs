@@ -122,10 +122,7 @@ impl Trust {
             panic!("a new key is pending")
         };
         let ops = call_proxy_server::storage::open_operator(
-            &Config {
-                db: Some(self.db.clone()),
-                ..Config::default()
-            },
+            &call_proxy_server::storage::DbTarget::sqlite(&self.db),
             1,
         );
         let code = normalise_code(&user_code).unwrap();

@@ -17,6 +17,10 @@ pub(crate) struct Args {
     /// Target a running server at this address instead of spawning one.
     #[arg(long)]
     pub(crate) server: Option<SocketAddr>,
+    /// Another node on the same database: the TVs of odd index register there, so every
+    /// call of the dial phase is between two nodes (caller on one, callee on the other).
+    #[arg(long)]
+    pub(crate) other_server: Option<SocketAddr>,
     /// Process id of the server given with --server (enables the memory figures).
     #[arg(long, requires = "server")]
     pub(crate) server_pid: Option<u32>,
@@ -27,6 +31,13 @@ pub(crate) struct Args {
     /// The server binary to spawn [default: call-proxy-server next to this executable].
     #[arg(long)]
     pub(crate) server_bin: Option<PathBuf>,
+    /// The spawned server's database: a postgres://USER@HOST:PORT/DB URL (it must be
+    /// empty) [default: a new SQLite file in the server's temporary directory].
+    #[arg(long)]
+    pub(crate) db: Option<String>,
+    /// File whose first line is the PostgreSQL password (passed to the server).
+    #[arg(long)]
+    pub(crate) db_password_file: Option<PathBuf>,
     /// Extra argument for the spawned `serve` command (repeatable), e.g. --server-arg=--no-sync.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     pub(crate) server_args: Vec<String>,

@@ -52,7 +52,8 @@ pub(crate) async fn run(
     for s in 0..args.boot_samples {
         keep_alive(args, tvs, last_alive, req_t).await?;
         let user = boot_base + s as u64;
-        let (_, st) = register_many(server, sources, vec![user], 1, false, req_t, false).await?;
+        let (_, st) =
+            register_many(server, None, sources, vec![user], 1, false, req_t, false).await?;
         ensure!(st.errors == 0, "boot user {user} failed to register");
         let target = Arc::new(vec![user]);
         let (back, st) = bounded(

@@ -50,6 +50,7 @@ pub(crate) async fn run(
         "offline targets",
         register_many(
             server,
+            None,
             sources,
             targets.clone(),
             args.concurrency,

@@ -48,7 +48,16 @@ pub(crate) async fn run(
     let (tvs, st) = bounded(
         args,
         "register",
-        register_many(server, sources, users, args.concurrency, true, req_t, true),
+        register_many(
+            server,
+            args.other_server,
+            sources,
+            users,
+            args.concurrency,
+            true,
+            req_t,
+            true,
+        ),
     )
     .await?;
     let took = t0.elapsed();

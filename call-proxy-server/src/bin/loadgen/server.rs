@@ -51,7 +51,10 @@ impl SpawnedServer {
         let log = dir.join("server.log");
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let db = dir.join("bench.sqlite");
+        let db = match &args.db {
+            Some(url) => url.clone(),
+            None => dir.join("bench.sqlite").display().to_string(),
+        };
         let mut cmd = Command::new(&bin);
         // Plain TCP: these figures are the protocol's and the store's; TLS is measured on
         // its own.
@@ -61,6 +64,13 @@ impl SpawnedServer {
             .arg(addr.to_string())
             .arg("--db")
             .arg(&db)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(
+                args.db_password_file
+                    .iter()
+                    .flat_map(|f| [std::ffi::OsStr::new("--db-password-file"), f.as_os_str()]),
+            )
             .args(&args.server_args)
             .stdin(Stdio::null())
             .stdout(
@@ -75,7 +85,7 @@ impl SpawnedServer {
         println!(
             "spawned {} serve --listen {addr} --db {} {} (pid {}, log {})",
             bin.display(),
-            db.display(),
+            db,
             args.server_args.join(" "),
             child.id(),
             log.display()

@@ -98,10 +98,13 @@ pub(crate) async fn request(client: &mut Client, req: Request, t: Duration) -> R
     }
 }
 
-/// Connects and registers `users` with `conc` in flight. `keep`: keep the connections
-/// (else say Bye, leaving the users offline). Every failure is an error of the phase.
+/// Connects and registers `users` with `conc` in flight, at `server` (the users of odd
+/// index at `other`, when given). `keep`: keep the connections (else say Bye, leaving the
+/// users offline). Every failure is an error of the phase.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn register_many(
     server: SocketAddr,
+    other: Option<SocketAddr>,
     sources: Sources,
     users: Vec<UserId>,
     conc: usize,
@@ -122,6 +125,10 @@ pub(crate) async fn register_many(
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&user) = users.get(i) else { break };
+                let server = match other {
+                    Some(other) if i % 2 == 1 => other,
+                    _ => server,
+                };
                 match register_one(server, sources.for_index(i), user, i, req_t).await {
                     Ok((client, connect, took)) => {
                         st.hist.saturating_record(micros(took));

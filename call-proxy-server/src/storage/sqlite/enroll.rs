@@ -11,8 +11,8 @@ use shared_proto::{UnixMillis, UserId};
 use super::{db_error, OperatorDb};
 use crate::clock::to_db_text;
 use crate::storage::enroll::{
-    display_code, Approval, Credential, EnrollmentRecord, EnrollmentState, NewEnrollment, Refusal,
-    Revocation,
+    decide, display_code, Approval, CodeState, Credential, EnrollmentRecord, EnrollmentState,
+    NewEnrollment, Refusal, Revocation,
 };
 use crate::storage::StoreError;
 
@@ -65,8 +65,8 @@ pub fn state(
     now_ms: UnixMillis,
 ) -> Result<EnrollmentState, StoreError> {
     let cred = credential(conn, fp)?;
-    if let Some(c) = cred.filter(|c| !c.revoked) {
-        return Ok(EnrollmentState::Enrolled(c.user_id));
+    if cred.is_some_and(|c| !c.revoked) {
+        return Ok(decide(cred, None, now_ms));
     }
     let latest: Option<(String, String, i64)> = conn
         .prepare_cached(
@@ -78,20 +78,7 @@ pub fn state(
                 .optional()
         })
         .map_err(db_error)?;
-    // The newest enrollment of the key decides (a revoked TV that asks again has a
-    // newer one than its approval).
-    Ok(match latest {
-        None if cred.is_some() => EnrollmentState::Revoked,
-        None => EnrollmentState::Unknown,
-        Some((_, st, _)) if st == "refused" => EnrollmentState::Refused,
-        // Approved but no credential: the credential was replaced (another key won).
-        Some((_, st, _)) if st == "approved" => EnrollmentState::Revoked,
-        Some((code, _, expires)) if expires > now_ms => EnrollmentState::Pending {
-            code,
-            expires_at_ms: expires,
-        },
-        Some(_) => EnrollmentState::Expired,
-    })
+    Ok(decide(cred, latest, now_ms))
 }
 
 /// The credential of the key `fp`, if any.
@@ -174,20 +161,8 @@ fn revoke_in(tx: &Transaction<'_>, user: UserId, at: &str) -> Result<bool, Store
     Ok(true)
 }
 
-/// Whether the enrollment with code `code` can still be decided.
-enum Pending {
-    /// Pending and not expired: the TV's fingerprint and certificate.
-    Open { fingerprint: Vec<u8>, cert: Vec<u8> },
-    /// No enrollment has this code.
-    Unknown,
-    /// Approved or refused already.
-    Decided,
-    /// Expired before a decision.
-    Expired,
-}
-
 /// The operator's first step on a code, whether approving or refusing it.
-fn pending(tx: &Transaction<'_>, code: &str, now_ms: UnixMillis) -> Result<Pending, StoreError> {
+fn pending(tx: &Transaction<'_>, code: &str, now_ms: UnixMillis) -> Result<CodeState, StoreError> {
     let row: Option<(Vec<u8>, Vec<u8>, String, i64)> = tx
         .query_row(
             "SELECT fingerprint, cert, state, expires_at FROM tv_enrollment WHERE user_code = ?1",
@@ -196,12 +171,7 @@ fn pending(tx: &Transaction<'_>, code: &str, now_ms: UnixMillis) -> Result<Pendi
         )
         .optional()
         .map_err(db_error)?;
-    Ok(match row {
-        None => Pending::Unknown,
-        Some((_, _, state, _)) if state != "pending" => Pending::Decided,
-        Some((_, _, _, expires)) if expires <= now_ms => Pending::Expired,
-        Some((fingerprint, cert, _, _)) => Pending::Open { fingerprint, cert },
-    })
+    Ok(CodeState::of(row, now_ms))
 }
 
 /// Operator: approves the enrollment with code `code` (stored form) for `user`.
@@ -217,10 +187,10 @@ pub fn approve(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_error)?;
     let (fp, cert) = match pending(&tx, code, now_ms)? {
-        Pending::Open { fingerprint, cert } => (fingerprint, cert),
-        Pending::Unknown => return Ok(Approval::UnknownCode),
-        Pending::Decided => return Ok(Approval::AlreadyDecided),
-        Pending::Expired => return Ok(Approval::Expired),
+        CodeState::Open { fingerprint, cert } => (fingerprint, cert),
+        CodeState::Unknown => return Ok(Approval::UnknownCode),
+        CodeState::Decided => return Ok(Approval::AlreadyDecided),
+        CodeState::Expired => return Ok(Approval::Expired),
     };
     let has_tv: bool = tx
         .query_row(
@@ -258,10 +228,10 @@ pub fn refuse(path: &Path, code: &str, now_ms: UnixMillis) -> Result<Refusal, St
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_error)?;
     match pending(&tx, code, now_ms)? {
-        Pending::Open { .. } => {}
-        Pending::Unknown => return Ok(Refusal::UnknownCode),
-        Pending::Decided => return Ok(Refusal::AlreadyDecided),
-        Pending::Expired => return Ok(Refusal::Expired),
+        CodeState::Open { .. } => {}
+        CodeState::Unknown => return Ok(Refusal::UnknownCode),
+        CodeState::Decided => return Ok(Refusal::AlreadyDecided),
+        CodeState::Expired => return Ok(Refusal::Expired),
     }
     tx.execute(
         "UPDATE tv_enrollment SET state = 'refused', decided_at = ?2 WHERE user_code = ?1",

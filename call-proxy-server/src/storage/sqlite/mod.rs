@@ -381,6 +381,8 @@ impl SqliteStore {
                 r.get::<_, i64>(0)
             })? as u64,
             max_revocation_seq: enroll::max_revocation(&conn)?,
+            call_id_stride: 1,
+            call_id_offset: 0,
         };
 
         let (wtx, wrx) = crossbeam_channel::unbounded();

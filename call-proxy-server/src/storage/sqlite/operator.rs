@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::clock::{from_db_text, to_db_text};
 use crate::storage::operator::{
-    CallQuery, CallRecord, OperatorStore, Selection, Stats, UserRecord,
+    call_log_conditions, CallQuery, CallRecord, OperatorStore, SqlArg, Stats, UserRecord,
 };
 use crate::storage::{missed_kinds_sql, StoreError, MISSED_KINDS_SQL};
 
@@ -193,95 +193,20 @@ impl OperatorDb {
 
     /// A page of the call log.
     pub fn calls(&self, q: &CallQuery) -> Result<Vec<CallRecord>, StoreError> {
-        let mut sql = String::from(
+        let (conditions, args) = call_log_conditions(q, |n, _| format!("?{n}"));
+        let sql = format!(
             "SELECT id, user_id, otheruser_id, call_date, outcome, delivered, answered_at,
                     ended_at, delivered_at, caller_ip
-             FROM user_call WHERE 1 = 1",
+             FROM user_call WHERE 1 = 1{conditions}"
         );
-        let mut args: Vec<Value> = Vec::new();
-        // Appends `clause` with its `?` numbered as the new parameter `v`; returns that number.
-        let arg = |sql: &mut String, args: &mut Vec<Value>, clause: &str, v: Value| {
-            args.push(v);
-            let n = args.len();
-            sql.push_str(&clause.replace('?', &format!("?{n}")));
-            n
-        };
-        if let Some(u) = q.caller {
-            arg(
-                &mut sql,
-                &mut args,
-                " AND user_id = ?",
-                Value::Integer(u as i64),
-            );
-        }
-        if let Some(u) = q.callee {
-            arg(
-                &mut sql,
-                &mut args,
-                " AND otheruser_id = ?",
-                Value::Integer(u as i64),
-            );
-        }
-        // The time range, also applied inside the either-party lookups below.
-        let mut range = String::new();
-        if let Some(t) = q.since_ms {
-            let n = arg(
-                &mut sql,
-                &mut args,
-                " AND call_date >= ?",
-                Value::Text(to_db_text(t)),
-            );
-            range.push_str(&format!(" AND call_date >= ?{n}"));
-        }
-        if let Some(t) = q.until_ms {
-            let n = arg(
-                &mut sql,
-                &mut args,
-                " AND call_date < ?",
-                Value::Text(to_db_text(t)),
-            );
-            range.push_str(&format!(" AND call_date < ?{n}"));
-        }
-        if let Some(u) = q.party {
-            // A union of the two lookups on (user_id, call_date) and (otheruser_id,
-            // call_date), each narrowed to the time range inside its index, so only the
-            // calls in range are read from the table (both `?` take this one parameter).
-            args.push(Value::Integer(u as i64));
-            let n = args.len();
-            sql.push_str(&format!(
-                " AND id IN (SELECT id FROM user_call WHERE user_id = ?{n}{range}
-                             UNION ALL SELECT id FROM user_call WHERE otheruser_id = ?{n}{range})"
-            ));
-        }
-        if let Some(before) = q.before {
-            arg(
-                &mut sql,
-                &mut args,
-                " AND id < ?",
-                Value::Integer(i64::try_from(before).unwrap_or(i64::MAX)),
-            );
-        }
-        match q.outcome.map(|o| o.selection()) {
-            None => {}
-            Some(Selection::MissedKinds { delivered }) => sql.push_str(&format!(
-                " AND delivered = {} AND {MISSED_KINDS_SQL}",
-                u8::from(delivered)
-            )),
-            Some(Selection::Outcome(outcome)) => {
-                arg(
-                    &mut sql,
-                    &mut args,
-                    " AND outcome = ?",
-                    Value::Text(outcome.as_str().into()),
-                );
-            }
-        }
-        arg(
-            &mut sql,
-            &mut args,
-            " ORDER BY id DESC LIMIT ?",
-            Value::Integer(i64::try_from(q.limit).unwrap_or(i64::MAX)),
-        );
+        let args: Vec<Value> = args
+            .into_iter()
+            .map(|a| match a {
+                SqlArg::Int(v) => Value::Integer(v),
+                SqlArg::Text(v) => Value::Text(v),
+                SqlArg::Time(t) => Value::Text(to_db_text(t)),
+            })
+            .collect();
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
             Ok(CallRecord {

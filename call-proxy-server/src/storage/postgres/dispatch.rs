@@ -1,0 +1,121 @@
+//! The distribution service's SQL (issue 18, section D): which TV a certificate is,
+//! which live node a TV goes to, and the address a node tells the dispatcher TVs reach
+//! it at. The dispatcher role runs on PostgreSQL only, so these are functions on a
+//! [`PgDispatch`] of its own rather than [`crate::storage::Store`] methods.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+
+use super::{connection, PgTarget};
+use crate::storage::StoreError;
+
+/// A TV's credential as the dispatcher sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchCredential {
+    /// The user the certificate was enrolled as.
+    pub user_id: u64,
+    /// Withdrawn by the operator (or replaced by a newer TV).
+    pub revoked: bool,
+}
+
+/// A node picked for a TV.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PickedNode {
+    /// Its id.
+    pub node_id: String,
+    /// The address TVs reach it at.
+    pub addr: String,
+    /// TVs online on it when picked.
+    pub load: i64,
+}
+
+/// The dispatcher's connections to the shared database.
+#[derive(Clone)]
+pub struct PgDispatch {
+    /// Pooled read connections.
+    pool: Pool,
+}
+
+impl PgDispatch {
+    /// A pool of `size` connections to `target` (nothing is written, no migration run:
+    /// the nodes own the schema).
+    pub fn new(target: &PgTarget, size: usize) -> Result<PgDispatch, StoreError> {
+        Ok(PgDispatch {
+            pool: target.pool(size.max(1), true)?,
+        })
+    }
+
+    /// The credential of the certificate with this SHA-256 fingerprint, if any.
+    pub async fn credential(
+        &self,
+        fingerprint: &[u8; 32],
+    ) -> Result<Option<DispatchCredential>, StoreError> {
+        let conn = connection(&self.pool).await?;
+        let row = conn
+            .query_opt(
+                "SELECT user_id, revoked_at IS NOT NULL FROM tv_credential WHERE fingerprint = $1",
+                &[&fingerprint.as_slice()],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let user: i64 = row.try_get(0)?;
+        Ok(Some(DispatchCredential {
+            user_id: u64::try_from(user).unwrap_or(0),
+            revoked: row.try_get(1)?,
+        }))
+    }
+
+    /// A live node for `user`: one whose heartbeat is within `lease` and that has said
+    /// where TVs reach it; the one that held `user`'s session last if it is live
+    /// (sticky), else the one with the fewest TVs online (ties by id). `avoid` (a node
+    /// the TV could not reach) is taken only if no other node is live.
+    pub async fn pick_node(
+        &self,
+        user: u64,
+        lease: Duration,
+        avoid: &str,
+    ) -> Result<Option<PickedNode>, StoreError> {
+        let conn = connection(&self.pool).await?;
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let user = i64::try_from(user).unwrap_or(i64::MAX);
+        let row = conn
+            .query_opt(
+                "SELECT n.node_id, n.listen,
+                        (SELECT count(*) FROM user_property p
+                          WHERE p.node_id = n.node_id AND p.user_netstate = 1) AS load
+                 FROM tvcall_node n
+                 WHERE n.stopped_at IS NULL
+                   AND n.heartbeat_at >= now() - $2::bigint * interval '1 millisecond'
+                   AND n.listen <> '' AND n.listen NOT LIKE '%:0'
+                 ORDER BY (n.node_id = $3) ASC,
+                          (n.node_id = (SELECT node_id FROM user_property WHERE user_id = $1))
+                            IS TRUE DESC,
+                          load ASC, n.node_id ASC
+                 LIMIT 1",
+                &[&user, &lease_ms, &avoid],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(PickedNode {
+            node_id: row.try_get(0)?,
+            addr: row.try_get(1)?,
+            load: row.try_get(2)?,
+        }))
+    }
+}
+
+/// Records the address TVs reach node `node_id` at (`tvcall_node.listen`), once the node
+/// knows it (its bound port, or its configured `advertise` address). Returns whether
+/// the node's row was there.
+pub async fn advertise(target: &PgTarget, node_id: &str, addr: &str) -> Result<bool, StoreError> {
+    let pool = target.pool(1, true)?;
+    let conn = connection(&pool).await?;
+    let n = conn
+        .execute(
+            "UPDATE tvcall_node SET listen = $2 WHERE node_id = $1",
+            &[&node_id, &addr],
+        )
+        .await?;
+    Ok(n == 1)
+}

@@ -1,0 +1,225 @@
+//! The PostgreSQL implementation of the operator reads ([`OperatorStore`]) and of the
+//! operator's enrollment decisions, on a small pool of its own (never the server's
+//! writer), so the admin API and the CLI work while the server runs and when it is down.
+//! Times come out as the same RFC 3339 text SQLite stores (`tvcall_text`).
+
+use deadpool_postgres::Pool;
+use shared_proto::{UnixMillis, UserId};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use super::{connection, PgTarget};
+use crate::storage::enroll::{Approval, EnrollmentRecord, Refusal};
+use crate::storage::operator::{
+    call_log_conditions, CallQuery, CallRecord, OperatorStore, SqlArg, Stats, UserRecord,
+};
+use crate::storage::{missed_kinds_sql, StoreError};
+
+/// Operator reads on a PostgreSQL database, at most a fixed number at once. Connects
+/// when first needed: a database that is down fails each query. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresOperator {
+    /// Or why it could not be set up (answered to every query).
+    pool: Result<Pool, StoreError>,
+}
+
+impl PostgresOperator {
+    /// Reads on the database at `target`, at most `max_queries` at once.
+    pub fn new(target: &PgTarget, max_queries: usize) -> PostgresOperator {
+        PostgresOperator {
+            pool: target.pool(max_queries.max(1), true),
+        }
+    }
+
+    async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        match &self.pool {
+            Ok(pool) => connection(pool).await,
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+/// The columns [`user_record`] reads, in its order.
+const USER_COLUMNS: &str =
+    "user_id, user_ip, user_netstate, media_port, tvcall_text(last_seen), agent_version";
+
+fn user_record(r: &Row) -> Result<UserRecord, StoreError> {
+    Ok(UserRecord {
+        user_id: r.try_get::<_, i64>(0)? as u64,
+        user_ip: r.try_get(1)?,
+        user_netstate: r.try_get::<_, i16>(2)? as u8,
+        media_port: r.try_get::<_, i32>(3)? as u16,
+        last_seen: r.try_get(4)?,
+        agent_version: r.try_get(5)?,
+    })
+}
+
+/// The statistics as of now: counts since `$1` (an hour ago) and `$2` (a day ago), and
+/// the delivery delays of missed calls delivered since `$2`, in seconds (the median as
+/// SQLite's store takes it: the element at half the count of the sorted delays).
+const STATS_SQL: &str = concat!(
+    "WITH delays AS (
+       SELECT (tvcall_ms(delivered_at) - tvcall_ms(call_date)) / 1000.0::float8 AS d
+       FROM user_call
+       WHERE delivered = 1 AND ",
+    missed_kinds_sql!(),
+    " AND delivered_at >= tvcall_ts($2::bigint))
+     SELECT (SELECT count(*) FROM user_property),
+            (SELECT count(*) FROM user_property WHERE user_netstate = 1),
+            (SELECT count(*) FROM user_call WHERE call_date >= tvcall_ts($1::bigint)),
+            (SELECT count(*) FROM user_call WHERE call_date >= tvcall_ts($2::bigint)),
+            (SELECT count(*) FROM user_call WHERE delivered = 0 AND ",
+    missed_kinds_sql!(),
+    "),
+            (SELECT (array_agg(d ORDER BY d))[(count(*) / 2 + 1)::int] FROM delays),
+            (SELECT max(d) FROM delays)"
+);
+
+/// The SQL and parameters of a call-log page.
+fn calls_sql(q: &CallQuery) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+    let (conditions, args) = call_log_conditions(q, |n, arg| match arg {
+        SqlArg::Int(_) => format!("${n}::bigint"),
+        SqlArg::Text(_) => format!("${n}::text"),
+        SqlArg::Time(_) => format!("tvcall_ts(${n}::bigint)"),
+    });
+    let sql = format!(
+        "SELECT id, user_id, otheruser_id, tvcall_text(call_date), outcome, delivered,
+                tvcall_text(answered_at), tvcall_text(ended_at), tvcall_text(delivered_at),
+                caller_ip
+         FROM user_call WHERE true{conditions}"
+    );
+    let args = args
+        .into_iter()
+        .map(|a| -> Box<dyn ToSql + Sync + Send> {
+            match a {
+                SqlArg::Int(v) | SqlArg::Time(v) => Box::new(v),
+                SqlArg::Text(v) => Box::new(v),
+            }
+        })
+        .collect();
+    (sql, args)
+}
+
+impl OperatorStore for PostgresOperator {
+    async fn calls(&self, q: CallQuery) -> Result<Vec<CallRecord>, StoreError> {
+        use futures::TryStreamExt;
+        let conn = self.conn().await?;
+        let (sql, args) = calls_sql(&q);
+        let rows: Vec<Row> = conn.query_raw(&sql, args).await?.try_collect().await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CallRecord {
+                    id: r.try_get::<_, i64>(0)? as u64,
+                    user_id: r.try_get::<_, i64>(1)? as u64,
+                    otheruser_id: r.try_get::<_, i64>(2)? as u64,
+                    call_date: r.try_get(3)?,
+                    outcome: r.try_get(4)?,
+                    delivered: r.try_get::<_, i16>(5)? == 1,
+                    answered_at: r.try_get(6)?,
+                    ended_at: r.try_get(7)?,
+                    delivered_at: r.try_get(8)?,
+                    caller_ip: r.try_get(9)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn users(&self, online_only: bool, limit: usize) -> Result<Vec<UserRecord>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {USER_COLUMNS} FROM user_property
+                     WHERE (NOT $1::bool OR user_netstate = 1) ORDER BY user_id LIMIT $2::bigint"
+                ),
+                &[&online_only, &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await?;
+        rows.iter().map(user_record).collect()
+    }
+
+    async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        let Ok(key) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                &format!("SELECT {USER_COLUMNS} FROM user_property WHERE user_id = $1::bigint"),
+                &[&key],
+            )
+            .await?;
+        row.as_ref().map(user_record).transpose()
+    }
+
+    async fn stats(&self, now_ms: UnixMillis) -> Result<Stats, StoreError> {
+        let conn = self.conn().await?;
+        let hour_ago = now_ms - 3_600_000;
+        let day_ago = now_ms - 86_400_000;
+        let row = conn.query_one(STATS_SQL, &[&hour_ago, &day_ago]).await?;
+        let count =
+            |i: usize| -> Result<u64, StoreError> { Ok(row.try_get::<_, i64>(i)?.max(0) as u64) };
+        let seconds = |i: usize| -> Result<Option<f64>, StoreError> { Ok(row.try_get(i)?) };
+        Ok(Stats {
+            users: count(0)?,
+            online: count(1)?,
+            calls_last_hour: count(2)?,
+            calls_last_day: count(3)?,
+            cached_waiting: count(4)?,
+            delivery_delay_p50_s: seconds(5)?,
+            delivery_delay_max_s: seconds(6)?,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.query_one("SELECT count(*) FROM tvcall_schema", &[])
+            .await?;
+        Ok(())
+    }
+
+    async fn cached_waiting(&self) -> Result<u64, StoreError> {
+        let conn = self.conn().await?;
+        let n: i64 = conn
+            .query_one(
+                concat!(
+                    "SELECT count(*) FROM user_call WHERE delivered = 0 AND ",
+                    missed_kinds_sql!()
+                ),
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn approve(
+        &self,
+        code: String,
+        user: UserId,
+        replace: bool,
+        now_ms: UnixMillis,
+    ) -> Result<Approval, StoreError> {
+        let mut conn = self.conn().await?;
+        super::enroll::approve(&mut conn, &code, user, replace, now_ms).await
+    }
+
+    async fn refuse(&self, code: String, now_ms: UnixMillis) -> Result<Refusal, StoreError> {
+        let mut conn = self.conn().await?;
+        super::enroll::refuse(&mut conn, &code, now_ms).await
+    }
+
+    async fn revoke(&self, user: UserId, now_ms: UnixMillis) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        super::enroll::revoke(&mut conn, user, now_ms).await
+    }
+
+    async fn enrollments(
+        &self,
+        now_ms: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<EnrollmentRecord>, StoreError> {
+        let conn = self.conn().await?;
+        super::enroll::list(&conn, now_ms, limit).await
+    }
+}
