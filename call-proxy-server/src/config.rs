@@ -139,6 +139,16 @@ pub struct Config {
     /// Failed authentications from one source address within `flood_penalty_ms` after
     /// which the address is refused for a while (as a flooding one).
     pub auth_failures_per_ip: u32,
+    /// Traffic accounting's period (`"month"`, `"week"` or `"day"`, UTC calendar); the
+    /// nodes and the dispatcher of one database must agree on it.
+    pub accounting_period: crate::accounting::Period,
+    /// How often a node writes its TVs' usage to the database (a connection hands its
+    /// usage to the node at most this often, and when it ends).
+    pub accounting_flush_ms: u64,
+    /// The dispatcher assigns no node to an account with an allowance whose remaining
+    /// bytes in the period are below this (an account without an allowance is not
+    /// limited).
+    pub allowance_threshold_bytes: u64,
 }
 
 impl Default for Config {
@@ -187,6 +197,9 @@ impl Default for Config {
             enrollment_ttl_s: 900,
             enrollment_poll_s: 2,
             auth_failures_per_ip: 20,
+            accounting_period: crate::accounting::Period::Month,
+            accounting_flush_ms: 30_000,
+            allowance_threshold_bytes: 64 * 1024,
         }
     }
 }
@@ -330,6 +343,10 @@ impl Config {
             self.requests_per_sec >= 1,
             "requests_per_sec must be at least 1"
         );
+        anyhow::ensure!(
+            self.accounting_flush_ms >= 10,
+            "accounting_flush_ms must be at least 10"
+        );
         Ok(())
     }
 }
@@ -437,6 +454,17 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_accounting_period_is_a_month_by_default_and_named_in_toml() {
+        assert_eq!(
+            Config::default().accounting_period,
+            crate::accounting::Period::Month
+        );
+        let c: Config = toml::from_str("accounting_period = \"day\"\n").expect("parses");
+        assert_eq!(c.accounting_period, crate::accounting::Period::Day);
+        assert!(toml::from_str::<Config>("accounting_period = \"year\"\n").is_err());
     }
 
     #[test]

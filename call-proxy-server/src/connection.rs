@@ -18,6 +18,11 @@
 //!
 //! It runs over any byte stream (`AsyncRead + AsyncWrite`), so a TLS acceptor wraps the
 //! TCP stream before handing it here; the peer's address comes as a parameter.
+//!
+//! Traffic accounting: the stream is counted ([`Counted`]); a registered connection
+//! hands its account's usage (session, time, bytes both ways) to the node's
+//! [`crate::accounting::Accountant`] when it registers, at most every
+//! `accounting_flush_ms` as frames arrive, and when it ends.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,6 +41,8 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::Framed;
 
+use crate::accounting::{Counted, Reported, Usage};
+use crate::clock::now_ms;
 use crate::handler::{self, end_session, ConnState};
 use crate::registry::PushRx;
 use crate::server::limits::{NotAdmitted, Ticket};
@@ -124,7 +131,7 @@ fn shed_reason() -> WireError {
 
 async fn serve_inner<S: Store, T>(
     shared: &Arc<Shared<S>>,
-    mut stream: T,
+    stream: T,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     mut ticket: Option<Ticket>,
@@ -133,6 +140,7 @@ async fn serve_inner<S: Store, T>(
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let started = Instant::now();
+    let mut stream = Counted::new(stream);
     let handshake = shared.config.handshake_timeout();
     let mut pre = [0u8; PREAMBLE_LEN];
     let read = tokio::select! {
@@ -203,6 +211,7 @@ async fn serve_inner<S: Store, T>(
     *conn.write_buffer_mut() = BytesMut::new();
     let mut st = ConnState::new(peer);
     st.identity = identity;
+    let mut reported = Reported::new(started);
     let end = request_loop(
         shared,
         &mut conn,
@@ -211,6 +220,7 @@ async fn serve_inner<S: Store, T>(
         stop,
         started + handshake,
         &mut ticket,
+        &mut reported,
     )
     .await;
     if let Some((reason, quick)) = end {
@@ -221,6 +231,7 @@ async fn serve_inner<S: Store, T>(
         };
         let _ = timeout(limit, conn.send(ServerMsg::Closing(reason))).await;
     }
+    account(shared, &conn, &mut reported, Instant::now());
     end_session(shared, &mut st).await;
     drop(ticket);
 }
@@ -348,17 +359,35 @@ where
     }
 }
 
+/// Hands the account's usage since the last report to the node's accountant (nothing
+/// before the connection registered: unauthenticated traffic is nobody's). The account
+/// is the one the connection registered as, also once its session ended (`Bye`).
+fn account<S: Store, T>(
+    shared: &Shared<S>,
+    conn: &Conn<Counted<T>>,
+    reported: &mut Reported,
+    now: Instant,
+) {
+    let Some(user) = reported.user else { return };
+    let usage = reported.since(conn.get_ref().counts(), now, true);
+    shared.metrics.accounted_in.inc_by(usage.control_in);
+    shared.metrics.accounted_out.inc_by(usage.control_out);
+    shared.accountant.note(user, &usage, now_ms());
+}
+
 /// Runs requests until the connection ends. Returns the reason to send the TV, if the
 /// server is the one ending it, and whether that goodbye must be quick (a shed or
 /// flooding connection).
+#[allow(clippy::too_many_arguments)]
 async fn request_loop<S: Store, T>(
     shared: &Arc<Shared<S>>,
-    conn: &mut Conn<T>,
+    conn: &mut Conn<Counted<T>>,
     st: &mut ConnState,
     features: Features,
     mut stop: watch::Receiver<bool>,
     register_by: Instant,
     ticket: &mut Option<Ticket>,
+    reported: &mut Reported,
 ) -> Option<(WireError, bool)>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send,
@@ -374,6 +403,7 @@ where
         Duration::from_millis(cfg.heartbeat_interval_ms),
     );
     let write_timeout = cfg.write_timeout();
+    let account_every = Duration::from_millis(cfg.accounting_flush_ms);
     // Only a connection with a TV certificate can be revoked.
     let mut revoked = st.identity.as_ref().map(|_| shared.revoked.subscribe());
     loop {
@@ -488,6 +518,14 @@ where
                 if st.session.is_some() && unregistered {
                     unregistered = false;
                     deadline = now + cfg.heartbeat_timeout();
+                    // A session starts: its time counts from now, its bytes from the
+                    // connection's first (the handshake and the registration).
+                    if let Some(key) = st.session {
+                        reported.user = Some(key.user);
+                        reported.at = now;
+                        let start = Usage { sessions: 1, ..Usage::default() };
+                        shared.accountant.note(key.user, &start, now_ms());
+                    }
                 } else if unregistered {
                     if let Ok(Reply::Enrollment(EnrollmentStatus::Pending { interval_s, .. })) = &result {
                         // A TV waiting for its code's approval polls this link: it stays
@@ -504,6 +542,9 @@ where
                 }
                 if st.closing {
                     return None;
+                }
+                if now.saturating_duration_since(reported.at) >= account_every {
+                    account(shared, conn, reported, now);
                 }
                 if verdict == Verdict::Allow {
                     // Over the limit, the larger read buffer stays: the client's next

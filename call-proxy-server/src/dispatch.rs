@@ -307,11 +307,8 @@ impl PublicKey {
     }
 }
 
-/// Whether the TV holding `credential` is entitled to service now, and as which user.
-///
-/// Today: enrolled and not revoked. This is the seam for traffic accounting (issue 18,
-/// "allowance above the threshold"): once nodes report usage, the account's remaining
-/// allowance is checked here and a refusal names the reason the TV shows.
+/// Whether the TV holding `credential` is entitled to service now, and as which user:
+/// enrolled and not revoked. (Its allowance is checked next: [`within_allowance`].)
 pub fn entitlement(credential: Option<DispatchCredential>) -> Result<UserId, WireError> {
     match credential {
         Some(c) if !c.revoked => Ok(c.user_id),
@@ -326,6 +323,31 @@ pub fn entitlement(credential: Option<DispatchCredential>) -> Result<UserId, Wir
     }
 }
 
+/// Whether an account with `allowance` (its allowance per period and what it used in
+/// `period`; `None`: not limited) may be assigned a node: only while what is left is at
+/// least `threshold` bytes (section D: "assigned only while the allowance is above a
+/// threshold"). The refusal says why, for the TV's screen.
+pub fn within_allowance(
+    allowance: Option<(u64, u64)>,
+    threshold: u64,
+    period: &str,
+) -> Result<(), WireError> {
+    let Some((allowance, used)) = allowance else {
+        return Ok(());
+    };
+    let left = allowance.saturating_sub(used);
+    if left >= threshold && left > 0 {
+        return Ok(());
+    }
+    Err(WireError::new(
+        ErrorCode::ALLOWANCE_EXHAUSTED,
+        format!(
+            "this account has used its allowance for {period} ({used} of {allowance} bytes); \
+             service resumes next period or when the operator raises it"
+        ),
+    ))
+}
+
 /// The dispatcher's settings and connections.
 pub struct Dispatcher {
     /// The shared database.
@@ -338,6 +360,10 @@ pub struct Dispatcher {
     pub node_lease: Duration,
     /// TLS (the control link's certificate handling).
     pub tls: tokio_rustls::TlsAcceptor,
+    /// The accounting period, as the nodes count it.
+    pub period: crate::accounting::Period,
+    /// Remaining allowance below which an account is not assigned.
+    pub allowance_threshold: u64,
 }
 
 /// The dispatcher's TLS: the control link's configuration (TLS 1.3, a TV certificate
@@ -489,9 +515,16 @@ async fn assign(
         )
     };
     let credential = d.db.credential(&fingerprint.0).await.map_err(unavailable)?;
-    let user = entitlement(credential).inspect_err(|e| {
+    let not_assigned = |e: &WireError| {
         tracing::info!(%peer, tv = %fingerprint, reason = %e.message, "not assigned");
-    })?;
+    };
+    let user = entitlement(credential).inspect_err(not_assigned)?;
+    let period = d.period.key(now_ms());
+    let allowance =
+        d.db.allowance_left(user, &period)
+            .await
+            .map_err(unavailable)?;
+    within_allowance(allowance, d.allowance_threshold, &period).inspect_err(not_assigned)?;
     let node =
         d.db.pick_node(user, d.node_lease, &req.unreachable_node)
             .await
@@ -569,6 +602,23 @@ mod tests {
         assert_eq!(v(&[], "node-a", 42, &fp, 0), TokenError::Malformed);
         assert_eq!(PublicKey::from_hex(&pk.hex()).unwrap(), pk);
         assert!(PublicKey::from_hex("zz").is_err());
+    }
+
+    #[test]
+    fn an_account_is_assigned_only_while_its_allowance_left_is_at_the_threshold_or_above() {
+        assert!(within_allowance(None, 1_000, "2026-12").is_ok());
+        assert!(within_allowance(Some((10_000, 9_000)), 1_000, "2026-12").is_ok());
+        let e = within_allowance(Some((10_000, 9_001)), 1_000, "2026-12").unwrap_err();
+        assert_eq!(e.code, ErrorCode::ALLOWANCE_EXHAUSTED);
+        assert!(
+            e.message.contains("2026-12") && e.message.contains("9001 of 10000"),
+            "{}",
+            e.message
+        );
+        // Over it (usage is reported after the fact): still refused, nothing wraps.
+        assert!(within_allowance(Some((10_000, 50_000)), 0, "2026-12").is_err());
+        // An allowance of nothing admits nothing, whatever the threshold.
+        assert!(within_allowance(Some((0, 0)), 0, "2026-12").is_err());
     }
 
     #[test]

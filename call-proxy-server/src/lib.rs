@@ -21,9 +21,11 @@
 //! - [`config`], [`metrics`], [`clock`]: settings, counters, timestamps.
 //! - [`tls`]: TLS 1.3 on the control port, the server's own CA, TV identities.
 //! - [`dispatch`]: the distribution service (`dispatch` role) and its node tokens.
+//! - [`accounting`]: traffic accounting per account and period (usage, allowances).
 //! - [`embedded`]: a server running inside the calling process (tests, embedders).
 //! - [`client`]: a small async client of the protocol, used by the load generator and tests.
 
+pub mod accounting;
 pub mod admin;
 pub mod client;
 pub mod clock;

@@ -87,6 +87,42 @@ enum Command {
         #[arg(long)]
         user: u64,
     },
+    /// Traffic accounting: each account's usage per period, newest period first, with
+    /// its allowance and what is left of it.
+    Usage {
+        #[command(flatten)]
+        db: DbArg,
+        /// One account only.
+        #[arg(long)]
+        user: Option<u64>,
+        /// One period only: 2026-12 (month), 2026-W49 (week) or 2026-12-02 (day).
+        #[arg(long)]
+        period: Option<String>,
+        /// Most rows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Output: table (people), json or csv (scripts).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Sets an account's traffic allowance per period: once what it used reaches it
+    /// (less `allowance_threshold_bytes`), the dispatcher assigns its TV no node.
+    Allowance {
+        #[command(flatten)]
+        db: DbArg,
+        /// The account.
+        #[arg(long)]
+        user: u64,
+        /// The allowance per period, in bytes.
+        #[arg(long, conflicts_with_all = ["mb", "unlimited"])]
+        bytes: Option<u64>,
+        /// The allowance per period, in MiB.
+        #[arg(long, conflicts_with = "unlimited")]
+        mb: Option<u64>,
+        /// No allowance: the account is not limited.
+        #[arg(long)]
+        unlimited: bool,
+    },
     /// Enrollment requests, newest first (pending, approved, refused, expired).
     Enrollments {
         #[command(flatten)]
@@ -424,6 +460,29 @@ fn run_cli() -> anyhow::Result<()> {
         } => approve(db, &code, user, replace),
         Command::Refuse { db, code } => refuse(db, &code),
         Command::Revoke { db, user } => revoke(db, user),
+        Command::Usage {
+            db,
+            user,
+            period,
+            limit,
+            format,
+        } => {
+            let (ops, rt) = operator_db(db)?;
+            let rows =
+                rt.block_on(ops.usage(call_proxy_server::storage::operator::UsageQuery {
+                    user,
+                    period,
+                    limit: limit.min(call_proxy_server::storage::operator::MAX_PAGE),
+                }))?;
+            print_rows(&rows, format)
+        }
+        Command::Allowance {
+            db,
+            user,
+            bytes,
+            mb,
+            unlimited,
+        } => allowance(db, user, bytes, mb, unlimited),
         Command::Enrollments { db, limit, format } => {
             let (ops, rt) = operator_db(db)?;
             let rows = rt.block_on(ops.enrollments(call_proxy_server::clock::now_ms(), limit))?;
@@ -493,6 +552,35 @@ fn refuse(db: DbArg, code: &str) -> anyhow::Result<()> {
             anyhow::bail!("the code {shown} was approved or refused already")
         }
     }
+}
+
+fn allowance(
+    db: DbArg,
+    user: u64,
+    bytes: Option<u64>,
+    mb: Option<u64>,
+    unlimited: bool,
+) -> anyhow::Result<()> {
+    if !shared_proto::valid_user_id(user) {
+        return Err(UsageError(format!("user {user} is out of range")).into());
+    }
+    let limit = match (bytes, mb, unlimited) {
+        (Some(b), None, false) => Some(b),
+        (None, Some(m), false) => Some(
+            m.checked_mul(1 << 20)
+                .ok_or_else(|| UsageError(format!("--mb {m} is too large")))?,
+        ),
+        (None, None, true) => None,
+        _ => {
+            return Err(
+                UsageError("say the allowance: --bytes N, --mb N or --unlimited".into()).into(),
+            )
+        }
+    };
+    let (ops, rt) = operator_db(db)?;
+    rt.block_on(ops.set_allowance(user, limit, call_proxy_server::clock::now_ms()))?;
+    println!("{}", serde_json::json!({"user": user, "allowance": limit}));
+    Ok(())
 }
 
 fn revoke(db: DbArg, user: u64) -> anyhow::Result<()> {
@@ -734,6 +822,8 @@ fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
             token_ttl: std::time::Duration::from_secs(config.dispatch_token_ttl_s),
             node_lease: std::time::Duration::from_millis(config.node_lease_ms),
             tls,
+            period: config.accounting_period,
+            allowance_threshold: config.allowance_threshold_bytes,
         });
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

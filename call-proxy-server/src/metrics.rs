@@ -64,6 +64,14 @@ pub struct Metrics {
     pub revoked_sessions: IntCounter,
     /// Requests over the rate limit dropped without an answer.
     pub rate_limited_dropped: IntCounter,
+    /// Control-link bytes from registered TVs, accounted to their accounts.
+    pub accounted_in: IntCounter,
+    /// Control-link bytes to registered TVs, accounted to their accounts.
+    pub accounted_out: IntCounter,
+    /// Usage rows (account and period) written to the database.
+    pub usage_rows_written: IntCounter,
+    /// Writes of traffic accounting that failed (kept and retried).
+    pub usage_write_failures: IntCounter,
     /// The effective connection limit derived at start (see `Config::max_connections`).
     pub connection_limit: IntGauge,
     /// Connections open now that have not registered.
@@ -190,6 +198,22 @@ impl Metrics {
                 "call_proxy_rate_limited_dropped_total",
                 "Requests over the rate limit dropped without an answer.",
             ),
+            accounted_in: counter(
+                "call_proxy_accounted_control_in_bytes_total",
+                "Control-link bytes received from registered TVs, accounted to their accounts.",
+            ),
+            accounted_out: counter(
+                "call_proxy_accounted_control_out_bytes_total",
+                "Control-link bytes sent to registered TVs, accounted to their accounts.",
+            ),
+            usage_rows_written: counter(
+                "call_proxy_usage_rows_written_total",
+                "Traffic accounting rows (account and period) written to the database.",
+            ),
+            usage_write_failures: counter(
+                "call_proxy_usage_write_failures_total",
+                "Writes of traffic accounting that failed (kept and retried at the next interval).",
+            ),
             connection_limit: gauge(
                 "call_proxy_connection_limit",
                 "Effective limit on TV connections, derived at start from max_connections and the descriptor limit.",
@@ -309,6 +333,8 @@ mod tests {
             "call_proxy_registrations_refused_per_ip_total 0\n",
             "call_proxy_flood_closed_total 0\n",
             "call_proxy_rate_limited_dropped_total 0\n",
+            "call_proxy_accounted_control_in_bytes_total 0\n",
+            "call_proxy_usage_write_failures_total 0\n",
             "call_proxy_connection_limit 0\n",
             "call_proxy_connections_unregistered 0\n",
         ] {

@@ -47,6 +47,8 @@ pub struct Shared<S> {
     /// The path to the other nodes on the same database (`None`: this node is alone on
     /// its database, as on SQLite).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// This node's traffic accounting not yet written ([`flush_usage`] writes it).
+    pub accountant: crate::accounting::Accountant,
 }
 
 impl<S: Store> Shared<S> {
@@ -79,6 +81,7 @@ impl<S: Store> Shared<S> {
             .map(|link| Arc::new(crate::cluster::Cluster::new(link)));
         let metrics = Metrics::default();
         let gate = Gate::new(limits::Limits::for_process(&config), &metrics);
+        let accountant = crate::accounting::Accountant::new(config.accounting_period);
         Ok(Arc::new(Shared {
             store,
             registry: Registry::with_watermarks(&w),
@@ -88,6 +91,7 @@ impl<S: Store> Shared<S> {
             tls,
             revoked: tokio::sync::broadcast::channel(REVOCATIONS_QUEUED).0,
             cluster,
+            accountant,
         }))
     }
 }
@@ -159,6 +163,34 @@ pub async fn watch_nodes<S: Store + 'static>(shared: &Arc<Shared<S>>) {
     std::future::pending().await
 }
 
+/// Writes the usage the node's connections accounted since the last write, in one
+/// database write; kept for the next try if it fails.
+pub async fn flush_usage<S: Store>(shared: &Shared<S>) {
+    let rows = shared.accountant.take();
+    if rows.is_empty() {
+        return;
+    }
+    let n = rows.len();
+    match shared.store.add_usage(rows.clone()).await {
+        Ok(()) => shared.metrics.usage_rows_written.inc_by(n as u64),
+        Err(e) => {
+            shared.metrics.usage_write_failures.inc();
+            tracing::warn!(accounts = n, error = %e, "cannot write traffic accounting; will retry");
+            shared.accountant.restore(rows);
+        }
+    }
+}
+
+/// Writes the accounted usage every `accounting_flush_ms`. Runs until the server stops
+/// (which writes what is left once its sessions have ended).
+async fn write_usage<S: Store>(shared: &Arc<Shared<S>>) {
+    let every = Duration::from_millis(shared.config.accounting_flush_ms.max(10));
+    loop {
+        tokio::time::sleep(every).await;
+        flush_usage(shared).await;
+    }
+}
+
 /// Binds the control listener with a deep accept backlog (TVs reconnect in bursts
 /// after a power cut or a server restart).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -196,6 +228,10 @@ pub async fn run<S: Store>(
             let shared = Arc::clone(&shared);
             async move { watch_nodes(&shared).await }
         }),
+        tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { write_usage(&shared).await }
+        }),
     ];
     tokio::select! {
         () = accept_loop(&listener, &shared, &tracker, &stop_rx) => {}
@@ -225,6 +261,8 @@ pub async fn run<S: Store>(
     for w in watchers {
         w.abort();
     }
+    // The sessions' last usage (they hand it over as they end).
+    flush_usage(&shared).await;
     shared.store.close().await;
     tracing::info!("stopped");
 }

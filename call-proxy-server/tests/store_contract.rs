@@ -124,6 +124,11 @@ macro_rules! contract {
             async fn writes_queued_together_are_answered_as_if_each_ran_alone() {
                 run_check!($fresh, checks::bursts_answer_each_write);
             }
+
+            #[tokio::test]
+            async fn usage_adds_up_per_account_and_period_with_its_allowance() {
+                run_check!($fresh, checks::usage_adds_up);
+            }
         }
     )+};
 }
@@ -136,6 +141,81 @@ contract! {
 /// The checks, each generic over the backend.
 mod checks {
     use super::*;
+
+    /// Traffic accounting: deltas add up per (account, period), also when written in
+    /// the same burst as other writes; the operator reads them with the allowance and
+    /// what is left, filtered by account and period, newest period first.
+    pub async fn usage_adds_up<S: Store, O: OperatorStore>(store: &S, ops: &O, _: &Config) {
+        use call_proxy_server::accounting::{Usage, UsageDelta};
+        use call_proxy_server::storage::operator::UsageQuery;
+        let delta = |user, period: &str, control_in, at_ms| UsageDelta {
+            user_id: user,
+            period: period.into(),
+            usage: Usage {
+                sessions: 1,
+                session_ms: 1_000,
+                control_in,
+                control_out: 7,
+                ..Usage::default()
+            },
+            at_ms,
+        };
+        let t = now_ms();
+        store
+            .add_usage(vec![
+                delta(5, "2026-11", 100, t - 2_000),
+                delta(6, "2026-12", 1, t),
+            ])
+            .await
+            .unwrap();
+        // In one burst with a registration and a call: each answered as if alone.
+        let r = store.register(reg(5, 1));
+        let u = store.add_usage(vec![
+            delta(5, "2026-12", 40, t),
+            delta(5, "2026-11", 2, t - 1_000),
+        ]);
+        let c = store.insert_call(call(1, 5, 6, Outcome::Cached));
+        assert!(matches!(r.await.unwrap(), RegisterResult::Online { .. }));
+        u.await.unwrap();
+        assert!(matches!(
+            c.await.unwrap(),
+            InsertResult::Recorded { .. } | InsertResult::UnknownCallee
+        ));
+        ops.set_allowance(5, Some(10_000), t).await.unwrap();
+        let q = |user, period: Option<&str>| UsageQuery {
+            user,
+            period: period.map(str::to_string),
+            limit: 100,
+        };
+        let rows = ops.usage(q(Some(5), None)).await.unwrap();
+        let periods: Vec<&str> = rows.iter().map(|r| r.period.as_str()).collect();
+        assert_eq!(periods, ["2026-12", "2026-11"], "newest period first");
+        let nov = &rows[1];
+        assert_eq!(
+            (
+                nov.sessions,
+                nov.session_ms,
+                nov.control_in,
+                nov.control_out
+            ),
+            (2, 2_000, 102, 14)
+        );
+        assert_eq!(nov.bytes, 116);
+        assert_eq!(
+            (nov.allowance, nov.remaining),
+            (Some(10_000), Some(10_000 - 116))
+        );
+        assert!(nov.first_at < nov.last_at, "{nov:?}");
+        let dec = ops.usage(q(None, Some("2026-12"))).await.unwrap();
+        assert_eq!(dec.iter().map(|r| r.user_id).collect::<Vec<_>>(), [5, 6]);
+        assert_eq!((dec[1].allowance, dec[1].remaining), (None, None));
+        ops.set_allowance(5, None, t).await.unwrap();
+        assert_eq!(
+            ops.usage(q(Some(5), None)).await.unwrap()[0].allowance,
+            None
+        );
+        assert!(ops.usage(q(Some(7), None)).await.unwrap().is_empty());
+    }
 
     /// When the test calls were placed: call `id` at `BASE_MS + 10 * id`, a little
     /// before now.

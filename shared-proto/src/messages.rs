@@ -513,6 +513,9 @@ impl ErrorCode {
     /// This connection has no valid credential for the request: the TV is not enrolled,
     /// its credential was revoked, or it belongs to another user. Enroll (again).
     pub const UNAUTHENTICATED: ErrorCode = ErrorCode(19);
+    /// The account has used its traffic allowance for this period: the distribution
+    /// service assigns it no node until the period ends or the operator raises it.
+    pub const ALLOWANCE_EXHAUSTED: ErrorCode = ErrorCode(20);
 
     /// A short stable name, for logs and people.
     pub fn name(self) -> &'static str {
@@ -537,6 +540,7 @@ impl ErrorCode {
             17 => "unsupported",
             18 => "storage_full",
             19 => "unauthenticated",
+            20 => "allowance_exhausted",
             _ => "unrecognised",
         }
     }

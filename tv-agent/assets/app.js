@@ -173,7 +173,7 @@ function apply(ev) {
       break;
     case "link_down":
       S.registered = false;
-      S.link = { down: true, retryAt: Date.now() + ev.retry_in_ms };
+      S.link = { down: true, retryAt: Date.now() + ev.retry_in_ms, allowance: ev.allowance_exhausted ? ev.reason : null };
       break;
     case "cached_calls":
       S.missed = L.mergeMissed(S.missed, ev.calls);
@@ -635,6 +635,11 @@ function renderChrome() {
     pill.dataset.state = "agent-lost";
     pill.textContent = "TV phone not running";
     banner.textContent = "The TV phone service is not answering. Trying again…";
+    banner.hidden = false;
+  } else if (S.link.down && S.link.allowance) {
+    pill.dataset.state = "allowance";
+    pill.textContent = "Service paused";
+    banner.textContent = `Calls are paused (${S.link.allowance}). Ask your provider, or wait for the next period.`;
     banner.hidden = false;
   } else if (S.link.down) {
     pill.dataset.state = "down";

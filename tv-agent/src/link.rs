@@ -48,6 +48,11 @@ pub struct LinkConfig {
 /// (not enrolled, revoked, another user's): retrying does not help until it is enrolled.
 pub const UNAUTHENTICATED_REASON: &str = "not authenticated:";
 
+/// How a [`LinkEvent::Down`] reason starts when the distribution service assigns this
+/// TV no node because its account used its traffic allowance for the period (retried
+/// with the usual backoff: the operator may raise it, or the period ends).
+pub const ALLOWANCE_REASON: &str = "service allowance used up:";
+
 impl LinkConfig {
     /// Defaults for `user` at `server`.
     pub fn new(server: impl Into<String>, user: UserId, media_port: u16) -> Self {
@@ -258,6 +263,9 @@ async fn reach_node(
         Ok(Assigned::Node(a)) => a,
         Err(ClientError::Server(e)) if e.code == ErrorCode::UNAUTHENTICATED => {
             return Err(format!("{UNAUTHENTICATED_REASON} {}", e.message))
+        }
+        Err(ClientError::Server(e)) if e.code == ErrorCode::ALLOWANCE_EXHAUSTED => {
+            return Err(format!("{ALLOWANCE_REASON} {}", e.message))
         }
         Err(ClientError::Server(e)) => return Err(format!("the dispatcher refused: {e}")),
         Err(e) => return Err(refused_text(e)),

@@ -483,7 +483,13 @@ async fn boot(
         AgentEvent::LinkDown { reason, .. }
             if reason.starts_with(tv_agent::link::UNAUTHENTICATED_REASON) =>
         {
-            Some(Err(reason.clone()))
+            Some(Err(BootFailure::NotEnrolled(reason.clone())))
+        }
+        // Not entitled until the operator raises the allowance or the period ends.
+        AgentEvent::LinkDown { reason, .. }
+            if reason.starts_with(tv_agent::link::ALLOWANCE_REASON) =>
+        {
+            Some(Err(BootFailure::NotEntitled(reason.clone())))
         }
         AgentEvent::LinkDown { reason, .. } => {
             last_reason = reason.clone();
@@ -494,9 +500,9 @@ async fn boot(
     .await;
     match got {
         Some(Ok(calls)) => Ok(Ok((agent, events, calls))),
-        Some(Err(reason)) => {
+        Some(Err(failure)) => {
             agent.power_off().await;
-            Ok(Err(BootFailure::NotEnrolled(reason)))
+            Ok(Err(failure))
         }
         None => {
             agent.power_off().await;
@@ -509,6 +515,8 @@ async fn boot(
 enum BootFailure {
     /// No valid credential (exit 4).
     NotEnrolled(String),
+    /// The account's traffic allowance is used up (exit 6).
+    NotEntitled(String),
     /// The server could not be reached (exit 3).
     Unreachable(String),
 }
@@ -516,6 +524,14 @@ enum BootFailure {
 fn boot_exit(f: BootFailure) -> ExitCode {
     match f {
         BootFailure::NotEnrolled(reason) => not_enrolled_exit(&reason),
+        BootFailure::NotEntitled(reason) => {
+            println!(
+                "{}",
+                json!({"outcome": "allowance_exhausted", "reason": reason})
+            );
+            eprintln!("tv-agent: {reason}");
+            ExitCode::from(ALLOWANCE_EXIT)
+        }
         BootFailure::Unreachable(reason) => unreachable_exit(&reason),
     }
 }
@@ -550,6 +566,10 @@ async fn enroll(
 /// The exit code of a call the server could not store (its disk is full): not the
 /// same as unreachable (3), since the server answered and nothing was placed.
 const STORAGE_FULL_EXIT: u8 = 5;
+
+/// The exit code of a TV whose account used its traffic allowance for the period (the
+/// distribution service assigned it no node).
+const ALLOWANCE_EXIT: u8 = 6;
 
 fn unreachable_exit(reason: &str) -> ExitCode {
     println!("{}", json!({"outcome": "unreachable", "reason": reason}));

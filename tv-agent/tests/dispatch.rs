@@ -3,8 +3,9 @@
 //! registers there with the token, and when that node goes away it goes back to the
 //! dispatcher (naming the node it lost) and registers on the other node. Two nodes and
 //! the dispatcher run in this process (the server's library; the nodes require the
-//! dispatcher's token); the database is made with `psql`. Skipped without PostgreSQL
-//! unless `CALL_PROXY_TEST_REQUIRE_PG=1`.
+//! dispatcher's token); the database is made with `psql`. An account whose traffic
+//! allowance is used up is told so (and assigned again once the operator lifts it).
+//! Skipped without PostgreSQL unless `CALL_PROXY_TEST_REQUIRE_PG=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -134,6 +135,8 @@ async fn the_link_goes_through_the_dispatcher_and_back_to_it_when_its_node_goes(
         token_ttl: Duration::from_secs(600),
         node_lease: Duration::from_millis(1_000),
         tls,
+        period: call_proxy_server::accounting::Period::Month,
+        allowance_threshold: 1_024,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let d = listener.local_addr().unwrap();
@@ -173,8 +176,32 @@ async fn the_link_goes_through_the_dispatcher_and_back_to_it_when_its_node_goes(
         "both empty: node-a by id"
     );
 
-    // node-a goes away; the link comes back through the dispatcher on node-b.
+    // The operator gives account 7 an allowance it has used up (less than the
+    // threshold left); then node-a goes away. The dispatcher assigns no node and says
+    // why; once the allowance is lifted the link comes back on node-b.
+    psql(
+        &url,
+        &pw,
+        "INSERT INTO account_allowance (user_id, bytes_per_period, set_at) VALUES (7, 1000, now())",
+    );
     node_a.stop().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(LinkEvent::Down { reason, .. }))
+                if reason.starts_with(link::ALLOWANCE_REASON) =>
+            {
+                break reason
+            }
+            Ok(Some(LinkEvent::Registered(_))) => panic!("registered although over its allowance"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the link ended"),
+            Err(_) => panic!("no allowance refusal in time"),
+        }
+    };
+    assert!(refused.contains("used its allowance"), "{refused}");
+    assert!(!node_b.shared.registry.is_online(7));
+    psql(&url, &pw, "DELETE FROM account_allowance WHERE user_id = 7");
     registered(&mut events).await;
     assert!(node_b.shared.registry.is_online(7), "TV 7 online on node-b");
 

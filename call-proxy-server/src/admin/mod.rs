@@ -1,6 +1,7 @@
 //! The admin listener: a separate HTTP port (loopback or a management network) with
 //! liveness (`/healthz`), readiness (`/readyz`), Prometheus metrics (`/metrics`) and the
-//! operator API (`/api/calls`, `/api/users`, `/api/users/{id}`, `/api/stats`).
+//! operator API (`/api/calls`, `/api/users`, `/api/users/{id}`, `/api/stats`, enrollments
+//! and revocations, traffic accounting: `/api/usage`, `PUT /api/allowances/{id}`).
 //!
 //! Everything except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`.
 //! Database queries go through the backend's [`OperatorStore`] (at most [`MAX_QUERIES`]
@@ -142,6 +143,11 @@ pub fn router_with<S: Store, O: OperatorStore>(
         .route(
             "/api/users/{id}/revoke",
             axum::routing::post(routes::revoke::<S, O>),
+        )
+        .route("/api/usage", get(routes::usage::<S, O>))
+        .route(
+            "/api/allowances/{id}",
+            axum::routing::put(routes::set_allowance::<S, O>),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),

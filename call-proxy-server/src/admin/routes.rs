@@ -380,3 +380,76 @@ pub(super) async fn enrollments<S: Store, O: OperatorStore>(
     let rows = state.ops.enrollments(clock::now_ms(), 100).await?;
     Ok(Json(serde_json::json!({ "enrollments": rows })).into_response())
 }
+
+/// `GET /api/usage` parameters, as sent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UsageParams {
+    /// One account only.
+    user: Option<String>,
+    /// One period only (`2026-12`, `2026-W49`, `2026-12-02`).
+    period: Option<String>,
+    /// Most rows.
+    limit: Option<String>,
+}
+
+/// `GET /api/usage`: traffic accounting, each account's usage per period (newest period
+/// first) with its allowance and what is left.
+pub(super) async fn usage<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    params: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let user = param("user", p.user, user_id)?;
+    let period = param("period", p.period, |s| {
+        if !s.is_empty()
+            && s.len() <= 16
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            Ok(s.to_string())
+        } else {
+            Err("a period is like 2026-12, 2026-W49 or 2026-12-02".into())
+        }
+    })?;
+    let limit = page_size(p.limit, DEFAULT_USERS_LIMIT)?;
+    let rows = state
+        .ops
+        .usage(crate::storage::operator::UsageQuery {
+            user,
+            period,
+            limit,
+        })
+        .await?;
+    Ok(Json(serde_json::json!({ "usage": rows })).into_response())
+}
+
+/// `PUT /api/allowances/{id}` body: the allowance per period in bytes, `null` for none.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AllowanceBody {
+    /// Bytes per period; `null`: not limited.
+    bytes: Option<u64>,
+}
+
+/// `PUT /api/allowances/{id}`: sets (or, with `{"bytes": null}`, lifts) an account's
+/// traffic allowance per period; the dispatcher applies it at the TV's next assignment.
+pub(super) async fn set_allowance<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    Path(id): Path<String>,
+    body: Result<Json<AllowanceBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let user = param("id", Some(id), user_id)?.unwrap_or_default();
+    if !shared_proto::valid_user_id(user) {
+        return Err(ApiError::BadParam {
+            parameter: "id",
+            value: user.to_string(),
+            message: "out of range".into(),
+        });
+    }
+    let Json(body) = body.map_err(|e| ApiError::BadQuery(format!("bad body: {e}")))?;
+    state
+        .ops
+        .set_allowance(user, body.bytes, clock::now_ms())
+        .await?;
+    Ok(Json(serde_json::json!({ "user": user, "allowance": body.bytes })).into_response())
+}

@@ -517,6 +517,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// [`StoreError::Constraint`]; draw another). Queued now.
     fn start_enrollment(&self, e: NewEnrollment) -> Pending<EnrollmentState>;
 
+    /// Adds a node's accounted usage to `account_usage` (one row per account and
+    /// period, added to). Queued now; written in one transaction.
+    fn add_usage(&self, rows: Vec<crate::accounting::UsageDelta>) -> Pending<()>;
+
     /// How the key with this certificate fingerprint stands.
     fn enrollment(
         &self,
@@ -774,6 +778,13 @@ impl Store for AnyStore {
         }
     }
 
+    fn add_usage(&self, rows: Vec<crate::accounting::UsageDelta>) -> Pending<()> {
+        match self {
+            AnyStore::Sqlite(s) => s.add_usage(rows),
+            AnyStore::Postgres(s) => s.add_usage(rows),
+        }
+    }
+
     async fn enrollment(
         &self,
         fingerprint: [u8; 32],
@@ -935,6 +946,28 @@ impl OperatorStore for AnyOperator {
         match self {
             AnyOperator::Sqlite(o) => o.enrollments(now_ms, limit).await,
             AnyOperator::Postgres(o) => o.enrollments(now_ms, limit).await,
+        }
+    }
+
+    async fn usage(
+        &self,
+        q: operator::UsageQuery,
+    ) -> Result<Vec<operator::UsageRecord>, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.usage(q).await,
+            AnyOperator::Postgres(o) => o.usage(q).await,
+        }
+    }
+
+    async fn set_allowance(
+        &self,
+        user: UserId,
+        bytes: Option<u64>,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.set_allowance(user, bytes, now_ms).await,
+            AnyOperator::Postgres(o) => o.set_allowance(user, bytes, now_ms).await,
         }
     }
 }

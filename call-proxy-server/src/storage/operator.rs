@@ -260,6 +260,77 @@ pub struct Stats {
     pub delivery_delay_max_s: Option<f64>,
 }
 
+/// Which usage rows (traffic accounting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// One account only.
+    pub user: Option<UserId>,
+    /// One period only (its key: `2026-12`, `2026-W49`, `2026-12-02`).
+    pub period: Option<String>,
+    /// At most this many rows.
+    pub limit: usize,
+}
+
+/// An account's usage in one period, with its allowance (flat, for tables and CSV).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UsageRecord {
+    /// The account.
+    pub user_id: UserId,
+    /// The period's key.
+    pub period: String,
+    /// Sessions started.
+    pub sessions: u64,
+    /// Time registered, in milliseconds.
+    pub session_ms: u64,
+    /// Control-link bytes from the TV.
+    pub control_in: u64,
+    /// Control-link bytes to the TV.
+    pub control_out: u64,
+    /// Message bodies.
+    pub body_bytes: u64,
+    /// Media relayed by the TURN server.
+    pub relay_bytes: u64,
+    /// The bytes counted against its allowance (all of the byte counters).
+    pub bytes: u64,
+    /// Its allowance per period (`None`: not limited).
+    pub allowance: Option<u64>,
+    /// What is left of it this period (`None`: not limited).
+    pub remaining: Option<u64>,
+    /// First usage reported in the period, RFC 3339 UTC.
+    pub first_at: String,
+    /// Last usage reported in the period.
+    pub last_at: String,
+}
+
+impl UsageRecord {
+    /// A row, with its byte total and remaining allowance worked out.
+    pub fn new(
+        user_id: UserId,
+        period: String,
+        u: crate::accounting::Usage,
+        first_at: String,
+        last_at: String,
+        allowance: Option<u64>,
+    ) -> UsageRecord {
+        let bytes = u.bytes();
+        UsageRecord {
+            user_id,
+            period,
+            sessions: u.sessions,
+            session_ms: u.session_ms,
+            control_in: u.control_in,
+            control_out: u.control_out,
+            body_bytes: u.body_bytes,
+            relay_bytes: u.relay_bytes,
+            bytes,
+            allowance,
+            remaining: allowance.map(|a| a.saturating_sub(bytes)),
+            first_at,
+            last_at,
+        }
+    }
+}
+
 /// The operator's reads, as the admin API and the operator CLI use them. Every method
 /// reads committed data only and never waits for the server's writes.
 pub trait OperatorStore: Clone + Send + Sync + 'static {
@@ -325,6 +396,22 @@ pub trait OperatorStore: Clone + Send + Sync + 'static {
         now_ms: UnixMillis,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<crate::storage::enroll::EnrollmentRecord>, StoreError>> + Send;
+
+    /// Traffic accounting: usage rows, newest period first (see [`UsageQuery`]).
+    fn usage(
+        &self,
+        q: UsageQuery,
+    ) -> impl Future<Output = Result<Vec<UsageRecord>, StoreError>> + Send;
+
+    /// Sets `user`'s allowance per period to `bytes` (`None`: not limited). A write like
+    /// [`OperatorStore::revoke`]: its own transaction, never through the server's writer;
+    /// the dispatcher applies it at the TV's next assignment.
+    fn set_allowance(
+        &self,
+        user: UserId,
+        bytes: Option<u64>,
+        now_ms: UnixMillis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 #[cfg(test)]

@@ -308,6 +308,7 @@ impl Core {
                 // The server ends our call when our link goes; end it here as well.
                 self.step(Input::LinkDown, Pending::None).await;
                 self.emit(AgentEvent::LinkDown {
+                    allowance_exhausted: reason.starts_with(crate::link::ALLOWANCE_REASON),
                     reason,
                     retry_in_ms: retry_in.as_millis() as u64,
                 });

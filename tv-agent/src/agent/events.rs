@@ -149,6 +149,10 @@ pub enum AgentEvent {
         reason: String,
         /// Milliseconds until the next attempt.
         retry_in_ms: u64,
+        /// The distribution service assigned no node: this account used its traffic
+        /// allowance for the period (the screen says so rather than "network down").
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allowance_exhausted: bool,
     },
     /// Calls cached while this TV could not take them, each with its caller's state now.
     CachedCalls {

@@ -105,6 +105,18 @@ impl PgDispatch {
     }
 }
 
+impl PgDispatch {
+    /// `user`'s allowance per period and what it used in `period` (`None`: not limited).
+    pub async fn allowance_left(
+        &self,
+        user: u64,
+        period: &str,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let conn = connection(&self.pool).await?;
+        super::usage::allowance_left(&conn, user, period).await
+    }
+}
+
 /// Records the address TVs reach node `node_id` at (`tvcall_node.listen`), once the node
 /// knows it (its bound port, or its configured `advertise` address). Returns whether
 /// the node's row was there.

@@ -34,6 +34,7 @@ pub mod enroll;
 mod group;
 pub mod link;
 pub mod operator;
+pub mod usage;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -291,6 +292,26 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE user_property ADD COLUMN node_id text;
      ALTER TABLE user_call ADD COLUMN node_id text;
      CREATE INDEX user_property_node ON user_property (node_id) WHERE user_netstate = 1;",
+    // 3: traffic accounting (SQLite's migration 5): each account's usage per period as
+    // the nodes report it, and the operator's allowance per period (no row: not limited).
+    "CREATE TABLE account_usage (
+        user_id        bigint   NOT NULL,
+        period         text     NOT NULL,
+        sessions       bigint   NOT NULL DEFAULT 0,
+        session_ms     bigint   NOT NULL DEFAULT 0,
+        control_in     bigint   NOT NULL DEFAULT 0,
+        control_out    bigint   NOT NULL DEFAULT 0,
+        body_bytes     bigint   NOT NULL DEFAULT 0,
+        relay_bytes    bigint   NOT NULL DEFAULT 0,
+        first_at       timestamptz NOT NULL,
+        last_at        timestamptz NOT NULL,
+        PRIMARY KEY (user_id, period)
+     );
+     CREATE TABLE account_allowance (
+        user_id          bigint PRIMARY KEY,
+        bytes_per_period bigint NOT NULL CHECK (bytes_per_period >= 0),
+        set_at           timestamptz NOT NULL
+     );",
 ];
 
 /// The advisory lock nodes take while migrating, so two starting at once do not both
@@ -374,6 +395,7 @@ enum WriteJob {
     Finish(CallEnd, UserId, Completion<u32>),
     Ack(UserId, Vec<CallId>, UnixMillis, Completion<u32>),
     StartEnrollment(NewEnrollment, Completion<EnrollmentState>),
+    Usage(Vec<crate::accounting::UsageDelta>, Completion<()>),
     Close(oneshot::Sender<()>),
 }
 
@@ -405,10 +427,12 @@ impl WriteJob {
                 Done::Register(r) => Some(r),
                 _ => None,
             })),
-            WriteJob::Offline(.., c) => c.complete(pick(result, |d| match d {
-                Done::Unit => Some(()),
-                _ => None,
-            })),
+            WriteJob::Offline(.., c) | WriteJob::Usage(_, c) => {
+                c.complete(pick(result, |d| match d {
+                    Done::Unit => Some(()),
+                    _ => None,
+                }))
+            }
             WriteJob::Insert(.., c) => c.complete(pick(result, |d| match d {
                 Done::Insert(r) => Some(r),
                 _ => None,
@@ -670,6 +694,10 @@ impl Store for PostgresStore {
 
     fn start_enrollment(&self, e: NewEnrollment) -> Pending<EnrollmentState> {
         self.write(move |c| WriteJob::StartEnrollment(e, c))
+    }
+
+    fn add_usage(&self, rows: Vec<crate::accounting::UsageDelta>) -> Pending<()> {
+        self.write(move |c| WriteJob::Usage(rows, c))
     }
 
     async fn enrollment(
@@ -1230,7 +1258,7 @@ async fn run_batch(
     let stmts = Statements::prepare(&conn).await?;
     let pipelined = !batch
         .iter()
-        .any(|j| matches!(j, WriteJob::StartEnrollment(..)));
+        .any(|j| matches!(j, WriteJob::StartEnrollment(..) | WriteJob::Usage(..)));
     if pipelined {
         match pipeline(&conn, &stmts, batch, full, node).await {
             Ok(Some(results)) => return Ok(results),
@@ -1750,9 +1778,11 @@ async fn send_job<'a>(
                 .await,
             )
         }
-        WriteJob::StartEnrollment(..) | WriteJob::Close(_) => Step::Known(Err(StoreError::Other(
-            "this write is not sent as a pipelined step".into(),
-        ))),
+        WriteJob::StartEnrollment(..) | WriteJob::Usage(..) | WriteJob::Close(_) => {
+            Step::Known(Err(StoreError::Other(
+                "this write is not sent as a pipelined step".into(),
+            )))
+        }
     }
 }
 
@@ -1918,6 +1948,7 @@ async fn one_by_one(
                 WriteJob::StartEnrollment(e, _) => {
                     enroll::start(conn, e).await.map(Done::Enrollment)
                 }
+                WriteJob::Usage(rows, _) => usage::add(conn, rows).await.map(|()| Done::Unit),
                 job => send_job(conn, s, job, full, node).await.finish().await,
             };
             if let Err(e @ StoreError::Full(_)) = &result {

@@ -222,4 +222,22 @@ impl OperatorStore for PostgresOperator {
         let conn = self.conn().await?;
         super::enroll::list(&conn, now_ms, limit).await
     }
+
+    async fn usage(
+        &self,
+        q: crate::storage::operator::UsageQuery,
+    ) -> Result<Vec<crate::storage::operator::UsageRecord>, StoreError> {
+        let conn = self.conn().await?;
+        super::usage::list(&conn, &q).await
+    }
+
+    async fn set_allowance(
+        &self,
+        user: UserId,
+        bytes: Option<u64>,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        super::usage::set_allowance(&conn, user, bytes, now_ms).await
+    }
 }

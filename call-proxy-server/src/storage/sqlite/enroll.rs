@@ -126,7 +126,7 @@ pub fn max_revocation(conn: &Connection) -> Result<i64, StoreError> {
 }
 
 /// Opens the database file read-write for one operator change.
-fn open_rw(path: &Path) -> Result<Connection, StoreError> {
+pub(super) fn open_rw(path: &Path) -> Result<Connection, StoreError> {
     // The file must exist (and be migrated): the operator changes a server's database,
     // never creates one.
     drop(OperatorDb::open(path)?);

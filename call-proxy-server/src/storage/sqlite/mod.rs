@@ -14,6 +14,7 @@
 pub mod enroll;
 pub mod operator;
 mod reserve;
+pub mod usage;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -176,6 +177,27 @@ const MIGRATIONS: &[&str] = &[
         fingerprint    BLOB    NOT NULL,
         at             TEXT    NOT NULL
      );",
+    // 5: traffic accounting (issue 18): each account's usage per period as the nodes
+    // report it (added to, never rewritten), and the operator's allowance per period
+    // (no row: not limited).
+    "CREATE TABLE account_usage (
+        user_id        INTEGER NOT NULL,
+        period         TEXT    NOT NULL,             -- 2026-12, 2026-W49 or 2026-12-02 (UTC)
+        sessions       INTEGER NOT NULL DEFAULT 0,
+        session_ms     INTEGER NOT NULL DEFAULT 0,
+        control_in     INTEGER NOT NULL DEFAULT 0,   -- bytes from the TV
+        control_out    INTEGER NOT NULL DEFAULT 0,   -- bytes to the TV
+        body_bytes     INTEGER NOT NULL DEFAULT 0,   -- message bodies
+        relay_bytes    INTEGER NOT NULL DEFAULT 0,   -- media through the TURN relay
+        first_at       TEXT    NOT NULL,
+        last_at        TEXT    NOT NULL,
+        PRIMARY KEY (user_id, period)
+     );
+     CREATE TABLE account_allowance (
+        user_id          INTEGER PRIMARY KEY,
+        bytes_per_period INTEGER NOT NULL CHECK (bytes_per_period >= 0),
+        set_at           TEXT    NOT NULL
+     );",
 ];
 
 /// The condition of a live call; written exactly as in the partial index `user_call_live`
@@ -246,6 +268,7 @@ enum WriteJob {
     Finish(CallEnd, UserId, Slot<u32>),
     Ack(UserId, Vec<CallId>, UnixMillis, Slot<u32>),
     StartEnrollment(NewEnrollment, Slot<EnrollmentState>),
+    Usage(Vec<crate::accounting::UsageDelta>, Slot<()>),
     Close(oneshot::Sender<()>),
     /// Test only: writes a call row, then fails (a job that fails half-way).
     #[cfg(test)]
@@ -295,6 +318,7 @@ impl WriteJob {
             WriteJob::Insert(_, _, slot) => slot.answer(batch),
             WriteJob::Finish(.., slot) | WriteJob::Ack(.., slot) => slot.answer(batch),
             WriteJob::StartEnrollment(_, slot) => slot.answer(batch),
+            WriteJob::Usage(_, slot) => slot.answer(batch),
             WriteJob::Close(_) => {}
             #[cfg(test)]
             WriteJob::FailAfterInsert(_, slot) => slot.answer(batch),
@@ -513,6 +537,10 @@ impl Store for SqliteStore {
 
     fn start_enrollment(&self, e: NewEnrollment) -> Pending<EnrollmentState> {
         self.write(move |slot| WriteJob::StartEnrollment(e, slot))
+    }
+
+    fn add_usage(&self, rows: Vec<crate::accounting::UsageDelta>) -> Pending<()> {
+        self.write(move |slot| WriteJob::Usage(rows, slot))
     }
 
     async fn enrollment(
@@ -815,6 +843,7 @@ fn apply(tx: &Transaction<'_>, job: &mut WriteJob, full: bool) -> Result<(), Sto
         WriteJob::Finish(end, callee, slot) => slot.set(finish_call(tx, end, *callee)),
         WriteJob::Ack(callee, ids, at, slot) => slot.set(ack(tx, *callee, ids, *at)),
         WriteJob::StartEnrollment(e, slot) => slot.set(enroll::start(tx, e)),
+        WriteJob::Usage(rows, slot) => slot.set(usage::add(tx, rows)),
         WriteJob::Close(_) => Ok(()),
         #[cfg(test)]
         WriteJob::FailAfterInsert(call, slot) => {

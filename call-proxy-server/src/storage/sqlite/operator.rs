@@ -153,6 +153,25 @@ impl OperatorStore for SqliteOperator {
     async fn cached_waiting(&self) -> Result<u64, StoreError> {
         self.run(|db| db.cached_waiting()).await
     }
+
+    async fn usage(
+        &self,
+        q: crate::storage::operator::UsageQuery,
+    ) -> Result<Vec<crate::storage::operator::UsageRecord>, StoreError> {
+        self.run(move |db| super::usage::list(db, &q)).await
+    }
+
+    async fn set_allowance(
+        &self,
+        user: UserId,
+        bytes: Option<u64>,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || super::usage::set_allowance(&path, user, bytes, now_ms))
+            .await
+            .map_err(|e| StoreError::Other(format!("allowance task: {e}")))?
+    }
 }
 
 /// The columns [`user_record`] reads, in its order.
