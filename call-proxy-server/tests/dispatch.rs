@@ -371,3 +371,168 @@ async fn a_sigkilled_nodes_tv_is_reassigned_by_the_dispatcher_and_online_elsewhe
     let again = assigned(&tls(&db, &key2), d, "").await;
     assert_eq!(&again.node_id, other_id);
 }
+
+/// Asks the dispatcher (naming `lost`, the node this TV lost) until a node takes the
+/// TV's registration: bounded, 40 tries over at most 20 s.
+async fn reconnect(
+    tls: &TlsClient,
+    d: SocketAddr,
+    user: UserId,
+    lost: &str,
+) -> (common::Tv, String) {
+    for _ in 0..40 {
+        match ask(tls, d, lost).await {
+            Ok(Assigned::Node(a)) => {
+                if let Ok(tv) = register_with(tls, addr_of(&a), user, Some(&a.token)).await {
+                    return (tv, a.node_id);
+                }
+            }
+            Ok(Assigned::AtNode(_)) => panic!("the dispatcher answered as a node"),
+            Err(e) => eprintln!("dispatcher: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("TV {user} found no node through the dispatcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_loses_no_acknowledged_call_and_its_tvs_return_through_the_dispatcher(
+) {
+    let Some((url, password_file)) = cluster() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(TestDb::postgres(
+        dir.path(),
+        "dispatch_load_kill",
+        &url,
+        &password_file,
+    ));
+    let key_file = dir.path().join("dispatch.key");
+    SigningKey::load_or_create(&key_file).unwrap();
+    let pub_key = public_key_path(&key_file);
+    let (node_a, _) = start_node(&db, "node-a", 1, &pub_key).await;
+    let (node_b, _) = start_node(&db, "node-b", 2, &pub_key).await;
+    let (_dispatcher, d) = start_dispatcher(&db, &key_file).await;
+
+    // Five switched-off TVs to call (registered once, then off).
+    let callees: Vec<UserId> = (901..=905).collect();
+    for &u in &callees {
+        let t = tls(&db, &enrolled_tv(&db, u));
+        let got = assigned(&t, d, "").await;
+        let tv = register_with(&t, addr_of(&got), u, Some(&got.token))
+            .await
+            .unwrap();
+        tv.bye().await.unwrap();
+    }
+    // 40 callers through the dispatcher: it spreads them over both nodes.
+    const CALLERS: u64 = 40;
+    let mut callers = Vec::new();
+    for u in 101..101 + CALLERS {
+        let t = tls(&db, &enrolled_tv(&db, u));
+        let got = assigned(&t, d, "").await;
+        let tv = register_with(&t, addr_of(&got), u, Some(&got.token))
+            .await
+            .unwrap();
+        callers.push((u, t, got.node_id, tv));
+    }
+    let on_a: Vec<UserId> = callers
+        .iter()
+        .filter(|c| c.2 == "node-a")
+        .map(|c| c.0)
+        .collect();
+    assert!(
+        on_a.len() >= 10 && on_a.len() <= 30,
+        "the dispatcher spreads TVs over the nodes: {} of {CALLERS} on node-a",
+        on_a.len()
+    );
+
+    // Load: every caller dials the switched-off TVs in a loop (bounded: 400 dials or
+    // 8 s each) and keeps the call ids the server acknowledged (`Cached`).
+    let stop_at = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut loops = tokio::task::JoinSet::new();
+    let mut keys = Vec::new();
+    for (u, t, node, mut tv) in callers {
+        keys.push((u, t, node));
+        let callees = callees.clone();
+        loops.spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..400usize {
+                if tokio::time::Instant::now() >= stop_at {
+                    break;
+                }
+                match common::try_dial(&mut tv, callees[i % callees.len()]).await {
+                    Ok(shared_proto::DialOutcome::Cached { call_id }) => acked.push(call_id),
+                    Ok(other) => panic!("TV {u}: {other:?}"),
+                    Err(_) => break, // its node was killed
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (u, acked, tv)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut node_a = node_a;
+    test_support::process::kill(&mut node_a);
+    let killed_at = std::time::Instant::now();
+
+    // The killed node's TVs are offline within its lease (the other node reaps it), while the
+    // other node's callers go on dialling.
+    let offline = eventually(Duration::from_millis(LEASE_MS * 3 + 2_000), || {
+        on_a.iter()
+            .all(|&u| node_of(&db, u).is_some_and(|(state, _)| state == "0"))
+    })
+    .await;
+    let offline_after = killed_at.elapsed();
+    assert!(offline, "node-a's TVs not offline in time");
+    eprintln!(
+        "node-a's {} TVs offline {offline_after:?} after the kill",
+        on_a.len()
+    );
+
+    let mut acked = Vec::new();
+    let mut survivors = Vec::new();
+    while let Some(r) = loops.join_next().await {
+        let (u, ids, tv) = r.unwrap();
+        acked.extend(ids);
+        if !on_a.contains(&u) {
+            survivors.push(tv);
+        }
+    }
+    assert!(
+        acked.len() >= 200,
+        "load: only {} calls acknowledged",
+        acked.len()
+    );
+    // Every acknowledged call is in the database, those placed on the killed node too.
+    let list = acked
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let stored = db.count(&format!(
+        "SELECT count(*) FROM user_call WHERE id IN ({list})"
+    ));
+    assert_eq!(stored as usize, acked.len(), "acknowledged calls lost");
+
+    // ... and online again on node-b through the dispatcher, naming the lost node.
+    let mut back = Vec::new();
+    for (u, t, node) in keys.iter().filter(|k| k.2 == "node-a") {
+        let (tv, now_on) = reconnect(t, d, *u, node).await;
+        assert_eq!(now_on, "node-b", "TV {u}");
+        back.push(tv);
+    }
+    for &u in &on_a {
+        assert_eq!(
+            node_of(&db, u),
+            Some(("1".into(), Some("node-b".into()))),
+            "TV {u}"
+        );
+    }
+    eprintln!(
+        "{} acknowledged calls kept; node-a's TVs back on node-b {:?} after the kill",
+        acked.len(),
+        killed_at.elapsed()
+    );
+    drop((back, survivors, node_b));
+}
