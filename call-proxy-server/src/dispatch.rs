@@ -5,8 +5,9 @@
 //! client certificate, as on the control link) and asks `ASSIGN`
 //! ([`shared_proto::dispatch`]). The dispatcher looks the certificate up in
 //! `tv_credential`, decides whether the account is entitled to service
-//! ([`entitlement`]), picks a live node (sticky, else least loaded:
-//! [`crate::storage::postgres::dispatch::PgDispatch::pick_node`]) and answers with the
+//! ([`entitlement`], [`within_allowance`]), picks a live node (sticky, else least
+//! loaded: [`choose`] among
+//! [`crate::storage::postgres::dispatch::PgDispatch::live_nodes`]) and answers with the
 //! node's address and a [`Token`] signed with its Ed25519 key.
 //!
 //! The TV then connects to that node presenting the token *inside its TLS handshake*,
@@ -38,7 +39,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::clock::now_ms;
-use crate::storage::postgres::dispatch::{DispatchCredential, PgDispatch};
+use crate::storage::postgres::dispatch::{
+    DispatchCredential, NodeCandidate, PgDispatch, PickedNode,
+};
 use crate::tls::Fingerprint;
 
 /// What a signed token says: who may register, where, until when.
@@ -364,6 +367,58 @@ pub struct Dispatcher {
     pub period: crate::accounting::Period,
     /// Remaining allowance below which an account is not assigned.
     pub allowance_threshold: u64,
+    /// TVs this dispatcher sent to each node lately ([`choose`]).
+    pub tally: Tally,
+}
+
+/// Per node: when this dispatcher sent it a TV, over the last [`Dispatcher::node_lease`].
+pub type Tally = std::sync::Mutex<
+    std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>,
+>;
+
+/// The node to send a TV to among the live `candidates`: not the one it could not reach
+/// unless it is the only one, the one that held its session last (sticky), else the
+/// least loaded, ties by id. A node's load is its TVs online as of its last heartbeat
+/// plus the TVs this dispatcher sent it within `window` (`tally`, updated here): nodes
+/// count their TVs once a heartbeat, not at every registration, so without the tally a
+/// burst of TVs would all go to one node. (A TV sent and already counted counts twice
+/// for at most `window`; every node is overcounted alike in a burst.)
+pub fn choose(
+    candidates: Vec<NodeCandidate>,
+    tally: &Tally,
+    window: Duration,
+) -> Option<PickedNode> {
+    let now = std::time::Instant::now();
+    let mut tally = tally.lock().unwrap_or_else(|p| p.into_inner());
+    for sent in tally.values_mut() {
+        while sent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > window)
+        {
+            sent.pop_front();
+        }
+    }
+    tally.retain(|_, sent| !sent.is_empty());
+    let load = |c: &NodeCandidate| {
+        let recent = tally.get(&c.node_id).map_or(0, |s| s.len());
+        c.online
+            .saturating_add(i64::try_from(recent).unwrap_or(i64::MAX))
+    };
+    let best = candidates.into_iter().min_by(|a, b| {
+        (a.avoided, !a.sticky, load(a), &a.node_id).cmp(&(
+            b.avoided,
+            !b.sticky,
+            load(b),
+            &b.node_id,
+        ))
+    })?;
+    let picked = PickedNode {
+        load: load(&best),
+        node_id: best.node_id.clone(),
+        addr: best.addr,
+    };
+    tally.entry(best.node_id).or_default().push_back(now);
+    Some(picked)
 }
 
 /// The dispatcher's TLS: the control link's configuration (TLS 1.3, a TV certificate
@@ -525,16 +580,19 @@ async fn assign(
             .await
             .map_err(unavailable)?;
     within_allowance(allowance, d.allowance_threshold, &period).inspect_err(not_assigned)?;
-    let node =
-        d.db.pick_node(user, d.node_lease, &req.unreachable_node)
+    let node = choose(
+        d.db.live_nodes(user, d.node_lease, &req.unreachable_node)
             .await
-            .map_err(unavailable)?
-            .ok_or_else(|| {
-                WireError::new(
-                    ErrorCode::SERVER_FULL,
-                    "no node is in service now; retry shortly",
-                )
-            })?;
+            .map_err(unavailable)?,
+        &d.tally,
+        d.node_lease,
+    )
+    .ok_or_else(|| {
+        WireError::new(
+            ErrorCode::SERVER_FULL,
+            "no node is in service now; retry shortly",
+        )
+    })?;
     if node.node_id.len() > MAX_NODE_TEXT_LEN || node.addr.len() > MAX_NODE_TEXT_LEN {
         return Err(WireError::new(
             ErrorCode::INTERNAL,
@@ -619,6 +677,41 @@ mod tests {
         assert!(within_allowance(Some((10_000, 50_000)), 0, "2026-12").is_err());
         // An allowance of nothing admits nothing, whatever the threshold.
         assert!(within_allowance(Some((0, 0)), 0, "2026-12").is_err());
+    }
+
+    #[test]
+    fn a_burst_of_tvs_is_spread_over_the_nodes_between_their_heartbeats() {
+        let node = |id: &str, online, avoided, sticky| NodeCandidate {
+            node_id: id.into(),
+            addr: format!("{id}:7600"),
+            online,
+            heartbeat_ms: 1,
+            avoided,
+            sticky,
+        };
+        let tally = Tally::default();
+        let window = Duration::from_secs(60);
+        let both = || vec![node("a", 10, false, false), node("b", 12, false, false)];
+        // a (10 online) takes the first two, then they alternate: what was sent lately
+        // is added to each node's last count.
+        let picks: Vec<String> = (0..6)
+            .map(|_| choose(both(), &tally, window).unwrap().node_id)
+            .collect();
+        assert_eq!(picks, ["a", "a", "a", "b", "a", "b"]);
+        // Past the window, only the nodes' own counts are left.
+        let w0 = Duration::ZERO;
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(choose(both(), &tally, w0).unwrap().node_id, "a");
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(choose(both(), &tally, w0).unwrap().node_id, "a");
+        // Sticky wins over load, and a node the TV could not reach is taken last.
+        let sticky = vec![node("a", 0, false, false), node("b", 99, false, true)];
+        assert_eq!(choose(sticky, &tally, window).unwrap().node_id, "b");
+        let avoided = vec![node("a", 0, true, true), node("b", 99, false, false)];
+        assert_eq!(choose(avoided, &tally, window).unwrap().node_id, "b");
+        let only = vec![node("a", 0, true, false)];
+        assert_eq!(choose(only, &tally, window).unwrap().node_id, "a");
+        assert!(choose(Vec::new(), &tally, window).is_none());
     }
 
     #[test]

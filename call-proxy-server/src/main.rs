@@ -824,6 +824,7 @@ fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
             tls,
             period: config.accounting_period,
             allowance_threshold: config.allowance_threshold_bytes,
+            tally: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -154,6 +154,7 @@ impl Setup {
             tls,
             period: call_proxy_server::accounting::Period::Month,
             allowance_threshold: 1_024,
+            tally: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let d = listener.local_addr().unwrap();

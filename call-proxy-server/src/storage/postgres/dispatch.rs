@@ -66,43 +66,62 @@ impl PgDispatch {
         }))
     }
 
-    /// A live node for `user`: one whose heartbeat is within `lease` and that has said
-    /// where TVs reach it; the one that held `user`'s session last if it is live
-    /// (sticky), else the one with the fewest TVs online (ties by id). `avoid` (a node
-    /// the TV could not reach) is taken only if no other node is live.
-    pub async fn pick_node(
+    /// The live nodes `user` may be sent to: heartbeat within `lease`, an address
+    /// recorded, not stopped; each with its TVs online as of its last heartbeat, whether
+    /// it is `avoid` (a node the TV could not reach) and whether it held `user`'s session
+    /// last. The dispatcher chooses among them (`crate::dispatch::choose`).
+    pub async fn live_nodes(
         &self,
         user: u64,
         lease: Duration,
         avoid: &str,
-    ) -> Result<Option<PickedNode>, StoreError> {
+    ) -> Result<Vec<NodeCandidate>, StoreError> {
         let conn = connection(&self.pool).await?;
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let user = i64::try_from(user).unwrap_or(i64::MAX);
-        let row = conn
-            .query_opt(
-                "SELECT n.node_id, n.listen,
-                        (SELECT count(*) FROM user_property p
-                          WHERE p.node_id = n.node_id AND p.user_netstate = 1) AS load
+        let rows = conn
+            .query(
+                "SELECT n.node_id, n.listen, n.online, tvcall_ms(n.heartbeat_at),
+                        n.node_id = $3,
+                        n.node_id IS NOT DISTINCT FROM
+                          (SELECT node_id FROM user_property WHERE user_id = $1)
                  FROM tvcall_node n
                  WHERE n.stopped_at IS NULL
                    AND n.heartbeat_at >= now() - $2::bigint * interval '1 millisecond'
-                   AND n.listen <> '' AND n.listen NOT LIKE '%:0'
-                 ORDER BY (n.node_id = $3) ASC,
-                          (n.node_id = (SELECT node_id FROM user_property WHERE user_id = $1))
-                            IS TRUE DESC,
-                          load ASC, n.node_id ASC
-                 LIMIT 1",
+                   AND n.listen <> '' AND n.listen NOT LIKE '%:0'",
                 &[&user, &lease_ms, &avoid],
             )
             .await?;
-        let Some(row) = row else { return Ok(None) };
-        Ok(Some(PickedNode {
-            node_id: row.try_get(0)?,
-            addr: row.try_get(1)?,
-            load: row.try_get(2)?,
-        }))
+        rows.iter()
+            .map(|r| {
+                Ok(NodeCandidate {
+                    node_id: r.try_get(0)?,
+                    addr: r.try_get(1)?,
+                    online: r.try_get(2)?,
+                    heartbeat_ms: r.try_get(3)?,
+                    avoided: r.try_get(4)?,
+                    sticky: r.try_get(5)?,
+                })
+            })
+            .collect()
     }
+}
+
+/// A live node the dispatcher may send a TV to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCandidate {
+    /// Its id.
+    pub node_id: String,
+    /// The address TVs reach it at.
+    pub addr: String,
+    /// Its TVs online as of its last heartbeat.
+    pub online: i64,
+    /// When that heartbeat was (Unix ms).
+    pub heartbeat_ms: i64,
+    /// The TV said it could not reach it.
+    pub avoided: bool,
+    /// It held the TV's session last.
+    pub sticky: bool,
 }
 
 impl PgDispatch {
@@ -130,4 +149,22 @@ pub async fn advertise(target: &PgTarget, node_id: &str, addr: &str) -> Result<b
         )
         .await?;
     Ok(n == 1)
+}
+
+/// Benchmarks and tests: how many users with ids in `users` are online on `node_id`.
+pub async fn online_on(
+    target: &PgTarget,
+    node_id: &str,
+    users: std::ops::Range<u64>,
+) -> Result<i64, StoreError> {
+    let pool = target.pool(1, true)?;
+    let conn = connection(&pool).await?;
+    let row = conn
+        .query_one(
+            "SELECT count(*) FROM user_property
+             WHERE user_id >= $1 AND user_id < $2 AND user_netstate = 1 AND node_id = $3",
+            &[&(users.start as i64), &(users.end as i64), &node_id],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
 }

@@ -289,3 +289,32 @@ pub async fn list(
         })
         .collect()
 }
+
+/// Benchmarks only (never used by the server): writes valid credentials for
+/// `(certificate, user)` pairs straight into the database at `target` (created and
+/// migrated if needed), in one statement, as if each TV had been enrolled.
+pub async fn seed_credentials(
+    target: &super::PgTarget,
+    tvs: &[(Vec<u8>, UserId)],
+) -> Result<(), StoreError> {
+    super::create_schema(target).await?;
+    let pool = target.pool(1, true)?;
+    let conn = super::connection(&pool).await?;
+    let fingerprints: Vec<Vec<u8>> = tvs
+        .iter()
+        .map(|(cert, _)| {
+            ring::digest::digest(&ring::digest::SHA256, cert)
+                .as_ref()
+                .to_vec()
+        })
+        .collect();
+    let users: Vec<i64> = tvs.iter().map(|(_, u)| *u as i64).collect();
+    let certs: Vec<&[u8]> = tvs.iter().map(|(c, _)| c.as_slice()).collect();
+    conn.execute(
+        "INSERT INTO tv_credential (fingerprint, user_id, cert, enrolled_at)
+         SELECT f, u, c, now() FROM unnest($1::bytea[], $2::bigint[], $3::bytea[]) AS t(f, u, c)",
+        &[&fingerprints, &users, &certs],
+    )
+    .await?;
+    Ok(())
+}

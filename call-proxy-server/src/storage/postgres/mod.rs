@@ -312,6 +312,10 @@ const MIGRATIONS: &[&str] = &[
         bytes_per_period bigint NOT NULL CHECK (bytes_per_period >= 0),
         set_at           timestamptz NOT NULL
      );",
+    // 4: each node's TVs online, as of its last heartbeat, for the dispatcher's choice
+    // of the least loaded node (counting `user_property` at every assignment cost
+    // O(TVs online) each).
+    "ALTER TABLE tvcall_node ADD COLUMN online bigint NOT NULL DEFAULT 0;",
 ];
 
 /// The advisory lock nodes take while migrating, so two starting at once do not both
@@ -1104,13 +1108,16 @@ async fn heartbeat_loop(
                 continue;
             }
         };
-        // One statement a beat: the renewal, whether any other node is dead (the
+        // One statement a beat: the renewal (with this node's TVs online, which the
+        // dispatcher reads), whether any other node is dead (the
         // reaping transaction runs only then), and which other nodes are alive (a bit
         // per slot: a node gone since the last beat ends this node's calls with it).
         let beat = conn
             .query_one(
                 concat!(
-                    "WITH beat AS (UPDATE tvcall_node SET heartbeat_at = now()
+                    "WITH beat AS (UPDATE tvcall_node SET heartbeat_at = now(),
+                                     online = (SELECT count(*) FROM user_property
+                                               WHERE node_id = $1 AND user_netstate = 1)
                                    WHERE node_id = $1 AND stopped_at IS NULL RETURNING 1)
                      SELECT (SELECT count(*) FROM beat),
                             EXISTS (SELECT 1 FROM tvcall_node WHERE ",
