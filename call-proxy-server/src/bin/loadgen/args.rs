@@ -98,6 +98,15 @@ pub(crate) struct Args {
     /// Worker threads of the load generator (the rest of the machine is the server's).
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+    /// After the idle-memory reading, keep every TV connected this many seconds,
+    /// each heartbeating every 30 s as a TV does (several load generators against
+    /// several nodes then hold their TVs at once; see scripts/bench-100k.sh).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) hold_secs: u64,
+    /// Stop after the registrations, the idle memory and the hold: no dial, cached-call
+    /// or boot phase.
+    #[arg(long)]
+    pub(crate) idle_only: bool,
     /// Also print one JSON summary line.
     #[arg(long)]
     pub(crate) json: bool,

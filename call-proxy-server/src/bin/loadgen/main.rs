@@ -220,6 +220,16 @@ async fn phases(args: &Args, server: SocketAddr, pid: Option<u32>) -> Result<(u6
     };
     report.idle_rss(args.tvs, idle);
 
+    // Held: every TV connected and heartbeating every 30 s, as TVs do.
+    if args.hold_secs > 0 {
+        let (rounds, rss) = hold(args, &mut tvs, &mut last_alive, pid, req_t).await?;
+        report.held(tvs.len(), args.hold_secs, rounds, rss);
+    }
+    if args.idle_only {
+        report.finish(0, args.json);
+        return Ok((0, tvs));
+    }
+
     // 4. Dial latency with all N online.
     keep_alive(args, &mut tvs, &mut last_alive, req_t).await?;
     let (back, dials) = dial::run(args, tvs, pid, req_t).await?;
@@ -257,6 +267,34 @@ async fn phases(args: &Args, server: SocketAddr, pid: Option<u32>) -> Result<(u6
     let errors = dials.stats.errors + cached.stats.errors + boot.fill_errors + boot.failed;
     report.finish(errors, args.json);
     Ok((errors, tvs))
+}
+
+/// Holds every TV connected for `--hold-secs`, heartbeating each every 30 s (a failed
+/// heartbeat fails the run). Returns the heartbeat rounds and the server's memory at
+/// the end.
+async fn hold(
+    args: &Args,
+    tvs: &mut Vec<Tv>,
+    last_alive: &mut Instant,
+    pid: Option<u32>,
+    req_t: Duration,
+) -> Result<(u32, Option<u64>)> {
+    let until = Instant::now() + Duration::from_secs(args.hold_secs);
+    let mut rounds = 0;
+    while Instant::now() < until {
+        let before = *last_alive;
+        keep_alive(args, tvs, last_alive, req_t).await?;
+        if *last_alive != before {
+            rounds += 1;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+    }
+    let rss = match pid {
+        Some(pid) => Some(rss_bytes(pid)?),
+        None => None,
+    };
+    Ok((rounds, rss))
 }
 
 /// Resident memory of the server, in bytes.

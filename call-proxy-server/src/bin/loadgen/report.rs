@@ -216,6 +216,24 @@ impl Report {
     }
 
     /// The server's memory at the end, with the TVs still connected.
+    /// The hold: TVs kept, for how long, heartbeat rounds, the server's memory then.
+    pub(crate) fn held(&mut self, tvs: usize, secs: u64, rounds: u32, rss: Option<u64>) {
+        match rss {
+            Some(r) => println!(
+                "    held {tvs} TVs for {secs} s, {rounds} heartbeat round(s) all answered; server RSS then {:.1} MiB",
+                mib(r)
+            ),
+            None => println!(
+                "    held {tvs} TVs for {secs} s, {rounds} heartbeat round(s) all answered"
+            ),
+        }
+        self.figures.int("held_tvs", tvs as u64);
+        self.figures.int("heartbeat_rounds", u64::from(rounds));
+        if let Some(r) = rss {
+            self.figures.int("rss_held_bytes", r);
+        }
+    }
+
     pub(crate) fn end_rss(&mut self, tvs: usize, rss: u64) {
         println!(
             "    server RSS at the end with {tvs} TVs still connected: {:.1} MiB",
