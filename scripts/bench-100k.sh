@@ -66,9 +66,18 @@ for i in $(seq "$nodes"); do
   gens+=($!)
   pids+=($!)
 done
-sleep $((hold / 2 + 30))
-online=$(psql_db "SELECT count(*) FROM user_property WHERE user_netstate = 1")
-echo "== TVs online in the database $((SECONDS - started)) s after the start: $online"
+# The most TVs online at once, by the database, every 5 s while the load generators run.
+online=0
+online_at=0
+while :; do
+  running=0
+  for g in "${gens[@]}"; do kill -0 "$g" 2>/dev/null && running=$((running + 1)); done
+  [ "$running" -gt 0 ] || break
+  n=$(psql_db "SELECT count(*) FROM user_property WHERE user_netstate = 1" || echo 0)
+  if [ "$n" -gt "$online" ]; then online=$n; online_at=$((SECONDS - started)); fi
+  sleep 5
+done
+echo "== most TVs online at once in the database: $online, $online_at s after the start"
 failed=0
 for g in "${gens[@]}"; do wait "$g" || failed=$((failed + 1)); done
 python3 - "$work" "$nodes" "$online" "$tvs" <<'EOF'
@@ -79,7 +88,9 @@ per_tv = []
 for i in range(1, nodes + 1):
     lines = [l for l in open(f"{work}/g{i}.out") if l.startswith("{")]
     if not lines:
-        print(f"node-{i}: no result:\n" + open(f"{work}/g{i}.out").read()[-2000:])
+        out = open(f"{work}/g{i}.out").read().splitlines()
+        said = [l for l in out if "panicked" in l or "rror" in l][:5] or out[-5:]
+        print(f"node-{i}: no result:\n  " + "\n  ".join(said))
         continue
     f = json.loads(lines[-1])
     total += f.get("held_tvs", 0)
