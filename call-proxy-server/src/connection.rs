@@ -449,6 +449,16 @@ where
                 if st.session.is_some() {
                     deadline = now + cfg.heartbeat_timeout();
                 }
+                // After a heartbeat (what an idle TV sends) or its registration (after
+                // which a TV is mostly idle) the read buffer goes too: the next frame is
+                // likely a heartbeat interval away.
+                let heartbeat = matches!(
+                    &msg,
+                    ClientFrame::Msg(ClientMsg {
+                        request: Request::Heartbeat | Request::Register(_),
+                        ..
+                    })
+                );
                 let (always, registering) = match &msg {
                     ClientFrame::Msg(ClientMsg { request: Request::Bye, .. }) => (true, false),
                     ClientFrame::Msg(ClientMsg { request: Request::Heartbeat, .. }) => {
@@ -552,7 +562,7 @@ where
                 if verdict == Verdict::Allow {
                     // Over the limit, the larger read buffer stays: the client's next
                     // frames are read in one go and dropped.
-                    shrink_buffers(conn);
+                    shrink_buffers(conn, heartbeat);
                 }
             }
             push = next_push(&mut st.push_rx) => {
@@ -604,11 +614,13 @@ fn bad_frame<S: Store>(
 }
 
 /// Releases buffer memory a frame left behind, so idle TVs stay small: a read buffer
-/// grown past [`KEEP_READ`] by a large frame, and the write buffer whenever it is empty
-/// (an idle TV is written to every heartbeat interval at most: one small allocation per
-/// reply costs less than holding the largest reply's room in every idle session).
-fn shrink_buffers<T>(conn: &mut Conn<T>) {
-    if conn.read_buffer().is_empty() && conn.read_buffer().capacity() > KEEP_READ {
+/// grown past [`KEEP_READ`] by a large frame, or any once the TV is `idle` (it just sent a
+/// heartbeat or registered), and the write buffer whenever it is empty (an idle TV is
+/// written to every heartbeat interval at most: one small allocation per reply costs less
+/// than holding the largest reply's room in every idle session).
+fn shrink_buffers<T>(conn: &mut Conn<T>, idle: bool) {
+    let keep = if idle { 0 } else { KEEP_READ };
+    if conn.read_buffer().is_empty() && conn.read_buffer().capacity() > keep {
         *conn.read_buffer_mut() = BytesMut::new();
     }
     release_write_buffer(conn);
