@@ -7,26 +7,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{eventually, TestServer, ADMIN_TOKEN};
 use serde_json::Value;
 use shared_proto::*;
 
-/// The operator CLI with `args`: (exit code, stdout, stderr).
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
-        .args(args)
-        .envs(common::db::cli_env())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::operator_cli as cli;
 
 /// `call-proxy-server usage --user USER --format json`: its rows.
 fn usage(db: &str, user: u64) -> Vec<Value> {

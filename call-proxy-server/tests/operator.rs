@@ -4,26 +4,11 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{dial, power_on_and_ack, six_calls, TestServer};
 use serde_json::Value;
 use shared_proto::*;
 
-/// The operator CLI with `args`, its environment holding what the test database needs
-/// (a PostgreSQL password): (exit code, stdout, stderr).
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
-        .args(args)
-        .envs(common::db::cli_env())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::operator_cli as cli;
 
 fn calls_json(db: &str, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["calls", "--db", db, "--format", "json"];

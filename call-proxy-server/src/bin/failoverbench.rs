@@ -79,26 +79,22 @@ fn free_addr() -> Result<SocketAddr> {
 }
 
 /// Spawns `bin` with `args` (stderr to `log`) and waits until it listens on `addr`.
-fn spawn(bin: &Path, args: &[String], addr: SocketAddr, log: &Path) -> Result<Proc> {
+async fn spawn(bin: &Path, args: &[String], addr: SocketAddr, log: &Path) -> Result<Proc> {
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?);
-    let child = KillOnDrop(
-        cmd.spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(addr).is_err() {
-        ensure!(
-            Instant::now() < deadline,
-            "{} did not listen on {addr} (see {})",
-            args.first().map(String::as_str).unwrap_or(""),
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = test_support::process::spawn_listening(&mut cmd, addr, Duration::from_secs(30))
+        .await
+        .with_context(|| {
+            format!(
+                "{} {} (see {})",
+                bin.display(),
+                args.first().map(String::as_str).unwrap_or(""),
+                log.display()
+            )
+        })?;
     Ok(Proc { child, addr })
 }
 
@@ -111,7 +107,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn node(&self, id: &str, slot: u8) -> Result<Proc> {
+    async fn node(&self, id: &str, slot: u8) -> Result<Proc> {
         let addr = free_addr()?;
         let key_pub = self.dir.join("dispatch.key.pub");
         let config = self.dir.join(format!("{id}.toml"));
@@ -136,10 +132,10 @@ impl Setup {
             "100000".into(),
         ];
         args.extend(self.db_args.iter().cloned());
-        spawn(&self.bin, &args, addr, &self.dir.join(format!("{id}.log")))
+        spawn(&self.bin, &args, addr, &self.dir.join(format!("{id}.log"))).await
     }
 
-    fn dispatcher(&self) -> Result<Proc> {
+    async fn dispatcher(&self) -> Result<Proc> {
         let addr = free_addr()?;
         let mut args: Vec<String> = vec![
             "dispatch".into(),
@@ -153,7 +149,7 @@ impl Setup {
             self.dir.display().to_string(),
         ];
         args.extend(self.db_args.iter().cloned());
-        spawn(&self.bin, &args, addr, &self.dir.join("dispatch.log"))
+        spawn(&self.bin, &args, addr, &self.dir.join("dispatch.log")).await
     }
 }
 
@@ -247,8 +243,8 @@ async fn bench(args: Args) -> Result<()> {
     call_proxy_server::storage::postgres::enroll::seed_credentials(&target, &seeds).await?;
     call_proxy_server::dispatch::SigningKey::load_or_create(&dir.join("dispatch.key"))?;
 
-    let mut node_a = setup.node("node-a", 1)?;
-    let dispatcher = setup.dispatcher()?;
+    let mut node_a = setup.node("node-a", 1).await?;
+    let dispatcher = setup.dispatcher().await?;
     let ca = std::fs::read(dir.join("tls/ca.crt"))?;
     let tls: Vec<TlsClient> = keys
         .iter()
@@ -293,7 +289,7 @@ async fn bench(args: Args) -> Result<()> {
     );
 
     // node-b joins; the dispatcher sees it once it has advertised and beaten once.
-    let node_b = setup.node("node-b", 2)?;
+    let node_b = setup.node("node-b", 2).await?;
     tokio::time::sleep(Duration::from_millis(args.lease_ms / 2 + 500)).await;
 
     // Each TV waits for its link to break, then comes back as tv-agent's link does.

@@ -497,3 +497,18 @@ pub async fn six_calls(srv: &TestServer) -> CallLog {
     srv.calls_settled().await;
     CallLog { a, b, t_mid }
 }
+
+/// The operator CLI (`call-proxy-server ARGS`), its environment holding what the test
+/// database needs (a PostgreSQL password): (exit code, stdout, stderr).
+pub fn operator_cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_call-proxy-server"))
+        .args(args)
+        .envs(db::cli_env())
+        .output()
+        .expect("run the CLI");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
