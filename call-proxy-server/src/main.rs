@@ -292,22 +292,8 @@ struct CallsArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// TOML config file; flags given here win over it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// TCP control listener address [default: 0.0.0.0:7600].
-    #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
-    /// The database: a SQLite file [default: <data-dir>/call-proxy.sqlite], or a
-    /// postgres://USER@HOST:PORT/DB URL (no password in it).
-    #[arg(long)]
-    db: Option<PathBuf>,
-    /// File whose first line is the PostgreSQL password [default: $PGPASSWORD].
-    #[arg(long)]
-    db_password_file: Option<PathBuf>,
-    /// Data directory [default: ./data].
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    base: BaseArgs,
     /// This node's unique name among the nodes sharing a PostgreSQL database
     /// [default: node-1].
     #[arg(long)]
@@ -369,35 +355,77 @@ struct ServeArgs {
     /// authenticated. The default is TLS 1.3 with enrolled TVs only.
     #[arg(long)]
     insecure_plaintext: bool,
-    /// The server's certificate chain (PEM) [default: its own, made in <db dir>/tls].
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// The server certificate's private key (PEM).
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// A name or address TVs reach the server by, for the certificate it makes
-    /// (repeatable) [default: localhost, 127.0.0.1, ::1].
-    #[arg(long = "tls-name")]
-    tls_names: Vec<String>,
 }
 
+/// The flags `serve` and `dispatch` share: the config file, the listener, the database,
+/// the data directory and the TLS certificate.
 #[derive(clap::Args)]
-struct DispatchArgs {
-    /// TOML config file (the nodes' format); flags given here win over it.
+struct BaseArgs {
+    /// TOML config file (the same format for nodes and the dispatcher); flags given here
+    /// win over it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The dispatcher's TLS listener [default: the config's listen, 0.0.0.0:7600].
+    /// TCP listener address (TLS unless a node is --insecure-plaintext) [default: 0.0.0.0:7600].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// The nodes' database, postgres://USER@HOST:PORT/DB (no password in it).
+    /// The database: a SQLite file [default: <data-dir>/call-proxy.sqlite], or a
+    /// postgres://USER@HOST:PORT/DB URL (no password in it; the dispatcher needs one).
     #[arg(long)]
     db: Option<PathBuf>,
     /// File whose first line is the PostgreSQL password [default: $PGPASSWORD].
     #[arg(long)]
     db_password_file: Option<PathBuf>,
-    /// Data directory (TLS files, the signing key) [default: ./data].
+    /// Data directory (database, TLS files, the dispatcher's key) [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The certificate chain (PEM) [default: the one made in <db dir>/tls].
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A name or address TVs reach this server by, for the certificate it makes
+    /// (repeatable) [default: localhost, 127.0.0.1, ::1].
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
+}
+
+impl BaseArgs {
+    /// The config file (or the defaults) with these flags over it.
+    fn config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.db {
+            config.set_db(&v);
+        }
+        if let Some(v) = self.db_password_file {
+            config.db_password_file = Some(v);
+        }
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        if let Some(v) = self.tls_cert {
+            config.tls_cert = Some(v);
+        }
+        if let Some(v) = self.tls_key {
+            config.tls_key = Some(v);
+        }
+        if !self.tls_names.is_empty() {
+            config.tls_names = self.tls_names;
+        }
+        Ok(config)
+    }
+}
+
+#[derive(clap::Args)]
+struct DispatchArgs {
+    #[command(flatten)]
+    base: BaseArgs,
     /// The token signing key (PKCS#8), made if absent, its public key written to
     /// `<file>.pub` [default: <data-dir>/dispatch.key].
     #[arg(long)]
@@ -408,16 +436,6 @@ struct DispatchArgs {
     /// A node silent for this long is not assigned, in milliseconds [default: 5000].
     #[arg(long)]
     node_lease_ms: Option<u64>,
-    /// The certificate chain (PEM) [default: the one made in <data-dir>/tls].
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// Its private key (PEM).
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// A name or address TVs reach the dispatcher by, for the certificate it makes
-    /// (repeatable) [default: localhost, 127.0.0.1, ::1].
-    #[arg(long = "tls-name")]
-    tls_names: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -594,22 +612,7 @@ fn revoke(db: DbArg, user: u64) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    if let Some(v) = args.listen {
-        config.listen = v;
-    }
-    if let Some(v) = args.db {
-        config.set_db(&v);
-    }
-    if let Some(v) = args.db_password_file {
-        config.db_password_file = Some(v);
-    }
-    if let Some(v) = args.data_dir {
-        config.data_dir = v;
-    }
+    let mut config = args.base.config()?;
     if let Some(v) = args.node_id {
         config.node_id = v;
     }
@@ -666,15 +669,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.insecure_plaintext {
         config.insecure_plaintext = true;
-    }
-    if let Some(v) = args.tls_cert {
-        config.tls_cert = Some(v);
-    }
-    if let Some(v) = args.tls_key {
-        config.tls_key = Some(v);
-    }
-    if !args.tls_names.is_empty() {
-        config.tls_names = args.tls_names;
     }
     config.validate()?;
     if let Some(path) = &config.dispatch_public_key_file {
@@ -757,22 +751,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     use call_proxy_server::dispatch::{Dispatcher, SigningKey};
     use call_proxy_server::storage::postgres::dispatch::PgDispatch;
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    if let Some(v) = args.listen {
-        config.listen = v;
-    }
-    if let Some(v) = args.db {
-        config.set_db(&v);
-    }
-    if let Some(v) = args.db_password_file {
-        config.db_password_file = Some(v);
-    }
-    if let Some(v) = args.data_dir {
-        config.data_dir = v;
-    }
+    let mut config = args.base.config()?;
     if let Some(v) = args.key_file {
         config.dispatch_key_file = Some(v);
     }
@@ -781,15 +760,6 @@ fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.node_lease_ms {
         config.node_lease_ms = v;
-    }
-    if let Some(v) = args.tls_cert {
-        config.tls_cert = Some(v);
-    }
-    if let Some(v) = args.tls_key {
-        config.tls_key = Some(v);
-    }
-    if !args.tls_names.is_empty() {
-        config.tls_names = args.tls_names;
     }
     config.validate()?;
     let DbTarget::Postgres(target) = DbTarget::of(&config)? else {
