@@ -281,22 +281,13 @@ impl Reported {
         }
     }
 
-    /// The usage since the last report given the stream's `counts` now (and a session
-    /// start if `started`), and marks it reported.
-    pub fn since(
-        &mut self,
-        counts: (u64, u64),
-        now: tokio::time::Instant,
-        registered: bool,
-    ) -> Usage {
+    /// The usage since the last report (time registered, bytes) given the stream's
+    /// `counts` now, and marks it reported.
+    pub fn since(&mut self, counts: (u64, u64), now: tokio::time::Instant) -> Usage {
         let usage = Usage {
             sessions: 0,
-            session_ms: if registered {
-                u64::try_from(now.saturating_duration_since(self.at).as_millis())
-                    .unwrap_or(u64::MAX)
-            } else {
-                0
-            },
+            session_ms: u64::try_from(now.saturating_duration_since(self.at).as_millis())
+                .unwrap_or(u64::MAX),
             control_in: counts.0.saturating_sub(self.bytes.0),
             control_out: counts.1.saturating_sub(self.bytes.1),
             body_bytes: 0,
@@ -372,24 +363,16 @@ mod tests {
         assert_eq!(c.counts(), (3, 5));
         let t0 = tokio::time::Instant::now();
         let mut r = Reported::new(t0);
-        let first = r.since(
-            c.counts(),
-            t0 + std::time::Duration::from_millis(1500),
-            true,
-        );
+        let first = r.since(c.counts(), t0 + std::time::Duration::from_millis(1500));
         assert_eq!(
             (first.control_in, first.control_out, first.session_ms),
             (3, 5, 1500)
         );
         c.write_all(b"!").await.unwrap();
-        let second = r.since(
-            c.counts(),
-            t0 + std::time::Duration::from_millis(1600),
-            false,
-        );
+        let second = r.since(c.counts(), t0 + std::time::Duration::from_millis(1600));
         assert_eq!(
             (second.control_in, second.control_out, second.session_ms),
-            (0, 1, 0)
+            (0, 1, 100)
         );
     }
 }

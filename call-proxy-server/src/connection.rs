@@ -372,7 +372,7 @@ fn account<S: Store, T>(
     now: Instant,
 ) {
     let Some(user) = reported.user else { return };
-    let usage = reported.since(conn.get_ref().counts(), now, true);
+    let usage = reported.since(conn.get_ref().counts(), now);
     shared.metrics.accounted_in.inc_by(usage.control_in);
     shared.metrics.accounted_out.inc_by(usage.control_out);
     shared.accountant.note(user, &usage, now_ms());
