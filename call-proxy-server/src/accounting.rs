@@ -11,8 +11,9 @@
 //! database write per interval ([`crate::storage::Store::add_usage`]), adding to
 //! `account_usage` rows. A write that fails is kept and tried again at the next interval.
 //!
-//! Not a durability promise like a call's: a node killed outright loses at most one
-//! interval of its TVs' usage (counted nowhere, so never charged twice). The dispatcher
+//! Not a durability promise like a call's: a node killed outright loses what its TVs
+//! used since they last handed it over and the node last wrote, and a write whose commit
+//! succeeded but whose answer was lost is retried and counted twice. The dispatcher
 //! compares the total with the account's allowance (`account_allowance`, none: not
 //! limited) before it assigns a node.
 
