@@ -1265,7 +1265,7 @@ async fn run_batch(
     let stmts = Statements::prepare(&conn).await?;
     let pipelined = !batch
         .iter()
-        .any(|j| matches!(j, WriteJob::StartEnrollment(..) | WriteJob::Usage(..)));
+        .any(|j| matches!(j, WriteJob::StartEnrollment(..)));
     if pipelined {
         match pipeline(&conn, &stmts, batch, full, node).await {
             Ok(Some(results)) => return Ok(results),
@@ -1300,6 +1300,7 @@ struct Statements {
     key_expire_many: Statement,
     insert_many: Statement,
     keyed_many: Statement,
+    add_usage: Statement,
 }
 
 /// The key of a call as stored: the same 64 bits, as a signed integer.
@@ -1508,6 +1509,7 @@ impl Statements {
                        ON c.user_id = t.caller AND c.idem_key = t.k",
                 )
                 .await?,
+            add_usage: conn.prepare_cached(usage::ADD_SQL).await?,
             ack: conn
                 .prepare_cached(concat!(
                     "UPDATE user_call SET delivered = 1, delivered_at = tvcall_ts($3::bigint)
@@ -1594,7 +1596,9 @@ enum Step<'a> {
         change: Sent<'a, u64>,
         state: Sent<'a, Vec<Row>>,
     },
-    Offline(Sent<'a, u64>),
+    /// One statement whose answer says only that it succeeded (an offline mark, a
+    /// node's usage).
+    Unit(Sent<'a, u64>),
     Insert {
         expire: Option<Sent<'a, u64>>,
         insert: Sent<'a, u64>,
@@ -1681,7 +1685,7 @@ async fn send_job<'a>(
                 state,
             }
         }
-        WriteJob::Offline(user, session, at, _) => Step::Offline(
+        WriteJob::Offline(user, session, at, _) => Step::Unit(
             send_exec(
                 conn,
                 &s.offline,
@@ -1785,11 +1789,12 @@ async fn send_job<'a>(
                 .await,
             )
         }
-        WriteJob::StartEnrollment(..) | WriteJob::Usage(..) | WriteJob::Close(_) => {
-            Step::Known(Err(StoreError::Other(
-                "this write is not sent as a pipelined step".into(),
-            )))
+        WriteJob::Usage(rows, _) => {
+            Step::Unit(send_exec(conn, &s.add_usage, usage::add_params(rows)).await)
         }
+        WriteJob::StartEnrollment(..) | WriteJob::Close(_) => Step::Known(Err(StoreError::Other(
+            "this write is not sent as a pipelined step".into(),
+        ))),
     }
 }
 
@@ -1819,7 +1824,7 @@ impl Step<'_> {
                     waiting,
                 )))
             }
-            Step::Offline(update) => {
+            Step::Unit(update) => {
                 update.answer().await?;
                 Ok(Done::Unit)
             }
@@ -1955,7 +1960,6 @@ async fn one_by_one(
                 WriteJob::StartEnrollment(e, _) => {
                     enroll::start(conn, e).await.map(Done::Enrollment)
                 }
-                WriteJob::Usage(rows, _) => usage::add(conn, rows).await.map(|()| Done::Unit),
                 job => send_job(conn, s, job, full, node).await.finish().await,
             };
             if let Err(e @ StoreError::Full(_)) = &result {

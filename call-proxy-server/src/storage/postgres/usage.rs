@@ -16,48 +16,46 @@ fn clamp(n: u64) -> i64 {
 }
 
 /// Adds each delta to its account's row for the period (made if new), all in one
-/// statement. The rows' (user, period) pairs are distinct ([`crate::accounting::Accountant`]
-/// keeps one per pair).
-pub(super) async fn add(conn: &Client, rows: &[UsageDelta]) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
+/// statement over arrays (the writer sends it in its pipelined batch, with
+/// [`add_params`]). The rows' (user, period) pairs are distinct
+/// ([`crate::accounting::Accountant`] keeps one per pair), as one `ON CONFLICT DO UPDATE`
+/// statement needs.
+pub(super) const ADD_SQL: &str = "INSERT INTO account_usage AS u (user_id, period, sessions,
+         session_ms, control_in, control_out, body_bytes, relay_bytes, first_at, last_at)
+     SELECT user_id, period, sessions, session_ms, control_in, control_out, body_bytes,
+            relay_bytes, tvcall_ts(at_ms), tvcall_ts(at_ms)
+     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                 $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])
+          AS d(user_id, period, sessions, session_ms, control_in, control_out,
+               body_bytes, relay_bytes, at_ms)
+     ON CONFLICT (user_id, period) DO UPDATE SET
+         sessions    = u.sessions    + EXCLUDED.sessions,
+         session_ms  = u.session_ms  + EXCLUDED.session_ms,
+         control_in  = u.control_in  + EXCLUDED.control_in,
+         control_out = u.control_out + EXCLUDED.control_out,
+         body_bytes  = u.body_bytes  + EXCLUDED.body_bytes,
+         relay_bytes = u.relay_bytes + EXCLUDED.relay_bytes,
+         last_at     = GREATEST(u.last_at, EXCLUDED.last_at)";
+
+/// The parameters of [`ADD_SQL`] for `rows`: one array per column.
+pub(super) fn add_params(rows: &[UsageDelta]) -> super::Params {
     let col =
         |f: fn(&Usage) -> u64| -> Vec<i64> { rows.iter().map(|r| clamp(f(&r.usage))).collect() };
-    let users: Vec<i64> = rows.iter().map(|r| r.user_id as i64).collect();
-    let periods: Vec<&str> = rows.iter().map(|r| r.period.as_str()).collect();
-    let at: Vec<i64> = rows.iter().map(|r| r.at_ms).collect();
-    conn.execute(
-        "INSERT INTO account_usage AS u (user_id, period, sessions, session_ms, control_in,
-             control_out, body_bytes, relay_bytes, first_at, last_at)
-         SELECT user_id, period, sessions, session_ms, control_in, control_out, body_bytes,
-                relay_bytes, tvcall_ts(at_ms), tvcall_ts(at_ms)
-         FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
-                     $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])
-              AS d(user_id, period, sessions, session_ms, control_in, control_out,
-                   body_bytes, relay_bytes, at_ms)
-         ON CONFLICT (user_id, period) DO UPDATE SET
-             sessions    = u.sessions    + EXCLUDED.sessions,
-             session_ms  = u.session_ms  + EXCLUDED.session_ms,
-             control_in  = u.control_in  + EXCLUDED.control_in,
-             control_out = u.control_out + EXCLUDED.control_out,
-             body_bytes  = u.body_bytes  + EXCLUDED.body_bytes,
-             relay_bytes = u.relay_bytes + EXCLUDED.relay_bytes,
-             last_at     = GREATEST(u.last_at, EXCLUDED.last_at)",
-        &[
-            &users,
-            &periods,
-            &col(|u| u.sessions),
-            &col(|u| u.session_ms),
-            &col(|u| u.control_in),
-            &col(|u| u.control_out),
-            &col(|u| u.body_bytes),
-            &col(|u| u.relay_bytes),
-            &at,
-        ],
-    )
-    .await?;
-    Ok(())
+    vec![
+        Box::new(rows.iter().map(|r| r.user_id as i64).collect::<Vec<i64>>()),
+        Box::new(
+            rows.iter()
+                .map(|r| r.period.clone())
+                .collect::<Vec<String>>(),
+        ),
+        Box::new(col(|u| u.sessions)),
+        Box::new(col(|u| u.session_ms)),
+        Box::new(col(|u| u.control_in)),
+        Box::new(col(|u| u.control_out)),
+        Box::new(col(|u| u.body_bytes)),
+        Box::new(col(|u| u.relay_bytes)),
+        Box::new(rows.iter().map(|r| r.at_ms).collect::<Vec<i64>>()),
+    ]
 }
 
 /// Operator: usage rows, newest period first, with each account's allowance.
