@@ -135,11 +135,21 @@ pub struct UsageDelta {
     pub at_ms: UnixMillis,
 }
 
+/// Usage not yet written, per (account, period key): what was used and when last.
+type Pending = HashMap<(UserId, String), (Usage, UnixMillis)>;
+
 /// A node's usage not yet written, per account and period.
 #[derive(Debug, Default)]
 pub struct Accountant {
     period: Period,
-    pending: Mutex<HashMap<(UserId, String), (Usage, UnixMillis)>>,
+    pending: Mutex<Pending>,
+}
+
+/// Adds `usage` at `at_ms` to `key`'s pending row.
+fn merge(pending: &mut Pending, key: (UserId, String), usage: &Usage, at_ms: UnixMillis) {
+    let entry = pending.entry(key).or_insert((Usage::default(), at_ms));
+    entry.0.add(usage);
+    entry.1 = entry.1.max(at_ms);
 }
 
 impl Accountant {
@@ -161,16 +171,22 @@ impl Accountant {
         if usage.is_empty() {
             return;
         }
-        let key = (user, self.period.key(at_ms));
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = pending.entry(key).or_insert((Usage::default(), at_ms));
-        entry.0.add(usage);
-        entry.1 = entry.1.max(at_ms);
+        merge(
+            &mut self.lock(),
+            (user, self.period.key(at_ms)),
+            usage,
+            at_ms,
+        );
+    }
+
+    /// The pending rows (a poisoned lock still holds valid counts).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes everything pending, as rows to add.
     pub fn take(&self) -> Vec<UsageDelta> {
-        let drained = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let drained = std::mem::take(&mut *self.lock());
         drained
             .into_iter()
             .map(|((user_id, period), (usage, at_ms))| UsageDelta {
@@ -184,19 +200,15 @@ impl Accountant {
 
     /// Puts back rows whose write failed, to be written with the next ones.
     pub fn restore(&self, rows: Vec<UsageDelta>) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.lock();
         for r in rows {
-            let entry = pending
-                .entry((r.user_id, r.period))
-                .or_insert((Usage::default(), r.at_ms));
-            entry.0.add(&r.usage);
-            entry.1 = entry.1.max(r.at_ms);
+            merge(&mut pending, (r.user_id, r.period), &r.usage, r.at_ms);
         }
     }
 
     /// Accounts pending.
     pub fn pending_len(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.lock().len()
     }
 }
 

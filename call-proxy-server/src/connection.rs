@@ -452,7 +452,7 @@ where
                 // After a heartbeat (what an idle TV sends) or its registration (after
                 // which a TV is mostly idle) the read buffer goes too: the next frame is
                 // likely a heartbeat interval away.
-                let heartbeat = matches!(
+                let goes_idle = matches!(
                     &msg,
                     ClientFrame::Msg(ClientMsg {
                         request: Request::Heartbeat | Request::Register(_),
@@ -562,7 +562,7 @@ where
                 if verdict == Verdict::Allow {
                     // Over the limit, the larger read buffer stays: the client's next
                     // frames are read in one go and dropped.
-                    shrink_buffers(conn, heartbeat);
+                    shrink_buffers(conn, goes_idle);
                 }
             }
             push = next_push(&mut st.push_rx) => {

@@ -685,7 +685,6 @@ mod tests {
             node_id: id.into(),
             addr: format!("{id}:7600"),
             online,
-            heartbeat_ms: 1,
             avoided,
             sticky,
         };

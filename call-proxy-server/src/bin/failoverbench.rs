@@ -263,6 +263,7 @@ async fn bench(args: Args) -> Result<()> {
         .collect()
         .await;
     let took = started.elapsed();
+    let rate = args.tvs as f64 / took.as_secs_f64().max(1e-9);
     let mut clients = Vec::with_capacity(args.tvs);
     let mut failed = 0;
     for (i, r) in registered {
@@ -285,7 +286,7 @@ async fn bench(args: Args) -> Result<()> {
         "  registered through the dispatcher: {} TVs in {:.2} s ({:.0}/s, each a TLS handshake with the dispatcher and one with the node)",
         clients.len(),
         took.as_secs_f64(),
-        clients.len() as f64 / took.as_secs_f64()
+        rate
     );
 
     // node-b joins; the dispatcher sees it once it has advertised and beaten once.
@@ -383,7 +384,7 @@ async fn bench(args: Args) -> Result<()> {
         "{}",
         serde_json::json!({
             "tvs": expected,
-            "registrations_per_s": clients_rate(args.tvs, took),
+            "registrations_per_s": rate,
             "back_p50_s": pct(&back, 50.0),
             "back_p90_s": pct(&back, 90.0),
             "back_p99_s": pct(&back, 99.0),
@@ -402,10 +403,6 @@ async fn bench(args: Args) -> Result<()> {
         "only {elsewhere} of {expected} TVs came back"
     );
     Ok(())
-}
-
-fn clients_rate(n: usize, took: Duration) -> f64 {
-    n as f64 / took.as_secs_f64().max(1e-9)
 }
 
 fn main() -> std::process::ExitCode {

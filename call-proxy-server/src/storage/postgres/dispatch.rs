@@ -81,8 +81,7 @@ impl PgDispatch {
         let user = i64::try_from(user).unwrap_or(i64::MAX);
         let rows = conn
             .query(
-                "SELECT n.node_id, n.listen, n.online, tvcall_ms(n.heartbeat_at),
-                        n.node_id = $3,
+                "SELECT n.node_id, n.listen, n.online, n.node_id = $3,
                         n.node_id IS NOT DISTINCT FROM
                           (SELECT node_id FROM user_property WHERE user_id = $1)
                  FROM tvcall_node n
@@ -98,9 +97,8 @@ impl PgDispatch {
                     node_id: r.try_get(0)?,
                     addr: r.try_get(1)?,
                     online: r.try_get(2)?,
-                    heartbeat_ms: r.try_get(3)?,
-                    avoided: r.try_get(4)?,
-                    sticky: r.try_get(5)?,
+                    avoided: r.try_get(3)?,
+                    sticky: r.try_get(4)?,
                 })
             })
             .collect()
@@ -116,8 +114,6 @@ pub struct NodeCandidate {
     pub addr: String,
     /// Its TVs online as of its last heartbeat.
     pub online: i64,
-    /// When that heartbeat was (Unix ms).
-    pub heartbeat_ms: i64,
     /// The TV said it could not reach it.
     pub avoided: bool,
     /// It held the TV's session last.
