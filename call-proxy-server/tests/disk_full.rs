@@ -254,14 +254,7 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
 
     // Every acknowledged call reaches the switched-off TV, and nothing refused does.
     let mut off = tvs.tv(addr, OFF, 7000).await;
-    let mut got: Vec<CallId> = off
-        .fetch_all_cached()
-        .await
-        .unwrap()
-        .iter()
-        .map(|c| c.call_id)
-        .collect();
-    got.sort_unstable();
+    let got = common::cached_ids(&mut off).await;
     acked.sort_unstable();
     assert_eq!(got, acked, "cached calls delivered vs acknowledged");
 

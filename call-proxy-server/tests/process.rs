@@ -291,14 +291,7 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
     }
     let mut acked = acked.lock().unwrap().clone();
     let mut tv = tvs.tv(server.addr, CALLEE, 4000).await;
-    let mut delivered: Vec<CallId> = tv
-        .fetch_all_cached()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.call_id)
-        .collect();
-    delivered.sort_unstable();
+    let delivered = common::cached_ids(&mut tv).await;
     acked.sort_unstable();
     let distinct: HashSet<CallId> = delivered.iter().copied().collect();
     assert_eq!(distinct.len(), delivered.len(), "a call delivered twice");

@@ -395,17 +395,25 @@ pub async fn event(c: &mut Tv) -> Event {
         .expect("link alive")
 }
 
-/// Powers `user` on, fetches its cached calls and acknowledges them; returns the
-/// registered client and how many calls were acknowledged.
-pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Tv, u32) {
-    let mut c = srv.tv(user, port).await;
-    let waiting: Vec<u64> = c
+/// The ids of every call cached for `c`'s TV (all pages, not acknowledged), in
+/// ascending order.
+pub async fn cached_ids(c: &mut Tv) -> Vec<shared_proto::CallId> {
+    let mut ids: Vec<_> = c
         .fetch_all_cached()
         .await
         .expect("fetch")
         .iter()
         .map(|x| x.call_id)
         .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Powers `user` on, fetches its cached calls and acknowledges them; returns the
+/// registered client and how many calls were acknowledged.
+pub async fn power_on_and_ack(srv: &TestServer, user: UserId, port: u16) -> (Tv, u32) {
+    let mut c = srv.tv(user, port).await;
+    let waiting = cached_ids(&mut c).await;
     let acked = c.ack_cached(&waiting).await.expect("ack");
     (c, acked)
 }
