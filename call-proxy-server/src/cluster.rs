@@ -327,7 +327,9 @@ pub async fn handle<S: Store + 'static>(shared: &Arc<Shared<S>>, payload: &str) 
                 Event::IncomingCall { call_id, .. }
                 | Event::CallAnswered { call_id, .. }
                 | Event::CallEnded { call_id, .. } => Some(*call_id),
-                Event::CachedCallsWaiting { .. } => None,
+                Event::CachedCallsWaiting { .. }
+                | Event::PresenceChanged { .. }
+                | Event::PresenceLost { .. } => None,
             };
             let delivered = match session_id {
                 Some(session_id) => shared.registry.deliver(user, session_id, event),

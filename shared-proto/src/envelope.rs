@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 
 use crate::codec::{decode_prefix, decode_prefix_counted, encode_into, CodecError};
 use crate::messages::{
-    CallId, ClientMsg, EndReason, Event, IdempotencyKey, Reply, Request, RequestId, ServerMsg,
-    SrtpKey, UnixMillis, UserId, WireError,
+    CallId, ClientMsg, EndReason, ErrorCode, Event, IdempotencyKey, Presence, Reply, Request,
+    RequestId, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
 };
 
 /// Bytes of the header (kind + id).
@@ -55,6 +55,12 @@ pub mod kind {
     pub const POLL_ENROLLMENT: u16 = 0x000c;
     /// The dispatcher's `ASSIGN` ([`crate::dispatch::Assign`]; not a [`crate::Request`]).
     pub const ASSIGN: u16 = crate::dispatch::ASSIGN;
+    /// [`crate::Request::Subscribe`].
+    pub const SUBSCRIBE: u16 = 0x000e;
+    /// [`crate::Request::PresenceAck`].
+    pub const PRESENCE_ACK: u16 = 0x000f;
+    /// [`crate::Request::SetPresence`].
+    pub const SET_PRESENCE: u16 = 0x0010;
 
     /// [`crate::Reply::Registered`].
     pub const REGISTERED: u16 = 0x4001;
@@ -74,6 +80,8 @@ pub mod kind {
     pub const ENROLLMENT: u16 = 0x4008;
     /// The dispatcher's `ASSIGNED` ([`crate::dispatch::Assignment`]; not a [`crate::Reply`]).
     pub const ASSIGNED: u16 = crate::dispatch::ASSIGNED;
+    /// [`crate::Reply::Subscribed`].
+    pub const SUBSCRIBED: u16 = 0x400a;
     /// A request failed: the body is a [`crate::WireError`].
     pub const ERROR: u16 = 0x7fff;
 
@@ -85,6 +93,10 @@ pub mod kind {
     pub const CALL_ENDED: u16 = 0x8003;
     /// [`crate::Event::CachedCallsWaiting`].
     pub const CACHED_CALLS_WAITING: u16 = 0x8004;
+    /// [`crate::Event::PresenceChanged`].
+    pub const PRESENCE_CHANGED: u16 = 0x8005;
+    /// [`crate::Event::PresenceLost`].
+    pub const PRESENCE_LOST: u16 = 0x8006;
 
     /// [`crate::ServerMsg::Closing`]: the body is a [`crate::WireError`].
     pub const CLOSING: u16 = 0xc001;
@@ -174,6 +186,9 @@ pub fn request_kind(request: &Request) -> u16 {
         Request::Bye => kind::BYE,
         Request::StartEnrollment { .. } => kind::START_ENROLLMENT,
         Request::PollEnrollment => kind::POLL_ENROLLMENT,
+        Request::Subscribe { .. } => kind::SUBSCRIBE,
+        Request::PresenceAck { .. } => kind::PRESENCE_ACK,
+        Request::SetPresence { .. } => kind::SET_PRESENCE,
     }
 }
 
@@ -184,6 +199,8 @@ pub fn event_kind(event: &Event) -> u16 {
         Event::CallAnswered { .. } => kind::CALL_ANSWERED,
         Event::CallEnded { .. } => kind::CALL_ENDED,
         Event::CachedCallsWaiting { .. } => kind::CACHED_CALLS_WAITING,
+        Event::PresenceChanged { .. } => kind::PRESENCE_CHANGED,
+        Event::PresenceLost { .. } => kind::PRESENCE_LOST,
     }
 }
 
@@ -225,6 +242,16 @@ pub fn encode_client<W: io::Write>(msg: &ClientMsg, out: &mut W) -> Result<(), C
         Request::StartEnrollment { agent_version } => encode_into(agent_version, out),
         Request::FetchCached { after, limit } => encode_into(&(after, limit), out),
         Request::AckCached { call_ids } => encode_into(call_ids, out),
+        Request::Subscribe { contacts, others } => encode_into(&(contacts, others), out),
+        Request::PresenceAck {
+            subscription,
+            seq,
+            status,
+        } => encode_into(&(subscription, seq, status), out),
+        Request::SetPresence {
+            do_not_disturb,
+            hidden,
+        } => encode_into(&(do_not_disturb, hidden), out),
     }
 }
 
@@ -265,6 +292,10 @@ pub fn encode_server<W: io::Write>(msg: &ServerMsg, out: &mut W) -> Result<(), C
                 header(out, kind::ENROLLMENT, *id)?;
                 encode_into(status, out)
             }
+            Reply::Subscribed(s) => {
+                header(out, kind::SUBSCRIBED, *id)?;
+                encode_into(s, out)
+            }
         },
         ServerMsg::Event(e) => {
             header(out, event_kind(e), 0)?;
@@ -285,6 +316,15 @@ pub fn encode_server<W: io::Write>(msg: &ServerMsg, out: &mut W) -> Result<(), C
                 }
                 Event::CallEnded { call_id, reason } => encode_into(&(call_id, reason), out),
                 Event::CachedCallsWaiting { count } => encode_into(count, out),
+                Event::PresenceChanged {
+                    subscription,
+                    seq,
+                    changes,
+                } => encode_into(&(subscription, seq, changes), out),
+                Event::PresenceLost {
+                    subscription,
+                    reason,
+                } => encode_into(&(subscription, reason), out),
             }
         }
         ServerMsg::Closing(e) => {
@@ -351,6 +391,25 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientFrame, CodecError> {
             agent_version: decode_prefix(body)?,
         },
         kind::POLL_ENROLLMENT => Request::PollEnrollment,
+        kind::SUBSCRIBE => {
+            let (contacts, others) = decode_prefix::<(Vec<UserId>, Vec<UserId>)>(body)?;
+            Request::Subscribe { contacts, others }
+        }
+        kind::PRESENCE_ACK => {
+            let (subscription, seq, status) = decode_prefix::<(u64, u64, ErrorCode)>(body)?;
+            Request::PresenceAck {
+                subscription,
+                seq,
+                status,
+            }
+        }
+        kind::SET_PRESENCE => {
+            let (do_not_disturb, hidden) = decode_prefix::<(bool, bool)>(body)?;
+            Request::SetPresence {
+                do_not_disturb,
+                hidden,
+            }
+        }
         _ => return Ok(ClientFrame::Unknown { id, kind }),
     };
     Ok(ClientFrame::Msg(ClientMsg { id, request }))
@@ -403,6 +462,7 @@ fn decode_known_server(
             count: decode_prefix(body)?,
         }),
         kind::ENROLLMENT => reply(Reply::Enrollment(decode_prefix(body)?)),
+        kind::SUBSCRIBED => reply(Reply::Subscribed(decode_prefix(body)?)),
         kind::ERROR => Some(ServerMsg::Reply {
             id,
             result: Err(decode_prefix::<WireError>(body)?),
@@ -433,6 +493,21 @@ fn decode_known_server(
         kind::CACHED_CALLS_WAITING => Some(ServerMsg::Event(Event::CachedCallsWaiting {
             count: decode_prefix(body)?,
         })),
+        kind::PRESENCE_CHANGED => {
+            let (subscription, seq, changes) = decode_prefix::<(u64, u64, Vec<Presence>)>(body)?;
+            Some(ServerMsg::Event(Event::PresenceChanged {
+                subscription,
+                seq,
+                changes,
+            }))
+        }
+        kind::PRESENCE_LOST => {
+            let (subscription, reason) = decode_prefix::<(u64, String)>(body)?;
+            Some(ServerMsg::Event(Event::PresenceLost {
+                subscription,
+                reason,
+            }))
+        }
         kind::CLOSING => Some(ServerMsg::Closing(decode_prefix(body)?)),
         _ => None,
     })
@@ -480,6 +555,19 @@ mod tests {
                 agent_version: "tv-agent 1".into(),
             },
             Request::PollEnrollment,
+            Request::Subscribe {
+                contacts: vec![1001, 2002],
+                others: vec![3003],
+            },
+            Request::PresenceAck {
+                subscription: 9,
+                seq: 12,
+                status: ErrorCode::OK,
+            },
+            Request::SetPresence {
+                do_not_disturb: true,
+                hidden: false,
+            },
         ] {
             let msg = ClientMsg { id: 7, request };
             let mut out = Vec::new();
@@ -512,6 +600,31 @@ mod tests {
                     user_id: 5,
                 })),
             },
+            ServerMsg::Reply {
+                id: 4,
+                result: Ok(Reply::Subscribed(crate::Subscribed {
+                    subscription: 3,
+                    seq: 0,
+                    states: vec![Presence {
+                        user_id: 1001,
+                        state: crate::PresenceState::MOBILE,
+                        since_ms: Some(5),
+                    }],
+                })),
+            },
+            ServerMsg::Event(Event::PresenceChanged {
+                subscription: 3,
+                seq: 1,
+                changes: vec![Presence {
+                    user_id: 1001,
+                    state: crate::PresenceState::BUSY,
+                    since_ms: None,
+                }],
+            }),
+            ServerMsg::Event(Event::PresenceLost {
+                subscription: 3,
+                reason: "no acknowledgement within 5 s".into(),
+            }),
         ] {
             let mut out = Vec::new();
             encode_server(&msg, &mut out).unwrap();

@@ -48,6 +48,10 @@ pub const MAX_PAGE: usize = 256;
 pub const MAX_AGENT_VERSION_LEN: usize = 64;
 /// Longest SRTP master key and salt ([`SrtpKey::key_salt`]) accepted.
 pub const MAX_SRTP_KEY_LEN: usize = 64;
+/// Most users one TV may watch ([`Request::Subscribe`]: contacts and others together).
+pub const MAX_SUBSCRIPTIONS: usize = 500;
+/// Longest reason text in a [`Event::PresenceLost`].
+pub const MAX_PRESENCE_REASON_LEN: usize = 256;
 
 /// Every frame a client sends: a request and the id its reply will echo.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +151,40 @@ pub enum Request {
     /// How this TV's enrollment stands (same key as [`Request::StartEnrollment`]); poll
     /// no faster than the `interval_s` it was given.
     PollEnrollment,
+    /// Watch these users' presence (replacing any earlier subscription of this session):
+    /// answered with [`Reply::Subscribed`] (their states now), then every change is
+    /// pushed as [`Event::PresenceChanged`] to a session that asked for
+    /// [`crate::Features::PRESENCE`]. `contacts` is this TV's address book, which is also
+    /// who may see this TV's own state (with anyone it has called); `others` are users it
+    /// watches without listing them (its missed callers). At most [`MAX_SUBSCRIPTIONS`]
+    /// users in all.
+    Subscribe {
+        /// The TV's address book.
+        contacts: Vec<UserId>,
+        /// Other users to watch (not added to who may see this TV).
+        others: Vec<UserId>,
+    },
+    /// Acknowledges every [`Event::PresenceChanged`] of `subscription` up to and including
+    /// `seq` (cumulative), or refuses it (`status` not [`ErrorCode::OK`]: the TV could not
+    /// use it). Not answered: the server's next notification, or a
+    /// [`Event::PresenceLost`], is the answer.
+    PresenceAck {
+        /// From [`Subscribed::subscription`].
+        subscription: u64,
+        /// The highest sequence number received.
+        seq: u64,
+        /// [`ErrorCode::OK`], or why the TV refused the notification.
+        status: ErrorCode,
+    },
+    /// The viewer's presence settings: "do not disturb" (shown as busy; calls are cached
+    /// as missed instead of ringing) and "hide my state" (nobody may watch this TV).
+    /// Answered [`Reply::Done`].
+    SetPresence {
+        /// Do not disturb.
+        do_not_disturb: bool,
+        /// Hide this TV's state from everyone.
+        hidden: bool,
+    },
 }
 
 /// How an enrollment stands.
@@ -272,6 +310,67 @@ pub enum Reply {
     },
     /// To [`Request::StartEnrollment`] and [`Request::PollEnrollment`].
     Enrollment(EnrollmentStatus),
+    /// To [`Request::Subscribe`].
+    Subscribed(Subscribed),
+}
+
+/// A presence subscription as it starts: its id and every watched user's state now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribed {
+    /// This subscription's id (notifications and acknowledgements name it); a new
+    /// subscription of the same session gets a new one.
+    pub subscription: u64,
+    /// The sequence number the states below count as; the first notification is `seq + 1`.
+    pub seq: u64,
+    /// One entry per watched user, in the order asked (contacts, then others), duplicates
+    /// dropped.
+    pub states: Vec<Presence>,
+}
+
+/// A presence state: a plain number on the wire so that new states can be added (an older
+/// agent shows a state it does not know as [`PresenceState::OFFLINE`]); never renumbered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PresenceState(pub u8);
+
+impl PresenceState {
+    /// Not connected (`user_netstate = 0`) and no phone number on file.
+    pub const OFFLINE: PresenceState = PresenceState(0);
+    /// Connected and free (`user_netstate = 1`).
+    pub const ONLINE: PresenceState = PresenceState(1);
+    /// Connected, and in a call or in "do not disturb".
+    pub const BUSY: PresenceState = PresenceState(2);
+    /// The TV is off, but its owner has a phone number on file and is reachable by SMS.
+    pub const MOBILE: PresenceState = PresenceState(3);
+    /// This user does not let this TV see their state (not in their address book and
+    /// never called by them, or "hide my state"): a refusal, not a state.
+    pub const NOT_ALLOWED: PresenceState = PresenceState(4);
+    /// No such user.
+    pub const UNKNOWN: PresenceState = PresenceState(5);
+
+    /// A short stable name, for JSON and people.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            0 => "offline",
+            1 => "online",
+            2 => "busy",
+            3 => "mobile",
+            4 => "not_allowed",
+            5 => "unknown",
+            _ => "unrecognised",
+        }
+    }
+}
+
+/// One user's presence, in a [`Subscribed`] answer or a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// The user.
+    pub user_id: UserId,
+    /// Their state.
+    pub state: PresenceState,
+    /// Since when, if the server knows (the change's time, or when an offline TV was
+    /// last heard from).
+    pub since_ms: Option<UnixMillis>,
 }
 
 /// What a TV learns when it registers.
@@ -410,6 +509,26 @@ pub enum Event {
     CachedCallsWaiting {
         /// How many wait in all.
         count: u32,
+    },
+    /// Watched users' states changed. Acknowledge with [`Request::PresenceAck`]; a
+    /// notification not acknowledged in time ends the subscription
+    /// ([`Event::PresenceLost`]).
+    PresenceChanged {
+        /// The subscription.
+        subscription: u64,
+        /// One more than the previous notification's (or the [`Subscribed::seq`]).
+        seq: u64,
+        /// The users whose state changed, each with its new state.
+        changes: Vec<Presence>,
+    },
+    /// The instant message of a failed notification (section E): the server has ended
+    /// this subscription because a notification was not acknowledged in time or was
+    /// refused. Subscribe again; the answer carries every state afresh.
+    PresenceLost {
+        /// The subscription that ended.
+        subscription: u64,
+        /// Why, for people (at most [`MAX_PRESENCE_REASON_LEN`] bytes).
+        reason: String,
     },
 }
 
@@ -604,7 +723,20 @@ impl Request {
                     ));
                 }
             }
+            Request::Subscribe { contacts, others } => {
+                let n = contacts.len().saturating_add(others.len());
+                if n > MAX_SUBSCRIPTIONS {
+                    return Err(format!(
+                        "a TV watches at most {MAX_SUBSCRIPTIONS} users, not {n}"
+                    ));
+                }
+                if let Some(bad) = contacts.iter().chain(others).find(|u| !valid_user_id(**u)) {
+                    return Err(format!("user id {bad} is out of range"));
+                }
+            }
             Request::Heartbeat
+            | Request::PresenceAck { .. }
+            | Request::SetPresence { .. }
             | Request::Reject { .. }
             | Request::HangUp { .. }
             | Request::Bye
@@ -665,6 +797,16 @@ mod tests {
         }
         .validate()
         .is_err());
+        let sub = |contacts: Vec<UserId>, others: Vec<UserId>| {
+            Request::Subscribe { contacts, others }.validate()
+        };
+        assert!(sub(vec![1; 300], vec![2; 200]).is_ok());
+        assert!(sub(vec![1; 300], vec![2; 201]).is_err());
+        assert!(sub(vec![], vec![0]).is_err());
+        assert!(
+            sub(vec![], vec![]).is_ok(),
+            "an empty list ends the watching"
+        );
     }
 
     #[test]

@@ -50,8 +50,10 @@ impl Features {
     pub const CALLS: Features = Features(1 << 0);
     /// [`Event::CachedCallsWaiting`]: new missed calls arrived while registered.
     pub const CACHED_NOTICES: Features = Features(1 << 1);
+    /// Presence: [`Event::PresenceChanged`] and [`Event::PresenceLost`].
+    pub const PRESENCE: Features = Features(1 << 2);
     /// Every feature this build knows.
-    pub const KNOWN: Features = Features(Self::CALLS.0 | Self::CACHED_NOTICES.0);
+    pub const KNOWN: Features = Features(Self::CALLS.0 | Self::CACHED_NOTICES.0 | Self::PRESENCE.0);
     /// What a version-1 session gets: the pushes that existed when version 1 was frozen.
     pub const V1: Features = Features(Self::CALLS.0 | Self::CACHED_NOTICES.0);
 
@@ -72,6 +74,7 @@ impl Features {
                 Features::CALLS
             }
             Event::CachedCallsWaiting { .. } => Features::CACHED_NOTICES,
+            Event::PresenceChanged { .. } | Event::PresenceLost { .. } => Features::PRESENCE,
         }
     }
 }
@@ -187,8 +190,8 @@ mod tests {
             crate::v1::client_preamble().encode(),
             *b"TVCP\x00\x01\x00\x00"
         );
-        // Version 2 asking for call events and cached-call notices.
-        assert_eq!(Preamble::client().encode(), *b"TVCP\x00\x02\x00\x03");
+        // Version 2 asking for call events, cached-call notices and presence.
+        assert_eq!(Preamble::client().encode(), *b"TVCP\x00\x02\x00\x07");
         assert_eq!(
             Preamble::client_with(Features::CALLS).encode(),
             *b"TVCP\x00\x02\x00\x01"

@@ -162,6 +162,9 @@ impl TryFrom<current::Request> for Request {
                 return Err(NotInV1("StartEnrollment"));
             }
             current::Request::PollEnrollment => return Err(NotInV1("PollEnrollment")),
+            current::Request::Subscribe { .. } => return Err(NotInV1("Subscribe")),
+            current::Request::PresenceAck { .. } => return Err(NotInV1("PresenceAck")),
+            current::Request::SetPresence { .. } => return Err(NotInV1("SetPresence")),
         })
     }
 }
@@ -217,6 +220,7 @@ impl TryFrom<current::Reply> for Reply {
             current::Reply::Cached(p) => Reply::Cached(p),
             current::Reply::Acked { count } => Reply::Acked { count },
             current::Reply::Enrollment(_) => return Err(NotInV1("Enrollment")),
+            current::Reply::Subscribed(_) => return Err(NotInV1("Subscribed")),
         })
     }
 }
@@ -266,6 +270,8 @@ impl TryFrom<current::Event> for Event {
             current::Event::CallAnswered { call_id, .. } => Event::CallAnswered { call_id },
             current::Event::CallEnded { call_id, reason } => Event::CallEnded { call_id, reason },
             current::Event::CachedCallsWaiting { count } => Event::CachedCallsWaiting { count },
+            current::Event::PresenceChanged { .. } => return Err(NotInV1("PresenceChanged")),
+            current::Event::PresenceLost { .. } => return Err(NotInV1("PresenceLost")),
         })
     }
 }

@@ -113,6 +113,9 @@ pub async fn handle<S: Store>(
             enroll::start(shared, st, agent_version).await
         }
         Request::PollEnrollment => enroll::poll(shared, st).await,
+        Request::Subscribe { .. } | Request::PresenceAck { .. } | Request::SetPresence { .. } => {
+            Err(unsupported(shared_proto::envelope::request_kind(&request)))
+        }
     }
 }
 

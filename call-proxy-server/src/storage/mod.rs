@@ -171,6 +171,47 @@ pub struct UserRow {
     pub last_seen_ms: Option<UnixMillis>,
 }
 
+/// What a watcher may learn of one user, read when it subscribes (presence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceRow {
+    /// The user asked about.
+    pub user_id: UserId,
+    /// `user_netstate = 1`; `None` when the user has no `user_property` row (unknown).
+    pub online: Option<bool>,
+    /// When the server last heard of the user.
+    pub last_seen_ms: Option<UnixMillis>,
+    /// The user has "hide my state" on.
+    pub hidden: bool,
+    /// The watcher may see this user's state: not hidden, and the watcher is in the
+    /// user's address book (`presence_contact`) or the user has called the watcher
+    /// (a `user_call` row from the user to the watcher).
+    pub allowed: bool,
+    /// A phone number is on file for the user (`user_phone`): offline shows as mobile.
+    pub has_phone: bool,
+}
+
+/// A TV's own presence settings as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresenceBook {
+    /// Its address book (who may see its state), ascending, no duplicates.
+    pub contacts: Vec<UserId>,
+    /// "Hide my state".
+    pub hidden: bool,
+}
+
+/// An alarm raised for the operator (presence recovery over its threshold, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAlarm {
+    /// The user it is about.
+    pub user_id: UserId,
+    /// When it was raised.
+    pub at_ms: UnixMillis,
+    /// What happened, for people.
+    pub reason: String,
+    /// How many failures led to it (recovery messages within the window).
+    pub count: u32,
+}
+
 /// A new call record.
 #[derive(Debug, Clone)]
 pub struct NewCall {
@@ -539,6 +580,44 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         seq: i64,
     ) -> impl Future<Output = Result<Vec<Revocation>, StoreError>> + Send;
+
+    /// Presence: for each distinct user in `users`, what `watcher` may learn of it (one
+    /// row per user asked, unknown users included with `online: None`), in any order.
+    fn presence_view(
+        &self,
+        watcher: UserId,
+        users: Vec<UserId>,
+    ) -> impl Future<Output = Result<Vec<PresenceRow>, StoreError>> + Send {
+        let _ = (watcher, users);
+        std::future::ready(Err(StoreError::Other("presence is not stored yet".into())))
+    }
+
+    /// Presence: `user`'s own stored settings (an empty book when it has none).
+    fn presence_book(
+        &self,
+        user: UserId,
+    ) -> impl Future<Output = Result<PresenceBook, StoreError>> + Send {
+        let _ = user;
+        std::future::ready(Err(StoreError::Other("presence is not stored yet".into())))
+    }
+
+    /// Presence: replaces `user`'s address book with `contacts` (deduplicated). Queued now.
+    fn set_presence_book(&self, user: UserId, contacts: Vec<UserId>) -> Pending<()> {
+        let _ = (user, contacts);
+        Pending::ready(Err(StoreError::Other("presence is not stored yet".into())))
+    }
+
+    /// Presence: sets `user`'s "hide my state". Queued now.
+    fn set_presence_hidden(&self, user: UserId, hidden: bool) -> Pending<()> {
+        let _ = (user, hidden);
+        Pending::ready(Err(StoreError::Other("presence is not stored yet".into())))
+    }
+
+    /// Records an alarm for the operator (`operator_alarm`). Queued now.
+    fn raise_alarm(&self, alarm: NewAlarm) -> Pending<()> {
+        let _ = alarm;
+        Pending::ready(Err(StoreError::Other("alarms are not stored yet".into())))
+    }
 
     /// What the backend measured about its commits (for `/metrics`).
     fn metrics(&self) -> &StoreMetrics;

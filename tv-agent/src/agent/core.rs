@@ -342,6 +342,8 @@ impl Core {
                     .await;
             }
             LinkEvent::Server(Event::CachedCallsWaiting { .. }) => self.start_fetch(),
+            // This agent does not subscribe yet, so the server sends it none of these.
+            LinkEvent::Server(Event::PresenceChanged { .. } | Event::PresenceLost { .. }) => {}
         }
     }
 
