@@ -149,6 +149,18 @@ pub struct Config {
     /// bytes in the period are below this (an account without an allowance is not
     /// limited).
     pub allowance_threshold_bytes: u64,
+    /// A presence notification a TV has not acknowledged within this has failed: its
+    /// subscription is deleted and the TV told to subscribe again.
+    pub presence_ack_timeout_ms: u64,
+    /// Failed notifications of one registration within
+    /// [`Config::presence_recovery_window_ms`] at which
+    /// [`Config::presence_failure_policy`] applies instead of another recovery.
+    pub presence_recovery_threshold: u32,
+    /// The sliding window failed notifications are counted in.
+    pub presence_recovery_window_ms: u64,
+    /// `"sign_out"` (close the TV's link, record it offline, alarm) or
+    /// `"drop_subscription"` (only drop it, alarm).
+    pub presence_failure_policy: crate::registry::presence::FailurePolicy,
 }
 
 impl Default for Config {
@@ -200,11 +212,26 @@ impl Default for Config {
             accounting_period: crate::accounting::Period::Month,
             accounting_flush_ms: 30_000,
             allowance_threshold_bytes: 64 * 1024,
+            presence_ack_timeout_ms: 5_000,
+            presence_recovery_threshold: 5,
+            presence_recovery_window_ms: 600_000,
+            presence_failure_policy: crate::registry::presence::FailurePolicy::SignOut,
         }
     }
 }
 
 impl Config {
+    /// The presence settings.
+    pub fn presence(&self) -> crate::registry::presence::PresenceConfig {
+        crate::registry::presence::PresenceConfig {
+            ack_timeout: Duration::from_millis(self.presence_ack_timeout_ms),
+            threshold: self.presence_recovery_threshold,
+            window: Duration::from_millis(self.presence_recovery_window_ms),
+            policy: self.presence_failure_policy,
+            several_nodes: self.backend == StorageBackend::Postgres,
+        }
+    }
+
     /// Reads a TOML config file.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Config> {
         use anyhow::Context;
@@ -346,6 +373,14 @@ impl Config {
         anyhow::ensure!(
             self.accounting_flush_ms >= 10,
             "accounting_flush_ms must be at least 10"
+        );
+        anyhow::ensure!(
+            self.presence_ack_timeout_ms >= 10,
+            "presence_ack_timeout_ms must be at least 10"
+        );
+        anyhow::ensure!(
+            self.presence_recovery_threshold >= 1,
+            "presence_recovery_threshold must be at least 1"
         );
         Ok(())
     }

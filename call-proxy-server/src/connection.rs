@@ -211,6 +211,7 @@ async fn serve_inner<S: Store, T>(
     *conn.write_buffer_mut() = BytesMut::new();
     let mut st = ConnState::new(peer);
     st.identity = identity;
+    st.wants_presence = features.contains(Features::PRESENCE);
     let mut reported = Reported::new(started);
     let end = request_loop(
         shared,
@@ -488,6 +489,14 @@ where
                             }
                         }
                         let handled = match msg {
+                            // Acknowledgements are not answered.
+                            ClientFrame::Msg(ClientMsg {
+                                request: Request::PresenceAck { subscription, seq, status },
+                                ..
+                            }) => {
+                                handler::presence::ack(shared, st, subscription, seq, status);
+                                continue;
+                            }
                             // Boxed so the idle connection future does not carry the largest
                             // handler's state.
                             ClientFrame::Msg(ClientMsg { id, request }) => {
@@ -508,6 +517,12 @@ where
                     }
                     Verdict::Over => {
                         shared.metrics.rate_limited.inc();
+                        if matches!(&msg, ClientFrame::Msg(ClientMsg { request: Request::PresenceAck { .. }, .. })) {
+                            // Never answered, so never waited for: dropped (the
+                            // notification then times out like any unacknowledged one).
+                            shared.metrics.rate_limited_dropped.inc();
+                            continue;
+                        }
                         let waiting = conn.read_buffer().is_empty();
                         // Read what else it sent in one go from now on (the small idle
                         // buffer would read about a frame per call), so frames it sent

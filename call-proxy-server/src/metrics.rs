@@ -72,6 +72,28 @@ pub struct Metrics {
     pub usage_rows_written: IntCounter,
     /// Writes of traffic accounting that failed (kept and retried).
     pub usage_write_failures: IntCounter,
+    /// Presence subscriptions now (set at scrape time).
+    pub presence_subscriptions: IntGauge,
+    /// Watched (subscriber, user) pairs now (set at scrape time).
+    pub presence_pairs: IntGauge,
+    /// Presence notifications queued to TVs (brought up to date at scrape time).
+    pub presence_notifications: IntCounter,
+    /// State changes carried in them (brought up to date at scrape time).
+    pub presence_changes: IntCounter,
+    /// Presence acknowledgements ignored: for no subscription of the session, or a
+    /// sequence number never sent.
+    pub presence_bad_acks: IntCounter,
+    /// Subscriptions refused: over the limit of users per TV, or from a TV that did not
+    /// ask for presence pushes.
+    pub presence_refused: IntCounter,
+    /// Failed notifications answered with the recovery message.
+    pub presence_recoveries: IntCounter,
+    /// TVs signed out because their notifications kept failing.
+    pub presence_sign_outs: IntCounter,
+    /// Subscriptions only dropped (policy `drop_subscription`) at the threshold.
+    pub presence_dropped: IntCounter,
+    /// Alarms raised for the operator.
+    pub alarms_raised: IntCounter,
     /// The effective connection limit derived at start (see `Config::max_connections`).
     pub connection_limit: IntGauge,
     /// Connections open now that have not registered.
@@ -214,6 +236,46 @@ impl Metrics {
                 "call_proxy_usage_write_failures_total",
                 "Writes of traffic accounting that failed (kept and retried at the next interval).",
             ),
+            presence_subscriptions: gauge(
+                "call_proxy_presence_subscriptions",
+                "Presence subscriptions (one per watching TV session) now.",
+            ),
+            presence_pairs: gauge(
+                "call_proxy_presence_watched_pairs",
+                "Watched (subscriber, user) pairs now.",
+            ),
+            presence_notifications: counter(
+                "call_proxy_presence_notifications_total",
+                "Presence notifications queued to TVs.",
+            ),
+            presence_changes: counter(
+                "call_proxy_presence_changes_total",
+                "State changes carried in presence notifications (one notification may carry several).",
+            ),
+            presence_bad_acks: counter(
+                "call_proxy_presence_bad_acks_total",
+                "Presence acknowledgements ignored: for no subscription of the session, or a sequence number never sent.",
+            ),
+            presence_refused: counter(
+                "call_proxy_presence_refused_total",
+                "Presence subscriptions refused (too many users, or a session that did not ask for presence pushes).",
+            ),
+            presence_recoveries: counter(
+                "call_proxy_presence_recoveries_total",
+                "Failed presence notifications answered with the recovery message (the TV subscribes again).",
+            ),
+            presence_sign_outs: counter(
+                "call_proxy_presence_sign_outs_total",
+                "TVs signed out because their presence notifications kept failing (policy sign_out).",
+            ),
+            presence_dropped: counter(
+                "call_proxy_presence_dropped_subscriptions_total",
+                "Presence subscriptions dropped at the failure threshold (policy drop_subscription).",
+            ),
+            alarms_raised: counter(
+                "call_proxy_alarms_raised_total",
+                "Alarms raised for the operator (see GET /api/alarms).",
+            ),
             connection_limit: gauge(
                 "call_proxy_connection_limit",
                 "Effective limit on TV connections, derived at start from max_connections and the descriptor limit.",
@@ -257,6 +319,25 @@ impl Metrics {
                 "1 while the database's disk is full: new calls are refused (STORAGE_FULL), registrations and state changes go on.",
             ),
             registry,
+        }
+    }
+
+    /// Brings the presence gauges and counters up to date (at scrape time).
+    pub fn sync_presence(&self, p: &crate::registry::presence::Presence) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (subs, pairs) = p.sizes();
+        self.presence_subscriptions
+            .set(i64::try_from(subs).unwrap_or(i64::MAX));
+        self.presence_pairs
+            .set(i64::try_from(pairs).unwrap_or(i64::MAX));
+        for (counter, now) in [
+            (
+                &self.presence_notifications,
+                p.counts.notifications.load(Relaxed),
+            ),
+            (&self.presence_changes, p.counts.changes.load(Relaxed)),
+        ] {
+            counter.inc_by(now.saturating_sub(counter.get()));
         }
     }
 

@@ -84,7 +84,7 @@ impl<S: Store> Shared<S> {
         let accountant = crate::accounting::Accountant::new(config.accounting_period);
         Ok(Arc::new(Shared {
             store,
-            registry: Registry::with_watermarks(&w),
+            registry: Registry::with_watermarks(&w).with_presence(config.presence()),
             config,
             metrics,
             gate,
@@ -231,6 +231,10 @@ pub async fn run<S: Store>(
         tokio::spawn({
             let shared = Arc::clone(&shared);
             async move { write_usage(&shared).await }
+        }),
+        tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { crate::handler::presence::sweep(&shared).await }
         }),
     ];
     tokio::select! {

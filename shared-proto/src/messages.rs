@@ -635,6 +635,9 @@ impl ErrorCode {
     /// The account has used its traffic allowance for this period: the distribution
     /// service assigns it no node until the period ends or the operator raises it.
     pub const ALLOWANCE_EXHAUSTED: ErrorCode = ErrorCode(20);
+    /// Presence notifications to this TV kept failing (not acknowledged, or refused) up
+    /// to the server's threshold: it was signed out. Connecting again starts afresh.
+    pub const NOTIFICATIONS_FAILED: ErrorCode = ErrorCode(21);
 
     /// A short stable name, for logs and people.
     pub fn name(self) -> &'static str {
@@ -660,6 +663,7 @@ impl ErrorCode {
             18 => "storage_full",
             19 => "unauthenticated",
             20 => "allowance_exhausted",
+            21 => "notifications_failed",
             _ => "unrecognised",
         }
     }

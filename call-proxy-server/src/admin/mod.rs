@@ -287,6 +287,7 @@ async fn metrics<S: Store, O: OperatorStore>(
     let m = &shared.metrics;
     m.tvs_online.set(gauge_value(shared.registry.online()));
     m.live_calls.set(gauge_value(shared.registry.live_calls()));
+    m.sync_presence(shared.registry.presence());
     m.db_up.set(i64::from(cache_depth.is_ok()));
     m.storage_full
         .set(i64::from(shared.store.metrics().is_full()));

@@ -6,6 +6,7 @@ mod call_control;
 mod dial;
 mod enroll;
 mod fetch;
+pub mod presence;
 mod query;
 mod register;
 
@@ -32,6 +33,8 @@ pub struct ConnState {
     pub closing: bool,
     /// The TV certificate the TLS handshake established (`None` on plain TCP).
     pub identity: Option<crate::tls::TvIdentity>,
+    /// The session asked for presence pushes (it may subscribe).
+    pub wants_presence: bool,
 }
 
 /// Which user and session a connection is.
@@ -52,6 +55,7 @@ impl ConnState {
             push_rx: None,
             closing: false,
             identity: None,
+            wants_presence: false,
         }
     }
 
@@ -113,8 +117,23 @@ pub async fn handle<S: Store>(
             enroll::start(shared, st, agent_version).await
         }
         Request::PollEnrollment => enroll::poll(shared, st).await,
-        Request::Subscribe { .. } | Request::PresenceAck { .. } | Request::SetPresence { .. } => {
-            Err(unsupported(shared_proto::envelope::request_kind(&request)))
+        Request::Subscribe { contacts, others } => {
+            let me = st.registered()?;
+            presence::subscribe(shared, st, me, contacts, others).await
+        }
+        Request::SetPresence {
+            do_not_disturb,
+            hidden,
+        } => presence::set(shared, st.registered()?, do_not_disturb, hidden).await,
+        Request::PresenceAck {
+            subscription,
+            seq,
+            status,
+        } => {
+            // The connection loop takes these without an answer; one arriving here
+            // (through another path) is taken the same way and answered `Done`.
+            presence::ack(shared, st, subscription, seq, status);
+            Ok(Reply::Done)
         }
     }
 }
@@ -195,6 +214,11 @@ pub async fn record_end<S: Store>(shared: &Shared<S>, ended: Ended) -> Result<()
 pub async fn end_session<S: Store>(shared: &Shared<S>, st: &mut ConnState) {
     let Some(key) = st.session.take() else { return };
     st.push_rx = None;
+    // Its subscription goes whether or not a newer session replaced it.
+    shared
+        .registry
+        .presence()
+        .unsubscribe(key.user, key.session_id);
     let Some(ended) = shared.registry.remove(key.user, key.session_id) else {
         // Replaced by a newer session of the same TV: that one owns the row now.
         return;

@@ -42,6 +42,7 @@
 //! through [`Registry::is_online`].
 
 mod calls;
+pub mod presence;
 mod push;
 mod remote;
 mod sessions;
@@ -50,13 +51,14 @@ mod timers;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use shared_proto::{CallId, ErrorCode, Event, ServerMsg, SrtpKey, UnixMillis, UserId, WireError};
 use tokio::task::AbortHandle;
 
 use crate::storage::Outcome;
 use calls::{CallState, Input, LiveCall, Next, Party, Refused, Step};
+use presence::{Change, Presence, PresenceConfig};
 use sessions::{Session, Sessions};
 use timers::RingTimers;
 
@@ -120,6 +122,66 @@ pub struct Registry {
     call_id_stride: u64,
     /// Session ids follow the wall clock (a database shared by several nodes).
     session_ids_follow_clock: bool,
+    /// Who watches whom (its own lock; see `presence.rs`).
+    presence: Arc<Presence>,
+}
+
+/// The registry's lock, held: when it is released, the presence changes the operation
+/// made are numbered (still under it) and handed to presence (after it).
+struct Locked<'a> {
+    guard: Option<MutexGuard<'a, Inner>>,
+    presence: &'a Presence,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        // Present until drop.
+        self.guard
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("taken only in drop"))
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        self.guard
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("taken only in drop"))
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut inner) = self.guard.take() else {
+            return;
+        };
+        if inner.sessions.touched.is_empty() {
+            return;
+        }
+        let mut touched = std::mem::take(&mut inner.sessions.touched);
+        if !self.presence.watching() {
+            return;
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let at_ms = crate::clock::now_ms();
+        let changes: Vec<Change> = touched
+            .into_iter()
+            .map(|user| {
+                inner.version += 1;
+                Change {
+                    user,
+                    conn: inner.sessions.conn(user),
+                    version: inner.version,
+                    at_ms,
+                }
+            })
+            .collect();
+        drop(inner);
+        self.presence.publish(&changes, std::time::Instant::now());
+    }
 }
 
 /// The state under the lock.
@@ -135,6 +197,8 @@ struct Inner {
     outbox: Option<remote::Outbox>,
     /// This node is draining: no new call starts here ([`Registry::drain`]).
     draining: bool,
+    /// The number of the last presence change handed to presence.
+    version: u64,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
@@ -271,7 +335,8 @@ impl Inner {
         let call_id = call_id();
         let callee_media = match self.sessions.get(callee) {
             None => return Ok(DialPlan::Offline { call_id }),
-            Some(s) if s.call.is_some() => return Ok(DialPlan::Busy { call_id }),
+            // In a call, or "do not disturb": the call is missed (busy), not rung.
+            Some(s) if s.call.is_some() || s.dnd => return Ok(DialPlan::Busy { call_id }),
             Some(s) => s.media,
         };
         self.sessions.set_call(callee, call_id);
@@ -326,13 +391,71 @@ impl Registry {
             next_call_id: AtomicU64::new(w.first_call_id()),
             call_id_stride: w.call_id_stride.max(1),
             session_ids_follow_clock: w.call_id_stride > 1,
+            presence: Arc::new(Presence::new(PresenceConfig {
+                several_nodes: w.call_id_stride > 1,
+                ..PresenceConfig::default()
+            })),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    /// The same registry with presence configured by `cfg`.
+    pub fn with_presence(mut self, cfg: PresenceConfig) -> Self {
+        self.presence = Arc::new(Presence::new(cfg));
+        self
+    }
+
+    /// Who watches whom.
+    pub fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
+    fn raw_lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps half-updated in a way
         // that matters more than stopping the whole server would.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            guard: Some(self.raw_lock()),
+            presence: &self.presence,
+        }
+    }
+
+    /// Starts (or replaces) the presence subscription of `user`'s current session
+    /// `session_id` to the users of `rows` (read from the store just before); `None` if
+    /// that session is no longer current.
+    pub fn subscribe(
+        &self,
+        user: UserId,
+        session_id: u64,
+        rows: &[crate::storage::PresenceRow],
+        now_ms: UnixMillis,
+    ) -> Option<shared_proto::Subscribed> {
+        let push = self
+            .raw_lock()
+            .sessions
+            .current(user, session_id)?
+            .push_tx();
+        Some(
+            self.presence
+                .subscribe(user, session_id, push, rows, now_ms, |users| {
+                    // Under presence's lock (its order: presence, then this one). Nothing here
+                    // changes, so nothing is published from under it.
+                    let inner = self.raw_lock();
+                    let here = users
+                        .iter()
+                        .filter(|u| inner.sessions.contains(**u))
+                        .map(|u| (*u, inner.sessions.conn(*u)))
+                        .collect();
+                    (here, inner.version)
+                }),
+        )
+    }
+
+    /// Sets "do not disturb" on `user`'s session `session_id`; whether it is current.
+    pub fn set_dnd(&self, user: UserId, session_id: u64, on: bool) -> bool {
+        self.lock().sessions.set_dnd(user, session_id, on)
     }
 
     /// A fresh session id, larger than every one this node used before. On a database
@@ -417,6 +540,8 @@ impl Registry {
             return None;
         }
         let old = inner.sessions.remove_current(user, current)?;
+        // It is online on the other node: not an offline change to publish from here.
+        inner.sessions.touched.retain(|u| *u != user);
         old.push(ServerMsg::Closing(err(
             ErrorCode::SESSION_REPLACED,
             "this TV registered again on another node",

@@ -43,6 +43,16 @@ pub fn send(tx: &PushTx, session_id: u64, msg: ServerMsg) -> Pushed {
     }
 }
 
+/// Sends `msg` without waiting; a full queue hands it back (for a sender that keeps what
+/// it could not send, as presence does), a closed one drops it.
+pub fn send_or_keep(tx: &PushTx, msg: ServerMsg) -> Result<(), Option<ServerMsg>> {
+    match tx.try_send(Box::new(msg)) {
+        Ok(()) => Ok(()),
+        Err(flume::TrySendError::Full(msg)) => Err(Some(*msg)),
+        Err(flume::TrySendError::Disconnected(_)) => Err(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use shared_proto::Event;

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 
 use shared_proto::{CallId, Event, ServerMsg, UserId};
 
+use super::presence::Conn;
 use super::push::{self, PushTx, Pushed};
 
 /// A connected TV.
@@ -35,6 +36,8 @@ pub struct Session {
     pub call_owner: Option<u8>,
     /// Told to move to another node (this node is draining).
     pub told_to_move: bool,
+    /// "Do not disturb": shown busy, and calls to it are missed instead of ringing.
+    pub dnd: bool,
 }
 
 impl Session {
@@ -48,6 +51,7 @@ impl Session {
             remote: None,
             call_owner: None,
             told_to_move: false,
+            dnd: false,
         }
     }
 
@@ -63,6 +67,20 @@ impl Session {
     pub fn push(&self, msg: ServerMsg) -> Pushed {
         push::send(&self.push, self.session_id, msg)
     }
+
+    /// Another sender of this session's push queue (presence keeps one).
+    pub fn push_tx(&self) -> PushTx {
+        self.push.clone()
+    }
+
+    /// Its presence: busy in a call or in "do not disturb", else online.
+    pub fn conn(&self) -> Conn {
+        if self.call.is_some() || self.dnd {
+            Conn::Busy
+        } else {
+            Conn::Online
+        }
+    }
 }
 
 /// A newer session of the user holds its place; the install is refused.
@@ -76,6 +94,9 @@ pub struct Sessions {
     by_user: HashMap<UserId, Session>,
     /// How many of them are stand-ins for TVs on other nodes.
     stand_ins: usize,
+    /// Users connected here whose presence may have changed since the registry's lock
+    /// was taken (it publishes them when it releases the lock).
+    pub touched: Vec<UserId>,
 }
 
 impl Sessions {
@@ -162,6 +183,9 @@ impl Sessions {
             return Err(NewerSession);
         }
         let added = session.remote.is_some();
+        if !added {
+            self.touched.push(user);
+        }
         let old = self.by_user.insert(user, session);
         self.stand_ins += usize::from(added);
         self.count(None, old.as_ref());
@@ -172,6 +196,9 @@ impl Sessions {
     pub fn remove_current(&mut self, user: UserId, session_id: u64) -> Option<Session> {
         self.current(user, session_id)?;
         let old = self.by_user.remove(&user);
+        if old.as_ref().is_some_and(|s| s.remote.is_none()) {
+            self.touched.push(user);
+        }
         self.count(None, old.as_ref());
         old
     }
@@ -180,6 +207,29 @@ impl Sessions {
     pub fn set_call(&mut self, user: UserId, call_id: CallId) {
         if let Some(s) = self.by_user.get_mut(&user) {
             s.call = Some(call_id);
+            if s.remote.is_none() {
+                self.touched.push(user);
+            }
+        }
+    }
+
+    /// Sets "do not disturb" on `user`'s session `session_id`; whether it is current.
+    pub fn set_dnd(&mut self, user: UserId, session_id: u64, on: bool) -> bool {
+        match self.by_user.get_mut(&user) {
+            Some(s) if s.session_id == session_id && s.remote.is_none() => {
+                s.dnd = on;
+                self.touched.push(user);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The presence of `user` as connected here (stand-ins do not count).
+    pub fn conn(&self, user: UserId) -> Conn {
+        match self.by_user.get(&user) {
+            Some(s) if s.remote.is_none() => s.conn(),
+            _ => Conn::Offline,
         }
     }
 
@@ -192,6 +242,9 @@ impl Sessions {
         }
         s.call = None;
         s.call_owner = None;
+        if s.remote.is_none() {
+            self.touched.push(user);
+        }
         s.remote?;
         let old = self.by_user.remove(&user);
         self.count(None, old.as_ref());
