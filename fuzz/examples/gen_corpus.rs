@@ -131,6 +131,28 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("poll-enrollment", Request::PollEnrollment),
+        (
+            "subscribe",
+            Request::Subscribe {
+                contacts: vec![1001, 2002],
+                others: vec![3003],
+            },
+        ),
+        (
+            "presence-ack",
+            Request::PresenceAck {
+                subscription: 1,
+                seq: 4,
+                status: ErrorCode::OK,
+            },
+        ),
+        (
+            "set-presence",
+            Request::SetPresence {
+                do_not_disturb: true,
+                hidden: false,
+            },
+        ),
     ]
 }
 
@@ -326,6 +348,47 @@ fn server_msgs() -> Vec<(&'static str, ServerMsg)> {
         (
             "cached-waiting",
             ServerMsg::Event(Event::CachedCallsWaiting { count: 3 }),
+        ),
+        (
+            "subscribed",
+            reply(
+                9,
+                Reply::Subscribed(shared_proto::Subscribed {
+                    subscription: 1,
+                    seq: 0,
+                    states: vec![
+                        shared_proto::Presence {
+                            user_id: 1001,
+                            state: shared_proto::PresenceState::ONLINE,
+                            since_ms: Some(1_764_000_000_000),
+                        },
+                        shared_proto::Presence {
+                            user_id: 2002,
+                            state: shared_proto::PresenceState::NOT_ALLOWED,
+                            since_ms: None,
+                        },
+                    ],
+                }),
+            ),
+        ),
+        (
+            "presence-changed",
+            ServerMsg::Event(Event::PresenceChanged {
+                subscription: 1,
+                seq: 1,
+                changes: vec![shared_proto::Presence {
+                    user_id: 1001,
+                    state: shared_proto::PresenceState::BUSY,
+                    since_ms: Some(1_764_000_000_500),
+                }],
+            }),
+        ),
+        (
+            "presence-lost",
+            ServerMsg::Event(Event::PresenceLost {
+                subscription: 1,
+                reason: "notification 1 was not acknowledged within 5 s".into(),
+            }),
         ),
         (
             "closing",

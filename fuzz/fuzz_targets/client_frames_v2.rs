@@ -17,7 +17,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use tv_fuzz::{decode_stream, split_input, Mode};
 
 /// Every request kind this build knows (one value of each variant).
-fn known_kinds() -> [u16; 12] {
+fn known_kinds() -> [u16; 15] {
     [
         Request::Register(shared_proto::Register {
             user_id: 1,
@@ -44,6 +44,19 @@ fn known_kinds() -> [u16; 12] {
             agent_version: String::new(),
         },
         Request::PollEnrollment,
+        Request::Subscribe {
+            contacts: vec![],
+            others: vec![],
+        },
+        Request::PresenceAck {
+            subscription: 0,
+            seq: 0,
+            status: shared_proto::ErrorCode::OK,
+        },
+        Request::SetPresence {
+            do_not_disturb: false,
+            hidden: false,
+        },
     ]
     .map(|r| request_kind(&r))
 }

@@ -22,24 +22,20 @@
 //! in the callee's `IncomingCall`; an answer's key rides in the caller's `CallAnswered`.
 //! They are held in memory only, never written, never logged, and dropped with the call.
 //!
-//! # Where presence lands
+//! # Presence
 //!
-//! Presence (a TV subscribes to some users' on/off state and is pushed each change; a
-//! later issue) gets its own module, `registry/presence.rs`, with its own table and its
-//! own short `Mutex`, not this one: watched user → subscribers, each a subscriber's
-//! (user, session id) and a clone of its [`PushTx`], so delivering a change needs no
-//! sessions lookup. The sessions table stays the only source of "who is online":
-//! [`Registry::install`] and [`Registry::remove`] compute a change
-//! (`user, session id, online/offline`) under this lock, and the façade hands it to
-//! presence after releasing it; the two locks are never held together. Because the
-//! pushes then leave in no guaranteed order across threads, each change carries its
-//! session id, and a change supersedes another for the same user when its
-//! (session id, offline-after-online) key is larger; the agent keeps the largest. A
-//! subscriber's entries go when its session is removed or replaced (same hand-off), and
-//! only sessions that asked for presence pushes (a preamble feature bit) may subscribe.
-//! Presence never touches calls or timers, and, like the rest, never awaits or touches
-//! the database: the current state for a new subscriber is read from the sessions table
-//! through [`Registry::is_online`].
+//! `presence.rs` has its own table and its own short lock: watched user → subscribers
+//! (each a subscription with a clone of its session's [`PushTx`]), so delivering a change
+//! needs no sessions lookup. The sessions table stays the only source of "who is
+//! online": every façade method takes the lock through `Locked`, and the sessions it
+//! installed, removed, put in or out of a call or into "do not disturb" are noted
+//! (`Sessions::touched`); when the lock is released their states are numbered (still
+//! under it) and handed to presence (after it). A change older than what presence holds
+//! is dropped, so the order pushes leave in across threads does not matter. A new
+//! subscription's states are read under presence's lock with this one taken inside it
+//! (the only nesting, always in that order). Stand-ins for TVs on other nodes publish
+//! nothing: a TV's own node publishes its states. Presence never touches calls or
+//! timers and, like the rest, never awaits or touches the database.
 
 mod calls;
 pub mod presence;
