@@ -129,6 +129,26 @@ macro_rules! contract {
             async fn usage_adds_up_per_account_and_period_with_its_allowance() {
                 run_check!($fresh, checks::usage_adds_up);
             }
+
+            #[tokio::test]
+            async fn an_address_book_is_replaced_whole_deduplicated_and_bounded() {
+                run_check!($fresh, checks::presence_book_replaced);
+            }
+
+            #[tokio::test]
+            async fn a_watcher_sees_a_state_only_when_allowed() {
+                run_check!($fresh, checks::presence_view_rules);
+            }
+
+            #[tokio::test]
+            async fn phone_numbers_are_set_shown_and_cleared_by_the_operator() {
+                run_check!($fresh, checks::phone_numbers);
+            }
+
+            #[tokio::test]
+            async fn alarms_are_raised_listed_and_cleared_once() {
+                run_check!($fresh, checks::alarms_raised_and_cleared);
+            }
         }
     )+};
 }
@@ -215,6 +235,257 @@ mod checks {
             None
         );
         assert!(ops.usage(q(Some(7), None)).await.unwrap().is_empty());
+    }
+
+    /// Presence: an address book is replaced as a whole (also in a burst with other
+    /// writes), read back sorted without duplicates; more than 500 distinct contacts are
+    /// refused and leave the book as it was; "hide my state" reads back.
+    pub async fn presence_book_replaced<S: Store, O: OperatorStore>(
+        store: &S,
+        _ops: &O,
+        _: &Config,
+    ) {
+        use call_proxy_server::storage::PresenceBook;
+        assert_eq!(
+            store.presence_book(1).await.unwrap(),
+            PresenceBook::default()
+        );
+        store
+            .set_presence_book(1, vec![30, 20, 30, 20, 10])
+            .await
+            .unwrap();
+        assert_eq!(store.presence_book(1).await.unwrap().contacts, [10, 20, 30]);
+        // Replaced, not added to; in one burst with a registration, a hidden switch and
+        // another TV's book, each answered as if alone.
+        let r = store.register(reg(1, 1));
+        let b = store.set_presence_book(1, vec![40, 20]);
+        let h = store.set_presence_hidden(1, true);
+        let other = store.set_presence_book(2, vec![1]);
+        assert!(matches!(r.await.unwrap(), RegisterResult::Online { .. }));
+        b.await.unwrap();
+        h.await.unwrap();
+        other.await.unwrap();
+        assert_eq!(
+            store.presence_book(1).await.unwrap(),
+            PresenceBook {
+                contacts: vec![20, 40],
+                hidden: true
+            }
+        );
+        assert_eq!(store.presence_book(2).await.unwrap().contacts, [1]);
+        store.set_presence_hidden(1, false).await.unwrap();
+        assert!(!store.presence_book(1).await.unwrap().hidden);
+        // 600 ids with 500 distinct ones: a full book.
+        let many: Vec<UserId> = (1..=500).chain(1..=100).collect();
+        store.set_presence_book(3, many).await.unwrap();
+        assert_eq!(
+            store.presence_book(3).await.unwrap().contacts,
+            (1..=500).collect::<Vec<_>>()
+        );
+        // 501 distinct: refused, the book stays.
+        let err = store
+            .set_presence_book(3, (1..=501).collect())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Other(m) if m.contains("500")),
+            "{err:?}"
+        );
+        assert_eq!(store.presence_book(3).await.unwrap().contacts.len(), 500);
+        // An empty book clears it.
+        store.set_presence_book(3, vec![]).await.unwrap();
+        assert!(store.presence_book(3).await.unwrap().contacts.is_empty());
+    }
+
+    /// Presence: one row per distinct user asked; the state as `users()` reads it; allowed
+    /// when the watcher is in the user's book or the user has called the watcher (not the
+    /// other way round), never when hidden or unknown; the phone on file shown.
+    pub async fn presence_view_rules<S: Store, O: OperatorStore>(store: &S, ops: &O, _: &Config) {
+        use call_proxy_server::storage::PresenceRow;
+        let watcher = 4;
+        for u in [1, 2, 3, 4, 5] {
+            store.register(reg(u, 1)).await.unwrap();
+        }
+        let off_at = now_ms() - 5_000;
+        store.set_offline(2, 1, off_at).await.unwrap();
+        // 1 lists the watcher; 3 lists it but hides; 5 lists someone else.
+        store.set_presence_book(1, vec![watcher, 7]).await.unwrap();
+        store.set_presence_book(3, vec![watcher]).await.unwrap();
+        store.set_presence_book(5, vec![1]).await.unwrap();
+        store.set_presence_hidden(3, true).await.unwrap();
+        // 2 called the watcher once; the watcher called 5 (that allows nothing).
+        store
+            .insert_call(call(1, 2, watcher, Outcome::Cached))
+            .await
+            .unwrap();
+        store
+            .insert_call(call(2, watcher, 5, Outcome::Cached))
+            .await
+            .unwrap();
+        assert!(ops
+            .set_phone(1, Some("+4930123456".into()), now_ms())
+            .await
+            .unwrap());
+        let view = |users: Vec<UserId>| async move {
+            let mut rows = store.presence_view(watcher, users).await.unwrap();
+            rows.sort_by_key(|r| r.user_id);
+            rows
+        };
+        let rows = view(vec![9, 5, 3, 2, 1, 2, 9]).await;
+        let users = store.users(vec![1, 2]).await.unwrap();
+        let row = |user_id, online, last_seen_ms, hidden, allowed, has_phone| PresenceRow {
+            user_id,
+            online,
+            last_seen_ms,
+            hidden,
+            allowed,
+            has_phone,
+        };
+        assert_eq!(
+            rows,
+            vec![
+                row(1, Some(true), users[0].last_seen_ms, false, true, true),
+                row(2, Some(false), Some(off_at), false, true, false),
+                row(3, Some(true), rows[2].last_seen_ms, true, false, false),
+                row(5, Some(true), rows[3].last_seen_ms, false, false, false),
+                row(9, None, None, false, false, false),
+            ]
+        );
+        assert_eq!(users[1].last_seen_ms, Some(off_at));
+        assert!(rows[2].last_seen_ms.is_some());
+        // Another watcher is allowed nothing here: 1's book and 2's call name 4 only.
+        let other = store.presence_view(7, vec![2, 3, 5]).await.unwrap();
+        assert!(other.iter().all(|r| !r.allowed), "{other:?}");
+        assert!(store.presence_view(7, vec![1]).await.unwrap()[0].allowed);
+        // Hidden off: allowed again; an unknown user with a book is still not allowed.
+        store.set_presence_hidden(3, false).await.unwrap();
+        store.set_presence_book(9, vec![watcher]).await.unwrap();
+        let rows = view(vec![3, 9]).await;
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.user_id, r.allowed))
+                .collect::<Vec<_>>(),
+            [(3, true), (9, false)]
+        );
+        assert!(store
+            .presence_view(watcher, vec![])
+            .await
+            .unwrap()
+            .is_empty());
+        // 500 distinct users in one read; 501 refused.
+        assert_eq!(view((1..=500).chain([1, 2]).collect()).await.len(), 500);
+        let err = store
+            .presence_view(watcher, (1..=501).collect())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Other(m) if m.contains("500")),
+            "{err:?}"
+        );
+    }
+
+    /// The operator's phone numbers: only for users that exist, shown with the user,
+    /// replaced, cleared.
+    pub async fn phone_numbers<S: Store, O: OperatorStore>(store: &S, ops: &O, _: &Config) {
+        store.register(reg(1, 1)).await.unwrap();
+        store.register(reg(2, 1)).await.unwrap();
+        let t = now_ms();
+        assert!(!ops
+            .set_phone(9, Some("+4930123456".into()), t)
+            .await
+            .unwrap());
+        assert!(!ops.set_phone(9, None, t).await.unwrap());
+        assert!(ops
+            .set_phone(1, Some("+4930123456".into()), t)
+            .await
+            .unwrap());
+        assert!(ops
+            .set_phone(1, Some("+4930999999".into()), t)
+            .await
+            .unwrap());
+        let phones = |users: Vec<call_proxy_server::storage::operator::UserRecord>| {
+            users
+                .into_iter()
+                .map(|u| (u.user_id, u.phone))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            phones(ops.users(false, 10).await.unwrap()),
+            [(1, Some("+4930999999".to_string())), (2, None)]
+        );
+        assert_eq!(
+            ops.user(1).await.unwrap().unwrap().phone.as_deref(),
+            Some("+4930999999")
+        );
+        assert!(store.presence_view(2, vec![1]).await.unwrap()[0].has_phone);
+        assert!(ops.set_phone(1, None, t).await.unwrap());
+        assert_eq!(ops.user(1).await.unwrap().unwrap().phone, None);
+        assert!(!store.presence_view(2, vec![1]).await.unwrap()[0].has_phone);
+    }
+
+    /// Alarms: raised through the writer, listed newest first with what was recorded;
+    /// cleared once (a second clear and an unknown id answer `false`); cleared ones
+    /// listed only when asked.
+    pub async fn alarms_raised_and_cleared<S: Store, O: OperatorStore>(
+        store: &S,
+        ops: &O,
+        _: &Config,
+    ) {
+        use call_proxy_server::clock::to_db_text;
+        use call_proxy_server::storage::NewAlarm;
+        assert!(ops.alarms(true, 10).await.unwrap().is_empty());
+        let t = now_ms() - 1_000;
+        let alarm = |user_id, at_ms, reason: &str, count| NewAlarm {
+            user_id,
+            at_ms,
+            reason: reason.into(),
+            count,
+        };
+        store
+            .raise_alarm(alarm(
+                7,
+                t,
+                "presence recovery over threshold: signed out",
+                5,
+            ))
+            .await
+            .unwrap();
+        let second = store.raise_alarm(alarm(8, t + 10, "dropped", 6));
+        let reg = store.register(reg(8, 1));
+        second.await.unwrap();
+        reg.await.unwrap();
+        let open = ops.alarms(false, 10).await.unwrap();
+        assert_eq!(
+            open.iter()
+                .map(|a| (a.user_id, a.reason.as_str(), a.count))
+                .collect::<Vec<_>>(),
+            [
+                (8, "dropped", 6),
+                (7, "presence recovery over threshold: signed out", 5)
+            ],
+            "newest first"
+        );
+        assert_eq!(open[1].raised_at, to_db_text(t));
+        assert!(open.iter().all(|a| a.cleared_at.is_none()));
+        assert!(open[0].id > open[1].id);
+        assert_eq!(ops.alarms(false, 1).await.unwrap().len(), 1);
+        let first = open[1].id;
+        let at = now_ms();
+        assert!(ops.clear_alarm(first, at).await.unwrap());
+        assert!(
+            !ops.clear_alarm(first, at).await.unwrap(),
+            "cleared already"
+        );
+        assert!(
+            !ops.clear_alarm(first + 1_000, at).await.unwrap(),
+            "unknown"
+        );
+        let open = ops.alarms(false, 10).await.unwrap();
+        assert_eq!(open.iter().map(|a| a.user_id).collect::<Vec<_>>(), [8]);
+        let all = ops.alarms(true, 10).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].id, first);
+        assert_eq!(all[1].cleared_at.as_deref(), Some(to_db_text(at).as_str()));
     }
 
     /// When the test calls were placed: call `id` at `BASE_MS + 10 * id`, a little

@@ -212,6 +212,28 @@ pub struct NewAlarm {
     pub count: u32,
 }
 
+/// `ids` as a presence list: ascending, without duplicates, each a valid user id, at
+/// most [`shared_proto::MAX_SUBSCRIPTIONS`] of them ([`StoreError::Other`] naming `what`
+/// otherwise). Every backend reads and writes presence lists through it.
+pub fn presence_list(ids: Vec<UserId>, what: &str) -> Result<Vec<UserId>, StoreError> {
+    let mut ids = ids;
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() > shared_proto::MAX_SUBSCRIPTIONS {
+        return Err(StoreError::Other(format!(
+            "{what}: at most {} users, not {}",
+            shared_proto::MAX_SUBSCRIPTIONS,
+            ids.len()
+        )));
+    }
+    if let Some(bad) = ids.iter().find(|&&id| !shared_proto::valid_user_id(id)) {
+        return Err(StoreError::Other(format!(
+            "{what}: user {bad} is out of range"
+        )));
+    }
+    Ok(ids)
+}
+
 /// A new call record.
 #[derive(Debug, Clone)]
 pub struct NewCall {
@@ -583,41 +605,30 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Presence: for each distinct user in `users`, what `watcher` may learn of it (one
     /// row per user asked, unknown users included with `online: None`), in any order.
+    /// One query however many users are asked; more than
+    /// [`shared_proto::MAX_SUBSCRIPTIONS`] distinct users fail with [`StoreError::Other`].
     fn presence_view(
         &self,
         watcher: UserId,
         users: Vec<UserId>,
-    ) -> impl Future<Output = Result<Vec<PresenceRow>, StoreError>> + Send {
-        let _ = (watcher, users);
-        std::future::ready(Err(StoreError::Other("presence is not stored yet".into())))
-    }
+    ) -> impl Future<Output = Result<Vec<PresenceRow>, StoreError>> + Send;
 
     /// Presence: `user`'s own stored settings (an empty book when it has none).
     fn presence_book(
         &self,
         user: UserId,
-    ) -> impl Future<Output = Result<PresenceBook, StoreError>> + Send {
-        let _ = user;
-        std::future::ready(Err(StoreError::Other("presence is not stored yet".into())))
-    }
+    ) -> impl Future<Output = Result<PresenceBook, StoreError>> + Send;
 
-    /// Presence: replaces `user`'s address book with `contacts` (deduplicated). Queued now.
-    fn set_presence_book(&self, user: UserId, contacts: Vec<UserId>) -> Pending<()> {
-        let _ = (user, contacts);
-        Pending::ready(Err(StoreError::Other("presence is not stored yet".into())))
-    }
+    /// Presence: replaces `user`'s address book with `contacts` (deduplicated), in one
+    /// write. More than [`shared_proto::MAX_SUBSCRIPTIONS`] distinct contacts fail with
+    /// [`StoreError::Other`] and nothing is written. Queued now.
+    fn set_presence_book(&self, user: UserId, contacts: Vec<UserId>) -> Pending<()>;
 
     /// Presence: sets `user`'s "hide my state". Queued now.
-    fn set_presence_hidden(&self, user: UserId, hidden: bool) -> Pending<()> {
-        let _ = (user, hidden);
-        Pending::ready(Err(StoreError::Other("presence is not stored yet".into())))
-    }
+    fn set_presence_hidden(&self, user: UserId, hidden: bool) -> Pending<()>;
 
     /// Records an alarm for the operator (`operator_alarm`). Queued now.
-    fn raise_alarm(&self, alarm: NewAlarm) -> Pending<()> {
-        let _ = alarm;
-        Pending::ready(Err(StoreError::Other("alarms are not stored yet".into())))
-    }
+    fn raise_alarm(&self, alarm: NewAlarm) -> Pending<()>;
 
     /// What the backend measured about its commits (for `/metrics`).
     fn metrics(&self) -> &StoreMetrics;
@@ -889,6 +900,45 @@ impl Store for AnyStore {
         }
     }
 
+    async fn presence_view(
+        &self,
+        watcher: UserId,
+        users: Vec<UserId>,
+    ) -> Result<Vec<PresenceRow>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.presence_view(watcher, users).await,
+            AnyStore::Postgres(s) => s.presence_view(watcher, users).await,
+        }
+    }
+
+    async fn presence_book(&self, user: UserId) -> Result<PresenceBook, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.presence_book(user).await,
+            AnyStore::Postgres(s) => s.presence_book(user).await,
+        }
+    }
+
+    fn set_presence_book(&self, user: UserId, contacts: Vec<UserId>) -> Pending<()> {
+        match self {
+            AnyStore::Sqlite(s) => s.set_presence_book(user, contacts),
+            AnyStore::Postgres(s) => s.set_presence_book(user, contacts),
+        }
+    }
+
+    fn set_presence_hidden(&self, user: UserId, hidden: bool) -> Pending<()> {
+        match self {
+            AnyStore::Sqlite(s) => s.set_presence_hidden(user, hidden),
+            AnyStore::Postgres(s) => s.set_presence_hidden(user, hidden),
+        }
+    }
+
+    fn raise_alarm(&self, alarm: NewAlarm) -> Pending<()> {
+        match self {
+            AnyStore::Sqlite(s) => s.raise_alarm(alarm),
+            AnyStore::Postgres(s) => s.raise_alarm(alarm),
+        }
+    }
+
     fn metrics(&self) -> &StoreMetrics {
         match self {
             AnyStore::Sqlite(s) => s.metrics(),
@@ -1047,6 +1097,36 @@ impl OperatorStore for AnyOperator {
         match self {
             AnyOperator::Sqlite(o) => o.set_allowance(user, bytes, now_ms).await,
             AnyOperator::Postgres(o) => o.set_allowance(user, bytes, now_ms).await,
+        }
+    }
+
+    async fn set_phone(
+        &self,
+        user: UserId,
+        phone: Option<String>,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.set_phone(user, phone, now_ms).await,
+            AnyOperator::Postgres(o) => o.set_phone(user, phone, now_ms).await,
+        }
+    }
+
+    async fn alarms(
+        &self,
+        include_cleared: bool,
+        limit: usize,
+    ) -> Result<Vec<operator::AlarmRecord>, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.alarms(include_cleared, limit).await,
+            AnyOperator::Postgres(o) => o.alarms(include_cleared, limit).await,
+        }
+    }
+
+    async fn clear_alarm(&self, id: u64, now_ms: UnixMillis) -> Result<bool, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.clear_alarm(id, now_ms).await,
+            AnyOperator::Postgres(o) => o.clear_alarm(id, now_ms).await,
         }
     }
 }

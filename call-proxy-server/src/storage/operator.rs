@@ -239,6 +239,25 @@ pub struct UserRecord {
     pub last_seen: Option<String>,
     /// The agent's build.
     pub agent_version: String,
+    /// The phone number on file (`user_phone`), E.164.
+    pub phone: Option<String>,
+}
+
+/// An alarm raised for the operator (`operator_alarm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlarmRecord {
+    /// Its number, for clearing it.
+    pub id: u64,
+    /// The user it is about.
+    pub user_id: UserId,
+    /// When it was raised, RFC 3339 UTC.
+    pub raised_at: String,
+    /// What happened, for people.
+    pub reason: String,
+    /// How many failures led to it.
+    pub count: u32,
+    /// When the operator cleared it (`None`: still open).
+    pub cleared_at: Option<String>,
 }
 
 /// Service statistics.
@@ -412,6 +431,31 @@ pub trait OperatorStore: Clone + Send + Sync + 'static {
         bytes: Option<u64>,
         now_ms: UnixMillis,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Sets (`Some`, an E.164 number checked by the caller) or clears (`None`) `user`'s
+    /// phone number on file; `false`: no such user (nothing written). A write like
+    /// [`OperatorStore::revoke`]: its own transaction, never through the server's writer.
+    fn set_phone(
+        &self,
+        user: UserId,
+        phone: Option<String>,
+        now_ms: UnixMillis,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The newest alarms first, at most `limit`: only open ones unless `include_cleared`.
+    fn alarms(
+        &self,
+        include_cleared: bool,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<AlarmRecord>, StoreError>> + Send;
+
+    /// Clears alarm `id`; `false`: no such alarm, or cleared already. A write like
+    /// [`OperatorStore::revoke`].
+    fn clear_alarm(
+        &self,
+        id: u64,
+        now_ms: UnixMillis,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
 
 #[cfg(test)]

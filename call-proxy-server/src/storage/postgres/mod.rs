@@ -34,6 +34,7 @@ pub mod enroll;
 mod group;
 pub mod link;
 pub mod operator;
+pub mod presence;
 pub mod usage;
 
 use std::future::Future;
@@ -316,6 +317,33 @@ const MIGRATIONS: &[&str] = &[
     // of the least loaded node (counting `user_property` at every assignment cost
     // O(TVs online) each).
     "ALTER TABLE tvcall_node ADD COLUMN online bigint NOT NULL DEFAULT 0;",
+    // 5: presence (issue 16; SQLite's migration 6): each TV's address book (who may see
+    // its state), its "hide my state", the phone numbers on file (operator-set: offline
+    // shows as mobile), and the operator's alarms (open while cleared_at is NULL).
+    "CREATE TABLE presence_contact (
+        user_id        bigint   NOT NULL,
+        contact_id     bigint   NOT NULL,
+        PRIMARY KEY (user_id, contact_id)
+     );
+     CREATE TABLE presence_setting (
+        user_id        bigint   PRIMARY KEY,
+        hidden         boolean  NOT NULL DEFAULT false,
+        updated_at     timestamptz NOT NULL
+     );
+     CREATE TABLE user_phone (
+        user_id        bigint   PRIMARY KEY,
+        phone          text     NOT NULL,
+        updated_at     timestamptz NOT NULL
+     );
+     CREATE TABLE operator_alarm (
+        id             bigint   GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        user_id        bigint   NOT NULL,
+        raised_at      timestamptz NOT NULL,
+        reason         text     NOT NULL,
+        count          bigint   NOT NULL DEFAULT 0,
+        cleared_at     timestamptz
+     );
+     CREATE INDEX operator_alarm_open ON operator_alarm (id) WHERE cleared_at IS NULL;",
 ];
 
 /// The advisory lock nodes take while migrating, so two starting at once do not both
@@ -400,6 +428,9 @@ enum WriteJob {
     Ack(UserId, Vec<CallId>, UnixMillis, Completion<u32>),
     StartEnrollment(NewEnrollment, Completion<EnrollmentState>),
     Usage(Vec<crate::accounting::UsageDelta>, Completion<()>),
+    PresenceBook(UserId, Vec<UserId>, Completion<()>),
+    PresenceHidden(UserId, bool, UnixMillis, Completion<()>),
+    Alarm(NewAlarm, Completion<()>),
     Close(oneshot::Sender<()>),
 }
 
@@ -431,12 +462,14 @@ impl WriteJob {
                 Done::Register(r) => Some(r),
                 _ => None,
             })),
-            WriteJob::Offline(.., c) | WriteJob::Usage(_, c) => {
-                c.complete(pick(result, |d| match d {
-                    Done::Unit => Some(()),
-                    _ => None,
-                }))
-            }
+            WriteJob::Offline(.., c)
+            | WriteJob::Usage(_, c)
+            | WriteJob::PresenceBook(.., c)
+            | WriteJob::PresenceHidden(.., c)
+            | WriteJob::Alarm(_, c) => c.complete(pick(result, |d| match d {
+                Done::Unit => Some(()),
+                _ => None,
+            })),
             WriteJob::Insert(.., c) => c.complete(pick(result, |d| match d {
                 Done::Insert(r) => Some(r),
                 _ => None,
@@ -721,6 +754,37 @@ impl Store for PostgresStore {
     async fn revocations_after(&self, seq: i64) -> Result<Vec<Revocation>, StoreError> {
         let conn = self.reader().await?;
         enroll::revocations_after(&conn, seq).await
+    }
+
+    async fn presence_view(
+        &self,
+        watcher: UserId,
+        users: Vec<UserId>,
+    ) -> Result<Vec<PresenceRow>, StoreError> {
+        let users = presence_list(users, "presence view")?;
+        let conn = self.reader().await?;
+        presence::view(&conn, watcher, &users).await
+    }
+
+    async fn presence_book(&self, user: UserId) -> Result<PresenceBook, StoreError> {
+        let conn = self.reader().await?;
+        presence::book(&conn, user).await
+    }
+
+    fn set_presence_book(&self, user: UserId, contacts: Vec<UserId>) -> Pending<()> {
+        match presence_list(contacts, "address book") {
+            Ok(contacts) => self.write(move |c| WriteJob::PresenceBook(user, contacts, c)),
+            Err(e) => Pending::ready(Err(e)),
+        }
+    }
+
+    fn set_presence_hidden(&self, user: UserId, hidden: bool) -> Pending<()> {
+        let at = crate::clock::now_ms();
+        self.write(move |c| WriteJob::PresenceHidden(user, hidden, at, c))
+    }
+
+    fn raise_alarm(&self, alarm: NewAlarm) -> Pending<()> {
+        self.write(move |c| WriteJob::Alarm(alarm, c))
     }
 
     fn metrics(&self) -> &StoreMetrics {
@@ -1301,6 +1365,10 @@ struct Statements {
     insert_many: Statement,
     keyed_many: Statement,
     add_usage: Statement,
+    book_delete: Statement,
+    book_insert: Statement,
+    presence_hidden: Statement,
+    raise_alarm: Statement,
 }
 
 /// The key of a call as stored: the same 64 bits, as a signed integer.
@@ -1510,6 +1578,10 @@ impl Statements {
                 )
                 .await?,
             add_usage: conn.prepare_cached(usage::ADD_SQL).await?,
+            book_delete: conn.prepare_cached(presence::BOOK_DELETE_SQL).await?,
+            book_insert: conn.prepare_cached(presence::BOOK_INSERT_SQL).await?,
+            presence_hidden: conn.prepare_cached(presence::HIDDEN_SQL).await?,
+            raise_alarm: conn.prepare_cached(presence::ALARM_SQL).await?,
             ack: conn
                 .prepare_cached(concat!(
                     "UPDATE user_call SET delivered = 1, delivered_at = tvcall_ts($3::bigint)
@@ -1597,8 +1669,11 @@ enum Step<'a> {
         state: Sent<'a, Vec<Row>>,
     },
     /// One statement whose answer says only that it succeeded (an offline mark, a
-    /// node's usage).
+    /// node's usage, a presence setting, an alarm).
     Unit(Sent<'a, u64>),
+    /// Several such statements, all of one write (an address book: the old one deleted,
+    /// the new one inserted).
+    Units(Vec<Sent<'a, u64>>),
     Insert {
         expire: Option<Sent<'a, u64>>,
         insert: Sent<'a, u64>,
@@ -1792,6 +1867,29 @@ async fn send_job<'a>(
         WriteJob::Usage(rows, _) => {
             Step::Unit(send_exec(conn, &s.add_usage, usage::add_params(rows)).await)
         }
+        WriteJob::PresenceBook(user, contacts, _) => {
+            let user = *user as i64;
+            let contacts: Vec<i64> = contacts.iter().map(|&c| c as i64).collect();
+            let delete = send_exec(conn, &s.book_delete, vec![Box::new(user)]).await;
+            let insert = send_exec(
+                conn,
+                &s.book_insert,
+                vec![Box::new(user), Box::new(contacts)],
+            )
+            .await;
+            Step::Units(vec![delete, insert])
+        }
+        WriteJob::PresenceHidden(user, hidden, at, _) => Step::Unit(
+            send_exec(
+                conn,
+                &s.presence_hidden,
+                vec![Box::new(*user as i64), Box::new(*hidden), Box::new(*at)],
+            )
+            .await,
+        ),
+        WriteJob::Alarm(alarm, _) => {
+            Step::Unit(send_exec(conn, &s.raise_alarm, presence::alarm_params(alarm)).await)
+        }
         WriteJob::StartEnrollment(..) | WriteJob::Close(_) => Step::Known(Err(StoreError::Other(
             "this write is not sent as a pipelined step".into(),
         ))),
@@ -1826,6 +1924,16 @@ impl Step<'_> {
             }
             Step::Unit(update) => {
                 update.answer().await?;
+                Ok(Done::Unit)
+            }
+            Step::Units(updates) => {
+                let mut answers = Vec::with_capacity(updates.len());
+                for u in updates {
+                    answers.push(u.answer().await);
+                }
+                for a in answers {
+                    a?;
+                }
                 Ok(Done::Unit)
             }
             Step::Insert {

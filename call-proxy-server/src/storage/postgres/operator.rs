@@ -39,9 +39,13 @@ impl PostgresOperator {
     }
 }
 
-/// The columns [`user_record`] reads, in its order.
-const USER_COLUMNS: &str =
-    "user_id, user_ip, user_netstate, media_port, tvcall_text(last_seen), agent_version";
+/// The columns [`user_record`] reads, in its order, from `user_property` joined with
+/// [`USER_FROM`].
+const USER_COLUMNS: &str = "p.user_id, p.user_ip, p.user_netstate, p.media_port,
+     tvcall_text(p.last_seen), p.agent_version, ph.phone";
+
+/// The tables [`USER_COLUMNS`] come from.
+const USER_FROM: &str = "user_property p LEFT JOIN user_phone ph ON ph.user_id = p.user_id";
 
 fn user_record(r: &Row) -> Result<UserRecord, StoreError> {
     Ok(UserRecord {
@@ -51,6 +55,7 @@ fn user_record(r: &Row) -> Result<UserRecord, StoreError> {
         media_port: r.try_get::<_, i32>(3)? as u16,
         last_seen: r.try_get(4)?,
         agent_version: r.try_get(5)?,
+        phone: r.try_get(6)?,
     })
 }
 
@@ -129,8 +134,9 @@ impl OperatorStore for PostgresOperator {
         let rows = conn
             .query(
                 &format!(
-                    "SELECT {USER_COLUMNS} FROM user_property
-                     WHERE (NOT $1::bool OR user_netstate = 1) ORDER BY user_id LIMIT $2::bigint"
+                    "SELECT {USER_COLUMNS} FROM {USER_FROM}
+                     WHERE (NOT $1::bool OR p.user_netstate = 1) ORDER BY p.user_id
+                     LIMIT $2::bigint"
                 ),
                 &[&online_only, &i64::try_from(limit).unwrap_or(i64::MAX)],
             )
@@ -145,7 +151,7 @@ impl OperatorStore for PostgresOperator {
         let conn = self.conn().await?;
         let row = conn
             .query_opt(
-                &format!("SELECT {USER_COLUMNS} FROM user_property WHERE user_id = $1::bigint"),
+                &format!("SELECT {USER_COLUMNS} FROM {USER_FROM} WHERE p.user_id = $1::bigint"),
                 &[&key],
             )
             .await?;
@@ -239,5 +245,29 @@ impl OperatorStore for PostgresOperator {
     ) -> Result<(), StoreError> {
         let conn = self.conn().await?;
         super::usage::set_allowance(&conn, user, bytes, now_ms).await
+    }
+
+    async fn set_phone(
+        &self,
+        user: UserId,
+        phone: Option<String>,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        super::presence::set_phone(&mut conn, user, phone.as_deref(), now_ms).await
+    }
+
+    async fn alarms(
+        &self,
+        include_cleared: bool,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::operator::AlarmRecord>, StoreError> {
+        let conn = self.conn().await?;
+        super::presence::alarms(&conn, include_cleared, limit).await
+    }
+
+    async fn clear_alarm(&self, id: u64, now_ms: UnixMillis) -> Result<bool, StoreError> {
+        let conn = self.conn().await?;
+        super::presence::clear_alarm(&conn, id, now_ms).await
     }
 }

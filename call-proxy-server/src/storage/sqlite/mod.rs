@@ -13,6 +13,7 @@
 
 pub mod enroll;
 pub mod operator;
+pub mod presence;
 mod reserve;
 pub mod usage;
 
@@ -198,6 +199,33 @@ const MIGRATIONS: &[&str] = &[
         bytes_per_period INTEGER NOT NULL CHECK (bytes_per_period >= 0),
         set_at           TEXT    NOT NULL
      );",
+    // 6: presence (issue 16): each TV's address book (who may see its state), its "hide
+    // my state", the phone numbers on file (operator-set: offline shows as mobile), and
+    // the operator's alarms (open while cleared_at is NULL).
+    "CREATE TABLE presence_contact (
+        user_id        INTEGER NOT NULL,             -- the TV whose book it is
+        contact_id     INTEGER NOT NULL,             -- who may see its state
+        PRIMARY KEY (user_id, contact_id)
+     ) WITHOUT ROWID;
+     CREATE TABLE presence_setting (
+        user_id        INTEGER PRIMARY KEY,
+        hidden         INTEGER NOT NULL DEFAULT 0 CHECK (hidden IN (0, 1)),
+        updated_at     TEXT    NOT NULL
+     );
+     CREATE TABLE user_phone (
+        user_id        INTEGER PRIMARY KEY,
+        phone          TEXT    NOT NULL,             -- E.164
+        updated_at     TEXT    NOT NULL
+     );
+     CREATE TABLE operator_alarm (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id        INTEGER NOT NULL,
+        raised_at      TEXT    NOT NULL,
+        reason         TEXT    NOT NULL,
+        count          INTEGER NOT NULL DEFAULT 0,
+        cleared_at     TEXT
+     );
+     CREATE INDEX operator_alarm_open ON operator_alarm (id) WHERE cleared_at IS NULL;",
 ];
 
 /// The condition of a live call; written exactly as in the partial index `user_call_live`
@@ -269,6 +297,9 @@ enum WriteJob {
     Ack(UserId, Vec<CallId>, UnixMillis, Slot<u32>),
     StartEnrollment(NewEnrollment, Slot<EnrollmentState>),
     Usage(Vec<crate::accounting::UsageDelta>, Slot<()>),
+    PresenceBook(UserId, Vec<UserId>, Slot<()>),
+    PresenceHidden(UserId, bool, UnixMillis, Slot<()>),
+    Alarm(NewAlarm, Slot<()>),
     Close(oneshot::Sender<()>),
     /// Test only: writes a call row, then fails (a job that fails half-way).
     #[cfg(test)]
@@ -318,7 +349,10 @@ impl WriteJob {
             WriteJob::Insert(_, _, slot) => slot.answer(batch),
             WriteJob::Finish(.., slot) | WriteJob::Ack(.., slot) => slot.answer(batch),
             WriteJob::StartEnrollment(_, slot) => slot.answer(batch),
-            WriteJob::Usage(_, slot) => slot.answer(batch),
+            WriteJob::Usage(_, slot)
+            | WriteJob::PresenceBook(.., slot)
+            | WriteJob::PresenceHidden(.., slot)
+            | WriteJob::Alarm(_, slot) => slot.answer(batch),
             WriteJob::Close(_) => {}
             #[cfg(test)]
             WriteJob::FailAfterInsert(_, slot) => slot.answer(batch),
@@ -334,6 +368,8 @@ enum ReadJob {
     Users(Vec<UserId>, Reply<Vec<UserRow>>),
     Cached(UserId, CallId, usize, Reply<Vec<CachedRow>>),
     Keyed(UserId, IdempotencyKey, UnixMillis, Reply<Option<KeyedCall>>),
+    PresenceView(UserId, Vec<UserId>, Reply<Vec<PresenceRow>>),
+    PresenceBook(UserId, Reply<PresenceBook>),
 }
 
 /// The SQLite-backed [`Store`]. Cheap to clone.
@@ -558,6 +594,36 @@ impl Store for SqliteStore {
 
     async fn revocations_after(&self, seq: i64) -> Result<Vec<Revocation>, StoreError> {
         self.read(|tx| ReadJob::Revocations(seq, tx)).await
+    }
+
+    async fn presence_view(
+        &self,
+        watcher: UserId,
+        users: Vec<UserId>,
+    ) -> Result<Vec<PresenceRow>, StoreError> {
+        let users = presence_list(users, "presence view")?;
+        self.read(|tx| ReadJob::PresenceView(watcher, users, tx))
+            .await
+    }
+
+    async fn presence_book(&self, user: UserId) -> Result<PresenceBook, StoreError> {
+        self.read(|tx| ReadJob::PresenceBook(user, tx)).await
+    }
+
+    fn set_presence_book(&self, user: UserId, contacts: Vec<UserId>) -> Pending<()> {
+        match presence_list(contacts, "address book") {
+            Ok(contacts) => self.write(move |slot| WriteJob::PresenceBook(user, contacts, slot)),
+            Err(e) => Pending::ready(Err(e)),
+        }
+    }
+
+    fn set_presence_hidden(&self, user: UserId, hidden: bool) -> Pending<()> {
+        let at = crate::clock::now_ms();
+        self.write(move |slot| WriteJob::PresenceHidden(user, hidden, at, slot))
+    }
+
+    fn raise_alarm(&self, alarm: NewAlarm) -> Pending<()> {
+        self.write(move |slot| WriteJob::Alarm(alarm, slot))
     }
 
     fn metrics(&self) -> &StoreMetrics {
@@ -844,6 +910,13 @@ fn apply(tx: &Transaction<'_>, job: &mut WriteJob, full: bool) -> Result<(), Sto
         WriteJob::Ack(callee, ids, at, slot) => slot.set(ack(tx, *callee, ids, *at)),
         WriteJob::StartEnrollment(e, slot) => slot.set(enroll::start(tx, e)),
         WriteJob::Usage(rows, slot) => slot.set(usage::add(tx, rows)),
+        WriteJob::PresenceBook(user, contacts, slot) => {
+            slot.set(presence::set_book(tx, *user, contacts))
+        }
+        WriteJob::PresenceHidden(user, hidden, at, slot) => {
+            slot.set(presence::set_hidden(tx, *user, *hidden, *at))
+        }
+        WriteJob::Alarm(alarm, slot) => slot.set(presence::raise(tx, alarm)),
         WriteJob::Close(_) => Ok(()),
         #[cfg(test)]
         WriteJob::FailAfterInsert(call, slot) => {
@@ -1101,6 +1174,12 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
             }
             ReadJob::Revocations(after, reply) => {
                 let _ = reply.send(enroll::revocations_after(&conn, after));
+            }
+            ReadJob::PresenceView(watcher, users, reply) => {
+                let _ = reply.send(presence::view(&conn, watcher, &users));
+            }
+            ReadJob::PresenceBook(user, reply) => {
+                let _ = reply.send(presence::book(&conn, user));
             }
         }
     }

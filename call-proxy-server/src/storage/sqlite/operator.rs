@@ -172,10 +172,45 @@ impl OperatorStore for SqliteOperator {
             .await
             .map_err(|e| StoreError::Other(format!("allowance task: {e}")))?
     }
+
+    async fn set_phone(
+        &self,
+        user: UserId,
+        phone: Option<String>,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || {
+            super::presence::set_phone(&path, user, phone.as_deref(), now_ms)
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("phone task: {e}")))?
+    }
+
+    async fn alarms(
+        &self,
+        include_cleared: bool,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::operator::AlarmRecord>, StoreError> {
+        self.run(move |db| super::presence::alarms(db, include_cleared, limit))
+            .await
+    }
+
+    async fn clear_alarm(&self, id: u64, now_ms: UnixMillis) -> Result<bool, StoreError> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || super::presence::clear_alarm(&path, id, now_ms))
+            .await
+            .map_err(|e| StoreError::Other(format!("alarm task: {e}")))?
+    }
 }
 
-/// The columns [`user_record`] reads, in its order.
-const USER_COLUMNS: &str = "user_id, user_ip, user_netstate, media_port, last_seen, agent_version";
+/// The columns [`user_record`] reads, in its order, from `user_property` joined with
+/// [`USER_FROM`].
+const USER_COLUMNS: &str = "p.user_id, p.user_ip, p.user_netstate, p.media_port, p.last_seen,
+     p.agent_version, ph.phone";
+
+/// The tables [`USER_COLUMNS`] come from.
+const USER_FROM: &str = "user_property p LEFT JOIN user_phone ph ON ph.user_id = p.user_id";
 
 fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
     Ok(UserRecord {
@@ -185,6 +220,7 @@ fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
         media_port: r.get::<_, i64>(3)? as u16,
         last_seen: r.get(4)?,
         agent_version: r.get(5)?,
+        phone: r.get(6)?,
     })
 }
 
@@ -247,8 +283,8 @@ impl OperatorDb {
     /// Users, by id; only online ones if asked.
     pub fn users(&self, online_only: bool, limit: usize) -> Result<Vec<UserRecord>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT {USER_COLUMNS} FROM user_property
-             WHERE (?1 = 0 OR user_netstate = 1) ORDER BY user_id LIMIT ?2"
+            "SELECT {USER_COLUMNS} FROM {USER_FROM}
+             WHERE (?1 = 0 OR p.user_netstate = 1) ORDER BY p.user_id LIMIT ?2"
         ))?;
         let rows = stmt.query_map(
             rusqlite::params![online_only as i64, i64::try_from(limit).unwrap_or(i64::MAX)],
@@ -265,7 +301,7 @@ impl OperatorDb {
         Ok(self
             .conn
             .query_row(
-                &format!("SELECT {USER_COLUMNS} FROM user_property WHERE user_id = ?1"),
+                &format!("SELECT {USER_COLUMNS} FROM {USER_FROM} WHERE p.user_id = ?1"),
                 [key],
                 user_record,
             )
