@@ -278,3 +278,24 @@ mod tests {
         }
     }
 }
+
+/// Writes address-book entries `(owner, contact)` straight into the database at `path`
+/// (created with the schema if new), as if each owner had subscribed with them: for
+/// benchmarks that start a server on many TVs that may watch each other.
+pub fn seed_contacts(path: &Path, rows: &[(UserId, UserId)]) -> Result<(), StoreError> {
+    super::create_schema(path)?;
+    let mut conn = Connection::open(path).map_err(db_error)?;
+    let tx = conn.transaction().map_err(db_error)?;
+    {
+        let mut s = tx
+            .prepare(
+                "INSERT OR IGNORE INTO presence_contact (user_id, contact_id) VALUES (?1, ?2)",
+            )
+            .map_err(db_error)?;
+        for (owner, contact) in rows {
+            s.execute(params![*owner as i64, *contact as i64])
+                .map_err(db_error)?;
+        }
+    }
+    tx.commit().map_err(db_error)
+}
