@@ -2,7 +2,8 @@
 //! asked); `dispatch` runs the distribution service in front of several nodes; `calls`, `users` and `stats` are the operator CLI, on the database file
 //! (`--db`) or through a running server's admin API (`--admin URL`); `approve`, `refuse`, `revoke`
 //! and `enrollments` manage enrolled TVs on the database file (also while the server
-//! runs).
+//! runs), `usage` and `allowance` traffic accounting, `phone` the numbers on file and
+//! `alarms` / `clear-alarm` the operator's alarms.
 
 use std::path::PathBuf;
 
@@ -122,6 +123,44 @@ enum Command {
         /// No allowance: the account is not limited.
         #[arg(long)]
         unlimited: bool,
+    },
+    /// Sets or clears the phone number on file for user ID (E.164, e.g. +4930123456):
+    /// while that TV is off, its contacts see it as reachable by mobile.
+    Phone {
+        #[command(flatten)]
+        db: DbArg,
+        /// The user.
+        #[arg(long)]
+        user: u64,
+        /// The number: a + then 8 to 15 digits, country code first.
+        #[arg(long, conflicts_with = "clear", required_unless_present = "clear")]
+        number: Option<String>,
+        /// No number on file any more.
+        #[arg(long)]
+        clear: bool,
+    },
+    /// The operator's alarms (a TV signed out after repeated failed presence
+    /// notifications, …), newest first: open ones unless --all.
+    Alarms {
+        #[command(flatten)]
+        db: DbArg,
+        /// Cleared alarms too.
+        #[arg(long)]
+        all: bool,
+        /// JSON (scripts) rather than a table.
+        #[arg(long)]
+        json: bool,
+        /// Most rows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Clears an open alarm (it stays listed with --all).
+    ClearAlarm {
+        #[command(flatten)]
+        db: DbArg,
+        /// The alarm's id (from `alarms`).
+        #[arg(long)]
+        id: u64,
     },
     /// Enrollment requests, newest first (pending, approved, refused, expired).
     Enrollments {
@@ -501,6 +540,38 @@ fn run_cli() -> anyhow::Result<()> {
             mb,
             unlimited,
         } => allowance(db, user, bytes, mb, unlimited),
+        Command::Phone {
+            db,
+            user,
+            number,
+            clear: _,
+        } => phone(db, user, number),
+        Command::Alarms {
+            db,
+            all,
+            json,
+            limit,
+        } => {
+            let (ops, rt) = operator_db(db)?;
+            let rows: Vec<api::Alarm> = rt
+                .block_on(ops.alarms(
+                    all,
+                    limit.min(call_proxy_server::storage::operator::MAX_PAGE),
+                ))?
+                .into_iter()
+                .map(api::Alarm::from)
+                .collect();
+            print_rows(&rows, if json { Format::Json } else { Format::Table })
+        }
+        Command::ClearAlarm { db, id } => {
+            let (ops, rt) = operator_db(db)?;
+            if rt.block_on(ops.clear_alarm(id, call_proxy_server::clock::now_ms()))? {
+                println!("{}", serde_json::json!({ "cleared": id }));
+                Ok(())
+            } else {
+                anyhow::bail!("no open alarm {id} (unknown, or cleared already)")
+            }
+        }
         Command::Enrollments { db, limit, format } => {
             let (ops, rt) = operator_db(db)?;
             let rows = rt.block_on(ops.enrollments(call_proxy_server::clock::now_ms(), limit))?;
@@ -599,6 +670,22 @@ fn allowance(
     rt.block_on(ops.set_allowance(user, limit, call_proxy_server::clock::now_ms()))?;
     println!("{}", serde_json::json!({"user": user, "allowance": limit}));
     Ok(())
+}
+
+fn phone(db: DbArg, user: u64, number: Option<String>) -> anyhow::Result<()> {
+    if !shared_proto::valid_user_id(user) {
+        return Err(UsageError(format!("user {user} is out of range")).into());
+    }
+    if let Some(n) = &number {
+        api::check_phone(n).map_err(UsageError)?;
+    }
+    let (ops, rt) = operator_db(db)?;
+    if rt.block_on(ops.set_phone(user, number.clone(), call_proxy_server::clock::now_ms()))? {
+        println!("{}", serde_json::json!({ "user": user, "phone": number }));
+        Ok(())
+    } else {
+        anyhow::bail!("no user {user}")
+    }
 }
 
 fn revoke(db: DbArg, user: u64) -> anyhow::Result<()> {

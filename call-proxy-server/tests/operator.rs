@@ -159,3 +159,208 @@ async fn call_log_filters_pages_formats_and_errors() {
     assert!(err.contains("no database"), "{err}");
     srv.stop().await;
 }
+
+/// Presence's operator side (issue 16) on a real server's database: phone numbers set,
+/// shown and cleared from the CLI and the admin API, bad numbers refused with the rule;
+/// alarms the server raised listed (open ones by default), cleared once, in both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_numbers_and_alarms_from_the_cli_and_the_admin_api() {
+    use call_proxy_server::storage::{NewAlarm, Store};
+    use common::{admin_http as http, ADMIN_TOKEN};
+    let mut srv = TestServer::start().await;
+    let db = srv.db.db_arg();
+    let admin = srv.start_admin(None).await;
+    let tok = Some(ADMIN_TOKEN);
+    let _tv = srv.tv(51, 4000).await;
+    srv.known_offline(52).await;
+
+    // The CLI sets a number; `users` shows it; a bad one is a usage error naming E.164.
+    let (code, out, err) = cli(&[
+        "phone",
+        "--db",
+        &db,
+        "--user",
+        "51",
+        "--number",
+        "+4930123456",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("+4930123456"), "{out}");
+    let user = |id: u64| {
+        let (code, out, err) = cli(&["users", "--db", &db, "--format", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let rows: Value = serde_json::from_str(&out).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["user_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no user {id} in {rows}"))
+    };
+    assert_eq!(user(51)["phone"], "+4930123456");
+    assert_eq!(user(52)["phone"], Value::Null);
+    for bad in ["4930123456", "+49 30 123456", "+4930", "+4930123456789012"] {
+        let (code, _, err) = cli(&["phone", "--db", &db, "--user", "51", "--number", bad]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("E.164"), "{bad}: {err}");
+    }
+    assert_eq!(
+        user(51)["phone"],
+        "+4930123456",
+        "a refused number changes nothing"
+    );
+    let (code, _, err) = cli(&["phone", "--db", &db, "--user", "51"]);
+    assert_eq!(code, 2, "neither --number nor --clear: {err}");
+    let (code, _, err) = cli(&[
+        "phone",
+        "--db",
+        &db,
+        "--user",
+        "999",
+        "--number",
+        "+4930123456",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no user 999"), "{err}");
+    let (code, _, err) = cli(&["phone", "--db", &db, "--user", "51", "--clear"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(user(51)["phone"], Value::Null);
+
+    // The admin API: PUT sets and clears, shown by GET /api/users/{id}; 400 names the
+    // rule, 404 an unknown user, 401 without the token.
+    let phone = |id: u64| format!("{admin}/api/users/{id}/phone");
+    let (status, body) = http(
+        "PUT",
+        phone(52),
+        tok,
+        Some(r#"{"phone":"+12025550123"}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http("GET", format!("{admin}/api/users/52"), tok, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["phone"],
+        "+12025550123"
+    );
+    assert_eq!(user(52)["phone"], "+12025550123");
+    let (status, body) = http(
+        "PUT",
+        phone(52),
+        tok,
+        Some(r#"{"phone":"12025550123"}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("E.164"), "{body}");
+    let (status, body) = http(
+        "PUT",
+        phone(999),
+        tok,
+        Some(r#"{"phone":"+12025550123"}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = http("PUT", phone(52), None, Some(r#"{"phone":null}"#.into())).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        user(52)["phone"],
+        "+12025550123",
+        "refused without the token"
+    );
+    let (status, body) = http("PUT", phone(52), tok, Some(r#"{"phone":null}"#.into())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(user(52)["phone"], Value::Null);
+
+    // Alarms the server raised: listed newest first, open ones unless --all / all=true.
+    let now = call_proxy_server::clock::now_ms();
+    for (user_id, count) in [(51, 5), (52, 7)] {
+        srv.shared
+            .store
+            .raise_alarm(NewAlarm {
+                user_id,
+                at_ms: now,
+                reason: "presence notifications kept failing: signed out".into(),
+                count,
+            })
+            .await
+            .unwrap();
+    }
+    let alarms = |extra: &[&str]| {
+        let mut args = vec!["alarms", "--db", &db, "--json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let open = alarms(&[]);
+    assert_eq!(open.len(), 2, "{open:?}");
+    assert_eq!(
+        (open[0]["user_id"].as_u64(), open[0]["count"].as_u64()),
+        (Some(52), Some(7))
+    );
+    assert_eq!(open[1]["user_id"], 51);
+    assert_eq!(open[0]["cleared_at"], Value::Null);
+    let (first, second) = (
+        open[1]["id"].as_u64().unwrap(),
+        open[0]["id"].as_u64().unwrap(),
+    );
+    let (code, table, err) = cli(&["alarms", "--db", &db]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("reason") && table.contains("signed out"),
+        "{table}"
+    );
+
+    let (code, out, err) = cli(&["clear-alarm", "--db", &db, "--id", &first.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&first.to_string()), "{out}");
+    let (code, _, err) = cli(&["clear-alarm", "--db", &db, "--id", &first.to_string()]);
+    assert_eq!(code, 1, "cleared already: {err}");
+    assert!(err.contains("no open alarm"), "{err}");
+    let open = alarms(&[]);
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0]["id"].as_u64(), Some(second));
+    let all = alarms(&["--all"]);
+    assert_eq!(all.len(), 2);
+    assert!(all[1]["cleared_at"].is_string(), "{all:?}");
+
+    // The same over HTTP.
+    let list = |query: &'static str| {
+        let url = format!("{admin}/api/alarms{query}");
+        async move {
+            let (status, body) = http("GET", url, tok, None).await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<Value>(&body).unwrap()["alarms"]
+                .as_array()
+                .unwrap()
+                .clone()
+        }
+    };
+    let open = list("").await;
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0]["id"].as_u64(), Some(second));
+    assert_eq!(
+        open[0]["reason"],
+        "presence notifications kept failing: signed out"
+    );
+    assert_eq!(list("?all=true").await.len(), 2);
+    let (status, body) = http("GET", format!("{admin}/api/alarms?all=maybe"), tok, None).await;
+    assert_eq!(status, 400, "{body}");
+    let clear = |id: u64| format!("{admin}/api/alarms/{id}/clear");
+    let (status, _) = http("POST", clear(second), None, None).await;
+    assert_eq!(status, 401);
+    let (status, body) = http("POST", clear(second), tok, None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http("POST", clear(second), tok, None).await;
+    assert_eq!(status, 404, "cleared already: {body}");
+    let (status, body) = http("POST", clear(second + 100), tok, None).await;
+    assert_eq!(status, 404, "unknown: {body}");
+    assert!(list("").await.is_empty());
+    assert!(alarms(&[]).is_empty());
+    srv.stop().await;
+}

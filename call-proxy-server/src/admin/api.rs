@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use shared_proto::{CallId, UserId};
 
-use crate::storage::operator::{CallRecord, Stats as StatsRecord, UserRecord};
+use crate::storage::operator::{AlarmRecord, CallRecord, Stats as StatsRecord, UserRecord};
 
 /// One call of the log (`GET /api/calls`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +75,9 @@ pub struct User {
     pub last_seen: Option<String>,
     /// The agent's build.
     pub agent_version: String,
+    /// The phone number on file, E.164 (`null`: none).
+    #[serde(default)]
+    pub phone: Option<String>,
 }
 
 impl From<UserRecord> for User {
@@ -86,6 +89,7 @@ impl From<UserRecord> for User {
             media_port: r.media_port,
             last_seen: r.last_seen,
             agent_version: r.agent_version,
+            phone: r.phone,
         }
     }
 }
@@ -140,6 +144,69 @@ impl From<StatsRecord> for Stats {
     }
 }
 
+/// An alarm raised for the operator (`GET /api/alarms`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alarm {
+    /// Its number (`POST /api/alarms/{id}/clear`).
+    pub id: u64,
+    /// The user it is about.
+    pub user_id: UserId,
+    /// When it was raised, RFC 3339 UTC.
+    pub raised_at: String,
+    /// What happened.
+    pub reason: String,
+    /// How many failures led to it.
+    pub count: u32,
+    /// When it was cleared (`null`: open).
+    pub cleared_at: Option<String>,
+}
+
+impl From<AlarmRecord> for Alarm {
+    fn from(r: AlarmRecord) -> Self {
+        Alarm {
+            id: r.id,
+            user_id: r.user_id,
+            raised_at: r.raised_at,
+            reason: r.reason,
+            count: r.count,
+            cleared_at: r.cleared_at,
+        }
+    }
+}
+
+/// The alarms, newest first (`GET /api/alarms`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alarms {
+    /// Open ones only, unless cleared ones were asked for.
+    pub alarms: Vec<Alarm>,
+}
+
+/// The body of `PUT /api/users/{id}/phone`: the number, or `null` to clear it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhoneBody {
+    /// E.164 (`+` and 8 to 15 digits); `null`: no number on file.
+    pub phone: Option<String>,
+}
+
+/// Checks a phone number as the operator gives it: E.164, a `+` and 8 to 15 digits
+/// (the country code first), nothing else. The one check of the CLI and the admin API.
+pub fn check_phone(text: &str) -> Result<(), String> {
+    let digits = text.strip_prefix('+').unwrap_or("");
+    if text.starts_with('+')
+        && (8..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{text:?} is not a phone number in E.164 form: a + then 8 to 15 digits, \
+             country code first (e.g. +4930123456)"
+        ))
+    }
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -151,4 +218,37 @@ pub struct ErrorBody {
     /// Its value as sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn phone_numbers_must_be_e164() {
+        for ok in [
+            "+4930123456",
+            "+12025550123",
+            "+49301234",
+            "+123456789012345",
+        ] {
+            assert_eq!(check_phone(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "+",
+            "4930123456",
+            "+4930 123456",
+            "+49-30-123456",
+            "+4930123",
+            "+1234567890123456",
+            "+04930123456",
+            "++4930123456",
+            "+49301234a6",
+        ] {
+            let err = check_phone(bad).unwrap_err();
+            assert!(err.contains("E.164"), "{bad}: {err}");
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! The admin listener: a separate HTTP port (loopback or a management network) with
 //! liveness (`/healthz`), readiness (`/readyz`), Prometheus metrics (`/metrics`) and the
 //! operator API (`/api/calls`, `/api/users`, `/api/users/{id}`, `/api/stats`, enrollments
-//! and revocations, traffic accounting: `/api/usage`, `PUT /api/allowances/{id}`).
+//! and revocations, traffic accounting: `/api/usage`, `PUT /api/allowances/{id}`, the
+//! operator's alarms: `/api/alarms`, `POST /api/alarms/{id}/clear`, and phone numbers on
+//! file: `PUT /api/users/{id}/phone`).
 //!
 //! Everything except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`.
 //! Database queries go through the backend's [`OperatorStore`] (at most [`MAX_QUERIES`]
@@ -148,6 +150,15 @@ pub fn router_with<S: Store, O: OperatorStore>(
         .route(
             "/api/allowances/{id}",
             axum::routing::put(routes::set_allowance::<S, O>),
+        )
+        .route("/api/alarms", get(routes::alarms::<S, O>))
+        .route(
+            "/api/alarms/{id}/clear",
+            axum::routing::post(routes::clear_alarm::<S, O>),
+        )
+        .route(
+            "/api/users/{id}/phone",
+            axum::routing::put(routes::set_phone::<S, O>),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),

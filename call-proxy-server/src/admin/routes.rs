@@ -453,3 +453,79 @@ pub(super) async fn set_allowance<S: Store, O: OperatorStore>(
         .await?;
     Ok(Json(serde_json::json!({ "user": user, "allowance": body.bytes })).into_response())
 }
+
+/// `GET /api/alarms` parameters, as sent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AlarmsParams {
+    /// `true`: cleared alarms too.
+    all: Option<String>,
+    /// Most rows.
+    limit: Option<String>,
+}
+
+/// `GET /api/alarms`: the operator's alarms, newest first; open ones only unless
+/// `all=true`.
+pub(super) async fn alarms<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    params: Result<Query<AlarmsParams>, QueryRejection>,
+) -> Result<Json<api::Alarms>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let all = param("all", p.all, |s| match s {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err("use true or false".into()),
+    })?
+    .unwrap_or(false);
+    let limit = page_size(p.limit, DEFAULT_USERS_LIMIT)?;
+    let rows = state.ops.alarms(all, limit).await?;
+    Ok(Json(api::Alarms {
+        alarms: rows.into_iter().map(api::Alarm::from).collect(),
+    }))
+}
+
+/// `POST /api/alarms/{id}/clear`: clears an open alarm (404: no such open alarm).
+pub(super) async fn clear_alarm<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = param("id", Some(id), |s| {
+        s.parse::<u64>()
+            .map_err(|_| "not an alarm number".to_string())
+    })?
+    .unwrap_or_default();
+    if state.ops.clear_alarm(id, clock::now_ms()).await? {
+        Ok(Json(serde_json::json!({ "cleared": id })).into_response())
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no open alarm {id} (unknown, or cleared already)"
+        )))
+    }
+}
+
+/// `PUT /api/users/{id}/phone` with `{"phone": "+4930123456"}` (E.164) or
+/// `{"phone": null}`: sets or clears the user's phone number on file (404: no such user).
+pub(super) async fn set_phone<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    Path(id): Path<String>,
+    body: Result<Json<api::PhoneBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let user = param("id", Some(id), user_id)?.unwrap_or_default();
+    let Json(body) = body.map_err(|e| ApiError::BadQuery(format!("bad body: {e}")))?;
+    if let Some(p) = &body.phone {
+        api::check_phone(p).map_err(|message| ApiError::BadParam {
+            parameter: "phone",
+            value: p.clone(),
+            message,
+        })?;
+    }
+    if state
+        .ops
+        .set_phone(user, body.phone.clone(), clock::now_ms())
+        .await?
+    {
+        Ok(Json(serde_json::json!({ "user": user, "phone": body.phone })).into_response())
+    } else {
+        Err(ApiError::NotFound(format!("no user {user}")))
+    }
+}

@@ -520,3 +520,51 @@ pub fn operator_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// One request to an admin API: `method` (GET, POST, PUT) on `url` with `token` as the
+/// bearer token (none: no `Authorization` header) and a JSON `body`; (status, body).
+pub async fn admin_http(
+    method: &'static str,
+    url: String,
+    token: Option<&str>,
+    body: Option<String>,
+) -> (u16, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(20)))
+            .build()
+            .into();
+        let body = body.unwrap_or_default();
+        let mut resp = match method {
+            "GET" => {
+                let mut r = agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            "POST" | "PUT" => {
+                let mut r = if method == "POST" {
+                    agent.post(&url)
+                } else {
+                    agent.put(&url)
+                };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.header("Content-Type", "application/json")
+                    .send(body.as_bytes())
+            }
+            other => panic!("no {other} requests here"),
+        }
+        .expect("admin request");
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_to_string().unwrap(),
+        )
+    })
+    .await
+    .unwrap()
+}
