@@ -57,7 +57,10 @@ async fn change(c: &mut Tv, sub: u64, ack: bool) -> Vec<(UserId, PresenceState)>
                 seq,
                 changes,
             } => {
-                assert_eq!(subscription, sub, "for the current subscription");
+                if subscription != sub {
+                    // An earlier subscription's, sent before it was replaced.
+                    continue;
+                }
                 if ack {
                     c.connection()
                         .send(Request::PresenceAck {
@@ -81,7 +84,10 @@ async fn quiet(c: &mut Tv, wait: Duration) {
     while let Ok(e) = tokio::time::timeout_at(deadline, c.next_event()).await {
         let e = e.expect("link alive");
         assert!(
-            !matches!(e, Event::PresenceChanged { .. } | Event::PresenceLost { .. }),
+            !matches!(
+                e,
+                Event::PresenceChanged { .. } | Event::PresenceLost { .. }
+            ),
             "unexpected {e:?}"
         );
     }
@@ -114,17 +120,26 @@ async fn a_watcher_sees_each_change_of_a_tv_that_lets_it_within_a_second() {
         panic!("C is online")
     };
     let t = tokio::time::Instant::now();
-    assert_eq!(change(&mut a, s, true).await, vec![(B, PresenceState::BUSY)]);
+    assert_eq!(
+        change(&mut a, s, true).await,
+        vec![(B, PresenceState::BUSY)]
+    );
     assert!(t.elapsed() < within, "busy seen in {:?}", t.elapsed());
     assert!(matches!(event(&mut c).await, Event::IncomingCall { .. }));
     b.request(Request::HangUp { call_id }).await.unwrap();
     let t = tokio::time::Instant::now();
-    assert_eq!(change(&mut a, s, true).await, vec![(B, PresenceState::ONLINE)]);
+    assert_eq!(
+        change(&mut a, s, true).await,
+        vec![(B, PresenceState::ONLINE)]
+    );
     assert!(t.elapsed() < within);
 
     // Do not disturb: busy, and A's call is cached for B as missed instead of ringing.
     set_presence(&mut b, true, false).await;
-    assert_eq!(change(&mut a, s, true).await, vec![(B, PresenceState::BUSY)]);
+    assert_eq!(
+        change(&mut a, s, true).await,
+        vec![(B, PresenceState::BUSY)]
+    );
     assert!(matches!(dial(&mut a, B).await, DialOutcome::Busy { .. }));
     let rang = tokio::time::timeout(Duration::from_millis(300), async {
         loop {
@@ -143,12 +158,18 @@ async fn a_watcher_sees_each_change_of_a_tv_that_lets_it_within_a_second() {
         "{missed:?}"
     );
     set_presence(&mut b, false, false).await;
-    assert_eq!(change(&mut a, s, true).await, vec![(B, PresenceState::ONLINE)]);
+    assert_eq!(
+        change(&mut a, s, true).await,
+        vec![(B, PresenceState::ONLINE)]
+    );
 
     // Power off: offline.
     let t = tokio::time::Instant::now();
     b.bye().await.unwrap();
-    assert_eq!(change(&mut a, s, true).await, vec![(B, PresenceState::OFFLINE)]);
+    assert_eq!(
+        change(&mut a, s, true).await,
+        vec![(B, PresenceState::OFFLINE)]
+    );
     assert!(t.elapsed() < within);
 
     // With a phone number on file, B powered off is mobile.
@@ -161,13 +182,27 @@ async fn a_watcher_sees_each_change_of_a_tv_that_lets_it_within_a_second() {
     let s = sub.subscription;
     assert_eq!(states(&sub)[0], (B, PresenceState::ONLINE));
     drop(b.bye().await);
-    assert_eq!(change(&mut a, s, true).await, vec![(B, PresenceState::MOBILE)]);
+    assert_eq!(
+        change(&mut a, s, true).await,
+        vec![(B, PresenceState::MOBILE)]
+    );
 
     // C calls A: now A may watch C (anyone C has called).
-    let _ = dial(&mut c, A).await;
+    let DialOutcome::Ringing { call_id, .. } = dial(&mut c, A).await else {
+        panic!("A is online")
+    };
     let sub = subscribe(&mut a, &[B], &[C]).await;
-    assert_eq!(states(&sub)[1].1, PresenceState::ONLINE, "C has called A");
     let s = sub.subscription;
+    assert_eq!(
+        states(&sub)[1].1,
+        PresenceState::BUSY,
+        "C has called A (and is ringing it)"
+    );
+    a.request(Request::Reject { call_id }).await.unwrap();
+    assert_eq!(
+        change(&mut a, s, true).await,
+        vec![(C, PresenceState::ONLINE)]
+    );
 
     // C hides its state: A is shown a refusal, then C's state again when C stops.
     set_presence(&mut c, false, true).await;
@@ -248,7 +283,9 @@ async fn a_failed_notification_is_recovered_and_the_threshold_signs_the_tv_out_w
         other => panic!("expected the link closed with a reason, got {other:?}"),
     }
     assert!(
-        eventually(Duration::from_secs(5), || srv.property(A).map(|p| p.1) == Some(0)).await,
+        eventually(Duration::from_secs(5), || srv.property(A).map(|p| p.1)
+            == Some(0))
+        .await,
         "recorded offline"
     );
     assert_eq!(srv.shared.metrics.presence_sign_outs.get(), 1);
@@ -281,13 +318,20 @@ async fn policy_drop_subscription_only_drops_it_and_alarms() {
     set_presence(&mut b, true, false).await;
     change(&mut a, sub.subscription, false).await;
     assert!(
-        eventually(Duration::from_secs(3), || srv.shared.metrics.presence_dropped.get() == 1)
-            .await
+        eventually(Duration::from_secs(3), || srv
+            .shared
+            .metrics
+            .presence_dropped
+            .get()
+            == 1)
+        .await
     );
     // No recovery message, no more notifications, the link stays.
     set_presence(&mut b, false, false).await;
     quiet(&mut a, Duration::from_millis(500)).await;
-    a.request(Request::Heartbeat).await.expect("still registered");
+    a.request(Request::Heartbeat)
+        .await
+        .expect("still registered");
     assert_eq!(srv.shared.metrics.alarms_raised.get(), 1);
     srv.stop().await;
 }
@@ -296,20 +340,42 @@ async fn policy_drop_subscription_only_drops_it_and_alarms() {
 async fn bad_presence_input_is_refused_or_ignored_and_counted() {
     let srv = TestServer::start().await;
     let mut a = srv.tv(A, 5004).await;
-    // 10,000 users: refused, the link stays.
-    let too_many: Vec<UserId> = (1..=10_000).collect();
+    // Over the limit of 500: refused, the link stays.
     match a
         .request(Request::Subscribe {
-            contacts: vec![],
-            others: too_many,
+            contacts: (1..=300).collect(),
+            others: (301..=501).collect(),
         })
         .await
     {
         Err(call_proxy_server::client::ClientError::Server(e)) => {
-            assert_eq!(e.code, ErrorCode::INVALID_ARGUMENT, "{e}")
+            assert_eq!(e.code, ErrorCode::INVALID_ARGUMENT, "{e}");
+            assert!(e.message.contains("500"), "{e}");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+    assert_eq!(
+        srv.shared.metrics.presence_refused.get(),
+        0,
+        "refused by validation"
+    );
+    // 10,000 users do not even decode (past what a frame may hold): the link is closed
+    // with the reason, and counted.
+    let mut e = srv.tv(C, 5008).await;
+    let bad = srv.shared.metrics.bad_input.get();
+    match e
+        .request(Request::Subscribe {
+            contacts: vec![],
+            others: (1..=10_000).collect(),
+        })
+        .await
+    {
+        Err(call_proxy_server::client::ClientError::Closed(Some(e))) => {
+            assert_eq!(e.code, ErrorCode::BAD_FRAME, "{e}")
+        }
+        other => panic!("expected the link closed with a reason, got {other:?}"),
+    }
+    assert_eq!(srv.shared.metrics.bad_input.get(), bad + 1);
     // Acknowledgements for nothing: ignored and counted, the link stays.
     for seq in [0, 1, 99] {
         a.connection()
@@ -330,10 +396,17 @@ async fn bad_presence_input_is_refused_or_ignored_and_counted() {
         })
         .await
         .unwrap();
-    a.request(Request::Heartbeat).await.expect("still registered");
+    a.request(Request::Heartbeat)
+        .await
+        .expect("still registered");
     assert!(
-        eventually(Duration::from_secs(2), || srv.shared.metrics.presence_bad_acks.get() == 4)
-            .await,
+        eventually(Duration::from_secs(2), || srv
+            .shared
+            .metrics
+            .presence_bad_acks
+            .get()
+            == 4)
+        .await,
         "bad acks: {}",
         srv.shared.metrics.presence_bad_acks.get()
     );
@@ -375,6 +448,8 @@ async fn bad_presence_input_is_refused_or_ignored_and_counted() {
         }
     }
     assert!(refused > 0, "the flood met the rate limit");
-    d.request(Request::Heartbeat).await.expect("others unaffected");
+    d.request(Request::Heartbeat)
+        .await
+        .expect("others unaffected");
     srv.stop().await;
 }

@@ -84,8 +84,7 @@ pub fn encode_into<T: Serialize, W: io::Write>(msg: &T, out: &mut W) -> Result<(
 
 /// Decodes one value from exactly `bytes` (trailing bytes are an error).
 pub fn decode_message<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (msg, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let (msg, used) = bincode::serde::decode_from_slice(bytes, config()).map_err(malformed)?;
     if used != bytes.len() {
         return Err(CodecError::Malformed(format!(
             "{} trailing bytes after message",
@@ -100,14 +99,24 @@ pub fn decode_message<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError
 pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     bincode::serde::decode_from_slice(bytes, config())
         .map(|(msg, _)| msg)
-        .map_err(|e| CodecError::Malformed(e.to_string()))
+        .map_err(malformed)
 }
 
 /// Like [`decode_prefix`], and also says how many bytes the value took (to read a
 /// field appended after it only if the body goes on).
 pub fn decode_prefix_counted<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
-    bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| CodecError::Malformed(e.to_string()))
+    bincode::serde::decode_from_slice(bytes, config()).map_err(malformed)
+}
+
+/// A decoding failure as the peer is told it.
+fn malformed(e: bincode::error::DecodeError) -> CodecError {
+    match e {
+        bincode::error::DecodeError::LimitExceeded => CodecError::Malformed(format!(
+            "a list or text in the message decodes to more than the {MAX_FRAME_LEN} bytes a \
+             frame may hold (far over the protocol's own limits)"
+        )),
+        e => CodecError::Malformed(e.to_string()),
+    }
 }
 
 /// The length-prefix framing every codec shares, with its size limit.

@@ -99,7 +99,9 @@ async fn bench(args: Args) -> Result<()> {
     let db = dir.path().join("bench.sqlite");
     // Keys and enrollments: the target and every watcher; address books: everyone lets
     // whoever watches them.
-    let keys: Vec<TvKey> = (0..=n).map(|_| TvKey::generate()).collect::<Result<_, _>>()?;
+    let keys: Vec<TvKey> = (0..=n)
+        .map(|_| TvKey::generate())
+        .collect::<Result<_, _>>()?;
     let user_of = |k: usize| if k == 0 { TARGET } else { watcher_id(k - 1) };
     let seeds: Vec<(Vec<u8>, UserId)> = keys
         .iter()
@@ -338,7 +340,10 @@ fn spawn_server(bin: &Path, dir: &Path) -> Result<(KillOnDrop, SocketAddr)> {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_err() {
-        ensure!(Instant::now() < deadline, "the server did not listen on {addr}");
+        ensure!(
+            Instant::now() < deadline,
+            "the server did not listen on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok((child, addr))

@@ -288,9 +288,7 @@ pub fn seed_contacts(path: &Path, rows: &[(UserId, UserId)]) -> Result<(), Store
     let tx = conn.transaction().map_err(db_error)?;
     {
         let mut s = tx
-            .prepare(
-                "INSERT OR IGNORE INTO presence_contact (user_id, contact_id) VALUES (?1, ?2)",
-            )
+            .prepare("INSERT OR IGNORE INTO presence_contact (user_id, contact_id) VALUES (?1, ?2)")
             .map_err(db_error)?;
         for (owner, contact) in rows {
             s.execute(params![*owner as i64, *contact as i64])
