@@ -235,6 +235,25 @@ pub fn clear_alarm(path: &Path, id: u64, now_ms: UnixMillis) -> Result<bool, Sto
     Ok(n > 0)
 }
 
+/// Writes address-book entries `(owner, contact)` straight into the database at `path`
+/// (created with the schema if new), as if each owner had subscribed with them: for
+/// benchmarks that start a server on many TVs that may watch each other.
+pub fn seed_contacts(path: &Path, rows: &[(UserId, UserId)]) -> Result<(), StoreError> {
+    super::create_schema(path)?;
+    let mut conn = Connection::open(path).map_err(db_error)?;
+    let tx = conn.transaction().map_err(db_error)?;
+    {
+        let mut s = tx
+            .prepare("INSERT OR IGNORE INTO presence_contact (user_id, contact_id) VALUES (?1, ?2)")
+            .map_err(db_error)?;
+        for (owner, contact) in rows {
+            s.execute(params![*owner as i64, *contact as i64])
+                .map_err(db_error)?;
+        }
+    }
+    tx.commit().map_err(db_error)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -279,21 +298,3 @@ mod tests {
     }
 }
 
-/// Writes address-book entries `(owner, contact)` straight into the database at `path`
-/// (created with the schema if new), as if each owner had subscribed with them: for
-/// benchmarks that start a server on many TVs that may watch each other.
-pub fn seed_contacts(path: &Path, rows: &[(UserId, UserId)]) -> Result<(), StoreError> {
-    super::create_schema(path)?;
-    let mut conn = Connection::open(path).map_err(db_error)?;
-    let tx = conn.transaction().map_err(db_error)?;
-    {
-        let mut s = tx
-            .prepare("INSERT OR IGNORE INTO presence_contact (user_id, contact_id) VALUES (?1, ?2)")
-            .map_err(db_error)?;
-        for (owner, contact) in rows {
-            s.execute(params![*owner as i64, *contact as i64])
-                .map_err(db_error)?;
-        }
-    }
-    tx.commit().map_err(db_error)
-}
