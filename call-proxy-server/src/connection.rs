@@ -460,6 +460,26 @@ where
                         ..
                     })
                 );
+                // Acknowledgements are taken at once and never answered. One that
+                // acknowledges a notification sent is free (a TV watching many busy users
+                // acknowledges more often than the request rate allows, and the server
+                // sends no faster than it acknowledges); one for nothing costs the
+                // allowance like any request.
+                if let ClientFrame::Msg(ClientMsg {
+                    request: Request::PresenceAck { subscription, seq, status },
+                    ..
+                }) = &msg
+                {
+                    if !handler::presence::ack(shared, st, *subscription, *seq, *status)
+                        && limit.check(now) == Verdict::Close
+                    {
+                        shared.metrics.rate_limited.inc();
+                        shared.metrics.flood_closed.inc();
+                        shared.gate.flooded(st.peer.ip());
+                        return Some((WireError::new(ErrorCode::RATE_LIMITED, "too many requests; disconnected"), true));
+                    }
+                    continue;
+                }
                 let (always, registering) = match &msg {
                     ClientFrame::Msg(ClientMsg { request: Request::Bye, .. }) => (true, false),
                     ClientFrame::Msg(ClientMsg { request: Request::Heartbeat, .. }) => {
@@ -489,14 +509,6 @@ where
                             }
                         }
                         let handled = match msg {
-                            // Acknowledgements are not answered.
-                            ClientFrame::Msg(ClientMsg {
-                                request: Request::PresenceAck { subscription, seq, status },
-                                ..
-                            }) => {
-                                handler::presence::ack(shared, st, subscription, seq, status);
-                                continue;
-                            }
                             // Boxed so the idle connection future does not carry the largest
                             // handler's state.
                             ClientFrame::Msg(ClientMsg { id, request }) => {
@@ -517,12 +529,6 @@ where
                     }
                     Verdict::Over => {
                         shared.metrics.rate_limited.inc();
-                        if matches!(&msg, ClientFrame::Msg(ClientMsg { request: Request::PresenceAck { .. }, .. })) {
-                            // Never answered, so never waited for: dropped (the
-                            // notification then times out like any unacknowledged one).
-                            shared.metrics.rate_limited_dropped.inc();
-                            continue;
-                        }
                         let waiting = conn.read_buffer().is_empty();
                         // Read what else it sent in one go from now on (the small idle
                         // buffer would read about a frame per call), so frames it sent

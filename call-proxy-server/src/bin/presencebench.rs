@@ -35,8 +35,9 @@ struct Args {
     /// Watchers of the one TV whose change is fanned out.
     #[arg(long, default_value_t = 1_000)]
     subscribers: usize,
-    /// Users each watcher watches in all (the fanned-out TV and others of the
-    /// watchers), for the memory figure and the sustained phase (at most 500).
+    /// Users each watcher watches in all (the fanned-out TV and its address book, the
+    /// watchers on either side of it), for the memory figure and the sustained phase
+    /// (at most 500; an even number watches one less).
     #[arg(long, default_value_t = 100)]
     watch: usize,
     /// Fan-out rounds.
@@ -70,11 +71,13 @@ fn watcher_id(i: usize) -> UserId {
     FIRST + i as UserId
 }
 
-/// Whom watcher `i` watches: the target and the next `watch - 1` watchers (round).
-fn watched_by(i: usize, n: usize, watch: usize) -> Vec<UserId> {
-    let mut users = vec![TARGET];
-    users.extend((1..watch.min(n)).map(|k| watcher_id((i + k) % n)));
-    users
+/// Watcher `i`'s address book: the `(watch - 1) / 2` watchers on each side of it
+/// (round), who have it in theirs. It watches them and the target.
+fn contacts_of(i: usize, n: usize, watch: usize) -> Vec<UserId> {
+    let h = ((watch.saturating_sub(1)) / 2).min(n.saturating_sub(1) / 2);
+    (1..=h)
+        .flat_map(|k| [watcher_id((i + k) % n), watcher_id((i + n - k) % n)])
+        .collect()
 }
 
 async fn bench(args: Args) -> Result<()> {
@@ -111,8 +114,9 @@ async fn bench(args: Args) -> Result<()> {
     call_proxy_server::storage::sqlite::enroll::seed_credentials(&db, &seeds)?;
     let mut books: Vec<(UserId, UserId)> = Vec::new();
     for i in 0..n {
-        for u in watched_by(i, n, args.watch) {
-            books.push((u, watcher_id(i)));
+        books.push((TARGET, watcher_id(i)));
+        for u in contacts_of(i, n, args.watch) {
+            books.push((watcher_id(i), u));
         }
     }
     call_proxy_server::storage::sqlite::presence::seed_contacts(&db, &books)?;
@@ -139,26 +143,28 @@ async fn bench(args: Args) -> Result<()> {
     let idle = rss_bytes(child.id())?;
     let mut subs = Vec::with_capacity(n);
     for (i, w) in watchers.iter_mut().enumerate() {
+        // Its address book (as seeded: a subscription replaces it) and the target.
         let reply = w
             .request(Request::Subscribe {
-                contacts: vec![],
-                others: watched_by(i, n, args.watch),
+                contacts: contacts_of(i, n, args.watch),
+                others: vec![TARGET],
             })
             .await?;
         let Reply::Subscribed(s) = reply else {
             bail!("unexpected answer to a subscription: {reply:?}")
         };
-        ensure!(
-            s.states
-                .iter()
-                .all(|p| p.state != shared_proto::PresenceState::NOT_ALLOWED),
-            "a watcher was not allowed to watch"
-        );
+        if let Some(p) = s
+            .states
+            .iter()
+            .find(|p| p.state == shared_proto::PresenceState::NOT_ALLOWED)
+        {
+            bail!("watcher {} may not watch {}", watcher_id(i), p.user_id);
+        }
         subs.push(s.subscription);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let watching = rss_bytes(child.id())?;
-    let pairs = n * args.watch.min(n);
+    let pairs = n * (1 + contacts_of(0, n, args.watch).len());
     println!(
         "memory: {} subscriptions, {pairs} watched pairs: server RSS {:.1} → {:.1} MiB, {:.0} B per watched pair",
         n,

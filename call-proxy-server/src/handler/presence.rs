@@ -115,17 +115,18 @@ pub async fn set<S: Store>(
     Ok(Reply::Done)
 }
 
-/// `PresenceAck`: never answered.
+/// `PresenceAck`: never answered. Whether it acknowledged (or refused) a notification
+/// that was sent; one for nothing is counted and ignored.
 pub fn ack<S: Store>(
     shared: &Shared<S>,
     st: &ConnState,
     subscription: u64,
     seq: u64,
     status: ErrorCode,
-) {
+) -> bool {
     let Some(me) = st.session else {
         shared.metrics.presence_bad_acks.inc();
-        return;
+        return false;
     };
     match shared.registry.presence().ack(
         me.user,
@@ -135,9 +136,15 @@ pub fn ack<S: Store>(
         status,
         Instant::now(),
     ) {
-        AckResult::Taken => {}
-        AckResult::Unknown => shared.metrics.presence_bad_acks.inc(),
-        AckResult::Refused(f) => failed(shared, f),
+        AckResult::Taken => true,
+        AckResult::Unknown => {
+            shared.metrics.presence_bad_acks.inc();
+            false
+        }
+        AckResult::Refused(f) => {
+            failed(shared, f);
+            true
+        }
     }
 }
 

@@ -11,10 +11,12 @@
 //! later one is published after. Lock order: this lock, then the registry's, never the
 //! reverse (the registry publishes only after releasing its own).
 //!
-//! Each subscription (one per TV session) numbers its notifications; a notification
-//! carries every change for that TV not yet sent, so a burst of changes is one push, and
-//! a push that finds the TV's queue full stays here and goes with the next flush. A TV
-//! acknowledges cumulatively. A notification not acknowledged within the ack timeout,
+//! Each subscription (one per TV session) numbers its notifications and has at most one
+//! in flight: changes made while one waits for its acknowledgement gather (the newest
+//! per user) and go together when it comes, so a TV is never sent faster than it
+//! acknowledges and a burst costs one round trip, not one per change (RFC 6665 lets a
+//! notifier throttle the same way). A push that finds the TV's queue full stays here and
+//! goes with the next sweep. A TV acknowledges cumulatively. A notification not acknowledged within the ack timeout,
 //! or refused, fails the subscription ([`Presence::sweep`], [`Presence::ack`]): it is
 //! deleted and the TV is sent [`Event::PresenceLost`] (section E's instant message), to
 //! which it answers by subscribing again. The failures of one registration are counted
@@ -504,6 +506,10 @@ impl Presence {
             return failure.map_or(AckResult::Unknown, AckResult::Refused);
         }
         sub.acked = sub.acked.max(seq);
+        // The one notification in flight is acknowledged: what gathered meanwhile goes.
+        if sub.acked == sub.seq && !sub.unsent.is_empty() {
+            self.flush_subs(&mut t, vec![subscription], now);
+        }
         AckResult::Taken
     }
 
@@ -604,7 +610,10 @@ impl Presence {
             let Some(s) = t.subs.get_mut(&id) else {
                 continue;
             };
-            if s.unsent.is_empty() {
+            // One notification in flight per subscription: changes made before it is
+            // acknowledged go together in the next (a TV is never sent faster than it
+            // acknowledges, and a burst costs one round trip, not one per change).
+            if s.unsent.is_empty() || s.acked < s.seq {
                 continue;
             }
             let changes = std::mem::take(&mut s.unsent);
@@ -736,12 +745,25 @@ mod tests {
         s.states.iter().map(|e| (e.user_id, e.state)).collect()
     }
 
-    /// Every presence change queued to `rx`, as (seq, [(user, state)]).
-    fn changes(rx: &mut PushRx) -> Vec<(u64, Vec<(UserId, P)>)> {
+    /// Every presence change queued to `rx` of `user`'s session `sid`, each acknowledged
+    /// as it is read (the next is sent only then), as (seq, [(user, state)]).
+    fn changes(
+        p: &Presence,
+        user: UserId,
+        sid: u64,
+        rx: &mut PushRx,
+    ) -> Vec<(u64, Vec<(UserId, P)>)> {
         let mut out = Vec::new();
         while let Some(msg) = next_event(rx) {
-            if let ServerMsg::Event(Event::PresenceChanged { seq, changes, .. }) = msg {
+            if let ServerMsg::Event(Event::PresenceChanged {
+                subscription,
+                seq,
+                changes,
+            }) = msg
+            {
                 out.push((seq, changes.iter().map(|c| (c.user_id, c.state)).collect()));
+                let taken = p.ack(user, sid, subscription, seq, ErrorCode::OK, Instant::now());
+                assert_eq!(taken, AckResult::Taken);
             }
         }
         out
@@ -775,7 +797,8 @@ mod tests {
             unknown,
             row(2, true, true),
         ];
-        let (_s1, mut r1, sub) = watching(&reg, &rows);
+        let (s1, mut r1, sub) = watching(&reg, &rows);
+        let p = reg.presence();
         assert_eq!(
             states(&sub),
             vec![
@@ -789,13 +812,13 @@ mod tests {
             "in order, duplicates dropped, a refusal instead of a state where not allowed"
         );
         assert_eq!(sub.seq, 0);
-        let _ = changes(&mut r1);
+        let _ = changes(p, 1, s1, &mut r1);
         // 2 goes into DND: busy; 3 and 5 come online (5 may not be seen).
         assert!(reg.set_dnd(2, s2, true));
         let (_s3, _r3) = session(&reg, 3);
         let (_s5, _r5) = session(&reg, 5);
         assert_eq!(
-            changes(&mut r1),
+            changes(p, 1, s1, &mut r1),
             vec![(1, vec![(2, P::BUSY)]), (2, vec![(3, P::ONLINE)])]
         );
         // Out of DND, and 2 goes: online, then offline; 4 registers (online, not mobile).
@@ -804,12 +827,11 @@ mod tests {
         let (s4, _r4) = session(&reg, 4);
         assert!(reg.remove(4, s4).is_some());
         assert_eq!(
-            changes(&mut r1),
+            changes(p, 1, s1, &mut r1),
             vec![
                 (3, vec![(2, P::ONLINE)]),
-                (4, vec![(2, P::OFFLINE)]),
-                (5, vec![(4, P::ONLINE)]),
-                (6, vec![(4, P::MOBILE)]),
+                // Made while 3 waited for its acknowledgement: together, the newest each.
+                (4, vec![(2, P::OFFLINE), (4, P::MOBILE)]),
             ]
         );
     }
@@ -819,12 +841,13 @@ mod tests {
         let reg = Registry::new(0, 0).with_presence(cfg());
         let (s2, _r2) = session(&reg, 2);
         let (_s3, mut r3) = session(&reg, 3);
-        let (_s1, mut r1, _) = watching(&reg, &[row(2, true, true), row(3, true, true)]);
+        let (s1, mut r1, _) = watching(&reg, &[row(2, true, true), row(3, true, true)]);
+        let p = reg.presence();
         let DialPlan::Ring { call_id } = reg.plan_dial(2, s2, 3, 0).expect("plan") else {
             panic!("expected ring")
         };
         assert_eq!(
-            changes(&mut r1),
+            changes(p, 1, s1, &mut r1),
             vec![(1, vec![(2, P::BUSY), (3, P::BUSY)])],
             "one notification for both parties of one step"
         );
@@ -835,7 +858,7 @@ mod tests {
         let _ = next_event(&mut r3);
         reg.hang_up(2, s2, call_id).expect("hang up");
         assert_eq!(
-            changes(&mut r1),
+            changes(p, 1, s1, &mut r1),
             vec![(2, vec![(2, P::ONLINE), (3, P::ONLINE)])]
         );
     }
@@ -876,16 +899,16 @@ mod tests {
         let now = Instant::now();
         // Numbered before the snapshot: already in it.
         p.publish(&[at(Conn::Online, 9)], now);
-        assert!(changes(&mut rx).is_empty());
+        assert!(changes(&p, 1, 1, &mut rx).is_empty());
         p.publish(&[at(Conn::Busy, 12)], now);
         p.publish(&[at(Conn::Online, 11)], now);
-        assert_eq!(changes(&mut rx), vec![(1, vec![(2, P::BUSY)])]);
+        assert_eq!(changes(&p, 1, 1, &mut rx), vec![(1, vec![(2, P::BUSY)])]);
     }
 
     #[test]
     fn acknowledgements_are_cumulative_and_unknown_ones_are_ignored() {
         let p = Presence::new(cfg());
-        let (tx, mut rx) = crate::registry::push_channel();
+        let (tx, rx) = crate::registry::push_channel();
         let sub = p
             .subscribe(1, 1, tx, &[row(2, false, true)], 0, |_| (HashMap::new(), 0))
             .subscription;
@@ -901,7 +924,9 @@ mod tests {
                 t0,
             );
         }
-        assert_eq!(changes(&mut rx).len(), 3);
+        // One in flight: the second and third gathered (the newest kept).
+        let first: Vec<ServerMsg> = rx.try_iter().map(|b| *b).collect();
+        assert_eq!(first.len(), 1);
         assert_eq!(
             p.ack(1, 1, sub, 4, ErrorCode::OK, t0),
             AckResult::Unknown,
@@ -916,9 +941,19 @@ mod tests {
             AckResult::Unknown,
             "not its own"
         );
-        assert_eq!(p.ack(1, 1, sub, 3, ErrorCode::OK, t0), AckResult::Taken);
+        assert_eq!(p.ack(1, 1, sub, 1, ErrorCode::OK, t0), AckResult::Taken);
+        match rx.try_iter().map(|b| *b).collect::<Vec<_>>().as_slice() {
+            [ServerMsg::Event(Event::PresenceChanged {
+                seq: 2, changes, ..
+            })] => {
+                assert_eq!(changes.len(), 1);
+                assert_eq!(changes[0].state, P::ONLINE, "the newest of the two");
+            }
+            other => panic!("expected the gathered notification, got {other:?}"),
+        }
+        assert_eq!(p.ack(1, 1, sub, 2, ErrorCode::OK, t0), AckResult::Taken);
         assert_eq!(
-            p.ack(1, 1, sub, 2, ErrorCode::OK, t0),
+            p.ack(1, 1, sub, 1, ErrorCode::OK, t0),
             AckResult::Taken,
             "a repeat"
         );
@@ -1061,7 +1096,10 @@ mod tests {
             .subscription;
         let now = Instant::now();
         assert!(p.set_hidden(2, true, now).is_empty());
-        assert_eq!(changes(&mut rx), vec![(1, vec![(2, P::NOT_ALLOWED)])]);
+        assert_eq!(
+            changes(&p, 1, 1, &mut rx),
+            vec![(1, vec![(2, P::NOT_ALLOWED)])]
+        );
         // A watcher subscribing while 2 is hidden is refused, and kept to check again.
         let (tx9, mut rx9) = crate::registry::push_channel();
         let mut hidden = row(2, false, false);
@@ -1076,10 +1114,13 @@ mod tests {
             vec![(sub9, 9)],
             "to check again"
         );
-        assert_eq!(changes(&mut rx), vec![(2, vec![(2, P::ONLINE)])]);
-        assert!(changes(&mut rx9).is_empty(), "not before it is checked");
+        assert_eq!(changes(&p, 1, 1, &mut rx), vec![(2, vec![(2, P::ONLINE)])]);
+        assert!(
+            changes(&p, 9, 1, &mut rx9).is_empty(),
+            "not before it is checked"
+        );
         p.permit(sub9, 2, now);
-        assert_eq!(changes(&mut rx9), vec![(1, vec![(2, P::ONLINE)])]);
+        assert_eq!(changes(&p, 9, 1, &mut rx9), vec![(1, vec![(2, P::ONLINE)])]);
         p.unsubscribe(1, 1);
         p.unsubscribe(9, 1);
         assert_eq!(p.sizes(), (0, 0));
