@@ -10,6 +10,7 @@
 
 const L = TvLogic;
 const CALL = OUTCOMES.call_state;
+const PRESENCE = OUTCOMES.presence;
 
 // Remote key codes: HbbTV/CE-HTML VK_RED 403 / VK_GREEN 404, webOS Back 461, Tizen
 // Back 10009. On a keyboard F1 is red and F2 green.
@@ -24,7 +25,13 @@ const S = {
   call: L.idleCall(0),
   missed: [],
   contacts: [],
+  // Each contact's and caller's presence word, as the agent's pushes last said.
   presence: new Map(),
+  // The viewer's own settings.
+  dnd: false,
+  hidden: false,
+  // Whom the toast shown is about (a user number), so news about them takes it down.
+  toastAbout: null,
   screen: "home",
   history: [],
   dial: "",
@@ -120,17 +127,25 @@ async function dial(to) {
 
 // ---- messages ----
 let toastTimer = 0;
-function toast(text, kind) {
+// Shows a message for a few seconds; `about` names the user it speaks of, if any.
+function toast(text, kind, about) {
   const t = $("toast");
   t.textContent = text;
   t.dataset.kind = kind || "info";
   t.hidden = false;
+  S.toastAbout = about === undefined ? null : about;
   clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => (t.hidden = true), 6000);
+  toastTimer = setTimeout(hideToast, 6000);
+}
+function hideToast() {
+  $("toast").hidden = true;
+  S.toastAbout = null;
 }
 
 // ---- events from the agent ----
 function apply(ev) {
+  // A message about someone goes as soon as something newer about them happens.
+  if (S.toastAbout !== null && L.outdates(S.toastAbout, ev, stateOf(S.toastAbout))) hideToast();
   switch (ev.event) {
     case "activation":
       S.activation = Object.assign({}, ev.activation, { retry_at: Date.now() + (ev.activation.retry_in_ms || 0) });
@@ -157,10 +172,12 @@ function apply(ev) {
         S.registered = st.registered;
         S.link.down = false;
         S.call = L.callFromStatus(st);
+        S.dnd = !!st.do_not_disturb;
+        S.hidden = !!st.hidden;
       }
       S.missed = ev.missed || [];
       S.contacts = ev.contacts || [];
-      S.presence = new Map((ev.presence || []).map((p) => [p.user_id, p.user_netstate]));
+      S.presence = new Map((ev.presence || []).map((p) => [p.user, p.state]));
       if (L.onCallScreen(S.call)) show("call", false);
       else if (S.screen === "call") home();
       break;
@@ -177,7 +194,8 @@ function apply(ev) {
       break;
     case "cached_calls":
       S.missed = L.mergeMissed(S.missed, ev.calls);
-      for (const [id, st] of L.presenceOf(ev.calls)) S.presence.set(id, st);
+      // A caller's state as the fetch found it, where no push has told it yet.
+      for (const [id, st] of L.presenceOf(ev.calls)) if (!S.presence.has(id)) S.presence.set(id, st);
       if (ev.calls.length && S.screen === "missed") markSeen();
       break;
     case "incoming":
@@ -188,11 +206,11 @@ function apply(ev) {
       show("call");
       break;
     case "cached":
-      toast(`${tvOf(ev.callee)} is off. Your call is saved: they will see it when they switch it on.`);
-      S.presence.set(ev.callee, 0);
+      toast(`${tvOf(ev.callee)} is off. Your call is saved: they will see it when they switch it on.`, "info", ev.callee);
+      if (L.reachable(stateOf(ev.callee)) || !S.presence.has(ev.callee)) S.presence.set(ev.callee, PRESENCE.OFFLINE);
       break;
     case "dial_failed":
-      toast(L.dialFailedText(ev, label(ev.callee)), "bad");
+      toast(L.dialFailedText(ev, label(ev.callee)), "bad", ev.callee);
       break;
     case "answered":
       S.call = L.nextCall(S.call, ev, Date.now());
@@ -205,7 +223,7 @@ function apply(ev) {
       if (S.call.id !== ev.call_id) break;
       const now = Date.now();
       const t = L.endedToast(S.call, ev, label(ev.peer), now);
-      toast(t.text, t.kind);
+      toast(t.text, t.kind, ev.peer);
       S.call = L.nextCall(S.call, ev, now);
       if (S.screen === "call") back();
       break;
@@ -214,7 +232,11 @@ function apply(ev) {
       S.missed = [];
       break;
     case "presence":
-      S.presence = new Map(ev.states.map((p) => [p.user_id, p.user_netstate]));
+      S.presence.set(ev.user, ev.state);
+      break;
+    case "presence_settings":
+      S.dnd = ev.do_not_disturb;
+      S.hidden = ev.hidden;
       break;
     case "contacts":
       S.contacts = ev.contacts;
@@ -379,6 +401,10 @@ function activate(el) {
       const id = Number(d.user);
       return ask(`Delete ${label(id)} from contacts?`, "Delete", () => deleteContact(id));
     }
+    case "dnd":
+      return send({ cmd: "dnd", on: !S.dnd }).then(settingsAnswer);
+    case "hide":
+      return send({ cmd: "hide", on: !S.hidden }).then(settingsAnswer);
     case "clear-missed":
       return ask("Clear the list of missed calls?", "Clear", clearMissed);
     case "new-code":
@@ -404,6 +430,14 @@ async function clearMissed() {
   if (r.ok) S.missed = [];
   else failed(r);
   render();
+}
+
+function settingsAnswer(r) {
+  if (r && r.ok) {
+    S.dnd = r.do_not_disturb;
+    S.hidden = r.hidden;
+    render();
+  } else failed(r);
 }
 
 function failed(r) {
@@ -518,12 +552,12 @@ function onKey(e) {
 // ---- rendering ----
 function dot(id) {
   const st = stateOf(id);
-  return `<span class="dot" data-state="${st === undefined || st === null ? "" : st}"></span>`;
+  return `<span class="dot" data-state="${st === undefined ? "" : st}"></span>`;
 }
 
 function missedRow(m, big) {
   const st = stateOf(m.user_id);
-  const act = st === 0 ? "OK: leave a call request" : "OK: call back";
+  const act = st === PRESENCE.OFFLINE || st === PRESENCE.MOBILE ? "OK: leave a call request" : "OK: call back";
   return `<li><button class="row focusable missed" data-key="missed-${m.call_id}" data-call="${m.user_id}">
     ${dot(m.user_id)}<span class="who"><b>${esc(label(m.user_id))}</b>${nameOf(m.user_id) ? `<span class="num">${m.user_id}</span>` : ""}
     ${big ? `<span class="why"> · ${esc(L.reasonText(m.reason))}</span>` : ""}</span>
@@ -555,6 +589,10 @@ function renderHome() {
   const recent = [...S.missed].reverse().slice(0, MAX_HOME_ROWS);
   $("home-missed").innerHTML = recent.length ? recent.map((m) => missedRow(m, false)).join("") : `<li class="empty">No missed calls.</li>`;
   const cs = S.contacts.slice(0, MAX_HOME_ROWS);
+  $("btn-dnd").textContent = `Do not disturb: ${S.dnd ? "on" : "off"}`;
+  $("btn-dnd").setAttribute("aria-pressed", String(S.dnd));
+  $("btn-hide").textContent = `Hide my state: ${S.hidden ? "on" : "off"}`;
+  $("btn-hide").setAttribute("aria-pressed", String(S.hidden));
   $("home-contacts").innerHTML = cs.length ? cs.map((c) => contactRow(c, false)).join("") : `<li class="empty">No contacts yet: open Contacts to add one.</li>`;
 }
 
@@ -648,7 +686,7 @@ function renderChrome() {
     banner.textContent = `Network down: cannot reach the call service. Reconnecting${secs ? ` in ${secs} s` : ""}…`;
     banner.hidden = false;
   } else {
-    pill.dataset.state = S.registered ? "online" : "connecting";
+    pill.dataset.state = S.registered ? "connected" : "connecting";
     pill.textContent = S.registered ? "Online" : "Connecting…";
     banner.hidden = true;
   }

@@ -17,6 +17,7 @@
   const DIAL = O.dial_failed;
   const CALL = O.call_state;
   const MISSED = O.missed;
+  const PRESENCE = O.presence;
 
   // ---- the call ----
   function idleCall(now) {
@@ -66,11 +67,31 @@
     return out;
   }
 
-  // The callers' states the calls carry, as [user_id, state] pairs (unknown left out).
+  // The callers' states the calls carry, as [user_id, presence word] pairs (unknown left
+  // out): `user_netstate` is the documents' 1 online / 0 offline.
   function presenceOf(calls) {
     return calls
-      .filter((m) => m.user_netstate !== null && m.user_netstate !== undefined)
-      .map((m) => [m.user_id, m.user_netstate]);
+      .filter((m) => m.user_netstate === 1 || m.user_netstate === 0)
+      .map((m) => [m.user_id, m.user_netstate === 1 ? PRESENCE.ONLINE : PRESENCE.OFFLINE]);
+  }
+
+  // Whether event `ev` makes a message about person `about` out of date, so the screen
+  // takes it down: their state changed (`known` is the state shown before `ev`), or
+  // they call, ring or answer. Nothing on screen may contradict what is happening now.
+  function outdates(about, ev, known) {
+    if (about === null || about === undefined) return false;
+    switch (ev.event) {
+      case "presence":
+        return ev.user === about && ev.state !== known;
+      case "incoming":
+        return ev.caller === about;
+      case "ringing":
+        return ev.callee === about;
+      case "answered":
+        return ev.peer === about;
+      default:
+        return false;
+    }
   }
 
   // Calls newer than the last one looked at.
@@ -101,8 +122,23 @@
     return h ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
   }
 
+  const STATE_TEXT = {
+    [PRESENCE.ONLINE]: "TV on",
+    [PRESENCE.BUSY]: "Busy",
+    [PRESENCE.OFFLINE]: "TV off",
+    [PRESENCE.MOBILE]: "TV off · on their phone",
+    [PRESENCE.NOT_ALLOWED]: "Private",
+    [PRESENCE.UNKNOWN]: "No such TV",
+  };
+
+  // A contact's or caller's state for people; "…" while not known.
   function stateText(st) {
-    return st === 1 ? "TV on" : st === 0 ? "TV off" : "…";
+    return STATE_TEXT[st] || "…";
+  }
+
+  // Whether a call to someone in state `st` rings (else it is saved for them).
+  function reachable(st) {
+    return st === PRESENCE.ONLINE || st === PRESENCE.BUSY;
   }
 
   // What the viewer is told when `call` (still the ended one) ends with `outcome`;
@@ -229,6 +265,8 @@
     reasonText,
     mmss,
     stateText,
+    reachable,
+    outdates,
     endedText,
     endedToast,
     dialFailedText,

@@ -5,5 +5,6 @@ var OUTCOMES = Object.freeze({
   dial_failed: Object.freeze({ BUSY: "busy", UNKNOWN_USER: "unknown_user", UNREACHABLE: "unreachable", ALREADY_IN_CALL: "already_in_call", STORAGE_FULL: "storage_full", FAILED: "failed" }),
   missed: Object.freeze({ OFFLINE: "offline", NO_ANSWER: "no_answer", BUSY: "busy" }),
   call_state: Object.freeze({ IDLE: "idle", RINGING_OUT: "ringing_out", RINGING_IN: "ringing_in", IN_CALL: "in_call" }),
+  presence: Object.freeze({ ONLINE: "online", BUSY: "busy", OFFLINE: "offline", MOBILE: "mobile", NOT_ALLOWED: "not_allowed", UNKNOWN: "unknown" }),
 });
 if (typeof module !== "undefined") module.exports = OUTCOMES;

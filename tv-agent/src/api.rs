@@ -5,7 +5,10 @@
 //!
 //! Commands: `{"cmd":"dial","to":2002}`, `{"cmd":"answer"}`, `{"cmd":"reject"}`,
 //! `{"cmd":"hangup"}`, `{"cmd":"mute","muted":true}`, `{"cmd":"query","users":[2002]}`,
-//! `{"cmd":"missed"}`, `{"cmd":"clear_missed"}`, `{"cmd":"status"}`, `{"cmd":"power_off"}`.
+//! `{"cmd":"missed"}`, `{"cmd":"clear_missed"}`, `{"cmd":"status"}`, `{"cmd":"power_off"}`,
+//! and for presence `{"cmd":"presence"}` (the watched users' states as last pushed),
+//! `{"cmd":"dnd","on":true}` (do not disturb) and `{"cmd":"hide","on":true}` (hide my
+//! state); both answer with the settings as they are now.
 //!
 //! The on-screen UI ([`crate::ui`]) sends the same commands over HTTP through
 //! [`execute`].
@@ -24,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
-use crate::agent::{netstate, Agent, DialResult};
+use crate::agent::{netstate, Agent, DialResult, PresenceChange, PresenceWord};
 
 /// Longest command line accepted.
 const MAX_LINE: usize = 4096;
@@ -43,6 +46,9 @@ enum Command {
     ClearMissed,
     Status,
     PowerOff,
+    Presence,
+    Dnd { on: bool },
+    Hide { on: bool },
 }
 
 /// The commands being answered now, so the daemon can let a client's `power_off` be
@@ -187,5 +193,43 @@ pub async fn execute(agent: &Agent, line: &str) -> Value {
             agent.power_off().await;
             json!({"ok": true})
         }
+        Command::Presence => json!({"ok": true, "states": presence_json(&agent.presence().await)}),
+        Command::Dnd { on } => {
+            settings(
+                agent,
+                PresenceChange {
+                    do_not_disturb: Some(on),
+                    hidden: None,
+                },
+            )
+            .await
+        }
+        Command::Hide { on } => {
+            settings(
+                agent,
+                PresenceChange {
+                    do_not_disturb: None,
+                    hidden: Some(on),
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// Watched users' states as `[{"user": 2002, "state": "busy"}, …]`.
+pub fn presence_json(states: &[shared_proto::Presence]) -> Value {
+    Value::Array(
+        states
+            .iter()
+            .map(|p| json!({"user": p.user_id, "state": PresenceWord::from(p.state)}))
+            .collect(),
+    )
+}
+
+async fn settings(agent: &Agent, change: PresenceChange) -> Value {
+    match agent.set_presence(change).await {
+        Ok(s) => json!({"ok": true, "do_not_disturb": s.do_not_disturb, "hidden": s.hidden}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
     }
 }

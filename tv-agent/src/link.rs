@@ -113,6 +113,8 @@ impl LinkError {
 
 enum Command {
     Request(Request, oneshot::Sender<Result<Reply, LinkError>>),
+    /// A request the server does not answer (a presence acknowledgement).
+    Send(Request),
     PowerOff(oneshot::Sender<()>),
 }
 
@@ -131,6 +133,15 @@ impl LinkHandle {
             .await
             .map_err(|_| LinkError::Closed)?;
         rx.await.map_err(|_| LinkError::Closed)?
+    }
+
+    /// Sends a request the server does not answer (`PresenceAck`), if the link is up;
+    /// dropped otherwise (the subscription it belonged to went with the session).
+    pub async fn send(&self, request: Request) -> Result<(), LinkError> {
+        self.tx
+            .send(Command::Send(request))
+            .await
+            .map_err(|_| LinkError::Closed)
     }
 
     /// Powers off: says `Bye` (the server records the TV offline) and closes the link.
@@ -209,6 +220,7 @@ async fn run(cfg: LinkConfig, mut cmds: mpsc::Receiver<Command>, events: mpsc::S
                 cmd = cmds.recv() => match cmd {
                     None => return,
                     Some(Command::Request(_, reply)) => { let _ = reply.send(Err(LinkError::NotConnected)); }
+                    Some(Command::Send(_)) => {}
                     Some(Command::PowerOff(done)) => { let _ = done.send(()); return; }
                 },
             }
@@ -344,6 +356,11 @@ async fn session(
                         break SessionEnd::Lost(format!("send failed: {e}"));
                     }
                 },
+                Some(Command::Send(request)) => {
+                    if let Err(e) = conn.send(request).await {
+                        break SessionEnd::Lost(format!("send failed: {e}"));
+                    }
+                }
                 Some(Command::PowerOff(done)) => {
                     // Wait (briefly) for the server to record us offline.
                     let _ = timeout(Duration::from_secs(2), conn.call(Request::Bye, |_| {})).await;

@@ -1,5 +1,5 @@
-//! The `tv-agent` command: `run` is the TV daemon; `missed`, `call` and `answer` are
-//! scripted modes that power on, do one thing, print JSON and exit with a meaningful
+//! The `tv-agent` command: `run` is the TV daemon; `missed`, `call`, `answer` and `watch`
+//! are scripted modes that power on, do one thing, print JSON and exit with a meaningful
 //! code (0: answered or durably cached; 1: another outcome; 2: the missed calls could not
 //! be printed; 3: server unreachable; 4: not enrolled; 5: the server's storage is full,
 //! nothing placed). `enroll` asks for a code and waits for its approval.
@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tokio::sync::broadcast;
 use tokio::time::{timeout_at, Instant};
-use tv_agent::agent::{Agent, AgentConfig, AgentEvent, DialResult, MissedKeeping};
+use tv_agent::agent::{Agent, AgentConfig, AgentEvent, DialResult, MissedKeeping, PresenceSetup};
 use tv_agent::media::AudioSpec;
 use tv_agent::ui::activation::{self, ActivationState, EnrollConfig, EnrollError, EnrollMode};
 use tv_agent::ui::UiServer;
@@ -80,6 +80,20 @@ enum Mode {
         to: u64,
         /// Seconds of conversation once answered.
         #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// Power on, watch users' presence for some seconds: one JSON line per state
+    /// received, `{"user": 1001, "state": "busy", "seq": 3}` (a subscription's full
+    /// state, at the start and after a recovery, marked `"full": true`).
+    Watch {
+        #[command(flatten)]
+        tv: TvArgs,
+        /// Users to watch besides the address book (--data-dir's contacts.json, which is
+        /// also who may see this TV), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        users: Vec<u64>,
+        /// Seconds to watch.
+        #[arg(long, default_value_t = 30.0)]
         seconds: f64,
     },
     /// Power on, wait for a call, answer it, talk for some seconds, hang up.
@@ -182,6 +196,7 @@ fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> Result<AgentConfig, String>
         audio_out: audio.map_or(AudioSpec::Null, |a| a.audio_out.clone()),
         missed: MissedKeeping::WhenShown,
         transport,
+        presence: None,
     })
 }
 
@@ -234,6 +249,7 @@ async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
             data_dir,
         } => enroll(&server, &server_ca, &data_dir).await,
         Mode::Missed { tv } => missed(&tv).await,
+        Mode::Watch { tv, users, seconds } => watch(&tv, users, seconds).await,
         Mode::Call {
             tv,
             audio,
@@ -280,12 +296,12 @@ async fn run(
         }
     };
     let listener = bind_local("control API", control_listen).await?;
-    // Everything that can fail at start-up is checked before powering on.
+    // Everything that can fail at start-up is checked before powering on. The address
+    // book is whom the TV watches and who may see it (the UI edits it).
+    let book = open_book(tv)?;
+    let contacts: Vec<u64> = book.list().iter().map(|c| c.user_id).collect();
     let ui = match ui_listen {
         Some(addr) => {
-            let path = tv.data_dir.join("contacts.json");
-            let book = tv_agent::contacts::ContactBook::open(&path)
-                .with_context(|| format!("cannot open the address book {}", path.display()))?;
             let listener = bind_local("UI", addr).await?;
             let addr = listener.local_addr()?;
             let (ui, serve) = UiServer::new(listener, book);
@@ -332,6 +348,11 @@ async fn run(
     // The missed-call list outlives a restart: calls are kept on the TV before the
     // server forgets them, whether a UI or a control-API client shows them.
     cfg.missed = MissedKeeping::File(tv.data_dir.join("missed.json"));
+    cfg.presence = Some(PresenceSetup {
+        contacts,
+        others: Vec::new(),
+        settings_file: Some(tv.data_dir.join("presence.json")),
+    });
     let user = cfg.user;
     let (agent, mut events) = Agent::power_on(cfg).await?;
     tracing::info!(
@@ -599,6 +620,92 @@ async fn missed(tv: &TvArgs) -> anyhow::Result<ExitCode> {
     };
     agent.power_off().await;
     Ok(code)
+}
+
+/// The address book in `--data-dir`.
+fn open_book(tv: &TvArgs) -> anyhow::Result<tv_agent::contacts::ContactBook> {
+    let path = tv.data_dir.join("contacts.json");
+    tv_agent::contacts::ContactBook::open(&path)
+        .with_context(|| format!("cannot open the address book {}", path.display()))
+}
+
+/// `tv-agent watch`: subscribes to the address book and `users`, prints one JSON line per
+/// state received until `seconds` pass. Exit 0 after watching, 3 if the server was never
+/// reached, 4 not enrolled, 6 allowance used up.
+async fn watch(tv: &TvArgs, users: Vec<u64>, seconds: f64) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let mut cfg = match config(tv, None) {
+        Ok(cfg) => cfg,
+        Err(reason) => return Ok(not_enrolled_exit(&reason)),
+    };
+    let contacts = open_book(tv)?.list().iter().map(|c| c.user_id).collect();
+    cfg.presence = Some(PresenceSetup {
+        contacts,
+        others: users,
+        settings_file: None,
+    });
+    let (agent, mut events) = Agent::power_on(cfg).await?;
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(seconds.max(0.0));
+    let connect_by = started + Duration::from_secs_f64(tv.connect_timeout.max(0.1));
+    let mut registered = false;
+    let mut last_reason = String::from("no answer from the server");
+    let failure = loop {
+        let deadline = if registered {
+            until
+        } else {
+            until.min(connect_by)
+        };
+        let ev = match timeout_at(deadline, events.recv()).await {
+            Ok(Ok(ev)) => ev,
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                eprintln!("tv-agent: {n} events were missed (output too slow)");
+                continue;
+            }
+            Ok(Err(_)) => break None,
+            Err(_) if registered || Instant::now() >= until => break None,
+            Err(_) => break Some(BootFailure::Unreachable(last_reason)),
+        };
+        match ev {
+            AgentEvent::Registered { .. } => registered = true,
+            AgentEvent::Presence {
+                user,
+                state,
+                seq,
+                full,
+            } => {
+                let mut line = json!({"user": user, "state": state, "seq": seq});
+                if full {
+                    line["full"] = json!(true);
+                }
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")?;
+                out.flush()?;
+            }
+            AgentEvent::PresenceLost { reason } => {
+                eprintln!("tv-agent: the server ended the presence subscription ({reason}); subscribing again");
+            }
+            AgentEvent::LinkDown { reason, .. }
+                if reason.starts_with(tv_agent::link::UNAUTHENTICATED_REASON) =>
+            {
+                break Some(BootFailure::NotEnrolled(reason));
+            }
+            AgentEvent::LinkDown { reason, .. }
+                if reason.starts_with(tv_agent::link::ALLOWANCE_REASON) =>
+            {
+                break Some(BootFailure::NotEntitled(reason));
+            }
+            AgentEvent::LinkDown { reason, .. } => {
+                if registered {
+                    eprintln!("tv-agent: control link down ({reason}); reconnecting");
+                }
+                last_reason = reason;
+            }
+            _ => {}
+        }
+    };
+    agent.power_off().await;
+    Ok(failure.map_or(ExitCode::SUCCESS, boot_exit))
 }
 
 /// Writes one JSON line per call to stdout and flushes it.

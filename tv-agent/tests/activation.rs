@@ -444,7 +444,7 @@ async fn an_unenrolled_tv_shows_its_code_shows_a_refusal_and_starts_once_approve
     screen
         .wait(
             "the home screen, online",
-            "document.body.dataset.screen === 'home' && document.getElementById('link').dataset.state === 'online'",
+            "document.body.dataset.screen === 'home' && document.getElementById('link').dataset.state === 'connected'",
         )
         .await;
     assert_eq!(screen.text("me").await, "My number 2002");

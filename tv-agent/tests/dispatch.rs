@@ -316,6 +316,7 @@ async fn two_agents_on_two_nodes_call_each_other_with_two_way_audio() {
         audio_out: AudioSpec::Wav(wav),
         missed: tv_agent::agent::MissedKeeping::Memory,
         transport,
+        presence: None,
     };
     let (wav_a, wav_b) = (
         dir.path().join("a-hears.wav"),

@@ -176,6 +176,18 @@ fn green() -> char {
     Key::F2.into()
 }
 
+/// TV 3003 ("Gran"), with 1001 in her address book.
+async fn gran_config(srv: &Server) -> tv_agent::AgentConfig {
+    let mut cfg = srv
+        .agent_config(3003, AudioSpec::Null, AudioSpec::Null)
+        .await;
+    cfg.presence = Some(tv_agent::agent::PresenceSetup {
+        contacts: vec![1001],
+        ..Default::default()
+    });
+    cfg
+}
+
 /// Makes `user` known to the server (a TV that has been on once), then off again.
 async fn switch_on_once(srv: &Server, user: u64) {
     let (agent, _events) = boot(
@@ -203,7 +215,7 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
     let a = Screen::open(&driver, "A", &tv_a).await;
     a.wait(
         "online",
-        "document.getElementById('link').dataset.state === 'online'",
+        "document.getElementById('link').dataset.state === 'connected'",
     )
     .await;
     a.assert_inside_safe_area().await;
@@ -235,7 +247,7 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
     .await;
     b.wait(
         "A's call in the home list, A's TV on",
-        "document.getElementById('home-missed').innerText.includes('TV 1001') && document.querySelector('#home-missed .state').dataset.state === '1'",
+        "document.getElementById('home-missed').innerText.includes('TV 1001') && document.querySelector('#home-missed .state').dataset.state === 'online'",
     )
     .await;
     assert_eq!(
@@ -272,6 +284,10 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
     )
     .await;
     assert_eq!(a.text("incoming-peer").await, "TV 2002");
+    assert!(
+        a.js("document.getElementById('toast').hidden").await == json!(true),
+        "the toast saying TV 2002 is off went when 2002 called"
+    );
     assert_eq!(a.focused().await, "incoming-answer", "OK answers");
     a.shot("incoming-call").await;
     b.shot("calling").await;
@@ -368,7 +384,9 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
         &dir.path().join("db.sqlite"),
     )
     .await;
-    switch_on_once(&srv, 3003).await;
+    // Gran has 1001 in her address book, so 1001 may see her state.
+    let (g, _ge) = boot(gran_config(&srv).await).await;
+    g.power_off().await;
     let driver = Driver::start().await;
     let data = dir.path().join("tv-a");
     let tv = Tv::start(&srv, 1001, &data, "null").await;
@@ -391,7 +409,7 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     .await;
     a.wait(
         "Gran's TV shown off",
-        "document.querySelector('#contacts-list .contact .state').dataset.state === '0'",
+        "document.querySelector('#contacts-list .contact .state').dataset.state === 'offline'",
     )
     .await;
     // A bad number is refused with a message, nothing saved.
@@ -410,15 +428,11 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     assert!(!a.text("contacts-list").await.contains('X'));
     a.shot("contacts").await;
 
-    // A switched-on contact shows as on within a few seconds (presence polling).
-    let (gran, mut ge) = boot(
-        srv.agent_config(3003, AudioSpec::Null, AudioSpec::Null)
-            .await,
-    )
-    .await;
+    // A switched-on contact shows as on at once (pushed: the page polls nothing).
+    let (gran, mut ge) = boot(gran_config(&srv).await).await;
     a.wait(
         "Gran's TV shown on",
-        "document.querySelector('#contacts-list .contact .state').dataset.state === '1'",
+        "document.querySelector('#contacts-list .contact .state').dataset.state === 'online'",
     )
     .await;
 
@@ -473,6 +487,11 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     })
     .await;
     gran.answer().await.unwrap();
+    a.wait(
+        "Gran shown busy",
+        "document.querySelector('#contacts-list .contact .state').dataset.state === 'busy'",
+    )
+    .await;
     a.press(&[DOWN]).await;
     assert_eq!(a.focused().await, "contact-3003");
     a.press(&[green()]).await;
@@ -572,7 +591,7 @@ async fn losing_the_server_shows_reconnecting_and_recovers() {
     let a = Screen::open(&driver, "A", &tv).await;
     a.wait(
         "online",
-        "document.getElementById('link').dataset.state === 'online'",
+        "document.getElementById('link').dataset.state === 'connected'",
     )
     .await;
     assert!(a.js("document.getElementById('banner').hidden").await == json!(true));
@@ -590,7 +609,7 @@ async fn losing_the_server_shows_reconnecting_and_recovers() {
     .await;
 
     let srv = Server::start(addr, &db).await;
-    a.wait("online again", "document.getElementById('link').dataset.state === 'online' && document.getElementById('banner').hidden").await;
+    a.wait("online again", "document.getElementById('link').dataset.state === 'connected' && document.getElementById('banner').hidden").await;
     a.wait("the recovered message", "document.getElementById('toast').textContent.includes('Connected to the call service again')").await;
 
     // The same layout at 1280×720 still fits the safe area.

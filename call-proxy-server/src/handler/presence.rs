@@ -47,11 +47,23 @@ pub async fn subscribe<S: Store>(
     let stored = stored.map_err(storage_error)?;
     if stored.contacts != book {
         // Who may see this TV: stored before the answer, so it holds after a restart.
+        let changed: Vec<UserId> = book
+            .iter()
+            .filter(|u| !stored.contacts.contains(u))
+            .chain(stored.contacts.iter().filter(|u| !book.contains(u)))
+            .copied()
+            .collect();
         shared
             .store
             .set_presence_book(me.user, book)
             .await
             .map_err(storage_error)?;
+        // Those let in or out see the change (a contact the TV has called stays allowed
+        // by that call; its subscription is made again all the same).
+        shared
+            .registry
+            .presence()
+            .permissions_changed(me.user, &changed);
     }
     // In the order asked (the store's rows come in any order).
     let by_user: std::collections::HashMap<UserId, &crate::storage::PresenceRow> =

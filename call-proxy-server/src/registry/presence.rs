@@ -206,6 +206,9 @@ struct Sub {
     push: PushTx,
     /// Whom it watches.
     users: Vec<UserId>,
+    /// Whom it asked for but may not see (told `not_allowed`): if one of them lets it
+    /// later, it is asked to subscribe again ([`Presence::permissions_changed`]).
+    refused: Vec<UserId>,
     /// The last notification's number, and the highest acknowledged.
     seq: u64,
     acked: u64,
@@ -288,6 +291,7 @@ impl Presence {
         let (here, version) = local(&watchable);
         let mut states = Vec::with_capacity(rows.len());
         let mut users = Vec::with_capacity(watchable.len());
+        let mut refused = Vec::new();
         for row in rows {
             let Some(online) = row.online else {
                 states.push(entry(row.user_id, PresenceState::UNKNOWN, None));
@@ -295,6 +299,7 @@ impl Presence {
             };
             if !row.allowed && !row.hidden {
                 states.push(entry(row.user_id, PresenceState::NOT_ALLOWED, None));
+                refused.push(row.user_id);
                 continue;
             }
             let w = t.watched.entry(row.user_id).or_insert_with(|| Watched {
@@ -352,6 +357,7 @@ impl Presence {
                 session_id,
                 push,
                 users,
+                refused,
                 seq: 0,
                 acked: 0,
                 unsent: Vec::new(),
@@ -480,6 +486,38 @@ impl Presence {
         let mut touched = Vec::new();
         t.queue_change(sub, shown, &mut touched);
         self.flush_subs(&mut t, touched, now);
+    }
+
+    /// `owner`'s address book gained or lost `users`: those of them subscribed now that
+    /// asked for `owner` (and were refused) or watch it are sent `PresenceLost` (not
+    /// counted as a failure) so they subscribe again and learn what they may see now.
+    /// Returns how many were asked.
+    pub fn permissions_changed(&self, owner: UserId, users: &[UserId]) -> usize {
+        let mut t = self.lock();
+        let mut asked = 0;
+        for u in users {
+            let Some(&id) = t.by_user.get(u) else {
+                continue;
+            };
+            let Some(s) = t.subs.get(&id) else {
+                continue;
+            };
+            if !s.refused.contains(&owner) && !s.users.contains(&owner) {
+                continue;
+            }
+            let (push, session_id) = (s.push.clone(), s.session_id);
+            t.drop_user(*u);
+            push::send(
+                &push,
+                session_id,
+                ServerMsg::Event(Event::PresenceLost {
+                    subscription: id,
+                    reason: format!("user {owner} changed who may see them; subscribe again"),
+                }),
+            );
+            asked += 1;
+        }
+        asked
     }
 
     /// An acknowledgement from `user`'s session `session_id`.
@@ -774,6 +812,37 @@ mod tests {
         let (sid, rx) = session(reg, 1);
         let sub = reg.subscribe(1, sid, rows, 100).expect("current");
         (sid, rx, sub)
+    }
+
+    #[test]
+    fn a_watcher_let_in_or_out_is_asked_to_subscribe_again() {
+        let reg = Registry::new(0, 0).with_presence(cfg());
+        let (_s2, _r2) = session(&reg, 2);
+        let (_s1, mut r1, sub) = watching(&reg, &[row(2, true, false), row(3, true, true)]);
+        assert_eq!(states(&sub), vec![(2, P::NOT_ALLOWED), (3, P::OFFLINE)]);
+        let p = reg.presence();
+        assert_eq!(p.permissions_changed(4, &[1]), 0, "1 never asked for 4");
+        assert_eq!(p.permissions_changed(2, &[5]), 0, "5 has no subscription");
+        while next_event(&mut r1).is_some() {}
+        assert_eq!(p.permissions_changed(2, &[1]), 1, "2 let 1 in");
+        match next_event(&mut r1) {
+            Some(ServerMsg::Event(Event::PresenceLost { subscription, .. })) => {
+                assert_eq!(subscription, sub.subscription);
+            }
+            other => panic!("expected PresenceLost, got {other:?}"),
+        }
+        assert_eq!(
+            p.permissions_changed(2, &[1]),
+            0,
+            "the subscription is gone"
+        );
+        // Watching 3 (allowed): 3 letting 1 out asks it too.
+        let (tx, _rx) = crate::registry::push_channel();
+        p.subscribe(1, 100, tx, &[row(3, true, true)], 0, |_| {
+            (HashMap::new(), 0)
+        });
+        assert_eq!(p.permissions_changed(3, &[1]), 1, "3 let 1 out");
+        assert_eq!(p.permissions_changed(3, &[1]), 0);
     }
 
     #[test]

@@ -52,7 +52,7 @@ test("cached calls merge into the missed list without duplicates, oldest first",
   assert.deepEqual(merged.map((m) => m.call_id), [1, 2, 3]);
   assert.deepEqual(list, [a], "the old list is not changed");
   assert.deepEqual(L.mergeMissed([], []), []);
-  assert.deepEqual(L.presenceOf([a, b, c]), [[2002, 1], [2002, 0]]);
+  assert.deepEqual(L.presenceOf([a, b, c]), [[2002, O.presence.ONLINE], [2002, O.presence.OFFLINE]]);
   assert.equal(L.unseenCount(merged, 1), 2);
   assert.equal(L.unseenCount(merged, 3), 0);
   assert.equal(L.newestCallId(merged), 3);
@@ -105,9 +105,26 @@ test("durations read as m:ss or h:mm:ss", () => {
   assert.equal(L.mmss(59_999), "0:59");
   assert.equal(L.mmss(3_599_000), "59:59");
   assert.equal(L.mmss(3_661_000), "1:01:01");
-  assert.equal(L.stateText(1), "TV on");
-  assert.equal(L.stateText(0), "TV off");
-  assert.equal(L.stateText(null), "…");
+  assert.equal(L.stateText(O.presence.ONLINE), "TV on");
+  assert.equal(L.stateText(O.presence.OFFLINE), "TV off");
+  assert.equal(L.stateText(O.presence.BUSY), "Busy");
+  assert.equal(L.stateText(undefined), "…");
+  for (const w of Object.values(O.presence)) assert.notEqual(L.stateText(w), "…", w);
+  assert.ok(L.reachable(O.presence.BUSY) && !L.reachable(O.presence.MOBILE));
+});
+
+test("news about a person takes down a message about them, and only then", () => {
+  const P = O.presence;
+  // The toast "TV 2002 is off. Your call is saved" while 2002 comes on, calls or answers.
+  assert.ok(L.outdates(2002, { event: "presence", user: 2002, state: P.ONLINE }, P.OFFLINE));
+  assert.ok(L.outdates(2002, { event: "incoming", call_id: 9, caller: 2002 }, P.OFFLINE));
+  assert.ok(L.outdates(2002, { event: "ringing", call_id: 9, callee: 2002 }, P.OFFLINE));
+  assert.ok(L.outdates(2002, { event: "answered", call_id: 9, peer: 2002 }, P.OFFLINE));
+  // A fresh full state that says the same, or news about someone else, leaves it.
+  assert.ok(!L.outdates(2002, { event: "presence", user: 2002, state: P.OFFLINE, full: true }, P.OFFLINE));
+  assert.ok(!L.outdates(2002, { event: "presence", user: 3003, state: P.ONLINE }, P.OFFLINE));
+  assert.ok(!L.outdates(2002, { event: "incoming", call_id: 9, caller: 3003 }, P.OFFLINE));
+  assert.ok(!L.outdates(null, { event: "incoming", call_id: 9, caller: 2002 }, undefined));
 });
 
 test("the page's scripts spell no agent word themselves", () => {

@@ -23,6 +23,15 @@
 //! brings the callee's key. Media starts with both ([`MediaParams::srtp`]), or as plain
 //! RTP, with a warning, when the peer offered no key (an agent one release behind). The
 //! keys go when the call does.
+//!
+//! Presence ([`super::presence`] holds the rules): a TV set up with presence subscribes
+//! at every registration and whenever its address book or missed callers change (each
+//! subscription a spawned request reporting [`Done::Subscribed`]); notifications are
+//! applied here in order and acknowledged without waiting (the server answers none);
+//! `PresenceLost` subscribes again at once. The viewer's "do not disturb" and "hide my
+//! state" are kept in a file and sent again after every registration. For tests of the
+//! server's recovery, `TV_AGENT_PRESENCE_FAULT=drop` sends no acknowledgements and
+//! `=refuse` refuses every notification.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -30,7 +39,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared_proto::{
-    CachedCall, CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, Request, SrtpKey,
+    CachedCall, CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, NetState, Presence,
+    PresenceState, Reply, Request, SrtpKey, UserId,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -40,7 +50,11 @@ use super::call::{Action, Call, CallMachine, DialReply, Input, Tell};
 use super::events::AgentEvent;
 use super::handle::{Cmd, Reply1};
 use super::missed::{AckWhen, MissedList};
-use super::types::{now_ms, AgentConfig, AgentError, DialResult, MissedCall, Status};
+use super::presence::{Applied, Subscribe, Watching};
+use super::types::{
+    now_ms, AgentConfig, AgentError, DialResult, MissedCall, PresenceChange, PresenceSettings,
+    Status,
+};
 use crate::link::{LinkError, LinkEvent, LinkHandle};
 use crate::media::srtp::{self, CallKeys};
 use crate::media::{open_sink, open_source, CallQuality, MediaParams, MediaSession};
@@ -49,12 +63,56 @@ use crate::media::{open_sink, open_source, CallQuality, MediaParams, MediaSessio
 /// acknowledgement cut off only means the calls come again).
 const ACK_GRACE: Duration = Duration::from_secs(2);
 
+/// How long after a refused subscription (rate limit, timeout) it is tried again.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(5);
+/// Largest presence settings file read at power-on.
+const MAX_SETTINGS_FILE: u64 = 4096;
+
 /// What a spawned task reports back to the core.
 enum Done {
     /// A fetch of the cached calls ended: all of them, or `None` if it failed.
     Fetched(Option<Vec<CachedCall>>),
     /// A dial whose reply was lost may go again.
     RetryDial,
+    /// The answer to a presence subscription.
+    Subscribed(Result<Reply, LinkError>),
+    /// A refused subscription may be tried again.
+    RetrySubscribe,
+}
+
+/// The test-only switch `TV_AGENT_PRESENCE_FAULT`: what happens to presence
+/// acknowledgements, so tests can drive the server's recovery (section E).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckFault {
+    /// Acknowledged (normal).
+    None,
+    /// Never acknowledged (`drop`).
+    Drop,
+    /// Refused (`refuse`).
+    Refuse,
+}
+
+impl AckFault {
+    fn from_env() -> AckFault {
+        match std::env::var("TV_AGENT_PRESENCE_FAULT").as_deref() {
+            Ok("drop") => {
+                tracing::warn!("TV_AGENT_PRESENCE_FAULT=drop: presence notifications are not acknowledged (test switch)");
+                AckFault::Drop
+            }
+            Ok("refuse") => {
+                tracing::warn!("TV_AGENT_PRESENCE_FAULT=refuse: presence notifications are refused (test switch)");
+                AckFault::Refuse
+            }
+            Ok(other) if !other.is_empty() => {
+                tracing::warn!(
+                    value = other,
+                    "TV_AGENT_PRESENCE_FAULT is drop or refuse; ignored"
+                );
+                AckFault::None
+            }
+            _ => AckFault::None,
+        }
+    }
 }
 
 /// The command waiting for the machine's answer.
@@ -148,6 +206,18 @@ pub(super) struct Core {
     dial_waiting: Option<oneshot::Sender<DialResult>>,
     /// The current call's SRTP keys (dialling, ringing or in a call); `None` when idle.
     keys: Option<Keys>,
+    /// Presence, for a TV set up with it.
+    watching: Option<Watching>,
+    /// The address book's users (watched, and who may see this TV).
+    contacts: Vec<UserId>,
+    /// The others watched besides the missed callers.
+    watch_others: Vec<UserId>,
+    /// The viewer's presence settings.
+    settings: PresenceSettings,
+    /// The viewer has set them (this power-on or before): sent at every registration.
+    settings_known: bool,
+    /// The test switch for acknowledgements.
+    fault: AckFault,
 }
 
 impl Core {
@@ -163,7 +233,17 @@ impl Core {
         let (done_tx, done_rx) = mpsc::channel(8);
         // Warns at power-on if the SRTP key log is on.
         let _ = srtp::Keylog::from_env();
-        Core {
+        let (watching, contacts, watch_others, settings) = match &cfg.presence {
+            Some(p) => (
+                Some(Watching::default()),
+                p.contacts.clone(),
+                p.others.clone(),
+                p.settings_file.as_deref().map(load_settings),
+            ),
+            None => (None, Vec::new(), Vec::new(), None),
+        };
+        let settings_known = matches!(settings, Some(Some(_)));
+        let mut core = Core {
             machine: CallMachine::new(cfg.user, now_ms()),
             cfg,
             media_port,
@@ -180,7 +260,18 @@ impl Core {
             done_rx,
             dial_waiting: None,
             keys: None,
+            watching,
+            contacts,
+            watch_others,
+            settings: settings.flatten().unwrap_or_default(),
+            settings_known,
+            fault: AckFault::None,
+        };
+        if core.watching.is_some() {
+            core.fault = AckFault::from_env();
+            let _ = core.watch_list_changed();
         }
+        core
     }
 
     fn emit(&self, e: AgentEvent) {
@@ -212,6 +303,13 @@ impl Core {
                 Some(done) = self.done_rx.recv() => match done {
                     Done::Fetched(calls) => self.fetched(calls).await,
                     Done::RetryDial => self.step(Input::RetryDial, Pending::None).await,
+                    Done::Subscribed(r) => self.subscribed(r).await,
+                    Done::RetrySubscribe => {
+                        if self.watching.as_ref().is_some_and(Watching::wants_retry) {
+                            let list = self.watching.as_mut().and_then(Watching::registered);
+                            self.subscribe(list);
+                        }
+                    }
                 },
             }
         }
@@ -271,6 +369,8 @@ impl Core {
                 if r.is_ok() {
                     self.missed.clear();
                     self.emit(AgentEvent::MissedCleared);
+                    let list = self.watch_list_changed();
+                    self.subscribe(list);
                 }
                 let _ = tx.send(r);
             }
@@ -284,7 +384,32 @@ impl Core {
                     peer,
                     since_ms: self.machine.since_ms(),
                     muted: self.machine.muted(),
+                    do_not_disturb: self.settings.do_not_disturb,
+                    hidden: self.settings.hidden,
                 });
+            }
+            Cmd::Presence(tx) => {
+                let _ = tx.send(
+                    self.watching
+                        .as_ref()
+                        .map(Watching::states)
+                        .unwrap_or_default(),
+                );
+            }
+            Cmd::SetContacts(contacts, tx) => {
+                let r = if self.watching.is_some() {
+                    self.contacts = contacts;
+                    let list = self.watch_list_changed();
+                    self.subscribe(list);
+                    Ok(())
+                } else {
+                    Err(AgentError::NoPresence)
+                };
+                let _ = tx.send(r);
+            }
+            Cmd::SetPresence(change, tx) => {
+                let r = self.set_presence(change).await;
+                let _ = tx.send(r);
             }
             Cmd::PowerOff(_) => {}
         }
@@ -300,11 +425,21 @@ impl Core {
                     media_port: self.media_port,
                 });
                 self.start_fetch();
+                if let Some(w) = self.watching.as_mut() {
+                    let list = w.registered();
+                    self.subscribe(list);
+                    if self.settings_known {
+                        self.send_settings();
+                    }
+                }
                 // A dial whose reply was lost goes again now.
                 self.step(Input::RetryDial, Pending::None).await;
             }
             LinkEvent::Down { reason, retry_in } => {
                 self.registered = false;
+                if let Some(w) = self.watching.as_mut() {
+                    w.link_down();
+                }
                 // The server ends our call when our link goes; end it here as well.
                 self.step(Input::LinkDown, Pending::None).await;
                 self.emit(AgentEvent::LinkDown {
@@ -342,9 +477,225 @@ impl Core {
                     .await;
             }
             LinkEvent::Server(Event::CachedCallsWaiting { .. }) => self.start_fetch(),
-            // This agent does not subscribe yet, so the server sends it none of these.
-            LinkEvent::Server(Event::PresenceChanged { .. } | Event::PresenceLost { .. }) => {}
+            LinkEvent::Server(Event::PresenceChanged {
+                subscription,
+                seq,
+                changes,
+            }) => {
+                if let Some(w) = self.watching.as_mut() {
+                    let applied = w.changed(subscription, seq, &changes);
+                    self.show_presence(applied).await;
+                }
+            }
+            LinkEvent::Server(Event::PresenceLost {
+                subscription,
+                reason,
+            }) => {
+                if let Some(w) = self.watching.as_mut() {
+                    tracing::warn!(subscription, %reason, "the server ended our presence subscription; subscribing again");
+                    let list = w.lost(subscription);
+                    self.emit(AgentEvent::PresenceLost { reason });
+                    self.subscribe(list);
+                }
+            }
         }
+    }
+
+    /// The watch list as it is now (contacts; the others asked for, then the missed
+    /// callers, newest first), given to the presence rules: the subscription to send if
+    /// it changed.
+    fn watch_list_changed(&mut self) -> Option<Subscribe> {
+        let mut others = self.watch_others.clone();
+        others.extend(self.missed.calls().iter().rev().map(|m| m.user_id));
+        others.retain(|u| *u != self.cfg.user);
+        let me = self.cfg.user;
+        let contacts: Vec<UserId> = self.contacts.iter().copied().filter(|u| *u != me).collect();
+        self.watching.as_mut()?.set_watch_list(&contacts, &others)
+    }
+
+    /// Sends `list` as a subscription, if there is one to send.
+    fn subscribe(&self, list: Option<Subscribe>) {
+        let Some(Subscribe { contacts, others }) = list else {
+            return;
+        };
+        let link = self.link.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let r = link.request(Request::Subscribe { contacts, others }).await;
+            let _ = done.send(Done::Subscribed(r)).await;
+        });
+    }
+
+    /// The answer to a subscription.
+    async fn subscribed(&mut self, r: Result<Reply, LinkError>) {
+        let Some(w) = self.watching.as_mut() else {
+            return;
+        };
+        match r {
+            Ok(Reply::Subscribed(s)) => {
+                let applied = w.subscribed(s);
+                self.show_presence(applied).await;
+            }
+            Err(e) if e.code() == Some(ErrorCode::UNSUPPORTED) => {
+                // A server one release behind: no pushes. Show each state once, as it
+                // answers a query, and ask no more until the next registration.
+                w.refused(true);
+                tracing::info!("the server has no presence pushes; states are asked once");
+                let users: Vec<UserId> = w.watched().take(shared_proto::MAX_QUERY_USERS).collect();
+                self.query_once(users).await;
+            }
+            Err(LinkError::NotConnected | LinkError::Closed) => w.refused(false),
+            other => {
+                let why = match other {
+                    Ok(reply) => format!("unexpected reply {reply:?}"),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(error = %why, "presence subscription refused; trying again later");
+                w.refused(false);
+                let done = self.done_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+                    let _ = done.send(Done::RetrySubscribe).await;
+                });
+            }
+        }
+    }
+
+    /// From a server without presence: each watched user's online state, asked once.
+    async fn query_once(&mut self, users: Vec<UserId>) {
+        if users.is_empty() {
+            return;
+        }
+        let Ok(Reply::States(states)) = self.link.request(Request::QueryState { users }).await
+        else {
+            return;
+        };
+        let shown = states
+            .iter()
+            .map(|s| {
+                let state = match s.state {
+                    NetState::Online => PresenceState::ONLINE,
+                    NetState::Offline => PresenceState::OFFLINE,
+                    NetState::Unknown => PresenceState::UNKNOWN,
+                };
+                let p = Presence {
+                    user_id: s.user_id,
+                    state,
+                    since_ms: None,
+                };
+                (p, 0)
+            })
+            .collect();
+        let applied = Applied {
+            shown,
+            full: true,
+            ..Applied::default()
+        };
+        if let Some(w) = self.watching.as_mut() {
+            w.remember(&applied.shown);
+        }
+        self.show_presence(applied).await;
+    }
+
+    /// Shows what a notification or a subscription's answer brought, then acknowledges
+    /// it (as the test switch allows) and sends the next subscription, if any.
+    async fn show_presence(&mut self, applied: Applied) {
+        for (p, seq) in &applied.shown {
+            self.emit(AgentEvent::Presence {
+                user: p.user_id,
+                state: p.state.into(),
+                seq: *seq,
+                full: applied.full,
+            });
+        }
+        if let Some((subscription, seq)) = applied.ack {
+            let status = match self.fault {
+                AckFault::None => Some(ErrorCode::OK),
+                AckFault::Drop => None,
+                AckFault::Refuse => Some(ErrorCode::INTERNAL),
+            };
+            if let Some(status) = status {
+                let ack = Request::PresenceAck {
+                    subscription,
+                    seq,
+                    status,
+                };
+                // Not answered; if the link is gone the subscription went with it.
+                let _ = self.link.send(ack).await;
+            }
+        }
+        self.subscribe(applied.subscribe);
+    }
+
+    /// Applies the viewer's change to "do not disturb" or "hide my state": kept in the
+    /// settings file, then told to the server (now if registered, else at registration).
+    async fn set_presence(
+        &mut self,
+        change: PresenceChange,
+    ) -> Result<PresenceSettings, AgentError> {
+        if self.watching.is_none() {
+            return Err(AgentError::NoPresence);
+        }
+        let mut next = self.settings;
+        if let Some(on) = change.do_not_disturb {
+            next.do_not_disturb = on;
+        }
+        if let Some(on) = change.hidden {
+            next.hidden = on;
+        }
+        if self.registered {
+            let r = self
+                .link
+                .request(Request::SetPresence {
+                    do_not_disturb: next.do_not_disturb,
+                    hidden: next.hidden,
+                })
+                .await;
+            match r {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::UNSUPPORTED) => {
+                    return Err(AgentError::Unsupported(
+                        "the server does not support do not disturb or hiding the TV's state",
+                    ))
+                }
+                // Not connected after all: sent at the next registration.
+                Err(LinkError::NotConnected | LinkError::Timeout) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(path) = self
+            .cfg
+            .presence
+            .as_ref()
+            .and_then(|p| p.settings_file.clone())
+        {
+            tokio::task::spawn_blocking(move || crate::files::write_json(&path, &next))
+                .await
+                .map_err(|e| AgentError::SaveSettings(e.to_string()))?
+                .map_err(|e| AgentError::SaveSettings(e.to_string()))?;
+        }
+        self.settings = next;
+        self.settings_known = true;
+        self.emit(AgentEvent::PresenceSettings {
+            do_not_disturb: next.do_not_disturb,
+            hidden: next.hidden,
+        });
+        Ok(next)
+    }
+
+    /// Sends the viewer's settings after a registration (a new session starts without
+    /// "do not disturb").
+    fn send_settings(&self) {
+        let link = self.link.clone();
+        let request = Request::SetPresence {
+            do_not_disturb: self.settings.do_not_disturb,
+            hidden: self.settings.hidden,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = link.request(request).await {
+                tracing::warn!(error = %e, "cannot send the presence settings to the server");
+            }
+        });
     }
 
     /// Feeds `input` to the call machine and runs its actions (and those of the inputs
@@ -593,6 +944,9 @@ impl Core {
         let presented: Vec<MissedCall> = calls.iter().map(MissedCall::from_wire).collect();
         let ids: Vec<CallId> = calls.iter().map(|c| c.call_id).collect();
         self.missed.merge(&presented);
+        // New missed callers are watched too.
+        let list = self.watch_list_changed();
+        self.subscribe(list);
         match self.missed.after_fetch() {
             // Whoever shows them acknowledges them (`Agent::shown`), after showing.
             AckWhen::ByPresenter => self.emit(AgentEvent::CachedCalls { calls: presented }),
@@ -625,6 +979,20 @@ impl Core {
                 tracing::warn!(error = %e, "cannot acknowledge cached calls; they will come again");
             }
         });
+    }
+}
+
+/// The settings kept at `path`: `None` when the viewer never set them (no file).
+fn load_settings(path: &std::path::Path) -> Option<PresenceSettings> {
+    if !path.exists() {
+        return None;
+    }
+    match crate::files::read_json::<PresenceSettings>(path, MAX_SETTINGS_FILE) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the presence settings");
+            None
+        }
     }
 }
 

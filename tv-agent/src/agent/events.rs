@@ -1,6 +1,6 @@
 //! What the agent reports: [`AgentEvent`], in order, to the UI, the control API and the
 //! scripted modes, and the one typed list of the words its events carry (call-end
-//! outcomes, dial failures, missed-call reasons, call states).
+//! outcomes, dial failures, missed-call reasons, call states, presence states).
 //!
 //! Each word list is an enum declared once by `words!`: the same declaration gives the
 //! serde name (so the JSON output is the snake_case word), [`as_str`](EndOutcome::as_str),
@@ -120,6 +120,40 @@ words! {
     }
 }
 
+words! {
+    /// A watched user's presence (`presence` events, `tv-agent watch`).
+    PresenceWord {
+        /// Switched on and free.
+        Online => "online",
+        /// In a call, or in "do not disturb".
+        Busy => "busy",
+        /// Switched off.
+        Offline => "offline",
+        /// Switched off, but the owner is reachable on their phone (SMS).
+        Mobile => "mobile",
+        /// This user does not let this TV see their state.
+        NotAllowed => "not_allowed",
+        /// No such user.
+        Unknown => "unknown",
+    }
+}
+
+impl From<shared_proto::PresenceState> for PresenceWord {
+    /// A state this agent does not know (a newer server's) shows as offline, as the
+    /// protocol says.
+    fn from(s: shared_proto::PresenceState) -> Self {
+        use shared_proto::PresenceState as P;
+        match s {
+            P::ONLINE => PresenceWord::Online,
+            P::BUSY => PresenceWord::Busy,
+            P::MOBILE => PresenceWord::Mobile,
+            P::NOT_ALLOWED => PresenceWord::NotAllowed,
+            P::UNKNOWN => PresenceWord::Unknown,
+            _ => PresenceWord::Offline,
+        }
+    }
+}
+
 impl From<shared_proto::MissedReason> for MissReason {
     fn from(r: shared_proto::MissedReason) -> Self {
         match r {
@@ -216,6 +250,33 @@ pub enum AgentEvent {
         /// Media quality, if media flowed.
         quality: Option<CallQuality>,
     },
+    /// A watched user's state, pushed by the server (or, from a server without presence,
+    /// asked once at registration).
+    Presence {
+        /// Who.
+        user: UserId,
+        /// Their state now.
+        state: PresenceWord,
+        /// The notification's sequence number in its subscription (a subscription's full
+        /// state carries the sequence number it starts from).
+        seq: u64,
+        /// Part of a subscription's fresh full state rather than a change.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        full: bool,
+    },
+    /// The server gave up on a notification (not acknowledged in time, or refused) and
+    /// ended the subscription; the agent subscribes again at once.
+    PresenceLost {
+        /// Why, from the server.
+        reason: String,
+    },
+    /// The viewer's presence settings changed.
+    PresenceSettings {
+        /// "Do not disturb": shown as busy, calls cached as missed instead of ringing.
+        do_not_disturb: bool,
+        /// "Hide my state": nobody may watch this TV.
+        hidden: bool,
+    },
     /// The viewer cleared the missed-call list.
     MissedCleared,
     /// The agent powered off (signal, UI or API command); nothing follows.
@@ -240,13 +301,15 @@ pub fn outcomes_js() -> String {
          end: Object.freeze({}),\n  \
          dial_failed: Object.freeze({}),\n  \
          missed: Object.freeze({}),\n  \
-         call_state: Object.freeze({}),\n\
+         call_state: Object.freeze({}),\n  \
+         presence: Object.freeze({}),\n\
          }});\n\
          if (typeof module !== \"undefined\") module.exports = OUTCOMES;\n",
         list(EndOutcome::ALL, EndOutcome::as_str),
         list(DialFailure::ALL, DialFailure::as_str),
         list(MissReason::ALL, MissReason::as_str),
         list(CallState::ALL, CallState::as_str),
+        list(PresenceWord::ALL, PresenceWord::as_str),
     )
 }
 

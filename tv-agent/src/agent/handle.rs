@@ -4,14 +4,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use shared_proto::{CallId, UserId, UserState};
+use shared_proto::{CallId, Presence, UserId, UserState};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::core::Core;
 use super::events::AgentEvent;
 use super::media_socket::bind_media;
 use super::missed::MissedList;
-use super::types::{AgentConfig, AgentError, DialResult, MissedCall, Status};
+use super::types::{
+    AgentConfig, AgentError, DialResult, MissedCall, PresenceChange, PresenceSettings, Status,
+};
 use crate::link::{self, LinkConfig};
 
 /// A command's reply channel.
@@ -29,6 +31,9 @@ pub(super) enum Cmd {
     Shown(Vec<CallId>, Reply1<()>),
     ClearMissed(Reply1<()>),
     Status(oneshot::Sender<Status>),
+    Presence(oneshot::Sender<Vec<Presence>>),
+    SetContacts(Vec<UserId>, Reply1<()>),
+    SetPresence(PresenceChange, Reply1<PresenceSettings>),
     PowerOff(oneshot::Sender<()>),
 }
 
@@ -153,6 +158,28 @@ impl Agent {
     /// Current state.
     pub async fn status(&self) -> Option<Status> {
         self.ask(Cmd::Status).await
+    }
+
+    /// The watched users' states as last heard (contacts first, then missed callers).
+    pub async fn presence(&self) -> Vec<Presence> {
+        self.ask(Cmd::Presence).await.unwrap_or_default()
+    }
+
+    /// The address book changed: these users are watched (and may see this TV) now.
+    pub async fn set_contacts(&self, contacts: Vec<UserId>) -> Result<(), AgentError> {
+        self.ask(|tx| Cmd::SetContacts(contacts, tx))
+            .await
+            .unwrap_or(Err(AgentError::Off))
+    }
+
+    /// Turns "do not disturb" or "hide my state" on or off; the settings as they are now.
+    pub async fn set_presence(
+        &self,
+        change: PresenceChange,
+    ) -> Result<PresenceSettings, AgentError> {
+        self.ask(|tx| Cmd::SetPresence(change, tx))
+            .await
+            .unwrap_or(Err(AgentError::Off))
     }
 
     /// Powers off: ends a call, closes the control link (server records offline), then

@@ -11,6 +11,7 @@
 //! - [`core`]: the task that owns the state and runs the call machine's actions (I/O).
 //! - [`call`]: the call state machine, pure: (state, input, time) → actions.
 //! - [`missed`]: the missed-call list and when its calls may be acknowledged.
+//! - [`presence`]: whom the TV watches and the rules of its presence subscription, pure.
 //! - [`events`]: [`AgentEvent`] and the typed word lists its events carry.
 //! - [`types`]: configuration, missed call, status, dial result, errors.
 //! - [`media_socket`]: binding the UDP media socket.
@@ -21,14 +22,18 @@ pub mod events;
 mod handle;
 pub mod media_socket;
 pub mod missed;
+pub mod presence;
 #[cfg(test)]
 mod redial_test;
 pub mod types;
 
-pub use events::{outcomes_js, AgentEvent, CallState, DialFailure, EndOutcome, MissReason};
+pub use events::{
+    outcomes_js, AgentEvent, CallState, DialFailure, EndOutcome, MissReason, PresenceWord,
+};
 pub use handle::Agent;
 pub use media_socket::bind_media;
 pub use missed::MAX_MISSED_KEPT;
 pub use types::{
-    netstate, rfc3339, AgentConfig, AgentError, DialResult, MissedCall, MissedKeeping, Status,
+    netstate, rfc3339, AgentConfig, AgentError, DialResult, MissedCall, MissedKeeping,
+    PresenceChange, PresenceSettings, PresenceSetup, Status,
 };

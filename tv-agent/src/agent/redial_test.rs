@@ -169,6 +169,7 @@ async fn a_dial_whose_reply_was_lost_is_retried_with_its_key_and_stored_once() {
         audio_out: AudioSpec::Null,
         missed: MissedKeeping::Memory,
         transport: tls(&caller_key),
+        presence: None,
     })
     .await
     .unwrap();

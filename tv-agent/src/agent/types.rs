@@ -31,6 +31,40 @@ pub struct AgentConfig {
     /// How the control link reaches the server: TLS with the TV's key (see
     /// [`crate::identity`]) or, for lab use, plain TCP.
     pub transport: control_client::Transport,
+    /// Presence: whom to watch and where the viewer's settings are kept; `None` (the
+    /// scripted modes that do one thing) subscribes to nothing and leaves the address
+    /// book the server holds for this TV as it is.
+    pub presence: Option<PresenceSetup>,
+}
+
+/// What a TV with presence watches, and where it keeps the viewer's settings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PresenceSetup {
+    /// The address book's user numbers: watched, and who may see this TV.
+    pub contacts: Vec<UserId>,
+    /// Others to watch besides the missed callers (a scripted `watch`'s `--users`).
+    pub others: Vec<UserId>,
+    /// Where "do not disturb" and "hide my state" are kept across restarts (sent to the
+    /// server at every registration once the viewer has set them); `None`: in memory.
+    pub settings_file: Option<std::path::PathBuf>,
+}
+
+/// A change to the viewer's presence settings: `None` leaves a setting as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct PresenceChange {
+    /// "Do not disturb" on or off.
+    pub do_not_disturb: Option<bool>,
+    /// "Hide my state" on or off.
+    pub hidden: Option<bool>,
+}
+
+/// The viewer's presence settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceSettings {
+    /// "Do not disturb": shown to watchers as busy; calls are cached as missed, not rung.
+    pub do_not_disturb: bool,
+    /// "Hide my state": nobody may watch this TV.
+    pub hidden: bool,
 }
 
 /// Where the agent keeps the cached calls it presents, and so when it acknowledges them:
@@ -169,6 +203,15 @@ pub enum AgentError {
     /// The missed-call list could not be saved.
     #[error("cannot save the missed-call list: {0}")]
     Save(String),
+    /// The presence settings could not be saved; they were not changed.
+    #[error("cannot save the presence settings: {0}")]
+    SaveSettings(String),
+    /// This agent was started without presence (a scripted mode).
+    #[error("presence is not on in this mode")]
+    NoPresence,
+    /// The server does not support this (a server one release behind).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// The agent's current state, for UIs.
@@ -188,4 +231,8 @@ pub struct Status {
     pub since_ms: i64,
     /// This TV's microphone is muted in the current call.
     pub muted: bool,
+    /// "Do not disturb" is on.
+    pub do_not_disturb: bool,
+    /// "Hide my state" is on.
+    pub hidden: bool,
 }

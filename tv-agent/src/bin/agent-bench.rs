@@ -170,6 +170,7 @@ fn agent_config(server: &str, user: u64) -> AgentConfig {
         audio_out: AudioSpec::Null,
         missed: MissedKeeping::Memory,
         transport: control_client::Transport::Plaintext,
+        presence: None,
     }
 }
 

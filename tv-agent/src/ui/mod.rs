@@ -5,18 +5,18 @@
 //!   reasons, call states) generated from their enums ([`crate::agent::outcomes_js`]), so
 //!   the page's script never spells them itself.
 //! - `GET /api/events`: server-sent events. The first is a `snapshot` (status, missed
-//!   calls, contacts, their online state); then every [`AgentEvent`] as the control API
-//!   streams it, plus `presence` and `contacts` changes. A client that falls behind is
+//!   calls, contacts, the watched users' presence); then every [`AgentEvent`] as the
+//!   control API streams it (a `presence` event per pushed state), plus `contacts`
+//!   changes. A client that falls behind is
 //!   cut off; the browser reconnects and starts again from a new snapshot.
 //! - `POST /api/command`: one control-API command (`{"cmd":"dial","to":2002}`, …), run
 //!   through [`api::execute`], so the UI acts through the same API as other clients.
 //! - `GET /api/contacts`, `PUT /api/contacts/{user}` (`{"name":"Gran"}`),
 //!   `DELETE /api/contacts/{user}`: the address book.
 //!
-//! The server has no presence push, so while a page is open the UI polls the state of
-//! its contacts and missed callers every few seconds (one `QueryState` for all of them)
-//! and at once when a page opens or the book or the missed calls change; only changes
-//! reach the browser.
+//! Presence is pushed: the agent subscribes to the address book and the missed callers
+//! and streams each change as it comes (no polling); a change to the book here is given
+//! to the agent ([`Agent::set_contacts`]), which subscribes again.
 //!
 //! Requests must name a loopback host (defeats DNS rebinding) and, if they carry an
 //! `Origin`, come from this UI; commands must be JSON, which a cross-site form cannot
@@ -29,7 +29,6 @@
 //! snapshot; `POST /api/activation` (`{"cmd":"new_code"}`) asks for a new code after a
 //! refusal; commands answer that the TV is not activated yet.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
@@ -48,7 +47,7 @@ use shared_proto::UserId;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch, Mutex, Notify};
 
-use crate::agent::{netstate, Agent, AgentEvent};
+use crate::agent::Agent;
 use crate::api;
 use crate::contacts::{ContactBook, ContactError};
 
@@ -56,12 +55,8 @@ pub mod activation;
 
 use activation::ActivationState;
 
-/// How often contacts' online state is refreshed.
-const PRESENCE_EVERY: Duration = Duration::from_secs(5);
 /// Largest request body (commands and contact edits are tiny).
 const MAX_BODY: usize = 16 * 1024;
-/// Most users asked about in one presence query (the server's own limit).
-const MAX_PRESENCE: usize = shared_proto::MAX_QUERY_USERS;
 
 const INDEX_HTML: &str = include_str!("../../assets/index.html");
 const APP_JS: &str = include_str!("../../assets/app.js");
@@ -83,12 +78,8 @@ struct Ui {
     new_code: Arc<Notify>,
     /// The address book (file-backed).
     contacts: Mutex<ContactBook>,
-    /// Last known state of each contact and missed caller: 1 online, 0 off, None unknown.
-    presence: Mutex<BTreeMap<UserId, Option<u8>>>,
-    /// UI-only events (`presence`, `contacts`) for every open event stream.
+    /// UI-only events (`contacts`) for every open event stream.
     events: broadcast::Sender<Value>,
-    /// Wakes the presence poller early (book or missed calls changed, registered).
-    refresh: Notify,
 }
 
 /// Serves the UI on `listener` (which must be loopback) for as long as the agent runs.
@@ -126,9 +117,7 @@ impl UiServer {
             activation: watch::Sender::new(ActivationState::Requesting),
             new_code: Arc::new(Notify::new()),
             contacts: Mutex::new(contacts),
-            presence: Mutex::new(BTreeMap::new()),
             events,
-            refresh: Notify::new(),
         });
         let app = Router::new()
             .route("/", get(|| asset("text/html; charset=utf-8", INDEX_HTML)))
@@ -178,7 +167,6 @@ impl UiServer {
     /// the normal screens) and commands reach the agent. Only the first call counts.
     pub fn attach(&self, agent: Agent) {
         if self.ui.agent.set(agent).is_ok() {
-            tokio::spawn(poll_presence(Arc::clone(&self.ui)));
             self.ui.attached.send_replace(true);
         }
     }
@@ -269,8 +257,6 @@ async fn agent_stream(
     let agent_events = agent.subscribe();
     let ui_events = ui.events.subscribe();
     let snapshot = ui.snapshot(agent).await;
-    // A page just opened: bring its contacts' states up to date now.
-    ui.refresh.notify_one();
     let agent_stream = futures::stream::unfold(agent_events, |mut rx| async move {
         match rx.recv().await {
             Ok(ev) => Some((serde_json::to_value(&ev).unwrap_or_default(), rx)),
@@ -377,7 +363,7 @@ impl Ui {
             "status": status,
             "missed": missed,
             "contacts": self.contacts.lock().await.list(),
-            "presence": presence_json(&*self.presence.lock().await),
+            "presence": api::presence_json(&agent.presence().await),
         })
     }
 
@@ -385,10 +371,18 @@ impl Ui {
     async fn contacts_changed(&self, r: Result<(), ContactError>) -> Response {
         match r {
             Ok(()) => {
-                let contacts =
-                    json!({"event": "contacts", "contacts": self.contacts.lock().await.list()});
+                let (contacts, ids) = {
+                    let book = self.contacts.lock().await;
+                    let ids: Vec<UserId> = book.list().iter().map(|c| c.user_id).collect();
+                    (json!({"event": "contacts", "contacts": book.list()}), ids)
+                };
                 let _ = self.events.send(contacts.clone());
-                self.refresh.notify_one();
+                // Watched, and allowed to see this TV, from now on.
+                if let Some(agent) = self.agent.get() {
+                    if let Err(e) = agent.set_contacts(ids).await {
+                        tracing::warn!(error = %e, "the agent does not watch the address book");
+                    }
+                }
                 (
                     StatusCode::OK,
                     Json(json!({"ok": true, "contacts": contacts["contacts"]})),
@@ -403,83 +397,6 @@ impl Ui {
                 };
                 (status, Json(json!({"ok": false, "error": e.to_string()}))).into_response()
             }
-        }
-    }
-
-    /// The users whose state the UI shows: contacts first, then missed callers.
-    async fn watched(&self) -> Vec<UserId> {
-        let mut ids: Vec<UserId> = self
-            .contacts
-            .lock()
-            .await
-            .list()
-            .iter()
-            .map(|c| c.user_id)
-            .collect();
-        let missed = match self.agent.get() {
-            Some(agent) => agent.missed().await,
-            None => Vec::new(),
-        };
-        for m in missed.iter().rev() {
-            ids.push(m.user_id);
-        }
-        let mut seen = std::collections::HashSet::new();
-        ids.retain(|id| seen.insert(*id));
-        ids.truncate(MAX_PRESENCE);
-        ids
-    }
-}
-
-fn presence_json(p: &BTreeMap<UserId, Option<u8>>) -> Value {
-    Value::Array(
-        p.iter()
-            .map(|(id, s)| json!({"user_id": id, "user_netstate": s}))
-            .collect(),
-    )
-}
-
-/// Keeps `Ui::presence` fresh and tells open pages about changes. It asks the server only
-/// while a page is open (a TV whose screen shows something else costs the server
-/// nothing), every [`PRESENCE_EVERY`] and at once when something changed.
-async fn poll_presence(ui: Arc<Ui>) {
-    let Some(agent) = ui.agent.get().cloned() else {
-        return;
-    };
-    let mut agent_events = agent.subscribe();
-    let mut tick = tokio::time::interval(PRESENCE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = ui.refresh.notified() => {}
-            ev = agent_events.recv() => match ev {
-                Ok(AgentEvent::Registered { .. } | AgentEvent::CachedCalls { .. }) => {}
-                Ok(AgentEvent::PoweredOff) | Err(broadcast::error::RecvError::Closed) => return,
-                _ => continue,
-            },
-        }
-        // Every open page holds a receiver of the UI's own events.
-        if ui.events.receiver_count() == 0 {
-            continue;
-        }
-        let ids = ui.watched().await;
-        if ids.is_empty() {
-            continue;
-        }
-        let Ok(states) = agent.query(ids).await else {
-            // Link down: keep the last known states; the page shows the link state.
-            continue;
-        };
-        let fresh: BTreeMap<UserId, Option<u8>> = states
-            .iter()
-            .map(|s| (s.user_id, netstate(s.state)))
-            .collect();
-        let mut presence = ui.presence.lock().await;
-        if *presence != fresh {
-            *presence = fresh;
-            let _ = ui
-                .events
-                .send(json!({"event": "presence", "states": presence_json(&presence)}));
         }
     }
 }

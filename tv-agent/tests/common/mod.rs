@@ -156,6 +156,7 @@ impl Trust {
             audio_out,
             missed: tv_agent::agent::MissedKeeping::Memory,
             transport: self.transport(&self.key(user).await),
+            presence: None,
         }
     }
 
