@@ -39,11 +39,19 @@ pub async fn subscribe<S: Store>(
     book.retain(|u| *u != me.user);
     let mut users = contacts;
     users.extend(others);
-    let (rows, stored) = tokio::join!(
+    // This TV's own row too: whether its owner has a phone number now.
+    let (rows, stored, own) = tokio::join!(
         shared.store.presence_view(me.user, users.clone()),
-        shared.store.presence_book(me.user)
+        shared.store.presence_book(me.user),
+        shared.store.presence_view(me.user, vec![me.user])
     );
     let rows = rows.map_err(storage_error)?;
+    if let Some(own) = own.map_err(storage_error)?.first() {
+        shared
+            .registry
+            .presence()
+            .set_has_phone(me.user, own.has_phone);
+    }
     let stored = stored.map_err(storage_error)?;
     if stored.contacts != book {
         // Who may see this TV: stored before the answer, so it holds after a restart.

@@ -488,6 +488,15 @@ impl Presence {
         self.flush_subs(&mut t, touched, now);
     }
 
+    /// Whether `user` has a phone number on file, as the store says now (read when it
+    /// subscribes, so a number the operator set while it was off counts from its next
+    /// power-on): watchers are then told `mobile`, not `offline`, when it goes.
+    pub fn set_has_phone(&self, user: UserId, has_phone: bool) {
+        if let Some(w) = self.lock().watched.get_mut(&user) {
+            w.has_phone = has_phone;
+        }
+    }
+
     /// `owner`'s address book gained or lost `users`: those of them subscribed now that
     /// asked for `owner` (and were refused) or watch it are sent `PresenceLost` (not
     /// counted as a failure) so they subscribe again and learn what they may see now.

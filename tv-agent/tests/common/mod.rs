@@ -261,6 +261,11 @@ impl Server {
             .unwrap()
     }
 
+    /// The running server's state (registry, metrics, store).
+    pub fn shared(&self) -> &Arc<call_proxy_server::Shared<SqliteStore>> {
+        &self.server.shared
+    }
+
     pub async fn stop(self) {
         *self.trust.running.lock().unwrap() = None;
         self.server.stop().await.unwrap();
