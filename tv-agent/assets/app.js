@@ -589,10 +589,7 @@ function renderHome() {
   const recent = [...S.missed].reverse().slice(0, MAX_HOME_ROWS);
   $("home-missed").innerHTML = recent.length ? recent.map((m) => missedRow(m, false)).join("") : `<li class="empty">No missed calls.</li>`;
   const cs = S.contacts.slice(0, MAX_HOME_ROWS);
-  $("btn-dnd").textContent = `Do not disturb: ${S.dnd ? "on" : "off"}`;
-  $("btn-dnd").setAttribute("aria-pressed", String(S.dnd));
-  $("btn-hide").textContent = `Hide my state: ${S.hidden ? "on" : "off"}`;
-  $("btn-hide").setAttribute("aria-pressed", String(S.hidden));
+
   $("home-contacts").innerHTML = cs.length ? cs.map((c) => contactRow(c, false)).join("") : `<li class="empty">No contacts yet: open Contacts to add one.</li>`;
 }
 
@@ -663,6 +660,11 @@ function renderActivate() {
 
 function renderChrome() {
   $("me").textContent = S.me === null ? "" : `My number ${S.me}`;
+  // The viewer's own switches (on the home screen).
+  $("btn-dnd").textContent = `Do not disturb: ${S.dnd ? "on" : "off"}`;
+  $("btn-dnd").setAttribute("aria-pressed", String(S.dnd));
+  $("btn-hide").textContent = `Hide my state: ${S.hidden ? "on" : "off"}`;
+  $("btn-hide").setAttribute("aria-pressed", String(S.hidden));
   const pill = $("link");
   const banner = $("banner");
   if (S.activation !== null && !S.agentLost) {

@@ -17,6 +17,7 @@ use common::*;
 use fantoccini::key::Key;
 use fantoccini::Client;
 use serde_json::{json, Value};
+use tv_agent::agent::PresenceWord;
 use tv_agent::media::AudioSpec;
 use tv_agent::{AgentEvent, DialResult};
 
@@ -168,6 +169,8 @@ const OK: char = '\u{E007}'; // Enter
 const BACK: char = '\u{E00C}'; // Escape
 const DOWN: char = '\u{E015}';
 const RIGHT: char = '\u{E014}';
+const UP: char = '\u{E013}';
+const LEFT: char = '\u{E012}';
 
 fn red() -> char {
     Key::F1.into()
@@ -517,6 +520,28 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
         "document.getElementById('home-contacts').innerText.includes('Gran')",
     )
     .await;
+    // Do not disturb, from the remote (Up from the tiles): Gran, who watches this TV,
+    // sees it busy, then online again.
+    a.press(&[UP]).await;
+    if a.focused().await == "btn-hide" {
+        a.press(&[LEFT]).await;
+    }
+    assert_eq!(a.focused().await, "btn-dnd");
+    for (on, word) in [(true, PresenceWord::Busy), (false, PresenceWord::Online)] {
+        a.press(&[OK]).await;
+        a.wait(
+            "the switch turned",
+            &format!("document.getElementById('btn-dnd').getAttribute('aria-pressed') === '{on}'"),
+        )
+        .await;
+        expect_event(&mut ge, 5, "Gran told", |e| {
+            matches!(e, AgentEvent::Presence { user: 1001, state, .. } if *state == word)
+                .then_some(())
+        })
+        .await;
+    }
+    a.shot("do-not-disturb").await;
+    a.press(&[DOWN]).await;
     // The contact is one key press from a call: Down to it, green calls.
     a.press(&[DOWN]).await;
     a.wait(
