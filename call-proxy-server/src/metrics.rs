@@ -94,6 +94,9 @@ pub struct Metrics {
     pub presence_dropped: IntCounter,
     /// Alarms raised for the operator.
     pub alarms_raised: IntCounter,
+    /// Alarms open now (not cleared), counted in the database at each scrape (the CLI
+    /// clears them on the file).
+    pub alarms_open: IntGauge,
     /// The effective connection limit derived at start (see `Config::max_connections`).
     pub connection_limit: IntGauge,
     /// Connections open now that have not registered.
@@ -275,6 +278,10 @@ impl Metrics {
             alarms_raised: counter(
                 "call_proxy_alarms_raised_total",
                 "Alarms raised for the operator (see GET /api/alarms).",
+            ),
+            alarms_open: gauge(
+                "call_proxy_alarms_open",
+                "Alarms not cleared yet (GET /api/alarms; cleared by POST /api/alarms/{id}/clear or the CLI).",
             ),
             connection_limit: gauge(
                 "call_proxy_connection_limit",

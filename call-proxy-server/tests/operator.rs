@@ -349,6 +349,15 @@ async fn phone_numbers_and_alarms_from_the_cli_and_the_admin_api() {
         "presence notifications kept failing: signed out"
     );
     assert_eq!(list("?all=true").await.len(), 2);
+    // The gauge counts the open ones in the database (one cleared by the CLI above).
+    let open_gauge = || async {
+        let (status, text) = http("GET", format!("{admin}/metrics"), tok, None).await;
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix("call_proxy_alarms_open "))
+            .map(|v| v.trim().to_string())
+    };
+    assert_eq!(open_gauge().await.as_deref(), Some("1"));
     let (status, body) = http("GET", format!("{admin}/api/alarms?all=maybe"), tok, None).await;
     assert_eq!(status, 400, "{body}");
     let clear = |id: u64| format!("{admin}/api/alarms/{id}/clear");
@@ -362,5 +371,6 @@ async fn phone_numbers_and_alarms_from_the_cli_and_the_admin_api() {
     assert_eq!(status, 404, "unknown: {body}");
     assert!(list("").await.is_empty());
     assert!(alarms(&[]).is_empty());
+    assert_eq!(open_gauge().await.as_deref(), Some("0"));
     srv.stop().await;
 }

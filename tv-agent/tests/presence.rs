@@ -433,6 +433,36 @@ async fn a_watcher_sees_each_change_of_a_contact_within_a_second() {
     srv.stop().await;
 }
 
+const ADMIN_TOKEN: &str = "presence-test-token";
+
+/// The admin API over the running server, on loopback; its base URL.
+async fn admin_api(srv: &Server, db: &Path) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = call_proxy_server::admin::router(
+        std::sync::Arc::clone(srv.shared()),
+        call_proxy_server::admin::AdminOptions {
+            token: ADMIN_TOKEN.into(),
+            db: DbTarget::Sqlite(db.to_path_buf()),
+        },
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// One authorised GET on the admin API; its body (a 200 is required).
+async fn get(url: String) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut resp = ureq::get(&url)
+            .header("Authorization", &format!("Bearer {ADMIN_TOKEN}"))
+            .call()
+            .unwrap();
+        resp.body_mut().read_to_string().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// The operator's CLI built beside this test's `tv-agent` (`cargo test --workspace`
 /// builds it), if it is there.
 fn operator_cli() -> Option<PathBuf> {
@@ -479,12 +509,36 @@ async fn recovery(fault: &str, policy: FailurePolicy) {
     }
     assert_eq!(metrics.alarms_raised.get(), 1);
     assert_eq!(metrics.presence_recoveries.get(), 2);
-    let alarms = open_operator(&DbTarget::Sqlite(db.clone()), 1)
-        .alarms(false, 10)
-        .await
-        .unwrap();
+    // The operator sees it: the admin API's alarms and metrics, and the CLI.
+    let admin = admin_api(&srv, &db).await;
+    let alarms: Value = serde_json::from_str(&get(format!("{admin}/api/alarms")).await).unwrap();
+    let alarms = alarms["alarms"].as_array().unwrap().clone();
     assert_eq!(alarms.len(), 1, "{alarms:?}");
-    assert_eq!((alarms[0].user_id, alarms[0].count), (A, 3));
+    assert_eq!(
+        (alarms[0]["user_id"].as_u64(), alarms[0]["count"].as_u64()),
+        (Some(A), Some(3))
+    );
+    let metrics_text = get(format!("{admin}/metrics")).await;
+    let metric = |name: &str| {
+        metrics_text
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .map(|v| v.trim().to_string())
+    };
+    assert_eq!(metric("call_proxy_alarms_open").as_deref(), Some("1"));
+    assert_eq!(
+        metric("call_proxy_alarms_raised_total").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        metric("call_proxy_presence_recoveries_total").as_deref(),
+        Some("2")
+    );
+    let applied = match policy {
+        FailurePolicy::SignOut => "call_proxy_presence_sign_outs_total",
+        FailurePolicy::DropSubscription => "call_proxy_presence_dropped_subscriptions_total",
+    };
+    assert_eq!(metric(applied).as_deref(), Some("1"), "{applied}");
     if let Some(cli) = operator_cli() {
         let out = Command::new(cli)
             .args(["alarms", "--json", "--db"])

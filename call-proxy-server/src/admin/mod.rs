@@ -294,6 +294,14 @@ async fn metrics<S: Store, O: OperatorStore>(
     State(state): State<Arc<AdminState<S, O>>>,
 ) -> Response {
     let cache_depth = state.probe(state.ops.cached_waiting()).await;
+    match state.probe(state.ops.open_alarms()).await {
+        Ok(n) => state
+            .shared
+            .metrics
+            .alarms_open
+            .set(i64::try_from(n).unwrap_or(i64::MAX)),
+        Err(err) => tracing::warn!(error = %err, "metrics: cannot count open alarms"),
+    }
     let shared = &state.shared;
     let m = &shared.metrics;
     m.tvs_online.set(gauge_value(shared.registry.online()));

@@ -1123,6 +1123,13 @@ impl OperatorStore for AnyOperator {
         }
     }
 
+    async fn open_alarms(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.open_alarms().await,
+            AnyOperator::Postgres(o) => o.open_alarms().await,
+        }
+    }
+
     async fn clear_alarm(&self, id: u64, now_ms: UnixMillis) -> Result<bool, StoreError> {
         match self {
             AnyOperator::Sqlite(o) => o.clear_alarm(id, now_ms).await,

@@ -449,6 +449,9 @@ pub trait OperatorStore: Clone + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<AlarmRecord>, StoreError>> + Send;
 
+    /// How many alarms are open (not cleared): the `call_proxy_alarms_open` gauge.
+    fn open_alarms(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Clears alarm `id`; `false`: no such alarm, or cleared already. A write like
     /// [`OperatorStore::revoke`].
     fn clear_alarm(

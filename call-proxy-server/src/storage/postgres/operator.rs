@@ -266,6 +266,11 @@ impl OperatorStore for PostgresOperator {
         super::presence::alarms(&conn, include_cleared, limit).await
     }
 
+    async fn open_alarms(&self) -> Result<u64, StoreError> {
+        let conn = self.conn().await?;
+        super::presence::open_alarms(&conn).await
+    }
+
     async fn clear_alarm(&self, id: u64, now_ms: UnixMillis) -> Result<bool, StoreError> {
         let conn = self.conn().await?;
         super::presence::clear_alarm(&conn, id, now_ms).await

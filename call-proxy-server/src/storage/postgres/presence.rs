@@ -151,6 +151,17 @@ pub(super) async fn set_phone(
     Ok(true)
 }
 
+/// Operator: how many alarms are open.
+pub(super) async fn open_alarms(conn: &Client) -> Result<u64, StoreError> {
+    let row = conn
+        .query_one(
+            "SELECT count(*) FROM operator_alarm WHERE cleared_at IS NULL",
+            &[],
+        )
+        .await?;
+    Ok(row.try_get::<_, i64>(0)?.max(0) as u64)
+}
+
 /// Operator: the newest alarms, open ones only unless `include_cleared`.
 pub(super) async fn alarms(
     conn: &Client,

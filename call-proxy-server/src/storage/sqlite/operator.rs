@@ -196,6 +196,10 @@ impl OperatorStore for SqliteOperator {
             .await
     }
 
+    async fn open_alarms(&self) -> Result<u64, StoreError> {
+        self.run(super::presence::open_alarms).await
+    }
+
     async fn clear_alarm(&self, id: u64, now_ms: UnixMillis) -> Result<bool, StoreError> {
         let path = self.inner.path.clone();
         tokio::task::spawn_blocking(move || super::presence::clear_alarm(&path, id, now_ms))

@@ -186,6 +186,18 @@ pub fn set_phone(
     Ok(true)
 }
 
+/// Operator: how many alarms are open.
+pub fn open_alarms(db: &OperatorDb) -> Result<u64, StoreError> {
+    db.conn()
+        .query_row(
+            "SELECT count(*) FROM operator_alarm WHERE cleared_at IS NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n.max(0) as u64)
+        .map_err(db_error)
+}
+
 /// Operator: the newest alarms, open ones only unless `include_cleared`.
 pub fn alarms(
     db: &OperatorDb,
