@@ -5,8 +5,9 @@
 //! refusal; and the section E recovery driven by the agent's test switch
 //! (`TV_AGENT_PRESENCE_FAULT`): recovery message → subscription made again → fresh full
 //! state, then the threshold signs the TV out (or, by policy, only drops it) with an
-//! alarm the operator sees (the store the CLI and admin API read, the CLI itself when it
-//! is built beside this binary, and the metrics).
+//! alarm the operator sees (the admin API's alarms and metrics, and the CLI when it is
+//! built beside this binary); and a server restart, after which the TV subscribes again
+//! and the full state it gets holds what changed while it was away.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -605,4 +606,47 @@ async fn unacknowledged_notifications_are_recovered_then_sign_the_tv_out_with_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_notifications_are_recovered_then_only_dropped_by_policy_with_an_alarm() {
     recovery("refuse", FailurePolicy::DropSubscription).await;
+}
+
+/// A node restart: the TV's link comes back, it subscribes again and the full state it is
+/// answered holds what changed while it was away (B switched off meanwhile), then the
+/// pushes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_server_restart_the_tv_subscribes_again_and_loses_no_change() {
+    let root = tempfile::tempdir().unwrap();
+    let (srv, db) = server(root.path(), |_| {});
+    let a_dir = tv_dir(&srv, root.path(), A, &[B]).await;
+    let b_dir = tv_dir(&srv, root.path(), B, &[A]).await;
+    let mut b = Daemon::start(&srv, &b_dir, None).await;
+    b.registered().await;
+    b.subscribed().await;
+    let mut a = Daemon::start(&srv, &a_dir, None).await;
+    a.registered().await;
+    assert_eq!(
+        a.subscribed().await,
+        json!([{"user": B, "state": "online"}])
+    );
+    // (The first full state was read before the reply that listed it.)
+    while a.events.try_recv().is_ok() {}
+    let addr = srv.addr;
+    srv.stop().await;
+    // B is switched off while the server is away (its goodbye cannot reach it).
+    drop(b);
+    let (srv, _db) = server(root.path(), |c| c.listen = addr);
+    let full = next_line(&mut a.events, 20, "the full state after the restart", |v| {
+        v["event"] == "presence" && v["full"] == json!(true)
+    })
+    .await
+    .1;
+    assert_eq!(
+        (full["user"].as_u64(), full["state"].as_str()),
+        (Some(B), Some("offline"))
+    );
+    let mut b = Daemon::start(&srv, &b_dir, None).await;
+    b.registered().await;
+    a.sees(B, "online").await;
+    drop(db);
+    a.power_off().await;
+    b.power_off().await;
+    srv.stop().await;
 }
