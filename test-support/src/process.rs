@@ -1,5 +1,6 @@
-//! Child processes in tests and benchmarks: signals, bounded waits for an exit, and a
-//! guard that kills a child left running.
+//! Child processes in tests and benchmarks: signals, bounded waits for an exit, a guard
+//! that kills a child left running, and the `main` of a benchmark binary
+//! ([`bench_main`]).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus};
@@ -101,5 +102,33 @@ pub async fn spawn_listening(
             std::io::ErrorKind::TimedOut,
             format!("nothing listened at {addr} within {limit:?}"),
         ))
+    }
+}
+
+/// Runs a benchmark binary's `body` on a Tokio runtime with `threads` workers and turns
+/// its result into the exit code: 0 done, 1 the benchmark failed (its error printed with
+/// its causes), 2 the runtime could not start. `name` prefixes the messages.
+pub fn bench_main<E: std::fmt::Display>(
+    name: &str,
+    threads: usize,
+    body: impl std::future::Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match rt.block_on(body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::from(1)
+        }
     }
 }

@@ -534,22 +534,5 @@ fn main() -> std::process::ExitCode {
     if let Err(e) = call_proxy_server::server::limits::raise_fd_limit() {
         eprintln!("warning: cannot raise the open-file limit: {e}");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("call-proxy-tlsbench: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    match rt.block_on(bench(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("call-proxy-tlsbench: {e:#}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    test_support::process::bench_main("call-proxy-tlsbench", args.threads, bench(args))
 }

@@ -385,22 +385,5 @@ fn main() -> std::process::ExitCode {
     if let Err(e) = call_proxy_server::server::limits::raise_fd_limit() {
         eprintln!("warning: cannot raise the open-file limit: {e}");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("call-proxy-presencebench: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    match rt.block_on(bench(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("call-proxy-presencebench: {e:#}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    test_support::process::bench_main("call-proxy-presencebench", 1, bench(args))
 }
