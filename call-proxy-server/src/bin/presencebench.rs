@@ -49,6 +49,9 @@ struct Args {
     /// Length of the sustained phase (0 skips it).
     #[arg(long, default_value_t = 10)]
     sustain_secs: u64,
+    /// Worker threads of the load generator (its 1,000 TLS clients).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// The server binary [default: call-proxy-server next to this one].
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -92,11 +95,12 @@ async fn bench(args: Args) -> Result<()> {
         None => std::env::current_exe()?.with_file_name("call-proxy-server"),
     };
     println!(
-        "machine: {} CPUs ({}); {} watchers of one TV, each watching {} users",
+        "machine: {} CPUs ({}); {} watchers of one TV, each watching {} users; load generator on {} thread(s)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         test_support::procfs::cpu_model(),
         n,
-        args.watch
+        args.watch,
+        args.threads
     );
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.sqlite");
@@ -385,5 +389,5 @@ fn main() -> std::process::ExitCode {
     if let Err(e) = call_proxy_server::server::limits::raise_fd_limit() {
         eprintln!("warning: cannot raise the open-file limit: {e}");
     }
-    test_support::process::bench_main("call-proxy-presencebench", 1, bench(args))
+    test_support::process::bench_main("call-proxy-presencebench", args.threads, bench(args))
 }
