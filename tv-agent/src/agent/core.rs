@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use shared_proto::{
     CachedCall, CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, NetState, Presence,
-    PresenceState, Reply, Request, SrtpKey, UserId,
+    PresenceState, Reply, Request, SrtpKey, UserId, UserState,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -78,6 +78,8 @@ enum Done {
     Subscribed(Result<Reply, LinkError>),
     /// A refused subscription may be tried again.
     RetrySubscribe,
+    /// From a server without presence: the watched users' online state, asked once.
+    Queried(Vec<UserState>),
 }
 
 /// The test-only switch `TV_AGENT_PRESENCE_FAULT`: what happens to presence
@@ -304,6 +306,7 @@ impl Core {
                     Done::Fetched(calls) => self.fetched(calls).await,
                     Done::RetryDial => self.step(Input::RetryDial, Pending::None).await,
                     Done::Subscribed(r) => self.subscribed(r).await,
+                    Done::Queried(states) => self.queried(states).await,
                     Done::RetrySubscribe => {
                         if self.watching.as_ref().is_some_and(Watching::wants_retry) {
                             let list = self.watching.as_mut().and_then(Watching::registered);
@@ -542,7 +545,7 @@ impl Core {
                 w.refused(true);
                 tracing::info!("the server has no presence pushes; states are asked once");
                 let users: Vec<UserId> = w.watched().take(shared_proto::MAX_QUERY_USERS).collect();
-                self.query_once(users).await;
+                self.query_once(users);
             }
             Err(LinkError::NotConnected | LinkError::Closed) => w.refused(false),
             other => {
@@ -562,14 +565,21 @@ impl Core {
     }
 
     /// From a server without presence: each watched user's online state, asked once.
-    async fn query_once(&mut self, users: Vec<UserId>) {
+    fn query_once(&self, users: Vec<UserId>) {
         if users.is_empty() {
             return;
         }
-        let Ok(Reply::States(states)) = self.link.request(Request::QueryState { users }).await
-        else {
-            return;
-        };
+        let link = self.link.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(Reply::States(states)) = link.request(Request::QueryState { users }).await {
+                let _ = done.send(Done::Queried(states)).await;
+            }
+        });
+    }
+
+    /// The answer to [`Core::query_once`]: shown as a full state.
+    async fn queried(&mut self, states: Vec<UserState>) {
         let shown = states
             .iter()
             .map(|s| {
@@ -591,9 +601,10 @@ impl Core {
             full: true,
             ..Applied::default()
         };
-        if let Some(w) = self.watching.as_mut() {
-            w.remember(&applied.shown);
-        }
+        let Some(w) = self.watching.as_mut() else {
+            return;
+        };
+        w.remember(&applied.shown);
         self.show_presence(applied).await;
     }
 
