@@ -500,22 +500,13 @@ async fn boot(
     let mut last_reason = String::from("no answer from the server");
     let got = wait_for(&mut events, deadline, |ev| match ev {
         AgentEvent::CachedCalls { calls } => Some(Ok(calls.clone())),
-        // Refused for its credential: retrying does not help.
-        AgentEvent::LinkDown { reason, .. }
-            if reason.starts_with(tv_agent::link::UNAUTHENTICATED_REASON) =>
-        {
-            Some(Err(BootFailure::NotEnrolled(reason.clone())))
-        }
-        // Not entitled until the operator raises the allowance or the period ends.
-        AgentEvent::LinkDown { reason, .. }
-            if reason.starts_with(tv_agent::link::ALLOWANCE_REASON) =>
-        {
-            Some(Err(BootFailure::NotEntitled(reason.clone())))
-        }
-        AgentEvent::LinkDown { reason, .. } => {
-            last_reason = reason.clone();
-            None
-        }
+        AgentEvent::LinkDown { reason, .. } => match fatal_link_down(reason) {
+            Some(failure) => Some(Err(failure)),
+            None => {
+                last_reason = reason.clone();
+                None
+            }
+        },
         _ => None,
     })
     .await;
@@ -529,6 +520,19 @@ async fn boot(
             agent.power_off().await;
             Ok(Err(BootFailure::Unreachable(last_reason)))
         }
+    }
+}
+
+/// The link-down reasons a scripted mode gives up on at once: refused for its credential
+/// (retrying does not help), or not entitled (until the operator raises the allowance or
+/// the period ends).
+fn fatal_link_down(reason: &str) -> Option<BootFailure> {
+    if reason.starts_with(tv_agent::link::UNAUTHENTICATED_REASON) {
+        Some(BootFailure::NotEnrolled(reason.to_string()))
+    } else if reason.starts_with(tv_agent::link::ALLOWANCE_REASON) {
+        Some(BootFailure::NotEntitled(reason.to_string()))
+    } else {
+        None
     }
 }
 
@@ -685,17 +689,10 @@ async fn watch(tv: &TvArgs, users: Vec<u64>, seconds: f64) -> anyhow::Result<Exi
             AgentEvent::PresenceLost { reason } => {
                 eprintln!("tv-agent: the server ended the presence subscription ({reason}); subscribing again");
             }
-            AgentEvent::LinkDown { reason, .. }
-                if reason.starts_with(tv_agent::link::UNAUTHENTICATED_REASON) =>
-            {
-                break Some(BootFailure::NotEnrolled(reason));
-            }
-            AgentEvent::LinkDown { reason, .. }
-                if reason.starts_with(tv_agent::link::ALLOWANCE_REASON) =>
-            {
-                break Some(BootFailure::NotEntitled(reason));
-            }
             AgentEvent::LinkDown { reason, .. } => {
+                if let Some(failure) = fatal_link_down(&reason) {
+                    break Some(failure);
+                }
                 if registered {
                     eprintln!("tv-agent: control link down ({reason}); reconnecting");
                 }

@@ -117,11 +117,7 @@ struct Daemon {
 
 impl Daemon {
     async fn start(srv: &Server, dir: &Path, fault: Option<&str>) -> Daemon {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = test_support::net::free_port().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tv-agent"));
         cmd.args(["run", "--server", &srv.addr.to_string()])
             .args(["--audio-in", "null", "--audio-out", "null"])
@@ -134,15 +130,14 @@ impl Daemon {
             cmd.env("TV_AGENT_PRESENCE_FAULT", f);
         }
         let child = cmd.spawn().unwrap();
-        let mut stream = None;
-        for _ in 0..400 {
-            if let Ok(s) = TcpStream::connect(("127.0.0.1", port)).await {
-                stream = Some(s);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let (read, write) = stream.expect("the control API is up").into_split();
+        assert!(
+            test_support::net::wait_listening_port(port, Duration::from_secs(10)).await,
+            "the control API is up"
+        );
+        let (read, write) = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap()
+            .into_split();
         let mut all = lines_of(read);
         let (reply_tx, replies) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
@@ -324,8 +319,7 @@ async fn a_watcher_sees_each_change_of_a_contact_within_a_second() {
         tv_dir(&srv, root.path(), D, &[B]).await,
     );
     // B has been on once (its address book is on the server), and is off.
-    let b = Daemon::start(&srv, &b_dir, None).await;
-    let mut b = b;
+    let mut b = Daemon::start(&srv, &b_dir, None).await;
     b.registered().await;
     b.subscribed().await;
     b.power_off().await;
@@ -551,12 +545,13 @@ async fn recovery(fault: &str, policy: FailurePolicy) {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.contains(&format!("\"user_id\":{A}"))
-                || text.contains(&format!("\"user_id\": {A}")),
-            "{text}"
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (listed[0]["user_id"].as_u64(), listed[0]["count"].as_u64()),
+            (Some(A), Some(3)),
+            "{listed}"
         );
+        assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     } else {
         eprintln!("call-proxy-server is not built beside tv-agent: the CLI part is checked by cargo test --workspace");
     }

@@ -508,10 +508,10 @@ impl Core {
     /// callers, newest first), given to the presence rules: the subscription to send if
     /// it changed.
     fn watch_list_changed(&mut self) -> Option<Subscribe> {
+        let me = self.cfg.user;
         let mut others = self.watch_others.clone();
         others.extend(self.missed.calls().iter().rev().map(|m| m.user_id));
-        others.retain(|u| *u != self.cfg.user);
-        let me = self.cfg.user;
+        others.retain(|u| *u != me);
         let contacts: Vec<UserId> = self.contacts.iter().copied().filter(|u| *u != me).collect();
         self.watching.as_mut()?.set_watch_list(&contacts, &others)
     }
