@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 
 use crate::codec::{decode_prefix, decode_prefix_counted, encode_into, CodecError};
 use crate::messages::{
-    CallId, ClientMsg, EndReason, ErrorCode, Event, IdempotencyKey, Presence, Reply, Request,
-    RequestId, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
+    CallId, ClientMsg, EndReason, ErrorCode, Event, IdempotencyKey, MessageId, Presence, Reply,
+    Request, RequestId, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
 };
 
 /// Bytes of the header (kind + id).
@@ -61,6 +61,20 @@ pub mod kind {
     pub const PRESENCE_ACK: u16 = 0x000f;
     /// [`crate::Request::SetPresence`].
     pub const SET_PRESENCE: u16 = 0x0010;
+    /// [`crate::Request::OpenTransfer`].
+    pub const OPEN_TRANSFER: u16 = 0x0011;
+    /// [`crate::Request::SendMessage`].
+    pub const SEND_MESSAGE: u16 = 0x0012;
+    /// [`crate::Request::PutChunk`].
+    pub const PUT_CHUNK: u16 = 0x0013;
+    /// [`crate::Request::ListMessages`].
+    pub const LIST_MESSAGES: u16 = 0x0014;
+    /// [`crate::Request::GetChunk`].
+    pub const GET_CHUNK: u16 = 0x0015;
+    /// [`crate::Request::AckMessages`].
+    pub const ACK_MESSAGES: u16 = 0x0016;
+    /// [`crate::Request::DeleteMessages`].
+    pub const DELETE_MESSAGES: u16 = 0x0017;
 
     /// [`crate::Reply::Registered`].
     pub const REGISTERED: u16 = 0x4001;
@@ -82,6 +96,20 @@ pub mod kind {
     pub const ASSIGNED: u16 = crate::dispatch::ASSIGNED;
     /// [`crate::Reply::Subscribed`].
     pub const SUBSCRIBED: u16 = 0x400a;
+    /// [`crate::Reply::TransferOpen`].
+    pub const TRANSFER_OPEN: u16 = 0x400b;
+    /// [`crate::Reply::MessageSent`].
+    pub const MESSAGE_SENT: u16 = 0x400c;
+    /// [`crate::Reply::UploadFrom`].
+    pub const UPLOAD_FROM: u16 = 0x400d;
+    /// [`crate::Reply::ChunkStored`].
+    pub const CHUNK_STORED: u16 = 0x400e;
+    /// [`crate::Reply::Messages`].
+    pub const MESSAGES: u16 = 0x400f;
+    /// [`crate::Reply::Chunk`].
+    pub const CHUNK: u16 = 0x4010;
+    /// [`crate::Reply::Deleted`].
+    pub const DELETED: u16 = 0x4011;
     /// A request failed: the body is a [`crate::WireError`].
     pub const ERROR: u16 = 0x7fff;
 
@@ -97,6 +125,8 @@ pub mod kind {
     pub const PRESENCE_CHANGED: u16 = 0x8005;
     /// [`crate::Event::PresenceLost`].
     pub const PRESENCE_LOST: u16 = 0x8006;
+    /// [`crate::Event::MessagesWaiting`].
+    pub const MESSAGES_WAITING: u16 = 0x8007;
 
     /// [`crate::ServerMsg::Closing`]: the body is a [`crate::WireError`].
     pub const CLOSING: u16 = 0xc001;
@@ -189,6 +219,13 @@ pub fn request_kind(request: &Request) -> u16 {
         Request::Subscribe { .. } => kind::SUBSCRIBE,
         Request::PresenceAck { .. } => kind::PRESENCE_ACK,
         Request::SetPresence { .. } => kind::SET_PRESENCE,
+        Request::OpenTransfer { .. } => kind::OPEN_TRANSFER,
+        Request::SendMessage(_) => kind::SEND_MESSAGE,
+        Request::PutChunk { .. } => kind::PUT_CHUNK,
+        Request::ListMessages { .. } => kind::LIST_MESSAGES,
+        Request::GetChunk { .. } => kind::GET_CHUNK,
+        Request::AckMessages { .. } => kind::ACK_MESSAGES,
+        Request::DeleteMessages { .. } => kind::DELETE_MESSAGES,
     }
 }
 
@@ -201,6 +238,7 @@ pub fn event_kind(event: &Event) -> u16 {
         Event::CachedCallsWaiting { .. } => kind::CACHED_CALLS_WAITING,
         Event::PresenceChanged { .. } => kind::PRESENCE_CHANGED,
         Event::PresenceLost { .. } => kind::PRESENCE_LOST,
+        Event::MessagesWaiting { .. } => kind::MESSAGES_WAITING,
     }
 }
 
@@ -252,6 +290,20 @@ pub fn encode_client<W: io::Write>(msg: &ClientMsg, out: &mut W) -> Result<(), C
             do_not_disturb,
             hidden,
         } => encode_into(&(do_not_disturb, hidden), out),
+        Request::OpenTransfer { user_id } => encode_into(user_id, out),
+        Request::SendMessage(m) => encode_into(m, out),
+        Request::PutChunk { key, offset, bytes } => {
+            encode_into(&(key, offset, serde_bytes::Bytes::new(bytes)), out)
+        }
+        Request::ListMessages { before, limit } => encode_into(&(before, limit), out),
+        Request::GetChunk {
+            message_id,
+            offset,
+            len,
+        } => encode_into(&(message_id, offset, len), out),
+        Request::AckMessages { message_ids } | Request::DeleteMessages { message_ids } => {
+            encode_into(message_ids, out)
+        }
     }
 }
 
@@ -296,6 +348,34 @@ pub fn encode_server<W: io::Write>(msg: &ServerMsg, out: &mut W) -> Result<(), C
                 header(out, kind::SUBSCRIBED, *id)?;
                 encode_into(s, out)
             }
+            Reply::TransferOpen { max_chunk } => {
+                header(out, kind::TRANSFER_OPEN, *id)?;
+                encode_into(max_chunk, out)
+            }
+            Reply::MessageSent(m) => {
+                header(out, kind::MESSAGE_SENT, *id)?;
+                encode_into(m, out)
+            }
+            Reply::UploadFrom { have } => {
+                header(out, kind::UPLOAD_FROM, *id)?;
+                encode_into(have, out)
+            }
+            Reply::ChunkStored { have } => {
+                header(out, kind::CHUNK_STORED, *id)?;
+                encode_into(have, out)
+            }
+            Reply::Messages(page) => {
+                header(out, kind::MESSAGES, *id)?;
+                encode_into(page, out)
+            }
+            Reply::Chunk { bytes } => {
+                header(out, kind::CHUNK, *id)?;
+                encode_into(&serde_bytes::Bytes::new(bytes), out)
+            }
+            Reply::Deleted { count } => {
+                header(out, kind::DELETED, *id)?;
+                encode_into(count, out)
+            }
         },
         ServerMsg::Event(e) => {
             header(out, event_kind(e), 0)?;
@@ -325,6 +405,7 @@ pub fn encode_server<W: io::Write>(msg: &ServerMsg, out: &mut W) -> Result<(), C
                     subscription,
                     reason,
                 } => encode_into(&(subscription, reason), out),
+                Event::MessagesWaiting { count } => encode_into(count, out),
             }
         }
         ServerMsg::Closing(e) => {
@@ -410,6 +491,37 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientFrame, CodecError> {
                 hidden,
             }
         }
+        kind::OPEN_TRANSFER => Request::OpenTransfer {
+            user_id: decode_prefix(body)?,
+        },
+        kind::SEND_MESSAGE => Request::SendMessage(decode_prefix(body)?),
+        kind::PUT_CHUNK => {
+            let (key, offset, bytes) =
+                decode_prefix::<(IdempotencyKey, u64, serde_bytes::ByteBuf)>(body)?;
+            Request::PutChunk {
+                key,
+                offset,
+                bytes: bytes.into_vec(),
+            }
+        }
+        kind::LIST_MESSAGES => {
+            let (before, limit) = decode_prefix::<(MessageId, u16)>(body)?;
+            Request::ListMessages { before, limit }
+        }
+        kind::GET_CHUNK => {
+            let (message_id, offset, len) = decode_prefix::<(MessageId, u64, u32)>(body)?;
+            Request::GetChunk {
+                message_id,
+                offset,
+                len,
+            }
+        }
+        kind::ACK_MESSAGES => Request::AckMessages {
+            message_ids: decode_prefix(body)?,
+        },
+        kind::DELETE_MESSAGES => Request::DeleteMessages {
+            message_ids: decode_prefix(body)?,
+        },
         _ => return Ok(ClientFrame::Unknown { id, kind }),
     };
     Ok(ClientFrame::Msg(ClientMsg { id, request }))
@@ -463,6 +575,23 @@ fn decode_known_server(
         }),
         kind::ENROLLMENT => reply(Reply::Enrollment(decode_prefix(body)?)),
         kind::SUBSCRIBED => reply(Reply::Subscribed(decode_prefix(body)?)),
+        kind::TRANSFER_OPEN => reply(Reply::TransferOpen {
+            max_chunk: decode_prefix(body)?,
+        }),
+        kind::MESSAGE_SENT => reply(Reply::MessageSent(decode_prefix(body)?)),
+        kind::UPLOAD_FROM => reply(Reply::UploadFrom {
+            have: decode_prefix(body)?,
+        }),
+        kind::CHUNK_STORED => reply(Reply::ChunkStored {
+            have: decode_prefix(body)?,
+        }),
+        kind::MESSAGES => reply(Reply::Messages(decode_prefix(body)?)),
+        kind::CHUNK => reply(Reply::Chunk {
+            bytes: decode_prefix::<serde_bytes::ByteBuf>(body)?.into_vec(),
+        }),
+        kind::DELETED => reply(Reply::Deleted {
+            count: decode_prefix(body)?,
+        }),
         kind::ERROR => Some(ServerMsg::Reply {
             id,
             result: Err(decode_prefix::<WireError>(body)?),
@@ -508,6 +637,9 @@ fn decode_known_server(
                 reason,
             }))
         }
+        kind::MESSAGES_WAITING => Some(ServerMsg::Event(Event::MessagesWaiting {
+            count: decode_prefix(body)?,
+        })),
         kind::CLOSING => Some(ServerMsg::Closing(decode_prefix(body)?)),
         _ => None,
     })
@@ -630,6 +762,112 @@ mod tests {
             encode_server(&msg, &mut out).unwrap();
             assert_eq!(decode_server(&out).unwrap(), ServerFrame::Msg(msg));
         }
+    }
+
+    #[test]
+    fn message_kinds_round_trip_and_a_full_chunk_fits_a_frame() {
+        let body = crate::BodyRef {
+            size: 10 << 20,
+            sha256: vec![7; 32],
+        };
+        let requests = [
+            Request::OpenTransfer { user_id: 1001 },
+            Request::SendMessage(crate::SendMessage {
+                to: 2002,
+                key: 99,
+                kind: crate::MessageKind::VOICE,
+                text: "caption ✓".into(),
+                body: Some(body),
+            }),
+            Request::PutChunk {
+                key: 99,
+                offset: 4096,
+                bytes: vec![0xab; crate::MAX_CHUNK],
+            },
+            Request::ListMessages {
+                before: 0,
+                limit: 20,
+            },
+            Request::GetChunk {
+                message_id: 5,
+                offset: 1,
+                len: 48 * 1024,
+            },
+            Request::AckMessages {
+                message_ids: vec![5, 6],
+            },
+            Request::DeleteMessages {
+                message_ids: vec![5],
+            },
+        ];
+        for request in requests {
+            request.validate().unwrap();
+            let msg = ClientMsg { id: 9, request };
+            let mut out = Vec::new();
+            encode_client(&msg, &mut out).unwrap();
+            assert!(out.len() + 4 <= crate::MAX_FRAME_LEN);
+            assert_eq!(decode_client(&out).unwrap(), ClientFrame::Msg(msg));
+        }
+        let info = crate::MessageInfo {
+            message_id: 5,
+            sender: 1001,
+            sent_ms: 1_700_000_000_000,
+            kind: crate::MessageKind::PICTURE,
+            text: String::new(),
+            body: Some(crate::BodyInfo {
+                size: 1234,
+                sha256: vec![1; 32],
+                mime: "image/png".into(),
+                duration_ms: None,
+                width: Some(320),
+                height: Some(240),
+            }),
+            sender_state: crate::NetState::Online,
+        };
+        let replies = [
+            Reply::TransferOpen { max_chunk: 49152 },
+            Reply::MessageSent(crate::MessageSent {
+                message_id: 5,
+                outcome: crate::SendOutcome::DELIVERED,
+            }),
+            Reply::UploadFrom { have: 0 },
+            Reply::ChunkStored { have: 49152 },
+            Reply::Messages(crate::MessagePage {
+                messages: vec![info],
+                more: true,
+            }),
+            Reply::Chunk {
+                bytes: vec![3; crate::MAX_CHUNK],
+            },
+            Reply::Deleted { count: 1 },
+        ];
+        for reply in replies {
+            let msg = ServerMsg::Reply {
+                id: 9,
+                result: Ok(reply),
+            };
+            let mut out = Vec::new();
+            encode_server(&msg, &mut out).unwrap();
+            assert!(out.len() + 4 <= crate::MAX_FRAME_LEN);
+            assert_eq!(decode_server(&out).unwrap(), ServerFrame::Msg(msg));
+        }
+        let waiting = ServerMsg::Event(Event::MessagesWaiting { count: 3 });
+        let mut out = Vec::new();
+        encode_server(&waiting, &mut out).unwrap();
+        assert_eq!(decode_server(&out).unwrap(), ServerFrame::Msg(waiting));
+        // A chunk carries its bytes raw (a length, then the bytes), not one field each.
+        let mut out = Vec::new();
+        encode_server(
+            &ServerMsg::Reply {
+                id: 1,
+                result: Ok(Reply::Chunk {
+                    bytes: vec![0xff; 1000],
+                }),
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert!(out.len() < 1000 + 16, "{} bytes", out.len());
     }
 
     #[test]

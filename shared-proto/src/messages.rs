@@ -52,6 +52,17 @@ pub const MAX_SRTP_KEY_LEN: usize = 64;
 pub const MAX_SUBSCRIPTIONS: usize = 500;
 /// Longest reason text in a [`Event::PresenceLost`].
 pub const MAX_PRESENCE_REASON_LEN: usize = 256;
+/// A message's id, assigned by the server (the `user_message` row id).
+pub type MessageId = u64;
+/// Most body bytes one [`Request::PutChunk`] carries or one [`Request::GetChunk`] asks
+/// for (a chunk and its header fit a frame with room to spare).
+pub const MAX_CHUNK: usize = 48 * 1024;
+/// Longest text a message may carry on the wire, in bytes; the server's own limit (in
+/// characters, `max_text_chars`, default 2,000) is usually lower and is answered
+/// [`ErrorCode::TOO_LARGE`].
+pub const MAX_TEXT_BYTES: usize = 32 * 1024;
+/// Longest MIME type in a message listing.
+pub const MAX_MIME_LEN: usize = 64;
 
 /// Every frame a client sends: a request and the id its reply will echo.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +196,208 @@ pub enum Request {
         /// Hide this TV's state from everyone.
         hidden: bool,
     },
+    /// Opens a *transfer link*: a second connection of a TV (authenticated by the same
+    /// credential as its registration) that carries messages and their bodies, so that a
+    /// large body never queues in front of a dial or a heartbeat on the control link.
+    /// Must be the first request on the connection; it never registers a session (the
+    /// TV's control link, if any, stays as it is). Answered [`Reply::TransferOpen`].
+    OpenTransfer {
+        /// The TV's user number.
+        user_id: UserId,
+    },
+    /// Leaves a message for another TV (transfer link). A text-only message is stored
+    /// at once; one with a body is stored once the whole body has arrived
+    /// ([`Request::PutChunk`]): until then the answer is [`Reply::UploadFrom`] with the
+    /// offset to send from (0, or where a broken upload stopped), and the client sends
+    /// this request again, unchanged, to finish. Answered [`Reply::MessageSent`] when
+    /// stored (also for a repeat with a key already stored: the first message's id).
+    SendMessage(SendMessage),
+    /// The next bytes of the body of the message sent with `key` (transfer link), at
+    /// `offset` (which must be what the server has: [`Reply::UploadFrom`] /
+    /// [`Reply::ChunkStored`]). At most [`MAX_CHUNK`] bytes. Answered
+    /// [`Reply::ChunkStored`].
+    PutChunk {
+        /// The [`SendMessage::key`] of the message this body belongs to.
+        key: IdempotencyKey,
+        /// Where these bytes go in the body.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// A page of the messages waiting for this TV (not yet acknowledged), newest first,
+    /// starting below message id `before` (0 = from the newest). Transfer link.
+    ListMessages {
+        /// Cursor: only messages with a smaller id (0: no bound).
+        before: MessageId,
+        /// Page size, 1..=[`MAX_PAGE`] (the server may return fewer to fit a frame).
+        limit: u16,
+    },
+    /// Up to `len` bytes (at most [`MAX_CHUNK`]) of a message's body from `offset`.
+    /// Transfer link; only the recipient may read a body. Answered [`Reply::Chunk`].
+    GetChunk {
+        /// The message.
+        message_id: MessageId,
+        /// Where to start.
+        offset: u64,
+        /// How many bytes at most.
+        len: u32,
+    },
+    /// These messages (to this TV) were kept where the viewer will see them: stop
+    /// listing them. The server keeps them until they are deleted or expire.
+    /// Answered [`Reply::Acked`].
+    AckMessages {
+        /// At most [`MAX_PAGE`] ids.
+        message_ids: Vec<MessageId>,
+    },
+    /// The viewer deleted these messages (to this TV): the server deletes them and
+    /// their bodies. Answered [`Reply::Deleted`].
+    DeleteMessages {
+        /// At most [`MAX_PAGE`] ids.
+        message_ids: Vec<MessageId>,
+    },
+}
+
+/// What a message is, by a stable number (an unknown one is listed as received, with
+/// its body, by a newer server; an older agent shows it as a message of unknown kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MessageKind(pub u8);
+
+impl MessageKind {
+    /// Text only (UTF-8), no body.
+    pub const TEXT: MessageKind = MessageKind(1);
+    /// A voice message: Ogg Opus (RFC 7845).
+    pub const VOICE: MessageKind = MessageKind(2);
+    /// A picture: JPEG or PNG.
+    pub const PICTURE: MessageKind = MessageKind(3);
+    /// A video clip: MP4 (H.264, with Opus or AAC audio).
+    pub const VIDEO: MessageKind = MessageKind(4);
+
+    /// A short stable name, for JSON and people.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            1 => "text",
+            2 => "voice",
+            3 => "picture",
+            4 => "video",
+            _ => "unrecognised",
+        }
+    }
+
+    /// The kind of this name.
+    pub fn from_name(name: &str) -> Option<MessageKind> {
+        [Self::TEXT, Self::VOICE, Self::PICTURE, Self::VIDEO]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+
+    /// Whether this kind carries a body.
+    pub fn has_body(self) -> bool {
+        self != Self::TEXT
+    }
+}
+
+/// A message a TV leaves ([`Request::SendMessage`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendMessage {
+    /// Who it is for.
+    pub to: UserId,
+    /// Makes it safe to send again (after a lost answer, a broken upload, a restart):
+    /// per sender, a message with a key already stored is stored no second time. Also
+    /// names the body being uploaded ([`Request::PutChunk`]).
+    pub key: IdempotencyKey,
+    /// What it is.
+    pub kind: MessageKind,
+    /// The text: the message itself for [`MessageKind::TEXT`], else an optional caption.
+    pub text: String,
+    /// The body, for every kind but text: its length and SHA-256, checked by the server
+    /// before it stores the message.
+    pub body: Option<BodyRef>,
+}
+
+/// A body's length and digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyRef {
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256 of the bytes (32 bytes).
+    #[serde(with = "serde_bytes")]
+    pub sha256: Vec<u8>,
+}
+
+/// A stored message, as told to its sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageSent {
+    /// The message's id.
+    pub message_id: MessageId,
+    /// What became of it.
+    pub outcome: SendOutcome,
+}
+
+/// What became of a stored message, by a stable number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SendOutcome(pub u8);
+
+impl SendOutcome {
+    /// Stored for the recipient, who will get it at their TV's next power-on.
+    pub const STORED: SendOutcome = SendOutcome(1);
+    /// The recipient's TV was on and took it (saved and acknowledged) at once.
+    pub const DELIVERED: SendOutcome = SendOutcome(2);
+
+    /// A short stable name, for JSON and people.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            1 => "stored",
+            2 => "delivered",
+            _ => "unrecognised",
+        }
+    }
+}
+
+/// A message waiting for a TV, as listed ([`Reply::Messages`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageInfo {
+    /// The message's id (fetch its body and acknowledge with it).
+    pub message_id: MessageId,
+    /// Who left it.
+    pub sender: UserId,
+    /// When it was stored.
+    pub sent_ms: UnixMillis,
+    /// What it is.
+    pub kind: MessageKind,
+    /// The text (whole: the server's limit keeps it short), or a body's caption.
+    pub text: String,
+    /// The body, if the kind has one.
+    pub body: Option<BodyInfo>,
+    /// The sender's network state now, so the viewer knows whether a call back rings.
+    pub sender_state: NetState,
+}
+
+/// What the server learned of a body when it checked it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyInfo {
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256 (32 bytes): the TV checks what it downloaded against it.
+    #[serde(with = "serde_bytes")]
+    pub sha256: Vec<u8>,
+    /// `audio/ogg`, `image/jpeg`, `image/png`, `video/mp4`, … (at most [`MAX_MIME_LEN`]).
+    pub mime: String,
+    /// Length of a voice message or clip.
+    pub duration_ms: Option<u32>,
+    /// Width of a picture or clip, in pixels.
+    pub width: Option<u32>,
+    /// Height of a picture or clip, in pixels.
+    pub height: Option<u32>,
+}
+
+/// A page of waiting messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePage {
+    /// Newest first.
+    pub messages: Vec<MessageInfo>,
+    /// More wait below the last one of this page.
+    pub more: bool,
 }
 
 /// How an enrollment stands.
@@ -312,6 +525,37 @@ pub enum Reply {
     Enrollment(EnrollmentStatus),
     /// To [`Request::Subscribe`].
     Subscribed(Subscribed),
+    /// To [`Request::OpenTransfer`]: the link carries messages now.
+    TransferOpen {
+        /// The largest chunk this server takes or gives ([`MAX_CHUNK`] or less).
+        max_chunk: u32,
+    },
+    /// To [`Request::SendMessage`]: stored (or stored before under the same key).
+    MessageSent(MessageSent),
+    /// To [`Request::SendMessage`]: the body is not (all) here yet; send it from `have`
+    /// with [`Request::PutChunk`], then send the same [`Request::SendMessage`] again.
+    UploadFrom {
+        /// Bytes of the body the server has.
+        have: u64,
+    },
+    /// To [`Request::PutChunk`]: the server has this many bytes of the body now.
+    ChunkStored {
+        /// Bytes of the body the server has.
+        have: u64,
+    },
+    /// To [`Request::ListMessages`].
+    Messages(MessagePage),
+    /// To [`Request::GetChunk`]: the bytes (fewer than asked only at the body's end).
+    Chunk {
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// To [`Request::DeleteMessages`]: how many were deleted.
+    Deleted {
+        /// Messages deleted.
+        count: u32,
+    },
 }
 
 /// A presence subscription as it starts: its id and every watched user's state now.
@@ -530,6 +774,13 @@ pub enum Event {
         /// Why, for people (at most [`MAX_PRESENCE_REASON_LEN`] bytes).
         reason: String,
     },
+    /// New messages arrived for this TV (or were waiting when it registered): fetch
+    /// them on a transfer link ([`Request::OpenTransfer`]). Pushed to sessions that asked
+    /// for [`crate::Features::MESSAGES`].
+    MessagesWaiting {
+        /// How many wait in all.
+        count: u32,
+    },
 }
 
 /// Why a call ended.
@@ -638,6 +889,20 @@ impl ErrorCode {
     /// Presence notifications to this TV kept failing (not acknowledged, or refused) up
     /// to the server's threshold: it was signed out. Connecting again starts afresh.
     pub const NOTIFICATIONS_FAILED: ErrorCode = ErrorCode(21);
+    /// A message or its body is larger than the server takes (text longer than its
+    /// limit, a body over its size limit, a voice message or clip over its duration).
+    /// Nothing was stored.
+    pub const TOO_LARGE: ErrorCode = ErrorCode(22);
+    /// A message's body is not what its kind says (not Ogg Opus, not a JPEG or PNG, a
+    /// picture too large, a broken or truncated file). Nothing was stored.
+    pub const BAD_MEDIA: ErrorCode = ErrorCode(23);
+    /// The recipient's mailbox is full (messages or bytes). Nothing was stored.
+    pub const QUOTA_EXCEEDED: ErrorCode = ErrorCode(24);
+    /// A body's bytes do not match the SHA-256 (or length) it was announced with; the
+    /// server discarded what it had: upload it again from the start.
+    pub const BAD_HASH: ErrorCode = ErrorCode(25);
+    /// No such message (or upload) for this TV.
+    pub const NO_SUCH_MESSAGE: ErrorCode = ErrorCode(26);
 
     /// A short stable name, for logs and people.
     pub fn name(self) -> &'static str {
@@ -664,6 +929,11 @@ impl ErrorCode {
             19 => "unauthenticated",
             20 => "allowance_exhausted",
             21 => "notifications_failed",
+            22 => "too_large",
+            23 => "bad_media",
+            24 => "quota_exceeded",
+            25 => "bad_hash",
+            26 => "no_such_message",
             _ => "unrecognised",
         }
     }
@@ -736,6 +1006,62 @@ impl Request {
                 }
                 if let Some(bad) = contacts.iter().chain(others).find(|u| !valid_user_id(**u)) {
                     return Err(format!("user id {bad} is out of range"));
+                }
+            }
+            Request::OpenTransfer { user_id } => {
+                if !valid_user_id(*user_id) {
+                    return Err(format!("user id {user_id} is out of range"));
+                }
+            }
+            Request::SendMessage(m) => {
+                if !valid_user_id(m.to) {
+                    return Err(format!("user id {} is out of range", m.to));
+                }
+                if m.text.len() > MAX_TEXT_BYTES {
+                    return Err(format!(
+                        "a message's text is at most {MAX_TEXT_BYTES} bytes, not {}",
+                        m.text.len()
+                    ));
+                }
+                match (&m.body, m.kind.has_body()) {
+                    (None, true) => {
+                        return Err(format!("a {} message needs a body", m.kind.name()))
+                    }
+                    (Some(_), false) => return Err("a text message has no body".into()),
+                    (Some(b), true) if b.sha256.len() != 32 => {
+                        return Err(format!(
+                            "a body's SHA-256 is 32 bytes, not {}",
+                            b.sha256.len()
+                        ))
+                    }
+                    (Some(b), true) if b.size == 0 => return Err("a body is not empty".into()),
+                    _ => {}
+                }
+            }
+            Request::PutChunk { bytes, .. } => {
+                if bytes.is_empty() || bytes.len() > MAX_CHUNK {
+                    return Err(format!(
+                        "a chunk carries 1..={MAX_CHUNK} bytes, not {}",
+                        bytes.len()
+                    ));
+                }
+            }
+            Request::GetChunk { len, .. } => {
+                if *len == 0 || *len as usize > MAX_CHUNK {
+                    return Err(format!("a chunk is 1..={MAX_CHUNK} bytes, not {len}"));
+                }
+            }
+            Request::ListMessages { limit, .. } => {
+                if *limit == 0 || usize::from(*limit) > MAX_PAGE {
+                    return Err(format!("page size must be 1..={MAX_PAGE}, not {limit}"));
+                }
+            }
+            Request::AckMessages { message_ids } | Request::DeleteMessages { message_ids } => {
+                if message_ids.len() > MAX_PAGE {
+                    return Err(format!(
+                        "at most {MAX_PAGE} message ids at once, not {}",
+                        message_ids.len()
+                    ));
                 }
             }
             Request::Heartbeat

@@ -52,8 +52,11 @@ impl Features {
     pub const CACHED_NOTICES: Features = Features(1 << 1);
     /// Presence: [`Event::PresenceChanged`] and [`Event::PresenceLost`].
     pub const PRESENCE: Features = Features(1 << 2);
+    /// [`Event::MessagesWaiting`]: messages wait to be fetched on a transfer link.
+    pub const MESSAGES: Features = Features(1 << 3);
     /// Every feature this build knows.
-    pub const KNOWN: Features = Features(Self::CALLS.0 | Self::CACHED_NOTICES.0 | Self::PRESENCE.0);
+    pub const KNOWN: Features =
+        Features(Self::CALLS.0 | Self::CACHED_NOTICES.0 | Self::PRESENCE.0 | Self::MESSAGES.0);
     /// What a version-1 session gets: the pushes that existed when version 1 was frozen.
     pub const V1: Features = Features(Self::CALLS.0 | Self::CACHED_NOTICES.0);
 
@@ -75,6 +78,7 @@ impl Features {
             }
             Event::CachedCallsWaiting { .. } => Features::CACHED_NOTICES,
             Event::PresenceChanged { .. } | Event::PresenceLost { .. } => Features::PRESENCE,
+            Event::MessagesWaiting { .. } => Features::MESSAGES,
         }
     }
 }
@@ -190,8 +194,8 @@ mod tests {
             crate::v1::client_preamble().encode(),
             *b"TVCP\x00\x01\x00\x00"
         );
-        // Version 2 asking for call events, cached-call notices and presence.
-        assert_eq!(Preamble::client().encode(), *b"TVCP\x00\x02\x00\x07");
+        // Version 2 asking for call events, cached-call notices, presence and messages.
+        assert_eq!(Preamble::client().encode(), *b"TVCP\x00\x02\x00\x0f");
         assert_eq!(
             Preamble::client_with(Features::CALLS).encode(),
             *b"TVCP\x00\x02\x00\x01"

@@ -165,6 +165,13 @@ impl TryFrom<current::Request> for Request {
             current::Request::Subscribe { .. } => return Err(NotInV1("Subscribe")),
             current::Request::PresenceAck { .. } => return Err(NotInV1("PresenceAck")),
             current::Request::SetPresence { .. } => return Err(NotInV1("SetPresence")),
+            current::Request::OpenTransfer { .. }
+            | current::Request::SendMessage(_)
+            | current::Request::PutChunk { .. }
+            | current::Request::ListMessages { .. }
+            | current::Request::GetChunk { .. }
+            | current::Request::AckMessages { .. }
+            | current::Request::DeleteMessages { .. } => return Err(NotInV1("messages")),
         })
     }
 }
@@ -221,6 +228,13 @@ impl TryFrom<current::Reply> for Reply {
             current::Reply::Acked { count } => Reply::Acked { count },
             current::Reply::Enrollment(_) => return Err(NotInV1("Enrollment")),
             current::Reply::Subscribed(_) => return Err(NotInV1("Subscribed")),
+            current::Reply::TransferOpen { .. }
+            | current::Reply::MessageSent(_)
+            | current::Reply::UploadFrom { .. }
+            | current::Reply::ChunkStored { .. }
+            | current::Reply::Messages(_)
+            | current::Reply::Chunk { .. }
+            | current::Reply::Deleted { .. } => return Err(NotInV1("messages")),
         })
     }
 }
@@ -272,6 +286,7 @@ impl TryFrom<current::Event> for Event {
             current::Event::CachedCallsWaiting { count } => Event::CachedCallsWaiting { count },
             current::Event::PresenceChanged { .. } => return Err(NotInV1("PresenceChanged")),
             current::Event::PresenceLost { .. } => return Err(NotInV1("PresenceLost")),
+            current::Event::MessagesWaiting { .. } => return Err(NotInV1("MessagesWaiting")),
         })
     }
 }
