@@ -282,6 +282,9 @@ pub struct Reported {
     pub bytes: (u64, u64),
     /// When last reported.
     pub at: tokio::time::Instant,
+    /// A transfer link (messages): its bytes are message bodies' (`body_bytes`), and
+    /// its time is no session's.
+    pub transfer: bool,
 }
 
 impl Reported {
@@ -291,12 +294,25 @@ impl Reported {
             user: None,
             bytes: (0, 0),
             at,
+            transfer: false,
         }
     }
 
     /// The usage since the last report (time registered, bytes) given the stream's
     /// `counts` now, and marks it reported.
     pub fn since(&mut self, counts: (u64, u64), now: tokio::time::Instant) -> Usage {
+        if self.transfer {
+            let usage = Usage {
+                body_bytes: counts
+                    .0
+                    .saturating_sub(self.bytes.0)
+                    .saturating_add(counts.1.saturating_sub(self.bytes.1)),
+                ..Usage::default()
+            };
+            self.bytes = counts;
+            self.at = now;
+            return usage;
+        }
         let usage = Usage {
             sessions: 0,
             session_ms: u64::try_from(now.saturating_duration_since(self.at).as_millis())

@@ -328,6 +328,7 @@ pub async fn handle<S: Store + 'static>(shared: &Arc<Shared<S>>, payload: &str) 
                 | Event::CallAnswered { call_id, .. }
                 | Event::CallEnded { call_id, .. } => Some(*call_id),
                 Event::CachedCallsWaiting { .. }
+                | Event::MessagesWaiting { .. }
                 | Event::PresenceChanged { .. }
                 | Event::PresenceLost { .. } => None,
             };

@@ -161,6 +161,30 @@ pub struct Config {
     /// `"sign_out"` (close the TV's link, record it offline, alarm) or
     /// `"drop_subscription"` (only drop it, alarm).
     pub presence_failure_policy: crate::registry::presence::FailurePolicy,
+    /// Where message bodies are kept: files, written and synced before their message's
+    /// row commits. Default: beside the SQLite database (`<database>-bodies`). With
+    /// PostgreSQL it must be set (on storage every node of the database shares);
+    /// without it such a server takes text messages only.
+    pub body_dir: Option<PathBuf>,
+    /// Longest text a message may carry, in characters.
+    pub max_text_chars: u32,
+    /// Largest message body, in MiB.
+    pub max_body_mb: u64,
+    /// Longest voice message, in seconds.
+    pub max_voice_s: u32,
+    /// Longest video clip, in seconds.
+    pub max_video_s: u32,
+    /// Largest side of a picture, in pixels.
+    pub max_picture_side: u32,
+    /// A TV's mailbox: most bytes kept for it, in MiB.
+    pub mailbox_mb: u64,
+    /// A TV's mailbox: most messages kept for it.
+    pub mailbox_messages: u32,
+    /// Messages older than this are deleted with their bodies.
+    pub message_retention_days: u32,
+    /// How long a sender's `SendMessage` waits for an online recipient to take the
+    /// message before it is answered `stored` rather than `delivered`.
+    pub message_delivery_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -216,6 +240,16 @@ impl Default for Config {
             presence_recovery_threshold: 5,
             presence_recovery_window_ms: 600_000,
             presence_failure_policy: crate::registry::presence::FailurePolicy::SignOut,
+            body_dir: None,
+            max_text_chars: 2_000,
+            max_body_mb: 32,
+            max_voice_s: 120,
+            max_video_s: 60,
+            max_picture_side: 4_096,
+            mailbox_mb: 200,
+            mailbox_messages: 500,
+            message_retention_days: 30,
+            message_delivery_wait_ms: 2_000,
         }
     }
 }
@@ -230,6 +264,19 @@ impl Config {
             policy: self.presence_failure_policy,
             several_nodes: self.backend == StorageBackend::Postgres,
         }
+    }
+
+    /// Where message bodies are kept (see [`Config::body_dir`]); `None`: nowhere (a
+    /// PostgreSQL server without `body_dir`).
+    pub fn body_dir(&self) -> Option<PathBuf> {
+        if let Some(dir) = &self.body_dir {
+            return Some(dir.clone());
+        }
+        (self.backend == StorageBackend::Sqlite).then(|| {
+            let mut name = self.db_path().into_os_string();
+            name.push("-bodies");
+            PathBuf::from(name)
+        })
     }
 
     /// Reads a TOML config file.
@@ -362,6 +409,14 @@ impl Config {
                 shared_proto::dispatch::MAX_NODE_TEXT_LEN
             );
         }
+        anyhow::ensure!(
+            self.max_text_chars >= 1 && self.max_body_mb >= 1 && self.mailbox_messages >= 1,
+            "max_text_chars, max_body_mb and mailbox_messages must be at least 1"
+        );
+        anyhow::ensure!(
+            self.message_retention_days >= 1,
+            "message_retention_days must be at least 1"
+        );
         anyhow::ensure!(
             self.dispatch_token_ttl_s >= 1,
             "dispatch_token_ttl_s must be at least 1"

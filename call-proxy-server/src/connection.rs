@@ -447,7 +447,7 @@ where
                     Some(Err(e)) => return bad_frame(shared, st.peer.ip(), e).map(|r| (r, false)),
                 };
                 let now = Instant::now();
-                if st.session.is_some() {
+                if st.session.is_some() || st.transfer.is_some() {
                     deadline = now + cfg.heartbeat_timeout();
                 }
                 // After a heartbeat (what an idle TV sends) or its registration (after
@@ -482,6 +482,15 @@ where
                 }
                 let (always, registering) = match &msg {
                     ClientFrame::Msg(ClientMsg { request: Request::Bye, .. }) => (true, false),
+                    // A transfer link's chunks are paced by TCP and by one being handled
+                    // at a time, not by the request rate (a 10 MB body is 200 of them).
+                    ClientFrame::Msg(ClientMsg {
+                        request: Request::PutChunk { .. } | Request::GetChunk { .. },
+                        ..
+                    }) => (st.transfer.is_some(), false),
+                    ClientFrame::Msg(ClientMsg { request: Request::OpenTransfer { .. }, .. }) => {
+                        (false, st.session.is_none() && st.transfer.is_none())
+                    }
                     ClientFrame::Msg(ClientMsg { request: Request::Heartbeat, .. }) => {
                         (limit.free_heartbeat(now), false)
                     }
@@ -518,7 +527,7 @@ where
                         };
                         if registering {
                             if let Some(t) = ticket.as_mut() {
-                                if st.session.is_some() {
+                                if st.session.is_some() || st.transfer.is_some() {
                                     t.registered();
                                 } else {
                                     t.registration_failed();
@@ -549,16 +558,21 @@ where
                         return Some((WireError::new(ErrorCode::RATE_LIMITED, "too many requests; disconnected"), true));
                     }
                 };
-                if st.session.is_some() && unregistered {
+                if (st.session.is_some() || st.transfer.is_some()) && unregistered {
                     unregistered = false;
                     deadline = now + cfg.heartbeat_timeout();
                     // A session starts: its time counts from now, its bytes from the
-                    // connection's first (the handshake and the registration).
+                    // connection's first (the handshake and the registration). A
+                    // transfer link's bytes count for its TV, but it is no session.
                     if let Some(key) = st.session {
                         reported.user = Some(key.user);
                         reported.at = now;
                         let start = Usage { sessions: 1, ..Usage::default() };
                         shared.accountant.note(key.user, &start, now_ms());
+                    } else if let Some(user) = st.transfer {
+                        reported.user = Some(user);
+                        reported.transfer = true;
+                        reported.at = now;
                     }
                 } else if unregistered {
                     if let Ok(Reply::Enrollment(EnrollmentStatus::Pending { interval_s, .. })) = &result {

@@ -111,6 +111,12 @@ pub struct Metrics {
     pub reregistrations: IntCounter,
     /// Calls by final outcome.
     calls: IntCounterVec,
+    /// Messages stored, by kind.
+    messages_stored: IntCounterVec,
+    /// Messages refused, by reason (`too_large`, `bad_media`, `quota_exceeded`, …).
+    messages_refused: IntCounterVec,
+    /// Bodies refused by the media check, by what was wrong.
+    bodies_bad: IntCounterVec,
     /// TVs registered on this server now (set at scrape time from the registry).
     pub tvs_online: IntGauge,
     /// Calls ringing or in progress now (set at scrape time from the registry).
@@ -173,6 +179,29 @@ impl Metrics {
         for o in FINAL_OUTCOMES {
             calls.with_label_values(&[o.as_str()]);
         }
+        let vec = |name: &str, help: &str, label: &str| {
+            let v = IntCounterVec::new(Opts::new(name, help), &[label])
+                .unwrap_or_else(|e| unreachable!("{name}: {e}"));
+            registry
+                .register(Box::new(v.clone()))
+                .unwrap_or_else(|e| unreachable!("{name}: {e}"));
+            v
+        };
+        let messages_stored = vec(
+            "call_proxy_messages_stored_total",
+            "Messages stored for a TV, by kind.",
+            "kind",
+        );
+        let messages_refused = vec(
+            "call_proxy_messages_refused_total",
+            "Messages refused, by reason (nothing of them was stored).",
+            "reason",
+        );
+        let bodies_bad = vec(
+            "call_proxy_message_bodies_bad_total",
+            "Message bodies refused by the media check, by what was wrong.",
+            "reason",
+        );
         Metrics {
             connections: gauge("call_proxy_connections", "TV control connections open now."),
             accepted: counter(
@@ -308,6 +337,9 @@ impl Metrics {
                 "Registrations that replaced a live session of the same user.",
             ),
             calls,
+            messages_stored,
+            messages_refused,
+            bodies_bad,
             tvs_online: gauge(
                 "call_proxy_tvs_online",
                 "TVs registered on this server now.",
@@ -361,6 +393,26 @@ impl Metrics {
         if FINAL_OUTCOMES.contains(&outcome) {
             self.calls.with_label_values(&[outcome.as_str()]).inc();
         }
+    }
+
+    /// Counts a stored message.
+    pub fn message_stored(&self, kind: &str) {
+        self.messages_stored.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts a refused message.
+    pub fn message_refused(&self, reason: &str) {
+        self.messages_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a body the media check refused.
+    pub fn message_bad_media(&self, reason: &str) {
+        self.bodies_bad.with_label_values(&[reason]).inc();
+    }
+
+    /// Messages refused for this reason since start.
+    pub fn messages_refused_by(&self, reason: &str) -> u64 {
+        self.messages_refused.with_label_values(&[reason]).get()
     }
 
     /// Calls that ended with this outcome since start.

@@ -49,6 +49,8 @@ pub struct Shared<S> {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// This node's traffic accounting not yet written ([`flush_usage`] writes it).
     pub accountant: crate::accounting::Accountant,
+    /// Messages: the body directory, uploads in progress, senders waiting.
+    pub messages: crate::messages::Messages,
 }
 
 impl<S: Store> Shared<S> {
@@ -82,6 +84,7 @@ impl<S: Store> Shared<S> {
         let metrics = Metrics::default();
         let gate = Gate::new(limits::Limits::for_process(&config), &metrics);
         let accountant = crate::accounting::Accountant::new(config.accounting_period);
+        let messages = crate::messages::Messages::new(&config);
         Ok(Arc::new(Shared {
             store,
             registry: Registry::with_watermarks(&w).with_presence(config.presence()),
@@ -92,6 +95,7 @@ impl<S: Store> Shared<S> {
             revoked: tokio::sync::broadcast::channel(REVOCATIONS_QUEUED).0,
             cluster,
             accountant,
+            messages,
         }))
     }
 }
@@ -235,6 +239,10 @@ pub async fn run<S: Store>(
         tokio::spawn({
             let shared = Arc::clone(&shared);
             async move { crate::handler::presence::sweep(&shared).await }
+        }),
+        tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { crate::messages::sweep(&shared).await }
         }),
     ];
     tokio::select! {

@@ -149,6 +149,11 @@ macro_rules! contract {
             async fn alarms_are_raised_listed_and_cleared_once() {
                 run_check!($fresh, checks::alarms_raised_and_cleared);
             }
+
+            #[tokio::test]
+            async fn messages_are_stored_once_within_quota_listed_settled_and_expired() {
+                run_check!($fresh, checks::messages_lifecycle);
+            }
         }
     )+};
 }
@@ -1272,5 +1277,216 @@ mod checks {
         let ops = storage::open_operator(&storage::DbTarget::of(config).unwrap(), 1);
         assert_eq!(call_count(&ops).await, 7);
         reopened.close().await;
+    }
+
+    /// Messages: stored at most once per sender key, refused for an unknown recipient
+    /// or a full mailbox (checked in the insert's own step, also inside one burst),
+    /// listed newest first in pages without the acknowledged ones, read one by one and
+    /// by key, deleted only by their recipient (with their bodies' paths), and expired
+    /// by age.
+    pub async fn messages_lifecycle<S: Store, O: OperatorStore>(store: &S, _: &O, _: &Config) {
+        use call_proxy_server::storage::{
+            BodyMeta, Mailbox, MessageInsert, MessageQuery, NewMessage, Quota, Settle,
+        };
+        store.register(reg(11, 1)).await.unwrap();
+        store.register(reg(12, 2)).await.unwrap();
+        let quota = Quota {
+            max_messages: 3,
+            max_bytes: 10_000,
+        };
+        let t = now_ms();
+        let text = |key, to, text: &str, at_ms| NewMessage {
+            sender: 11,
+            recipient: to,
+            key,
+            kind: 1,
+            text: text.into(),
+            body: None,
+            at_ms,
+        };
+        let body = |size| BodyMeta {
+            size,
+            sha256: [9; 32],
+            mime: "audio/ogg".into(),
+            duration_ms: Some(2_000),
+            width: None,
+            height: None,
+            path: "store/11/0000000000000002".into(),
+        };
+        let first = store
+            .insert_message(text(1, 12, "hello", t - 10_000), quota)
+            .await
+            .unwrap();
+        let MessageInsert::Stored {
+            id: id1,
+            waiting: 1,
+        } = first
+        else {
+            panic!("{first:?}")
+        };
+        // The same key again: the first message, nothing written.
+        assert_eq!(
+            store
+                .insert_message(text(1, 12, "hello again", t), quota)
+                .await
+                .unwrap(),
+            MessageInsert::AlreadyStored {
+                id: id1,
+                delivered: false
+            }
+        );
+        assert_eq!(
+            store
+                .insert_message(text(3, 99, "nobody", t), quota)
+                .await
+                .unwrap(),
+            MessageInsert::UnknownRecipient
+        );
+        // A voice message, and in one burst two more texts: the third over the quota.
+        let mut voice = text(2, 12, "", t - 5_000);
+        voice.kind = 2;
+        voice.body = Some(body(4_000));
+        let a = store.insert_message(voice.clone(), quota);
+        let b = store.insert_message(text(4, 12, "third", t), quota);
+        let c = store.insert_message(text(5, 12, "fourth", t), quota);
+        let MessageInsert::Stored {
+            id: id2,
+            waiting: 2,
+        } = a.await.unwrap()
+        else {
+            panic!("voice not stored")
+        };
+        let MessageInsert::Stored {
+            id: id3,
+            waiting: 3,
+        } = b.await.unwrap()
+        else {
+            panic!("third not stored")
+        };
+        assert!(matches!(
+            c.await.unwrap(),
+            MessageInsert::QuotaExceeded { messages: 3, .. }
+        ));
+        // Bytes count too: a body larger than what is left.
+        let mut big = text(6, 11, "", t);
+        big.sender = 12;
+        big.kind = 2;
+        big.body = Some(BodyMeta {
+            size: 10_001,
+            ..body(0)
+        });
+        assert!(matches!(
+            store.insert_message(big, quota).await.unwrap(),
+            MessageInsert::QuotaExceeded {
+                messages: 0,
+                bytes: 0
+            }
+        ));
+        assert_eq!(
+            store.mailbox(12).await.unwrap(),
+            Mailbox {
+                waiting: 3,
+                messages: 3,
+                bytes: 5 + 4_000 + 5
+            }
+        );
+        // Newest first, in pages.
+        let page = store
+            .messages(MessageQuery::Waiting {
+                recipient: 12,
+                before: 0,
+                limit: 2,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            page.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![id3, id2]
+        );
+        assert_eq!(page[1].body, Some(body(4_000)));
+        assert_eq!(page[1].kind, 2);
+        assert_eq!(page[1].sender_online, Some(true));
+        assert!((page[1].at_ms - (t - 5_000)).abs() < 2);
+        let rest = store
+            .messages(MessageQuery::Waiting {
+                recipient: 12,
+                before: id2,
+                limit: 2,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].text, "hello");
+        assert_eq!(rest[0].body, None);
+        // One, by recipient only; by key.
+        assert_eq!(
+            store
+                .messages(MessageQuery::One {
+                    recipient: 11,
+                    id: id2
+                })
+                .await
+                .unwrap(),
+            vec![]
+        );
+        let by_key = store
+            .messages(MessageQuery::Keyed { sender: 11, key: 2 })
+            .await
+            .unwrap();
+        assert_eq!(by_key.len(), 1);
+        assert_eq!(by_key[0].id, id2);
+        // Acknowledged: no longer listed, still kept; twice counts once; another TV's
+        // acknowledgement changes nothing.
+        assert!(store
+            .settle_messages(11, vec![id1], Settle::Ack, t)
+            .await
+            .unwrap()
+            .is_empty());
+        let acked = store
+            .settle_messages(12, vec![id1, id1], Settle::Ack, t)
+            .await
+            .unwrap();
+        assert_eq!(acked.len(), 1);
+        assert_eq!(
+            store.mailbox(12).await.unwrap(),
+            Mailbox {
+                waiting: 2,
+                messages: 3,
+                bytes: 4_010
+            }
+        );
+        assert_eq!(
+            store
+                .insert_message(text(1, 12, "again", t), quota)
+                .await
+                .unwrap(),
+            MessageInsert::AlreadyStored {
+                id: id1,
+                delivered: true
+            }
+        );
+        // Deleted by its recipient, with the body's path to remove.
+        let gone = store
+            .settle_messages(12, vec![id2], Settle::Delete, t)
+            .await
+            .unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(
+            gone[0].body_path.as_deref(),
+            Some("store/11/0000000000000002")
+        );
+        assert_eq!(store.mailbox(12).await.unwrap().messages, 2);
+        // Retention: only what is older than the bound.
+        let expired = store.expire_messages(t - 1_000, 100).await.unwrap();
+        assert_eq!(expired.iter().map(|e| e.id).collect::<Vec<_>>(), vec![id1]);
+        let left = store
+            .messages(MessageQuery::Waiting {
+                recipient: 12,
+                before: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(left.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id3]);
     }
 }

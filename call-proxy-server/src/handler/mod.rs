@@ -6,6 +6,7 @@ mod call_control;
 mod dial;
 mod enroll;
 mod fetch;
+pub mod message;
 pub mod presence;
 mod query;
 mod register;
@@ -35,6 +36,10 @@ pub struct ConnState {
     pub identity: Option<crate::tls::TvIdentity>,
     /// The session asked for presence pushes (it may subscribe).
     pub wants_presence: bool,
+    /// Set once this connection is a TV's transfer link (`OpenTransfer`): the user.
+    pub transfer: Option<UserId>,
+    /// The body a transfer link reads (`GetChunk`): message id and body name.
+    pub reading: Option<(shared_proto::MessageId, String)>,
 }
 
 /// Which user and session a connection is.
@@ -56,6 +61,8 @@ impl ConnState {
             closing: false,
             identity: None,
             wants_presence: false,
+            transfer: None,
+            reading: None,
         }
     }
 
@@ -134,6 +141,23 @@ pub async fn handle<S: Store>(
             // (through another path) is taken the same way and answered `Done`.
             presence::ack(shared, st, subscription, seq, status);
             Ok(Reply::Done)
+        }
+        Request::OpenTransfer { user_id } => message::open(shared, st, user_id).await,
+        Request::SendMessage(m) => message::send(shared, st, m).await,
+        Request::PutChunk { key, offset, bytes } => {
+            message::put_chunk(shared, st, key, offset, bytes).await
+        }
+        Request::ListMessages { before, limit } => message::list(shared, st, before, limit).await,
+        Request::GetChunk {
+            message_id,
+            offset,
+            len,
+        } => message::get_chunk(shared, st, message_id, offset, len).await,
+        Request::AckMessages { message_ids } => {
+            message::settle(shared, st, message_ids, crate::storage::Settle::Ack).await
+        }
+        Request::DeleteMessages { message_ids } => {
+            message::settle(shared, st, message_ids, crate::storage::Settle::Delete).await
         }
     }
 }

@@ -81,6 +81,7 @@ pub async fn handle<S: Store>(
         }
     }
     tracing::debug!(user = reg.user_id, session_id, %media, replaced = installed.replaced, "registered");
+    announce_messages(shared, reg.user_id, session_id);
     Ok(Reply::Registered(Registered {
         session_id,
         observed_ip: ip,
@@ -93,7 +94,7 @@ pub async fn handle<S: Store>(
 
 /// On a node configured with the dispatcher's public key, the connection's token must
 /// admit `user` here now; without that setting, nothing to check (a node alone).
-fn check_token<S: Store>(
+pub(super) fn check_token<S: Store>(
     shared: &Arc<Shared<S>>,
     st: &ConnState,
     user: shared_proto::UserId,
@@ -121,4 +122,28 @@ fn check_token<S: Store>(
         tracing::info!(peer = %st.peer, tv = ?st.identity, user, reason = %e, "registration refused");
         WireError::new(ErrorCode::UNAUTHENTICATED, e.to_string())
     })
+}
+
+/// Tells a freshly registered TV how many messages wait for it (`MessagesWaiting`, to
+/// a session that asked for them), from a task of its own so the registration's answer
+/// waits for no extra read.
+fn announce_messages<S: Store>(
+    shared: &Arc<Shared<S>>,
+    user: shared_proto::UserId,
+    session_id: u64,
+) {
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        match shared.store.mailbox(user).await {
+            Ok(m) if m.waiting > 0 => {
+                shared.registry.deliver(
+                    user,
+                    session_id,
+                    shared_proto::Event::MessagesWaiting { count: m.waiting },
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(user, error = %e, "cannot count waiting messages"),
+        }
+    });
 }

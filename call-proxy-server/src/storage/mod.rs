@@ -15,6 +15,7 @@
 //! and the kinds of failure ([`StoreError`]).
 
 pub mod enroll;
+pub mod message;
 pub mod operator;
 pub mod postgres;
 pub mod sqlite;
@@ -31,6 +32,9 @@ use tokio::sync::oneshot;
 
 use crate::config::Config;
 use enroll::{Approval, Credential, EnrollmentRecord, EnrollmentState, NewEnrollment, Revocation};
+pub use message::{
+    BodyMeta, Mailbox, MessageInsert, MessageQuery, MessageRow, NewMessage, Quota, Settle, Settled,
+};
 use operator::{CallQuery, CallRecord, OperatorStore, Stats, UserRecord};
 
 /// What a storage call can fail with. Nothing reported as failed was acknowledged: a
@@ -630,6 +634,39 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Records an alarm for the operator (`operator_alarm`). Queued now.
     fn raise_alarm(&self, alarm: NewAlarm) -> Pending<()>;
 
+    /// Messages: stores `m` if its recipient exists, the recipient's mailbox has room
+    /// for it under `quota` (checked in the same step), and the sender stored nothing
+    /// under `m.key` before (else answers that message and writes nothing). Refused with
+    /// [`StoreError::Full`] while the disk is full. Queued now.
+    fn insert_message(&self, m: NewMessage, quota: Quota) -> Pending<MessageInsert>;
+
+    /// Messages: acknowledges or deletes these messages to `recipient` (others' are
+    /// left alone); answers the ones it changed, with their bodies' paths for a
+    /// deletion to remove once it committed. Queued now.
+    fn settle_messages(
+        &self,
+        recipient: UserId,
+        ids: Vec<shared_proto::MessageId>,
+        settle: Settle,
+        at_ms: UnixMillis,
+    ) -> Pending<Vec<Settled>>;
+
+    /// Messages: deletes up to `limit` messages stored before `before_ms` (retention),
+    /// answering them with their bodies' paths. Queued now.
+    fn expire_messages(&self, before_ms: UnixMillis, limit: usize) -> Pending<Vec<Settled>>;
+
+    /// Messages: reads (see [`MessageQuery`]).
+    fn messages(
+        &self,
+        q: MessageQuery,
+    ) -> impl Future<Output = Result<Vec<MessageRow>, StoreError>> + Send;
+
+    /// Messages: `recipient`'s mailbox (waiting, kept, bytes).
+    fn mailbox(
+        &self,
+        recipient: UserId,
+    ) -> impl Future<Output = Result<Mailbox, StoreError>> + Send;
+
     /// What the backend measured about its commits (for `/metrics`).
     fn metrics(&self) -> &StoreMetrics;
 
@@ -936,6 +973,47 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.raise_alarm(alarm),
             AnyStore::Postgres(s) => s.raise_alarm(alarm),
+        }
+    }
+
+    fn insert_message(&self, m: NewMessage, quota: Quota) -> Pending<MessageInsert> {
+        match self {
+            AnyStore::Sqlite(s) => s.insert_message(m, quota),
+            AnyStore::Postgres(s) => s.insert_message(m, quota),
+        }
+    }
+
+    fn settle_messages(
+        &self,
+        recipient: UserId,
+        ids: Vec<shared_proto::MessageId>,
+        settle: Settle,
+        at_ms: UnixMillis,
+    ) -> Pending<Vec<Settled>> {
+        match self {
+            AnyStore::Sqlite(s) => s.settle_messages(recipient, ids, settle, at_ms),
+            AnyStore::Postgres(s) => s.settle_messages(recipient, ids, settle, at_ms),
+        }
+    }
+
+    fn expire_messages(&self, before_ms: UnixMillis, limit: usize) -> Pending<Vec<Settled>> {
+        match self {
+            AnyStore::Sqlite(s) => s.expire_messages(before_ms, limit),
+            AnyStore::Postgres(s) => s.expire_messages(before_ms, limit),
+        }
+    }
+
+    async fn messages(&self, q: MessageQuery) -> Result<Vec<MessageRow>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.messages(q).await,
+            AnyStore::Postgres(s) => s.messages(q).await,
+        }
+    }
+
+    async fn mailbox(&self, recipient: UserId) -> Result<Mailbox, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.mailbox(recipient).await,
+            AnyStore::Postgres(s) => s.mailbox(recipient).await,
         }
     }
 

@@ -12,6 +12,7 @@
 //! module sees a rusqlite type. [`operator`] holds the operator's read-only queries.
 
 pub mod enroll;
+mod messages;
 pub mod operator;
 pub mod presence;
 mod reserve;
@@ -33,7 +34,7 @@ use reserve::Reserve;
 
 use super::*;
 use crate::clock::{from_db_text, to_db_text};
-use shared_proto::KEY_LIFETIME_MS;
+use shared_proto::{MessageId, KEY_LIFETIME_MS};
 
 /// Tuning of the SQLite store.
 #[derive(Debug, Clone)]
@@ -226,6 +227,8 @@ const MIGRATIONS: &[&str] = &[
         cleared_at     TEXT
      );
      CREATE INDEX operator_alarm_open ON operator_alarm (id) WHERE cleared_at IS NULL;",
+    // 7: messages (issue 15).
+    messages::MIGRATION,
 ];
 
 /// The condition of a live call; written exactly as in the partial index `user_call_live`
@@ -300,6 +303,15 @@ enum WriteJob {
     PresenceBook(UserId, Vec<UserId>, Slot<()>),
     PresenceHidden(UserId, bool, UnixMillis, Slot<()>),
     Alarm(NewAlarm, Slot<()>),
+    InsertMessage(NewMessage, Quota, Slot<MessageInsert>),
+    SettleMessages(
+        UserId,
+        Vec<MessageId>,
+        Settle,
+        UnixMillis,
+        Slot<Vec<Settled>>,
+    ),
+    ExpireMessages(UnixMillis, usize, Slot<Vec<Settled>>),
     Close(oneshot::Sender<()>),
     /// Test only: writes a call row, then fails (a job that fails half-way).
     #[cfg(test)]
@@ -353,6 +365,10 @@ impl WriteJob {
             | WriteJob::PresenceBook(.., slot)
             | WriteJob::PresenceHidden(.., slot)
             | WriteJob::Alarm(_, slot) => slot.answer(batch),
+            WriteJob::InsertMessage(.., slot) => slot.answer(batch),
+            WriteJob::SettleMessages(.., slot) | WriteJob::ExpireMessages(.., slot) => {
+                slot.answer(batch)
+            }
             WriteJob::Close(_) => {}
             #[cfg(test)]
             WriteJob::FailAfterInsert(_, slot) => slot.answer(batch),
@@ -370,6 +386,8 @@ enum ReadJob {
     Keyed(UserId, IdempotencyKey, UnixMillis, Reply<Option<KeyedCall>>),
     PresenceView(UserId, Vec<UserId>, Reply<Vec<PresenceRow>>),
     PresenceBook(UserId, Reply<PresenceBook>),
+    Messages(MessageQuery, Reply<Vec<MessageRow>>),
+    Mailbox(UserId, Reply<Mailbox>),
 }
 
 /// The SQLite-backed [`Store`]. Cheap to clone.
@@ -624,6 +642,32 @@ impl Store for SqliteStore {
 
     fn raise_alarm(&self, alarm: NewAlarm) -> Pending<()> {
         self.write(move |slot| WriteJob::Alarm(alarm, slot))
+    }
+
+    fn insert_message(&self, m: NewMessage, quota: Quota) -> Pending<MessageInsert> {
+        self.write(move |slot| WriteJob::InsertMessage(m, quota, slot))
+    }
+
+    fn settle_messages(
+        &self,
+        recipient: UserId,
+        ids: Vec<MessageId>,
+        settle: Settle,
+        at_ms: UnixMillis,
+    ) -> Pending<Vec<Settled>> {
+        self.write(move |slot| WriteJob::SettleMessages(recipient, ids, settle, at_ms, slot))
+    }
+
+    fn expire_messages(&self, before_ms: UnixMillis, limit: usize) -> Pending<Vec<Settled>> {
+        self.write(move |slot| WriteJob::ExpireMessages(before_ms, limit, slot))
+    }
+
+    async fn messages(&self, q: MessageQuery) -> Result<Vec<MessageRow>, StoreError> {
+        self.read(|tx| ReadJob::Messages(q, tx)).await
+    }
+
+    async fn mailbox(&self, recipient: UserId) -> Result<Mailbox, StoreError> {
+        self.read(|tx| ReadJob::Mailbox(recipient, tx)).await
     }
 
     fn metrics(&self) -> &StoreMetrics {
@@ -917,6 +961,14 @@ fn apply(tx: &Transaction<'_>, job: &mut WriteJob, full: bool) -> Result<(), Sto
             slot.set(presence::set_hidden(tx, *user, *hidden, *at))
         }
         WriteJob::Alarm(alarm, slot) => slot.set(presence::raise(tx, alarm)),
+        WriteJob::InsertMessage(.., slot) if full => slot.set(Err(full_refusal())),
+        WriteJob::InsertMessage(m, quota, slot) => slot.set(messages::insert(tx, m, *quota)),
+        WriteJob::SettleMessages(recipient, ids, settle, at, slot) => {
+            slot.set(messages::settle(tx, *recipient, ids, *settle, *at))
+        }
+        WriteJob::ExpireMessages(before, limit, slot) => {
+            slot.set(messages::expire(tx, *before, *limit))
+        }
         WriteJob::Close(_) => Ok(()),
         #[cfg(test)]
         WriteJob::FailAfterInsert(call, slot) => {
@@ -1180,6 +1232,12 @@ fn reader_loop(conn: Connection, jobs: Receiver<ReadJob>) {
             }
             ReadJob::PresenceBook(user, reply) => {
                 let _ = reply.send(presence::book(&conn, user));
+            }
+            ReadJob::Messages(q, reply) => {
+                let _ = reply.send(messages::read(&conn, q));
+            }
+            ReadJob::Mailbox(recipient, reply) => {
+                let _ = reply.send(messages::mailbox(&conn, recipient));
             }
         }
     }
