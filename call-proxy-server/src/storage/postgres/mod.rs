@@ -2193,4 +2193,3 @@ mod tests {
         assert!(PgTarget::new("not a url", None).is_err());
     }
 }
-
