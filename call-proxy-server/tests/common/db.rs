@@ -199,6 +199,9 @@ impl TestDb {
                 config.db_url = Some(url.clone());
                 config.db_password_file = Some(password_file.clone());
                 config.data_dir = dir.clone();
+                // Message bodies beside the test's files (SQLite keeps them beside its
+                // database by default).
+                config.body_dir = Some(dir.join("bodies"));
             }
         }
     }
