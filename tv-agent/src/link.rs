@@ -296,6 +296,13 @@ async fn reach_node(
         .map_err(refused_text)
 }
 
+/// A transfer link's connection (messages): at the node the TV registers on, through
+/// the dispatcher as a registration goes; no registration follows.
+pub(crate) async fn reach_transfer_node(cfg: &LinkConfig) -> Result<Conn, String> {
+    let mut at_node = None;
+    reach_node(cfg, "", &mut at_node).await
+}
+
 /// Sent in `Register` and `ASSIGN`.
 const AGENT_VERSION: &str = concat!("tv-agent/", env!("CARGO_PKG_VERSION"));
 

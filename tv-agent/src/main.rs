@@ -1,5 +1,5 @@
-//! The `tv-agent` command: `run` is the TV daemon; `missed`, `call`, `answer` and `watch`
-//! are scripted modes that power on, do one thing, print JSON and exit with a meaningful
+//! The `tv-agent` command: `run` is the TV daemon; `missed`, `call`, `answer`, `watch`
+//! and `send` are scripted modes that power on, do one thing, print JSON and exit with a meaningful
 //! code (0: answered or durably cached; 1: another outcome; 2: the missed calls could not
 //! be printed; 3: server unreachable; 4: not enrolled; 5: the server's storage is full,
 //! nothing placed). `enroll` asks for a code and waits for its approval.
@@ -19,6 +19,8 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tokio::sync::broadcast;
 use tokio::time::{timeout_at, Instant};
+use tv_agent::agent::inbox::{Inbox, KeptMessage};
+use tv_agent::agent::transfer::{Outgoing, TransferError, TransferLink};
 use tv_agent::agent::{Agent, AgentConfig, AgentEvent, DialResult, MissedKeeping, PresenceSetup};
 use tv_agent::media::AudioSpec;
 use tv_agent::ui::activation::{self, ActivationState, EnrollConfig, EnrollError, EnrollMode};
@@ -95,6 +97,36 @@ enum Mode {
         /// Seconds to watch.
         #[arg(long, default_value_t = 30.0)]
         seconds: f64,
+    },
+    /// Leave a message for another TV (kept for it while it is off): one of --text,
+    /// --voice (recorded for --seconds from an audio source), --picture (JPEG or PNG),
+    /// --video (MP4). Prints `{"message_id": …, "outcome": "stored" | "delivered"}`, or a
+    /// refusal's outcome (`too_large`, `bad_media`, `quota_exceeded`, `unknown_user`, …)
+    /// with exit 1. Does not register: a daemon of the same TV stays on.
+    Send {
+        #[command(flatten)]
+        tv: TvArgs,
+        /// Who it is for.
+        #[arg(long)]
+        to: u64,
+        /// A text message.
+        #[arg(long, group = "body")]
+        text: Option<String>,
+        /// Record a voice message from this audio source: tone:HZ, wav:PATH, device.
+        #[arg(long, group = "body")]
+        voice: Option<AudioSpec>,
+        /// Seconds of voice to record.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// A picture (JPEG or PNG).
+        #[arg(long, group = "body")]
+        picture: Option<std::path::PathBuf>,
+        /// A video clip (MP4).
+        #[arg(long, group = "body")]
+        video: Option<std::path::PathBuf>,
+        /// A caption for a voice message, picture or clip.
+        #[arg(long, default_value = "")]
+        caption: String,
     },
     /// Power on, wait for a call, answer it, talk for some seconds, hang up.
     Answer {
@@ -197,6 +229,7 @@ fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> Result<AgentConfig, String>
         missed: MissedKeeping::WhenShown,
         transport,
         presence: None,
+        inbox: None,
     })
 }
 
@@ -262,6 +295,25 @@ async fn dispatch(mode: Mode) -> anyhow::Result<ExitCode> {
             seconds,
             wait,
         } => answer(&tv, &audio, seconds, wait).await,
+        Mode::Send {
+            tv,
+            to,
+            text,
+            voice,
+            seconds,
+            picture,
+            video,
+            caption,
+        } => {
+            let body = match (text, voice, picture, video) {
+                (Some(t), None, None, None) => Body::Text(t),
+                (None, Some(v), None, None) => Body::Voice(v, seconds),
+                (None, None, Some(p), None) => Body::Picture(p),
+                (None, None, None, Some(v)) => Body::Video(v),
+                _ => anyhow::bail!("give exactly one of --text, --voice, --picture, --video"),
+            };
+            send(&tv, to, body, caption).await
+        }
     }
 }
 
@@ -353,6 +405,9 @@ async fn run(
         others: Vec::new(),
         settings_file: Some(tv.data_dir.join("presence.json")),
     });
+    // Messages left for this TV are kept in the data directory before the server is
+    // told they were taken.
+    cfg.inbox = Some(Inbox::in_data_dir(&tv.data_dir));
     let user = cfg.user;
     let (agent, mut events) = Agent::power_on(cfg).await?;
     tracing::info!(
@@ -622,6 +677,11 @@ async fn missed(tv: &TvArgs) -> anyhow::Result<ExitCode> {
             ExitCode::from(2)
         }
     };
+    // Then the messages, on a transfer link of their own.
+    let code = match fetch_messages(tv).await {
+        Ok(()) => code,
+        Err(f) => transfer_exit(f),
+    };
     agent.power_off().await;
     Ok(code)
 }
@@ -710,11 +770,185 @@ fn print_lines(calls: &[tv_agent::agent::MissedCall]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     for c in calls {
-        serde_json::to_writer(&mut out, c)?;
+        let mut line = serde_json::to_value(c)?;
+        line["kind"] = json!("call");
+        serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
     }
     out.flush()?;
     Ok(())
+}
+
+/// One JSON line per message (`"kind"`: text, voice, picture, video), with the `file`
+/// its body was saved as; flushed.
+fn print_messages(inbox: &Inbox, messages: &[KeptMessage]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for m in messages {
+        let line = json!({
+            "kind": m.kind,
+            "message_id": m.message_id,
+            "from": m.sender,
+            "sent_at": tv_agent::agent::rfc3339(m.sent_ms),
+            "sent_ms": m.sent_ms,
+            "text": m.text,
+            "file": inbox.body_path(m).map(|p| p.display().to_string()),
+            "mime": m.mime,
+            "size": m.size,
+            "duration_ms": m.duration_ms,
+            "width": m.width,
+            "height": m.height,
+            "sender_state": m.sender_state,
+        });
+        writeln!(out, "{line}")?;
+    }
+    out.flush()
+}
+
+/// The transfer link settings of this TV (`--server`, its credential).
+fn transfer_config(tv: &TvArgs) -> Result<tv_agent::link::LinkConfig, String> {
+    let (transport, user) = transport(tv)?;
+    let mut cfg = tv_agent::link::LinkConfig::new(tv.server.clone(), user, 0);
+    cfg.transport = transport;
+    cfg.request_timeout = Duration::from_secs_f64(tv.connect_timeout.max(1.0));
+    Ok(cfg)
+}
+
+/// Takes the messages waiting for this TV into `--data-dir/messages`, printing each
+/// before the server hears it was kept. A server without messages: nothing to do.
+async fn fetch_messages(tv: &TvArgs) -> Result<(), TransferFailure> {
+    let cfg = transfer_config(tv).map_err(TransferFailure::NotEnrolled)?;
+    let inbox = Inbox::in_data_dir(&tv.data_dir);
+    let mut link = match TransferLink::open(&cfg).await {
+        Ok(link) => link,
+        Err(TransferError::Unsupported(_)) => return Ok(()),
+        Err(e) => return Err(TransferFailure::from(e)),
+    };
+    let printer = inbox.clone();
+    tv_agent::agent::inbox::fetch_into(&mut link, &inbox, move |all| print_messages(&printer, all))
+        .await
+        .map(|_| ())
+        .map_err(TransferFailure::from)
+}
+
+/// Why a transfer failed, for the exit code.
+enum TransferFailure {
+    /// No valid credential (exit 4).
+    NotEnrolled(String),
+    /// Refused by the server (exit 1), with its outcome word.
+    Refused(&'static str, String),
+    /// Unreachable, or the link broke (exit 3).
+    Unreachable(String),
+    /// A local file (exit 2).
+    File(String),
+}
+
+impl From<TransferError> for TransferFailure {
+    fn from(e: TransferError) -> Self {
+        match &e {
+            TransferError::Refused(w) if w.code == shared_proto::ErrorCode::UNAUTHENTICATED => {
+                TransferFailure::NotEnrolled(w.message.clone())
+            }
+            TransferError::Link(r) if r.starts_with(tv_agent::link::UNAUTHENTICATED_REASON) => {
+                TransferFailure::NotEnrolled(r.clone())
+            }
+            TransferError::Refused(_) | TransferError::Unsupported(_) => {
+                TransferFailure::Refused(e.outcome(), e.to_string())
+            }
+            TransferError::Link(r) => TransferFailure::Unreachable(r.clone()),
+            TransferError::File(f) => TransferFailure::File(f.to_string()),
+        }
+    }
+}
+
+fn transfer_exit(f: TransferFailure) -> ExitCode {
+    match f {
+        TransferFailure::NotEnrolled(reason) => not_enrolled_exit(&reason),
+        TransferFailure::Unreachable(reason) => unreachable_exit(&reason),
+        TransferFailure::Refused(outcome, reason) => {
+            println!("{}", json!({"outcome": outcome, "reason": reason}));
+            eprintln!("tv-agent: {reason}");
+            ExitCode::from(1)
+        }
+        TransferFailure::File(reason) => {
+            eprintln!("tv-agent: {reason}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// What `tv-agent send` leaves.
+enum Body {
+    Text(String),
+    Voice(AudioSpec, f64),
+    Picture(std::path::PathBuf),
+    Video(std::path::PathBuf),
+}
+
+/// `tv-agent send`: leaves a message for `to` (recording a voice message first), prints
+/// `{"message_id": …, "outcome": "stored" | "delivered"}`; a refusal prints its outcome
+/// (`too_large`, `bad_media`, `quota_exceeded`, `unknown_user`, …) and exits 1.
+async fn send(tv: &TvArgs, to: u64, body: Body, caption: String) -> anyhow::Result<ExitCode> {
+    let cfg = match transfer_config(tv) {
+        Ok(cfg) => cfg,
+        Err(reason) => return Ok(not_enrolled_exit(&reason)),
+    };
+    let key: u64 = rand::random();
+    let outbox = tv.data_dir.join("outbox");
+    let (kind, text, file, temp) = match body {
+        Body::Text(t) => (shared_proto::MessageKind::TEXT, t, None, None),
+        Body::Voice(spec, seconds) => {
+            std::fs::create_dir_all(&outbox)?;
+            let path = outbox.join(format!("{key:016x}.opus"));
+            let duration = Duration::from_secs_f64(seconds.max(0.0));
+            let rec = {
+                let (spec, path) = (spec.clone(), path.clone());
+                tokio::task::spawn_blocking(move || {
+                    tv_agent::media::voice_note::record(&spec, duration, &path)
+                })
+                .await?
+            };
+            if let Err(e) = rec {
+                println!(
+                    "{}",
+                    json!({"outcome": "bad_media", "reason": format!("{e:#}")})
+                );
+                return Ok(ExitCode::from(1));
+            }
+            (
+                shared_proto::MessageKind::VOICE,
+                caption,
+                Some(path.clone()),
+                Some(path),
+            )
+        }
+        Body::Picture(p) => (shared_proto::MessageKind::PICTURE, caption, Some(p), None),
+        Body::Video(p) => (shared_proto::MessageKind::VIDEO, caption, Some(p), None),
+    };
+    let msg = Outgoing {
+        to,
+        key,
+        kind,
+        text,
+    };
+    let result = async {
+        let mut link = TransferLink::open(&cfg).await?;
+        link.send(&msg, file.as_deref()).await
+    }
+    .await;
+    if let Some(t) = temp {
+        let _ = std::fs::remove_file(t);
+    }
+    Ok(match result {
+        Ok(sent) => {
+            println!(
+                "{}",
+                json!({"message_id": sent.message_id, "outcome": sent.outcome.name(), "to": to, "kind": kind.name()})
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => transfer_exit(TransferFailure::from(e)),
+    })
 }
 
 /// Talks until `seconds` pass or the call ends; then hangs up; returns the `Ended` event.

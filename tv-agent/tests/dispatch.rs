@@ -317,6 +317,7 @@ async fn two_agents_on_two_nodes_call_each_other_with_two_way_audio() {
         missed: tv_agent::agent::MissedKeeping::Memory,
         transport,
         presence: None,
+        inbox: None,
     };
     let (wav_a, wav_b) = (
         dir.path().join("a-hears.wav"),

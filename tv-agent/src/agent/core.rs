@@ -49,8 +49,10 @@ use tokio::task::JoinSet;
 use super::call::{Action, Call, CallMachine, DialReply, Input, Tell};
 use super::events::AgentEvent;
 use super::handle::{Cmd, Reply1};
+use super::inbox::KeptMessage;
 use super::missed::{AckWhen, MissedList};
 use super::presence::{Applied, Subscribe, Watching};
+use super::transfer::{TransferError, TransferLink};
 use super::types::{
     now_ms, AgentConfig, AgentError, DialResult, MissedCall, PresenceChange, PresenceSettings,
     Status,
@@ -65,6 +67,8 @@ const ACK_GRACE: Duration = Duration::from_secs(2);
 
 /// How long after a refused subscription (rate limit, timeout) it is tried again.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(5);
+/// How long after a failed fetch of messages it is tried again.
+const MESSAGES_RETRY: Duration = Duration::from_secs(5);
 /// Largest presence settings file read at power-on.
 const MAX_SETTINGS_FILE: u64 = 4096;
 
@@ -80,6 +84,11 @@ enum Done {
     RetrySubscribe,
     /// From a server without presence: the watched users' online state, asked once.
     Queried(Vec<UserState>),
+    /// A fetch of waiting messages ended: the messages new to the TV, or why it failed
+    /// (with whether to try again later).
+    Messages(Result<Vec<KeptMessage>, (String, bool)>),
+    /// A failed fetch of messages may be tried again.
+    RetryMessages,
 }
 
 /// The test-only switch `TV_AGENT_PRESENCE_FAULT`: what happens to presence
@@ -220,6 +229,10 @@ pub(super) struct Core {
     settings_known: bool,
     /// The test switch for acknowledgements.
     fault: AckFault,
+    /// A fetch of waiting messages is running.
+    fetching_messages: bool,
+    /// More messages arrived while one ran: fetch again when it ends.
+    messages_again: bool,
 }
 
 impl Core {
@@ -268,6 +281,8 @@ impl Core {
             settings: settings.flatten().unwrap_or_default(),
             settings_known,
             fault: AckFault::None,
+            fetching_messages: false,
+            messages_again: false,
         };
         if core.watching.is_some() {
             core.fault = AckFault::from_env();
@@ -307,6 +322,8 @@ impl Core {
                     Done::RetryDial => self.step(Input::RetryDial, Pending::None).await,
                     Done::Subscribed(r) => self.subscribed(r).await,
                     Done::Queried(states) => self.queried(states).await,
+                    Done::Messages(r) => self.messages_fetched(r),
+                    Done::RetryMessages => self.start_messages(),
                     Done::RetrySubscribe => {
                         if self.watching.as_ref().is_some_and(Watching::wants_retry) {
                             let list = self.watching.as_mut().and_then(Watching::registered);
@@ -480,6 +497,7 @@ impl Core {
                     .await;
             }
             LinkEvent::Server(Event::CachedCallsWaiting { .. }) => self.start_fetch(),
+            LinkEvent::Server(Event::MessagesWaiting { .. }) => self.start_messages(),
             LinkEvent::Server(Event::PresenceChanged {
                 subscription,
                 seq,
@@ -938,6 +956,59 @@ impl Core {
             let calls = fetch_all(&link).await;
             let _ = done.send(Done::Fetched(calls)).await;
         });
+    }
+
+    /// Starts taking the waiting messages into the TV's inbox on a transfer link of its
+    /// own (one fetch at a time; the control link is not involved).
+    fn start_messages(&mut self) {
+        let Some(inbox) = self.cfg.inbox.clone() else {
+            return;
+        };
+        if self.fetching_messages {
+            self.messages_again = true;
+            return;
+        }
+        self.fetching_messages = true;
+        let mut link_cfg = crate::link::LinkConfig::new(self.cfg.server.clone(), self.cfg.user, 0);
+        link_cfg.transport = self.cfg.transport.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let mut link = TransferLink::open(&link_cfg).await?;
+                super::inbox::fetch_into(&mut link, &inbox, |_| Ok(())).await
+            }
+            .await
+            .map_err(|e| {
+                let again = matches!(e, TransferError::Link(_) | TransferError::File(_));
+                (e.to_string(), again)
+            });
+            let _ = done.send(Done::Messages(result)).await;
+        });
+    }
+
+    /// A fetch of messages ended: tells the screen, or tries again later.
+    fn messages_fetched(&mut self, result: Result<Vec<KeptMessage>, (String, bool)>) {
+        self.fetching_messages = false;
+        match result {
+            Ok(messages) => {
+                if !messages.is_empty() {
+                    self.emit(AgentEvent::Messages { messages });
+                }
+            }
+            Err((why, again)) => {
+                tracing::warn!(error = %why, "cannot fetch messages; they wait on the server");
+                if again {
+                    let done = self.done_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(MESSAGES_RETRY).await;
+                        let _ = done.send(Done::RetryMessages).await;
+                    });
+                }
+            }
+        }
+        if std::mem::take(&mut self.messages_again) {
+            self.start_messages();
+        }
     }
 
     /// A fetch ended: presents its calls, then acknowledges them as the policy allows.

@@ -188,6 +188,11 @@ pub enum AgentEvent {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         allowance_exhausted: bool,
     },
+    /// Messages taken into the TV's inbox (kept in `--data-dir/messages`), newest first.
+    Messages {
+        /// The messages new to the TV.
+        messages: Vec<super::inbox::KeptMessage>,
+    },
     /// Calls cached while this TV could not take them, each with its caller's state now.
     CachedCalls {
         /// Oldest first.

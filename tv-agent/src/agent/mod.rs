@@ -15,16 +15,20 @@
 //! - [`events`]: [`AgentEvent`] and the typed word lists its events carry.
 //! - [`types`]: configuration, missed call, status, dial result, errors.
 //! - [`media_socket`]: binding the UDP media socket.
+//! - [`inbox`]: the messages kept on the TV and how waiting ones are taken in.
+//! - [`transfer`]: the transfer link that carries messages and their bodies.
 
 pub mod call;
 mod core;
 pub mod events;
 mod handle;
+pub mod inbox;
 pub mod media_socket;
 pub mod missed;
 pub mod presence;
 #[cfg(test)]
 mod redial_test;
+pub mod transfer;
 pub mod types;
 
 pub use events::{

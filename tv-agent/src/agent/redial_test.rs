@@ -170,6 +170,7 @@ async fn a_dial_whose_reply_was_lost_is_retried_with_its_key_and_stored_once() {
         missed: MissedKeeping::Memory,
         transport: tls(&caller_key),
         presence: None,
+        inbox: None,
     })
     .await
     .unwrap();

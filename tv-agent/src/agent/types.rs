@@ -35,6 +35,9 @@ pub struct AgentConfig {
     /// scripted modes that do one thing) subscribes to nothing and leaves the address
     /// book the server holds for this TV as it is.
     pub presence: Option<PresenceSetup>,
+    /// Messages: where the TV keeps the ones it takes (`--data-dir/messages`); `None`
+    /// takes none (messages wait on the server for a TV that keeps them).
+    pub inbox: Option<super::inbox::Inbox>,
 }
 
 /// What a TV with presence watches, and where it keeps the viewer's settings.

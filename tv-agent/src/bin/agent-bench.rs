@@ -171,6 +171,7 @@ fn agent_config(server: &str, user: u64) -> AgentConfig {
         missed: MissedKeeping::Memory,
         transport: control_client::Transport::Plaintext,
         presence: None,
+        inbox: None,
     }
 }
 

@@ -8,6 +8,7 @@
 //!   type and SSRC (pure logic).
 //! - [`session`]: one call's media over the TV's UDP media socket.
 //! - [`srtp`]: SRTP/SRTCP at that socket's boundary, the call's keys and the key log.
+//! - [`voice_note`]: voice messages, recorded into and played from Ogg Opus files.
 
 pub mod audio;
 pub mod jitter;
@@ -15,6 +16,7 @@ pub mod router;
 pub mod rtp_header;
 pub mod session;
 pub mod srtp;
+pub mod voice_note;
 
 pub use audio::{open_sink, open_source, AudioSink, AudioSource, AudioSpec};
 pub use router::StreamKind;

@@ -157,6 +157,7 @@ impl Trust {
             missed: tv_agent::agent::MissedKeeping::Memory,
             transport: self.transport(&self.key(user).await),
             presence: None,
+            inbox: None,
         }
     }
 
