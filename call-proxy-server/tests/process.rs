@@ -319,3 +319,163 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
     );
     assert!(acked_set.len() > 1_000, "the callers made progress");
 }
+
+/// Messages under SIGKILL: four TVs keep leaving messages (texts, and voice messages with
+/// a body) for a switched-off TV over their transfer links while the server is killed
+/// at a random moment, five times. A sender whose answer was lost sends the same message
+/// again (same key) after the restart, as the agent does. In the end the TV lists every
+/// message whose `stored` was answered, each once, and every voice body byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_stored_before_a_sigkill_are_all_there_once_after_it() {
+    use common::messages::*;
+    use rand::Rng;
+    const KILLS: usize = 5;
+    const SENDERS: u64 = 4;
+    const VIEWER: UserId = 9200;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(TestDb::new(dir.path(), "messages"));
+    let port = free_port().unwrap();
+    let config = format!(
+        "requests_per_sec = 1000000\nrequest_burst = 1000000\nmailbox_messages = 100000\n\
+         mailbox_mb = 10000\nbody_dir = {:?}\n",
+        dir.path().join("bodies")
+    );
+    let start = |db: Arc<TestDb>, config: String| async move {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut cmd = common::serve_command(&db, "messages", &config, port);
+        let child = spawn_listening(&mut cmd, addr, Duration::from_secs(5))
+            .await
+            .expect("server listening");
+        Server { child, addr }
+    };
+    let mut server = start(Arc::clone(&db), config.clone()).await;
+    let tvs = Arc::new(Tvs::new(&db));
+    tvs.tv(server.addr, VIEWER, 4000).await.bye().await.unwrap();
+    let voice = Arc::new(fixture("voice.opus"));
+    let acked = Arc::new(Mutex::new(Vec::<MessageId>::new()));
+    // Each sender's message whose answer was lost: (key, with a body).
+    let mut unanswered: Vec<Option<(u64, bool)>> = vec![None; SENDERS as usize];
+    let mut rng = rand::rng();
+    /// Leaves one message (a voice message when `voice`), resuming its upload.
+    async fn leave(c: &mut common::Tv, key: u64, body: Option<&[u8]>) -> Option<MessageId> {
+        let reply = match body {
+            Some(b) => send_body(c, VIEWER, key, MessageKind::VOICE, b).await,
+            None => {
+                let text = format!("message {key:016x}");
+                c.request(message(VIEWER, key, MessageKind::TEXT, &text, None))
+                    .await
+            }
+        };
+        match reply {
+            Ok(Reply::MessageSent(MessageSent { message_id, .. })) => Some(message_id),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => None,
+        }
+    }
+    for round in 0..=KILLS {
+        let mut tasks = Vec::new();
+        let opened = Arc::new(tokio::sync::Barrier::new(SENDERS as usize + 1));
+        for (i, pending) in unanswered.iter_mut().enumerate() {
+            let (acked, tvs, opened, voice) = (
+                Arc::clone(&acked),
+                Arc::clone(&tvs),
+                Arc::clone(&opened),
+                Arc::clone(&voice),
+            );
+            let addr = server.addr;
+            let mut pending = pending.take();
+            let last = round == KILLS;
+            tasks.push(tokio::spawn(async move {
+                let user = 300 + i as u64;
+                let mut c = tvs.connect(addr, user).await;
+                open_transfer(&mut c, user).await;
+                opened.wait().await;
+                let mut n = 0u64;
+                loop {
+                    // A message carried over from the crash is the first one sent; the
+                    // last round only finishes those.
+                    if last && pending.is_none() {
+                        return None;
+                    }
+                    let (key, with_body) =
+                        *pending.get_or_insert_with(|| (rand::random(), n % 3 == 0));
+                    n += 1;
+                    let body = with_body.then_some(&voice[..]);
+                    match leave(&mut c, key, body).await {
+                        Some(id) => {
+                            acked.lock().unwrap().push(id);
+                            pending = None;
+                        }
+                        None => return pending,
+                    }
+                }
+            }));
+        }
+        tokio::time::timeout(Duration::from_secs(30), opened.wait())
+            .await
+            .expect("the senders connected in time");
+        if round < KILLS {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(100..500))).await;
+            server.kill();
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            unanswered[i] = t.await.unwrap();
+        }
+        if round < KILLS {
+            server = start(Arc::clone(&db), config.clone()).await;
+        }
+    }
+    assert!(unanswered.iter().all(Option::is_none));
+    // The viewer's TV lists everything, page by page, and fetches the voice bodies.
+    let mut c = tvs.connect(server.addr, VIEWER).await;
+    open_transfer(&mut c, VIEWER).await;
+    let mut listed = Vec::new();
+    let mut before = 0;
+    loop {
+        let page = match c
+            .request(Request::ListMessages { before, limit: 100 })
+            .await
+            .unwrap()
+        {
+            Reply::Messages(p) => p,
+            other => panic!("{other:?}"),
+        };
+        let Some(last) = page.messages.last() else {
+            break;
+        };
+        before = last.message_id;
+        listed.extend(page.messages);
+        if !page.more {
+            break;
+        }
+    }
+    let mut bodies = 0;
+    for m in &listed {
+        if let Some(b) = &m.body {
+            assert_eq!(fetch_body(&mut c, m.message_id, b.size).await, *voice);
+            bodies += 1;
+        }
+    }
+    let acked = acked.lock().unwrap().clone();
+    let acked_set: HashSet<MessageId> = acked.iter().copied().collect();
+    assert_eq!(
+        acked_set.len(),
+        acked.len(),
+        "one message id answered twice"
+    );
+    let listed_ids: Vec<MessageId> = listed.iter().map(|m| m.message_id).collect();
+    let listed_set: HashSet<MessageId> = listed_ids.iter().copied().collect();
+    assert_eq!(listed_set.len(), listed_ids.len(), "a message listed twice");
+    let lost = acked_set.difference(&listed_set).count();
+    let extra = listed_set.difference(&acked_set).count();
+    eprintln!(
+        "{KILLS} kills: {} messages answered stored ({bodies} with a voice body), {} listed, {lost} lost, {extra} stored but never answered",
+        acked_set.len(),
+        listed_set.len()
+    );
+    assert_eq!((lost, extra), (0, 0));
+    assert!(
+        bodies > 0 && acked_set.len() > 50,
+        "the senders made progress"
+    );
+}

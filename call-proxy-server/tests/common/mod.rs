@@ -11,6 +11,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod db;
+pub mod messages;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
