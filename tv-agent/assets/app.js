@@ -4,6 +4,10 @@
 // dial, green calls or answers, red hangs up or rejects.
 // A TV not activated yet shows only the activation screen (its code, from `activation`
 // events) until the agent starts; the stream then ends and the page starts over.
+// Messages: a tile with the unread count, a list (OK opens one in the viewer: a voice
+// message or clip plays, a picture fills the screen, a text is read; green calls the
+// sender back; Delete deletes it on the TV and the server), and after a call that did
+// not get through, an offer to leave a voice or text message.
 // The pure part (call state, missed-list merge, outcome texts) is TvLogic (logic.js); the
 // agent's words come from OUTCOMES (/outcomes.js). Both load before this file.
 "use strict";
@@ -24,6 +28,12 @@ const S = {
   link: { down: false, retryAt: 0 },
   call: L.idleCall(0),
   missed: [],
+  messages: [],
+  // The message open in the viewer (its id), and whom a message is being left for.
+  viewing: null,
+  leaveFor: null,
+  composeFor: null,
+  recording: false,
   contacts: [],
   // Each contact's and caller's presence word, as the agent's pushes last said.
   presence: new Map(),
@@ -176,6 +186,7 @@ function apply(ev) {
         S.hidden = !!st.hidden;
       }
       S.missed = ev.missed || [];
+      S.messages = L.mergeMessages([], ev.messages || []);
       S.contacts = ev.contacts || [];
       S.presence = new Map((ev.presence || []).map((p) => [p.user, p.state]));
       if (L.onCallScreen(S.call)) show("call", false);
@@ -205,11 +216,20 @@ function apply(ev) {
       S.call = L.nextCall(S.call, ev, Date.now());
       show("call");
       break;
+    case "messages":
+      S.messages = L.mergeMessages(S.messages, ev.messages);
+      if (ev.messages.length && S.screen !== "messages") {
+        const m = ev.messages[0];
+        toast(`New message from ${label(m.sender)}: ${L.messageSummary(m)}`, "info", m.sender);
+      }
+      break;
     case "cached":
+      offerMessage(ev);
       toast(`${tvOf(ev.callee)} is off. Your call is saved: they will see it when they switch it on.`, "info", ev.callee);
       if (L.reachable(stateOf(ev.callee)) || !S.presence.has(ev.callee)) S.presence.set(ev.callee, PRESENCE.OFFLINE);
       break;
     case "dial_failed":
+      offerMessage(ev);
       toast(L.dialFailedText(ev, label(ev.callee)), "bad", ev.callee);
       break;
     case "answered":
@@ -221,6 +241,7 @@ function apply(ev) {
       break;
     case "ended": {
       if (S.call.id !== ev.call_id) break;
+      offerMessage(ev);
       const now = Date.now();
       const t = L.endedToast(S.call, ev, label(ev.peer), now);
       toast(t.text, t.kind, ev.peer);
@@ -331,6 +352,15 @@ function back() {
     render();
     return;
   }
+  if (S.leaveFor !== null) {
+    S.leaveFor = null;
+    render(true);
+    return;
+  }
+  if (S.viewing !== null) {
+    closeViewer();
+    return;
+  }
   const prev = S.history.pop() || "home";
   S.screen = prev === "call" ? "home" : prev;
   render(true);
@@ -339,6 +369,8 @@ function back() {
 function layer() {
   if (!$("incoming").hidden) return $("incoming");
   if (!$("confirm").hidden) return $("confirm");
+  if (!$("leave").hidden) return $("leave");
+  if (!$("viewer").hidden) return $("viewer");
   return $(`screen-${S.screen}`);
 }
 
@@ -385,7 +417,7 @@ function activate(el) {
   if (!el) return;
   const d = el.dataset;
   if (d.go) return show(d.go);
-  if (d.call) return dial(Number(d.call));
+  if (d.call && !d.action) return dial(Number(d.call));
   if (d.digit !== undefined) return typeDigit(d.digit);
   switch (d.action) {
     case "back": return back();
@@ -407,6 +439,24 @@ function activate(el) {
       return send({ cmd: "hide", on: !S.hidden }).then(settingsAnswer);
     case "clear-missed":
       return ask("Clear the list of missed calls?", "Clear", clearMissed);
+    case "open-message": return openMessage(Number(d.message));
+    case "viewer-call": {
+      const m = viewed();
+      if (!m) return;
+      closeViewer();
+      return dial(m.sender);
+    }
+    case "viewer-replay": return playViewed();
+    case "viewer-delete": {
+      const m = viewed();
+      return m && ask(`Delete this message from ${label(m.sender)}?`, "Delete", () => deleteMessage(m.message_id));
+    }
+    case "leave-voice": return leaveVoice();
+    case "leave-text": {
+      const to = S.leaveFor;
+      S.leaveFor = null;
+      return compose(to);
+    }
     case "new-code":
       return request("POST", "/api/activation", { cmd: "new_code" }).then(failed);
     case "confirm-yes": {
@@ -442,6 +492,150 @@ function settingsAnswer(r) {
 
 function failed(r) {
   if (r && r.ok === false) toast(r.error || "That did not work.", "bad");
+}
+
+// ---- messages ----
+function viewed() {
+  return S.messages.find((m) => m.message_id === S.viewing) || null;
+}
+
+function openMessage(id) {
+  const m = S.messages.find((x) => x.message_id === id);
+  if (!m) return;
+  S.viewing = id;
+  if (!m.read) {
+    m.read = true;
+    send({ cmd: "read_message", id }).then(failed);
+  }
+  const body = `/api/messages/${id}/body`;
+  const img = $("viewer-img");
+  const video = $("viewer-video");
+  const audio = $("viewer-audio");
+  img.hidden = m.kind !== "picture";
+  video.hidden = m.kind !== "video";
+  audio.hidden = true;
+  $("viewer-playing").hidden = m.kind !== "voice";
+  if (m.kind === "picture") img.src = body;
+  if (m.kind === "video") video.src = body;
+  if (m.kind === "voice") audio.src = body;
+  render(true);
+  playViewed();
+}
+
+// Plays the open voice message or clip from its start (OK on "Play again").
+function playViewed() {
+  const m = viewed();
+  if (!m || (m.kind !== "voice" && m.kind !== "video")) return;
+  const el = m.kind === "voice" ? $("viewer-audio") : $("viewer-video");
+  el.currentTime = 0;
+  const p = el.play();
+  if (p && p.catch) p.catch((e) => toast(`Cannot play this message: ${e.message || e}`, "bad"));
+}
+
+function closeViewer() {
+  for (const id of ["viewer-audio", "viewer-video"]) {
+    const el = $(id);
+    el.pause();
+    el.removeAttribute("src");
+    el.load();
+  }
+  $("viewer-img").removeAttribute("src");
+  const id = S.viewing;
+  S.viewing = null;
+  render();
+  // Back on the message's row (or the first one, if it was deleted).
+  const row = document.querySelector(`[data-key="message-${id}"]`);
+  if (row) row.focus();
+  else focusFirst();
+}
+
+async function deleteMessage(id) {
+  const r = await send({ cmd: "delete_message", id });
+  if (!r.ok) return failed(r);
+  S.messages = S.messages.filter((m) => m.message_id !== id);
+  if (S.viewing === id) closeViewer();
+  toast(r.server === false ? "Deleted on this TV. The call service will drop its copy later." : "Message deleted.");
+  render();
+}
+
+// After a call that did not get through: offers to leave a message for the callee.
+function offerMessage(ev) {
+  const to = L.offersMessage(S.call, ev);
+  if (to === null || to === undefined || S.recording) return;
+  S.leaveFor = to;
+}
+
+const VOICE_SECONDS = 10;
+async function leaveVoice() {
+  const to = S.leaveFor;
+  S.leaveFor = null;
+  if (to === null) return;
+  S.recording = true;
+  toast(`Recording a ${VOICE_SECONDS}-second voice message for ${label(to)}… speak now.`, "info", to);
+  render(true);
+  const r = await send({ cmd: "send_message", to, voice_seconds: VOICE_SECONDS });
+  S.recording = false;
+  sentMessage(r, to);
+}
+
+function compose(to) {
+  S.composeFor = to;
+  show("compose");
+  $("compose-title").textContent = `Message for ${label(to)}`;
+  $("compose-text").value = "";
+  $("compose-error").textContent = "";
+  $("compose-text").focus();
+}
+
+async function sendComposed(ev) {
+  ev.preventDefault();
+  const text = $("compose-text").value.trim();
+  if (!text) {
+    $("compose-error").textContent = "Type a message first.";
+    return;
+  }
+  const to = S.composeFor;
+  const r = await send({ cmd: "send_message", to, text });
+  if (!r.ok) {
+    $("compose-error").textContent = r.error || "Could not send.";
+    return;
+  }
+  back();
+  sentMessage(r, to);
+}
+
+function sentMessage(r, to) {
+  if (r.ok) {
+    const note = r.outcome === "delivered" ? "they have it now" : "they will see it when they switch their TV on";
+    toast(`Message left for ${label(to)}: ${note}.`, "info", to);
+  } else {
+    toast(`The message was not sent: ${r.error || r.outcome}`, "bad", to);
+  }
+  render();
+}
+
+function messageRow(m, big) {
+  return `<li><button class="row focusable message${m.read ? "" : " unread"}" data-key="message-${m.message_id}" data-action="open-message" data-message="${m.message_id}" data-call="${m.sender}">
+    ${dot(m.sender)}<span class="who"><b>${esc(label(m.sender))}</b></span>
+    <span class="what">${esc(L.messageSummary(m))}</span>
+    <span class="when">${esc(when(new Date(m.sent_ms).toISOString()))}</span>
+    ${big ? `<span class="act">OK: open</span>` : ""}</button></li>`;
+}
+
+function renderMessages() {
+  const rows = windowed(S.messages, (m) => m.message_id, MAX_LIST_ROWS);
+  $("messages-list").innerHTML = S.messages.length ? rows.map((m) => messageRow(m, true)).join("") : `<li class="empty">No messages.</li>`;
+}
+
+function renderViewer() {
+  const m = viewed();
+  $("viewer").hidden = !m || S.call.state === CALL.RINGING_IN;
+  if (!m) return;
+  $("viewer-from").textContent = `From ${label(m.sender)}`;
+  $("viewer-when").textContent = `${when(new Date(m.sent_ms).toISOString())} · ${L.messageSummary(m)}`;
+  $("viewer-text").textContent = m.text || "";
+  $("viewer-playing").textContent = m.kind === "voice" ? `Voice message${m.duration_ms ? ` · ${mmss(m.duration_ms)}` : ""}` : "";
+  $("viewer-replay").hidden = m.kind !== "voice" && m.kind !== "video";
 }
 
 function typeDigit(d) {
@@ -514,6 +708,11 @@ function onKey(e) {
     if (S.call.state === CALL.RINGING_IN) return void send({ cmd: "answer" }).then(failed);
     if (!L.isIdle(S.call)) return;
     const el = document.activeElement;
+    const open = viewed();
+    if (open) {
+      closeViewer();
+      return void dial(open.sender);
+    }
     if (S.screen === "dial") return void dial(Number(S.dial));
     if (el && el.dataset && el.dataset.call) return void dial(Number(el.dataset.call));
     return void show("dial");
@@ -539,7 +738,8 @@ function onKey(e) {
     e.preventDefault();
     return activate(document.activeElement);
   }
-  if (/^[0-9]$/.test(k) && !inInput && !incoming && L.isIdle(S.call) && $("confirm").hidden) {
+  const overlay = !$("confirm").hidden || !$("viewer").hidden || !$("leave").hidden;
+  if (/^[0-9]$/.test(k) && !inInput && !incoming && L.isIdle(S.call) && !overlay) {
     e.preventDefault();
     if (S.screen !== "dial") {
       S.dial = "";
@@ -586,6 +786,10 @@ function renderHome() {
   $("badge").dataset.count = String(n);
   $("badge-note").textContent = S.missed.length ? `${S.missed.length} since the TV was switched on` : "None";
   $("contacts-count").textContent = String(S.contacts.length);
+  const unread = L.unreadCount(S.messages);
+  $("msg-badge").textContent = String(unread);
+  $("msg-badge").dataset.count = String(unread);
+  $("msg-note").textContent = S.messages.length ? `${unread} unread of ${S.messages.length}` : "None";
   const recent = [...S.missed].reverse().slice(0, MAX_HOME_ROWS);
   $("home-missed").innerHTML = recent.length ? recent.map((m) => missedRow(m, false)).join("") : `<li class="empty">No missed calls.</li>`;
   const cs = S.contacts.slice(0, MAX_HOME_ROWS);
@@ -704,6 +908,7 @@ function render(screenChanged = false) {
   renderChrome();
   if (S.screen === "home") renderHome();
   if (S.screen === "missed") renderMissed();
+  if (S.screen === "messages") renderMessages();
   if (S.screen === "contacts") renderContacts();
   if (S.screen === "dial") renderDial();
   if (S.screen === "activate") renderActivate();
@@ -715,6 +920,9 @@ function render(screenChanged = false) {
     $("incoming-peer").textContent = label(S.call.peer);
     $("incoming-number").textContent = nameOf(S.call.peer) ? `TV ${S.call.peer}` : "";
   }
+  renderViewer();
+  $("leave").hidden = ringing || S.leaveFor === null;
+  if (S.leaveFor !== null) $("leave-text").textContent = `${tvOf(S.leaveFor)} did not answer. Leave a message?`;
   $("confirm").hidden = ringing || S.confirm === null;
   if (S.confirm !== null) {
     $("confirm-text").textContent = S.confirm.text;
@@ -734,6 +942,7 @@ function render(screenChanged = false) {
 document.addEventListener("keydown", onKey);
 document.addEventListener("DOMContentLoaded", () => {
   $("edit-form").addEventListener("submit", saveContact);
+  $("compose-form").addEventListener("submit", sendComposed);
   render(true);
   connect();
   // Call timer, reconnect countdown and clock.

@@ -8,7 +8,13 @@
 //! `{"cmd":"missed"}`, `{"cmd":"clear_missed"}`, `{"cmd":"status"}`, `{"cmd":"power_off"}`,
 //! and for presence `{"cmd":"presence"}` (the watched users' states as last pushed),
 //! `{"cmd":"dnd","on":true}` (do not disturb) and `{"cmd":"hide","on":true}` (hide my
-//! state); both answer with the settings as they are now.
+//! state); both answer with the settings as they are now. Messages (a TV that keeps
+//! them): `{"cmd":"messages"}` (the kept ones, newest first), `{"cmd":"read_message",
+//! "id":7}`, `{"cmd":"delete_message","id":7}` (on the server and here; `server: false`
+//! if the server could not be reached) and `{"cmd":"send_message","to":2002,"text":"…"}`
+//! or `{"cmd":"send_message","to":2002,"voice_seconds":10}` (recorded from the TV's
+//! audio source), answered with `message_id` and `outcome` (`stored`, `delivered`) or,
+//! refused, `ok: false` with the `outcome` word (`too_large`, `quota_exceeded`, …).
 //!
 //! The on-screen UI ([`crate::ui`]) sends the same commands over HTTP through
 //! [`execute`].
@@ -21,34 +27,59 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shared_proto::UserId;
+use shared_proto::{MessageId, UserId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
+use crate::agent::messenger::{Leave, Messenger};
 use crate::agent::{netstate, Agent, DialResult, PresenceChange, PresenceWord};
 
-/// Longest command line accepted.
-const MAX_LINE: usize = 4096;
+/// Longest command line accepted (a 2,000-character text message fits).
+const MAX_LINE: usize = 16 * 1024;
 
 /// A command from a client.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 enum Command {
-    Dial { to: UserId },
+    Dial {
+        to: UserId,
+    },
     Answer,
     Reject,
     Hangup,
-    Mute { muted: bool },
-    Query { users: Vec<UserId> },
+    Mute {
+        muted: bool,
+    },
+    Query {
+        users: Vec<UserId>,
+    },
     Missed,
     ClearMissed,
     Status,
     PowerOff,
     Presence,
-    Dnd { on: bool },
-    Hide { on: bool },
+    Dnd {
+        on: bool,
+    },
+    Hide {
+        on: bool,
+    },
+    Messages,
+    ReadMessage {
+        id: MessageId,
+    },
+    DeleteMessage {
+        id: MessageId,
+    },
+    SendMessage {
+        to: UserId,
+        #[serde(default)]
+        text: Option<String>,
+        #[serde(default)]
+        voice_seconds: Option<f64>,
+    },
 }
 
 /// The commands being answered now, so the daemon can let a client's `power_off` be
@@ -214,6 +245,50 @@ pub async fn execute(agent: &Agent, line: &str) -> Value {
             )
             .await
         }
+        Command::Messages
+        | Command::ReadMessage { .. }
+        | Command::DeleteMessage { .. }
+        | Command::SendMessage { .. } => match agent.messenger() {
+            Some(m) => message_command(m, cmd).await,
+            None => json!({"ok": false, "error": "this TV keeps no messages"}),
+        },
+    }
+}
+
+async fn message_command(m: &Messenger, cmd: Command) -> Value {
+    match cmd {
+        Command::Messages => json!({"ok": true, "messages": m.list().await}),
+        Command::ReadMessage { id } => match m.mark_read(id).await {
+            Ok(true) => json!({"ok": true}),
+            Ok(false) => json!({"ok": false, "error": format!("no message {id}")}),
+            Err(e) => json!({"ok": false, "error": e}),
+        },
+        Command::DeleteMessage { id } => match m.delete(id).await {
+            Ok(server) => json!({"ok": true, "server": server}),
+            Err(e) => json!({"ok": false, "error": e}),
+        },
+        Command::SendMessage {
+            to,
+            text,
+            voice_seconds,
+        } => {
+            let what = match (text, voice_seconds) {
+                (Some(t), None) => Leave::Text(t),
+                (None, Some(s)) if s.is_finite() && s > 0.0 => {
+                    Leave::Voice(Duration::from_secs_f64(s.min(3_600.0)))
+                }
+                _ => {
+                    return json!({"ok": false, "error": "send_message takes a text or voice_seconds above 0"})
+                }
+            };
+            match m.leave(to, what).await {
+                Ok(left) => {
+                    json!({"ok": true, "message_id": left.message_id, "outcome": left.outcome})
+                }
+                Err((outcome, error)) => json!({"ok": false, "outcome": outcome, "error": error}),
+            }
+        }
+        _ => json!({"ok": false, "error": "not a message command"}),
     }
 }
 

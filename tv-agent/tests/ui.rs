@@ -677,3 +677,170 @@ async fn losing_the_server_shows_reconnecting_and_recovers() {
     drop(tv);
     srv.stop().await;
 }
+
+/// A voice message and a picture left for a switched-off TV (with `tv-agent send`, the
+/// voice message recorded from a 440 Hz tone) are on its messages screen at power-on:
+/// the home tile counts them unread; OK on the picture shows it full-screen at its size,
+/// OK on the voice message plays it to its end; a message deleted with the remote is
+/// gone from the TV and from the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_left_for_a_switched_off_tv_are_shown_played_and_deleted_with_the_remote() {
+    use call_proxy_server::storage::Store;
+    const SENDER: u64 = 1001;
+    const VIEWER: u64 = 2002;
+    let driver = Driver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db"),
+    )
+    .await;
+    switch_on_once(&srv, VIEWER).await;
+    let sender_dir = dir.path().join("sender");
+    srv.tv_dir(SENDER, &sender_dir).await;
+    let picture = dir.path().join("garden.png");
+    let made = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=640x480",
+            "-frames:v",
+            "1",
+        ])
+        .arg(&picture)
+        .status()
+        .expect("ffmpeg is installed (scripts/setup.sh installs it)");
+    assert!(made.success());
+    let addr = srv.addr.to_string();
+    let data = sender_dir.to_str().unwrap();
+    let mut ids = Vec::new();
+    for body in [
+        vec!["--voice", "tone:440", "--seconds", "3"],
+        vec![
+            "--picture",
+            picture.to_str().unwrap(),
+            "--caption",
+            "The garden",
+        ],
+    ] {
+        let mut args = vec![
+            "send",
+            "--server",
+            &addr,
+            "--data-dir",
+            data,
+            "--to",
+            "2002",
+        ];
+        args.extend(body);
+        let (code, lines, stderr) = run_agent(&args);
+        assert_eq!(code, 0, "{lines:?} {stderr}");
+        assert_eq!(lines[0]["outcome"], "stored");
+        ids.push(lines[0]["message_id"].as_u64().unwrap());
+    }
+    let (voice_id, picture_id) = (ids[0], ids[1]);
+
+    // Power-on: both messages, unread.
+    let tv = Tv::start(&srv, VIEWER, &dir.path().join("viewer"), "tone:440").await;
+    let s = Screen::open(&driver, "viewer", &tv).await;
+    s.wait(
+        "two unread messages on the home tile",
+        "document.getElementById('msg-badge').textContent === '2'",
+    )
+    .await;
+    s.shot("home-messages").await;
+    assert_eq!(s.focused().await, "tile-missed");
+    s.press(&[RIGHT, OK]).await;
+    s.wait(
+        "the messages screen",
+        "document.body.dataset.screen === 'messages'",
+    )
+    .await;
+    assert_eq!(
+        s.focused().await,
+        format!("message-{picture_id}"),
+        "newest first"
+    );
+    let rows = s.text("messages-list").await;
+    assert!(
+        rows.contains("Picture") && rows.contains("Voice message"),
+        "{rows}"
+    );
+    s.shot("messages").await;
+
+    // The picture, full-screen, at its own size.
+    s.press(&[OK]).await;
+    s.wait(
+        "the picture shown",
+        "(() => { const i = document.getElementById('viewer-img'); return !i.hidden && i.complete && i.naturalWidth === 640 && i.naturalHeight === 480; })()",
+    )
+    .await;
+    assert!(s.text("viewer-text").await.contains("The garden"));
+    s.shot("message-picture").await;
+    s.press(&[BACK]).await;
+    s.wait(
+        "the viewer closed",
+        "document.getElementById('viewer').hidden",
+    )
+    .await;
+
+    // The voice message plays to its end (3 s).
+    s.press(&[DOWN]).await;
+    assert_eq!(s.focused().await, format!("message-{voice_id}"));
+    s.press(&[OK]).await;
+    s.wait(
+        "the voice message playing",
+        "(() => { const a = document.getElementById('viewer-audio'); return !a.paused && a.currentTime > 0.2; })()",
+    )
+    .await;
+    s.shot("message-voice").await;
+    s.wait(
+        "the voice message played to its end",
+        "(() => { const a = document.getElementById('viewer-audio'); return a.ended && Math.abs(a.duration - 3) < 0.1; })()",
+    )
+    .await;
+    s.press(&[BACK]).await;
+    s.wait(
+        "both read",
+        "document.querySelectorAll('#messages-list .unread').length === 0",
+    )
+    .await;
+
+    // Deleted with the remote: Delete in the viewer, then yes.
+    assert_eq!(
+        srv.shared().store.mailbox(VIEWER).await.unwrap().messages,
+        2
+    );
+    s.press(&[OK]).await;
+    s.wait(
+        "the viewer open",
+        "!document.getElementById('viewer').hidden",
+    )
+    .await;
+    s.press(&[RIGHT, RIGHT]).await;
+    assert_eq!(s.focused().await, "viewer-delete");
+    s.press(&[OK]).await;
+    s.wait("the question", "!document.getElementById('confirm').hidden")
+        .await;
+    s.press(&[OK]).await;
+    s.wait(
+        "one message left",
+        "document.querySelectorAll('#messages-list .message').length === 1",
+    )
+    .await;
+    let left = srv.shared().store.mailbox(VIEWER).await.unwrap();
+    assert_eq!(left.messages, 1, "deleted on the server too: {left:?}");
+    let kept: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("viewer/messages/messages.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(kept.as_array().unwrap().len(), 1);
+    assert_eq!(kept[0]["message_id"], picture_id, "the voice message went");
+    s.client.clone().close().await.unwrap();
+    drop(tv);
+    srv.stop().await;
+}

@@ -140,3 +140,33 @@ test("the page's scripts spell no agent word themselves", () => {
     }
   }
 });
+
+test("messages merge newest first, once each, and count the unread", () => {
+  const m = (id, extra) => Object.assign({ message_id: id, kind: "text", text: `t${id}`, read: false }, extra);
+  let list = L.mergeMessages([], [m(2), m(1)]);
+  list = L.mergeMessages(list, [m(3), m(2, { text: "again" })]);
+  assert.deepEqual(list.map((x) => x.message_id), [3, 2, 1]);
+  assert.equal(list[1].text, "t2", "a message fetched again is not replaced");
+  assert.equal(L.unreadCount(list), 3);
+  assert.equal(L.unreadCount([m(1, { read: true }), m(2)]), 1);
+});
+
+test("a message is summed up in one line", () => {
+  assert.equal(L.messageSummary({ kind: "voice", duration_ms: 3000, text: "" }), "Voice message · 0:03");
+  assert.equal(L.messageSummary({ kind: "picture", width: 640, height: 480, text: "the beach" }), "Picture · 640×480 · “the beach”");
+  assert.equal(L.messageSummary({ kind: "video", duration_ms: 61000, text: "" }), "Video · 1:01");
+  const long = "word ".repeat(40);
+  const s = L.messageSummary({ kind: "text", text: long });
+  assert.ok(s.length === 60 && s.endsWith("…"), s);
+});
+
+test("leaving a message is offered after a cached, busy, unanswered or rejected call", () => {
+  const ringingOut = { state: CALL.RINGING_OUT, id: 9, peer: 2002, since: 0, muted: false };
+  const inCall = Object.assign({}, ringingOut, { state: CALL.IN_CALL });
+  assert.equal(L.offersMessage(L.idleCall(0), { event: "cached", callee: 2002, call_id: 9 }), 2002);
+  assert.equal(L.offersMessage(L.idleCall(0), { event: "dial_failed", callee: 2002, outcome: DIAL.BUSY }), 2002);
+  assert.equal(L.offersMessage(L.idleCall(0), { event: "dial_failed", callee: 2002, outcome: DIAL.UNKNOWN_USER }), null);
+  assert.equal(L.offersMessage(ringingOut, { event: "ended", call_id: 9, peer: 2002, outcome: END.NO_ANSWER }), 2002);
+  assert.equal(L.offersMessage(ringingOut, { event: "ended", call_id: 9, peer: 2002, outcome: END.REJECTED }), 2002);
+  assert.equal(L.offersMessage(inCall, { event: "ended", call_id: 9, peer: 2002, outcome: END.HUNG_UP_BY_PEER }), null);
+});

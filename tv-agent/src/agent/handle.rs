@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::core::Core;
 use super::events::AgentEvent;
 use super::media_socket::bind_media;
+use super::messenger::Messenger;
 use super::missed::MissedList;
 use super::types::{
     AgentConfig, AgentError, DialResult, MissedCall, PresenceChange, PresenceSettings, Status,
@@ -46,6 +47,8 @@ pub struct Agent {
     events: broadcast::Sender<AgentEvent>,
     /// The bound media socket's address.
     media_addr: SocketAddr,
+    /// Messages, for a TV that keeps them ([`AgentConfig::inbox`]).
+    messenger: Option<Messenger>,
 }
 
 impl Agent {
@@ -60,6 +63,11 @@ impl Agent {
         let media_port = cfg.advertise_port.unwrap_or(media_addr.port());
         let mut link_cfg = LinkConfig::new(cfg.server.clone(), cfg.user, media_port);
         link_cfg.transport = cfg.transport.clone();
+        let messenger = cfg.inbox.clone().map(|inbox| {
+            let mut transfer = LinkConfig::new(cfg.server.clone(), cfg.user, 0);
+            transfer.transport = cfg.transport.clone();
+            Messenger::new(transfer, inbox, cfg.audio_in.clone())
+        });
         let (link, link_events) = link::spawn(link_cfg);
         let (events, first) = broadcast::channel(1024);
         let (cmds, cmd_rx) = mpsc::channel(64);
@@ -77,6 +85,7 @@ impl Agent {
                 cmds,
                 events,
                 media_addr,
+                messenger,
             },
             first,
         ))
@@ -85,6 +94,11 @@ impl Agent {
     /// The bound media socket address.
     pub fn media_addr(&self) -> SocketAddr {
         self.media_addr
+    }
+
+    /// The TV's messages, if it keeps them.
+    pub fn messenger(&self) -> Option<&Messenger> {
+        self.messenger.as_ref()
     }
 
     /// A new subscription to events from now on.

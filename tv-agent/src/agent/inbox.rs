@@ -101,6 +101,20 @@ impl Inbox {
         m.file.as_deref().map(|f| self.dir.join(f))
     }
 
+    /// Removes messages from the list and their bodies from the directory (here only).
+    pub fn remove(&self, ids: &[MessageId]) -> std::io::Result<()> {
+        let mut list = self.load()?;
+        let (gone, keep): (Vec<_>, Vec<_>) =
+            list.drain(..).partition(|m| ids.contains(&m.message_id));
+        self.save(&keep)?;
+        for m in gone {
+            if let Some(p) = self.body_path(&m) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        Ok(())
+    }
+
     /// Marks a message opened.
     pub fn mark_read(&self, id: MessageId) -> std::io::Result<bool> {
         let mut list = self.load()?;
@@ -230,19 +244,8 @@ pub async fn delete(
     let n = link.delete(ids).await?;
     let inbox = inbox.clone();
     let ids = ids.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let mut list = inbox.load()?;
-        let (gone, keep): (Vec<_>, Vec<_>) =
-            list.drain(..).partition(|m| ids.contains(&m.message_id));
-        inbox.save(&keep)?;
-        for m in gone {
-            if let Some(p) = inbox.body_path(&m) {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await
-    .map_err(|e| TransferError::Link(e.to_string()))??;
+    tokio::task::spawn_blocking(move || inbox.remove(&ids))
+        .await
+        .map_err(|e| TransferError::Link(e.to_string()))??;
     Ok(n)
 }

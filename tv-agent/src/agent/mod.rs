@@ -17,6 +17,7 @@
 //! - [`media_socket`]: binding the UDP media socket.
 //! - [`inbox`]: the messages kept on the TV and how waiting ones are taken in.
 //! - [`transfer`]: the transfer link that carries messages and their bodies.
+//! - [`messenger`]: what the viewer does with messages (open, delete, leave one).
 
 pub mod call;
 mod core;
@@ -24,6 +25,7 @@ pub mod events;
 mod handle;
 pub mod inbox;
 pub mod media_socket;
+pub mod messenger;
 pub mod missed;
 pub mod presence;
 #[cfg(test)]

@@ -13,6 +13,9 @@
 //!   through [`api::execute`], so the UI acts through the same API as other clients.
 //! - `GET /api/contacts`, `PUT /api/contacts/{user}` (`{"name":"Gran"}`),
 //!   `DELETE /api/contacts/{user}`: the address book.
+//! - `GET /api/messages/{id}/body`: a kept message's body (voice message, picture or
+//!   clip) from the TV's inbox, streamed with its MIME type, for the page to play or
+//!   show; the snapshot carries the kept messages, `messages` events the new ones.
 //!
 //! Presence is pushed: the agent subscribes to the address book and the missed callers
 //! and streams each change as it comes (no polling); a change to the book here is given
@@ -43,7 +46,7 @@ use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shared_proto::UserId;
+use shared_proto::{MessageId, UserId};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch, Mutex, Notify};
 
@@ -145,6 +148,7 @@ impl UiServer {
                 "/api/contacts/{user}",
                 put(set_contact).delete(remove_contact),
             )
+            .route("/api/messages/{id}/body", get(message_body))
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .layer(middleware::from_fn(same_origin_only))
             .with_state(Arc::clone(&ui));
@@ -179,7 +183,7 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
             (header::CACHE_CONTROL, "no-cache"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; script-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'",
+                "default-src 'self'; script-src 'self'; img-src 'self' data:; media-src 'self'; object-src 'none'; frame-ancestors 'none'",
             ),
         ],
         body,
@@ -328,6 +332,44 @@ async fn activation_command(
     }
 }
 
+/// A kept message's body, streamed from the inbox (only files the list names).
+async fn message_body(State(ui): State<Arc<Ui>>, Path(id): Path<MessageId>) -> Response {
+    let Some(m) = ui.agent.get().and_then(|a| a.messenger()) else {
+        return (StatusCode::NOT_FOUND, "this TV keeps no messages").into_response();
+    };
+    let kept = m.list().await.into_iter().find(|k| k.message_id == id);
+    let Some((path, mime)) = kept.and_then(|k| {
+        let mime = k
+            .mime
+            .clone()
+            .unwrap_or_else(|| "application/octet-stream".into());
+        m.inbox().body_path(&k).map(|p| (p, mime))
+    }) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("message {id} has no body here"),
+        )
+            .into_response();
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return (StatusCode::NOT_FOUND, format!("message {id}: {e}")).into_response();
+        }
+    };
+    let len = file.metadata().await.map(|md| md.len()).unwrap_or(0);
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    (
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CACHE_CONTROL, "private, max-age=3600".to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 async fn list_contacts(State(ui): State<Arc<Ui>>) -> Json<Value> {
     Json(json!({"ok": true, "contacts": ui.contacts.lock().await.list()}))
 }
@@ -358,10 +400,15 @@ impl Ui {
     async fn snapshot(&self, agent: &Agent) -> Value {
         let status = agent.status().await;
         let missed = agent.missed().await;
+        let messages = match agent.messenger() {
+            Some(m) => m.list().await,
+            None => Vec::new(),
+        };
         json!({
             "event": "snapshot",
             "status": status,
             "missed": missed,
+            "messages": messages,
             "contacts": self.contacts.lock().await.list(),
             "presence": api::presence_json(&agent.presence().await),
         })

@@ -46,6 +46,8 @@ impl Driver {
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--disable-background-networking", "--disable-extensions", "--no-first-run",
                     "--hide-scrollbars", "--force-device-scale-factor=1", "--lang=en-US",
+                    // Voice messages and clips play when opened with the remote.
+                    "--autoplay-policy=no-user-gesture-required",
                     format!("--window-size={width},{height}"),
                 ],
             }),
