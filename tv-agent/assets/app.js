@@ -241,12 +241,13 @@ function apply(ev) {
       break;
     case "ended": {
       if (S.call.id !== ev.call_id) break;
-      offerMessage(ev);
+      const before = S.call;
       const now = Date.now();
       const t = L.endedToast(S.call, ev, label(ev.peer), now);
       toast(t.text, t.kind, ev.peer);
       S.call = L.nextCall(S.call, ev, now);
       if (S.screen === "call") back();
+      offerMessage(ev, before);
       break;
     }
     case "missed_cleared":
@@ -559,8 +560,8 @@ async function deleteMessage(id) {
 }
 
 // After a call that did not get through: offers to leave a message for the callee.
-function offerMessage(ev) {
-  const to = L.offersMessage(S.call, ev);
+function offerMessage(ev, call = S.call) {
+  const to = L.offersMessage(call, ev);
   if (to === null || to === undefined || S.recording) return;
   S.leaveFor = to;
 }
@@ -721,6 +722,7 @@ function onKey(e) {
     if (inInput && k === "Backspace" && e.target.value) return; // deleting typed text
     e.preventDefault();
     if (incoming) return void send({ cmd: "reject" }).then(failed);
+    if (!$("leave").hidden || !$("viewer").hidden) return back();
     if (S.screen === "dial" && S.dial && $("confirm").hidden) {
       S.dial = S.dial.slice(0, -1);
       return render();

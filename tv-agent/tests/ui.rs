@@ -234,7 +234,15 @@ async fn missed_call_call_back_answer_and_hang_up_with_the_remote() {
     )
     .await;
     assert!(a.text("toast").await.starts_with("TV 2002 is off."));
+    a.wait(
+        "the offer to leave a message",
+        "!document.getElementById('leave').hidden",
+    )
+    .await;
     a.shot("dial-offline-cached").await;
+    a.press(&[BACK]).await; // No message this time.
+    a.wait("the offer gone", "document.getElementById('leave').hidden")
+        .await;
     a.press(&[BACK]).await; // Back with the number still there deletes a digit …
     a.press(&[BACK, BACK, BACK, BACK]).await; // … and on an empty pad goes home.
     a.wait("home", "document.body.dataset.screen === 'home'")
@@ -395,8 +403,8 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     let tv = Tv::start(&srv, 1001, &data, "null").await;
     let a = Screen::open(&driver, "A", &tv).await;
 
-    // Home → Contacts (Right twice, OK) → Add → name, Down, number, OK.
-    a.press(&[RIGHT, RIGHT, OK]).await;
+    // Home → Contacts (Right three times, OK) → Add → name, Down, number, OK.
+    a.press(&[RIGHT, RIGHT, RIGHT, OK]).await;
     a.wait("contacts", "document.body.dataset.screen === 'contacts'")
         .await;
     assert_eq!(a.focused().await, "add-contact");
@@ -499,6 +507,13 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     assert_eq!(a.focused().await, "contact-3003");
     a.press(&[green()]).await;
     a.wait("the busy message", "document.getElementById('toast').textContent === 'Gran is in another call. Try again later.'").await;
+    // She can be left a message instead; not this time.
+    a.wait(
+        "the offer to leave a message",
+        "!document.getElementById('leave').hidden",
+    )
+    .await;
+    a.press(&[BACK]).await;
     other.hang_up().await.unwrap();
     // A TV that rings out unanswered (the test server rings for 3 s): "did not answer".
     a.press(&['4', '0', '0', '4', green()]).await;
@@ -508,6 +523,12 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
     )
     .await;
     a.wait("no answer", "document.getElementById('toast').textContent === 'TV 4004 did not answer.' && document.body.dataset.call === 'idle'").await;
+    a.wait(
+        "the offer to leave a message",
+        "!document.getElementById('leave').hidden && document.getElementById('leave-text').textContent.includes('TV 4004')",
+    )
+    .await;
+    a.press(&[BACK]).await;
     other.power_off().await;
 
     // The TV restarts: the book is still there, on the home screen too.
@@ -556,7 +577,7 @@ async fn contacts_are_edited_with_the_remote_and_kept_across_restarts() {
         .await;
 
     // Rename it: Contacts → Down to its row → Right to Edit → OK; the form is filled in.
-    a.press(&[RIGHT, RIGHT, OK]).await;
+    a.press(&[RIGHT, RIGHT, RIGHT, OK]).await;
     a.wait("contacts", "document.body.dataset.screen === 'contacts'")
         .await;
     a.press(&[DOWN, RIGHT]).await;
@@ -663,7 +684,7 @@ async fn losing_the_server_shows_reconnecting_and_recovers() {
     s.wait("missed calls", "document.body.dataset.screen === 'missed'")
         .await;
     s.assert_inside_safe_area().await;
-    s.press(&[BACK, RIGHT, RIGHT, OK]).await;
+    s.press(&[BACK, RIGHT, RIGHT, RIGHT, OK]).await;
     s.wait("contacts", "document.body.dataset.screen === 'contacts'")
         .await;
     s.assert_inside_safe_area().await;
@@ -842,5 +863,75 @@ async fn messages_left_for_a_switched_off_tv_are_shown_played_and_deleted_with_t
     assert_eq!(kept[0]["message_id"], picture_id, "the voice message went");
     s.client.clone().close().await.unwrap();
     drop(tv);
+    srv.stop().await;
+}
+
+/// After a call to a switched-off TV is cached, the caller is offered to leave a message:
+/// OK on "Voice message" records one from the TV's audio source and leaves it; "Text
+/// message" opens a form whose text is left. Both wait on the server for the TV.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_leaves_a_voice_and_a_text_message_for_a_switched_off_tv() {
+    use call_proxy_server::storage::Store;
+    let driver = Driver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("db"),
+    )
+    .await;
+    switch_on_once(&srv, 2002).await;
+    let tv_a = Tv::start(&srv, 1001, &dir.path().join("tv-a"), "tone:440").await;
+    let a = Screen::open(&driver, "A", &tv_a).await;
+    a.wait(
+        "online",
+        "document.getElementById('link').dataset.state === 'connected'",
+    )
+    .await;
+    let offered = "!document.getElementById('leave').hidden";
+    a.press(&['2', '0', '0', '2', green()]).await;
+    a.wait("the offer to leave a message", offered).await;
+    assert!(a.text("leave-text").await.contains("TV 2002"));
+    assert_eq!(a.focused().await, "leave-voice");
+    a.press(&[OK]).await;
+    a.wait(
+        "the voice message left",
+        "document.getElementById('toast').textContent.startsWith('Message left for TV 2002')",
+    )
+    .await;
+    let mailbox = srv.shared().store.mailbox(2002).await.unwrap();
+    assert_eq!((mailbox.waiting, mailbox.messages), (1, 1), "{mailbox:?}");
+    assert!(mailbox.bytes > 10_000, "a 10 s voice message: {mailbox:?}");
+
+    a.press(&[green()]).await; // still on the dial pad with 2002
+    a.wait("the offer again", offered).await;
+    a.press(&[RIGHT, OK]).await;
+    a.wait(
+        "the message form",
+        "document.body.dataset.screen === 'compose'",
+    )
+    .await;
+    assert_eq!(a.focused().await, "compose-text");
+    a.press(&"Back at six".chars().collect::<Vec<_>>()).await;
+    a.shot("leave-a-text").await;
+    a.press(&[OK]).await;
+    a.wait(
+        "the text left",
+        "document.getElementById('toast').textContent.startsWith('Message left for TV 2002')",
+    )
+    .await;
+    assert_eq!(srv.shared().store.mailbox(2002).await.unwrap().messages, 2);
+    let rows = srv
+        .shared()
+        .store
+        .messages(call_proxy_server::storage::message::MessageQuery::Waiting {
+            recipient: 2002,
+            before: 0,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows[0].text, "Back at six");
+    a.client.clone().close().await.unwrap();
+    drop(tv_a);
     srv.stop().await;
 }
