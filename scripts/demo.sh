@@ -6,8 +6,10 @@
 #   TV 1001 calls TV 2002 while 2002 is off (the call is cached); 2002 powers on and
 #   shows the missed call with 1001's current state; 2002 calls 1001 back; a few seconds
 #   of two-way audio (a 440 Hz tone one way, 1000 Hz the other); hang-up; another call
-#   to 2002 while it is off, which its on-screen UI shows at power-on (a headless Chromium
-#   screenshot); the call log and statistics through the operator's admin API.
+#   to 2002 while it is off, and a voice message and a picture left for it, which its
+#   on-screen UI shows at power-on (headless Chromium screenshots of the home screen, the
+#   messages screen and the picture opened); the call log, messages and statistics
+#   through the operator's admin API.
 # Usage: bash scripts/demo.sh [DATA_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,6 +93,11 @@ done
 step "TV 1001 calls 2002 again; 2002 is off, so the call is cached"
 "$bin/tv-agent" call $(tv 1001) --to 2002 --audio-in tone:440 --audio-out null || true
 
+step "TV 1001 leaves 2002 a voice message (3 s recorded from a 440 Hz tone, Ogg Opus) and a picture"
+"$bin/tv-agent" send $(tv 1001) --to 2002 --voice tone:440 --seconds 3
+ffmpeg -v error -y -f lavfi -i testsrc=size=640x480 -frames:v 1 "$data/garden.png"
+"$bin/tv-agent" send $(tv 1001) --to 2002 --picture "$data/garden.png" --caption "Our garden today"
+
 ui_port=$(free_port 17602)
 step "TV 2002 powers on as the TV daemon with its on-screen UI on http://127.0.0.1:$ui_port/"
 "$bin/tv-agent" run $(tv 2002) --audio-in null --audio-out null \
@@ -98,17 +105,33 @@ step "TV 2002 powers on as the TV daemon with its on-screen UI on http://127.0.0
   2>"$data/tv-2002.log" &
 tv_pid=$!
 wait_for_port "$ui_port"
+# The daemon takes its messages in at power-on: both bodies saved before it acknowledges.
+for _ in $(seq 1 100); do
+  [ "$(ls "$data/tv-2002/messages" 2>/dev/null | grep -cv '\.part$\|messages.json')" -ge 2 ] && break
+  sleep 0.1
+done
 sleep 1
-shot="$data/tv-2002-screen.png"
-timeout 60 chromium --headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --hide-scrollbars \
-  --no-first-run --disable-background-networking --window-size=1920,1080 \
-  --timeout=3000 --screenshot="$shot" "http://127.0.0.1:$ui_port/" >/dev/null 2>&1 || true
-if [ -s "$shot" ]; then
-  echo "The TV's screen (missed-call badge, the call from 1001, 1001's state): $shot"
-else
-  echo "(no screenshot: chromium did not run)"
-fi
+# A screenshot of the TV's screen at PAGE (a deep link: "", "#messages", "#message/ID").
+screen() {
+  timeout 60 chromium --headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --hide-scrollbars \
+    --no-first-run --disable-background-networking --window-size=1920,1080 \
+    --timeout=3000 --screenshot="$2" "http://127.0.0.1:$ui_port/$1" >/dev/null 2>&1 || true
+  if [ -s "$2" ]; then echo "$3: $2"; else echo "(no screenshot: chromium did not run)"; fi
+}
+screen "" "$data/tv-2002-screen.png" "The TV's screen (missed-call and message badges, the call from 1001, 1001's state)"
+screen "#messages" "$data/tv-2002-messages.png" "Its messages screen (the voice message and the picture from 1001)"
+picture_id=$(grep -o '"message_id": *[0-9]*' "$data/tv-2002/messages/messages.json" | head -1 | grep -o '[0-9]*$')
+screen "#message/$picture_id" "$data/tv-2002-picture.png" "The picture, opened"
 echo "Kept on the TV across restarts: $(cat "$data/tv-2002/missed.json" | tr -d '\n ' | cut -c1-160)…"
+echo "Messages kept on the TV ($data/tv-2002/messages):"
+ls -l "$data/tv-2002/messages" | tail -n +2
+voice=$(ls "$data/tv-2002/messages/"*.opus 2>/dev/null | head -1)
+if [ -n "$voice" ]; then
+  ffmpeg -v error -y -i "$voice" -ac 1 -ar 48000 "$data/voice-message.wav"
+  freq=$(sox "$data/voice-message.wav" -n stat 2>&1 | awk -F: '/Rough   frequency/ {gsub(/ /, "", $2); print $2}')
+  len=$(sox "$data/voice-message.wav" -n stat 2>&1 | awk -F: '/Length/ {gsub(/ /, "", $2); print $2}')
+  echo "The voice message, decoded by ffmpeg: ${len}s at about ${freq} Hz"
+fi
 kill -TERM "$tv_pid" && wait "$tv_pid" || true
 tv_pid=""
 
@@ -121,6 +144,9 @@ echo "Calls still waiting for delivery:"
 echo
 echo "TVs:"
 "$bin/call-proxy-server" users --admin "$admin"
+echo
+echo "Messages (never their contents):"
+"$bin/call-proxy-server" messages --admin "$admin" || true
 echo
 echo "Statistics:"
 "$bin/call-proxy-server" stats --admin "$admin"

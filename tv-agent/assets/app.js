@@ -191,6 +191,7 @@ function apply(ev) {
       S.presence = new Map((ev.presence || []).map((p) => [p.user, p.state]));
       if (L.onCallScreen(S.call)) show("call", false);
       else if (S.screen === "call") home();
+      else deepLink();
       break;
     }
     case "registered":
@@ -557,6 +558,18 @@ async function deleteMessage(id) {
   if (S.viewing === id) closeViewer();
   toast(r.server === false ? "Deleted on this TV. The call service will drop its copy later." : "Message deleted.");
   render();
+}
+
+// A launcher may open the page at `#messages` (the messages screen) or `#message/ID`
+// (that message open), once, at the first snapshot.
+let linked = false;
+function deepLink() {
+  if (linked) return;
+  linked = true;
+  const m = /^#message(?:s|\/(\d+))$/.exec(location.hash);
+  if (!m) return;
+  if (S.screen !== "messages") show("messages");
+  if (m[1]) openMessage(Number(m[1]));
 }
 
 // After a call that did not get through: offers to leave a message for the callee.
