@@ -524,6 +524,7 @@ fn main() -> Res {
 
     media_seeds(&root.join("media_receive"))?;
     identity_seeds(&root)?;
+    media_check_seeds(&root.join("media_check"))?;
     println!("seed corpus written to {}", root.display());
     Ok(())
 }
@@ -714,5 +715,20 @@ fn identity_seeds(root: &Path) -> Res {
             br#"{"user_id": 18446744073709551615, "server": "[::1]:7600", "x": []}"#,
         ),
     )?;
+    Ok(())
+}
+
+/// The media check's seeds: each fixture (real files made by ffmpeg) behind its kind byte.
+fn media_check_seeds(dir: &Path) -> Res {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../media-check/tests/fixtures");
+    for (kind, name) in [
+        (0u8, "voice.opus"),
+        (1, "picture.png"),
+        (1, "picture.jpg"),
+        (2, "clip.mp4"),
+    ] {
+        let label = name.replace('.', "-");
+        put(dir, &label, &with_mode(kind, &std::fs::read(fixtures.join(name))?))?;
+    }
     Ok(())
 }

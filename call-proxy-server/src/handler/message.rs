@@ -186,11 +186,17 @@ pub async fn send<S: Store>(
             }
             let limits = msgs.limits.media;
             let (kind, key, size, sha) = (m.kind, m.key, b.size, b.sha256.clone());
+            let turn = msgs
+                .checks
+                .acquire()
+                .await
+                .map_err(|e| internal(format!("body check failed: {e}")))?;
             let sealed = tokio::task::spawn_blocking(move || {
                 bodies.seal(me, key, kind, size, &sha, &limits)
             })
             .await
             .map_err(|e| internal(format!("body check failed: {e}")))?;
+            drop(turn);
             msgs.forget(me, m.key);
             match sealed {
                 Ok(meta) => Some(meta),

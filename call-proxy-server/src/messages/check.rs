@@ -1,5 +1,5 @@
 //! The media check of a body before it is stored: the adapter between the body store and
-//! the `media-check` crate (what each kind must be, and its limits).
+//! the `media-check` crate (which check each kind gets, its limits, its errors).
 
 use std::io::{Read, Seek};
 
@@ -7,46 +7,38 @@ use shared_proto::MessageKind;
 
 use super::bodies::{MediaLimits, SealError};
 
-/// What the check learned of a body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checked {
-    /// MIME type.
-    pub mime: &'static str,
-    /// Length of a voice message or clip.
-    pub duration_ms: Option<u32>,
-    /// Width of a picture or clip.
-    pub width: Option<u32>,
-    /// Height of a picture or clip.
-    pub height: Option<u32>,
-}
+pub use media_check::Media as Checked;
 
 /// Checks a body of `kind`, `len` bytes long.
+/// (The handler runs it on the blocking pool, one per core at a time: `Messages::checks`.)
 pub fn body<R: Read + Seek>(
     kind: MessageKind,
-    mut body: R,
+    body: R,
     len: u64,
     limits: &MediaLimits,
 ) -> Result<Checked, SealError> {
-    // Placeholder until the media-check crate lands: the magic bytes only.
-    let _ = (len, limits);
-    let mut head = [0u8; 8];
-    body.read_exact(&mut head)?;
-    let mime = match kind {
-        MessageKind::VOICE if &head[..4] == b"OggS" => "audio/ogg",
-        MessageKind::PICTURE if head[..3] == [0xff, 0xd8, 0xff] => "image/jpeg",
-        MessageKind::PICTURE if &head[1..4] == b"PNG" => "image/png",
-        MessageKind::VIDEO if &head[4..8] == b"ftyp" => "video/mp4",
-        _ => {
+    let kind = match kind {
+        MessageKind::VOICE => media_check::Kind::Voice,
+        MessageKind::PICTURE => media_check::Kind::Picture,
+        MessageKind::VIDEO => media_check::Kind::Video,
+        other => {
             return Err(SealError::BadMedia {
                 reason: "wrong_type",
-                message: format!("the body is not a {} message", kind.name()),
+                message: format!("a {} message has no body", other.name()),
             })
         }
     };
-    Ok(Checked {
-        mime,
-        duration_ms: None,
-        width: None,
-        height: None,
+    let limits = media_check::Limits {
+        max_voice_ms: limits.max_voice_ms,
+        max_video_ms: limits.max_video_ms,
+        max_picture_side: limits.max_picture_side,
+    };
+    media_check::check(kind, body, len, &limits).map_err(|e| match e {
+        media_check::Error::TooLong(why) => SealError::TooLong(why),
+        media_check::Error::Io(e) => SealError::Io(e),
+        e @ media_check::Error::Bad { .. } => SealError::BadMedia {
+            reason: e.reason(),
+            message: e.to_string(),
+        },
     })
 }

@@ -83,6 +83,10 @@ pub struct Messages {
     pub bodies: Option<Bodies>,
     /// The limits.
     pub limits: Limits,
+    /// Turns to check a body: checks decode whole pictures and walk whole files on the
+    /// blocking pool, so at most one per core runs at once (which also bounds the memory
+    /// they hold together); the others wait for a turn.
+    pub checks: tokio::sync::Semaphore,
     uploads: Mutex<HashMap<(UserId, IdempotencyKey), Upload>>,
     waiting_senders: Mutex<HashMap<MessageId, oneshot::Sender<()>>>,
 }
@@ -104,6 +108,9 @@ impl Messages {
         Messages {
             bodies,
             limits: Limits::of(config),
+            checks: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
             uploads: Mutex::new(HashMap::new()),
             waiting_senders: Mutex::new(HashMap::new()),
         }
