@@ -1490,3 +1490,70 @@ mod checks {
         assert_eq!(left.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id3]);
     }
 }
+
+/// Two nodes on one PostgreSQL database store messages for the same TV at the same
+/// time: the mailbox quota holds across them (each batch takes the recipient's mailbox
+/// lock before it counts), so exactly the quota's worth is stored, whichever node
+/// stored each. To make the two nodes' batches overlap for certain, a third connection
+/// holds a lock on the table that stops both nodes' inserts until both are waiting;
+/// without the mailbox lock both would then count the same empty mailbox and store
+/// more than the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_mailbox_quota_holds_for_two_nodes_storing_at_once() {
+    use call_proxy_server::storage::{MessageInsert, NewMessage, Quota};
+    let Some(fresh) = postgres() else {
+        eprintln!("skipped: no PostgreSQL cluster (scripts/test.sh starts one)");
+        return;
+    };
+    let a = storage::open(&fresh.config).await.expect("node 1");
+    let second = Config {
+        node_id: "node-2".into(),
+        node_slot: 1,
+        ..fresh.config.clone()
+    };
+    let b = storage::open(&second).await.expect("node 2");
+    a.register(checks::reg(12, 1)).await.unwrap();
+    let quota = Quota {
+        max_messages: 3,
+        max_bytes: 1 << 20,
+    };
+    const EACH: u64 = 20;
+    let message = |sender, key| NewMessage {
+        sender,
+        recipient: 12,
+        key,
+        kind: 1,
+        text: format!("message {key} from {sender}"),
+        body: None,
+        at_ms: now_ms(),
+    };
+    let gate = common::db::PgProbe::connect(
+        fresh.config.db_url.as_deref().unwrap(),
+        fresh.config.db_password_file.as_deref().unwrap(),
+    );
+    gate.execute("BEGIN; LOCK TABLE user_message IN SHARE MODE");
+    let pending: Vec<_> = (0..EACH)
+        .flat_map(|k| {
+            [
+                a.insert_message(message(21, k), quota),
+                b.insert_message(message(22, k), quota),
+            ]
+        })
+        .collect();
+    // Both nodes' first batches are waiting (one on the table, one on the mailbox lock).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    gate.execute("COMMIT");
+    let (mut stored, mut refused) = (0, 0);
+    for p in pending {
+        match p.await.unwrap() {
+            MessageInsert::Stored { .. } => stored += 1,
+            MessageInsert::QuotaExceeded { .. } => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((stored, refused), (3, 2 * EACH - 3));
+    assert_eq!(a.mailbox(12).await.unwrap().messages, 3);
+    assert_eq!(b.mailbox(12).await.unwrap().messages, 3);
+    a.close().await;
+    b.close().await;
+}

@@ -33,6 +33,7 @@ pub mod dispatch;
 pub mod enroll;
 mod group;
 pub mod link;
+mod messages;
 pub mod operator;
 pub mod presence;
 pub mod usage;
@@ -344,6 +345,8 @@ const MIGRATIONS: &[&str] = &[
         cleared_at     timestamptz
      );
      CREATE INDEX operator_alarm_open ON operator_alarm (id) WHERE cleared_at IS NULL;",
+    // 6: messages (issue 15; SQLite's migration 7).
+    messages::MIGRATION,
 ];
 
 /// The advisory lock nodes take while migrating, so two starting at once do not both
@@ -431,6 +434,15 @@ enum WriteJob {
     PresenceBook(UserId, Vec<UserId>, Completion<()>),
     PresenceHidden(UserId, bool, UnixMillis, Completion<()>),
     Alarm(NewAlarm, Completion<()>),
+    InsertMessage(NewMessage, Quota, Completion<MessageInsert>),
+    SettleMessages(
+        UserId,
+        Vec<shared_proto::MessageId>,
+        Settle,
+        UnixMillis,
+        Completion<Vec<Settled>>,
+    ),
+    ExpireMessages(UnixMillis, usize, Completion<Vec<Settled>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -442,6 +454,8 @@ enum Done {
     Insert(InsertResult),
     Count(u32),
     Enrollment(EnrollmentState),
+    Message(MessageInsert),
+    Settled(Vec<Settled>),
 }
 
 impl WriteJob {
@@ -484,6 +498,16 @@ impl WriteJob {
                 Done::Enrollment(s) => Some(s),
                 _ => None,
             })),
+            WriteJob::InsertMessage(.., c) => c.complete(pick(result, |d| match d {
+                Done::Message(r) => Some(r),
+                _ => None,
+            })),
+            WriteJob::SettleMessages(.., c) | WriteJob::ExpireMessages(.., c) => {
+                c.complete(pick(result, |d| match d {
+                    Done::Settled(r) => Some(r),
+                    _ => None,
+                }))
+            }
             WriteJob::Close(_) => {}
         }
     }
@@ -771,31 +795,35 @@ impl Store for PostgresStore {
         presence::book(&conn, user).await
     }
 
-    // Messages on PostgreSQL: not written yet (the SQLite backend has them).
-    fn insert_message(&self, _m: NewMessage, _quota: Quota) -> Pending<MessageInsert> {
-        Pending::ready(Err(no_messages_yet()))
+    fn insert_message(&self, m: NewMessage, quota: Quota) -> Pending<MessageInsert> {
+        if self.inner.metrics.is_full() {
+            return Pending::ready(Err(full_refusal()));
+        }
+        self.write(move |c| WriteJob::InsertMessage(m, quota, c))
     }
 
     fn settle_messages(
         &self,
-        _recipient: UserId,
-        _ids: Vec<shared_proto::MessageId>,
-        _settle: Settle,
-        _at_ms: UnixMillis,
+        recipient: UserId,
+        ids: Vec<shared_proto::MessageId>,
+        settle: Settle,
+        at_ms: UnixMillis,
     ) -> Pending<Vec<Settled>> {
-        Pending::ready(Err(no_messages_yet()))
+        self.write(move |c| WriteJob::SettleMessages(recipient, ids, settle, at_ms, c))
     }
 
-    fn expire_messages(&self, _before_ms: UnixMillis, _limit: usize) -> Pending<Vec<Settled>> {
-        Pending::ready(Err(no_messages_yet()))
+    fn expire_messages(&self, before_ms: UnixMillis, limit: usize) -> Pending<Vec<Settled>> {
+        self.write(move |c| WriteJob::ExpireMessages(before_ms, limit, c))
     }
 
-    async fn messages(&self, _q: MessageQuery) -> Result<Vec<MessageRow>, StoreError> {
-        Err(no_messages_yet())
+    async fn messages(&self, q: MessageQuery) -> Result<Vec<MessageRow>, StoreError> {
+        let conn = self.reader().await?;
+        messages::read(&conn, q).await
     }
 
-    async fn mailbox(&self, _recipient: UserId) -> Result<Mailbox, StoreError> {
-        Err(no_messages_yet())
+    async fn mailbox(&self, recipient: UserId) -> Result<Mailbox, StoreError> {
+        let conn = self.reader().await?;
+        messages::mailbox(&conn, recipient).await
     }
 
     fn set_presence_book(&self, user: UserId, contacts: Vec<UserId>) -> Pending<()> {
@@ -1396,6 +1424,11 @@ struct Statements {
     book_insert: Statement,
     presence_hidden: Statement,
     raise_alarm: Statement,
+    message_lock: Statement,
+    message_insert: Statement,
+    message_ack: Statement,
+    message_delete: Statement,
+    message_expire: Statement,
 }
 
 /// The key of a call as stored: the same 64 bits, as a signed integer.
@@ -1609,6 +1642,11 @@ impl Statements {
             book_insert: conn.prepare_cached(presence::BOOK_INSERT_SQL).await?,
             presence_hidden: conn.prepare_cached(presence::HIDDEN_SQL).await?,
             raise_alarm: conn.prepare_cached(presence::ALARM_SQL).await?,
+            message_lock: conn.prepare_cached(messages::LOCK_SQL).await?,
+            message_insert: conn.prepare_cached(messages::INSERT_SQL).await?,
+            message_ack: conn.prepare_cached(messages::ACK_SQL).await?,
+            message_delete: conn.prepare_cached(messages::DELETE_SQL).await?,
+            message_expire: conn.prepare_cached(messages::EXPIRE_SQL).await?,
             ack: conn
                 .prepare_cached(concat!(
                     "UPDATE user_call SET delivered = 1, delivered_at = tvcall_ts($3::bigint)
@@ -1712,6 +1750,10 @@ enum Step<'a> {
         waiting: Option<Sent<'a, Vec<Row>>>,
     },
     Ack(Sent<'a, u64>),
+    /// A message insert: its answer, the message's size and the quota it was held to.
+    Message(Sent<'a, Vec<Row>>, u64, Quota),
+    /// Messages acknowledged or deleted (in the order of these ids), or expired (`None`).
+    Settled(Sent<'a, Vec<Row>>, Option<Vec<shared_proto::MessageId>>),
     /// Known without the database (a record refused while the disk is full).
     Known(Result<Done, StoreError>),
 }
@@ -1917,6 +1959,49 @@ async fn send_job<'a>(
         WriteJob::Alarm(alarm, _) => {
             Step::Unit(send_exec(conn, &s.raise_alarm, presence::alarm_params(alarm)).await)
         }
+        WriteJob::InsertMessage(..) if full => Step::Known(Err(full_refusal())),
+        WriteJob::InsertMessage(m, quota, _) => Step::Message(
+            send_query(conn, &s.message_insert, messages::insert_params(m, *quota)).await,
+            messages::size(m),
+            *quota,
+        ),
+        WriteJob::SettleMessages(recipient, ids, settle, at, _) => {
+            let keys: Vec<i64> = ids
+                .iter()
+                .filter_map(|&id| i64::try_from(id).ok())
+                .collect();
+            let sent = match settle {
+                Settle::Ack => {
+                    send_query(
+                        conn,
+                        &s.message_ack,
+                        vec![Box::new(*recipient as i64), Box::new(keys), Box::new(*at)],
+                    )
+                    .await
+                }
+                Settle::Delete => {
+                    send_query(
+                        conn,
+                        &s.message_delete,
+                        vec![Box::new(*recipient as i64), Box::new(keys)],
+                    )
+                    .await
+                }
+            };
+            Step::Settled(sent, Some(ids.clone()))
+        }
+        WriteJob::ExpireMessages(before, limit, _) => Step::Settled(
+            send_query(
+                conn,
+                &s.message_expire,
+                vec![
+                    Box::new(*before),
+                    Box::new(i64::try_from(*limit).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await,
+            None,
+        ),
         WriteJob::StartEnrollment(..) | WriteJob::Close(_) => Step::Known(Err(StoreError::Other(
             "this write is not sent as a pipelined step".into(),
         ))),
@@ -2004,9 +2089,36 @@ impl Step<'_> {
                 let n = update.answer().await?;
                 Ok(Done::Count(u32::try_from(n).unwrap_or(u32::MAX)))
             }
+            Step::Message(sent, size, quota) => {
+                let rows = sent.answer().await?;
+                Ok(Done::Message(messages::insert_result(&rows, size, quota)?))
+            }
+            Step::Settled(sent, ids) => {
+                let rows = sent.answer().await?;
+                Ok(Done::Settled(match ids {
+                    Some(ids) => messages::settled(&rows, &ids)?,
+                    None => messages::expired(&rows)?,
+                }))
+            }
             Step::Known(r) => r,
         }
     }
+}
+
+/// The recipients of the batch's message inserts (none while the disk is full: they
+/// are refused), whose mailbox locks the batch takes first ([`messages::LOCK_SQL`]).
+fn mailbox_locks(batch: &[WriteJob], full: bool) -> Option<Vec<i64>> {
+    if full {
+        return None;
+    }
+    let recipients: Vec<i64> = batch
+        .iter()
+        .filter_map(|j| match j {
+            WriteJob::InsertMessage(m, ..) => Some(m.recipient as i64),
+            _ => None,
+        })
+        .collect();
+    (!recipients.is_empty()).then_some(recipients)
 }
 
 /// The fast path: `BEGIN`, every write's statements and `COMMIT`, all sent before the
@@ -2020,6 +2132,10 @@ async fn pipeline(
     node: &str,
 ) -> Result<Option<Vec<Result<Done, StoreError>>>, StoreError> {
     let begin = send_command(conn, "BEGIN").await;
+    let locks = match mailbox_locks(batch, full) {
+        Some(r) => Some(send_query(conn, &s.message_lock, vec![Box::new(r)]).await),
+        None => None,
+    };
     // Runs of like writes go as one statement over arrays ([`group`]); the rest one by
     // one, all before the first answer is read.
     enum Sending<'a> {
@@ -2051,6 +2167,7 @@ async fn pipeline(
     let commit = send_command(conn, "COMMIT").await;
     // Every answer is read, in the order sent, whatever failed before it.
     let began = begin.answer().await;
+    let locked = Sent::answer_opt(locks).await;
     let mut results = Vec::with_capacity(batch.len());
     let mut run_failed = false;
     for step in sent {
@@ -2065,12 +2182,16 @@ async fn pipeline(
     let committed = commit.answer().await;
     began?;
     committed?;
+    if let Some(Err(e)) = locked {
+        tracing::debug!(error = %e, "the batch's mailbox locks failed");
+        return Ok(None);
+    }
     // A refusal known without the database (a full disk) is not a statement's failure.
     let statement_failed = run_failed
-        || results
-            .iter()
-            .zip(batch)
-            .any(|(r, job)| r.is_err() && !(full && matches!(job, WriteJob::Insert(..))));
+        || results.iter().zip(batch).any(|(r, job)| {
+            r.is_err()
+                && !(full && matches!(job, WriteJob::Insert(..) | WriteJob::InsertMessage(..)))
+        });
     if statement_failed {
         return Ok(None);
     }
@@ -2087,6 +2208,16 @@ async fn one_by_one(
     node: &str,
 ) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
     send_command(conn, "BEGIN").await.answer().await?;
+    if let Some(recipients) = mailbox_locks(batch, full) {
+        let locked = send_query(conn, &s.message_lock, vec![Box::new(recipients)])
+            .await
+            .answer()
+            .await;
+        if let Err(e) = locked {
+            let _ = send_command(conn, "ROLLBACK").await.answer().await;
+            return Err(e.into());
+        }
+    }
     let mut results = Vec::with_capacity(batch.len());
     let outcome: Result<(), StoreError> = async {
         for job in batch {
@@ -2141,11 +2272,6 @@ pub async fn create_schema(target: &PgTarget) -> Result<(), StoreError> {
     .await?;
     store.close().await;
     Ok(())
-}
-
-/// Messages are not kept on PostgreSQL by this build yet.
-fn no_messages_yet() -> StoreError {
-    StoreError::Other("messages are not kept on the PostgreSQL backend yet".into())
 }
 
 #[cfg(test)]
