@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use call_proxy_server::admin::client::{AdminClient, AdminClientError};
 use call_proxy_server::admin::{self, api, AdminOptions};
-use call_proxy_server::storage::operator::{CallQuery, OperatorStore};
+use call_proxy_server::storage::operator::{CallQuery, MessageLogQuery, OperatorStore};
 use call_proxy_server::storage::{self, AnyOperator, DbTarget};
 use call_proxy_server::{bind, run, Config, Shared};
 use clap::{Parser, Subcommand};
@@ -35,6 +35,9 @@ enum Command {
     /// The call log, newest first, filtered (from the database file, which works while
     /// the server runs and when it is down, or from a running server with --admin).
     Calls(CallsArgs),
+    /// The message log, newest first: who left what kind of message for whom, its size
+    /// and whether it was taken; never its text or body (from the database or --admin).
+    Messages(MessagesArgs),
     /// Users with their state, IP, media port and last-seen time.
     Users {
         #[command(flatten)]
@@ -268,6 +271,17 @@ impl Backend {
         })
     }
 
+    fn messages(&self, q: &MessageLogQuery) -> anyhow::Result<Vec<api::Message>> {
+        Ok(match self {
+            Backend::Db(db, rt) => rt
+                .block_on(db.messages(q.clone()))?
+                .into_iter()
+                .map(api::Message::from)
+                .collect(),
+            Backend::Admin(c) => c.messages(q)?.messages,
+        })
+    }
+
     fn users(&self, online: bool, limit: usize) -> anyhow::Result<Vec<api::User>> {
         Ok(match self {
             Backend::Db(db, rt) => rt
@@ -322,6 +336,36 @@ struct CallsArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=10000))]
     limit: u16,
     /// Next page: only calls older than this call id (the last id of the previous page).
+    #[arg(long)]
+    before: Option<u64>,
+    /// Output: table (people), json or csv (scripts).
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+#[derive(clap::Args)]
+struct MessagesArgs {
+    #[command(flatten)]
+    source: Source,
+    /// Messages with this user on either side.
+    #[arg(long)]
+    user: Option<u64>,
+    /// Messages left by this user.
+    #[arg(long)]
+    sender: Option<u64>,
+    /// Messages left for this user.
+    #[arg(long)]
+    recipient: Option<u64>,
+    /// text, voice, picture or video.
+    #[arg(long, value_parser = call_proxy_server::admin::api::message_kind)]
+    kind: Option<u8>,
+    /// waiting (not yet taken by the TV) or delivered.
+    #[arg(long, value_parser = call_proxy_server::admin::api::message_state)]
+    state: Option<bool>,
+    /// Page size (1..=10000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=10000))]
+    limit: u16,
+    /// Next page: only messages older than this id (the last id of the previous page).
     #[arg(long)]
     before: Option<u64>,
     /// Output: table (people), json or csv (scripts).
@@ -502,6 +546,18 @@ fn run_cli() -> anyhow::Result<()> {
         Command::Serve(args) => serve(*args),
         Command::Dispatch(args) => dispatch(*args),
         Command::Calls(args) => calls(args),
+        Command::Messages(a) => {
+            let rows = a.source.open()?.messages(&MessageLogQuery {
+                sender: a.sender,
+                recipient: a.recipient,
+                party: a.user,
+                kind: a.kind,
+                delivered: a.state,
+                before: a.before,
+                limit: usize::from(a.limit),
+            })?;
+            print_rows(&rows, a.format)
+        }
         Command::Users {
             source,
             online,

@@ -125,6 +125,12 @@ pub struct Metrics {
     pub db_up: IntGauge,
     /// Missed calls waiting for their callee (set at scrape time from the database).
     pub cached_waiting: IntGauge,
+    /// Messages kept in the mailboxes (set at scrape time from the database).
+    pub mailbox_messages: IntGauge,
+    /// Of them, not yet taken by their recipient's TV.
+    pub mailbox_waiting: IntGauge,
+    /// Bytes the mailboxes hold (bodies and texts).
+    pub mailbox_bytes: IntGauge,
     /// 1 while the database's disk is full (new records refused), else 0 (set at
     /// scrape time from the store).
     pub storage_full: IntGauge,
@@ -353,6 +359,18 @@ impl Metrics {
                 "call_proxy_cached_calls_waiting",
                 "Missed, busy and cached calls waiting to be delivered to their callee's TV.",
             ),
+            mailbox_messages: gauge(
+                "call_proxy_mailbox_messages",
+                "Messages kept for TVs (taken or not), over every mailbox.",
+            ),
+            mailbox_waiting: gauge(
+                "call_proxy_mailbox_waiting",
+                "Messages not yet taken by their recipient's TV.",
+            ),
+            mailbox_bytes: gauge(
+                "call_proxy_mailbox_bytes",
+                "Bytes the mailboxes hold (message bodies and texts).",
+            ),
             storage_full: gauge(
                 "call_proxy_storage_full",
                 "1 while the database's disk is full: new calls are refused (STORAGE_FULL), registrations and state changes go on.",
@@ -425,12 +443,15 @@ impl Metrics {
     }
 
     /// The text exposition of every metric, plus `extra` collected now (the store's
-    /// commit histogram). `cached_waiting` is left out when the database did not answer
-    /// (`db_up` is 0), rather than exported stale.
+    /// commit histogram). `cached_waiting` and the mailbox gauges are left out when the
+    /// database did not answer (`db_up` is 0), rather than exported stale.
     pub fn encode(&self, extra: &[&Histogram]) -> String {
         let mut families = self.registry.gather();
         if self.db_up.get() == 0 {
-            families.retain(|f| f.name() != "call_proxy_cached_calls_waiting");
+            families.retain(|f| {
+                f.name() != "call_proxy_cached_calls_waiting"
+                    && !f.name().starts_with("call_proxy_mailbox_")
+            });
         }
         for h in extra {
             families.extend(prometheus::core::Collector::collect(*h));

@@ -374,3 +374,168 @@ async fn phone_numbers_and_alarms_from_the_cli_and_the_admin_api() {
     assert_eq!(open_gauge().await.as_deref(), Some("0"));
     srv.stop().await;
 }
+
+/// The message log for operators, from the CLI (on the database) and the admin API:
+/// who left what kind of message for whom, its size and delivery state, filtered and
+/// paged; the mailbox's totals in `/api/users/{id}`, `/api/stats` and `/metrics` — and
+/// never a message's text, caption or body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_log_shows_kinds_sizes_and_delivery_never_contents() {
+    use common::messages::{fixture, message, open_transfer, put, stored};
+    use common::{admin_http as http, ADMIN_TOKEN};
+    const SECRET: &str = "the key is under the mat";
+    const CAPTION: &str = "secret caption";
+    let mut srv = TestServer::start().await;
+    let db = srv.db.db_arg();
+    let admin = srv.start_admin(None).await;
+    let tok = Some(ADMIN_TOKEN);
+    srv.known_offline(61).await;
+    srv.known_offline(62).await;
+    let mut a = srv.connect(61).await;
+    open_transfer(&mut a, 61).await;
+    let text = stored(
+        a.request(message(62, 1, MessageKind::TEXT, SECRET, None))
+            .await
+            .unwrap(),
+    );
+    let voice = fixture("voice.opus");
+    let req = message(62, 2, MessageKind::VOICE, CAPTION, Some(&voice));
+    a.request(req.clone()).await.unwrap();
+    put(&mut a, 2, &voice, 0, voice.len()).await;
+    let voice_id = stored(a.request(req).await.unwrap());
+    let picture = fixture("picture.png");
+    let req = message(62, 3, MessageKind::PICTURE, "", Some(&picture));
+    a.request(req.clone()).await.unwrap();
+    put(&mut a, 3, &picture, 0, picture.len()).await;
+    let picture_id = stored(a.request(req).await.unwrap());
+    let total = (SECRET.len() + voice.len() + CAPTION.len() + picture.len()) as u64;
+    // The TV takes the text.
+    let mut b = srv.connect(62).await;
+    open_transfer(&mut b, 62).await;
+    assert_eq!(
+        b.request(Request::AckMessages {
+            message_ids: vec![text]
+        })
+        .await
+        .unwrap(),
+        Reply::Acked { count: 1 }
+    );
+
+    let json = |extra: &[&str]| -> Vec<Value> {
+        let mut args = vec!["messages", "--db", &db, "--format", "json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        assert!(!out.contains(SECRET) && !out.contains(CAPTION), "{out}");
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let all = json(&[]);
+    assert_eq!(ids(&all), vec![picture_id, voice_id, text]);
+    let by_id = |id: u64| all.iter().find(|r| r["id"] == id).unwrap().clone();
+    let v = by_id(voice_id);
+    assert_eq!(v["kind"], "voice");
+    assert_eq!(v["user_id"], 61);
+    assert_eq!(v["otheruser_id"], 62);
+    assert_eq!(v["size"], (voice.len() + CAPTION.len()) as u64);
+    assert_eq!(v["mime"], "audio/ogg");
+    let ms = v["duration_ms"].as_u64().unwrap();
+    assert!((3_900..=4_100).contains(&ms), "{ms}");
+    assert_eq!(v["delivered"], false);
+    let p = by_id(picture_id);
+    assert_eq!(
+        (p["kind"].as_str(), p["width"].as_u64()),
+        (Some("picture"), Some(320))
+    );
+    let t = by_id(text);
+    assert_eq!(
+        (t["kind"].as_str(), t["size"].as_u64()),
+        (Some("text"), Some(SECRET.len() as u64))
+    );
+    assert_eq!(t["delivered"], true);
+    assert!(t["delivered_at"].is_string());
+    // Filters and pages.
+    assert_eq!(ids(&json(&["--kind", "voice"])), vec![voice_id]);
+    assert_eq!(ids(&json(&["--state", "delivered"])), vec![text]);
+    assert_eq!(
+        ids(&json(&["--state", "waiting"])),
+        vec![picture_id, voice_id]
+    );
+    assert_eq!(json(&["--sender", "61"]).len(), 3);
+    assert_eq!(json(&["--recipient", "61"]).len(), 0);
+    assert_eq!(json(&["--user", "62"]).len(), 3);
+    assert_eq!(ids(&json(&["--limit", "2"])), vec![picture_id, voice_id]);
+    assert_eq!(ids(&json(&["--before", &voice_id.to_string()])), vec![text]);
+    let (code, _, err) = cli(&["messages", "--db", &db, "--kind", "fax"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("text, voice, picture or video"), "{err}");
+    let (code, out, err) = cli(&["messages", "--db", &db, "--format", "csv"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains(SECRET) && !out.contains(CAPTION), "{out}");
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_reader(out.as_bytes())
+        .records()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+
+    // The admin API: the same log, the same filters, the mailbox's totals.
+    let (status, body) = http(
+        "GET",
+        format!("{admin}/api/messages?state=waiting&kind=picture"),
+        tok,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ids(page["messages"].as_array().unwrap()), vec![picture_id]);
+    let (status, body) = http("GET", format!("{admin}/api/messages?limit=1"), tok, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains(SECRET) && !body.contains(CAPTION), "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["next_before"],
+        picture_id
+    );
+    let (status, body) = http("GET", format!("{admin}/api/messages?state=gone"), tok, None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("waiting or delivered"), "{body}");
+    let (status, _) = http("GET", format!("{admin}/api/messages"), None, None).await;
+    assert_eq!(status, 401);
+    let (status, body) = http("GET", format!("{admin}/api/users/62"), tok, None).await;
+    assert_eq!(status, 200, "{body}");
+    let mailbox = &serde_json::from_str::<Value>(&body).unwrap()["mailbox"];
+    assert_eq!(
+        (mailbox["messages"].as_u64(), mailbox["waiting"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(mailbox["bytes"], total);
+    let (status, body) = http("GET", format!("{admin}/api/stats"), tok, None).await;
+    assert_eq!(status, 200, "{body}");
+    let stats: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (
+            stats["messages_kept"].as_u64(),
+            stats["messages_waiting"].as_u64(),
+            stats["message_bytes"].as_u64()
+        ),
+        (Some(3), Some(2), Some(total))
+    );
+    let (code, out, err) = cli(&["stats", "--db", &db, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()[0]["messages_waiting"],
+        2
+    );
+    let (status, body) = http("GET", format!("{admin}/metrics"), tok, None).await;
+    assert_eq!(status, 200, "{body}");
+    for line in [
+        "call_proxy_mailbox_messages 3".to_string(),
+        "call_proxy_mailbox_waiting 2".to_string(),
+        format!("call_proxy_mailbox_bytes {total}"),
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
+    }
+}

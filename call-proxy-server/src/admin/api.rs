@@ -7,7 +7,9 @@
 use serde::{Deserialize, Serialize};
 use shared_proto::{CallId, UserId};
 
-use crate::storage::operator::{AlarmRecord, CallRecord, Stats as StatsRecord, UserRecord};
+use crate::storage::operator::{
+    AlarmRecord, CallRecord, MailboxTotals, MessageRecord, Stats as StatsRecord, UserRecord,
+};
 
 /// One call of the log (`GET /api/calls`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +111,104 @@ pub struct UserDetail {
     pub user: User,
     /// Its latest calls on either side, newest first.
     pub recent_calls: Vec<Call>,
+    /// What its mailbox holds (messages left for it).
+    #[serde(default)]
+    pub mailbox: Mailbox,
+}
+
+/// Messages kept in one mailbox, or in all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Mailbox {
+    /// Messages kept.
+    pub messages: u64,
+    /// Of them, not yet taken by the recipient's TV.
+    pub waiting: u64,
+    /// Bytes kept (bodies and texts).
+    pub bytes: u64,
+}
+
+impl From<MailboxTotals> for Mailbox {
+    fn from(t: MailboxTotals) -> Self {
+        Mailbox {
+            messages: t.messages,
+            waiting: t.waiting,
+            bytes: t.bytes,
+        }
+    }
+}
+
+/// One message of the log (`GET /api/messages`): never its text or body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The message id; also the pagination cursor.
+    pub id: u64,
+    /// Who left it.
+    pub user_id: UserId,
+    /// Who it is for.
+    pub otheruser_id: UserId,
+    /// `text`, `voice`, `picture` or `video`.
+    pub kind: String,
+    /// Bytes counted against the mailbox.
+    pub size: u64,
+    /// The body's MIME type.
+    pub mime: Option<String>,
+    /// Length of a voice message or clip, in milliseconds.
+    pub duration_ms: Option<u32>,
+    /// Width of a picture or clip.
+    pub width: Option<u32>,
+    /// Height of a picture or clip.
+    pub height: Option<u32>,
+    /// When it was stored, RFC 3339 UTC.
+    pub sent_at: String,
+    /// Whether the recipient's TV took it.
+    pub delivered: bool,
+    /// When it did.
+    pub delivered_at: Option<String>,
+}
+
+impl From<MessageRecord> for Message {
+    fn from(r: MessageRecord) -> Self {
+        Message {
+            id: r.id,
+            user_id: r.user_id,
+            otheruser_id: r.otheruser_id,
+            kind: r.kind,
+            size: r.size,
+            mime: r.mime,
+            duration_ms: r.duration_ms,
+            width: r.width,
+            height: r.height,
+            sent_at: r.sent_at,
+            delivered: r.delivered,
+            delivered_at: r.delivered_at,
+        }
+    }
+}
+
+/// A message kind by its name (`text`, `voice`, `picture`, `video`).
+pub fn message_kind(s: &str) -> Result<u8, String> {
+    match shared_proto::MessageKind::from_name(s) {
+        Some(k) => Ok(k.0),
+        None => Err("use text, voice, picture or video".into()),
+    }
+}
+
+/// A delivery state: `waiting` (not yet taken) or `delivered`.
+pub fn message_state(s: &str) -> Result<bool, String> {
+    match s {
+        "waiting" => Ok(false),
+        "delivered" => Ok(true),
+        _ => Err("use waiting or delivered".into()),
+    }
+}
+
+/// A page of the message log, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagesPage {
+    /// The messages.
+    pub messages: Vec<Message>,
+    /// Pass as `before` for the next (older) page; `null` when this page is the last.
+    pub next_before: Option<u64>,
 }
 
 /// Service statistics (`GET /api/stats`).
@@ -128,6 +228,15 @@ pub struct Stats {
     pub delivery_delay_p50_s: Option<f64>,
     /// Largest such delay.
     pub delivery_delay_max_s: Option<f64>,
+    /// Messages kept on the server, over every mailbox.
+    #[serde(default)]
+    pub messages_kept: u64,
+    /// Of them, not yet taken by their recipient's TV.
+    #[serde(default)]
+    pub messages_waiting: u64,
+    /// Bytes the mailboxes hold.
+    #[serde(default)]
+    pub message_bytes: u64,
 }
 
 impl From<StatsRecord> for Stats {
@@ -140,6 +249,9 @@ impl From<StatsRecord> for Stats {
             cached_waiting: r.cached_waiting,
             delivery_delay_p50_s: r.delivery_delay_p50_s,
             delivery_delay_max_s: r.delivery_delay_max_s,
+            messages_kept: r.mailboxes.messages,
+            messages_waiting: r.mailboxes.waiting,
+            message_bytes: r.mailboxes.bytes,
         }
     }
 }

@@ -98,6 +98,31 @@ impl AdminClient {
         self.get("/api/calls", &params)
     }
 
+    /// `GET /api/messages`.
+    pub fn messages(
+        &self,
+        q: &crate::storage::operator::MessageLogQuery,
+    ) -> Result<api::MessagesPage, AdminClientError> {
+        let mut params = vec![("limit", q.limit.to_string())];
+        let ids = [
+            ("sender", q.sender),
+            ("recipient", q.recipient),
+            ("user", q.party),
+            ("before", q.before),
+        ];
+        params.extend(
+            ids.iter()
+                .filter_map(|(k, v)| Some((*k, (*v)?.to_string()))),
+        );
+        if let Some(k) = q.kind {
+            params.push(("kind", shared_proto::MessageKind(k).name().to_string()));
+        }
+        if let Some(d) = q.delivered {
+            params.push(("state", if d { "delivered" } else { "waiting" }.to_string()));
+        }
+        self.get("/api/messages", &params)
+    }
+
     /// `GET /api/users`.
     pub fn users(&self, online: bool, limit: usize) -> Result<api::Users, AdminClientError> {
         self.get(

@@ -137,6 +137,7 @@ pub fn router_with<S: Store, O: OperatorStore>(
         .route("/api/users", get(routes::users::<S, O>))
         .route("/api/users/{id}", get(routes::user::<S, O>))
         .route("/api/stats", get(routes::stats::<S, O>))
+        .route("/api/messages", get(routes::messages::<S, O>))
         .route("/api/enrollments", get(routes::enrollments::<S, O>))
         .route(
             "/api/enrollments/{code}",
@@ -289,7 +290,8 @@ async fn readyz<S: Store, O: OperatorStore>(
 }
 
 /// Prometheus metrics: the server's counters, the registry's gauges, the offline
-/// cache's depth (from the database) and the group-commit latency histogram.
+/// cache's depth and the mailboxes' totals (from the database) and the group-commit
+/// latency histogram.
 async fn metrics<S: Store, O: OperatorStore>(
     State(state): State<Arc<AdminState<S, O>>>,
 ) -> Response {
@@ -313,6 +315,18 @@ async fn metrics<S: Store, O: OperatorStore>(
     match cache_depth {
         Ok(n) => m.cached_waiting.set(i64::try_from(n).unwrap_or(i64::MAX)),
         Err(err) => tracing::warn!(error = %err, "metrics: cannot count cached calls"),
+    }
+    match state.probe(state.ops.mailbox_totals(None)).await {
+        Ok(t) => {
+            let v = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            m.mailbox_messages.set(v(t.messages));
+            m.mailbox_waiting.set(v(t.waiting));
+            m.mailbox_bytes.set(v(t.bytes));
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "metrics: cannot count the mailboxes");
+            m.db_up.set(0);
+        }
     }
     let text = m.encode(&[shared.store.metrics().commit_histogram()]);
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()

@@ -13,7 +13,9 @@ use serde::Deserialize;
 
 use super::{api, AdminState};
 use crate::clock;
-use crate::storage::operator::{CallQuery, OperatorStore, OutcomeFilter, MAX_PAGE};
+use crate::storage::operator::{
+    CallQuery, MessageLogQuery, OperatorStore, OutcomeFilter, MAX_PAGE,
+};
 use crate::storage::{Store, StoreError};
 
 /// Calls listed with one user (`GET /api/users/{id}`).
@@ -187,15 +189,7 @@ pub(super) async fn calls<S: Store, O: OperatorStore>(
         None
     };
     let mut resp = if csv {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        for c in &calls {
-            w.serialize(c)
-                .map_err(|e| ApiError::Encode(e.to_string()))?;
-        }
-        let body = w
-            .into_inner()
-            .map_err(|e| ApiError::Encode(e.to_string()))?;
-        ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response()
+        csv_response(&calls)?
     } else {
         Json(api::CallsPage { calls, next_before }).into_response()
     };
@@ -258,10 +252,92 @@ pub(super) async fn user<S: Store, O: OperatorStore>(
             ..CallQuery::default()
         })
         .await?;
+    let mailbox = state.ops.mailbox_totals(Some(id)).await?;
     Ok(Json(api::UserDetail {
         user: user.into(),
         recent_calls: calls.into_iter().map(api::Call::from).collect(),
+        mailbox: mailbox.into(),
     }))
+}
+
+/// `GET /api/messages` parameters, as sent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MessagesParams {
+    /// Left by this user.
+    sender: Option<String>,
+    /// Left for this user.
+    recipient: Option<String>,
+    /// With this user on either side.
+    user: Option<String>,
+    /// `text`, `voice`, `picture` or `video`.
+    kind: Option<String>,
+    /// `waiting` or `delivered`.
+    state: Option<String>,
+    /// Page size.
+    limit: Option<String>,
+    /// Cursor: only messages with a smaller id.
+    before: Option<String>,
+    /// `json` or `csv` (else the `Accept` header decides).
+    format: Option<String>,
+}
+
+/// `GET /api/messages`: a page of the message log, newest first — who left what kind
+/// of message for whom, its size and whether it was taken; never its contents.
+pub(super) async fn messages<S: Store, O: OperatorStore>(
+    State(state): State<Arc<AdminState<S, O>>>,
+    headers: HeaderMap,
+    params: Result<Query<MessagesParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let csv = wants_csv(p.format, &headers)?;
+    let query = MessageLogQuery {
+        sender: param("sender", p.sender, user_id)?,
+        recipient: param("recipient", p.recipient, user_id)?,
+        party: param("user", p.user, user_id)?,
+        kind: param("kind", p.kind, api::message_kind)?,
+        delivered: param("state", p.state, api::message_state)?,
+        before: param("before", p.before, |s| {
+            s.parse()
+                .map_err(|_| "not a message id (use next_before of the previous page)".to_string())
+        })?,
+        limit: page_size(p.limit, DEFAULT_CALLS_LIMIT)?,
+    };
+    let limit = query.limit;
+    let rows = state.ops.messages(query).await?;
+    let messages: Vec<api::Message> = rows.into_iter().map(api::Message::from).collect();
+    let next_before = if messages.len() == limit {
+        messages.last().map(|m| m.id)
+    } else {
+        None
+    };
+    let mut resp = if csv {
+        csv_response(&messages)?
+    } else {
+        Json(api::MessagesPage {
+            messages,
+            next_before,
+        })
+        .into_response()
+    };
+    if let Some(next) = next_before {
+        resp.headers_mut()
+            .insert(NEXT_BEFORE_HEADER, HeaderValue::from(next));
+    }
+    Ok(resp)
+}
+
+/// Rows as a CSV answer with a header line.
+fn csv_response<T: serde::Serialize>(rows: &[T]) -> Result<Response, ApiError> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for r in rows {
+        w.serialize(r)
+            .map_err(|e| ApiError::Encode(e.to_string()))?;
+    }
+    let body = w
+        .into_inner()
+        .map_err(|e| ApiError::Encode(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response())
 }
 
 /// `GET /api/stats`: service statistics.

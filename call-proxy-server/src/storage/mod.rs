@@ -35,7 +35,10 @@ use enroll::{Approval, Credential, EnrollmentRecord, EnrollmentState, NewEnrollm
 pub use message::{
     BodyMeta, Mailbox, MessageInsert, MessageQuery, MessageRow, NewMessage, Quota, Settle, Settled,
 };
-use operator::{CallQuery, CallRecord, OperatorStore, Stats, UserRecord};
+use operator::{
+    CallQuery, CallRecord, MailboxTotals, MessageLogQuery, MessageRecord, OperatorStore, Stats,
+    UserRecord,
+};
 
 /// What a storage call can fail with. Nothing reported as failed was acknowledged: a
 /// failed write left no trace (its partial changes are rolled back), and the writes
@@ -1076,6 +1079,20 @@ impl OperatorStore for AnyOperator {
         match self {
             AnyOperator::Sqlite(o) => o.calls(q).await,
             AnyOperator::Postgres(o) => o.calls(q).await,
+        }
+    }
+
+    async fn messages(&self, q: MessageLogQuery) -> Result<Vec<MessageRecord>, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.messages(q).await,
+            AnyOperator::Postgres(o) => o.messages(q).await,
+        }
+    }
+
+    async fn mailbox_totals(&self, user: Option<UserId>) -> Result<MailboxTotals, StoreError> {
+        match self {
+            AnyOperator::Sqlite(o) => o.mailbox_totals(user).await,
+            AnyOperator::Postgres(o) => o.mailbox_totals(user).await,
         }
     }
 

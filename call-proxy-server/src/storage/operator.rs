@@ -260,6 +260,108 @@ pub struct AlarmRecord {
     pub cleared_at: Option<String>,
 }
 
+/// Which messages of the message log (never their contents). Newest first; `before`
+/// continues after the last id of the previous page.
+#[derive(Debug, Clone, Default)]
+pub struct MessageLogQuery {
+    /// Left by this user.
+    pub sender: Option<UserId>,
+    /// Left for this user.
+    pub recipient: Option<UserId>,
+    /// With this user on either side.
+    pub party: Option<UserId>,
+    /// Of this kind ([`shared_proto::MessageKind`] number).
+    pub kind: Option<u8>,
+    /// Taken by the recipient's TV (`true`) or still waiting (`false`).
+    pub delivered: Option<bool>,
+    /// Only messages with a smaller id (the previous page's last id).
+    pub before: Option<u64>,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// One message of the log: who, when, what kind and how big, and whether it was taken;
+/// never its text, its body or where the body is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// The message.
+    pub id: u64,
+    /// Who left it.
+    pub user_id: UserId,
+    /// Who it is for.
+    pub otheruser_id: UserId,
+    /// `text`, `voice`, `picture` or `video`.
+    pub kind: String,
+    /// Bytes counted against the mailbox (body and text).
+    pub size: u64,
+    /// The body's MIME type.
+    pub mime: Option<String>,
+    /// Length of a voice message or clip.
+    pub duration_ms: Option<u32>,
+    /// Width of a picture or clip.
+    pub width: Option<u32>,
+    /// Height of a picture or clip.
+    pub height: Option<u32>,
+    /// When it was stored, RFC 3339 UTC.
+    pub sent_at: String,
+    /// Whether the recipient's TV took it.
+    pub delivered: bool,
+    /// When it did.
+    pub delivered_at: Option<String>,
+}
+
+/// Messages kept on the server, over every mailbox or one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MailboxTotals {
+    /// Messages kept.
+    pub messages: u64,
+    /// Of them, not yet taken by their recipient's TV.
+    pub waiting: u64,
+    /// Bytes (bodies and texts) kept.
+    pub bytes: u64,
+}
+
+/// The `WHERE` conditions, order and limit of a message-log page (appended to the
+/// backend's `SELECT … FROM user_message WHERE true`), with their parameters, like
+/// [`call_log_conditions`].
+pub fn message_log_conditions(
+    q: &MessageLogQuery,
+    placeholder: impl Fn(usize, &SqlArg) -> String,
+) -> (String, Vec<SqlArg>) {
+    let mut sql = String::new();
+    let mut args: Vec<SqlArg> = Vec::new();
+    let mut arg = |v: SqlArg| {
+        args.push(v);
+        placeholder(args.len(), &args[args.len() - 1])
+    };
+    if let Some(u) = q.sender {
+        sql.push_str(&format!(" AND user_id = {}", arg(SqlArg::Int(u as i64))));
+    }
+    if let Some(u) = q.recipient {
+        sql.push_str(&format!(
+            " AND otheruser_id = {}",
+            arg(SqlArg::Int(u as i64))
+        ));
+    }
+    if let Some(u) = q.party {
+        let p = arg(SqlArg::Int(u as i64));
+        sql.push_str(&format!(" AND (user_id = {p} OR otheruser_id = {p})"));
+    }
+    if let Some(k) = q.kind {
+        sql.push_str(&format!(" AND kind = {}", arg(SqlArg::Int(i64::from(k)))));
+    }
+    if let Some(d) = q.delivered {
+        sql.push_str(&format!(" AND delivered = {}", u8::from(d)));
+    }
+    if let Some(before) = q.before {
+        let p = arg(SqlArg::Int(i64::try_from(before).unwrap_or(i64::MAX)));
+        sql.push_str(&format!(" AND message_id < {p}"));
+    }
+    let p = arg(SqlArg::Int(i64::try_from(q.limit).unwrap_or(i64::MAX)));
+    sql.push_str(&format!(" ORDER BY message_id DESC LIMIT {p}"));
+    (sql, args)
+}
+
 /// Service statistics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
@@ -277,6 +379,8 @@ pub struct Stats {
     pub delivery_delay_p50_s: Option<f64>,
     /// Largest such delay.
     pub delivery_delay_max_s: Option<f64>,
+    /// Messages kept, waiting and bytes, over every mailbox.
+    pub mailboxes: MailboxTotals,
 }
 
 /// Which usage rows (traffic accounting).
@@ -380,6 +484,18 @@ pub trait OperatorStore: Clone + Send + Sync + 'static {
 
     /// Missed calls waiting to be shown on their callee's TV (the offline cache's depth).
     fn cached_waiting(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// A page of the message log (see [`MessageLogQuery`]); never the contents.
+    fn messages(
+        &self,
+        q: MessageLogQuery,
+    ) -> impl Future<Output = Result<Vec<MessageRecord>, StoreError>> + Send;
+
+    /// Messages kept over every mailbox (`None`) or `user`'s.
+    fn mailbox_totals(
+        &self,
+        user: Option<UserId>,
+    ) -> impl Future<Output = Result<MailboxTotals, StoreError>> + Send;
 
     /// Approves the enrollment with this code (stored form, see
     /// [`crate::storage::enroll::normalise_code`]) for `user`; with `replace`, a TV the user

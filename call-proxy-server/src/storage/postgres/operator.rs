@@ -11,7 +11,8 @@ use tokio_postgres::Row;
 use super::{connection, PgTarget};
 use crate::storage::enroll::{Approval, EnrollmentRecord, Refusal};
 use crate::storage::operator::{
-    call_log_conditions, CallQuery, CallRecord, OperatorStore, SqlArg, Stats, UserRecord,
+    call_log_conditions, message_log_conditions, CallQuery, CallRecord, MailboxTotals,
+    MessageLogQuery, MessageRecord, OperatorStore, SqlArg, Stats, UserRecord,
 };
 use crate::storage::{missed_kinds_sql, StoreError};
 
@@ -174,7 +175,58 @@ impl OperatorStore for PostgresOperator {
             cached_waiting: count(4)?,
             delivery_delay_p50_s: seconds(5)?,
             delivery_delay_max_s: seconds(6)?,
+            mailboxes: mailbox_totals(&conn, None).await?,
         })
+    }
+
+    async fn messages(&self, q: MessageLogQuery) -> Result<Vec<MessageRecord>, StoreError> {
+        use futures::TryStreamExt;
+        let conn = self.conn().await?;
+        let (conditions, args) = message_log_conditions(&q, |n, arg| match arg {
+            SqlArg::Text(_) => format!("${n}::text"),
+            SqlArg::Int(_) | SqlArg::Time(_) => format!("${n}::bigint"),
+        });
+        let sql = format!(
+            "SELECT message_id, user_id, otheruser_id, kind,
+                    body_size + octet_length(body_text), body_mime, duration_ms, width,
+                    height, tvcall_text(sent_at), delivered, tvcall_text(delivered_at)
+             FROM user_message WHERE true{conditions}"
+        );
+        let args: Vec<Box<dyn ToSql + Sync + Send>> = args
+            .into_iter()
+            .map(|a| -> Box<dyn ToSql + Sync + Send> {
+                match a {
+                    SqlArg::Int(v) | SqlArg::Time(v) => Box::new(v),
+                    SqlArg::Text(v) => Box::new(v),
+                }
+            })
+            .collect();
+        let rows: Vec<Row> = conn.query_raw(&sql, args).await?.try_collect().await?;
+        let uint = |v: Option<i32>| v.map(|n| u32::try_from(n).unwrap_or(0));
+        rows.iter()
+            .map(|r| {
+                let kind = u8::try_from(r.try_get::<_, i16>(3)?).unwrap_or(0);
+                Ok(MessageRecord {
+                    id: r.try_get::<_, i64>(0)? as u64,
+                    user_id: r.try_get::<_, i64>(1)? as u64,
+                    otheruser_id: r.try_get::<_, i64>(2)? as u64,
+                    kind: shared_proto::MessageKind(kind).name().to_string(),
+                    size: r.try_get::<_, i64>(4)?.max(0) as u64,
+                    mime: r.try_get(5)?,
+                    duration_ms: uint(r.try_get(6)?),
+                    width: uint(r.try_get(7)?),
+                    height: uint(r.try_get(8)?),
+                    sent_at: r.try_get(9)?,
+                    delivered: r.try_get::<_, i16>(10)? == 1,
+                    delivered_at: r.try_get(11)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mailbox_totals(&self, user: Option<UserId>) -> Result<MailboxTotals, StoreError> {
+        let conn = self.conn().await?;
+        mailbox_totals(&conn, user).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -275,4 +327,27 @@ impl OperatorStore for PostgresOperator {
         let conn = self.conn().await?;
         super::presence::clear_alarm(&conn, id, now_ms).await
     }
+}
+
+/// Messages kept over every mailbox, or `user`'s, on `conn`.
+async fn mailbox_totals(
+    conn: &tokio_postgres::Client,
+    user: Option<UserId>,
+) -> Result<MailboxTotals, StoreError> {
+    let user = user.map(|u| i64::try_from(u).unwrap_or(-1));
+    let r = conn
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE delivered = 0),
+                    coalesce(sum(body_size + octet_length(body_text)), 0)::bigint
+             FROM user_message
+             WHERE $1::bigint IS NULL OR otheruser_id = $1::bigint",
+            &[&user],
+        )
+        .await?;
+    let n = |i: usize| -> Result<u64, StoreError> { Ok(r.try_get::<_, i64>(i)?.max(0) as u64) };
+    Ok(MailboxTotals {
+        messages: n(0)?,
+        waiting: n(1)?,
+        bytes: n(2)?,
+    })
 }

@@ -13,7 +13,8 @@ use tokio::sync::Semaphore;
 
 use crate::clock::{from_db_text, to_db_text};
 use crate::storage::operator::{
-    call_log_conditions, CallQuery, CallRecord, OperatorStore, SqlArg, Stats, UserRecord,
+    call_log_conditions, message_log_conditions, CallQuery, CallRecord, MailboxTotals,
+    MessageLogQuery, MessageRecord, OperatorStore, SqlArg, Stats, UserRecord,
 };
 use crate::storage::{missed_kinds_sql, StoreError, MISSED_KINDS_SQL};
 
@@ -102,6 +103,14 @@ impl OperatorStore for SqliteOperator {
 
     async fn stats(&self, now_ms: UnixMillis) -> Result<Stats, StoreError> {
         self.run(move |db| db.stats(now_ms)).await
+    }
+
+    async fn messages(&self, q: MessageLogQuery) -> Result<Vec<MessageRecord>, StoreError> {
+        self.run(move |db| db.messages(&q)).await
+    }
+
+    async fn mailbox_totals(&self, user: Option<UserId>) -> Result<MailboxTotals, StoreError> {
+        self.run(move |db| db.mailbox_totals(user)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -381,7 +390,63 @@ impl OperatorDb {
             cached_waiting: self.cached_waiting()?,
             delivery_delay_p50_s: delays.get(delays.len() / 2).copied(),
             delivery_delay_max_s: delays.last().copied(),
+            mailboxes: self.mailbox_totals(None)?,
         })
+    }
+
+    /// A page of the message log: sizes, kinds and delivery, never the contents.
+    pub fn messages(&self, q: &MessageLogQuery) -> Result<Vec<MessageRecord>, StoreError> {
+        let (conditions, args) = message_log_conditions(q, |n, _| format!("?{n}"));
+        let sql = format!(
+            "SELECT message_id, user_id, otheruser_id, kind,
+                    body_size + length(CAST(body_text AS BLOB)), body_mime, duration_ms,
+                    width, height, sent_at, delivered, delivered_at
+             FROM user_message WHERE 1 = 1{conditions}"
+        );
+        let args: Vec<Value> = args
+            .into_iter()
+            .map(|a| match a {
+                SqlArg::Int(v) | SqlArg::Time(v) => Value::Integer(v),
+                SqlArg::Text(v) => Value::Text(v),
+            })
+            .collect();
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            let kind = u8::try_from(r.get::<_, i64>(3)?).unwrap_or(0);
+            Ok(MessageRecord {
+                id: r.get::<_, i64>(0)? as u64,
+                user_id: r.get::<_, i64>(1)? as u64,
+                otheruser_id: r.get::<_, i64>(2)? as u64,
+                kind: shared_proto::MessageKind(kind).name().to_string(),
+                size: r.get::<_, i64>(4)?.max(0) as u64,
+                mime: r.get(5)?,
+                duration_ms: r.get(6)?,
+                width: r.get(7)?,
+                height: r.get(8)?,
+                sent_at: r.get(9)?,
+                delivered: r.get::<_, i64>(10)? == 1,
+                delivered_at: r.get(11)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Messages kept over every mailbox, or `user`'s.
+    pub fn mailbox_totals(&self, user: Option<UserId>) -> Result<MailboxTotals, StoreError> {
+        let user = user.map(|u| i64::try_from(u).unwrap_or(-1));
+        Ok(self.conn.query_row(
+            "SELECT count(*), coalesce(sum(delivered = 0), 0),
+                    coalesce(sum(body_size + length(CAST(body_text AS BLOB))), 0)
+             FROM user_message WHERE ?1 IS NULL OR otheruser_id = ?1",
+            [user],
+            |r| {
+                Ok(MailboxTotals {
+                    messages: r.get::<_, i64>(0)?.max(0) as u64,
+                    waiting: r.get::<_, i64>(1)?.max(0) as u64,
+                    bytes: r.get::<_, i64>(2)?.max(0) as u64,
+                })
+            },
+        )?)
     }
 }
 
