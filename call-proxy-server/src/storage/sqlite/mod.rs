@@ -229,6 +229,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX operator_alarm_open ON operator_alarm (id) WHERE cleared_at IS NULL;",
     // 7: messages (issue 15).
     messages::MIGRATION,
+    // 8: each message's size as the quota counts it, in an index with its recipient, so
+    // the quota check of an insert reads the index alone.
+    messages::QUOTA_MIGRATION,
 ];
 
 /// The condition of a live call; written exactly as in the partial index `user_call_live`
