@@ -199,20 +199,17 @@ async fn texts(args: &Args, keys: &Keys, addr: SocketAddr, server: u32) -> Resul
                 if in_flight == 0 {
                     return anyhow::Ok(());
                 }
-                match conn.recv().await? {
-                    Incoming::Reply { result, .. } => {
-                        in_flight -= 1;
-                        match result {
-                            Ok(Reply::MessageSent(MessageSent {
-                                outcome: SendOutcome::STORED,
-                                ..
-                            })) => {
-                                stored.fetch_add(1, Ordering::Relaxed);
-                            }
-                            other => bail!("a text was not stored: {other:?}"),
+                if let Incoming::Reply { result, .. } = conn.recv().await? {
+                    in_flight -= 1;
+                    match result {
+                        Ok(Reply::MessageSent(MessageSent {
+                            outcome: SendOutcome::STORED,
+                            ..
+                        })) => {
+                            stored.fetch_add(1, Ordering::Relaxed);
                         }
+                        other => bail!("a text was not stored: {other:?}"),
                     }
-                    _ => {}
                 }
             }
         }));
