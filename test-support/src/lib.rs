@@ -8,6 +8,7 @@
 //!   is killed when dropped.
 //! - [`procfs`]: CPU time and resident memory of a process, busy time of the machine, the
 //!   CPU model, and a meter that splits a phase's CPU between server, load and the rest.
+//! - [`stats`]: percentiles of latencies, milliseconds for printing.
 //!
 //! It depends on no crate of this workspace, so the server's own benchmark binaries can
 //! use it as well as the tests of every crate.
@@ -16,3 +17,4 @@ pub mod fs;
 pub mod net;
 pub mod process;
 pub mod procfs;
+pub mod stats;

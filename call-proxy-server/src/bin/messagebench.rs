@@ -36,6 +36,7 @@ use shared_proto::{
 };
 use test_support::process::KillOnDrop;
 use test_support::procfs::{rss_bytes, CpuMeter};
+use test_support::stats::{ms, pct};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -140,7 +141,7 @@ async fn bench(args: Args) -> Result<()> {
         "requests_per_sec = 1000000\nrequest_burst = 1000000\nmailbox_messages = 1000000\n\
          mailbox_mb = 1000000\nmax_connections = 10000\n",
     )?;
-    let (child, addr) = spawn_server(&bin, dir.path())?;
+    let (child, addr) = spawn_server(&bin, dir.path()).await?;
     let ca = std::fs::read(dir.path().join("tls/ca.crt")).context("the server's CA")?;
     let tls = keys
         .iter()
@@ -680,45 +681,24 @@ async fn transfer(keys: &Keys, addr: SocketAddr, user: UserId) -> Result<Tv> {
     }
 }
 
-fn spawn_server(bin: &Path, dir: &Path) -> Result<(KillOnDrop, SocketAddr)> {
+async fn spawn_server(bin: &Path, dir: &Path) -> Result<(KillOnDrop, SocketAddr)> {
     let port = test_support::net::free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let child = KillOnDrop(
-        Command::new(bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(dir.join("bench.toml"))
-            .args(["--listen", &addr.to_string()])
-            .arg("--db")
-            .arg(dir.join("bench.sqlite"))
-            .args(["--max-per-ip", "0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("server.log"))?)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        ensure!(
-            Instant::now() < deadline,
-            "the server did not listen on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(dir.join("bench.toml"))
+        .args(["--listen", &addr.to_string()])
+        .arg("--db")
+        .arg(dir.join("bench.sqlite"))
+        .args(["--max-per-ip", "0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("server.log"))?);
+    let child = test_support::process::spawn_listening(&mut cmd, addr, Duration::from_secs(10))
+        .await
+        .with_context(|| format!("starting {}", bin.display()))?;
     Ok((child, addr))
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn main() -> std::process::ExitCode {

@@ -27,6 +27,7 @@ use futures::stream::{self, StreamExt};
 use shared_proto::{ErrorCode, Event, Reply, Request, UserId};
 use test_support::process::KillOnDrop;
 use test_support::procfs::{rss_bytes, CpuMeter};
+use test_support::stats::{ms, pct};
 use tokio::sync::mpsc;
 
 #[derive(Parser, Debug)]
@@ -370,18 +371,6 @@ fn spawn_server(bin: &Path, dir: &Path) -> Result<(KillOnDrop, SocketAddr)> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok((child, addr))
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn main() -> std::process::ExitCode {
