@@ -439,8 +439,21 @@ async fn ring_during_upload(args: &Args, keys: &Keys, addr: SocketAddr, clip: &[
     caller.register(CALLER, 5000).await?;
     let mut callee = connect(keys, addr, UPLOADER).await?;
     callee.register(UPLOADER, 5002).await?;
-    // The callee's events are drained in the background (its rings).
-    let drain = tokio::spawn(async move { while callee.next_event().await.is_ok() {} });
+    // The callee's events are drained in the background (its rings), and it sends its
+    // heartbeats, as a TV does.
+    let drain = tokio::spawn(async move {
+        let mut beat = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                e = callee.next_event() => if e.is_err() { return },
+                _ = beat.tick() => {
+                    if callee.connection().send(Request::Heartbeat).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
     let quiet = dials(&mut caller, args.dials).await?;
     println!(
         "ring latency (dial → Ringing) to a TV, {} dials per series: no upload p50 {:.2} ms, p99 {:.2} ms",
