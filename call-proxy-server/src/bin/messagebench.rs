@@ -73,6 +73,10 @@ struct Args {
     /// Dials in each ring-latency series.
     #[arg(long, default_value_t = 200)]
     dials: usize,
+    /// Where the server keeps bodies [default: beside its database, in a temporary
+    /// directory] (another file system separates their fsyncs from the database's).
+    #[arg(long)]
+    body_dir: Option<PathBuf>,
     /// Worker threads of the load generator.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -136,11 +140,14 @@ async fn bench(args: Args) -> Result<()> {
         .map(|(k, &u)| (k.cert.to_vec(), u))
         .collect();
     call_proxy_server::storage::sqlite::enroll::seed_credentials(&db, &seeds)?;
-    std::fs::write(
-        dir.path().join("bench.toml"),
+    let mut toml =
         "requests_per_sec = 1000000\nrequest_burst = 1000000\nmailbox_messages = 1000000\n\
-         mailbox_mb = 1000000\nmax_connections = 10000\n",
-    )?;
+         mailbox_mb = 1000000\nmax_connections = 10000\n"
+            .to_string();
+    if let Some(b) = &args.body_dir {
+        toml.push_str(&format!("body_dir = {:?}\n", b.display().to_string()));
+    }
+    std::fs::write(dir.path().join("bench.toml"), toml)?;
     let (child, addr) = spawn_server(&bin, dir.path()).await?;
     let ca = std::fs::read(dir.path().join("tls/ca.crt")).context("the server's CA")?;
     let tls = keys
