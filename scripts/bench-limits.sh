@@ -14,12 +14,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-echo "== machine"
-echo "cpus: $(nproc)"
-echo "cpu model: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown)"
-echo "kernel: $(uname -sr)"
+. scripts/lib.sh
+print_machine
 echo "open files: soft $(ulimit -Sn), hard $(ulimit -Hn)"
-echo "load average now: $(cut -d" " -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
 
 profile="${PROFILE:-release}"
 echo "== build ($profile)"

@@ -14,12 +14,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-echo "== machine"
-echo "cpus: $(nproc)"
-echo "cpu model: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown)"
-echo "kernel: $(uname -sr)"
+. scripts/lib.sh
+print_machine
 echo "disk under target/: $(df -h --output=source,fstype target 2>/dev/null | tail -1 || echo unknown)"
-echo "load average now: $(cut -d" " -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
 
 command -v ffmpeg >/dev/null || { echo "bench-messages: ffmpeg is needed (scripts/setup.sh installs it)" >&2; exit 1; }
 media="${CARGO_TARGET_DIR:-target}/bench-media"

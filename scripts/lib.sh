@@ -1,4 +1,4 @@
-# Shell helpers shared by the demo, the ARM emulation test and the ARM benchmark.
+# Shell helpers shared by the demo, the ARM emulation test and the benchmarks.
 # Source it: . "$root/scripts/lib.sh"
 
 # Prints a free TCP port on 127.0.0.1 (falls back to $1 without python3).
@@ -43,4 +43,14 @@ enroll_tv() {
   "$server_bin" approve --db "$db" --code "$code" --user "$user"
   wait "$pid"
   echo "TV $user: $(tail -1 "$out")"
+}
+
+# Prints the "== machine" header a benchmark's figures are read against: CPUs, model,
+# kernel and the load average now.
+print_machine() {
+  echo "== machine"
+  echo "cpus: $(nproc)"
+  echo "cpu model: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown)"
+  echo "kernel: $(uname -sr)"
+  echo "load average now: $(cut -d" " -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
 }

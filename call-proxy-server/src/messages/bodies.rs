@@ -52,16 +52,8 @@ pub enum SealError {
     Io(#[from] io::Error),
 }
 
-/// The limits a body is checked against.
-#[derive(Debug, Clone, Copy)]
-pub struct MediaLimits {
-    /// Longest voice message.
-    pub max_voice_ms: u32,
-    /// Longest clip.
-    pub max_video_ms: u32,
-    /// Largest picture side.
-    pub max_picture_side: u32,
-}
+/// The limits a body is checked against (the media check's own type).
+pub use media_check::Limits as MediaLimits;
 
 impl Bodies {
     /// Opens (creating) the body directory.

@@ -28,12 +28,7 @@ pub fn body<R: Read + Seek>(
             })
         }
     };
-    let limits = media_check::Limits {
-        max_voice_ms: limits.max_voice_ms,
-        max_video_ms: limits.max_video_ms,
-        max_picture_side: limits.max_picture_side,
-    };
-    media_check::check(kind, body, len, &limits).map_err(|e| match e {
+    media_check::check(kind, body, len, limits).map_err(|e| match e {
         media_check::Error::TooLong(why) => SealError::TooLong(why),
         media_check::Error::Io(e) => SealError::Io(e),
         e @ media_check::Error::Bad { .. } => SealError::BadMedia {

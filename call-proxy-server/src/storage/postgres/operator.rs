@@ -81,29 +81,37 @@ const STATS_SQL: &str = concat!(
             (SELECT max(d) FROM delays)"
 );
 
-/// The SQL and parameters of a call-log page.
-fn calls_sql(q: &CallQuery) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
-    let (conditions, args) = call_log_conditions(q, |n, arg| match arg {
+/// How a log query's `n`th parameter is written in PostgreSQL's SQL.
+fn placeholder(n: usize, arg: &SqlArg) -> String {
+    match arg {
         SqlArg::Int(_) => format!("${n}::bigint"),
         SqlArg::Text(_) => format!("${n}::text"),
         SqlArg::Time(_) => format!("tvcall_ts(${n}::bigint)"),
-    });
-    let sql = format!(
-        "SELECT id, user_id, otheruser_id, tvcall_text(call_date), outcome, delivered,
-                tvcall_text(answered_at), tvcall_text(ended_at), tvcall_text(delivered_at),
-                caller_ip
-         FROM user_call WHERE true{conditions}"
-    );
-    let args = args
-        .into_iter()
+    }
+}
+
+/// A log query's parameters, bound in PostgreSQL's types (a time as Unix ms).
+fn params(args: Vec<SqlArg>) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    args.into_iter()
         .map(|a| -> Box<dyn ToSql + Sync + Send> {
             match a {
                 SqlArg::Int(v) | SqlArg::Time(v) => Box::new(v),
                 SqlArg::Text(v) => Box::new(v),
             }
         })
-        .collect();
-    (sql, args)
+        .collect()
+}
+
+/// The SQL and parameters of a call-log page.
+fn calls_sql(q: &CallQuery) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+    let (conditions, args) = call_log_conditions(q, placeholder);
+    let sql = format!(
+        "SELECT id, user_id, otheruser_id, tvcall_text(call_date), outcome, delivered,
+                tvcall_text(answered_at), tvcall_text(ended_at), tvcall_text(delivered_at),
+                caller_ip
+         FROM user_call WHERE true{conditions}"
+    );
+    (sql, params(args))
 }
 
 impl OperatorStore for PostgresOperator {
@@ -182,26 +190,18 @@ impl OperatorStore for PostgresOperator {
     async fn messages(&self, q: MessageLogQuery) -> Result<Vec<MessageRecord>, StoreError> {
         use futures::TryStreamExt;
         let conn = self.conn().await?;
-        let (conditions, args) = message_log_conditions(&q, |n, arg| match arg {
-            SqlArg::Text(_) => format!("${n}::text"),
-            SqlArg::Int(_) | SqlArg::Time(_) => format!("${n}::bigint"),
-        });
+        let (conditions, args) = message_log_conditions(&q, placeholder);
         let sql = format!(
             "SELECT message_id, user_id, otheruser_id, kind,
                     body_size + octet_length(body_text), body_mime, duration_ms, width,
                     height, tvcall_text(sent_at), delivered, tvcall_text(delivered_at)
              FROM user_message WHERE true{conditions}"
         );
-        let args: Vec<Box<dyn ToSql + Sync + Send>> = args
-            .into_iter()
-            .map(|a| -> Box<dyn ToSql + Sync + Send> {
-                match a {
-                    SqlArg::Int(v) | SqlArg::Time(v) => Box::new(v),
-                    SqlArg::Text(v) => Box::new(v),
-                }
-            })
-            .collect();
-        let rows: Vec<Row> = conn.query_raw(&sql, args).await?.try_collect().await?;
+        let rows: Vec<Row> = conn
+            .query_raw(&sql, params(args))
+            .await?
+            .try_collect()
+            .await?;
         let uint = |v: Option<i32>| v.map(|n| u32::try_from(n).unwrap_or(0));
         rows.iter()
             .map(|r| {

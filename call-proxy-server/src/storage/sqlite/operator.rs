@@ -225,6 +225,18 @@ const USER_COLUMNS: &str = "p.user_id, p.user_ip, p.user_netstate, p.media_port,
 /// The tables [`USER_COLUMNS`] come from.
 const USER_FROM: &str = "user_property p LEFT JOIN user_phone ph ON ph.user_id = p.user_id";
 
+/// A log query's parameters as SQLite values (a time as the RFC 3339 text the columns
+/// hold).
+fn values(args: Vec<SqlArg>) -> Vec<Value> {
+    args.into_iter()
+        .map(|a| match a {
+            SqlArg::Int(v) => Value::Integer(v),
+            SqlArg::Text(v) => Value::Text(v),
+            SqlArg::Time(t) => Value::Text(to_db_text(t)),
+        })
+        .collect()
+}
+
 fn user_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
     Ok(UserRecord {
         user_id: r.get::<_, i64>(0)? as u64,
@@ -267,14 +279,7 @@ impl OperatorDb {
                     ended_at, delivered_at, caller_ip
              FROM user_call WHERE 1 = 1{conditions}"
         );
-        let args: Vec<Value> = args
-            .into_iter()
-            .map(|a| match a {
-                SqlArg::Int(v) => Value::Integer(v),
-                SqlArg::Text(v) => Value::Text(v),
-                SqlArg::Time(t) => Value::Text(to_db_text(t)),
-            })
-            .collect();
+        let args = values(args);
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
             Ok(CallRecord {
@@ -399,17 +404,11 @@ impl OperatorDb {
         let (conditions, args) = message_log_conditions(q, |n, _| format!("?{n}"));
         let sql = format!(
             "SELECT message_id, user_id, otheruser_id, kind,
-                    body_size + length(CAST(body_text AS BLOB)), body_mime, duration_ms,
+                    quota_bytes, body_mime, duration_ms,
                     width, height, sent_at, delivered, delivered_at
              FROM user_message WHERE 1 = 1{conditions}"
         );
-        let args: Vec<Value> = args
-            .into_iter()
-            .map(|a| match a {
-                SqlArg::Int(v) | SqlArg::Time(v) => Value::Integer(v),
-                SqlArg::Text(v) => Value::Text(v),
-            })
-            .collect();
+        let args = values(args);
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
             let kind = u8::try_from(r.get::<_, i64>(3)?).unwrap_or(0);
@@ -436,7 +435,7 @@ impl OperatorDb {
         let user = user.map(|u| i64::try_from(u).unwrap_or(-1));
         Ok(self.conn.query_row(
             "SELECT count(*), coalesce(sum(delivered = 0), 0),
-                    coalesce(sum(body_size + length(CAST(body_text AS BLOB))), 0)
+                    coalesce(sum(quota_bytes), 0)
              FROM user_message WHERE ?1 IS NULL OR otheruser_id = ?1",
             [user],
             |r| {
