@@ -21,11 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shared_proto::{CallId, ErrorCode, Event, Reply, ServerMsg, SrtpKey, UserId, WireError};
+use shared_proto::{CallId, ErrorCode, Event, Reply, ServerMsg, UserId, WireError};
 use tokio::sync::oneshot;
 
 use crate::handler::SessionKey;
-use crate::registry::{Notice, PushTx, Reserve};
+use crate::registry::{MediaOffer, Notice, PushTx, Reserve};
 use crate::server::Shared;
 use crate::storage::postgres::link::NodeLink;
 use crate::storage::Store;
@@ -36,10 +36,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A TV's request about a call another node holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {
-    /// It answers, with its SRTP sending key.
+    /// It answers, with its media offer (SRTP sending key, ICE).
     Answer {
-        /// The key (`None`: plain RTP).
-        srtp: Option<SrtpKey>,
+        /// The offer (in a node built before ICE, the key alone: `{"srtp": …}`).
+        #[serde(flatten)]
+        offer: MediaOffer,
     },
     /// It rejects.
     Reject,
@@ -405,7 +406,7 @@ mod tests {
 
     #[test]
     fn messages_read_back_as_written_and_stay_far_below_the_notify_limit() {
-        let key = SrtpKey {
+        let key = shared_proto::SrtpKey {
             suite: shared_proto::SrtpSuite::AES_CM_128_HMAC_SHA1_80,
             key_salt: vec![0xA5; 30],
         };
@@ -420,6 +421,7 @@ mod tests {
                     caller_media: "[2001:db8::1]:65535".parse().unwrap(),
                     call_date_ms: i64::MAX,
                     srtp: Some(key.clone()),
+                    ice: None,
                 },
             },
             NodeMsg::Request {
@@ -429,7 +431,24 @@ mod tests {
                     call_id: 9,
                     user: 2,
                     session_id: 3,
-                    control: Control::Answer { srtp: Some(key) },
+                    control: Control::Answer {
+                        offer: MediaOffer {
+                            srtp: Some(key),
+                            ice: Some(shared_proto::IceParams {
+                                ufrag: "u".repeat(256),
+                                pwd: "p".repeat(256),
+                                candidates: vec![
+                                    shared_proto::IceCandidate {
+                                        kind: shared_proto::CandidateKind::RELAYED,
+                                        addr: "[2001:db8::1]:65535".parse().unwrap(),
+                                        priority: u32::MAX,
+                                        foundation: "f".repeat(32),
+                                    };
+                                    shared_proto::MAX_ICE_CANDIDATES
+                                ],
+                            }),
+                        },
+                    },
                 },
             },
             NodeMsg::Response {
@@ -443,9 +462,18 @@ mod tests {
         for m in msgs {
             let s = serde_json::to_string(&m).unwrap();
             assert!(s.starts_with('{'), "{s}");
-            assert!(s.len() < 1_000, "{} bytes", s.len());
+            // The largest (an answer with 16 candidates and the longest ICE
+            // credentials) stays under half of NOTIFY's 8,000-byte cap.
+            assert!(s.len() < 4_000, "{} bytes", s.len());
             assert_eq!(serde_json::from_str::<NodeMsg>(&s).unwrap(), m);
         }
+        // An answer from a node built before ICE (the key alone) still reads.
+        assert_eq!(
+            serde_json::from_str::<Control>("{\"Answer\":{\"srtp\":null}}").unwrap(),
+            Control::Answer {
+                offer: MediaOffer::default()
+            }
+        );
         assert!(serde_json::from_str::<NodeMsg>("{\"Bogus\":1}").is_err());
     }
 }

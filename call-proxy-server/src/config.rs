@@ -185,6 +185,21 @@ pub struct Config {
     /// How long a sender's `SendMessage` waits for an online recipient to take the
     /// message before it is answered `stored` rather than `delivered`.
     pub message_delivery_wait_ms: u64,
+    /// STUN servers TVs gather server-reflexive candidates from (`stun:HOST:PORT`), e.g.
+    /// coturn's or this server's own [`Config::stun_listen`]. Empty: none.
+    pub stun_urls: Vec<String>,
+    /// TURN servers (coturn) TVs may relay through when no direct path works
+    /// (`turn:HOST:PORT[?transport=udp|tcp]`). Needs [`Config::turn_secret_file`].
+    pub turn_urls: Vec<String>,
+    /// File whose first line is coturn's `static-auth-secret` (coturn runs with
+    /// `use-auth-secret`): TURN credentials are made from it per call.
+    pub turn_secret_file: Option<PathBuf>,
+    /// How long a TURN credential handed to a TV for a call stays valid (coturn refuses
+    /// to refresh an allocation after it, so it bounds a relayed call's length).
+    pub turn_credential_ttl_s: u64,
+    /// A UDP address this server answers STUN Binding requests on (its own STUN
+    /// service; name it in `stun_urls` as TVs reach it). Unset: none.
+    pub stun_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -250,6 +265,11 @@ impl Default for Config {
             mailbox_messages: 500,
             message_retention_days: 30,
             message_delivery_wait_ms: 2_000,
+            stun_urls: Vec::new(),
+            turn_urls: Vec::new(),
+            turn_secret_file: None,
+            turn_credential_ttl_s: 12 * 3600,
+            stun_listen: None,
         }
     }
 }

@@ -35,6 +35,7 @@ pub mod connection;
 pub mod dispatch;
 pub mod embedded;
 pub mod handler;
+pub mod ice;
 pub mod messages;
 pub mod metrics;
 pub mod registry;

@@ -438,6 +438,19 @@ struct ServeArgs {
     /// authenticated. The default is TLS 1.3 with enrolled TVs only.
     #[arg(long)]
     insecure_plaintext: bool,
+    /// A STUN server TVs gather their outside address from, stun:HOST:PORT (repeatable).
+    #[arg(long = "stun-url")]
+    stun_urls: Vec<String>,
+    /// A TURN server (coturn with use-auth-secret) TVs may relay through,
+    /// turn:HOST:PORT[?transport=udp|tcp] (repeatable). Needs --turn-secret-file.
+    #[arg(long = "turn-url")]
+    turn_urls: Vec<String>,
+    /// File whose first line is coturn's static-auth-secret.
+    #[arg(long)]
+    turn_secret_file: Option<PathBuf>,
+    /// Answer STUN Binding requests on this UDP address [default: off].
+    #[arg(long)]
+    stun_listen: Option<std::net::SocketAddr>,
 }
 
 /// The flags `serve` and `dispatch` share: the config file, the listener, the database,
@@ -813,6 +826,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.insecure_plaintext {
         config.insecure_plaintext = true;
     }
+    if !args.stun_urls.is_empty() {
+        config.stun_urls = args.stun_urls;
+    }
+    if !args.turn_urls.is_empty() {
+        config.turn_urls = args.turn_urls;
+    }
+    if let Some(v) = args.turn_secret_file {
+        config.turn_secret_file = Some(v);
+    }
+    if let Some(v) = args.stun_listen {
+        config.stun_listen = Some(v);
+    }
     config.validate()?;
     if let Some(path) = &config.dispatch_public_key_file {
         let key = call_proxy_server::dispatch::PublicKey::load(path)?;
@@ -845,7 +870,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // TLS is set up (and the server's own CA written) before the port opens: a TV
         // that can connect can find the CA.
         let listen = config.listen;
-        let shared = Shared::new(store, config).context("cannot set up TLS")?;
+        let shared = Shared::new(store, config).context("cannot set up the server")?;
         let config = &shared.config;
         let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
         if let DbTarget::Postgres(target) = &db {

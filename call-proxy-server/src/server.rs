@@ -51,12 +51,17 @@ pub struct Shared<S> {
     pub accountant: crate::accounting::Accountant,
     /// Messages: the body directory, uploads in progress, senders waiting.
     pub messages: crate::messages::Messages,
+    /// The STUN and TURN servers TVs are told about, and the TURN secret.
+    pub ice: crate::ice::IceConfig,
+    /// The own STUN responder's counters.
+    pub stun: crate::ice::StunCounters,
 }
 
 impl<S: Store> Shared<S> {
     /// Shared state over an opened store, with TLS as `config` says (the server's own
     /// certificates are made on first start; see [`crate::tls`]).
-    pub fn new(store: S, config: Config) -> Result<Arc<Self>, crate::tls::TlsError> {
+    pub fn new(store: S, config: Config) -> anyhow::Result<Arc<Self>> {
+        let ice = crate::ice::IceConfig::load(&config)?;
         let tls = if config.insecure_plaintext {
             tracing::warn!(
                 "INSECURE: plain TCP on the control port: nothing is encrypted and TVs are \
@@ -96,7 +101,23 @@ impl<S: Store> Shared<S> {
             cluster,
             accountant,
             messages,
+            ice,
+            stun: crate::ice::StunCounters::default(),
         }))
+    }
+}
+
+/// The own STUN responder on `stun_listen`, if set (see [`crate::ice::serve_stun`]).
+async fn stun_responder<S: Store>(shared: &Shared<S>) {
+    let Some(addr) = shared.config.stun_listen else {
+        return;
+    };
+    match tokio::net::UdpSocket::bind(addr).await {
+        Ok(socket) => {
+            tracing::info!(%addr, "answering STUN binding requests");
+            crate::ice::serve_stun(socket, &shared.stun).await;
+        }
+        Err(e) => tracing::error!(%addr, error = %e, "cannot bind stun_listen: no STUN service"),
     }
 }
 
@@ -243,6 +264,10 @@ pub async fn run<S: Store>(
         tokio::spawn({
             let shared = Arc::clone(&shared);
             async move { crate::messages::sweep(&shared).await }
+        }),
+        tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { stun_responder(&shared).await }
         }),
     ];
     tokio::select! {

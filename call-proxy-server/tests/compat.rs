@@ -206,6 +206,7 @@ async fn an_old_agent_registers_fetches_acks_dials_answers_and_hangs_up() {
     new.request(Request::Answer {
         call_id,
         srtp: None,
+        ice: None,
     })
     .await
     .unwrap();
@@ -258,7 +259,8 @@ async fn an_old_agent_registers_fetches_acks_dials_answers_and_hangs_up() {
         event(&mut new).await,
         Event::CallAnswered {
             call_id,
-            srtp: None
+            srtp: None,
+            ice: None,
         }
     );
     new.request(Request::HangUp { call_id }).await.unwrap();
@@ -363,6 +365,7 @@ async fn pushes_follow_the_features_a_session_asked_for() {
         .request(Request::Answer {
             call_id,
             srtp: None,
+            ice: None,
         })
         .await
         .unwrap();
@@ -370,7 +373,8 @@ async fn pushes_follow_the_features_a_session_asked_for() {
         event(&mut calls_only).await,
         Event::CallAnswered {
             call_id,
-            srtp: None
+            srtp: None,
+            ice: None,
         }
     );
     assert!(matches!(

@@ -76,6 +76,7 @@ async fn dial(c: &mut Tv, callee: UserId) -> Result<DialOutcome, ClientError> {
             callee,
             key: Some(rand::random()),
             srtp: None,
+            ice: None,
         })
         .await?
     {
@@ -193,6 +194,7 @@ async fn a_full_disk_refuses_new_calls_keeps_states_true_and_recovers_without_a_
             callee: ONLINE,
             key: None,
             srtp: None,
+            ice: None,
         })
         .await
     {

@@ -117,7 +117,8 @@ async fn flow4_call_between_online_tvs_exchanges_media_addresses() {
     assert_eq!(
         b.request(Request::Answer {
             call_id,
-            srtp: None
+            srtp: None,
+            ice: None,
         })
         .await
         .unwrap(),
@@ -127,7 +128,8 @@ async fn flow4_call_between_online_tvs_exchanges_media_addresses() {
         event(&mut a).await,
         Event::CallAnswered {
             call_id,
-            srtp: None
+            srtp: None,
+            ice: None,
         }
     );
     assert_eq!(
@@ -252,6 +254,7 @@ async fn call_ended_before_power_on_is_delivered_as_missed_never_ringing() {
         .request(Request::Answer {
             call_id,
             srtp: None,
+            ice: None,
         })
         .await
         .unwrap_err();
@@ -292,6 +295,7 @@ async fn ring_timeout_makes_a_missed_call_for_the_callee() {
         .request(Request::Answer {
             call_id,
             srtp: None,
+            ice: None,
         })
         .await
         .unwrap_err();
@@ -481,6 +485,7 @@ async fn provisioned_only_server_refuses_unknown_registrations() {
             callee: B,
             key: None,
             srtp: None,
+            ice: None,
         })
         .await
         .unwrap_err();

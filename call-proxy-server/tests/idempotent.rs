@@ -25,6 +25,7 @@ async fn dial(c: &mut Tv, callee: UserId, key: Option<u64>) -> Result<DialOutcom
             callee,
             key,
             srtp: None,
+            ice: None,
         })
         .await?
     {
@@ -127,6 +128,7 @@ async fn a_retried_keyed_dial_of_a_call_that_was_answered_or_rejected_names_it()
     b.request(Request::Answer {
         call_id,
         srtp: None,
+        ice: None,
     })
     .await
     .unwrap();

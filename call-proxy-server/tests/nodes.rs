@@ -227,6 +227,7 @@ async fn answered(from: &mut common::Tv, to: &mut common::Tv, callee: u64) -> u6
     let answer = Request::Answer {
         call_id,
         srtp: None,
+        ice: None,
     };
     assert_eq!(to.request(answer).await.unwrap(), Reply::Done);
     assert!(matches!(
@@ -283,13 +284,15 @@ async fn tvs_on_two_nodes_ring_answer_reject_hang_up_and_lose_each_other() {
     let answer = Request::Answer {
         call_id,
         srtp: None,
+        ice: None,
     };
     assert_eq!(tv2.request(answer).await.unwrap(), Reply::Done);
     assert_eq!(
         next_call_event(&mut tv1).await,
         Event::CallAnswered {
             call_id,
-            srtp: None
+            srtp: None,
+            ice: None,
         }
     );
     assert_eq!(outcome(&db, call_id).as_deref(), Some("answered"));

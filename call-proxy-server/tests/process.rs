@@ -70,6 +70,7 @@ async fn acknowledged_cached_calls_survive_sigkill_and_are_delivered_at_next_boo
                         callee: CALLEE,
                         key: None,
                         srtp: None,
+                        ice: None,
                     })
                     .await
                 {
@@ -140,6 +141,7 @@ async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
             callee: 2,
             key: None,
             srtp: None,
+            ice: None,
         })
         .await
         .unwrap()
@@ -150,6 +152,7 @@ async fn sigterm_ends_calls_closes_sessions_records_offline_and_exits_zero() {
     b.request(Request::Answer {
         call_id,
         srtp: None,
+        ice: None,
     })
     .await
     .unwrap();
@@ -232,6 +235,7 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
                             callee: CALLEE,
                             key: Some(k),
                             srtp: None,
+                            ice: None,
                         })
                         .await
                     {
@@ -281,6 +285,7 @@ async fn twenty_random_sigkills_lose_nothing_acknowledged_and_duplicate_nothing(
                 callee: CALLEE,
                 key: Some(key),
                 srtp: None,
+                ice: None,
             })
             .await
             .unwrap()

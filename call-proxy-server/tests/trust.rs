@@ -111,6 +111,7 @@ async fn an_unenrolled_tv_gets_nothing_and_an_enrolled_one_everything() {
             callee: 2002,
             key: Some(7),
             srtp: None,
+            ice: None,
         })
         .await
         .unwrap()
@@ -131,6 +132,7 @@ async fn an_unenrolled_tv_gets_nothing_and_an_enrolled_one_everything() {
             callee: 1001,
             key: None,
             srtp: None,
+            ice: None,
         },
         Request::FetchCached {
             after: 0,
@@ -142,6 +144,7 @@ async fn an_unenrolled_tv_gets_nothing_and_an_enrolled_one_everything() {
         Request::Answer {
             call_id,
             srtp: None,
+            ice: None,
         },
         Request::Reject { call_id },
         Request::HangUp { call_id },

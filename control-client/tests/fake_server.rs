@@ -90,6 +90,7 @@ async fn unknown_events_are_logged_and_dropped_and_the_link_stays_up() {
         s.send(ServerMsg::Event(Event::CallAnswered {
             call_id: 9,
             srtp: None,
+            ice: None,
         }))
         .await;
         let m = s.request().await;
@@ -107,7 +108,8 @@ async fn unknown_events_are_logged_and_dropped_and_the_link_stays_up() {
         e,
         Event::CallAnswered {
             call_id: 9,
-            srtp: None
+            srtp: None,
+            ice: None,
         }
     );
     assert_eq!(c.skipped(), 3);

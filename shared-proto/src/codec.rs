@@ -373,6 +373,7 @@ mod tests {
         let ev = server_frame_of(&ServerMsg::Event(Event::CallAnswered {
             call_id: 5,
             srtp: None,
+            ice: None,
         }));
         assert_eq!(&ev[..], &[0, 0, 0, 7, 0x80, 0x02, 0, 0, 0, 0, 5]);
         // An error reply: kind 0x7fff, id 3, body code 17 (varint), message "x".
@@ -403,6 +404,7 @@ mod tests {
                 callee: 2002,
                 key: Some(u64::MAX),
                 srtp: None,
+                ice: None,
             },
         });
         // The codec keeps state between calls, as it does on a socket: feed it byte by byte.
@@ -422,7 +424,8 @@ mod tests {
                 request: Request::Dial {
                     callee: 2002,
                     key: Some(u64::MAX),
-                    srtp: None
+                    srtp: None,
+                    ice: None
                 }
             })
         );
@@ -475,10 +478,11 @@ mod tests {
 
     #[test]
     fn appended_body_fields_are_ignored() {
-        // A newer client appended a field to Dial's body (after `srtp`, the last field
-        // this build knows: callee 7, key None, srtp None, then two bytes).
+        // A newer client appended a field to Dial's body (after `ice`, the last field
+        // this build knows: callee 7, key None, srtp None, ice None, then two bytes).
         let mut codec = ServerCodec::new(PROTOCOL_VERSION);
-        let mut buf = BytesMut::from(&envelope::frame(kind::DIAL, 4, &[7, 0, 0, 0xaa, 0xbb])[..]);
+        let mut buf =
+            BytesMut::from(&envelope::frame(kind::DIAL, 4, &[7, 0, 0, 0, 0xaa, 0xbb])[..]);
         assert_eq!(
             codec.decode(&mut buf).expect("decodes"),
             Some(ClientFrame::Msg(ClientMsg {
@@ -486,7 +490,8 @@ mod tests {
                 request: Request::Dial {
                     callee: 7,
                     key: None,
-                    srtp: None
+                    srtp: None,
+                    ice: None
                 }
             }))
         );
@@ -502,6 +507,7 @@ mod tests {
                 callee: 2002,
                 key: Some(5),
                 srtp: None,
+                ice: None,
             },
         });
         assert_eq!(
@@ -515,6 +521,7 @@ mod tests {
                 callee: 2002,
                 key: None,
                 srtp: None,
+                ice: None,
             },
         });
         assert_eq!(
@@ -528,6 +535,7 @@ mod tests {
                 callee: 7,
                 key: Some(0x0102_0304_0506_0708),
                 srtp: None,
+                ice: None,
             },
         });
         assert_eq!(
@@ -548,7 +556,8 @@ mod tests {
                 request: Request::Dial {
                     callee: 2002,
                     key: None,
-                    srtp: None
+                    srtp: None,
+                    ice: None
                 }
             }))
         );

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use crate::codec::{decode_prefix, decode_prefix_counted, encode_into, CodecError};
 use crate::messages::{
     CallId, ClientMsg, EndReason, ErrorCode, Event, IdempotencyKey, MessageId, Presence, Reply,
-    Request, RequestId, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
+    IceParams, Request, RequestId, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
 };
 
 /// Bytes of the header (kind + id).
@@ -75,6 +75,8 @@ pub mod kind {
     pub const ACK_MESSAGES: u16 = 0x0016;
     /// [`crate::Request::DeleteMessages`].
     pub const DELETE_MESSAGES: u16 = 0x0017;
+    /// [`crate::Request::IceServers`].
+    pub const ICE_SERVERS: u16 = 0x0018;
 
     /// [`crate::Reply::Registered`].
     pub const REGISTERED: u16 = 0x4001;
@@ -110,6 +112,8 @@ pub mod kind {
     pub const CHUNK: u16 = 0x4010;
     /// [`crate::Reply::Deleted`].
     pub const DELETED: u16 = 0x4011;
+    /// [`crate::Reply::IceServers`].
+    pub const ICE_SERVER_LIST: u16 = 0x4012;
     /// A request failed: the body is a [`crate::WireError`].
     pub const ERROR: u16 = 0x7fff;
 
@@ -226,6 +230,7 @@ pub fn request_kind(request: &Request) -> u16 {
         Request::GetChunk { .. } => kind::GET_CHUNK,
         Request::AckMessages { .. } => kind::ACK_MESSAGES,
         Request::DeleteMessages { .. } => kind::DELETE_MESSAGES,
+        Request::IceServers => kind::ICE_SERVERS,
     }
 }
 
@@ -261,20 +266,43 @@ fn append<T: serde::Serialize, W: io::Write>(
     }
 }
 
+/// Writes the last two appended optional fields of a body: as [`append`] when the last is
+/// `None`, else both in full (an absent first one as an explicit `None`).
+fn append2<A: serde::Serialize, B: serde::Serialize, W: io::Write>(
+    first: &Option<A>,
+    last: &Option<B>,
+    out: &mut W,
+) -> Result<(), CodecError> {
+    match last {
+        None => append(first, out),
+        Some(_) => {
+            encode_into(first, out)?;
+            encode_into(last, out)
+        }
+    }
+}
+
 /// Writes a client message's payload (header and body, no length prefix).
 pub fn encode_client<W: io::Write>(msg: &ClientMsg, out: &mut W) -> Result<(), CodecError> {
     header(out, request_kind(&msg.request), msg.id)?;
     match &msg.request {
         Request::Register(r) => encode_into(r, out),
-        Request::Heartbeat | Request::Bye | Request::PollEnrollment => Ok(()),
-        Request::QueryState { users } => encode_into(users, out),
-        Request::Dial { callee, key, srtp } => {
-            encode_into(&(callee, key), out)?;
-            append(srtp, out)
+        Request::Heartbeat | Request::Bye | Request::PollEnrollment | Request::IceServers => {
+            Ok(())
         }
-        Request::Answer { call_id, srtp } => {
+        Request::QueryState { users } => encode_into(users, out),
+        Request::Dial {
+            callee,
+            key,
+            srtp,
+            ice,
+        } => {
+            encode_into(&(callee, key), out)?;
+            append2(srtp, ice, out)
+        }
+        Request::Answer { call_id, srtp, ice } => {
             encode_into(call_id, out)?;
-            append(srtp, out)
+            append2(srtp, ice, out)
         }
         Request::Reject { call_id } | Request::HangUp { call_id } => encode_into(call_id, out),
         Request::StartEnrollment { agent_version } => encode_into(agent_version, out),
@@ -376,6 +404,10 @@ pub fn encode_server<W: io::Write>(msg: &ServerMsg, out: &mut W) -> Result<(), C
                 header(out, kind::DELETED, *id)?;
                 encode_into(count, out)
             }
+            Reply::IceServers(servers) => {
+                header(out, kind::ICE_SERVER_LIST, *id)?;
+                encode_into(servers, out)
+            }
         },
         ServerMsg::Event(e) => {
             header(out, event_kind(e), 0)?;
@@ -386,13 +418,14 @@ pub fn encode_server<W: io::Write>(msg: &ServerMsg, out: &mut W) -> Result<(), C
                     caller_media,
                     call_date_ms,
                     srtp,
+                    ice,
                 } => {
                     encode_into(&(call_id, caller, caller_media, call_date_ms), out)?;
-                    append(srtp, out)
+                    append2(srtp, ice, out)
                 }
-                Event::CallAnswered { call_id, srtp } => {
+                Event::CallAnswered { call_id, srtp, ice } => {
                     encode_into(call_id, out)?;
-                    append(srtp, out)
+                    append2(srtp, ice, out)
                 }
                 Event::CallEnded { call_id, reason } => encode_into(&(call_id, reason), out),
                 Event::CachedCallsWaiting { count } => encode_into(count, out),
@@ -446,14 +479,22 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientFrame, CodecError> {
             let mut rest = body.get(used..).unwrap_or_default();
             let key = appended::<IdempotencyKey>(&mut rest)?;
             let srtp = appended::<SrtpKey>(&mut rest)?;
-            Request::Dial { callee, key, srtp }
+            let ice = appended::<IceParams>(&mut rest)?;
+            Request::Dial {
+                callee,
+                key,
+                srtp,
+                ice,
+            }
         }
         kind::ANSWER => {
             let (call_id, used) = decode_prefix_counted::<CallId>(body)?;
             let mut rest = body.get(used..).unwrap_or_default();
             let srtp = appended::<SrtpKey>(&mut rest)?;
-            Request::Answer { call_id, srtp }
+            let ice = appended::<IceParams>(&mut rest)?;
+            Request::Answer { call_id, srtp, ice }
         }
+        kind::ICE_SERVERS => Request::IceServers,
         kind::REJECT => Request::Reject {
             call_id: decode_prefix(body)?,
         },
@@ -589,6 +630,7 @@ fn decode_known_server(
         kind::CHUNK => reply(Reply::Chunk {
             bytes: decode_prefix::<serde_bytes::ByteBuf>(body)?.into_vec(),
         }),
+        kind::ICE_SERVER_LIST => reply(Reply::IceServers(decode_prefix(body)?)),
         kind::DELETED => reply(Reply::Deleted {
             count: decode_prefix(body)?,
         }),
@@ -601,19 +643,22 @@ fn decode_known_server(
                 decode_prefix_counted::<(CallId, UserId, SocketAddr, UnixMillis)>(body)?;
             let mut rest = body.get(used..).unwrap_or_default();
             let srtp = appended::<SrtpKey>(&mut rest)?;
+            let ice = appended::<IceParams>(&mut rest)?;
             Some(ServerMsg::Event(Event::IncomingCall {
                 call_id,
                 caller,
                 caller_media,
                 call_date_ms,
                 srtp,
+                ice,
             }))
         }
         kind::CALL_ANSWERED => {
             let (call_id, used) = decode_prefix_counted::<CallId>(body)?;
             let mut rest = body.get(used..).unwrap_or_default();
             let srtp = appended::<SrtpKey>(&mut rest)?;
-            Some(ServerMsg::Event(Event::CallAnswered { call_id, srtp }))
+            let ice = appended::<IceParams>(&mut rest)?;
+            Some(ServerMsg::Event(Event::CallAnswered { call_id, srtp, ice }))
         }
         kind::CALL_ENDED => {
             let (call_id, reason) = decode_prefix::<(CallId, EndReason)>(body)?;
@@ -673,16 +718,42 @@ mod tests {
             !format!("{key:?}").contains("29"),
             "Debug never shows the key"
         );
+        let ice = IceParams {
+            ufrag: "abcd".into(),
+            pwd: "p".repeat(22),
+            candidates: vec![crate::IceCandidate {
+                kind: crate::CandidateKind::SERVER_REFLEXIVE,
+                addr: "203.0.113.7:40000".parse().unwrap(),
+                priority: 1_694_498_815,
+                foundation: "2".into(),
+            }],
+        };
+        assert!(ice.check().is_ok());
+        assert!(!format!("{ice:?}").contains("ppp"), "Debug never shows the password");
         for request in [
             Request::Dial {
                 callee: 9,
                 key: None,
                 srtp: Some(key.clone()),
+                ice: None,
+            },
+            Request::Dial {
+                callee: 9,
+                key: Some(3),
+                srtp: None,
+                ice: Some(ice.clone()),
             },
             Request::Answer {
                 call_id: 4,
                 srtp: Some(key.clone()),
+                ice: Some(ice.clone()),
             },
+            Request::Answer {
+                call_id: 4,
+                srtp: None,
+                ice: Some(ice.clone()),
+            },
+            Request::IceServers,
             Request::StartEnrollment {
                 agent_version: "tv-agent 1".into(),
             },
@@ -713,11 +784,38 @@ mod tests {
                 caller_media: "192.0.2.1:5004".parse().unwrap(),
                 call_date_ms: 3,
                 srtp: Some(key.clone()),
+                ice: None,
+            }),
+            ServerMsg::Event(Event::IncomingCall {
+                call_id: 1,
+                caller: 2,
+                caller_media: "192.0.2.1:5004".parse().unwrap(),
+                call_date_ms: 3,
+                srtp: Some(key.clone()),
+                ice: Some(ice.clone()),
             }),
             ServerMsg::Event(Event::CallAnswered {
                 call_id: 1,
-                srtp: Some(key),
+                srtp: Some(key.clone()),
+                ice: None,
             }),
+            ServerMsg::Event(Event::CallAnswered {
+                call_id: 1,
+                srtp: None,
+                ice: Some(ice),
+            }),
+            ServerMsg::Reply {
+                id: 5,
+                result: Ok(Reply::IceServers(crate::IceServers {
+                    stun: vec!["stun:192.0.2.9:3478".into()],
+                    turn: vec![crate::TurnServer {
+                        urls: vec!["turn:192.0.2.9:3478?transport=udp".into()],
+                        username: "1700000000:1001".into(),
+                        credential: "c2VjcmV0".into(),
+                        expires_ms: 1_700_000_000_000,
+                    }],
+                })),
+            },
             ServerMsg::Reply {
                 id: 2,
                 result: Ok(Reply::Enrollment(crate::EnrollmentStatus::Pending {

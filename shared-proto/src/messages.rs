@@ -63,6 +63,17 @@ pub const MAX_CHUNK: usize = 48 * 1024;
 pub const MAX_TEXT_BYTES: usize = 32 * 1024;
 /// Longest MIME type in a message listing.
 pub const MAX_MIME_LEN: usize = 64;
+/// Most ICE candidates one side of a call may offer ([`IceParams::candidates`]).
+pub const MAX_ICE_CANDIDATES: usize = 16;
+/// Longest ICE username fragment or password (RFC 8445 §5.3: at least 4 and 22
+/// characters, at most 256).
+pub const MAX_ICE_CREDENTIAL_LEN: usize = 256;
+/// Longest ICE candidate foundation (RFC 8445 §5.1.1.3: at most 32 characters).
+pub const MAX_ICE_FOUNDATION_LEN: usize = 32;
+/// Most STUN or TURN servers one [`IceServers`] answer names, and most URLs per server.
+pub const MAX_ICE_SERVERS: usize = 8;
+/// Longest STUN/TURN URL or TURN username/credential in an [`IceServers`] answer.
+pub const MAX_ICE_SERVER_FIELD_LEN: usize = 512;
 
 /// Every frame a client sends: a request and the id its reply will echo.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +128,10 @@ pub enum Request {
         /// control link); relayed to the callee in [`Event::IncomingCall`]. `None`: an
         /// older agent that sends plain RTP. Appended after `key`.
         srtp: Option<SrtpKey>,
+        /// This TV's ICE credentials and candidates (RFC 8445), relayed to the callee in
+        /// [`Event::IncomingCall`]. `None`: an agent without ICE (media goes to the
+        /// address the server saw). Appended after `srtp`.
+        ice: Option<IceParams>,
     },
     /// Answer an incoming call that is ringing on this TV.
     Answer {
@@ -125,6 +140,10 @@ pub enum Request {
         /// The SRTP key this TV will encrypt its media with, in the caller's suite;
         /// relayed to the caller in [`Event::CallAnswered`]. Appended after `call_id`.
         srtp: Option<SrtpKey>,
+        /// This TV's ICE credentials and candidates, relayed to the caller in
+        /// [`Event::CallAnswered`]; `None` to a caller that offered none. Appended after
+        /// `srtp`.
+        ice: Option<IceParams>,
     },
     /// Reject an incoming call that is ringing on this TV.
     Reject {
@@ -256,6 +275,11 @@ pub enum Request {
         /// At most [`MAX_PAGE`] ids.
         message_ids: Vec<MessageId>,
     },
+    /// The STUN and TURN servers this TV may gather ICE candidates from for a call it is
+    /// about to place or answer, with short-lived TURN credentials. Answered with
+    /// [`Reply::IceServers`]; an older server answers `UNSUPPORTED` (host candidates
+    /// only).
+    IceServers,
 }
 
 /// What a message is, by a stable number (an unknown one is listed as received, with
@@ -487,6 +511,186 @@ impl SrtpKey {
     }
 }
 
+/// One side's ICE parameters for a call (RFC 8445): the credentials the other side's
+/// connectivity checks must carry (short-term STUN credentials: username
+/// `their_ufrag:our_ufrag`, password `pwd`) and the candidates gathered on the TV's
+/// media socket. Travels only over the authenticated control link; the server relays
+/// it, never stores or logs it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceParams {
+    /// Username fragment (4..=[`MAX_ICE_CREDENTIAL_LEN`] bytes of ICE characters).
+    pub ufrag: String,
+    /// Password (22..=[`MAX_ICE_CREDENTIAL_LEN`] bytes).
+    pub pwd: String,
+    /// At most [`MAX_ICE_CANDIDATES`].
+    pub candidates: Vec<IceCandidate>,
+}
+
+impl std::fmt::Debug for IceParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password: Debug output ends up in logs.
+        f.debug_struct("IceParams")
+            .field("ufrag", &self.ufrag)
+            .field("candidates", &self.candidates)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A transport address a TV can be reached at (RFC 8445 §5.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceCandidate {
+    /// How it was found.
+    pub kind: CandidateKind,
+    /// The address (UDP).
+    pub addr: SocketAddr,
+    /// Its priority (RFC 8445 §5.1.2).
+    pub priority: u32,
+    /// Candidates of the same kind from the same base and server share it (1..=
+    /// [`MAX_ICE_FOUNDATION_LEN`] bytes).
+    pub foundation: String,
+}
+
+/// A candidate's type. A newtype so that a kind added later decodes (and is skipped)
+/// instead of breaking the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CandidateKind(pub u8);
+
+impl CandidateKind {
+    /// An address of the TV's own interface.
+    pub const HOST: CandidateKind = CandidateKind(0);
+    /// The TV's address as a STUN server saw it (its NAT's outside address).
+    pub const SERVER_REFLEXIVE: CandidateKind = CandidateKind(1);
+    /// Learned from a connectivity check's source address.
+    pub const PEER_REFLEXIVE: CandidateKind = CandidateKind(2);
+    /// An address on a TURN relay allocated for this TV.
+    pub const RELAYED: CandidateKind = CandidateKind(3);
+
+    /// Its name as in SDP (`host`, `srflx`, `prflx`, `relay`).
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            0 => "host",
+            1 => "srflx",
+            2 => "prflx",
+            3 => "relay",
+            _ => "unknown",
+        }
+    }
+
+    /// The type preference of RFC 8445 §5.1.2.2 (host highest, relayed lowest).
+    pub fn type_preference(self) -> u32 {
+        match self.0 {
+            0 => 126,
+            2 => 110,
+            1 => 100,
+            _ => 0,
+        }
+    }
+}
+
+/// Where a TV may gather candidates for one call: STUN servers, and TURN servers with
+/// credentials that expire (coturn's shared-secret scheme: the username carries the
+/// expiry, the credential is an HMAC of it).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServers {
+    /// `stun:HOST:PORT` URLs (RFC 7064).
+    pub stun: Vec<String>,
+    /// TURN servers (RFC 7065 URLs), each with the credentials to allocate on it.
+    pub turn: Vec<TurnServer>,
+}
+
+impl std::fmt::Debug for IceServers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IceServers")
+            .field("stun", &self.stun)
+            .field("turn", &self.turn)
+            .finish()
+    }
+}
+
+/// One TURN server and the credentials for it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnServer {
+    /// `turn:HOST:PORT[?transport=udp|tcp]` or `turns:…` URLs (RFC 7065).
+    pub urls: Vec<String>,
+    /// The TURN username (`EXPIRY:USER` for coturn's `use-auth-secret`).
+    pub username: String,
+    /// The TURN password.
+    pub credential: String,
+    /// When the credential stops working.
+    pub expires_ms: UnixMillis,
+}
+
+impl std::fmt::Debug for TurnServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the credential.
+        f.debug_struct("TurnServer")
+            .field("urls", &self.urls)
+            .field("username", &self.username)
+            .field("expires_ms", &self.expires_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IceServers {
+    /// Whether every list and field is within the limits.
+    pub fn check(&self) -> Result<(), String> {
+        let long = |s: &String| s.len() > MAX_ICE_SERVER_FIELD_LEN;
+        if self.stun.len() > MAX_ICE_SERVERS || self.turn.len() > MAX_ICE_SERVERS {
+            return Err(format!("at most {MAX_ICE_SERVERS} STUN and TURN servers"));
+        }
+        let turn_long = self.turn.iter().any(|t| {
+            t.urls.len() > MAX_ICE_SERVERS
+                || t.urls.iter().any(long)
+                || long(&t.username)
+                || long(&t.credential)
+        });
+        if self.stun.iter().any(long) || turn_long {
+            return Err(format!(
+                "an ICE server field is longer than {MAX_ICE_SERVER_FIELD_LEN} bytes"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// ICE characters (RFC 8445 §15.1: ALPHA / DIGIT / "+" / "/").
+fn ice_chars(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+impl IceParams {
+    /// Whether the credentials and candidates are within the limits.
+    pub fn check(&self) -> Result<(), String> {
+        let cred = |name: &str, s: &str, min: usize| {
+            if s.len() < min || s.len() > MAX_ICE_CREDENTIAL_LEN || !ice_chars(s) {
+                Err(format!(
+                    "an ICE {name} is {min}..={MAX_ICE_CREDENTIAL_LEN} ICE characters"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        cred("ufrag", &self.ufrag, 4)?;
+        cred("password", &self.pwd, 22)?;
+        if self.candidates.len() > MAX_ICE_CANDIDATES {
+            return Err(format!(
+                "at most {MAX_ICE_CANDIDATES} ICE candidates, not {}",
+                self.candidates.len()
+            ));
+        }
+        for c in &self.candidates {
+            let f = &c.foundation;
+            if f.is_empty() || f.len() > MAX_ICE_FOUNDATION_LEN || !ice_chars(f) {
+                return Err(format!(
+                    "an ICE foundation is 1..={MAX_ICE_FOUNDATION_LEN} ICE characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Registration details (flow 1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {
@@ -556,6 +760,8 @@ pub enum Reply {
         /// Messages deleted.
         count: u32,
     },
+    /// To [`Request::IceServers`].
+    IceServers(IceServers),
 }
 
 /// A presence subscription as it starts: its id and every watched user's state now.
@@ -733,6 +939,9 @@ pub enum Event {
         /// The caller's SRTP sending key (decrypts what it sends); `None` for a caller
         /// that sends plain RTP (an older agent). Appended.
         srtp: Option<SrtpKey>,
+        /// The caller's ICE credentials and candidates; `None` for a caller without ICE.
+        /// Appended after `srtp`.
+        ice: Option<IceParams>,
     },
     /// The callee answered: media may flow.
     CallAnswered {
@@ -741,6 +950,9 @@ pub enum Event {
         /// The callee's SRTP sending key; `None` for a callee that sends plain RTP.
         /// Appended.
         srtp: Option<SrtpKey>,
+        /// The callee's ICE credentials and candidates; `None` for a callee without ICE.
+        /// Appended after `srtp`.
+        ice: Option<IceParams>,
     },
     /// The call is over (or never started). Stop ringing and stop media.
     CallEnded {
@@ -970,13 +1182,19 @@ impl Request {
                     ));
                 }
             }
-            Request::Dial { callee, srtp, .. } => {
+            Request::Dial {
+                callee, srtp, ice, ..
+            } => {
+                check_ice(ice.as_ref())?;
                 if !valid_user_id(*callee) {
                     return Err(format!("user id {callee} is out of range"));
                 }
                 check_srtp(srtp.as_ref())?;
             }
-            Request::Answer { srtp, .. } => check_srtp(srtp.as_ref())?,
+            Request::Answer { srtp, ice, .. } => {
+                check_srtp(srtp.as_ref())?;
+                check_ice(ice.as_ref())?;
+            }
             Request::StartEnrollment { agent_version } => {
                 if agent_version.len() > MAX_AGENT_VERSION_LEN {
                     return Err(format!(
@@ -1070,10 +1288,16 @@ impl Request {
             | Request::Reject { .. }
             | Request::HangUp { .. }
             | Request::Bye
+            | Request::IceServers
             | Request::PollEnrollment => {}
         }
         Ok(())
     }
+}
+
+/// ICE parameters, if given, must be within [`IceParams::check`]'s limits.
+fn check_ice(ice: Option<&IceParams>) -> Result<(), String> {
+    ice.map_or(Ok(()), IceParams::check)
 }
 
 /// An SRTP key, if given, must be of a known suite and of that suite's length.

@@ -215,6 +215,7 @@ mod tests {
         let call = Event::CallAnswered {
             call_id: 1,
             srtp: None,
+            ice: None,
         };
         assert_eq!(Features::of(&call), Features::CALLS);
     }

@@ -129,10 +129,12 @@ impl From<Request> for current::Request {
                 callee,
                 key: None,
                 srtp: None,
+                ice: None,
             },
             Request::Answer { call_id } => current::Request::Answer {
                 call_id,
                 srtp: None,
+                ice: None,
             },
             Request::Reject { call_id } => current::Request::Reject { call_id },
             Request::HangUp { call_id } => current::Request::HangUp { call_id },
@@ -172,6 +174,7 @@ impl TryFrom<current::Request> for Request {
             | current::Request::GetChunk { .. }
             | current::Request::AckMessages { .. }
             | current::Request::DeleteMessages { .. } => return Err(NotInV1("messages")),
+            current::Request::IceServers => return Err(NotInV1("IceServers")),
         })
     }
 }
@@ -235,6 +238,7 @@ impl TryFrom<current::Reply> for Reply {
             | current::Reply::Messages(_)
             | current::Reply::Chunk { .. }
             | current::Reply::Deleted { .. } => return Err(NotInV1("messages")),
+            current::Reply::IceServers(_) => return Err(NotInV1("IceServers")),
         })
     }
 }
@@ -253,10 +257,12 @@ impl From<Event> for current::Event {
                 caller_media,
                 call_date_ms,
                 srtp: None,
+                ice: None,
             },
             Event::CallAnswered { call_id } => current::Event::CallAnswered {
                 call_id,
                 srtp: None,
+                ice: None,
             },
             Event::CallEnded { call_id, reason } => current::Event::CallEnded { call_id, reason },
             Event::CachedCallsWaiting { count } => current::Event::CachedCallsWaiting { count },
@@ -441,7 +447,8 @@ mod tests {
                 request: current::Request::Dial {
                     callee: 2002,
                     key: None,
-                    srtp: None
+                    srtp: None,
+                    ice: None
                 }
             }))
         );
@@ -452,6 +459,7 @@ mod tests {
         let msg = current::ServerMsg::Event(current::Event::CallAnswered {
             call_id: 5,
             srtp: None,
+            ice: None,
         });
         let mut buf = BytesMut::new();
         ServerCodec::new(PROTOCOL_VERSION)

@@ -42,11 +42,13 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u64>(), any::<Option<u64>>()).prop_map(|(callee, key)| Request::Dial {
             callee,
             key,
-            srtp: None
+            srtp: None,
+            ice: None
         }),
         any::<u64>().prop_map(|call_id| Request::Answer {
             call_id,
-            srtp: None
+            srtp: None,
+            ice: None
         }),
         any::<u64>().prop_map(|call_id| Request::Reject { call_id }),
         any::<u64>().prop_map(|call_id| Request::HangUp { call_id }),
@@ -143,12 +145,14 @@ fn event() -> impl Strategy<Value = Event> {
                 caller,
                 caller_media,
                 call_date_ms,
-                srtp: None
+                srtp: None,
+                ice: None
             }
         ),
         any::<u64>().prop_map(|call_id| Event::CallAnswered {
             call_id,
-            srtp: None
+            srtp: None,
+            ice: None
         }),
         (any::<u64>(), end_reason())
             .prop_map(|(call_id, reason)| Event::CallEnded { call_id, reason }),

@@ -388,6 +388,7 @@ async fn an_agent_that_offers_no_key_gets_a_plain_rtp_call_either_way() {
             callee: NEW,
             key: None,
             srtp: None,
+            ice: None,
         })
         .await
         .unwrap()
@@ -400,7 +401,7 @@ async fn an_agent_that_offers_no_key_gets_a_plain_rtp_call_either_way() {
     .await;
     new.answer().await.unwrap();
     match next_event(&mut old).await {
-        Event::CallAnswered { call_id: c, srtp } => {
+        Event::CallAnswered { call_id: c, srtp, .. } => {
             assert_eq!(c, call_id);
             assert_eq!(srtp, None, "a caller that offered no key gets none back");
         }
@@ -444,6 +445,7 @@ async fn an_agent_that_offers_no_key_gets_a_plain_rtp_call_either_way() {
     old.request(Request::Answer {
         call_id,
         srtp: None,
+        ice: None,
     })
     .await
     .unwrap();
@@ -487,6 +489,7 @@ async fn the_server_relays_each_sides_key_keeps_the_first_on_a_retried_dial_and_
         callee: 7032,
         key: Some(0x5eed),
         srtp: Some(srtp),
+        ice: None,
     };
     let Reply::Dial(DialOutcome::Ringing { call_id, .. }) =
         caller.request(dial(key(0x11))).await.unwrap()
@@ -517,6 +520,7 @@ async fn the_server_relays_each_sides_key_keeps_the_first_on_a_retried_dial_and_
             .request(Request::Answer {
                 call_id,
                 srtp: Some(key(0x33)),
+                ice: None,
             })
             .await
             .unwrap(),
@@ -526,7 +530,8 @@ async fn the_server_relays_each_sides_key_keeps_the_first_on_a_retried_dial_and_
         next_event(&mut caller).await,
         Event::CallAnswered {
             call_id,
-            srtp: Some(key(0x33))
+            srtp: Some(key(0x33)),
+            ice: None,
         }
     );
     // A key of the wrong length is refused.
@@ -537,6 +542,7 @@ async fn the_server_relays_each_sides_key_keeps_the_first_on_a_retried_dial_and_
             callee: 7031,
             key: None,
             srtp: Some(short),
+            ice: None,
         })
         .await
         .unwrap_err();

@@ -338,6 +338,7 @@ async fn dial_latencies(pairs: &mut [(Client, Client, u64)], n: usize) -> Result
                 callee: *callee_id,
                 key: None,
                 srtp: None,
+                ice: None,
             }),
         )
         .await

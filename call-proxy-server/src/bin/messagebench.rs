@@ -542,6 +542,7 @@ async fn dials(caller: &mut Tv, n: usize) -> Result<Vec<Duration>> {
                 callee: UPLOADER,
                 key: None,
                 srtp: None,
+                ice: None,
             }),
         )
         .await

@@ -8,11 +8,12 @@
 
 use std::sync::Arc;
 
-use shared_proto::{CallId, Reply, SrtpKey, WireError};
+use shared_proto::{CallId, Reply, WireError};
 
 use super::{record_end, storage_error, SessionKey};
 use crate::clock::now_ms;
 use crate::cluster::Control;
+use crate::registry::MediaOffer;
 use crate::server::Shared;
 use crate::storage::{CallEnd, Store};
 
@@ -55,7 +56,7 @@ pub async fn apply<S: Store>(
     control: Control,
 ) -> Result<Reply, WireError> {
     match control {
-        Control::Answer { srtp } => answer(shared, me, call_id, srtp).await,
+        Control::Answer { offer } => answer(shared, me, call_id, offer).await,
         Control::Reject => reject(shared, me, call_id).await,
         Control::HangUp => hang_up(shared, me, call_id).await,
     }
@@ -65,12 +66,12 @@ async fn answer<S: Store>(
     shared: &Arc<Shared<S>>,
     me: SessionKey,
     call_id: CallId,
-    srtp: Option<SrtpKey>,
+    offer: MediaOffer,
 ) -> Result<Reply, WireError> {
     let now = now_ms();
     let answered = shared
         .registry
-        .answer_with_key(me.user, me.session_id, call_id, srtp, now)?;
+        .answer_with_key(me.user, me.session_id, call_id, offer, now)?;
     shared
         .store
         .finish_call(

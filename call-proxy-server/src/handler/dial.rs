@@ -28,12 +28,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shared_proto::{
-    CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, SrtpKey, UserId, WireError,
+    CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, Reply, UserId, WireError,
 };
 
 use super::{record_end, storage_error, SessionKey};
 use crate::clock::now_ms;
-use crate::registry::{DialPlan, Ended, RemoteParty, Reserve, RingStart};
+use crate::registry::{DialPlan, Ended, MediaOffer, RemoteParty, Reserve, RingStart};
 use crate::server::Shared;
 use crate::storage::{InsertResult, KeyedCall, NewCall, Outcome, Store};
 
@@ -43,7 +43,7 @@ pub async fn handle<S: Store>(
     peer: SocketAddr,
     callee: UserId,
     key: Option<IdempotencyKey>,
-    srtp: Option<SrtpKey>,
+    offer: MediaOffer,
 ) -> Result<Reply, WireError> {
     let now = now_ms();
     if let Some(key) = key {
@@ -53,7 +53,7 @@ pub async fn handle<S: Store>(
             .await
             .map_err(storage_error)?;
         if let Some(first) = first {
-            // The retry's SRTP key is dropped here: the first dial's is the one the
+            // The retry's offer (SRTP key, ICE) is dropped here: the first dial's is the one the
             // callee has (or will get).
             return replay(shared, callee, first);
         }
@@ -64,7 +64,7 @@ pub async fn handle<S: Store>(
     let mut plan =
         shared
             .registry
-            .plan_dial_with_key(me.user, me.session_id, callee, srtp.clone(), now)?;
+            .plan_dial_with_key(me.user, me.session_id, callee, offer.clone(), now)?;
     // Not connected here: perhaps to another node on the same database.
     let mut busy_at = None;
     if let (DialPlan::Offline { call_id }, Some(cluster)) = (&plan, &shared.cluster) {
@@ -84,7 +84,7 @@ pub async fn handle<S: Store>(
                         callee,
                         call_id,
                         remote,
-                        srtp,
+                        offer,
                         now,
                     )?;
                 }

@@ -18,7 +18,7 @@ use shared_proto::{ErrorCode, Event, Reply, Request, UserId, WireError};
 
 use crate::clock::now_ms;
 use crate::cluster::Control;
-use crate::registry::{Ended, PushRx};
+use crate::registry::{Ended, MediaOffer, PushRx};
 use crate::server::Shared;
 use crate::storage::{CallEnd, Store, StoreError};
 
@@ -97,11 +97,22 @@ pub async fn handle<S: Store>(
             st.registered()?;
             query::handle(shared, users).await
         }
-        Request::Dial { callee, key, srtp } => {
-            dial::handle(shared, st.registered()?, st.peer, callee, key, srtp).await
+        Request::Dial {
+            callee,
+            key,
+            srtp,
+            ice,
+        } => {
+            let offer = MediaOffer { srtp, ice };
+            dial::handle(shared, st.registered()?, st.peer, callee, key, offer).await
         }
-        Request::Answer { call_id, srtp } => {
-            control(shared, st.registered()?, call_id, Control::Answer { srtp }).await
+        Request::Answer { call_id, srtp, ice } => {
+            let offer = MediaOffer { srtp, ice };
+            control(shared, st.registered()?, call_id, Control::Answer { offer }).await
+        }
+        Request::IceServers => {
+            let me = st.registered()?;
+            Ok(Reply::IceServers(shared.ice.servers_for(me.user, now_ms())))
         }
         Request::Reject { call_id } => {
             control(shared, st.registered()?, call_id, Control::Reject).await

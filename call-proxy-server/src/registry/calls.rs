@@ -9,17 +9,30 @@
 //! its lock, pushes the events and keeps the sessions' call slots and the ring timers in
 //! step; the handlers write the resulting [`Ended`] to the database.
 //!
-//! SRTP keys (SDES style) ride along as data: the caller's sending key is kept with the
-//! live call ([`LiveCall::caller_srtp`]) and goes to the callee in the ring; the callee's
-//! comes in with its answer ([`Input::Answer`]) and goes to the caller. Keys live only
-//! here, in memory, and go when the call is forgotten; `SrtpKey`'s `Debug` never shows
-//! the key, so neither does this module's.
+//! Each side's [`MediaOffer`] (its SRTP sending key, SDES style, and its ICE credentials
+//! and candidates) rides along as data: the caller's is kept with the live call
+//! ([`LiveCall::caller_offer`]) and goes to the callee in the ring; the callee's comes in
+//! with its answer ([`Input::Answer`]) and goes to the caller. Offers live only here, in
+//! memory, and go when the call is forgotten; neither `SrtpKey`'s nor `IceParams`' `Debug`
+//! shows a key or password, so neither does this module's.
 
 use std::net::SocketAddr;
 
-use shared_proto::{CallId, EndReason, Event, SrtpKey, UnixMillis, UserId};
+use serde::{Deserialize, Serialize};
+use shared_proto::{CallId, EndReason, Event, IceParams, SrtpKey, UnixMillis, UserId};
 
 use crate::storage::Outcome;
+
+/// What one side of a call offers for its media, relayed to the other side.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaOffer {
+    /// Its SRTP sending key (`None`: plain RTP, an older agent).
+    pub srtp: Option<SrtpKey>,
+    /// Its ICE credentials and candidates (`None`: an agent without ICE; media goes to
+    /// the address the server saw). Absent in a message from a node built before ICE.
+    #[serde(default)]
+    pub ice: Option<IceParams>,
+}
 
 /// Which side of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +80,8 @@ pub enum Input {
         by: Party,
         /// When (the answer time to record).
         at_ms: UnixMillis,
-        /// The callee's SRTP sending key, relayed to the caller; `None`: plain RTP.
-        srtp: Option<SrtpKey>,
+        /// The callee's media offer, relayed to the caller.
+        offer: MediaOffer,
     },
     /// A party rejects.
     Reject {
@@ -185,9 +198,9 @@ pub struct LiveCall {
     pub callee_media: SocketAddr,
     /// When it was dialled; the ring shows it as the call's date.
     pub placed_at_ms: UnixMillis,
-    /// The caller's SRTP sending key, relayed to the callee with the ring (`None`: the
-    /// caller sends plain RTP). Only in memory; gone with the call.
-    pub caller_srtp: Option<SrtpKey>,
+    /// The caller's media offer (SRTP key, ICE), relayed to the callee with the ring.
+    /// Only in memory; gone with the call.
+    pub caller_offer: MediaOffer,
     /// Where it is in its life.
     pub state: CallState,
 }
@@ -199,7 +212,7 @@ impl LiveCall {
         (caller, caller_media): (UserId, SocketAddr),
         (callee, callee_media): (UserId, SocketAddr),
         placed_at_ms: UnixMillis,
-        caller_srtp: Option<SrtpKey>,
+        caller_offer: MediaOffer,
     ) -> Self {
         LiveCall {
             id,
@@ -208,7 +221,7 @@ impl LiveCall {
             caller_media,
             callee_media,
             placed_at_ms,
-            caller_srtp,
+            caller_offer,
             state: CallState::Recording {
                 caller_gone: false,
                 callee_gone: false,
@@ -283,7 +296,8 @@ impl LiveCall {
                         caller: self.caller,
                         caller_media: self.caller_media,
                         call_date_ms: self.placed_at_ms,
-                        srtp: self.caller_srtp.clone(),
+                        srtp: self.caller_offer.srtp.clone(),
+                        ice: self.caller_offer.ice.clone(),
                     },
                 )
             }),
@@ -307,7 +321,7 @@ impl LiveCall {
                 Input::Answer {
                     by: Party::Callee,
                     at_ms,
-                    srtp,
+                    offer,
                 },
             ) => Ok(Step::live(Active {
                 answered_at_ms: at_ms,
@@ -316,7 +330,8 @@ impl LiveCall {
                 Party::Caller,
                 Event::CallAnswered {
                     call_id: self.id,
-                    srtp,
+                    srtp: offer.srtp,
+                    ice: offer.ice,
                 },
             )),
             // A callee hanging up a ringing call rejects it.
@@ -382,7 +397,16 @@ mod tests {
     }
 
     fn call(state: CallState) -> LiveCall {
-        let mut c = LiveCall::new(ID, (A, addr(1)), (B, addr(2)), 100, Some(key(1)));
+        let mut c = LiveCall::new(
+            ID,
+            (A, addr(1)),
+            (B, addr(2)),
+            100,
+            MediaOffer {
+                srtp: Some(key(1)),
+                ice: None,
+            },
+        );
         c.state = state;
         c
     }
@@ -442,7 +466,7 @@ mod tests {
                 Input::Answer {
                     by,
                     at_ms: 9,
-                    srtp: None,
+                    offer: MediaOffer::default(),
                 },
                 Input::Reject { by },
                 Input::HangUp { by },
@@ -454,7 +478,7 @@ mod tests {
 
     #[test]
     fn new_calls_are_recording_and_know_their_parties() {
-        let c = LiveCall::new(ID, (A, addr(1)), (B, addr(2)), 100, None);
+        let c = LiveCall::new(ID, (A, addr(1)), (B, addr(2)), 100, MediaOffer::default());
         assert_eq!(
             c.state,
             CallState::Recording {
@@ -487,6 +511,7 @@ mod tests {
                 caller_media: addr(1),
                 call_date_ms: 100,
                 srtp: Some(key(1)),
+                ice: None,
             }),
             "the ring carries the caller's SRTP key"
         );
@@ -573,7 +598,10 @@ mod tests {
             .step(Input::Answer {
                 by: Party::Callee,
                 at_ms: 150,
-                srtp: Some(key(2)),
+                offer: MediaOffer {
+                    srtp: Some(key(2)),
+                    ice: None,
+                },
             })
             .unwrap();
         assert_eq!(
@@ -586,7 +614,8 @@ mod tests {
             step.to_caller,
             Some(Event::CallAnswered {
                 call_id: ID,
-                srtp: Some(key(2))
+                srtp: Some(key(2)),
+                ice: None,
             }),
             "the answer carries the callee's SRTP key"
         );
@@ -620,7 +649,7 @@ mod tests {
             Input::Answer {
                 by: Party::Caller,
                 at_ms: 1,
-                srtp: None,
+                offer: MediaOffer::default(),
             },
             Input::Reject { by: Party::Caller },
         ] {

@@ -49,10 +49,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use shared_proto::{CallId, ErrorCode, Event, ServerMsg, SrtpKey, UnixMillis, UserId, WireError};
+use shared_proto::{CallId, ErrorCode, Event, ServerMsg, UnixMillis, UserId, WireError};
 use tokio::task::AbortHandle;
 
 use crate::storage::Outcome;
+pub use calls::MediaOffer;
 use calls::{CallState, Input, LiveCall, Next, Party, Refused, Step};
 use presence::{Change, Presence, PresenceConfig};
 use sessions::{Session, Sessions};
@@ -317,7 +318,7 @@ impl Inner {
         caller: UserId,
         session_id: u64,
         callee: UserId,
-        srtp: Option<SrtpKey>,
+        offer: MediaOffer,
         now_ms: UnixMillis,
         call_id: impl FnOnce() -> CallId,
     ) -> Result<DialPlan, WireError> {
@@ -344,7 +345,7 @@ impl Inner {
                 (caller, caller_media),
                 (callee, callee_media),
                 now_ms,
-                srtp,
+                offer,
             ),
         );
         Ok(DialPlan::Ring { call_id })
@@ -562,25 +563,25 @@ impl Registry {
         callee: UserId,
         now_ms: UnixMillis,
     ) -> Result<DialPlan, WireError> {
-        self.plan_dial_with_key(caller, session_id, callee, None, now_ms)
+        self.plan_dial_with_key(caller, session_id, callee, MediaOffer::default(), now_ms)
     }
 
     /// Decides a dial from `caller` (in `session_id`) to `callee`. A live call keeps the
-    /// caller's SRTP sending key `srtp` for the ring ([`Registry::start_ringing`]); a
-    /// busy or offline plan drops it.
+    /// caller's media offer (SRTP sending key, ICE) for the ring
+    /// ([`Registry::start_ringing`]); a busy or offline plan drops it.
     pub fn plan_dial_with_key(
         &self,
         caller: UserId,
         session_id: u64,
         callee: UserId,
-        srtp: Option<SrtpKey>,
+        offer: MediaOffer,
         now_ms: UnixMillis,
     ) -> Result<DialPlan, WireError> {
         if caller == callee {
             return Err(err(ErrorCode::INVALID_ARGUMENT, "a TV cannot call itself"));
         }
         self.lock()
-            .plan(caller, session_id, callee, srtp, now_ms, || {
+            .plan(caller, session_id, callee, offer, now_ms, || {
                 self.new_call_id()
             })
     }
@@ -641,24 +642,24 @@ impl Registry {
         call_id: CallId,
         now_ms: UnixMillis,
     ) -> Result<Ended, WireError> {
-        self.answer_with_key(user, session_id, call_id, None, now_ms)
+        self.answer_with_key(user, session_id, call_id, MediaOffer::default(), now_ms)
     }
 
-    /// The callee answers a ringing call; its SRTP sending key `srtp` goes to the
-    /// caller in `CallAnswered`. Returns the answer time to record.
+    /// The callee answers a ringing call; its media offer (SRTP sending key, ICE) goes
+    /// to the caller in `CallAnswered`. Returns the answer time to record.
     pub fn answer_with_key(
         &self,
         user: UserId,
         session_id: u64,
         call_id: CallId,
-        srtp: Option<SrtpKey>,
+        offer: MediaOffer,
         now_ms: UnixMillis,
     ) -> Result<Ended, WireError> {
         let mut inner = self.lock();
         let (step, caller) = inner.request(user, session_id, call_id, |by| Input::Answer {
             by,
             at_ms: now_ms,
-            srtp,
+            offer,
         })?;
         inner.carry_out(call_id, step);
         Ok(Ended {
@@ -824,7 +825,8 @@ mod tests {
             next_event(&mut ra),
             Some(ServerMsg::Event(Event::CallAnswered {
                 call_id,
-                srtp: None
+                srtp: None,
+                ice: None,
             }))
         );
         let ended = reg.hang_up(2, sb, call_id).expect("hang up");
@@ -844,16 +846,30 @@ mod tests {
     }
 
     #[test]
-    fn srtp_keys_are_relayed_both_ways_kept_once_and_never_shown() {
-        let key = |b: u8| SrtpKey {
+    fn media_offers_are_relayed_both_ways_kept_once_and_never_shown() {
+        let key = |b: u8| shared_proto::SrtpKey {
             suite: shared_proto::SrtpSuite::AES_CM_128_HMAC_SHA1_80,
             key_salt: vec![b; 30],
+        };
+        let ice = |ufrag: &str| shared_proto::IceParams {
+            ufrag: ufrag.into(),
+            pwd: "secretsecretsecretsecret".into(),
+            candidates: vec![shared_proto::IceCandidate {
+                kind: shared_proto::CandidateKind::SERVER_REFLEXIVE,
+                addr: "203.0.113.9:40000".parse().unwrap(),
+                priority: 1,
+                foundation: "1".into(),
+            }],
+        };
+        let offer = |b: u8| MediaOffer {
+            srtp: Some(key(b)),
+            ice: Some(ice(&format!("u{b:02x}x"))),
         };
         let reg = Registry::new(0, 0);
         let (sa, mut ra) = session(&reg, 1);
         let (sb, mut rb) = session(&reg, 2);
         let DialPlan::Ring { call_id } = reg
-            .plan_dial_with_key(1, sa, 2, Some(key(0xA1)), 0)
+            .plan_dial_with_key(1, sa, 2, offer(0xA1), 0)
             .expect("plan")
         else {
             panic!("expected ring")
@@ -865,13 +881,15 @@ mod tests {
             "{shown}"
         );
         assert!(!shown.contains("161"), "the key's bytes: {shown}");
+        assert!(!shown.contains("secret"), "the ICE password: {shown}");
         assert!(matches!(
             reg.start_ringing(call_id),
             RingStart::Ringing { .. }
         ));
         match next_event(&mut rb) {
-            Some(ServerMsg::Event(Event::IncomingCall { srtp, .. })) => {
-                assert_eq!(srtp, Some(key(0xA1)), "the ring carries the caller's key")
+            Some(ServerMsg::Event(Event::IncomingCall { srtp, ice: i, .. })) => {
+                assert_eq!(srtp, Some(key(0xA1)), "the ring carries the caller's key");
+                assert_eq!(i, Some(ice("ua1x")), "and its candidates");
             }
             other => panic!("expected the ring, got {other:?}"),
         }
@@ -881,15 +899,16 @@ mod tests {
             RingStart::Ringing { .. }
         ));
         assert_eq!(next_event(&mut rb), None);
-        reg.answer_with_key(2, sb, call_id, Some(key(0xB2)), 5)
+        reg.answer_with_key(2, sb, call_id, offer(0xB2), 5)
             .expect("answer");
         assert_eq!(
             next_event(&mut ra),
             Some(ServerMsg::Event(Event::CallAnswered {
                 call_id,
-                srtp: Some(key(0xB2))
+                srtp: Some(key(0xB2)),
+                ice: Some(ice("ub2x")),
             })),
-            "the answer carries the callee's key"
+            "the answer carries the callee's key and candidates"
         );
         reg.hang_up(1, sa, call_id).expect("hang up");
         assert!(reg.lock().calls.is_empty(), "the keys went with the call");
@@ -897,17 +916,17 @@ mod tests {
         let (_sc, _rc) = session(&reg, 3);
         let (sd, _rd) = session(&reg, 4);
         let DialPlan::Ring { call_id } = reg
-            .plan_dial_with_key(1, sa, 2, Some(key(0xC3)), 0)
+            .plan_dial_with_key(1, sa, 2, offer(0xC3), 0)
             .expect("plan")
         else {
             panic!("expected ring")
         };
         assert!(matches!(
-            reg.plan_dial_with_key(4, sd, 2, Some(key(0xD4)), 0),
+            reg.plan_dial_with_key(4, sd, 2, offer(0xD4), 0),
             Ok(DialPlan::Busy { .. })
         ));
         assert_eq!(reg.lock().calls.len(), 1);
-        assert_eq!(reg.lock().calls[&call_id].caller_srtp, Some(key(0xC3)));
+        assert_eq!(reg.lock().calls[&call_id].caller_offer, offer(0xC3));
     }
 
     #[test]

@@ -21,11 +21,11 @@
 use std::net::SocketAddr;
 
 use shared_proto::{
-    CallId, EndReason, ErrorCode, Event, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
+    CallId, EndReason, ErrorCode, Event, ServerMsg, UnixMillis, UserId, WireError,
 };
 
 use super::sessions::Session;
-use super::{DialPlan, Ended, Inner, PushTx, Registry};
+use super::{DialPlan, Ended, Inner, MediaOffer, PushTx, Registry};
 
 /// Where notices to other nodes go: (the node's slot, the notice).
 pub type Outbox = tokio::sync::mpsc::UnboundedSender<(u8, Notice)>;
@@ -160,7 +160,7 @@ impl Registry {
         callee: UserId,
         call_id: CallId,
         remote: RemoteParty,
-        srtp: Option<SrtpKey>,
+        offer: MediaOffer,
         now_ms: UnixMillis,
     ) -> Result<DialPlan, WireError> {
         let mut inner = self.lock();
@@ -182,7 +182,7 @@ impl Registry {
                 inner.tell(remote.slot, release);
             }
         }
-        inner.plan(caller, session_id, callee, srtp, now_ms, || call_id)
+        inner.plan(caller, session_id, callee, offer, now_ms, || call_id)
     }
 
     /// The node that holds call `call_id` of `user` (in its current session here
@@ -326,7 +326,7 @@ mod tests {
             push,
         };
         let plan = reg
-            .plan_dial_to_remote((caller, sid), callee, call_id, remote, None, 0)
+            .plan_dial_to_remote((caller, sid), callee, call_id, remote, MediaOffer::default(), 0)
             .unwrap();
         assert_eq!(plan, DialPlan::Ring { call_id });
         assert_eq!(
@@ -404,6 +404,7 @@ mod tests {
             caller_media: addr(1),
             call_date_ms: 0,
             srtp: None,
+            ice: None,
         };
         assert!(reg.deliver(2, sb, ring.clone()));
         assert!(!reg.deliver(2, sb + 1, ring));
@@ -498,7 +499,7 @@ mod tests {
             push,
         };
         let e = reg
-            .plan_dial_to_remote((1, sa + 1), 2, 64, remote, None, 0)
+            .plan_dial_to_remote((1, sa + 1), 2, 64, remote, MediaOffer::default(), 0)
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::NOT_REGISTERED);
         assert_eq!(

@@ -426,6 +426,7 @@ pub async fn try_dial(c: &mut Tv, callee: UserId) -> Result<DialOutcome, ClientE
             callee,
             key: None,
             srtp: None,
+            ice: None,
         })
         .await?
     {
@@ -470,6 +471,7 @@ pub async fn six_calls(srv: &TestServer) -> CallLog {
     b.request(Request::Answer {
         call_id,
         srtp: None,
+        ice: None,
     })
     .await
     .unwrap();
@@ -499,6 +501,7 @@ pub async fn six_calls(srv: &TestServer) -> CallLog {
     a.request(Request::Answer {
         call_id,
         srtp: None,
+        ice: None,
     })
     .await
     .unwrap();

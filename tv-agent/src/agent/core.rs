@@ -486,7 +486,7 @@ impl Core {
                 };
                 self.step(input, Pending::None).await;
             }
-            LinkEvent::Server(Event::CallAnswered { call_id, srtp }) => {
+            LinkEvent::Server(Event::CallAnswered { call_id, srtp, .. }) => {
                 if let Some(k) = self.keys.as_mut().filter(|k| k.call_id == Some(call_id)) {
                     k.remote = srtp;
                 }
@@ -764,6 +764,7 @@ impl Core {
                         callee,
                         key: Some(key),
                         srtp,
+                        ice: None,
                     })
                     .await;
                 let reply = dial_reply(r);
@@ -795,7 +796,7 @@ impl Core {
                     .as_ref()
                     .filter(|k| k.call_id == Some(call_id) && k.remote.is_some())
                     .and_then(|k| k.local.clone());
-                let r = self.link.request(Request::Answer { call_id, srtp }).await;
+                let r = self.link.request(Request::Answer { call_id, srtp, ice: None }).await;
                 return Some(Input::AnswerSent(r.map(|_| ()).map_err(Into::into)));
             }
             Action::SetMuted(muted) => {

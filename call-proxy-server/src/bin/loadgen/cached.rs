@@ -118,6 +118,7 @@ pub(crate) async fn cached_task(
                 callee: target,
                 key: None,
                 srtp: None,
+                ice: None,
             },
             req_t,
         )

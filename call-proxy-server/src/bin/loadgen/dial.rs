@@ -146,6 +146,7 @@ pub(crate) async fn one_dial(
                 callee: to,
                 key: None,
                 srtp: None,
+                ice: None,
             })
             .await;
         (r, start.elapsed())
