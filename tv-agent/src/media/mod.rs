@@ -2,6 +2,8 @@
 //! RTCP reports for call quality. Media flows directly between the two TVs.
 //!
 //! - [`audio`]: sources and sinks (sound card, tone, WAV, null).
+//! - [`ice`]: ICE connectivity checks, nomination and consent for a call (pure logic).
+//! - [`stun`]: STUN messages on the media socket and the first-byte demultiplexing.
 //! - [`jitter`]: the adaptive jitter buffer (pure logic).
 //! - [`rtp_header`]: a structural check of an RTP header before any decoder sees it.
 //! - [`router`]: routes a session's incoming RTP to its streams (audio, video) by payload
@@ -11,11 +13,13 @@
 //! - [`voice_note`]: voice messages, recorded into and played from Ogg Opus files.
 
 pub mod audio;
+pub mod ice;
 pub mod jitter;
 pub mod router;
 pub mod rtp_header;
 pub mod session;
 pub mod srtp;
+pub mod stun;
 pub mod voice_note;
 
 pub use audio::{open_sink, open_source, AudioSink, AudioSource, AudioSpec};
