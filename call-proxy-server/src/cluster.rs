@@ -434,7 +434,7 @@ mod tests {
                     control: Control::Answer {
                         offer: MediaOffer {
                             srtp: Some(key),
-                            ice: Some(shared_proto::IceParams {
+                            ice: Some(Box::new(shared_proto::IceParams {
                                 ufrag: "u".repeat(256),
                                 pwd: "p".repeat(256),
                                 candidates: vec![
@@ -446,7 +446,7 @@ mod tests {
                                     };
                                     shared_proto::MAX_ICE_CANDIDATES
                                 ],
-                            }),
+                            })),
                         },
                     },
                 },

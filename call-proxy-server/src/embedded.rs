@@ -30,9 +30,8 @@ impl<S: Store> RunningServer<S> {
     pub fn start(config: Config, store: S) -> std::io::Result<RunningServer<S>> {
         let listener = bind(config.listen)?;
         let addr = listener.local_addr()?;
-        let shared = Shared::new(store, config).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e:#}"))
-        })?;
+        let shared = Shared::new(store, config)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e:#}")))?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run(listener, Arc::clone(&shared), async move {
             let _ = stopped.await;

@@ -92,9 +92,10 @@ impl IceConfig {
             "at most {n} stun_urls and {n} turn_urls"
         );
         let turn_secret = match &config.turn_secret_file {
-            Some(path) => Some(read_secret(path).with_context(|| {
-                format!("cannot read turn_secret_file {}", path.display())
-            })?),
+            Some(path) => Some(
+                read_secret(path)
+                    .with_context(|| format!("cannot read turn_secret_file {}", path.display()))?,
+            ),
             None => None,
         };
         anyhow::ensure!(
@@ -270,7 +271,10 @@ mod tests {
         let req = Message::<Attribute>::new(MessageClass::Request, BINDING, tid);
         let bytes = MessageEncoder::new().encode_into_bytes(req).unwrap();
         let answer = stun_answer(&bytes, from).expect("answered");
-        assert!(answer.len() <= bytes.len() + 12 + 24 + 8, "no amplification");
+        assert!(
+            answer.len() <= bytes.len() + 12 + 24 + 8,
+            "no amplification"
+        );
         let decoded = MessageDecoder::<Attribute>::new()
             .decode_from_bytes(&answer)
             .unwrap()

@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 
 use crate::codec::{decode_prefix, decode_prefix_counted, encode_into, CodecError};
 use crate::messages::{
-    CallId, ClientMsg, EndReason, ErrorCode, Event, IdempotencyKey, MessageId, Presence, Reply,
-    IceParams, Request, RequestId, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
+    CallId, ClientMsg, EndReason, ErrorCode, Event, IceParams, IdempotencyKey, MessageId, Presence,
+    Reply, Request, RequestId, ServerMsg, SrtpKey, UnixMillis, UserId, WireError,
 };
 
 /// Bytes of the header (kind + id).
@@ -287,9 +287,7 @@ pub fn encode_client<W: io::Write>(msg: &ClientMsg, out: &mut W) -> Result<(), C
     header(out, request_kind(&msg.request), msg.id)?;
     match &msg.request {
         Request::Register(r) => encode_into(r, out),
-        Request::Heartbeat | Request::Bye | Request::PollEnrollment | Request::IceServers => {
-            Ok(())
-        }
+        Request::Heartbeat | Request::Bye | Request::PollEnrollment | Request::IceServers => Ok(()),
         Request::QueryState { users } => encode_into(users, out),
         Request::Dial {
             callee,
@@ -479,7 +477,7 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientFrame, CodecError> {
             let mut rest = body.get(used..).unwrap_or_default();
             let key = appended::<IdempotencyKey>(&mut rest)?;
             let srtp = appended::<SrtpKey>(&mut rest)?;
-            let ice = appended::<IceParams>(&mut rest)?;
+            let ice = appended::<Box<IceParams>>(&mut rest)?;
             Request::Dial {
                 callee,
                 key,
@@ -491,7 +489,7 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientFrame, CodecError> {
             let (call_id, used) = decode_prefix_counted::<CallId>(body)?;
             let mut rest = body.get(used..).unwrap_or_default();
             let srtp = appended::<SrtpKey>(&mut rest)?;
-            let ice = appended::<IceParams>(&mut rest)?;
+            let ice = appended::<Box<IceParams>>(&mut rest)?;
             Request::Answer { call_id, srtp, ice }
         }
         kind::ICE_SERVERS => Request::IceServers,
@@ -643,7 +641,7 @@ fn decode_known_server(
                 decode_prefix_counted::<(CallId, UserId, SocketAddr, UnixMillis)>(body)?;
             let mut rest = body.get(used..).unwrap_or_default();
             let srtp = appended::<SrtpKey>(&mut rest)?;
-            let ice = appended::<IceParams>(&mut rest)?;
+            let ice = appended::<Box<IceParams>>(&mut rest)?;
             Some(ServerMsg::Event(Event::IncomingCall {
                 call_id,
                 caller,
@@ -657,7 +655,7 @@ fn decode_known_server(
             let (call_id, used) = decode_prefix_counted::<CallId>(body)?;
             let mut rest = body.get(used..).unwrap_or_default();
             let srtp = appended::<SrtpKey>(&mut rest)?;
-            let ice = appended::<IceParams>(&mut rest)?;
+            let ice = appended::<Box<IceParams>>(&mut rest)?;
             Some(ServerMsg::Event(Event::CallAnswered { call_id, srtp, ice }))
         }
         kind::CALL_ENDED => {
@@ -729,7 +727,10 @@ mod tests {
             }],
         };
         assert!(ice.check().is_ok());
-        assert!(!format!("{ice:?}").contains("ppp"), "Debug never shows the password");
+        assert!(
+            !format!("{ice:?}").contains("ppp"),
+            "Debug never shows the password"
+        );
         for request in [
             Request::Dial {
                 callee: 9,
@@ -741,17 +742,17 @@ mod tests {
                 callee: 9,
                 key: Some(3),
                 srtp: None,
-                ice: Some(ice.clone()),
+                ice: Some(Box::new(ice.clone())),
             },
             Request::Answer {
                 call_id: 4,
                 srtp: Some(key.clone()),
-                ice: Some(ice.clone()),
+                ice: Some(Box::new(ice.clone())),
             },
             Request::Answer {
                 call_id: 4,
                 srtp: None,
-                ice: Some(ice.clone()),
+                ice: Some(Box::new(ice.clone())),
             },
             Request::IceServers,
             Request::StartEnrollment {
@@ -792,7 +793,7 @@ mod tests {
                 caller_media: "192.0.2.1:5004".parse().unwrap(),
                 call_date_ms: 3,
                 srtp: Some(key.clone()),
-                ice: Some(ice.clone()),
+                ice: Some(Box::new(ice.clone())),
             }),
             ServerMsg::Event(Event::CallAnswered {
                 call_id: 1,
@@ -802,7 +803,7 @@ mod tests {
             ServerMsg::Event(Event::CallAnswered {
                 call_id: 1,
                 srtp: None,
-                ice: Some(ice),
+                ice: Some(Box::new(ice)),
             }),
             ServerMsg::Reply {
                 id: 5,

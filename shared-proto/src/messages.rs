@@ -131,7 +131,7 @@ pub enum Request {
         /// This TV's ICE credentials and candidates (RFC 8445), relayed to the callee in
         /// [`Event::IncomingCall`]. `None`: an agent without ICE (media goes to the
         /// address the server saw). Appended after `srtp`.
-        ice: Option<IceParams>,
+        ice: Option<Box<IceParams>>,
     },
     /// Answer an incoming call that is ringing on this TV.
     Answer {
@@ -143,7 +143,7 @@ pub enum Request {
         /// This TV's ICE credentials and candidates, relayed to the caller in
         /// [`Event::CallAnswered`]; `None` to a caller that offered none. Appended after
         /// `srtp`.
-        ice: Option<IceParams>,
+        ice: Option<Box<IceParams>>,
     },
     /// Reject an incoming call that is ringing on this TV.
     Reject {
@@ -941,7 +941,7 @@ pub enum Event {
         srtp: Option<SrtpKey>,
         /// The caller's ICE credentials and candidates; `None` for a caller without ICE.
         /// Appended after `srtp`.
-        ice: Option<IceParams>,
+        ice: Option<Box<IceParams>>,
     },
     /// The callee answered: media may flow.
     CallAnswered {
@@ -952,7 +952,7 @@ pub enum Event {
         srtp: Option<SrtpKey>,
         /// The callee's ICE credentials and candidates; `None` for a callee without ICE.
         /// Appended after `srtp`.
-        ice: Option<IceParams>,
+        ice: Option<Box<IceParams>>,
     },
     /// The call is over (or never started). Stop ringing and stop media.
     CallEnded {
@@ -1185,7 +1185,7 @@ impl Request {
             Request::Dial {
                 callee, srtp, ice, ..
             } => {
-                check_ice(ice.as_ref())?;
+                check_ice(ice.as_deref())?;
                 if !valid_user_id(*callee) {
                     return Err(format!("user id {callee} is out of range"));
                 }
@@ -1193,7 +1193,7 @@ impl Request {
             }
             Request::Answer { srtp, ice, .. } => {
                 check_srtp(srtp.as_ref())?;
-                check_ice(ice.as_ref())?;
+                check_ice(ice.as_deref())?;
             }
             Request::StartEnrollment { agent_version } => {
                 if agent_version.len() > MAX_AGENT_VERSION_LEN {

@@ -173,6 +173,10 @@ struct TvArgs {
     /// Media port to register instead of the bound one (port forwarded by a router).
     #[arg(long)]
     advertise_port: Option<u16>,
+    /// No ICE: offer no candidates, send media to the address the server saw (as agents
+    /// before ICE did; with --advertise-port behind a forwarded port).
+    #[arg(long)]
+    no_ice: bool,
     /// Scripted modes: seconds to keep trying to reach the server.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout: f64,
@@ -224,6 +228,7 @@ fn config(tv: &TvArgs, audio: Option<&AudioArgs>) -> Result<AgentConfig, String>
         server: tv.server.clone(),
         media_bind: SocketAddr::new(tv.media_ip, tv.media_port),
         advertise_port: tv.advertise_port,
+        ice: !tv.no_ice,
         audio_in: audio.map_or(AudioSpec::Null, |a| a.audio_in.clone()),
         audio_out: audio.map_or(AudioSpec::Null, |a| a.audio_out.clone()),
         missed: MissedKeeping::WhenShown,

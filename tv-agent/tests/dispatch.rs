@@ -312,6 +312,7 @@ async fn two_agents_on_two_nodes_call_each_other_with_two_way_audio() {
         server: setup.d.to_string(),
         media_bind: "127.0.0.1:0".parse().unwrap(),
         advertise_port: None,
+        ice: true,
         audio_in: AudioSpec::Tone(tone),
         audio_out: AudioSpec::Wav(wav),
         missed: tv_agent::agent::MissedKeeping::Memory,

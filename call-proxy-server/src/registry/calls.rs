@@ -31,7 +31,7 @@ pub struct MediaOffer {
     /// Its ICE credentials and candidates (`None`: an agent without ICE; media goes to
     /// the address the server saw). Absent in a message from a node built before ICE.
     #[serde(default)]
-    pub ice: Option<IceParams>,
+    pub ice: Option<Box<IceParams>>,
 }
 
 /// Which side of a call.

@@ -863,7 +863,7 @@ mod tests {
         };
         let offer = |b: u8| MediaOffer {
             srtp: Some(key(b)),
-            ice: Some(ice(&format!("u{b:02x}x"))),
+            ice: Some(Box::new(ice(&format!("u{b:02x}x")))),
         };
         let reg = Registry::new(0, 0);
         let (sa, mut ra) = session(&reg, 1);
@@ -889,7 +889,7 @@ mod tests {
         match next_event(&mut rb) {
             Some(ServerMsg::Event(Event::IncomingCall { srtp, ice: i, .. })) => {
                 assert_eq!(srtp, Some(key(0xA1)), "the ring carries the caller's key");
-                assert_eq!(i, Some(ice("ua1x")), "and its candidates");
+                assert_eq!(i, Some(Box::new(ice("ua1x"))), "and its candidates");
             }
             other => panic!("expected the ring, got {other:?}"),
         }
@@ -906,7 +906,7 @@ mod tests {
             Some(ServerMsg::Event(Event::CallAnswered {
                 call_id,
                 srtp: Some(key(0xB2)),
-                ice: Some(ice("ub2x")),
+                ice: Some(Box::new(ice("ub2x"))),
             })),
             "the answer carries the callee's key and candidates"
         );

@@ -20,9 +20,7 @@
 
 use std::net::SocketAddr;
 
-use shared_proto::{
-    CallId, EndReason, ErrorCode, Event, ServerMsg, UnixMillis, UserId, WireError,
-};
+use shared_proto::{CallId, EndReason, ErrorCode, Event, ServerMsg, UnixMillis, UserId, WireError};
 
 use super::sessions::Session;
 use super::{DialPlan, Ended, Inner, MediaOffer, PushTx, Registry};
@@ -326,7 +324,14 @@ mod tests {
             push,
         };
         let plan = reg
-            .plan_dial_to_remote((caller, sid), callee, call_id, remote, MediaOffer::default(), 0)
+            .plan_dial_to_remote(
+                (caller, sid),
+                callee,
+                call_id,
+                remote,
+                MediaOffer::default(),
+                0,
+            )
             .unwrap();
         assert_eq!(plan, DialPlan::Ring { call_id });
         assert_eq!(

@@ -24,6 +24,16 @@
 //! RTP, with a warning, when the peer offered no key (an agent one release behind). The
 //! keys go when the call does.
 //!
+//! ICE (issue 13): a TV that places or answers a call asks the server for its STUN and
+//! TURN servers ([`Request::IceServers`]; an older server answers `UNSUPPORTED` and the
+//! TV offers its host candidates only), gathers candidates on the media socket into the
+//! call's [`CallTransport`] (host: the socket's address, or the one it reaches the server
+//! from; server-reflexive: STUN's answers and the address the server saw) and sends them
+//! with the dial or the answer, beside the SRTP key. The peer's come with the ring or
+//! `CallAnswered`; media starts on the transport, which runs the checks and sends only on
+//! the pair they confirm. A peer that offered none (one release behind) gets media at the
+//! address the server saw, as before. The transport goes when the call does.
+//!
 //! Presence ([`super::presence`] holds the rules): a TV set up with presence subscribes
 //! at every registration and whenever its address book or missed callers change (each
 //! subscription a spawned request reporting [`Done::Subscribed`]); notifications are
@@ -34,13 +44,13 @@
 //! `=refuse` refuses every notification.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use shared_proto::{
-    CachedCall, CallId, DialOutcome, ErrorCode, Event, IdempotencyKey, NetState, Presence,
-    PresenceState, Reply, Request, SrtpKey, UserId, UserState,
+    CachedCall, CallId, DialOutcome, ErrorCode, Event, IceParams, IdempotencyKey, NetState,
+    Presence, PresenceState, Reply, Request, SrtpKey, UserId, UserState,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -58,7 +68,9 @@ use super::types::{
     Status,
 };
 use crate::link::{LinkError, LinkEvent, LinkHandle};
+use crate::media::ice::Role;
 use crate::media::srtp::{self, CallKeys};
+use crate::media::transport::CallTransport;
 use crate::media::{open_sink, open_source, CallQuality, MediaParams, MediaSession};
 
 /// How long power-off waits for acknowledgements in flight before closing the link (an
@@ -160,6 +172,11 @@ struct Keys {
     /// The peer's sending key, from `IncomingCall` or `CallAnswered`; `None` until
     /// then, or for good when the peer offered none (plain RTP).
     remote: Option<SrtpKey>,
+    /// The peer's ICE credentials and candidates, from the same events; `None` until
+    /// then, or for good for a peer without ICE.
+    remote_ice: Option<Box<IceParams>>,
+    /// Ours, once gathered (the callee's go with its answer).
+    local_ice: Option<Box<IceParams>>,
 }
 
 impl Keys {
@@ -169,15 +186,19 @@ impl Keys {
             call_id: None,
             local: srtp::fresh_key(srtp::OFFERED_SUITE),
             remote: None,
+            remote_ice: None,
+            local_ice: None,
         }
     }
 
     /// Keys for a call ringing here with the caller's `offer`: ours in its suite.
-    fn incoming(call_id: CallId, offer: Option<SrtpKey>) -> Keys {
+    fn incoming(call_id: CallId, offer: Option<SrtpKey>, ice: Option<Box<IceParams>>) -> Keys {
         Keys {
             call_id: Some(call_id),
             local: offer.as_ref().and_then(|o| srtp::fresh_key(o.suite)),
             remote: offer,
+            remote_ice: ice,
+            local_ice: None,
         }
     }
 }
@@ -217,6 +238,12 @@ pub(super) struct Core {
     dial_waiting: Option<oneshot::Sender<DialResult>>,
     /// The current call's SRTP keys (dialling, ringing or in a call); `None` when idle.
     keys: Option<Keys>,
+    /// The current call's transport on the media socket (ICE), from gathering at the
+    /// dial or answer until media starts on it; `None` when idle.
+    transport: Option<CallTransport>,
+    /// The IP the server sees this TV at (its NAT's outside address), from the last
+    /// registration.
+    observed_ip: Option<IpAddr>,
     /// Presence, for a TV set up with it.
     watching: Option<Watching>,
     /// The address book's users (watched, and who may see this TV).
@@ -275,6 +302,8 @@ impl Core {
             done_rx,
             dial_waiting: None,
             keys: None,
+            transport: None,
+            observed_ip: None,
             watching,
             contacts,
             watch_others,
@@ -439,6 +468,7 @@ impl Core {
         match ev {
             LinkEvent::Registered(r) => {
                 self.registered = true;
+                self.observed_ip = Some(r.observed_ip);
                 self.emit(AgentEvent::Registered {
                     user: self.cfg.user,
                     observed_ip: r.observed_ip.to_string(),
@@ -473,11 +503,12 @@ impl Core {
                 caller,
                 caller_media,
                 srtp,
+                ice,
                 ..
             }) => {
                 // Only an idle TV rings; a second call is rejected and keeps no keys.
                 if matches!(self.machine.call(), Call::Idle) {
-                    self.keys = Some(Keys::incoming(call_id, srtp));
+                    self.keys = Some(Keys::incoming(call_id, srtp, ice));
                 }
                 let input = Input::Incoming {
                     call_id,
@@ -486,9 +517,10 @@ impl Core {
                 };
                 self.step(input, Pending::None).await;
             }
-            LinkEvent::Server(Event::CallAnswered { call_id, srtp, .. }) => {
+            LinkEvent::Server(Event::CallAnswered { call_id, srtp, ice }) => {
                 if let Some(k) = self.keys.as_mut().filter(|k| k.call_id == Some(call_id)) {
                     k.remote = srtp;
+                    k.remote_ice = ice;
                 }
                 self.step(Input::PeerAnswered(call_id), Pending::None).await;
             }
@@ -745,9 +777,10 @@ impl Core {
                 self.dial_waiting = Some(tx);
             }
         }
-        // No call, no keys.
+        // No call, no keys, no transport.
         if matches!(self.machine.call(), Call::Idle) {
             self.keys = None;
+            self.transport = None;
         }
     }
 
@@ -756,15 +789,23 @@ impl Core {
         match action {
             Action::Emit(e) => self.emit(e),
             Action::SendDial { callee, key } => {
-                // Every send of this dial carries the same SRTP key.
+                // Every send of this dial carries the same SRTP key and candidates.
                 let srtp = self.keys.as_ref().and_then(|k| k.local.clone());
+                if self.transport.is_none() && self.cfg.ice {
+                    self.transport = Some(self.gather(Role::Controlling).await);
+                }
+                let ice = self
+                    .transport
+                    .as_ref()
+                    .and_then(CallTransport::local_params)
+                    .map(Box::new);
                 let r = self
                     .link
                     .request(Request::Dial {
                         callee,
                         key: Some(key),
                         srtp,
-                        ice: None,
+                        ice,
                     })
                     .await;
                 let reply = dial_reply(r);
@@ -796,7 +837,17 @@ impl Core {
                     .as_ref()
                     .filter(|k| k.call_id == Some(call_id) && k.remote.is_some())
                     .and_then(|k| k.local.clone());
-                let r = self.link.request(Request::Answer { call_id, srtp, ice: None }).await;
+                // Candidates (gathered as media started) only to a caller that offered
+                // some (an older one has no ICE).
+                let ice = self
+                    .keys
+                    .as_ref()
+                    .filter(|k| k.call_id == Some(call_id) && k.remote_ice.is_some())
+                    .and_then(|k| k.local_ice.clone());
+                let r = self
+                    .link
+                    .request(Request::Answer { call_id, srtp, ice })
+                    .await;
                 return Some(Input::AnswerSent(r.map(|_| ()).map_err(Into::into)));
             }
             Action::SetMuted(muted) => {
@@ -862,15 +913,30 @@ impl Core {
         if let Some(old) = self.media.take() {
             let _ = old.stop().await;
         }
-        // Drop whatever reached the socket between calls, so the new call's stream is
-        // the first one the session sees.
-        let mut scratch = [0u8; 1500];
-        while self.socket.try_recv_from(&mut scratch).is_ok() {}
+        let peer_has_ice = self.keys.as_ref().is_some_and(|k| k.remote_ice.is_some());
+        let transport = match self.transport.take() {
+            // The caller gathered at the dial.
+            Some(t) => t,
+            // The callee gathers now, before it answers (media starts first, then the
+            // answer carries the candidates).
+            None if peer_has_ice && self.cfg.ice => self.gather(Role::Controlled).await,
+            None => {
+                self.drain_socket();
+                CallTransport::fixed(Arc::clone(&self.socket), peer_media)
+            }
+        };
+        // The peer's candidates start the checks; a peer without them gets media at the
+        // address the server saw.
+        if let Some(k) = self.keys.as_mut() {
+            k.local_ice = transport.local_params().map(Box::new);
+        }
+        let remote_ice = self.keys.as_ref().and_then(|k| k.remote_ice.as_deref());
+        transport.set_remote(remote_ice, peer_media);
         let srtp = self.media_keys()?;
         let source = open_source(&self.cfg.audio_in).map_err(|e| format!("{e:#}"))?;
         let sink = open_sink(&self.cfg.audio_out).map_err(|e| format!("{e:#}"))?;
-        let media = MediaSession::start(
-            Arc::clone(&self.socket),
+        let media = MediaSession::start_on(
+            transport,
             MediaParams {
                 srtp,
                 ..MediaParams::voice(peer_media)
@@ -881,6 +947,63 @@ impl Core {
         .map_err(|e| format!("{e:#}"))?;
         self.media = Some(media);
         Ok(())
+    }
+
+    /// Drops whatever reached the media socket between calls, so the new call's first
+    /// datagrams are its own.
+    fn drain_socket(&self) {
+        let mut scratch = [0u8; 1500];
+        while self.socket.try_recv_from(&mut scratch).is_ok() {}
+    }
+
+    /// Gathers this TV's candidates for a call in `role` into a new transport: asks the
+    /// server for its STUN servers (none from an older server), then host and
+    /// server-reflexive candidates (see the module's documentation).
+    async fn gather(&mut self, role: Role) -> CallTransport {
+        let stun_urls = match self.link.request(Request::IceServers).await {
+            Ok(Reply::IceServers(s)) if s.check().is_ok() => s.stun,
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                if e.code() != Some(ErrorCode::UNSUPPORTED) {
+                    tracing::info!(error = %e, "no ICE servers for this call; host candidates only");
+                }
+                Vec::new()
+            }
+        };
+        let local = self
+            .socket
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], self.media_port)));
+        let servers = resolve(&[self.cfg.server.as_str()], local.is_ipv4()).await;
+        let hosts = host_addresses(local, servers.first().copied());
+        let stun_hostports: Vec<&str> = stun_urls
+            .iter()
+            .filter_map(|u| crate::media::gather::url_host_port(u, &["stun"]))
+            .collect();
+        let stun = resolve(&stun_hostports, local.is_ipv4()).await;
+        // The address the server saw with the registered port (a forwarded one, or
+        // the socket's own when the NAT keeps ports): a server-reflexive guess the
+        // checks confirm or not.
+        let seen: Vec<SocketAddr> = self
+            .observed_ip
+            .filter(|ip| ip.is_ipv4() == local.is_ipv4() && !hosts.iter().any(|h| h.ip() == *ip))
+            .map(|ip| SocketAddr::new(ip, self.media_port))
+            .into_iter()
+            .collect();
+        self.drain_socket();
+        let t = CallTransport::gather(
+            Arc::clone(&self.socket),
+            role,
+            &hosts,
+            &seen,
+            &stun,
+            &servers,
+        )
+        .await;
+        if let Some(p) = t.local_params() {
+            tracing::debug!(candidates = ?p.candidates, "gathered ICE candidates");
+        }
+        t
     }
 
     /// The SRTP keys for the current call's media: both directions, or `None` (plain
@@ -1101,6 +1224,41 @@ fn dial_reply(r: Result<Reply, LinkError>) -> DialReply {
             None => DialResult::Unreachable(e.to_string()),
         }),
     }
+}
+
+/// The socket addresses `host:port` names resolve to, of one family, each once (at most
+/// eight in all); names that do not resolve are left out.
+async fn resolve(names: &[&str], ipv4: bool) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for name in names {
+        let Ok(addrs) = tokio::net::lookup_host(*name).await else {
+            tracing::info!(name, "cannot resolve; left out");
+            continue;
+        };
+        for a in addrs.filter(|a| a.is_ipv4() == ipv4) {
+            if !out.contains(&a) && out.len() < 8 {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+/// The media socket's host candidates: its own address, or, bound to every interface,
+/// the address it reaches `server` from (asked of the kernel's routing with an
+/// unconnected-then-connected UDP socket; nothing is sent).
+fn host_addresses(local: SocketAddr, server: Option<SocketAddr>) -> Vec<SocketAddr> {
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let routed = server.and_then(|server| {
+        let probe = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).ok()?;
+        probe.connect(server).ok()?;
+        probe.local_addr().ok()
+    });
+    routed
+        .map(|a| vec![SocketAddr::new(a.ip(), local.port())])
+        .unwrap_or_default()
 }
 
 /// Fetches every cached call, a page at a time (the paging rule of `control-client`);

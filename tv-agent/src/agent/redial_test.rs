@@ -165,6 +165,7 @@ async fn a_dial_whose_reply_was_lost_is_retried_with_its_key_and_stored_once() {
         server: relay.addr.to_string(),
         media_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise_port: None,
+        ice: true,
         audio_in: AudioSpec::Null,
         audio_out: AudioSpec::Null,
         missed: MissedKeeping::Memory,

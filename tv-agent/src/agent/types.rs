@@ -21,6 +21,10 @@ pub struct AgentConfig {
     pub media_bind: SocketAddr,
     /// Media port to register instead of the bound one (a port forwarded by a router).
     pub advertise_port: Option<u16>,
+    /// Offer ICE candidates and run connectivity checks (issue 13). Off: media goes to
+    /// the address the server saw, as an agent built before ICE does (lab use, and
+    /// networks where a port is forwarded to the TV).
+    pub ice: bool,
     /// Call audio source.
     pub audio_in: AudioSpec,
     /// Call audio sink.

@@ -166,6 +166,7 @@ fn agent_config(server: &str, user: u64) -> AgentConfig {
         server: server.to_string(),
         media_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise_port: None,
+        ice: true,
         audio_in: AudioSpec::Null,
         audio_out: AudioSpec::Null,
         missed: MissedKeeping::Memory,

@@ -107,6 +107,19 @@ pub enum IceState {
     Disconnected,
 }
 
+impl IceState {
+    /// Its name in the call's quality figures.
+    pub fn name(self) -> &'static str {
+        match self {
+            IceState::New => "new",
+            IceState::Checking => "checking",
+            IceState::Connected => "connected",
+            IceState::Failed => "failed",
+            IceState::Disconnected => "disconnected",
+        }
+    }
+}
+
 /// The path media takes: a pair the checks confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selected {
@@ -350,7 +363,10 @@ impl IceAgent {
 
     fn acceptable(&self, addr: SocketAddr) -> bool {
         let ip = addr.ip();
-        let we_loop = self.locals.iter().any(|l| l.candidate.addr.ip().is_loopback());
+        let we_loop = self
+            .locals
+            .iter()
+            .any(|l| l.candidate.addr.ip().is_loopback());
         !(addr.port() == 0
             || ip.is_unspecified()
             || ip.is_multicast()
@@ -653,11 +669,7 @@ impl IceAgent {
     }
 
     fn respond_error(&mut self, msg: &StunMessage, from: SocketAddr, via: Base, code: u16) {
-        let mut r = StunMessage::new(
-            MessageClass::ErrorResponse,
-            BINDING,
-            msg.transaction_id(),
-        );
+        let mut r = StunMessage::new(MessageClass::ErrorResponse, BINDING, msg.transaction_id());
         let reason = match code {
             420 => "Unknown Attribute",
             487 => "Role Conflict",
@@ -717,11 +729,7 @@ impl IceAgent {
             _ => {}
         }
         // Answer: the address we saw, integrity with our password.
-        let mut r = StunMessage::new(
-            MessageClass::SuccessResponse,
-            BINDING,
-            msg.transaction_id(),
-        );
+        let mut r = StunMessage::new(MessageClass::SuccessResponse, BINDING, msg.transaction_id());
         r.add_attribute(XorMappedAddress::new(from));
         if let Some(bytes) = stun::encode_with_integrity(r, &self.pwd) {
             self.transmits.push_back(Transmit {
@@ -813,9 +821,11 @@ impl IceAgent {
             }
             return;
         }
-        let Some(i) = self.pairs.iter().position(
-            |p| matches!(p.state, CheckState::InProgress { tid: t, .. } if t == tid),
-        ) else {
+        let Some(i) = self
+            .pairs
+            .iter()
+            .position(|p| matches!(p.state, CheckState::InProgress { tid: t, .. } if t == tid))
+        else {
             self.counters.unmatched += 1;
             return;
         };
@@ -1003,7 +1013,10 @@ mod tests {
     #[test]
     fn priorities_follow_rfc_8445() {
         assert_eq!(candidate_priority(CandidateKind::HOST), 2_130_706_431);
-        assert_eq!(candidate_priority(CandidateKind::SERVER_REFLEXIVE), 1_694_498_815);
+        assert_eq!(
+            candidate_priority(CandidateKind::SERVER_REFLEXIVE),
+            1_694_498_815
+        );
         assert!(
             candidate_priority(CandidateKind::PEER_REFLEXIVE)
                 > candidate_priority(CandidateKind::SERVER_REFLEXIVE)
@@ -1039,8 +1052,12 @@ mod tests {
         assert_eq!(sb.remote, addr("192.0.2.10:5004"));
         assert_eq!((sa.path, sb.path), (Path::Host, Path::Host));
         assert_eq!(net.a.state(), IceState::Connected);
-        assert!(net.a.is_confirmed_peer(addr("192.0.2.20:5004"), Base::Socket));
-        assert!(!net.a.is_confirmed_peer(addr("192.0.2.99:5004"), Base::Socket));
+        assert!(net
+            .a
+            .is_confirmed_peer(addr("192.0.2.20:5004"), Base::Socket));
+        assert!(!net
+            .a
+            .is_confirmed_peer(addr("192.0.2.99:5004"), Base::Socket));
     }
 
     #[test]
@@ -1085,7 +1102,11 @@ mod tests {
         let mut a = IceAgent::new(Role::Controlling);
         let mut b = IceAgent::new(Role::Controlled);
         a.add_local(CandidateKind::HOST, addr("10.0.1.2:5004"), Base::Socket);
-        a.add_local(CandidateKind::RELAYED, addr("192.0.2.50:50000"), Base::Relay);
+        a.add_local(
+            CandidateKind::RELAYED,
+            addr("192.0.2.50:50000"),
+            Base::Relay,
+        );
         b.add_local(CandidateKind::HOST, addr("10.0.2.2:5004"), Base::Socket);
         let t0 = Instant::now();
         let (pa, pb) = (a.local_params(), b.local_params());

@@ -2,6 +2,7 @@
 //! RTCP reports for call quality. Media flows directly between the two TVs.
 //!
 //! - [`audio`]: sources and sinks (sound card, tone, WAV, null).
+//! - [`gather`]: server-reflexive candidates from STUN servers (pure logic).
 //! - [`ice`]: ICE connectivity checks, nomination and consent for a call (pure logic).
 //! - [`stun`]: STUN messages on the media socket and the first-byte demultiplexing.
 //! - [`jitter`]: the adaptive jitter buffer (pure logic).
@@ -10,9 +11,12 @@
 //!   type and SSRC (pure logic).
 //! - [`session`]: one call's media over the TV's UDP media socket.
 //! - [`srtp`]: SRTP/SRTCP at that socket's boundary, the call's keys and the key log.
+//! - [`transport`]: a call's use of the media socket: demultiplexing, ICE and the
+//!   selected path, or a fixed peer for agents without ICE.
 //! - [`voice_note`]: voice messages, recorded into and played from Ogg Opus files.
 
 pub mod audio;
+pub mod gather;
 pub mod ice;
 pub mod jitter;
 pub mod router;
@@ -20,6 +24,7 @@ pub mod rtp_header;
 pub mod session;
 pub mod srtp;
 pub mod stun;
+pub mod transport;
 pub mod voice_note;
 
 pub use audio::{open_sink, open_source, AudioSink, AudioSource, AudioSpec};

@@ -2,8 +2,9 @@
 //! in-band FEC → RTP, RFC 3550/7587 → UDP, every 20 ms) and a receive task (UDP → RTP
 //! validation → jitter buffer → Opus decode with FEC and concealment → sink, every 20 ms).
 //! RTCP sender/receiver reports share the port (RFC 5761 multiplexing) and give loss,
-//! jitter and round-trip time. Packets from any address but the negotiated peer are
-//! dropped; the peer's RTP is routed to its streams by payload type and SSRC
+//! jitter and round-trip time. The call's [`CallTransport`] reads the socket and passes
+//! on only the peer's packets from the path ICE confirmed (or, for a peer without ICE,
+//! from the address the server gave), and sends to that path; the peer's RTP is routed to its streams by payload type and SSRC
 //! ([`super::router`]): the audio stream is played, a video stream is counted and dropped
 //! (`other_streams`) until video lands, anything else is rejected.
 //!
@@ -29,18 +30,18 @@ use anyhow::Context;
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use webrtc_util::marshal::{Marshal, Unmarshal};
 
 use super::audio::{AudioSink, AudioSource, FRAME};
+use super::ice::{IceCounters, Path};
 use super::jitter::{JitterBuffer, Playout, FRAME_SAMPLES};
 use super::router::{Route, StreamKind, StreamRouter};
 use super::srtp::{self, CallKeys, DropLog, Protector, SrtpError, Unprotector};
+use super::transport::{CallTransport, MediaSender};
 
-/// Largest UDP datagram accepted.
-const MAX_DATAGRAM: usize = 1500;
 /// Largest Opus packet produced.
 const MAX_OPUS: usize = 400;
 /// Interval between RTCP reports.
@@ -133,6 +134,18 @@ pub struct CallQuality {
     /// Datagrams from the peer's address dropped as SRTP/SRTCP replays (or older than
     /// the replay window).
     pub srtp_replayed: u64,
+    /// The path the media took (ICE): `host`, `srflx` or `relay`; absent for a peer
+    /// without ICE (media to the address the server saw) or when no path worked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<Path>,
+    /// ICE's state at the end (`connected`, `failed`, `disconnected`, …); absent
+    /// without ICE.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ice_state: Option<&'static str>,
+    /// ICE's counters (checks sent; STUN dropped for bad integrity, unknown attributes,
+    /// no matching check; the peer's candidates refused); absent without ICE.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ice: Option<Box<IceCounters>>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -199,6 +212,7 @@ impl RxState {
 
 /// A running call's media. Stop it to get the call quality.
 pub struct MediaSession {
+    transport: CallTransport,
     stop: watch::Sender<bool>,
     send: JoinHandle<anyhow::Result<()>>,
     recv: JoinHandle<anyhow::Result<ReceiveEnd>>,
@@ -230,13 +244,29 @@ fn ntp_mid32(ntp: u64) -> u32 {
 }
 
 impl MediaSession {
-    /// Starts sending and receiving on `socket` (the TV's media socket).
+    /// Starts sending and receiving on `socket` (the TV's media socket) with
+    /// `params.peer` only (no ICE).
     pub fn start(
         socket: Arc<UdpSocket>,
         params: MediaParams,
         source: Box<dyn AudioSource>,
         sink: Box<dyn AudioSink>,
     ) -> anyhow::Result<MediaSession> {
+        let transport = CallTransport::fixed(socket, params.peer);
+        Self::start_on(transport, params, source, sink)
+    }
+
+    /// Starts sending and receiving through `transport` (ICE's selected path, or a
+    /// fixed peer); `params.peer` is not used.
+    pub fn start_on(
+        mut transport: CallTransport,
+        params: MediaParams,
+        source: Box<dyn AudioSource>,
+        sink: Box<dyn AudioSink>,
+    ) -> anyhow::Result<MediaSession> {
+        let media_rx = transport
+            .take_media()
+            .context("the call's transport has no media queue left")?;
         let mut encoder = opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip)
             .context("cannot create Opus encoder")?;
         encoder.set_bitrate(opus::Bitrate::Bits(params.bitrate))?;
@@ -257,7 +287,7 @@ impl MediaSession {
         let receiver = Receiver::with_shared(Arc::clone(&shared), &params, unprotector)?;
         let started = Instant::now();
         let send = tokio::spawn(send_loop(
-            Arc::clone(&socket),
+            transport.sender(),
             params.clone(),
             Outbound { ssrc, protector },
             source,
@@ -265,10 +295,9 @@ impl MediaSession {
             Arc::clone(&shared),
             stop_rx.clone(),
         ));
-        let recv = tokio::spawn(receive_loop(
-            socket, receiver, params, sink, stop_rx, started,
-        ));
+        let recv = tokio::spawn(receive_loop(media_rx, receiver, sink, stop_rx, started));
         Ok(MediaSession {
+            transport,
             stop,
             send,
             recv,
@@ -293,6 +322,7 @@ impl MediaSession {
         let _ = self.stop.send(true);
         self.send.await.context("send task")??;
         let end = self.recv.await.context("receive task")??;
+        let report = self.transport.stop().await;
         let js = end.jitter.stats();
         let rx = self
             .shared
@@ -316,12 +346,15 @@ impl MediaSession {
             fec_recovered: js.fec_recovered,
             concealed: js.concealed,
             late_or_duplicate: js.late + js.duplicates,
-            rejected: end.rejected,
+            rejected: end.rejected + report.strangers,
             other_streams: rx.video_packets,
             peer_reported_loss_pct: rx.peer_loss_pct,
             srtp: self.srtp,
             srtp_auth_failed: end.auth_failed,
             srtp_replayed: end.replayed,
+            path: report.path,
+            ice_state: report.ice_state,
+            ice: report.ice,
         })
     }
 }
@@ -355,7 +388,7 @@ impl Outbound {
 }
 
 async fn send_loop(
-    socket: Arc<UdpSocket>,
+    socket: MediaSender,
     params: MediaParams,
     mut out: Outbound,
     mut source: Box<dyn AudioSource>,
@@ -398,7 +431,7 @@ async fn send_loop(
         let plain = packet.marshal().context("RTP marshal")?;
         // A send error (peer's port closed, network down) loses this packet only.
         if let Some(wire) = out.wire(plain, false) {
-            if socket.send_to(&wire, params.peer).await.is_ok() {
+            if socket.send(&wire).await {
                 shared.sent_packets.fetch_add(1, Relaxed);
                 shared.sent_octets.fetch_add(n as u64, Relaxed);
             }
@@ -411,7 +444,7 @@ async fn send_loop(
                 .ok()
                 .and_then(|r| out.wire(r, true))
             {
-                let _ = socket.send_to(&report, params.peer).await;
+                let _ = socket.send(&report).await;
             }
         }
     }
@@ -420,7 +453,7 @@ async fn send_loop(
         .ok()
         .and_then(|r| out.wire(r, true))
     {
-        let _ = socket.send_to(&report, params.peer).await;
+        let _ = socket.send(&report).await;
     }
     Ok(())
 }
@@ -642,35 +675,25 @@ impl Receiver {
 }
 
 async fn receive_loop(
-    socket: Arc<UdpSocket>,
+    mut media: mpsc::Receiver<Bytes>,
     mut rx: Receiver,
-    params: MediaParams,
     mut sink: Box<dyn AudioSink>,
     mut stop: watch::Receiver<bool>,
     started: Instant,
 ) -> anyhow::Result<ReceiveEnd> {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut pcm = vec![0i16; FRAME];
     let mut tick = interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    // Datagrams from other addresses than the peer's.
-    let mut strangers = 0u64;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            r = socket.recv_from(&mut buf) => {
-                let (n, from) = match r {
-                    Ok(v) => v,
-                    // ICMP port unreachable surfaces here on Linux: not fatal.
-                    Err(_) => continue,
-                };
-                if from != params.peer {
-                    strangers += 1;
-                    continue;
-                }
+            // The transport passes on only the peer's (S)RTP/RTCP, from the confirmed
+            // path (it counts the rest).
+            d = media.recv() => {
+                let Some(datagram) = d else { break };
                 let arrival_ms = started.elapsed().as_secs_f64() * 1000.0;
                 let was_ready = rx.jitter().is_ready();
-                let routed = rx.datagram(&buf[..n], arrival_ms);
+                let routed = rx.datagram(&datagram, arrival_ms);
                 if routed == Received::Audio && !was_ready && rx.jitter().is_ready() {
                     // Align the playout clock to the stream: play this frame a small
                     // margin after its arrival, and every 20 ms after that.
@@ -690,7 +713,7 @@ async fn receive_loop(
     let counts = rx.counts();
     Ok(ReceiveEnd {
         jitter: rx.jitter,
-        rejected: counts.rejected + strangers,
+        rejected: counts.rejected,
         auth_failed: counts.auth_failed,
         replayed: counts.replayed,
     })

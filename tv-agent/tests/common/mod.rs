@@ -152,6 +152,7 @@ impl Trust {
             server: server.to_string(),
             media_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise_port: None,
+            ice: true,
             audio_in,
             audio_out,
             missed: tv_agent::agent::MissedKeeping::Memory,
