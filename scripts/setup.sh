@@ -46,6 +46,11 @@ type -P kill >/dev/null 2>&1 || missing+=(procps)
 command -v python3 >/dev/null 2>&1 || missing+=(python3-minimal)
 # The full-disk tests mount a small tmpfs (mount(8), util-linux's `mount` package).
 command -v mount >/dev/null 2>&1 || missing+=(mount)
+# The NAT tests build homes and an internet from network namespaces (ip), with routers
+# doing NAT (nft); coturn is the relay the relayed calls go through.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v turnserver >/dev/null 2>&1 || missing+=(coturn)
 # The TV UI page's own tests run under node's built-in test runner.
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -382,7 +382,16 @@ impl IceAgent {
             self.counters.refused_candidates += 1;
             return None;
         }
-        if self.remotes.iter().any(|r| r.addr == c.addr) {
+        if let Some(known) = self.remotes.iter_mut().find(|r| r.addr == c.addr) {
+            // A peer-reflexive candidate learnt from a check that came before the
+            // peer's signalling is the signalled one: it takes its kind (RFC 8445
+            // §7.3.1.3), which says what the path is.
+            if known.kind == CandidateKind::PEER_REFLEXIVE && c.kind != known.kind {
+                known.kind = c.kind;
+                for p in self.pairs.iter_mut().filter(|p| p.remote == c.addr) {
+                    p.remote_kind = c.kind;
+                }
+            }
             return Some(());
         }
         for (i, l) in self.locals.iter().enumerate() {

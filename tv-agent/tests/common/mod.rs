@@ -12,6 +12,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod browser;
+pub mod netlab;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,13 +53,12 @@ impl Trust {
                 db: Some(db.to_path_buf()),
                 ..Config::default()
             };
-            let files = call_proxy_server::tls::server_cert_files(
-                None,
-                None,
-                &config.tls_dir(),
-                &config.tls_names,
-            )
-            .unwrap();
+            // Loopback, and the NAT tests' internet address of the server (netlab).
+            let mut names = config.tls_names.clone();
+            names.push(netlab::SERVER_IP.to_string());
+            let files =
+                call_proxy_server::tls::server_cert_files(None, None, &config.tls_dir(), &names)
+                    .unwrap();
             let ca_path = files.ca.unwrap();
             Arc::new(Trust {
                 db: db.to_path_buf(),
