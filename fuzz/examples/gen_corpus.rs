@@ -76,6 +76,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 callee: 2002,
                 key: None,
                 srtp: None,
+                ice: None,
             },
         ),
         (
@@ -84,6 +85,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 callee: 2002,
                 key: Some(0x0102_0304_0506_0708),
                 srtp: None,
+                ice: None,
             },
         ),
         (
@@ -92,6 +94,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 callee: 2002,
                 key: Some(7),
                 srtp: Some(key(SrtpSuite::AES_CM_128_HMAC_SHA1_80, 30)),
+                ice: None,
             },
         ),
         (
@@ -99,6 +102,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             Request::Answer {
                 call_id: 42,
                 srtp: None,
+                ice: None,
             },
         ),
         (
@@ -106,6 +110,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             Request::Answer {
                 call_id: 42,
                 srtp: Some(key(SrtpSuite::AEAD_AES_128_GCM, 28)),
+                ice: None,
             },
         ),
         ("reject", Request::Reject { call_id: 43 }),
@@ -305,6 +310,7 @@ fn server_msgs() -> Vec<(&'static str, ServerMsg)> {
                 caller_media: "192.0.2.7:5004".parse().expect("an address"),
                 call_date_ms: 1_764_590_000_000,
                 srtp: None,
+                ice: None,
             }),
         ),
         (
@@ -315,6 +321,7 @@ fn server_msgs() -> Vec<(&'static str, ServerMsg)> {
                 caller_media: "[2001:db8::7]:5004".parse().expect("an address"),
                 call_date_ms: 1_764_590_000_000,
                 srtp: Some(key(SrtpSuite::AES_CM_128_HMAC_SHA1_80, 30)),
+                ice: None,
             }),
         ),
         (
@@ -322,6 +329,7 @@ fn server_msgs() -> Vec<(&'static str, ServerMsg)> {
             ServerMsg::Event(Event::CallAnswered {
                 call_id: 42,
                 srtp: None,
+                ice: None,
             }),
         ),
         (
@@ -329,6 +337,7 @@ fn server_msgs() -> Vec<(&'static str, ServerMsg)> {
             ServerMsg::Event(Event::CallAnswered {
                 call_id: 42,
                 srtp: Some(key(SrtpSuite::AEAD_AES_128_GCM, 28)),
+                ice: None,
             }),
         ),
         (
@@ -728,7 +737,11 @@ fn media_check_seeds(dir: &Path) -> Res {
         (2, "clip.mp4"),
     ] {
         let label = name.replace('.', "-");
-        put(dir, &label, &with_mode(kind, &std::fs::read(fixtures.join(name))?))?;
+        put(
+            dir,
+            &label,
+            &with_mode(kind, &std::fs::read(fixtures.join(name))?),
+        )?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use tv_fuzz::{decode_stream, split_input, Mode};
 
 /// Every request kind this build knows (one value of each variant).
-fn known_kinds() -> [u16; 15] {
+fn known_kinds() -> [u16; 16] {
     [
         Request::Register(shared_proto::Register {
             user_id: 1,
@@ -30,10 +30,12 @@ fn known_kinds() -> [u16; 15] {
             callee: 1,
             key: None,
             srtp: None,
+            ice: None,
         },
         Request::Answer {
             call_id: 1,
             srtp: None,
+            ice: None,
         },
         Request::Reject { call_id: 1 },
         Request::HangUp { call_id: 1 },
@@ -57,6 +59,7 @@ fn known_kinds() -> [u16; 15] {
             do_not_disturb: false,
             hidden: false,
         },
+        Request::IceServers,
     ]
     .map(|r| request_kind(&r))
 }

@@ -270,11 +270,16 @@ pub fn pair_priority(g: u32, d: u32) -> u64 {
 impl IceAgent {
     /// An agent with fresh credentials (a 8-character ufrag, a 24-character password).
     pub fn new(role: Role) -> Self {
+        Self::with_credentials(role, random_ice_string(8), random_ice_string(24))
+    }
+
+    /// An agent with these credentials (the fuzz target signs its input with them).
+    pub fn with_credentials(role: Role, ufrag: String, pwd: String) -> Self {
         IceAgent {
             role,
             tie_breaker: rand::random(),
-            ufrag: random_ice_string(8),
-            pwd: random_ice_string(24),
+            ufrag,
+            pwd,
             locals: Vec::new(),
             remote: None,
             remotes: Vec::new(),
