@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use call_proxy_server::Config;
-use common::netlab::{self, Lab, Nat, NsServer, SERVER_IP};
+use common::netlab::{self, Coturn, Lab, Nat, NsServer, SERVER_IP, TURN_IP};
 use common::{analyse, Trust};
 
 const A: u64 = 1001;
@@ -28,7 +28,10 @@ fn agent_in(ns: &str, args: &[&str]) -> Child {
     Command::new("ip")
         .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tv-agent")])
         .args(args)
-        .env("RUST_LOG", "tv_agent=info")
+        .env(
+            "RUST_LOG",
+            std::env::var("NAT_TEST_LOG").unwrap_or_else(|_| "tv_agent=info".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -48,7 +51,7 @@ fn outcome(child: Child) -> (serde_json::Value, String) {
 
 /// The lab's server: TLS with the test CA, its own STUN service, on the internet; TVs A
 /// and B enrolled first (their data directories `tv-a`, `tv-b` in `dir`).
-async fn server(inet: &str, dir: &Path) -> NsServer {
+async fn server(inet: &str, dir: &Path, turn: Option<&Coturn>) -> NsServer {
     let addr = SocketAddr::from((SERVER_IP, CONTROL_PORT));
     let trust = Trust::of(&dir.join("calls.db"));
     trust.tv_dir(addr, A, &dir.join("tv-a")).await;
@@ -61,6 +64,10 @@ async fn server(inet: &str, dir: &Path) -> NsServer {
         shutdown_grace_ms: 2_000,
         stun_listen: Some(SocketAddr::from((SERVER_IP, STUN_PORT))),
         stun_urls: vec![format!("stun:{SERVER_IP}:{STUN_PORT}")],
+        turn_urls: turn
+            .map(|_| vec![format!("turn:{TURN_IP}:3478?transport=udp")])
+            .unwrap_or_default(),
+        turn_secret_file: turn.map(|t| t.secret_file.clone()),
         ..Config::default()
     };
     NsServer::start(inet, config)
@@ -132,7 +139,6 @@ async fn call(
         .unwrap();
     assert_eq!(oa["outcome"], "answered", "A: {oa}\n{ea}");
     assert_eq!(ob["outcome"], "answered", "B: {ob}\n{eb}");
-    eprintln!("A: {oa}\nB: {ob}");
     let (ha, hb) = (analyse(&wa, 1000.0, 440.0), analyse(&wb, 440.0, 1000.0));
     assert!(
         ha > 0.8 && hb > 0.8,
@@ -165,7 +171,7 @@ async fn two_homes_behind_masquerading_routers_call_directly_through_their_nats(
     let r2 = lab.router(&inet, 2, 12, "198.51.100", Nat::Masquerade);
     let (tv_a, _) = lab.tv(&r1, "192.0.2", 10, "a");
     let (tv_b, _) = lab.tv(&r2, "198.51.100", 10, "b");
-    let srv = server(&inet, dir.path()).await;
+    let srv = server(&inet, dir.path(), None).await;
     let (oa, ob) = call(dir.path(), &srv, &tv_a, &tv_b).await;
     // Hole punched: each reached the other at its router's outside address.
     assert_eq!(oa["quality"]["path"], "srflx", "{oa}");
@@ -181,9 +187,28 @@ async fn two_tvs_behind_one_router_call_on_their_own_addresses() {
     let r1 = lab.router(&inet, 1, 11, "192.0.2", Nat::Masquerade);
     let (tv_a, _) = lab.tv(&r1, "192.0.2", 10, "a");
     let (tv_b, _) = lab.tv(&r1, "192.0.2", 20, "b");
-    let srv = server(&inet, dir.path()).await;
+    let srv = server(&inet, dir.path(), None).await;
     let (oa, ob) = call(dir.path(), &srv, &tv_a, &tv_b).await;
     assert_eq!(oa["quality"]["path"], "host", "{oa}");
     assert_eq!(ob["quality"]["path"], "host", "{ob}");
     drop(srv);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_homes_behind_symmetric_nats_call_through_coturn() {
+    let Some(mut lab) = lab_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let inet = lab.internet();
+    let r1 = lab.router(&inet, 1, 11, "192.0.2", Nat::Symmetric);
+    let r2 = lab.router(&inet, 2, 12, "198.51.100", Nat::Symmetric);
+    let (tv_a, _) = lab.tv(&r1, "192.0.2", 10, "a");
+    let (tv_b, _) = lab.tv(&r2, "198.51.100", 10, "b");
+    let turn = Coturn::start(&inet, dir.path());
+    let srv = server(&inet, dir.path(), Some(&turn)).await;
+    let (oa, ob) = call(dir.path(), &srv, &tv_a, &tv_b).await;
+    // No direct pair works through two symmetric NATs: relayed.
+    assert_eq!(oa["quality"]["path"], "relay", "{oa}");
+    assert_eq!(ob["quality"]["path"], "relay", "{ob}");
+    drop(srv);
+    drop(turn);
 }

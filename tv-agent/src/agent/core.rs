@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use shared_proto::{
     CachedCall, CallId, DialOutcome, ErrorCode, Event, IceParams, IdempotencyKey, NetState,
-    Presence, PresenceState, Reply, Request, SrtpKey, UserId, UserState,
+    Presence, PresenceState, Reply, Request, SrtpKey, TurnServer, UserId, UserState,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -70,7 +70,7 @@ use super::types::{
 use crate::link::{LinkError, LinkEvent, LinkHandle};
 use crate::media::ice::Role;
 use crate::media::srtp::{self, CallKeys};
-use crate::media::transport::CallTransport;
+use crate::media::transport::{CallTransport, TurnServerAddr};
 use crate::media::{open_sink, open_source, CallQuality, MediaParams, MediaSession};
 
 /// How long power-off waits for acknowledgements in flight before closing the link (an
@@ -960,14 +960,14 @@ impl Core {
     /// server for its STUN servers (none from an older server), then host and
     /// server-reflexive candidates (see the module's documentation).
     async fn gather(&mut self, role: Role) -> CallTransport {
-        let stun_urls = match self.link.request(Request::IceServers).await {
-            Ok(Reply::IceServers(s)) if s.check().is_ok() => s.stun,
-            Ok(_) => Vec::new(),
+        let (stun_urls, turn_servers) = match self.link.request(Request::IceServers).await {
+            Ok(Reply::IceServers(s)) if s.check().is_ok() => (s.stun, s.turn),
+            Ok(_) => (Vec::new(), Vec::new()),
             Err(e) => {
                 if e.code() != Some(ErrorCode::UNSUPPORTED) {
                     tracing::info!(error = %e, "no ICE servers for this call; host candidates only");
                 }
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         };
         let local = self
@@ -990,6 +990,7 @@ impl Core {
             .map(|ip| SocketAddr::new(ip, self.media_port))
             .into_iter()
             .collect();
+        let turn = turn_over_udp(&turn_servers, local.is_ipv4()).await;
         self.drain_socket();
         let t = CallTransport::gather(
             Arc::clone(&self.socket),
@@ -997,6 +998,7 @@ impl Core {
             &hosts,
             &seen,
             &stun,
+            turn,
             &servers,
         )
         .await;
@@ -1242,6 +1244,30 @@ async fn resolve(names: &[&str], ipv4: bool) -> Vec<SocketAddr> {
         }
     }
     out
+}
+
+/// The first TURN server of `servers` reachable over UDP (a `turn:` URL without
+/// `transport=tcp`), resolved, with its credentials. TURN over TCP or TLS is not offered
+/// by this agent yet.
+async fn turn_over_udp(servers: &[TurnServer], ipv4: bool) -> Option<TurnServerAddr> {
+    for s in servers {
+        for url in &s.urls {
+            if url.contains("transport=tcp") || url.starts_with("turns:") {
+                continue;
+            }
+            let Some(hp) = crate::media::gather::url_host_port(url, &["turn"]) else {
+                continue;
+            };
+            if let Some(addr) = resolve(&[hp], ipv4).await.first() {
+                return Some(TurnServerAddr {
+                    addr: *addr,
+                    username: s.username.clone(),
+                    password: s.credential.clone(),
+                });
+            }
+        }
+    }
+    None
 }
 
 /// The media socket's host candidates: its own address, or, bound to every interface,

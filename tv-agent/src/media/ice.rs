@@ -213,6 +213,14 @@ struct Pair {
     nominate_on_success: bool,
 }
 
+impl Pair {
+    /// A check on it succeeded and it has not failed since (a check in flight on it, a
+    /// nomination or a consent check, leaves it valid).
+    fn valid(&self) -> bool {
+        self.succeeded_at.is_some() && self.state != CheckState::Failed
+    }
+}
+
 /// A consent check in flight.
 #[derive(Debug, Clone, Copy)]
 struct Consent {
@@ -400,9 +408,16 @@ impl IceAgent {
             return Some(());
         }
         for (i, l) in self.locals.iter().enumerate() {
+            // Our relay is paired with the peer's reflexive addresses only: the peer's
+            // socket reaches our relayed address itself (relay to relay adds nothing),
+            // and a host address behind the peer's NAT is out of the relay's reach (a
+            // TURN server that cannot send to a peer, coturn, ends the allocation).
+            let relay_to_relay = l.base == Base::Relay
+                && (c.kind == CandidateKind::RELAYED || c.kind == CandidateKind::HOST);
             if l.candidate.kind == CandidateKind::SERVER_REFLEXIVE
                 || l.candidate.addr.is_ipv4() != c.addr.is_ipv4()
                 || self.pairs.len() >= MAX_PAIRS
+                || relay_to_relay
             {
                 continue;
             }
@@ -446,7 +461,7 @@ impl IceAgent {
             .or_else(|| {
                 self.pairs
                     .iter()
-                    .filter(|p| p.state == CheckState::Succeeded)
+                    .filter(|p| p.valid())
                     .max_by_key(|p| p.priority)
             })?;
         let local = &self.locals[best.local];
@@ -471,7 +486,7 @@ impl IceAgent {
     /// checks confirmed (media from anywhere else is dropped).
     pub fn is_confirmed_peer(&self, from: SocketAddr, via: Base) -> bool {
         self.pair_index(via, from)
-            .is_some_and(|i| self.pairs[i].state == CheckState::Succeeded)
+            .is_some_and(|i| self.pairs[i].valid())
     }
 
     /// The next datagram to send.
@@ -761,11 +776,7 @@ impl IceAgent {
                 });
             let foundation = format!("p{}", self.remotes.len());
             let added = self.add_remote(IceCandidate {
-                kind: if via == Base::Relay {
-                    CandidateKind::RELAYED
-                } else {
-                    CandidateKind::PEER_REFLEXIVE
-                },
+                kind: CandidateKind::PEER_REFLEXIVE,
                 addr: from,
                 priority,
                 foundation,
@@ -877,6 +888,13 @@ impl IceAgent {
             return;
         }
         let mapped = msg.get_attribute::<XorMappedAddress>().map(|m| m.address());
+        tracing::debug!(
+            remote = %self.pairs[i].remote,
+            via = ?via,
+            kind = self.pairs[i].remote_kind.name(),
+            nominating,
+            "ICE check succeeded"
+        );
         let p = &mut self.pairs[i];
         p.state = CheckState::Succeeded;
         p.mapped = mapped;
@@ -947,6 +965,11 @@ impl IceAgent {
     }
 
     fn nominated(&mut self, i: usize, now: Instant) {
+        tracing::debug!(
+            remote = %self.pairs[i].remote,
+            via = ?self.locals[self.pairs[i].local].base,
+            "ICE pair nominated"
+        );
         for p in &mut self.pairs {
             p.nominated = false;
         }
@@ -1122,6 +1145,12 @@ mod tests {
             Base::Relay,
         );
         b.add_local(CandidateKind::HOST, addr("10.0.2.2:5004"), Base::Socket);
+        // b's NAT address: what our relay pairs with (not b's host address behind it).
+        b.add_local(
+            CandidateKind::SERVER_REFLEXIVE,
+            addr("203.0.113.12:40000"),
+            Base::Socket,
+        );
         let t0 = Instant::now();
         let (pa, pb) = (a.local_params(), b.local_params());
         a.set_remote(&pb, t0);
@@ -1132,11 +1161,11 @@ mod tests {
             a,
             b,
             a_seen_as: addr("192.0.2.50:50000"),
-            b_seen_as: addr("10.0.2.2:5004"),
+            b_seen_as: addr("203.0.113.12:40000"),
             a_in: Base::Relay,
             b_in: Base::Socket,
             now: t0,
-            drop: Box::new(|t| t.via == Base::Socket && t.to == addr("10.0.2.2:5004")),
+            drop: Box::new(|t| t.via == Base::Socket && t.to == addr("203.0.113.12:40000")),
         };
         // b answers a's relayed check to the relay address; our Net delivers a's
         // packets through the relay and b's to a's relay address.

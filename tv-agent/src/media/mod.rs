@@ -13,6 +13,7 @@
 //! - [`srtp`]: SRTP/SRTCP at that socket's boundary, the call's keys and the key log.
 //! - [`transport`]: a call's use of the media socket: demultiplexing, ICE and the
 //!   selected path, or a fixed peer for agents without ICE.
+//! - [`turn`]: a TURN client (RFC 8656) for the relayed candidate (pure logic).
 //! - [`voice_note`]: voice messages, recorded into and played from Ogg Opus files.
 
 pub mod audio;
@@ -25,6 +26,7 @@ pub mod session;
 pub mod srtp;
 pub mod stun;
 pub mod transport;
+pub mod turn;
 pub mod voice_note;
 
 pub use audio::{open_sink, open_source, AudioSink, AudioSource, AudioSpec};

@@ -323,6 +323,7 @@ impl MediaSession {
         self.send.await.context("send task")??;
         let end = self.recv.await.context("receive task")??;
         let report = self.transport.stop().await;
+        tracing::debug!(?report, "the call's transport");
         let js = end.jitter.stats();
         let rx = self
             .shared

@@ -4,6 +4,11 @@
 //! peer to the media session's receive task, anything else is dropped and counted; and it
 //! sends the media session's packets to the pair ICE selected.
 //!
+//! With a TURN server (coturn) named for the call, the transport holds the allocation
+//! ([`TurnClient`]): the relayed address is a candidate, datagrams ICE or the media session
+//! send through the relay go out as Send indications, and Data indications from the TURN
+//! server are unwrapped and handled as if they had come from the peer through the relay.
+//!
 //! Two modes: ICE (both TVs offered candidates) and fixed (a peer without ICE, an older
 //! agent: media to and from the address the server saw, as before issue 13). In either,
 //! media goes only to a confirmed address and is accepted only from it.
@@ -23,6 +28,18 @@ use tokio::time::Instant;
 use super::gather::Gatherer;
 use super::ice::{Base, IceAgent, IceCounters, IceState, Path, Role, Selected};
 use super::stun::{self, Demux};
+use super::turn::{TurnClient, TurnState};
+
+/// A TURN server to allocate on for a call, and its credentials.
+#[derive(Clone)]
+pub struct TurnServerAddr {
+    /// Where (UDP).
+    pub addr: SocketAddr,
+    /// The username (coturn's `EXPIRY:USER`).
+    pub username: String,
+    /// The password.
+    pub password: String,
+}
 
 /// Datagrams queued for the media session's receive task before the newest are dropped.
 const MEDIA_QUEUE: usize = 256;
@@ -39,6 +56,7 @@ enum Mode {
 struct State {
     mode: Mode,
     gatherer: Option<Gatherer>,
+    turn: Option<TurnClient>,
 }
 
 /// Counters of the transport (beside ICE's own).
@@ -50,6 +68,9 @@ struct Counts {
     bad_stun: AtomicU64,
     /// Media datagrams dropped because the receive task fell behind.
     overflow: AtomicU64,
+    /// Media datagrams sent through the relay, and received from it.
+    relayed_out: AtomicU64,
+    relayed_in: AtomicU64,
 }
 
 struct Shared {
@@ -79,6 +100,8 @@ pub struct TransportReport {
     /// Datagrams dropped: from addresses media is not accepted from, of no known kind,
     /// or STUN that did not decode.
     pub strangers: u64,
+    /// Media datagrams sent through the TURN relay, and received through it.
+    pub relayed: (u64, u64),
 }
 
 /// One call's transport. Dropping it stops its task.
@@ -99,15 +122,29 @@ impl MediaSender {
     /// Sends `datagram` to the peer on the selected path; `false` if there is none yet
     /// (ICE still checking, or consent lost) or the send failed (that packet is lost).
     pub async fn send(&self, datagram: &[u8]) -> bool {
-        let to = match &self.shared.state().mode {
-            Mode::Fixed(peer) => Some(*peer),
-            Mode::Ice(agent) => agent
-                .selected()
-                .filter(|s| s.via == Base::Socket)
-                .map(|s| s.remote),
+        let out = {
+            let st = self.shared.state();
+            match &st.mode {
+                Mode::Fixed(peer) => Some((*peer, None)),
+                Mode::Ice(agent) => match agent.selected() {
+                    Some(s) if s.via == Base::Socket => Some((s.remote, None)),
+                    Some(s) => st
+                        .turn
+                        .as_ref()
+                        .and_then(|t| Some((t.server(), Some(t.wrap(s.remote, datagram)?)))),
+                    None => None,
+                },
+            }
         };
-        match to {
-            Some(to) => self.shared.socket.send_to(datagram, to).await.is_ok(),
+        match out {
+            Some((to, None)) => self.shared.socket.send_to(datagram, to).await.is_ok(),
+            Some((to, Some(wrapped))) => {
+                let ok = self.shared.socket.send_to(&wrapped, to).await.is_ok();
+                if ok {
+                    self.shared.counts.relayed_out.fetch_add(1, Relaxed);
+                }
+                ok
+            }
             None => false,
         }
     }
@@ -139,6 +176,7 @@ impl CallTransport {
             State {
                 mode: Mode::Fixed(peer),
                 gatherer: None,
+                turn: None,
             },
         )
     }
@@ -146,13 +184,15 @@ impl CallTransport {
     /// An ICE transport in `role` with host candidates `hosts` (the socket's own
     /// addresses) and `extra_srflx` (an outside address known without STUN, such as a
     /// forwarded port), gathering server-reflexive candidates from `stun_servers` (at
-    /// most [`super::gather::GATHER_TIMEOUT`]). Our checks never go to `refused`.
+    /// most [`super::gather::GATHER_TIMEOUT`]) and a relayed one from `turn`. Our checks
+    /// never go to `refused`.
     pub async fn gather(
         socket: Arc<UdpSocket>,
         role: Role,
         hosts: &[SocketAddr],
         extra_srflx: &[SocketAddr],
         stun_servers: &[SocketAddr],
+        turn: Option<TurnServerAddr>,
         refused: &[SocketAddr],
     ) -> Self {
         let mut agent = IceAgent::new(role);
@@ -162,13 +202,19 @@ impl CallTransport {
         for &r in refused.iter().chain(stun_servers) {
             agent.refuse(r);
         }
+        if let Some(t) = &turn {
+            agent.refuse(t.addr);
+        }
         let now = Instant::now();
         let gatherer = (!stun_servers.is_empty()).then(|| Gatherer::new(stun_servers, now));
+        let turn = turn.map(|t| TurnClient::new(t.addr, t.username, t.password, now));
+        let deadline = now + super::gather::GATHER_TIMEOUT;
         let t = Self::spawn(
             socket,
             State {
                 mode: Mode::Ice(Box::new(agent)),
                 gatherer,
+                turn,
             },
         );
         t.shared.wake.notify_one();
@@ -176,9 +222,13 @@ impl CallTransport {
         loop {
             let done = {
                 let st = t.shared.state();
-                st.gatherer
+                let now = Instant::now();
+                let stun_done = st.gatherer.as_ref().is_none_or(|g| g.done_at(now));
+                let turn_done = st
+                    .turn
                     .as_ref()
-                    .is_none_or(|g| g.done_at(Instant::now()))
+                    .is_none_or(|c| c.state() != TurnState::Allocating);
+                (stun_done && turn_done) || now >= deadline
             };
             if done {
                 break;
@@ -187,12 +237,25 @@ impl CallTransport {
         }
         {
             let mut st = t.shared.state();
-            let mapped = st.gatherer.take().map(|g| g.mapped()).unwrap_or_default();
+            let mut mapped = st.gatherer.take().map(|g| g.mapped()).unwrap_or_default();
+            let relayed = st.turn.as_ref().and_then(TurnClient::relayed);
+            if let Some(c) = &st.turn {
+                mapped.extend(c.mapped());
+                if let Some(why) = c.failure() {
+                    tracing::warn!(server = %c.server(), %why, "no relayed candidate for this call");
+                }
+            }
+            if relayed.is_none() {
+                st.turn = None;
+            }
             if let Mode::Ice(agent) = &mut st.mode {
                 for m in mapped.iter().chain(extra_srflx) {
                     if !hosts.contains(m) {
                         agent.add_local(CandidateKind::SERVER_REFLEXIVE, *m, Base::Socket);
                     }
+                }
+                if let Some(r) = relayed {
+                    agent.add_local(CandidateKind::RELAYED, r, Base::Relay);
                 }
             }
         }
@@ -212,9 +275,22 @@ impl CallTransport {
     pub fn set_remote(&self, params: Option<&IceParams>, fallback: SocketAddr) {
         {
             let mut st = self.shared.state();
+            let st = &mut *st;
             match (params, &mut st.mode) {
-                (Some(p), Mode::Ice(agent)) => agent.set_remote(p, Instant::now()),
-                _ => st.mode = Mode::Fixed(fallback),
+                (Some(p), Mode::Ice(agent)) => {
+                    let now = Instant::now();
+                    // The relay passes on only what permitted addresses send.
+                    if let Some(turn) = st.turn.as_mut() {
+                        for c in &p.candidates {
+                            turn.permit(c.addr.ip(), now);
+                        }
+                    }
+                    agent.set_remote(p, now);
+                }
+                _ => {
+                    st.mode = Mode::Fixed(fallback);
+                    st.turn = None;
+                }
             }
         }
         self.shared.wake.notify_one();
@@ -268,6 +344,7 @@ impl CallTransport {
                 ice_state: Some(agent.state().name()),
                 ice: Some(Box::new(agent.counters())),
                 strangers,
+                relayed: (c.relayed_out.load(Relaxed), c.relayed_in.load(Relaxed)),
             },
             Mode::Fixed(_) => TransportReport {
                 strangers,
@@ -297,7 +374,8 @@ async fn run(shared: Arc<Shared>, media_tx: mpsc::Sender<Bytes>, mut stop: watch
                 Mode::Fixed(_) => None,
             };
             let gather = st.gatherer.as_ref().and_then(Gatherer::poll_timeout);
-            ice.into_iter().chain(gather).min()
+            let turn = st.turn.as_ref().and_then(TurnClient::poll_timeout);
+            ice.into_iter().chain(gather).chain(turn).min()
         };
         let sleep = tokio::time::sleep_until(
             deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
@@ -319,6 +397,9 @@ async fn run(shared: Arc<Shared>, media_tx: mpsc::Sender<Bytes>, mut stop: watch
                 if let Some(g) = st.gatherer.as_mut() {
                     g.handle_timeout(now);
                 }
+                if let Some(t) = st.turn.as_mut() {
+                    t.handle_timeout(now);
+                }
             }
             () = shared.wake.notified() => {}
         }
@@ -336,13 +417,24 @@ async fn flush(shared: &Shared) {
                 out.push(t);
             }
         }
+        let st = &mut *st;
         if let Mode::Ice(a) = &mut st.mode {
             while let Some(t) = a.poll_transmit() {
-                // Relayed candidates come with the TURN client; without one nothing
-                // is queued through the relay.
-                if t.via == Base::Socket {
-                    out.push((t.to, t.bytes));
+                match (t.via, st.turn.as_ref()) {
+                    (Base::Socket, _) => out.push((t.to, t.bytes)),
+                    (Base::Relay, Some(turn)) => {
+                        if let Some(w) = turn.wrap(t.to, &t.bytes) {
+                            out.push((turn.server(), w));
+                        }
+                    }
+                    (Base::Relay, None) => {}
                 }
+            }
+        }
+        if let Some(turn) = st.turn.as_mut() {
+            let server = turn.server();
+            while let Some(b) = turn.poll_transmit() {
+                out.push((server, b));
             }
         }
     }
@@ -360,7 +452,8 @@ fn datagram(shared: &Shared, media_tx: &mpsc::Sender<Bytes>, bytes: &[u8], from:
                 counts.bad_stun.fetch_add(1, Relaxed);
                 return;
             };
-            let mut st = shared.state();
+            let mut guard = shared.state();
+            let st = &mut *guard;
             if st
                 .gatherer
                 .as_mut()
@@ -368,8 +461,21 @@ fn datagram(shared: &Shared, media_tx: &mpsc::Sender<Bytes>, bytes: &[u8], from:
             {
                 return;
             }
+            let now = Instant::now();
+            if let Some(turn) = st.turn.as_mut().filter(|t| t.server() == from) {
+                if turn.handle_response(&msg, now) {
+                    return;
+                }
+                // Relayed from the peer: handled as if it came through the relay.
+                let Some((peer, inner)) = turn.unwrap(&msg) else {
+                    counts.strangers.fetch_add(1, Relaxed);
+                    return;
+                };
+                relayed(st, media_tx, counts, &inner, peer, now);
+                return;
+            }
             match &mut st.mode {
-                Mode::Ice(a) => a.handle_stun(&msg, from, Base::Socket, Instant::now()),
+                Mode::Ice(a) => a.handle_stun(&msg, from, Base::Socket, now),
                 Mode::Fixed(_) => {
                     counts.strangers.fetch_add(1, Relaxed);
                 }
@@ -392,6 +498,38 @@ fn datagram(shared: &Shared, media_tx: &mpsc::Sender<Bytes>, bytes: &[u8], from:
     }
 }
 
+/// A datagram the TURN server relayed from `peer`.
+fn relayed(
+    st: &mut State,
+    media_tx: &mpsc::Sender<Bytes>,
+    counts: &Counts,
+    bytes: &[u8],
+    peer: SocketAddr,
+    now: Instant,
+) {
+    let Mode::Ice(a) = &mut st.mode else {
+        counts.strangers.fetch_add(1, Relaxed);
+        return;
+    };
+    match stun::demux(bytes) {
+        Demux::Stun => match stun::decode(bytes) {
+            Some(msg) => a.handle_stun(&msg, peer, Base::Relay, now),
+            None => {
+                counts.bad_stun.fetch_add(1, Relaxed);
+            }
+        },
+        Demux::Rtp if a.is_confirmed_peer(peer, Base::Relay) => {
+            counts.relayed_in.fetch_add(1, Relaxed);
+            if media_tx.try_send(Bytes::copy_from_slice(bytes)).is_err() {
+                counts.overflow.fetch_add(1, Relaxed);
+            }
+        }
+        _ => {
+            counts.strangers.fetch_add(1, Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,10 +542,26 @@ mod tests {
     async fn two_transports_on_loopback_connect_and_carry_media_only_from_the_peer() {
         let (sa, sb) = (socket().await, socket().await);
         let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
-        let a =
-            CallTransport::gather(Arc::clone(&sa), Role::Controlling, &[aa], &[], &[], &[]).await;
-        let mut b =
-            CallTransport::gather(Arc::clone(&sb), Role::Controlled, &[ab], &[], &[], &[]).await;
+        let a = CallTransport::gather(
+            Arc::clone(&sa),
+            Role::Controlling,
+            &[aa],
+            &[],
+            &[],
+            None,
+            &[],
+        )
+        .await;
+        let mut b = CallTransport::gather(
+            Arc::clone(&sb),
+            Role::Controlled,
+            &[ab],
+            &[],
+            &[],
+            None,
+            &[],
+        )
+        .await;
         assert!(
             !a.sender().send(&[0x80, 111, 0, 1]).await,
             "no path before the checks"

@@ -310,3 +310,81 @@ fn enter(ns: &str) {
     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
         .unwrap_or_else(|e| panic!("setns {ns}: {e}"));
 }
+
+/// coturn's address on the lab's internet (beside the server's).
+pub const TURN_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+
+/// Debian's coturn running in namespace `ns` at [`TURN_IP`]:3478, with the shared-secret
+/// scheme (`use-auth-secret`) the call-proxy server makes credentials for; killed when
+/// dropped.
+pub struct Coturn {
+    child: std::process::Child,
+    /// The shared secret, in a file for the server's `turn_secret_file`.
+    pub secret_file: std::path::PathBuf,
+}
+
+impl Coturn {
+    /// Starts coturn (adding [`TURN_IP`] to the internet's bridge) with its files in `dir`.
+    pub fn start(inet: &str, dir: &Path) -> Coturn {
+        run(&[
+            "ip",
+            "-n",
+            inet,
+            "addr",
+            "add",
+            &format!("{TURN_IP}/24"),
+            "dev",
+            "br0",
+        ]);
+        let secret = format!("lab-secret-{}", std::process::id());
+        let secret_file = dir.join("turn-secret");
+        std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", inet, "turnserver", "-n"])
+            .arg(format!("--listening-ip={TURN_IP}"))
+            .arg(format!("--relay-ip={TURN_IP}"))
+            .args([
+                "--listening-port=3478",
+                "--min-port=49152",
+                "--max-port=49400",
+            ])
+            .args([
+                "--use-auth-secret",
+                &format!("--static-auth-secret={secret}"),
+            ])
+            .args(["--realm=tvcall.test", "--no-tls", "--no-dtls", "--no-cli"])
+            .arg(format!("--log-file={}", dir.join("turn.log").display()))
+            .args(["--simple-log", "--no-software-attribute"])
+            .arg(format!(
+                "--pidfile={}",
+                dir.join("turnserver.pid").display()
+            ))
+            .arg(format!("--userdb={}", dir.join("turndb").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("turnserver (Debian's coturn; scripts/setup.sh installs it)");
+        // Ready once it answers on its port: a STUN binding through the lab would need
+        // a namespace of our own, so wait for its listening socket instead.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", inet, "ss", "-Hlun", "sport", "= :3478"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains(&TURN_IP.to_string()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "coturn did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Coturn { child, secret_file }
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
