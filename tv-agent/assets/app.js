@@ -240,6 +240,10 @@ function apply(ev) {
     case "muted":
       S.call = L.nextCall(S.call, ev, Date.now());
       break;
+    case "no_media":
+      // Connected, but no path for the sound: say so rather than leave silence.
+      if (S.call.id === ev.call_id) toast(ev.message, "bad", S.call.peer);
+      break;
     case "ended": {
       if (S.call.id !== ev.call_id) break;
       const before = S.call;

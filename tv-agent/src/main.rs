@@ -986,7 +986,8 @@ fn report(outcome: &str, call_id: Option<u64>, peer: u64, ended: Option<&AgentEv
     };
     println!(
         "{}",
-        json!({"outcome": outcome, "call_id": call_id, "peer": peer, "ended": end, "quality": quality})
+        json!({"outcome": outcome, "call_id": call_id, "peer": peer, "ended": end,
+               "path": quality.as_ref().and_then(|q| q.path), "quality": quality})
     );
     if matches!(outcome, "answered" | "cached") {
         ExitCode::SUCCESS

@@ -73,15 +73,18 @@ async fn server(inet: &str, dir: &Path, turn: Option<&Coturn>) -> NsServer {
     NsServer::start(inet, config)
 }
 
-/// A calls B (A in `ns_a`, B in `ns_b`); both send a tone for three seconds. Returns
-/// each side's JSON outcome (with the call's quality and path) after checking that each
-/// heard the other's tone.
-async fn call(
+/// What one side of a call printed: its JSON outcome and its stderr.
+type Side = (serde_json::Value, String);
+
+/// A calls B (A in `ns_a`, B in `ns_b`); both send a tone for `secs` seconds. Returns
+/// each side's JSON outcome (with the call's quality and path) and stderr.
+async fn place_call(
     dir: &Path,
     srv: &NsServer,
     ns_a: &str,
     ns_b: &str,
-) -> (serde_json::Value, serde_json::Value) {
+    secs: &str,
+) -> (Side, Side) {
     let (da, db) = (dir.join("tv-a"), dir.join("tv-b"));
     let (wa, wb) = (dir.join("a-hears.wav"), dir.join("b-hears.wav"));
     let server = srv.addr.to_string();
@@ -102,7 +105,7 @@ async fn call(
             "--audio-out",
             &format!("wav:{}", wb.display()),
             "--seconds",
-            "3",
+            secs,
             "--wait",
             "30",
         ]
@@ -126,7 +129,7 @@ async fn call(
             "--audio-out",
             &format!("wav:{}", wa.display()),
             "--seconds",
-            "3",
+            secs,
         ]
         .map(String::from),
     );
@@ -139,6 +142,20 @@ async fn call(
         .unwrap();
     assert_eq!(oa["outcome"], "answered", "A: {oa}\n{ea}");
     assert_eq!(ob["outcome"], "answered", "B: {ob}\n{eb}");
+    ((oa, ea), (ob, eb))
+}
+
+/// A calls B (A in `ns_a`, B in `ns_b`); both send a tone for three seconds. Returns
+/// each side's JSON outcome (with the call's quality and path) after checking that each
+/// heard the other's tone.
+async fn call(
+    dir: &Path,
+    srv: &NsServer,
+    ns_a: &str,
+    ns_b: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let ((oa, ea), (ob, eb)) = place_call(dir, srv, ns_a, ns_b, "3").await;
+    let (wa, wb) = (dir.join("a-hears.wav"), dir.join("b-hears.wav"));
     let (ha, hb) = (analyse(&wa, 1000.0, 440.0), analyse(&wb, 440.0, 1000.0));
     assert!(
         ha > 0.8 && hb > 0.8,
@@ -174,7 +191,7 @@ async fn two_homes_behind_masquerading_routers_call_directly_through_their_nats(
     let srv = server(&inet, dir.path(), None).await;
     let (oa, ob) = call(dir.path(), &srv, &tv_a, &tv_b).await;
     // Hole punched: each reached the other at its router's outside address.
-    assert_eq!(oa["quality"]["path"], "srflx", "{oa}");
+    assert_eq!(oa["path"], "srflx", "{oa}");
     assert_eq!(ob["quality"]["path"], "srflx", "{ob}");
     drop(srv);
 }
@@ -209,6 +226,33 @@ async fn two_homes_behind_symmetric_nats_call_through_coturn() {
     // No direct pair works through two symmetric NATs: relayed.
     assert_eq!(oa["quality"]["path"], "relay", "{oa}");
     assert_eq!(ob["quality"]["path"], "relay", "{ob}");
+    drop(srv);
+    drop(turn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_that_blocks_udp_gets_a_clear_message_instead_of_silence() {
+    let Some(mut lab) = lab_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let inet = lab.internet();
+    let r1 = lab.router(&inet, 1, 11, "192.0.2", Nat::BlockUdp);
+    let r2 = lab.router(&inet, 2, 12, "198.51.100", Nat::Masquerade);
+    let (tv_a, _) = lab.tv(&r1, "192.0.2", 10, "a");
+    let (tv_b, _) = lab.tv(&r2, "198.51.100", 10, "b");
+    let turn = Coturn::start(&inet, dir.path());
+    let srv = server(&inet, dir.path(), Some(&turn)).await;
+    // The control link is TCP and works; no UDP leaves A's home, not even to the relay
+    // (TURN over TCP is not offered by this agent yet).
+    let ((oa, ea), (ob, eb)) = place_call(dir.path(), &srv, &tv_a, &tv_b, "5").await;
+    for (o, e) in [(&oa, &ea), (&ob, &eb)] {
+        assert_eq!(o["quality"]["ice_state"], "failed", "{o}\n{e}");
+        assert!(o["quality"].get("path").is_none(), "{o}");
+        assert_eq!(o["quality"]["packets_received"], 0, "{o}");
+        assert!(
+            e.contains("no sound can reach the other TV"),
+            "the viewer is told: {e}"
+        );
+    }
     drop(srv);
     drop(turn);
 }

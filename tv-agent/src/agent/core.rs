@@ -68,7 +68,7 @@ use super::types::{
     Status,
 };
 use crate::link::{LinkError, LinkEvent, LinkHandle};
-use crate::media::ice::Role;
+use crate::media::ice::{IceState, Role};
 use crate::media::srtp::{self, CallKeys};
 use crate::media::transport::{CallTransport, TurnServerAddr};
 use crate::media::{open_sink, open_source, CallQuality, MediaParams, MediaSession};
@@ -101,6 +101,8 @@ enum Done {
     Messages(Result<Vec<KeptMessage>, (String, bool)>),
     /// A failed fetch of messages may be tried again.
     RetryMessages,
+    /// The call's ICE checks found no path, or the path went (consent lost).
+    NoMediaPath(CallId, IceState),
 }
 
 /// The test-only switch `TV_AGENT_PRESENCE_FAULT`: what happens to presence
@@ -353,6 +355,21 @@ impl Core {
                     Done::Queried(states) => self.queried(states).await,
                     Done::Messages(r) => self.messages_fetched(r),
                     Done::RetryMessages => self.start_messages(),
+                    Done::NoMediaPath(call_id, state) => {
+                        // Only about the call still going on.
+                        if self.machine.view().1 == Some(call_id) && self.media.is_some() {
+                            let message = if state == IceState::Failed {
+                                "The call connected but no sound can reach the other TV: the network between the two TVs lets no media through."
+                            } else {
+                                "The sound of this call has stopped reaching the other TV: the network between the two TVs changed or went away."
+                            };
+                            tracing::warn!(call_id, ?state, "{message}");
+                            self.emit(AgentEvent::NoMedia {
+                                call_id,
+                                message: message.into(),
+                            });
+                        }
+                    }
                     Done::RetrySubscribe => {
                         if self.watching.as_ref().is_some_and(Watching::wants_retry) {
                             let list = self.watching.as_mut().and_then(Watching::registered);
@@ -945,6 +962,19 @@ impl Core {
             sink,
         )
         .map_err(|e| format!("{e:#}"))?;
+        // Tell the viewer when no path works, instead of leaving them in silence.
+        if let Some(call_id) = self.machine.view().1 {
+            let mut ice = media.watch_ice();
+            let done = self.done_tx.clone();
+            tokio::spawn(async move {
+                while ice.changed().await.is_ok() {
+                    let state = *ice.borrow_and_update();
+                    if let Some(s @ (IceState::Failed | IceState::Disconnected)) = state {
+                        let _ = done.send(Done::NoMediaPath(call_id, s)).await;
+                    }
+                }
+            });
+        }
         self.media = Some(media);
         Ok(())
     }

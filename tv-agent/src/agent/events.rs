@@ -237,6 +237,15 @@ pub enum AgentEvent {
         /// The other TV's media address.
         peer_media: String,
     },
+    /// The call is connected but its media cannot reach the other TV: ICE found no path
+    /// (a network that blocks UDP, no relay), or the path went away mid-call. Shown to
+    /// the viewer instead of silence; the call goes on until someone hangs up.
+    NoMedia {
+        /// The call.
+        call_id: CallId,
+        /// For people.
+        message: String,
+    },
     /// This TV's microphone was muted or unmuted.
     Muted {
         /// The call.

@@ -46,8 +46,9 @@ use super::stun::{self, StunMessage};
 pub const PACING: Duration = Duration::from_millis(20);
 /// First retransmission timeout of a check.
 pub const RTO: Duration = Duration::from_millis(100);
-/// Transmissions of one check before its pair fails (100, 200, 400, 800, 1,600 ms).
-pub const MAX_ATTEMPTS: u32 = 6;
+/// Transmissions of one check before its pair fails: at 0, 100, 300, 700 and 1,500 ms,
+/// failed at 3,100 ms without an answer.
+pub const MAX_ATTEMPTS: u32 = 5;
 /// How long the controlling side waits for a better pair after a direct one succeeded.
 pub const NOMINATION_WAIT: Duration = Duration::from_millis(100);
 /// … and after a relayed one succeeded, while direct pairs are still being checked.

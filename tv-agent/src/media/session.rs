@@ -307,6 +307,11 @@ impl MediaSession {
         })
     }
 
+    /// ICE's state as it changes (see [`CallTransport::watch_state`]).
+    pub fn watch_ice(&self) -> watch::Receiver<Option<super::ice::IceState>> {
+        self.transport.watch_state()
+    }
+
     /// Mutes or unmutes what this TV sends.
     pub fn set_muted(&self, muted: bool) {
         self.shared.muted.store(muted, Relaxed);

@@ -74,6 +74,8 @@ struct Counts {
 }
 
 struct Shared {
+    /// ICE's state as it changes (the agent tells the viewer when no path works).
+    ice_state: watch::Sender<Option<IceState>>,
     socket: Arc<UdpSocket>,
     state: Mutex<State>,
     /// Wakes the task when its deadlines changed (remote candidates set).
@@ -153,6 +155,7 @@ impl MediaSender {
 impl CallTransport {
     fn spawn(socket: Arc<UdpSocket>, state: State) -> Self {
         let shared = Arc::new(Shared {
+            ice_state: watch::channel(None).0,
             socket,
             state: Mutex::new(state),
             wake: Notify::new(),
@@ -312,6 +315,11 @@ impl CallTransport {
         }
     }
 
+    /// ICE's state as it changes (`None` in fixed mode or before the checks).
+    pub fn watch_state(&self) -> watch::Receiver<Option<IceState>> {
+        self.shared.ice_state.subscribe()
+    }
+
     /// The sender for the media session.
     pub fn sender(&self) -> MediaSender {
         MediaSender {
@@ -404,6 +412,15 @@ async fn run(shared: Arc<Shared>, media_tx: mpsc::Sender<Bytes>, mut stop: watch
             () = shared.wake.notified() => {}
         }
         flush(&shared).await;
+        let now_state = match &shared.state().mode {
+            Mode::Ice(a) => Some(a.state()),
+            Mode::Fixed(_) => None,
+        };
+        shared.ice_state.send_if_modified(|s| {
+            let changed = *s != now_state;
+            *s = now_state;
+            changed
+        });
     }
 }
 
