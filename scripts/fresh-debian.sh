@@ -127,6 +127,13 @@ unmount_all() {
       kill -KILL "${p#/proc/}" 2>/dev/null || true
     fi
   done
+  # What the tests mounted inside the root themselves (`ip netns add` binds /run/netns
+  # and each namespace's file there): off first, deepest first.
+  local m
+  grep -o " $root/[^ ]*" /proc/mounts 2>/dev/null | sed 's/^ //' | sort -r |
+    while read -r m; do
+      case "$m" in "$root/run/"* | "$root/var/run/"*) umount -l "$m" 2>/dev/null || true ;; esac
+    done
   for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
     umount "${mounted[i]}" 2>/dev/null || umount -l "${mounted[i]}" 2>/dev/null ||
       echo "fresh-debian: could not unmount ${mounted[i]}" >&2
