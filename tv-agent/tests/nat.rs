@@ -168,6 +168,18 @@ async fn call(
     (oa, ob)
 }
 
+/// The internet and two homes, A's router doing `nat_a` (LAN 192.0.2.0/24, outside
+/// 203.0.113.11) and B's `nat_b` (198.51.100.0/24, 203.0.113.12), a TV in each: the
+/// internet's namespace and the TVs'.
+fn two_homes(lab: &mut Lab, nat_a: Nat, nat_b: Nat) -> (String, String, String) {
+    let inet = lab.internet();
+    let r1 = lab.router(&inet, 1, 11, "192.0.2", nat_a);
+    let r2 = lab.router(&inet, 2, 12, "198.51.100", nat_b);
+    let (tv_a, _) = lab.tv(&r1, "192.0.2", 10, "a");
+    let (tv_b, _) = lab.tv(&r2, "198.51.100", 10, "b");
+    (inet, tv_a, tv_b)
+}
+
 fn lab_or_skip() -> Option<Lab> {
     match netlab::available() {
         Ok(()) => Some(Lab::new()),
@@ -183,11 +195,7 @@ fn lab_or_skip() -> Option<Lab> {
 async fn two_homes_behind_masquerading_routers_call_directly_through_their_nats() {
     let Some(mut lab) = lab_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let inet = lab.internet();
-    let r1 = lab.router(&inet, 1, 11, "192.0.2", Nat::Masquerade);
-    let r2 = lab.router(&inet, 2, 12, "198.51.100", Nat::Masquerade);
-    let (tv_a, _) = lab.tv(&r1, "192.0.2", 10, "a");
-    let (tv_b, _) = lab.tv(&r2, "198.51.100", 10, "b");
+    let (inet, tv_a, tv_b) = two_homes(&mut lab, Nat::Masquerade, Nat::Masquerade);
     let srv = server(&inet, dir.path(), None).await;
     let (oa, ob) = call(dir.path(), &srv, &tv_a, &tv_b).await;
     // Hole punched: each reached the other at its router's outside address.
@@ -215,11 +223,7 @@ async fn two_tvs_behind_one_router_call_on_their_own_addresses() {
 async fn two_homes_behind_symmetric_nats_call_through_coturn() {
     let Some(mut lab) = lab_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let inet = lab.internet();
-    let r1 = lab.router(&inet, 1, 11, "192.0.2", Nat::Symmetric);
-    let r2 = lab.router(&inet, 2, 12, "198.51.100", Nat::Symmetric);
-    let (tv_a, _) = lab.tv(&r1, "192.0.2", 10, "a");
-    let (tv_b, _) = lab.tv(&r2, "198.51.100", 10, "b");
+    let (inet, tv_a, tv_b) = two_homes(&mut lab, Nat::Symmetric, Nat::Symmetric);
     let turn = Coturn::start(&inet, dir.path());
     let srv = server(&inet, dir.path(), Some(&turn)).await;
     let (oa, ob) = call(dir.path(), &srv, &tv_a, &tv_b).await;
@@ -234,11 +238,7 @@ async fn two_homes_behind_symmetric_nats_call_through_coturn() {
 async fn a_home_that_blocks_udp_gets_a_clear_message_instead_of_silence() {
     let Some(mut lab) = lab_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let inet = lab.internet();
-    let r1 = lab.router(&inet, 1, 11, "192.0.2", Nat::BlockUdp);
-    let r2 = lab.router(&inet, 2, 12, "198.51.100", Nat::Masquerade);
-    let (tv_a, _) = lab.tv(&r1, "192.0.2", 10, "a");
-    let (tv_b, _) = lab.tv(&r2, "198.51.100", 10, "b");
+    let (inet, tv_a, tv_b) = two_homes(&mut lab, Nat::BlockUdp, Nat::Masquerade);
     let turn = Coturn::start(&inet, dir.path());
     let srv = server(&inet, dir.path(), Some(&turn)).await;
     // The control link is TCP and works; no UDP leaves A's home, not even to the relay

@@ -1010,6 +1010,29 @@ mod tests {
     }
 
     impl Net {
+        /// Each agent told the other's parameters at `t0`; both reached at their socket.
+        fn start(
+            mut a: IceAgent,
+            mut b: IceAgent,
+            (a_seen_as, b_seen_as): (&str, &str),
+            t0: Instant,
+            drop: Box<dyn Fn(&Transmit) -> bool>,
+        ) -> Net {
+            let (pa, pb) = (a.local_params(), b.local_params());
+            a.set_remote(&pb, t0);
+            b.set_remote(&pa, t0);
+            Net {
+                a,
+                b,
+                a_seen_as: addr(a_seen_as),
+                b_seen_as: addr(b_seen_as),
+                a_in: Base::Socket,
+                b_in: Base::Socket,
+                now: t0,
+                drop,
+            }
+        }
+
         fn run(&mut self, until: Duration) {
             let end = self.now + until;
             while self.now < end {
@@ -1066,22 +1089,11 @@ mod tests {
 
     #[test]
     fn two_hosts_connect_and_the_controlling_side_nominates() {
-        let (mut a, mut b) = pair_of_agents("192.0.2.10:5004", "192.0.2.20:5004");
+        let (a, b) = pair_of_agents("192.0.2.10:5004", "192.0.2.20:5004");
         let t0 = Instant::now();
         assert_eq!(a.selected(), None);
-        let (pa, pb) = (a.local_params(), b.local_params());
-        a.set_remote(&pb, t0);
-        b.set_remote(&pa, t0);
-        let mut net = Net {
-            a,
-            b,
-            a_seen_as: addr("192.0.2.10:5004"),
-            b_seen_as: addr("192.0.2.20:5004"),
-            a_in: Base::Socket,
-            b_in: Base::Socket,
-            now: t0,
-            drop: Box::new(|_| false),
-        };
+        let hosts = ("192.0.2.10:5004", "192.0.2.20:5004");
+        let mut net = Net::start(a, b, hosts, t0, Box::new(|_| false));
         net.run(Duration::from_millis(200));
         let sa = net.a.selected().expect("a has a path");
         let sb = net.b.selected().expect("b has a path");
@@ -1114,19 +1126,13 @@ mod tests {
             Base::Socket,
         );
         let t0 = Instant::now();
-        let (pa, pb) = (a.local_params(), b.local_params());
-        a.set_remote(&pb, t0);
-        b.set_remote(&pa, t0);
-        let mut net = Net {
+        let mut net = Net::start(
             a,
             b,
-            a_seen_as: addr("198.51.100.1:40000"),
-            b_seen_as: addr("203.0.113.1:40000"),
-            a_in: Base::Socket,
-            b_in: Base::Socket,
-            now: t0,
-            drop: Box::new(|t| t.to.ip().to_string().starts_with("10.")),
-        };
+            ("198.51.100.1:40000", "203.0.113.1:40000"),
+            t0,
+            Box::new(|t| t.to.ip().to_string().starts_with("10.")),
+        );
         net.run(Duration::from_millis(500));
         let sa = net.a.selected().expect("connected");
         assert!(sa.nominated);
@@ -1152,22 +1158,17 @@ mod tests {
             addr("203.0.113.12:40000"),
             Base::Socket,
         );
-        let t0 = Instant::now();
-        let (pa, pb) = (a.local_params(), b.local_params());
-        a.set_remote(&pb, t0);
-        b.set_remote(&pa, t0);
         // Direct: everything lost. Through the relay: delivered (the test's network
         // hands relayed datagrams over as if from the relay address).
-        let mut net = Net {
+        let t0 = Instant::now();
+        let mut net = Net::start(
             a,
             b,
-            a_seen_as: addr("192.0.2.50:50000"),
-            b_seen_as: addr("203.0.113.12:40000"),
-            a_in: Base::Relay,
-            b_in: Base::Socket,
-            now: t0,
-            drop: Box::new(|t| t.via == Base::Socket && t.to == addr("203.0.113.12:40000")),
-        };
+            ("192.0.2.50:50000", "203.0.113.12:40000"),
+            t0,
+            Box::new(|t| t.via == Base::Socket && t.to == addr("203.0.113.12:40000")),
+        );
+        net.a_in = Base::Relay;
         // b answers a's relayed check to the relay address; our Net delivers a's
         // packets through the relay and b's to a's relay address.
         net.run(Duration::from_millis(1_000));
@@ -1245,23 +1246,12 @@ mod tests {
 
     #[test]
     fn consent_lost_stops_media_and_no_answer_at_all_fails() {
-        let (mut a, mut b) = pair_of_agents("192.0.2.10:5004", "192.0.2.20:5004");
+        let (a, b) = pair_of_agents("192.0.2.10:5004", "192.0.2.20:5004");
         let t0 = Instant::now();
-        let (pa, pb) = (a.local_params(), b.local_params());
-        a.set_remote(&pb, t0);
-        b.set_remote(&pa, t0);
         let cut = std::rc::Rc::new(std::cell::Cell::new(false));
         let c2 = std::rc::Rc::clone(&cut);
-        let mut net = Net {
-            a,
-            b,
-            a_seen_as: addr("192.0.2.10:5004"),
-            b_seen_as: addr("192.0.2.20:5004"),
-            a_in: Base::Socket,
-            b_in: Base::Socket,
-            now: t0,
-            drop: Box::new(move |_| c2.get()),
-        };
+        let hosts = ("192.0.2.10:5004", "192.0.2.20:5004");
+        let mut net = Net::start(a, b, hosts, t0, Box::new(move |_| c2.get()));
         net.run(Duration::from_millis(300));
         assert!(net.a.selected().is_some());
         // Consent checks keep it alive while answered…

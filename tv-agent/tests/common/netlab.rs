@@ -49,6 +49,17 @@ pub fn run(args: &[&str]) {
     );
 }
 
+/// Gives `dev` in namespace `ns` the address `cidr`.
+fn addr_add(ns: &str, cidr: &str, dev: &str) {
+    run(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]);
+}
+
+/// A bridge `name` in namespace `ns`, up.
+fn bridge(ns: &str, name: &str) {
+    run(&["ip", "-n", ns, "link", "add", name, "type", "bridge"]);
+    run(&["ip", "-n", ns, "link", "set", name, "up"]);
+}
+
 /// Whether this process may build namespaces (root with `ip` and `nft`).
 pub fn available() -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
@@ -106,18 +117,8 @@ impl Lab {
     /// The internet: a namespace with a bridge holding the server's address.
     pub fn internet(&mut self) -> String {
         let inet = self.ns("inet");
-        run(&["ip", "-n", &inet, "link", "add", "br0", "type", "bridge"]);
-        run(&["ip", "-n", &inet, "link", "set", "br0", "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &inet,
-            "addr",
-            "add",
-            &format!("{SERVER_IP}/24"),
-            "dev",
-            "br0",
-        ]);
+        bridge(&inet, "br0");
+        addr_add(&inet, &format!("{SERVER_IP}/24"), "br0");
         inet
     }
 
@@ -128,28 +129,9 @@ impl Lab {
         let port = format!("w{n}");
         self.veth(&r, "wan", inet, &port);
         run(&["ip", "-n", inet, "link", "set", &port, "master", "br0"]);
-        run(&[
-            "ip",
-            "-n",
-            &r,
-            "addr",
-            "add",
-            &format!("203.0.113.{wan}/24"),
-            "dev",
-            "wan",
-        ]);
-        run(&["ip", "-n", &r, "link", "add", "lan", "type", "bridge"]);
-        run(&["ip", "-n", &r, "link", "set", "lan", "up"]);
-        run(&[
-            "ip",
-            "-n",
-            &r,
-            "addr",
-            "add",
-            &format!("{lan}.1/24"),
-            "dev",
-            "lan",
-        ]);
+        addr_add(&r, &format!("203.0.113.{wan}/24"), "wan");
+        bridge(&r, "lan");
+        addr_add(&r, &format!("{lan}.1/24"), "lan");
         run(&[
             "ip",
             "netns",
@@ -200,16 +182,7 @@ impl Lab {
         self.veth(&tv, "eth0", router, &port);
         run(&["ip", "-n", router, "link", "set", &port, "master", "lan"]);
         let ip = format!("{lan}.{host}");
-        run(&[
-            "ip",
-            "-n",
-            &tv,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
+        addr_add(&tv, &format!("{ip}/24"), "eth0");
         run(&[
             "ip",
             "-n",
@@ -326,16 +299,7 @@ pub struct Coturn {
 impl Coturn {
     /// Starts coturn (adding [`TURN_IP`] to the internet's bridge) with its files in `dir`.
     pub fn start(inet: &str, dir: &Path) -> Coturn {
-        run(&[
-            "ip",
-            "-n",
-            inet,
-            "addr",
-            "add",
-            &format!("{TURN_IP}/24"),
-            "dev",
-            "br0",
-        ]);
+        addr_add(inet, &format!("{TURN_IP}/24"), "br0");
         let secret = format!("lab-secret-{}", std::process::id());
         let secret_file = dir.join("turn-secret");
         std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
