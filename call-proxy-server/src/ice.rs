@@ -18,7 +18,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use base64::Engine as _;
 use bytecodec::{DecodeExt, EncodeExt};
@@ -152,15 +151,6 @@ pub fn turn_password(secret: &[u8], username: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
 }
 
-/// Counters of the STUN responder.
-#[derive(Debug, Default)]
-pub struct StunCounters {
-    /// Binding requests answered.
-    pub answered: AtomicU64,
-    /// Datagrams dropped: not STUN, not a Binding request, undecodable.
-    pub dropped: AtomicU64,
-}
-
 /// Largest datagram the STUN responder reads; a Binding request is 20 bytes plus a few
 /// attributes.
 const MAX_STUN_REQUEST: usize = 548;
@@ -192,8 +182,9 @@ pub fn stun_answer(datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
     MessageEncoder::new().encode_into_bytes(response).ok()
 }
 
-/// Answers STUN Binding requests on `socket` until the task is dropped.
-pub async fn serve_stun(socket: tokio::net::UdpSocket, counters: &StunCounters) {
+/// Answers STUN Binding requests on `socket` until the task is dropped, counting into
+/// `metrics` (`call_proxy_stun_answered_total`, `call_proxy_stun_dropped_total`).
+pub async fn serve_stun(socket: tokio::net::UdpSocket, metrics: &crate::metrics::Metrics) {
     let mut buf = vec![0u8; MAX_STUN_REQUEST + 1];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -204,12 +195,10 @@ pub async fn serve_stun(socket: tokio::net::UdpSocket, counters: &StunCounters) 
         match stun_answer(&buf[..n], from) {
             Some(answer) => {
                 if socket.send_to(&answer, from).await.is_ok() {
-                    counters.answered.fetch_add(1, Relaxed);
+                    metrics.stun_answered.inc();
                 }
             }
-            None => {
-                counters.dropped.fetch_add(1, Relaxed);
-            }
+            None => metrics.stun_dropped.inc(),
         }
     }
 }

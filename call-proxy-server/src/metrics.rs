@@ -58,6 +58,10 @@ pub struct Metrics {
     /// Requests refused for want of a valid TV credential (not enrolled, revoked,
     /// another user's).
     pub auth_failures: IntCounter,
+    /// STUN Binding requests the own STUN responder answered (`stun_listen`).
+    pub stun_answered: IntCounter,
+    /// Datagrams the own STUN responder dropped (not a well-formed Binding request).
+    pub stun_dropped: IntCounter,
     /// Enrollments started (new codes handed out).
     pub enrollments_started: IntCounter,
     /// Live sessions ended because their TV's credential was revoked.
@@ -241,6 +245,14 @@ impl Metrics {
             auth_failures: counter(
                 "call_proxy_auth_failures_total",
                 "Requests refused for want of a valid TV credential (not enrolled, revoked, or another user's).",
+            ),
+            stun_answered: counter(
+                "call_proxy_stun_answered_total",
+                "STUN Binding requests answered by this server's STUN responder (stun_listen).",
+            ),
+            stun_dropped: counter(
+                "call_proxy_stun_dropped_total",
+                "Datagrams this server's STUN responder dropped: not a well-formed Binding request.",
             ),
             enrollments_started: counter(
                 "call_proxy_enrollments_started_total",

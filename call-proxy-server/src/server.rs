@@ -53,8 +53,6 @@ pub struct Shared<S> {
     pub messages: crate::messages::Messages,
     /// The STUN and TURN servers TVs are told about, and the TURN secret.
     pub ice: crate::ice::IceConfig,
-    /// The own STUN responder's counters.
-    pub stun: crate::ice::StunCounters,
 }
 
 impl<S: Store> Shared<S> {
@@ -102,7 +100,6 @@ impl<S: Store> Shared<S> {
             accountant,
             messages,
             ice,
-            stun: crate::ice::StunCounters::default(),
         }))
     }
 }
@@ -115,7 +112,7 @@ async fn stun_responder<S: Store>(shared: &Shared<S>) {
     match tokio::net::UdpSocket::bind(addr).await {
         Ok(socket) => {
             tracing::info!(%addr, "answering STUN binding requests");
-            crate::ice::serve_stun(socket, &shared.stun).await;
+            crate::ice::serve_stun(socket, &shared.metrics).await;
         }
         Err(e) => tracing::error!(%addr, error = %e, "cannot bind stun_listen: no STUN service"),
     }

@@ -198,6 +198,8 @@ async fn two_homes_behind_masquerading_routers_call_directly_through_their_nats(
     let (inet, tv_a, tv_b) = two_homes(&mut lab, Nat::Masquerade, Nat::Masquerade);
     let srv = server(&inet, dir.path(), None).await;
     let (oa, ob) = call(dir.path(), &srv, &tv_a, &tv_b).await;
+    // Each TV learnt its router's outside address from the server's STUN responder.
+    assert!(srv.shared.metrics.stun_answered.get() >= 2);
     // Hole punched: each reached the other at its router's outside address.
     assert_eq!(oa["path"], "srflx", "{oa}");
     assert_eq!(ob["quality"]["path"], "srflx", "{ob}");
