@@ -217,6 +217,10 @@ bind() { # bind SOURCE TARGET-IN-ROOT
   mounted+=("$root$2")
   mount --make-rslave "$root$2" 2>/dev/null || true
 }
+# The root is a mount point of its own, as a real system's / is: `ip netns exec` and
+# `ip -n` (the NAT tests) make / a slave mount in their new mount namespace, which fails
+# with EINVAL when / is a plain directory. First, so the mounts below sit on top of it.
+mount --bind "$root" "$root" && mounted+=("$root")
 mount -t proc proc "$root/proc" && mounted+=("$root/proc")
 mount -t sysfs sysfs "$root/sys" && mounted+=("$root/sys")
 bind /dev /dev
