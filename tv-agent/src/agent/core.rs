@@ -1259,11 +1259,13 @@ fn dial_reply(r: Result<Reply, LinkError>) -> DialReply {
 }
 
 /// The socket addresses `host:port` names resolve to, of one family, each once (at most
-/// eight in all); names that do not resolve are left out.
+/// eight in all); names that do not resolve within a second are left out (a call does
+/// not wait on a slow resolver).
 async fn resolve(names: &[&str], ipv4: bool) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for name in names {
-        let Ok(addrs) = tokio::net::lookup_host(*name).await else {
+        let lookup = tokio::time::timeout(Duration::from_secs(1), tokio::net::lookup_host(*name));
+        let Ok(Ok(addrs)) = lookup.await else {
             tracing::info!(name, "cannot resolve; left out");
             continue;
         };
