@@ -613,29 +613,33 @@ impl IceAgent {
             return;
         }
         if self.next_consent.is_some_and(|t| now >= t) {
-            if let Some(s) = self.selected() {
-                let tid = stun::transaction_id();
-                if let Some(i) = self.pair_index(s.via, s.remote) {
-                    self.send_check(i, tid, false);
-                }
-                self.consent = Some(Consent { tid, sent_at: now });
+            if self.selected().is_some() {
+                self.send_consent(stun::transaction_id(), now);
             }
             self.next_consent = Some(now + CONSENT_INTERVAL);
         }
         // An unanswered consent check is sent again (it is a plain STUN transaction).
-        if let Some(c) = self.consent {
-            if now >= c.sent_at + RTO * 4 {
-                if let Some(s) = self.selected() {
-                    if let Some(i) = self.pair_index(s.via, s.remote) {
-                        self.send_check(i, c.tid, false);
-                    }
-                }
-                self.consent = Some(Consent {
-                    tid: c.tid,
-                    sent_at: now,
-                });
-            }
+        if let Some(c) = self.consent.filter(|c| now >= c.sent_at + RTO * 4) {
+            self.send_consent(c.tid, now);
         }
+    }
+
+    /// Sends the consent check `tid` on the selected pair and keeps it as in flight.
+    fn send_consent(&mut self, tid: TransactionId, now: Instant) {
+        if let Some(i) = self
+            .selected()
+            .and_then(|s| self.pair_index(s.via, s.remote))
+        {
+            self.send_check(i, tid, false);
+        }
+        self.consent = Some(Consent { tid, sent_at: now });
+    }
+
+    /// Whether `msg` carries the peer's MESSAGE-INTEGRITY (an answer to our check).
+    fn peer_signed(&self, msg: &StunMessage) -> bool {
+        self.remote
+            .as_ref()
+            .is_some_and(|(_, pwd)| stun::integrity_ok(msg, pwd))
     }
 
     fn start_check(&mut self, i: usize, nominating: bool, now: Instant) {
@@ -830,18 +834,14 @@ impl IceAgent {
     fn handle_response(&mut self, msg: &StunMessage, from: SocketAddr, via: Base, now: Instant) {
         let tid = msg.transaction_id();
         // A consent answer.
-        if let Some(c) = self.consent.filter(|c| c.tid == tid) {
+        if self.consent.is_some_and(|c| c.tid == tid) {
             let on_selected = self
                 .selected()
                 .is_some_and(|s| s.remote == from && s.via == via);
-            let pwd_ok = self
-                .remote
-                .as_ref()
-                .is_some_and(|(_, pwd)| stun::integrity_ok(msg, pwd));
-            if on_selected && pwd_ok && msg.class() == MessageClass::SuccessResponse {
+            if on_selected && self.peer_signed(msg) && msg.class() == MessageClass::SuccessResponse
+            {
                 self.consent = None;
                 self.consent_ok_at = Some(now);
-                let _ = c;
             } else {
                 self.counters.unmatched += 1;
             }
@@ -860,11 +860,7 @@ impl IceAgent {
             self.counters.unmatched += 1;
             return;
         }
-        let pwd_ok = self
-            .remote
-            .as_ref()
-            .is_some_and(|(_, pwd)| stun::integrity_ok(msg, pwd));
-        if !pwd_ok {
+        if !self.peer_signed(msg) {
             self.counters.bad_integrity += 1;
             return;
         }

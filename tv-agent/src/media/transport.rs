@@ -503,15 +503,23 @@ fn datagram(shared: &Shared, media_tx: &mpsc::Sender<Bytes>, bytes: &[u8], from:
                 Mode::Fixed(peer) => *peer == from,
                 Mode::Ice(a) => a.is_confirmed_peer(from, Base::Socket),
             };
-            if !ok {
+            if ok {
+                to_media(media_tx, counts, bytes);
+            } else {
                 counts.strangers.fetch_add(1, Relaxed);
-            } else if media_tx.try_send(Bytes::copy_from_slice(bytes)).is_err() {
-                counts.overflow.fetch_add(1, Relaxed);
             }
         }
         Demux::ChannelData | Demux::Other => {
             counts.strangers.fetch_add(1, Relaxed);
         }
+    }
+}
+
+/// Passes a peer's (S)RTP/RTCP datagram to the media session's receive task (counted as
+/// an overflow when that task has fallen behind).
+fn to_media(media_tx: &mpsc::Sender<Bytes>, counts: &Counts, bytes: &[u8]) {
+    if media_tx.try_send(Bytes::copy_from_slice(bytes)).is_err() {
+        counts.overflow.fetch_add(1, Relaxed);
     }
 }
 
@@ -537,9 +545,7 @@ fn relayed(
         },
         Demux::Rtp if a.is_confirmed_peer(peer, Base::Relay) => {
             counts.relayed_in.fetch_add(1, Relaxed);
-            if media_tx.try_send(Bytes::copy_from_slice(bytes)).is_err() {
-                counts.overflow.fetch_add(1, Relaxed);
-            }
+            to_media(media_tx, counts, bytes);
         }
         _ => {
             counts.strangers.fetch_add(1, Relaxed);
