@@ -50,21 +50,21 @@ impl std::fmt::Debug for IceConfig {
 
 /// Whether `url` is a STUN (`stun:HOST:PORT`) or TURN (`turn:`/`turns:HOST:PORT[?transport=udp|tcp]`) URL the agent can use.
 fn check_url(url: &str, schemes: &[&str]) -> anyhow::Result<()> {
-    let Some((scheme, rest)) = url.split_once(':') else {
-        anyhow::bail!("{url:?} is not a URL (scheme:host:port)");
+    let Some(parsed) = shared_proto::IceUrl::parse(url) else {
+        anyhow::bail!(
+            "{url:?} is not a URL (scheme:host:port, the only parameter transport=udp or transport=tcp)"
+        );
     };
     anyhow::ensure!(
-        schemes.contains(&scheme),
+        schemes.contains(&parsed.scheme),
         "{url:?}: the scheme must be one of {schemes:?}"
     );
-    let (hostport, query) = rest.split_once('?').unwrap_or((rest, ""));
     anyhow::ensure!(
-        query.is_empty() || query == "transport=udp" || query == "transport=tcp",
+        parsed.transport.is_none_or(|t| t == "udp" || t == "tcp"),
         "{url:?}: the only parameter is transport=udp or transport=tcp"
     );
-    let port = hostport.rsplit_once(':').map(|(_, p)| p);
     anyhow::ensure!(
-        port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)),
+        parsed.port().is_some(),
         "{url:?}: give the port (host:port)"
     );
     anyhow::ensure!(

@@ -653,6 +653,41 @@ impl IceServers {
     }
 }
 
+/// A STUN or TURN URL (RFC 7064/7065) split into its parts: `scheme:HOST:PORT`, with at
+/// most a `?transport=udp|tcp` parameter. One reading for the server that checks the
+/// URLs it hands out and the TV that uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IceUrl<'a> {
+    /// `stun`, `turn`, `turns`, …
+    pub scheme: &'a str,
+    /// `HOST:PORT` (the host may be a bracketed IPv6 address or a name).
+    pub host_port: &'a str,
+    /// The `transport` parameter, if given.
+    pub transport: Option<&'a str>,
+}
+
+impl<'a> IceUrl<'a> {
+    /// Splits `url`; `None` if it has no scheme, or a parameter other than `transport`.
+    pub fn parse(url: &'a str) -> Option<IceUrl<'a>> {
+        let (scheme, rest) = url.split_once(':')?;
+        let (host_port, transport) = match rest.split_once('?') {
+            None => (rest, None),
+            Some((hp, q)) => (hp, Some(q.strip_prefix("transport=")?)),
+        };
+        Some(IceUrl {
+            scheme,
+            host_port,
+            transport,
+        })
+    }
+
+    /// The port, if the URL names a valid one.
+    pub fn port(&self) -> Option<u16> {
+        let (_, p) = self.host_port.rsplit_once(':')?;
+        p.parse::<u16>().ok().filter(|p| *p > 0)
+    }
+}
+
 /// ICE characters (RFC 8445 §15.1: ALPHA / DIGIT / "+" / "/").
 fn ice_chars(s: &str) -> bool {
     s.bytes()

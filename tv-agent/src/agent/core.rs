@@ -1284,10 +1284,10 @@ async fn resolve(names: &[&str], ipv4: bool) -> Vec<SocketAddr> {
 async fn turn_over_udp(servers: &[TurnServer], ipv4: bool) -> Option<TurnServerAddr> {
     for s in servers {
         for url in &s.urls {
-            if url.contains("transport=tcp") || url.starts_with("turns:") {
-                continue;
-            }
-            let Some(hp) = crate::media::gather::url_host_port(url, &["turn"]) else {
+            let Some(hp) = shared_proto::IceUrl::parse(url)
+                .filter(|u| u.scheme == "turn" && u.transport.is_none_or(|t| t == "udp"))
+                .map(|u| u.host_port)
+            else {
                 continue;
             };
             if let Some(addr) = resolve(&[hp], ipv4).await.first() {

@@ -129,11 +129,9 @@ impl Gatherer {
 
 /// The `HOST:PORT` of a `stun:` or `turn:` URL (RFC 7064/7065), without parameters.
 pub fn url_host_port<'a>(url: &'a str, schemes: &[&str]) -> Option<&'a str> {
-    let (scheme, rest) = url.split_once(':')?;
-    if !schemes.contains(&scheme) {
-        return None;
-    }
-    Some(rest.split_once('?').map_or(rest, |(hp, _)| hp))
+    shared_proto::IceUrl::parse(url)
+        .filter(|u| schemes.contains(&u.scheme))
+        .map(|u| u.host_port)
 }
 
 #[cfg(test)]
